@@ -1,0 +1,59 @@
+//! One error type for every handler, mapped to the status codes OpenFaaS clients expect, with
+//! plain-text bodies (as the reference providers send).
+
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+
+use crate::fleet::FleetError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> Self {
+        let status = match &e {
+            FleetError::Invalid(_) => StatusCode::BAD_REQUEST,
+            FleetError::NotFound(_) => StatusCode::NOT_FOUND,
+            FleetError::Conflict(_) => StatusCode::CONFLICT,
+            FleetError::Store(_) | FleetError::Platform(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match &e {
+            FleetError::Invalid(errors) => format!("validation failed: {}", errors.join("; ")),
+            other => other.to_string(),
+        };
+        ApiError::new(status, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), error = %self.message, "request failed");
+        }
+        let body = format!("{}\n", self.message.trim_end());
+        (
+            self.status,
+            [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,111 @@
+//! `/system/functions`, `/system/function/{name}`, `/system/scale-function/{name}`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::StatusCode;
+use serde::Deserialize;
+
+use super::error::{ApiError, ApiResult};
+use super::wire::{parse_json, DeleteFunctionRequest, FunctionStatus, ScaleServiceRequest};
+use super::AppState;
+use crate::model::{split_qualified, FunctionDeployment, FunctionId};
+
+#[derive(Debug, Default, Deserialize)]
+pub struct NamespaceQuery {
+    pub namespace: Option<String>,
+}
+
+pub async fn list(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<NamespaceQuery>,
+) -> ApiResult<Response> {
+    let namespace = s.fleet.resolve_namespace(q.namespace.as_deref())?;
+    let views = s.fleet.list(&namespace);
+    let counts = s.metrics.invocation_counts();
+    let body: Vec<FunctionStatus> = views
+        .iter()
+        .map(|v| FunctionStatus::new(v, &counts))
+        .collect();
+    Ok(Json(body).into_response())
+}
+
+pub async fn status(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<NamespaceQuery>,
+) -> ApiResult<Response> {
+    let id = function_id(&s, &name, q.namespace.as_deref())?;
+    let view = s.fleet.get(&id)?;
+    let counts = s.metrics.invocation_counts();
+    Ok(Json(FunctionStatus::new(&view, &counts)).into_response())
+}
+
+pub async fn deploy(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {
+    let dep: FunctionDeployment = parse_json(&body)?;
+    let id = s.fleet.deploy(dep).await?;
+    tracing::info!(function = %id, "deployed");
+    Ok(StatusCode::ACCEPTED)
+}
+
+pub async fn update(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {
+    let dep: FunctionDeployment = parse_json(&body)?;
+    let id = s.fleet.update(dep).await?;
+    tracing::info!(function = %id, "updated");
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// Namespace from the body, else the query (old clients), else the default.
+pub async fn remove(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<NamespaceQuery>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: DeleteFunctionRequest = parse_json(&body)?;
+    let name = req.function_name.unwrap_or_default();
+    if name.is_empty() {
+        return Err(ApiError::bad_request(
+            "functionName: is required, e.g. {\"functionName\":\"figlet\"}",
+        ));
+    }
+    let namespace = req.namespace.filter(|n| !n.is_empty()).or(q.namespace);
+    let id = function_id(&s, &name, namespace.as_deref())?;
+    s.fleet.remove(&id).await?;
+    tracing::info!(function = %id, "removed");
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// Name from the path; namespace from the body, else the query, else the default.
+pub async fn scale(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<NamespaceQuery>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: ScaleServiceRequest = parse_json(&body)?;
+    let Some(replicas) = req.replicas else {
+        return Err(ApiError::bad_request(
+            "replicas: is required, e.g. {\"serviceName\":\"figlet\",\"replicas\":2}",
+        ));
+    };
+    let namespace = req.namespace.filter(|n| !n.is_empty()).or(q.namespace);
+    let id = function_id(&s, &name, namespace.as_deref())?;
+    s.fleet.scale(&id, replicas).await?;
+    tracing::info!(function = %id, replicas, "scaled");
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// `name` may carry a `.namespace` suffix; an explicit namespace wins over it.
+fn function_id(s: &AppState, raw: &str, namespace: Option<&str>) -> Result<FunctionId, ApiError> {
+    let (name, suffix) = split_qualified(raw);
+    let namespace = match namespace.filter(|n| !n.is_empty()) {
+        Some(ns) => Some(ns),
+        None => suffix,
+    };
+    crate::model::validate_dns_label("name", name).map_err(ApiError::bad_request)?;
+    let namespace = s.fleet.resolve_namespace(namespace)?;
+    Ok(FunctionId::new(name, namespace))
+}

@@ -1,0 +1,139 @@
+//! `/function/{name}[/{path}]` (synchronous) and `/async-function/{name}[/{path}]`.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::header::{HeaderValue, ALLOW, RETRY_AFTER};
+use http::{Method, StatusCode};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::proxy::{unix_nanos, CALL_ID, START_TIME};
+use crate::queue::AsyncJob;
+
+/// Splits `/function/NAME/rest` into (`NAME`, `/rest`), keeping a trailing slash.
+fn split_path<'a>(path: &'a str, prefix: &str) -> (&'a str, &'a str) {
+    let rest = path.strip_prefix(prefix).unwrap_or("");
+    match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    }
+}
+
+pub async fn sync(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    if !matches!(
+        *req.method(),
+        Method::GET
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::OPTIONS
+            | Method::HEAD
+    ) {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(ALLOW, "GET, POST, PUT, PATCH, DELETE, OPTIONS, HEAD")],
+            "method not allowed\n",
+        )
+            .into_response();
+    }
+    let path = req.uri().path().to_string();
+    let (raw_name, suffix) = split_path(&path, "/function/");
+    let id = match s.invoker.resolve(raw_name) {
+        Ok(id) => id,
+        Err(resp) => return *resp,
+    };
+    s.invoker.invoke(&id, suffix, req).await
+}
+
+pub async fn submit(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    match queue(&s, req).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn queue(s: &AppState, req: Request) -> Result<Response, ApiError> {
+    let path = req.uri().path().to_string();
+    let (raw_name, suffix) = split_path(&path, "/async-function/");
+    let id = match s.invoker.resolve(raw_name) {
+        Ok(id) => id,
+        Err(resp) => return Ok(*resp),
+    };
+    let callback = match req.headers().get("x-callback-url") {
+        None => None,
+        Some(v) => {
+            let text = v.to_str().unwrap_or("");
+            let url = reqwest::Url::parse(text)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "X-Callback-Url: {text:?} is not an absolute http(s) URL"
+                    ))
+                })?;
+            Some(url)
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, s.limits.max_async_body_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body is larger than {} bytes (limits.max_async_body_bytes)",
+                    s.limits.max_async_body_bytes
+                ),
+            )
+        })?;
+    let call_id = match parts.headers.get(CALL_ID).and_then(|v| v.to_str().ok()) {
+        Some(existing) => existing.to_string(),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let call_id_value = HeaderValue::from_str(&call_id).expect("a call id is a valid header value");
+    let start_time = HeaderValue::from(unix_nanos().min(u64::MAX as u128) as u64);
+    parts.headers.insert(CALL_ID, call_id_value.clone());
+    parts.headers.insert(START_TIME, start_time.clone());
+    let job = AsyncJob {
+        id,
+        suffix: suffix.to_string(),
+        query: parts.uri.query().map(str::to_string),
+        method: parts.method,
+        headers: parts.headers,
+        body,
+        callback,
+        call_id,
+    };
+    match s.queue.submit(job) {
+        Ok(()) => Ok((
+            StatusCode::ACCEPTED,
+            [(CALL_ID, call_id_value), (START_TIME, start_time)],
+        )
+            .into_response()),
+        Err(full) => Ok((
+            StatusCode::TOO_MANY_REQUESTS,
+            [(RETRY_AFTER, HeaderValue::from_static("1"))],
+            format!("{full}; retry later\n"),
+        )
+            .into_response()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_path;
+
+    #[test]
+    fn keeps_suffix_and_trailing_slash() {
+        assert_eq!(split_path("/function/f", "/function/"), ("f", "/"));
+        assert_eq!(split_path("/function/f/", "/function/"), ("f", "/"));
+        assert_eq!(split_path("/function/f/a/b/", "/function/"), ("f", "/a/b/"));
+        assert_eq!(
+            split_path("/async-function/f.ns/x", "/async-function/"),
+            ("f.ns", "/x")
+        );
+    }
+}

@@ -1,0 +1,473 @@
+//! TOML configuration. Every knob has a default that works on one machine; loading reports every
+//! unknown key, wrong type and invalid value at once, each named by its full key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::model::{validate_dns_label, DEFAULT_NAMESPACE};
+
+/// Which `/system/info` shape to answer with: the gateway's (clients talk to us directly) or the
+/// provider's (we sit behind the stock OpenFaaS gateway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Gateway,
+    Provider,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub role: Role,
+    pub default_namespace: String,
+    pub auth: AuthConfig,
+    pub metrics: MetricsConfig,
+    pub proxy: ProxyConfig,
+    pub async_invoke: AsyncConfig,
+    pub limits: LimitsConfig,
+    pub local: LocalConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub enabled: bool,
+    /// User name; when unset, read from `user_file`, else `admin`.
+    pub user: Option<String>,
+    pub user_file: Option<PathBuf>,
+    /// Password file; when unset, a password is generated under the data directory.
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// A second listener for `/metrics` and `/healthz` only (OpenFaaS serves them on 8082).
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub upstream_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long an invocation waits for a starting (or scaled-from-zero) replica to be ready.
+    pub ready_timeout: Duration,
+    pub max_idle_per_replica: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AsyncConfig {
+    pub queue_capacity: usize,
+    pub workers: usize,
+    pub callback_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Largest body accepted by `/system/*` routes.
+    pub max_system_body_bytes: usize,
+    /// Largest body accepted by `/async-function/*` (it is held in memory while queued).
+    pub max_async_body_bytes: usize,
+    /// Highest replica count a scale request may ask for.
+    pub max_replicas: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// How often a replica's health endpoint is probed.
+    pub health_interval: Duration,
+    /// A replica that is not healthy by then is killed and restarted.
+    pub startup_timeout: Duration,
+    /// Longest wait between restarts of a crashing replica.
+    pub restart_backoff_max: Duration,
+    /// Default `exec_timeout` for the watchdog (a function's `exec_timeout` env var overrides it).
+    pub exec_timeout: Duration,
+    /// How long a replica being removed may finish its in-flight requests.
+    pub drain_timeout: Duration,
+    /// Log lines kept per function for `/system/logs`.
+    pub log_lines: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: default_data_dir(),
+            role: Role::Gateway,
+            default_namespace: DEFAULT_NAMESPACE.to_string(),
+            auth: AuthConfig {
+                enabled: true,
+                user: None,
+                user_file: None,
+                password_file: None,
+            },
+            metrics: MetricsConfig { listen: None },
+            proxy: ProxyConfig {
+                upstream_timeout: Duration::from_secs(60),
+                connect_timeout: Duration::from_secs(2),
+                ready_timeout: Duration::from_secs(10),
+                max_idle_per_replica: 128,
+            },
+            async_invoke: AsyncConfig {
+                queue_capacity: 1024,
+                workers: 4,
+                callback_timeout: Duration::from_secs(10),
+            },
+            limits: LimitsConfig {
+                max_system_body_bytes: 1024 * 1024,
+                max_async_body_bytes: 16 * 1024 * 1024,
+                max_replicas: 64,
+            },
+            local: LocalConfig {
+                health_interval: Duration::from_millis(200),
+                startup_timeout: Duration::from_secs(30),
+                restart_backoff_max: Duration::from_secs(10),
+                exec_timeout: Duration::from_secs(10),
+                drain_timeout: Duration::from_secs(10),
+                log_lines: 1000,
+            },
+        }
+    }
+}
+
+/// `$XDG_DATA_HOME/faastastic` when set, else `./faastastic-data`.
+pub fn default_data_dir() -> PathBuf {
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("faastastic"),
+        _ => PathBuf::from("faastastic-data"),
+    }
+}
+
+/// Every problem found in a config file, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration in {path}:\n  {}", errors.join("\n  "))]
+pub struct ConfigError {
+    pub path: String,
+    pub errors: Vec<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.display().to_string(),
+            errors: vec![format!("cannot read file: {e}")],
+        })?;
+        Config::parse(&text).map_err(|errors| ConfigError {
+            path: path.display().to_string(),
+            errors,
+        })
+    }
+
+    /// Parses TOML text; returns all errors, each naming its key.
+    pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let mut defaults = Config::default();
+        let mut root = Section::new("", table);
+        let mut errors = Vec::new();
+
+        let cfg = Config {
+            listen: root.socket_addr("listen", defaults.listen),
+            data_dir: root.get("data_dir", defaults.data_dir.clone()),
+            role: root.parsed("role", defaults.role, |v: String| match v.as_str() {
+                "gateway" => Ok(Role::Gateway),
+                "provider" => Ok(Role::Provider),
+                other => Err(format!(
+                    "must be \"gateway\" or \"provider\", got {other:?}"
+                )),
+            }),
+            default_namespace: root.parsed(
+                "default_namespace",
+                defaults.default_namespace.clone(),
+                |v: String| validate_dns_label("namespace", &v).map(|_| v),
+            ),
+            auth: {
+                let mut s = root.section("auth");
+                let d = &defaults.auth;
+                let auth = AuthConfig {
+                    enabled: s.get("enabled", d.enabled),
+                    user: s.get("user", d.user.clone()),
+                    user_file: s.get("user_file", d.user_file.clone()),
+                    password_file: s.get("password_file", d.password_file.clone()),
+                };
+                s.finish(&mut errors);
+                auth
+            },
+            metrics: {
+                let mut s = root.section("metrics");
+                let listen = match s.raw("listen") {
+                    None => None,
+                    Some(_) => Some(s.socket_addr("listen", defaults.listen)),
+                };
+                s.finish(&mut errors);
+                MetricsConfig { listen }
+            },
+            proxy: {
+                let mut s = root.section("proxy");
+                let d = &defaults.proxy;
+                let p = ProxyConfig {
+                    upstream_timeout: s.secs("upstream_timeout_secs", d.upstream_timeout),
+                    connect_timeout: s.millis("connect_timeout_ms", d.connect_timeout),
+                    ready_timeout: s.millis("ready_timeout_ms", d.ready_timeout),
+                    max_idle_per_replica: s
+                        .positive("max_idle_per_replica", d.max_idle_per_replica),
+                };
+                s.finish(&mut errors);
+                p
+            },
+            async_invoke: {
+                let mut s = root.section("async");
+                let d = &defaults.async_invoke;
+                let a = AsyncConfig {
+                    queue_capacity: s.positive("queue_capacity", d.queue_capacity),
+                    workers: s.positive("workers", d.workers),
+                    callback_timeout: s.secs("callback_timeout_secs", d.callback_timeout),
+                };
+                s.finish(&mut errors);
+                a
+            },
+            limits: {
+                let mut s = root.section("limits");
+                let d = &defaults.limits;
+                let l = LimitsConfig {
+                    max_system_body_bytes: s
+                        .positive("max_system_body_bytes", d.max_system_body_bytes),
+                    max_async_body_bytes: s
+                        .positive("max_async_body_bytes", d.max_async_body_bytes),
+                    max_replicas: s.positive("max_replicas", d.max_replicas as usize) as u64,
+                };
+                s.finish(&mut errors);
+                l
+            },
+            local: {
+                let mut s = root.section("local");
+                let d = &mut defaults.local;
+                let l = LocalConfig {
+                    health_interval: s.millis("health_interval_ms", d.health_interval),
+                    startup_timeout: s.secs("startup_timeout_secs", d.startup_timeout),
+                    restart_backoff_max: s.secs("restart_backoff_max_secs", d.restart_backoff_max),
+                    exec_timeout: s.secs("exec_timeout_secs", d.exec_timeout),
+                    drain_timeout: s.secs("drain_timeout_secs", d.drain_timeout),
+                    log_lines: s.positive("log_lines", d.log_lines),
+                };
+                s.finish(&mut errors);
+                l
+            },
+        };
+        root.finish(&mut errors);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// One TOML table being read key by key. Each accessor removes its key, records an error naming
+/// the full key when the value is wrong and falls back to the default, so parsing continues and
+/// every error is reported; whatever is left at the end is an unknown key.
+struct Section {
+    prefix: String,
+    table: toml::Table,
+    errors: Vec<String>,
+}
+
+impl Section {
+    fn new(prefix: &str, table: toml::Table) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            table,
+            errors: Vec::new(),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    fn raw(&self, key: &str) -> Option<&toml::Value> {
+        self.table.get(key)
+    }
+
+    fn get<T: DeserializeOwned>(&mut self, key: &str, default: T) -> T {
+        self.parsed(key, default, Ok)
+    }
+
+    fn parsed<R: DeserializeOwned, T>(
+        &mut self,
+        key: &str,
+        default: T,
+        check: impl FnOnce(R) -> Result<T, String>,
+    ) -> T {
+        let Some(value) = self.table.remove(key) else {
+            return default;
+        };
+        let type_name = value.type_str();
+        match value.try_into::<R>() {
+            Ok(raw) => match check(raw) {
+                Ok(v) => v,
+                Err(msg) => {
+                    self.errors.push(format!("{}: {msg}", self.key(key)));
+                    default
+                }
+            },
+            Err(e) => {
+                self.errors.push(format!(
+                    "{}: wrong type ({type_name}): {}",
+                    self.key(key),
+                    e.to_string().trim()
+                ));
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
+        self.parsed(key, default, |v: String| {
+            v.parse::<SocketAddr>()
+                .map_err(|_| format!("{v:?} is not an address such as 127.0.0.1:8080"))
+        })
+    }
+
+    fn positive(&mut self, key: &str, default: usize) -> usize {
+        self.parsed(key, default, |v: i64| {
+            usize::try_from(v)
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| format!("must be a positive integer, got {v}"))
+        })
+    }
+
+    fn secs(&mut self, key: &str, default: Duration) -> Duration {
+        self.parsed(key, default, |v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e9 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(format!("must be a positive number of seconds, got {v}"))
+            }
+        })
+    }
+
+    fn millis(&mut self, key: &str, default: Duration) -> Duration {
+        self.parsed(key, default, |v: i64| {
+            u64::try_from(v)
+                .ok()
+                .filter(|v| *v > 0)
+                .map(Duration::from_millis)
+                .ok_or_else(|| format!("must be a positive number of milliseconds, got {v}"))
+        })
+    }
+
+    /// A nested table; a missing one reads as empty (all defaults).
+    fn section(&mut self, key: &str) -> Section {
+        let full = self.key(key);
+        match self.table.remove(key) {
+            None => Section::new(&full, toml::Table::new()),
+            Some(toml::Value::Table(t)) => Section::new(&full, t),
+            Some(other) => {
+                self.errors
+                    .push(format!("{full}: must be a table, got {}", other.type_str()));
+                Section::new(&full, toml::Table::new())
+            }
+        }
+    }
+
+    fn finish(self, errors: &mut Vec<String>) {
+        errors.extend(self.errors);
+        for key in self.table.keys() {
+            let full = if self.prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.prefix)
+            };
+            errors.push(format!("{full}: unknown key"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_default() {
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(cfg.role, Role::Gateway);
+        assert!(cfg.auth.enabled);
+        assert_eq!(cfg.default_namespace, "openfaas-fn");
+    }
+
+    #[test]
+    fn reads_every_section() {
+        let cfg = Config::parse(
+            r#"
+listen = "127.0.0.1:9999"
+role = "provider"
+[auth]
+enabled = false
+[metrics]
+listen = "127.0.0.1:8082"
+[proxy]
+upstream_timeout_secs = 2.5
+[async]
+workers = 2
+[local]
+log_lines = 10
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9999);
+        assert_eq!(cfg.role, Role::Provider);
+        assert!(!cfg.auth.enabled);
+        assert_eq!(cfg.metrics.listen.unwrap().port(), 8082);
+        assert_eq!(cfg.proxy.upstream_timeout, Duration::from_millis(2500));
+        assert_eq!(cfg.async_invoke.workers, 2);
+        assert_eq!(cfg.local.log_lines, 10);
+    }
+
+    #[test]
+    fn reports_every_bad_key_at_once() {
+        let errors = Config::parse(
+            r#"
+listen = "nowhere"
+role = "boss"
+colour = "blue"
+[auth]
+enabled = "yes"
+[proxy]
+upstream_timeout_secs = -1
+[async]
+workers = 0
+typo = 1
+[local]
+log_lines = "many"
+"#,
+        )
+        .unwrap_err();
+        let joined = errors.join("\n");
+        for key in [
+            "listen:",
+            "role:",
+            "colour: unknown key",
+            "auth.enabled:",
+            "proxy.upstream_timeout_secs:",
+            "async.workers:",
+            "async.typo: unknown key",
+            "local.log_lines:",
+        ] {
+            assert!(joined.contains(key), "missing {key} in:\n{joined}");
+        }
+        assert_eq!(errors.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        let errors = Config::parse("listen = ").unwrap_err();
+        assert_eq!(errors.len(), 1);
+    }
+}

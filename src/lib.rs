@@ -1,0 +1,13 @@
+//! faastastic: runs OpenFaaS-compatible functions on existing platforms across datacenters and
+//! scales them from metrics. See README.md for the architecture.
+
+pub mod api;
+pub mod config;
+pub mod fleet;
+pub mod model;
+pub mod platform;
+pub mod proxy;
+pub mod queue;
+pub mod server;
+pub mod store;
+pub mod telemetry;

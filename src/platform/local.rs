@@ -1,0 +1,695 @@
+//! The embedded `local` platform: every replica is its own OS process (this binary's `watchdog`
+//! subcommand) listening on a loopback port chosen by the kernel.
+//!
+//! A function is a chain of generations: a deploy creates generation 1, every update a new one.
+//! The old generation keeps serving until the new one has a ready replica (or the startup timeout
+//! passes), then it is drained and stopped. Removing a function drops it from the routing table
+//! before anything else, so a redeploy under the same name can never reach an old replica.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::logs::LogBuffer;
+use super::watchdog::{HEALTH_PATH, LISTENING_PREFIX};
+use super::{
+    Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts,
+    Workload,
+};
+use crate::config::LocalConfig;
+use crate::model::{FunctionDeployment, FunctionId};
+use crate::telemetry::Metrics;
+
+/// Environment variables passed from the server to replicas; everything else is cleared so a
+/// function never sees the server's own settings.
+const PASSTHROUGH_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
+
+pub struct LocalPlatform {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: LocalConfig,
+    exe: PathBuf,
+    run_dir: PathBuf,
+    datacenter: String,
+    metrics: Arc<Metrics>,
+    functions: RwLock<HashMap<FunctionId, Entry>>,
+    generations: AtomicU64,
+}
+
+struct Entry {
+    current: Arc<Generation>,
+    /// The generation being replaced during a rolling update.
+    previous: Option<Arc<Generation>>,
+    logs: Arc<LogBuffer>,
+}
+
+impl LocalPlatform {
+    /// `exe` is the binary that provides the `watchdog` subcommand; `run_dir` holds per-replica
+    /// files (secrets) and is wiped at start, since no replica survives a restart of the server.
+    pub fn new(
+        cfg: LocalConfig,
+        exe: PathBuf,
+        run_dir: PathBuf,
+        datacenter: &str,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<LocalPlatform> {
+        if run_dir.exists() {
+            std::fs::remove_dir_all(&run_dir)?;
+        }
+        create_private_dir(&run_dir)?;
+        Ok(LocalPlatform {
+            inner: Arc::new(Inner {
+                cfg,
+                exe,
+                run_dir,
+                datacenter: datacenter.to_string(),
+                metrics,
+                functions: RwLock::new(HashMap::new()),
+                generations: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FunctionId, Entry>> {
+        self.functions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<FunctionId, Entry>> {
+        self.functions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The generation requests go to: the current one once it has a ready replica, else the one
+    /// it replaces (if any).
+    fn serving(&self, id: &FunctionId) -> Option<Arc<Generation>> {
+        let map = self.read();
+        let entry = map.get(id)?;
+        match &entry.previous {
+            Some(prev) if entry.current.ready_count() == 0 => Some(prev.clone()),
+            _ => Some(entry.current.clone()),
+        }
+    }
+}
+
+/// How to start one replica of a generation.
+struct Launch {
+    exe: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+/// One deployed version of a function and its replicas.
+struct Generation {
+    id: FunctionId,
+    number: u64,
+    dir: PathBuf,
+    launch: Launch,
+    logs: Arc<LogBuffer>,
+    platform: Arc<Inner>,
+    slots: Mutex<Vec<Slot>>,
+    next_slot: AtomicU64,
+    ready: Mutex<Vec<Arc<Endpoint>>>,
+    endpoints: RwLock<Arc<EndpointSet>>,
+    ready_tx: watch::Sender<u64>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+struct Slot {
+    instance: String,
+    cancel: CancellationToken,
+}
+
+enum ReplicaExit {
+    Cancelled,
+    Failed(String),
+}
+
+impl Generation {
+    fn ready_count(&self) -> u64 {
+        *self.ready_tx.borrow()
+    }
+
+    fn desired_count(&self) -> u64 {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+
+    fn endpoints(&self) -> Arc<EndpointSet> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Adds or removes one replica from the routing table and publishes a fresh snapshot.
+    fn set_ready(&self, instance: &str, endpoint: Option<Arc<Endpoint>>) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready.retain(|e| e.instance != instance);
+        if let Some(e) = endpoint {
+            ready.push(e);
+        }
+        *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(EndpointSet::new(ready.clone()));
+        self.ready_tx.send_replace(ready.len() as u64);
+    }
+
+    fn scale(self: &Arc<Self>, replicas: u64) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        while (slots.len() as u64) < replicas {
+            let n = self.next_slot.fetch_add(1, Ordering::Relaxed) + 1;
+            let slot = Slot {
+                instance: format!("{}-{}-{n}", self.id.name, self.number),
+                cancel: self.cancel.child_token(),
+            };
+            let generation = self.clone();
+            let (instance, cancel) = (slot.instance.clone(), slot.cancel.clone());
+            self.tasks
+                .spawn(async move { generation.supervise(instance, cancel).await });
+            slots.push(slot);
+        }
+        while (slots.len() as u64) > replicas {
+            let slot = slots
+                .pop()
+                .expect("loop runs only while slots is non-empty");
+            // Out of the routing table first, then drained and stopped by its task.
+            self.set_ready(&slot.instance, None);
+            slot.cancel.cancel();
+        }
+    }
+
+    /// Stops every replica and, once they are gone, removes the generation's files.
+    fn stop(self: &Arc<Self>) {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        {
+            let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+            ready.clear();
+            *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) =
+                Arc::new(EndpointSet::default());
+            self.ready_tx.send_replace(0);
+        }
+        self.cancel.cancel();
+        self.tasks.close();
+        let generation = self.clone();
+        tokio::spawn(async move {
+            generation.tasks.wait().await;
+            let _ = tokio::fs::remove_dir_all(&generation.dir).await;
+        });
+    }
+
+    /// Keeps one replica slot running until cancelled, restarting it with backoff when it dies.
+    async fn supervise(self: Arc<Self>, instance: String, cancel: CancellationToken) {
+        let cfg = &self.platform.cfg;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            match self.run_replica(&instance, &cancel).await {
+                ReplicaExit::Cancelled => return,
+                ReplicaExit::Failed(reason) => {
+                    self.set_ready(&instance, None);
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    self.platform
+                        .metrics
+                        .replica_restarts
+                        .with_label_values(&[
+                            self.id.qualified().as_str(),
+                            self.platform.datacenter.as_str(),
+                        ])
+                        .inc();
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = Duration::from_millis(100);
+                    }
+                    let msg = format!(
+                        "replica {instance} {reason}; restarting in {} ms",
+                        backoff.as_millis()
+                    );
+                    tracing::warn!(function = %self.id, "{msg}");
+                    self.logs.push(&instance, msg);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(cfg.restart_backoff_max);
+                }
+            }
+        }
+    }
+
+    async fn run_replica(&self, instance: &str, cancel: &CancellationToken) -> ReplicaExit {
+        let cfg = &self.platform.cfg;
+        let mut child = match self.spawn() {
+            Ok(child) => child,
+            Err(e) => return ReplicaExit::Failed(format!("could not start: {e}")),
+        };
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return ReplicaExit::Failed("started without output pipes".to_string());
+        };
+        forward_lines(stderr, self.logs.clone(), instance.to_string());
+        let mut stdout = BufReader::new(stdout).lines();
+        let announced = tokio::time::timeout(cfg.startup_timeout, async {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
+                    return addr.trim().parse::<SocketAddr>().ok();
+                }
+                self.logs.push(instance, line);
+            }
+            None
+        });
+        let addr = tokio::select! {
+            addr = announced => addr.ok().flatten(),
+            _ = cancel.cancelled() => return stop_child(child).await,
+        };
+        let Some(addr) = addr else {
+            let _ = child.start_kill();
+            let status = child.wait().await;
+            return ReplicaExit::Failed(format!(
+                "did not announce its port within {:?} ({})",
+                cfg.startup_timeout,
+                describe_exit(status)
+            ));
+        };
+        forward_lines(stdout.into_inner(), self.logs.clone(), instance.to_string());
+
+        let healthy = wait_healthy(addr, cfg.health_interval, cfg.startup_timeout);
+        tokio::select! {
+            ok = healthy => if !ok {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return ReplicaExit::Failed(format!(
+                    "was not healthy within {:?}", cfg.startup_timeout
+                ));
+            },
+            status = child.wait() => {
+                return ReplicaExit::Failed(describe_exit(status));
+            }
+            _ = cancel.cancelled() => return stop_child(child).await,
+        }
+
+        let endpoint = Arc::new(Endpoint::new(instance.to_string(), addr));
+        self.set_ready(instance, Some(endpoint.clone()));
+        tokio::select! {
+            status = child.wait() => ReplicaExit::Failed(describe_exit(status)),
+            _ = cancel.cancelled() => {
+                self.set_ready(instance, None);
+                drain(&endpoint, cfg.drain_timeout).await;
+                stop_child(child).await
+            }
+        }
+    }
+
+    fn spawn(&self) -> std::io::Result<Child> {
+        let mut cmd = Command::new(&self.launch.exe);
+        cmd.arg("watchdog")
+            .env_clear()
+            .envs(
+                self.launch
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        cmd.spawn()
+    }
+}
+
+/// Asks the kernel to kill the child when the server dies, so a crashed server leaves no
+/// orphaned replicas holding ports.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+async fn stop_child(mut child: Child) -> ReplicaExit {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    ReplicaExit::Cancelled
+}
+
+/// Waits until the replica has no request in flight, or the drain timeout passes.
+async fn drain(endpoint: &Endpoint, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while endpoint.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(s) => format!("exited ({s})"),
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
+fn forward_lines(
+    stream: impl AsyncRead + Unpin + Send + 'static,
+    logs: Arc<LogBuffer>,
+    instance: String,
+) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            logs.push(&instance, line);
+        }
+    });
+}
+
+/// Polls the watchdog's health endpoint until it answers 200.
+async fn wait_healthy(addr: SocketAddr, interval: Duration, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if probe(addr).await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(interval.min(Duration::from_millis(50))).await;
+    }
+}
+
+/// One HTTP/1.0 health probe; true on a 200 status line.
+pub(crate) async fn probe(addr: SocketAddr) -> bool {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {HEALTH_PATH} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200")
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents)
+}
+
+/// The command a function runs: `envProcess`, else its `fprocess` environment variable.
+fn fprocess(dep: &FunctionDeployment) -> Option<&str> {
+    dep.env_process
+        .as_deref()
+        .filter(|p| !p.trim().is_empty())
+        .or_else(|| {
+            dep.env_vars
+                .as_ref()?
+                .get("fprocess")
+                .map(String::as_str)
+                .filter(|p| !p.trim().is_empty())
+        })
+}
+
+fn env_var<'a>(dep: &'a FunctionDeployment, key: &str) -> Option<&'a str> {
+    dep.env_vars.as_ref()?.get(key).map(String::as_str)
+}
+
+#[async_trait]
+impl Platform for LocalPlatform {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn validate(&self, dep: &FunctionDeployment) -> Result<(), String> {
+        let Some(process) = fprocess(dep) else {
+            return Err(
+                "envProcess: is required by the local platform (the command each replica runs; \
+                 with envVars mode=http it is a long-running server reached at envVars upstream_url)"
+                    .to_string(),
+            );
+        };
+        if let Err(e) = shell_words::split(process) {
+            return Err(format!("envProcess: cannot be split into arguments: {e}"));
+        }
+        match env_var(dep, "mode").unwrap_or("classic") {
+            "classic" | "" => Ok(()),
+            "http" => match env_var(dep, "upstream_url") {
+                None | Some("") => Err(
+                    "envVars.upstream_url: is required with mode=http (e.g. http://127.0.0.1:5000)"
+                        .to_string(),
+                ),
+                Some(url) => super::watchdog::parse_upstream(url)
+                    .map(|_| ())
+                    .map_err(|e| format!("envVars.upstream_url: {e}")),
+            },
+            other => Err(format!(
+                "envVars.mode: {other:?} is not supported by the local platform (use \"classic\" or \"http\")"
+            )),
+        }
+    }
+
+    async fn apply(&self, workload: Workload, replicas: u64) -> Result<(), PlatformError> {
+        let inner = &self.inner;
+        let number = inner.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = workload.id.clone();
+        let dir = inner
+            .run_dir
+            .join(&id.namespace)
+            .join(&id.name)
+            .join(number.to_string());
+        let secrets_dir = dir.join("secrets");
+        let prepare = || -> std::io::Result<()> {
+            create_private_dir(&secrets_dir)?;
+            for (name, value) in &workload.secrets {
+                write_private_file(&secrets_dir.join(name), value)?;
+            }
+            Ok(())
+        };
+        prepare()
+            .map_err(|e| PlatformError::Failed(format!("cannot prepare {}: {e}", dir.display())))?;
+
+        let dep = &workload.deployment;
+        let mut env: Vec<(String, String)> = PASSTHROUGH_ENV
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        env.push((
+            "exec_timeout".into(),
+            format!("{}s", inner.cfg.exec_timeout.as_secs_f64()),
+        ));
+        env.extend(
+            dep.env_vars
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        if let Some(p) = fprocess(dep) {
+            env.push(("fprocess".into(), p.to_string()));
+        }
+        env.push((
+            "secret_mount_path".into(),
+            secrets_dir.display().to_string(),
+        ));
+        env.push(("faastastic_listen".into(), "127.0.0.1:0".into()));
+
+        let logs = inner
+            .read()
+            .get(&id)
+            .map(|e| e.logs.clone())
+            .unwrap_or_else(|| {
+                Arc::new(LogBuffer::new(&id.name, &id.namespace, inner.cfg.log_lines))
+            });
+        let (ready_tx, _) = watch::channel(0);
+        let generation = Arc::new(Generation {
+            id: id.clone(),
+            number,
+            dir,
+            launch: Launch {
+                exe: inner.exe.clone(),
+                env,
+            },
+            logs: logs.clone(),
+            platform: inner.clone(),
+            slots: Mutex::new(Vec::new()),
+            next_slot: AtomicU64::new(0),
+            ready: Mutex::new(Vec::new()),
+            endpoints: RwLock::new(Arc::new(EndpointSet::default())),
+            ready_tx,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        generation.scale(replicas);
+
+        let replaced = {
+            let mut map = inner.write();
+            match map.get_mut(&id) {
+                None => {
+                    map.insert(
+                        id.clone(),
+                        Entry {
+                            current: generation.clone(),
+                            previous: None,
+                            logs,
+                        },
+                    );
+                    None
+                }
+                Some(entry) => {
+                    if let Some(stale) = entry.previous.take() {
+                        stale.stop();
+                    }
+                    let old = std::mem::replace(&mut entry.current, generation.clone());
+                    entry.previous = Some(old.clone());
+                    Some(old)
+                }
+            }
+        };
+        if let Some(old) = replaced {
+            retire_when_ready(inner.clone(), id, old, generation, replicas);
+        }
+        Ok(())
+    }
+
+    async fn scale(&self, id: &FunctionId, replicas: u64) -> Result<(), PlatformError> {
+        let current = self.inner.read().get(id).map(|e| e.current.clone());
+        match current {
+            Some(generation) => {
+                generation.scale(replicas);
+                Ok(())
+            }
+            None => Err(PlatformError::Failed(format!(
+                "function {id} is not running"
+            ))),
+        }
+    }
+
+    async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError> {
+        let entry = self.inner.write().remove(id);
+        if let Some(entry) = entry {
+            entry.current.stop();
+            if let Some(prev) = entry.previous {
+                prev.stop();
+            }
+        }
+        Ok(())
+    }
+
+    fn replicas(&self, id: &FunctionId) -> ReplicaCounts {
+        match self.inner.serving(id) {
+            None => ReplicaCounts::default(),
+            Some(serving) => {
+                let desired = self
+                    .inner
+                    .read()
+                    .get(id)
+                    .map(|e| e.current.desired_count())
+                    .unwrap_or(0);
+                ReplicaCounts {
+                    desired,
+                    ready: serving.ready_count(),
+                }
+            }
+        }
+    }
+
+    fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>> {
+        self.inner.serving(id).map(|g| g.endpoints())
+    }
+
+    fn watch_ready(&self, id: &FunctionId) -> Option<watch::Receiver<u64>> {
+        self.inner
+            .read()
+            .get(id)
+            .map(|e| e.current.ready_tx.subscribe())
+    }
+
+    fn logs(&self, id: &FunctionId, query: &LogQuery) -> Option<LogSubscription> {
+        self.inner.read().get(id).map(|e| e.logs.subscribe(query))
+    }
+
+    async fn shutdown(&self) {
+        let entries: Vec<Entry> = self.inner.write().drain().map(|(_, e)| e).collect();
+        let mut generations = Vec::new();
+        for entry in entries {
+            generations.push(entry.current);
+            generations.extend(entry.previous);
+        }
+        for g in &generations {
+            g.stop();
+        }
+        for g in &generations {
+            g.tasks.wait().await;
+        }
+    }
+}
+
+/// Stops `old` once `new` has a ready replica (or has had its startup time), unless another
+/// update or a removal already took care of it.
+fn retire_when_ready(
+    inner: Arc<Inner>,
+    id: FunctionId,
+    old: Arc<Generation>,
+    new: Arc<Generation>,
+    replicas: u64,
+) {
+    let mut ready = new.ready_tx.subscribe();
+    let timeout = inner.cfg.startup_timeout;
+    tokio::spawn(async move {
+        if replicas > 0 {
+            let _ = tokio::time::timeout(timeout, ready.wait_for(|n| *n > 0)).await;
+        }
+        let still_previous = {
+            let mut map = inner.write();
+            match map.get_mut(&id) {
+                Some(entry)
+                    if entry
+                        .previous
+                        .as_ref()
+                        .is_some_and(|p| Arc::ptr_eq(p, &old)) =>
+                {
+                    entry.previous = None;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if still_previous {
+            old.stop();
+        }
+    });
+}

@@ -1,0 +1,185 @@
+//! Platform adapters: each kind of datacenter (local processes, Docker, Swarm, remote agents)
+//! implements [`Platform`]. The control plane only ever talks to this trait.
+
+pub mod local;
+pub mod logs;
+pub mod watchdog;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::model::{FunctionDeployment, FunctionId};
+pub use logs::{LogMessage, LogQuery, LogSubscription};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("platform failure: {0}")]
+    Failed(String),
+}
+
+/// One ready replica that can take requests.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Stable identity of the replica (never reused), e.g. `figlet-3-1`.
+    pub instance: String,
+    pub addr: SocketAddr,
+    /// Requests currently being proxied to this replica.
+    pub in_flight: AtomicUsize,
+}
+
+impl Endpoint {
+    pub fn new(instance: String, addr: SocketAddr) -> Self {
+        Self {
+            instance,
+            addr,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// An immutable snapshot of a function's ready replicas. A new snapshot replaces the old one on
+/// every change, so a removed replica is never picked again.
+#[derive(Debug, Default)]
+pub struct EndpointSet {
+    endpoints: Vec<Arc<Endpoint>>,
+    cursor: AtomicUsize,
+}
+
+impl EndpointSet {
+    pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        Self {
+            endpoints,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.endpoints.iter()
+    }
+
+    /// Least-outstanding-requests choice; ties go round robin from a rotating start.
+    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        match n {
+            0 => None,
+            1 => Some(self.endpoints[0].clone()),
+            _ => {
+                let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+                let mut best = &self.endpoints[start];
+                let mut best_load = best.in_flight.load(Ordering::Relaxed);
+                for i in 1..n {
+                    let candidate = &self.endpoints[(start + i) % n];
+                    let load = candidate.in_flight.load(Ordering::Relaxed);
+                    if load < best_load {
+                        best = candidate;
+                        best_load = load;
+                    }
+                }
+                Some(best.clone())
+            }
+        }
+    }
+}
+
+/// Replica counts of one function in one datacenter.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaCounts {
+    pub desired: u64,
+    pub ready: u64,
+}
+
+impl ReplicaCounts {
+    pub fn starting(&self) -> u64 {
+        self.desired.saturating_sub(self.ready)
+    }
+}
+
+/// What a platform needs to run a function: its deployment and the values of its secrets.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub id: FunctionId,
+    pub deployment: FunctionDeployment,
+    pub secrets: Vec<(String, Vec<u8>)>,
+}
+
+#[async_trait]
+pub trait Platform: Send + Sync {
+    /// Short kind name shown in `/system/info` (`local`, `docker`, ...).
+    fn kind(&self) -> &'static str;
+
+    /// Rejects deployments this platform cannot run, naming what is missing.
+    fn validate(&self, deployment: &FunctionDeployment) -> Result<(), String>;
+
+    /// Creates the function or rolls it to a new deployment, running `replicas` copies.
+    async fn apply(&self, workload: Workload, replicas: u64) -> Result<(), PlatformError>;
+
+    /// Changes the replica count of a deployed function.
+    async fn scale(&self, id: &FunctionId, replicas: u64) -> Result<(), PlatformError>;
+
+    /// Stops every replica; once this returns no request is routed to them.
+    async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError>;
+
+    fn replicas(&self, id: &FunctionId) -> ReplicaCounts;
+
+    /// The current ready replicas, fresh from the platform (never cached by name).
+    fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>>;
+
+    /// Watches the ready-replica count, to wait for a starting function.
+    fn watch_ready(&self, id: &FunctionId) -> Option<watch::Receiver<u64>>;
+
+    /// Buffered log lines plus, when following, new ones as they arrive.
+    fn logs(&self, id: &FunctionId, query: &LogQuery) -> Option<LogSubscription>;
+
+    /// Stops everything this platform started (on shutdown).
+    async fn shutdown(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(n: usize) -> EndpointSet {
+        EndpointSet::new(
+            (0..n)
+                .map(|i| {
+                    Arc::new(Endpoint::new(
+                        format!("r{i}"),
+                        SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn picks_round_robin_when_idle() {
+        let s = set(3);
+        let picked: Vec<_> = (0..6).map(|_| s.pick().unwrap().instance.clone()).collect();
+        assert_eq!(picked, ["r0", "r1", "r2", "r0", "r1", "r2"]);
+        assert!(set(0).pick().is_none());
+    }
+
+    #[test]
+    fn prefers_least_outstanding() {
+        let s = set(3);
+        s.endpoints[0].in_flight.store(5, Ordering::Relaxed);
+        s.endpoints[2].in_flight.store(1, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(s.pick().unwrap().instance, "r1");
+        }
+    }
+}

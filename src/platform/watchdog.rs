@@ -1,0 +1,403 @@
+//! The built-in function watchdog (`faastastic watchdog`): what runs inside every local replica.
+//!
+//! Settings come from environment variables named as in the OpenFaaS watchdogs:
+//! `fprocess` (the command), `mode` (`classic`: one process per request, body on stdin and stdout
+//! as the response; `http`: one long-running process reached at `upstream_url`), `exec_timeout`,
+//! `content_type`. It prints `LISTENING_PREFIX<addr>` on stdout once bound and answers
+//! `GET /_/health` with 200 once it can serve.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::proxy::{self, HttpClient};
+
+pub const HEALTH_PATH: &str = "/_/health";
+pub const LISTENING_PREFIX: &str = "faastastic-watchdog listening on ";
+const DURATION_HEADER: &str = "x-duration-seconds";
+
+#[derive(Debug, Clone)]
+enum Mode {
+    Classic { argv: Vec<String> },
+    Http { argv: Vec<String>, upstream: Uri },
+}
+
+struct Watchdog {
+    mode: Mode,
+    exec_timeout: Option<Duration>,
+    content_type: Option<String>,
+    ready: AtomicBool,
+    client: HttpClient,
+}
+
+/// Parses an upstream URL; only plain HTTP on this machine's loopback is accepted.
+pub fn parse_upstream(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{url:?} must start with http://"));
+    }
+    match uri.host() {
+        Some("127.0.0.1" | "localhost" | "[::1]" | "::1") => {}
+        _ => return Err(format!("{url:?} must point at this machine (127.0.0.1)")),
+    }
+    if uri.port_u16().is_none() {
+        return Err(format!("{url:?} must name a port"));
+    }
+    Ok(uri)
+}
+
+/// Durations as the OpenFaaS watchdogs write them: `10s`, `500ms`, `1m`, or plain seconds.
+/// `0` means no limit.
+pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 10s"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("{text:?} is not a duration such as 10s"));
+    }
+    Ok((value > 0.0).then(|| Duration::from_secs_f64(value * scale)))
+}
+
+impl Watchdog {
+    fn from_env() -> anyhow::Result<Watchdog> {
+        let process = std::env::var("fprocess").context("fprocess is not set")?;
+        let argv = shell_words::split(&process).context("fprocess cannot be split")?;
+        if argv.is_empty() {
+            bail!("fprocess is empty");
+        }
+        let mode = match std::env::var("mode").as_deref() {
+            Ok("http") => {
+                let url = std::env::var("upstream_url").context("upstream_url is not set")?;
+                Mode::Http {
+                    argv,
+                    upstream: parse_upstream(&url).map_err(anyhow::Error::msg)?,
+                }
+            }
+            Ok("classic") | Ok("") | Err(_) => Mode::Classic { argv },
+            Ok(other) => bail!("mode {other:?} is not supported"),
+        };
+        let exec_timeout = match std::env::var("exec_timeout") {
+            Ok(v) => parse_duration(&v).map_err(anyhow::Error::msg)?,
+            Err(_) => Some(Duration::from_secs(10)),
+        };
+        Ok(Watchdog {
+            mode,
+            exec_timeout,
+            content_type: std::env::var("content_type").ok().filter(|v| !v.is_empty()),
+            ready: AtomicBool::new(false),
+            client: proxy::http_client(Duration::from_secs(2), 64),
+        })
+    }
+}
+
+/// Runs the watchdog until its parent dies (or, in http mode, until the function's process exits).
+pub async fn run() -> anyhow::Result<()> {
+    let watchdog = Arc::new(Watchdog::from_env()?);
+    let listen = std::env::var("faastastic_listen").unwrap_or_else(|_| "127.0.0.1:8080".into());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    println!("{LISTENING_PREFIX}{}", listener.local_addr()?);
+    exit_when_orphaned();
+
+    match &watchdog.mode {
+        Mode::Classic { .. } => watchdog.ready.store(true, Ordering::Release),
+        Mode::Http { argv, upstream } => {
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..]).stdin(Stdio::null()).kill_on_drop(true);
+            crate::platform::local::die_with_parent(&mut cmd);
+            let mut child = cmd
+                .spawn()
+                .with_context(|| format!("cannot start {:?}", argv[0]))?;
+            tokio::spawn(async move {
+                let status = child.wait().await;
+                eprintln!("function process exited ({status:?}); stopping the replica");
+                std::process::exit(1);
+            });
+            let (watchdog, upstream) = (watchdog.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let host = upstream
+                    .host()
+                    .unwrap_or("127.0.0.1")
+                    .trim_matches(['[', ']']);
+                let target = (host.to_string(), upstream.port_u16().unwrap_or(80));
+                while tokio::net::TcpStream::connect(target.clone())
+                    .await
+                    .is_err()
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                watchdog.ready.store(true, Ordering::Release);
+            });
+        }
+    }
+
+    let app = Router::new()
+        .route(HEALTH_PATH, get(health))
+        .fallback(handle)
+        .with_state(watchdog);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// The local platform kills replicas with PR_SET_PDEATHSIG; this is a second line of defence
+/// for a watchdog started by hand.
+fn exit_when_orphaned() {
+    let parent = std::os::unix::process::parent_id();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if std::os::unix::process::parent_id() != parent {
+                std::process::exit(0);
+            }
+        }
+    });
+}
+
+async fn health(State(w): State<Arc<Watchdog>>) -> StatusCode {
+    if w.ready.load(Ordering::Acquire) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn handle(State(w): State<Arc<Watchdog>>, req: Request) -> Response {
+    let started = Instant::now();
+    let mut response = match &w.mode {
+        Mode::Classic { argv } => run_classic(&w, argv, req).await,
+        Mode::Http { upstream, .. } => forward_http(&w, upstream, req).await,
+    };
+    if !response.headers().contains_key(DURATION_HEADER) {
+        let secs = format!("{:.6}", started.elapsed().as_secs_f64());
+        if let Ok(v) = HeaderValue::from_str(&secs) {
+            response.headers_mut().insert(DURATION_HEADER, v);
+        }
+    }
+    response
+}
+
+/// `Content-Type` → `Http_Content_Type`, as the classic OpenFaaS watchdog names header variables.
+fn header_env_name(name: &str) -> String {
+    let mut out = String::from("Http_");
+    for (i, part) in name.split('-').enumerate() {
+        if i > 0 {
+            out.push('_');
+        }
+        let mut chars = part.chars();
+        if let Some(first) = chars.next() {
+            out.extend(first.to_uppercase());
+            out.extend(chars.flat_map(char::to_lowercase));
+        }
+    }
+    out
+}
+
+fn request_env(
+    headers: &HeaderMap,
+    method: &str,
+    uri: &Uri,
+    body_len: usize,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((header_env_name(k.as_str()), v.to_str().ok()?.to_string())))
+        .collect();
+    env.push(("Http_Method".into(), method.to_string()));
+    env.push(("Http_Path".into(), uri.path().to_string()));
+    if let Some(q) = uri.query() {
+        env.push(("Http_Query".into(), q.to_string()));
+    }
+    env.push(("Http_ContentLength".into(), body_len.to_string()));
+    env
+}
+
+async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read request body: {e}"),
+            )
+        }
+    };
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .envs(request_env(
+            &parts.headers,
+            parts.method.as_str(),
+            &parts.uri,
+            body.len(),
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    crate::platform::local::die_with_parent(&mut cmd);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot start {:?}: {e}", argv[0]);
+            return plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot start function process: {e}"),
+            );
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&body).await;
+        });
+    }
+    let output = match w.exec_timeout {
+        Some(limit) => match tokio::time::timeout(limit, child.wait_with_output()).await {
+            Ok(out) => out,
+            Err(_) => {
+                eprintln!("function process killed after exec_timeout {limit:?}");
+                return plain(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("function timed out after {limit:?}"),
+                );
+            }
+        },
+        None => child.wait_with_output().await,
+    };
+    let output = match output {
+        Ok(o) => o,
+        Err(e) => {
+            return plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("function failed: {e}"),
+            )
+        }
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in stderr.lines() {
+        eprintln!("{line}");
+    }
+    if !output.status.success() {
+        return plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}{}", stderr, output.status),
+        );
+    }
+    let content_type = w
+        .content_type
+        .clone()
+        .or_else(|| {
+            parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "text/plain; charset=utf-8".to_string());
+    let mut response = Response::new(Body::from(output.stdout));
+    if let Ok(v) = HeaderValue::from_str(&content_type) {
+        response.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    response
+}
+
+async fn forward_http(w: &Watchdog, upstream: &Uri, req: Request) -> Response {
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let authority = upstream
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    let uri = match Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path_and_query)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, format!("bad request path: {e}")),
+    };
+    match proxy::send(&w.client, uri, req, w.exec_timeout).await {
+        Ok(resp) => resp.map(Body::new),
+        Err(proxy::UpstreamError::Timeout) => plain(
+            StatusCode::GATEWAY_TIMEOUT,
+            "function timed out".to_string(),
+        ),
+        Err(proxy::UpstreamError::Connect(e)) => plain(
+            StatusCode::BAD_GATEWAY,
+            format!("cannot reach function: {e}"),
+        ),
+    }
+}
+
+fn plain(status: StatusCode, text: String) -> Response {
+    (status, format!("{}\n", text.trim_end())).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_follow_the_classic_watchdog() {
+        assert_eq!(header_env_name("content-type"), "Http_Content_Type");
+        assert_eq!(header_env_name("x-call-id"), "Http_X_Call_Id");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("10s").unwrap(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_duration("500ms").unwrap(),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_duration("2").unwrap(), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m").unwrap(), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("0").unwrap(), None);
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn upstreams_stay_on_loopback() {
+        assert!(parse_upstream("http://127.0.0.1:5000").is_ok());
+        assert!(parse_upstream("http://localhost:5000/").is_ok());
+        assert!(parse_upstream("http://10.0.0.1:5000").is_err());
+        assert!(parse_upstream("https://127.0.0.1:5000").is_err());
+        assert!(parse_upstream("http://127.0.0.1").is_err());
+    }
+}

@@ -1,0 +1,349 @@
+//! The invoke proxy: `/function/{name}[/{path}]` to a ready replica over pooled keep-alive
+//! connections. Replicas come fresh from the platform on every request, never from a cache keyed
+//! by name, so a redeployed function is never routed to its old replica.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{HeaderMap, Request, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::ProxyConfig;
+use crate::fleet::Fleet;
+use crate::model::{split_qualified, FunctionId};
+use crate::platform::Endpoint;
+use crate::telemetry::Metrics;
+
+pub type HttpClient = Client<HttpConnector, Body>;
+
+pub const CALL_ID: HeaderName = HeaderName::from_static("x-call-id");
+pub const START_TIME: HeaderName = HeaderName::from_static("x-start-time");
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const INTERNAL: HeaderName = HeaderName::from_static("x-openfaas-internal");
+
+/// Headers that describe one hop's connection and must not be forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub fn http_client(connect_timeout: Duration, max_idle_per_host: usize) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(max_idle_per_host)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector)
+}
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    Connect(String),
+    Timeout,
+}
+
+/// Sends `req` to `uri` (absolute), without hop-by-hop headers; the timeout covers the wait for
+/// the response head.
+pub async fn send(
+    client: &HttpClient,
+    uri: Uri,
+    req: Request<Body>,
+    timeout: Option<Duration>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    let fut = client.request(Request::from_parts(parts, body));
+    let result = match timeout {
+        Some(limit) => tokio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?,
+        None => fut.await,
+    };
+    result.map_err(|e| {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg = format!("{msg}: {s}");
+            source = s.source();
+        }
+        UpstreamError::Connect(msg)
+    })
+}
+
+/// Counts a request as in flight on its replica until the response body is finished (or
+/// dropped), so a replica being removed can be drained.
+struct InFlight(Arc<Endpoint>);
+
+impl InFlight {
+    fn start(endpoint: Arc<Endpoint>) -> Self {
+        endpoint.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(endpoint)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct GuardedBody {
+    inner: Incoming,
+    _guard: InFlight,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pub struct Invoker {
+    client: HttpClient,
+    fleet: Arc<Fleet>,
+    metrics: Arc<Metrics>,
+    cfg: ProxyConfig,
+}
+
+/// A plain-text error marked as coming from the platform, not from the function.
+fn internal_error(status: StatusCode, text: String) -> Response {
+    let mut r = (status, format!("{text}\n")).into_response();
+    r.headers_mut()
+        .insert(INTERNAL, HeaderValue::from_static("proxy"));
+    r
+}
+
+pub fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+impl Invoker {
+    pub fn new(fleet: Arc<Fleet>, metrics: Arc<Metrics>, cfg: ProxyConfig) -> Invoker {
+        Invoker {
+            client: http_client(cfg.connect_timeout, cfg.max_idle_per_replica),
+            fleet,
+            metrics,
+            cfg,
+        }
+    }
+
+    /// Resolves `name` or `name.namespace` to a deployed function, or the 400/404 answer.
+    pub fn resolve(&self, raw: &str) -> Result<FunctionId, Box<Response>> {
+        let (name, namespace) = split_qualified(raw);
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 253
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !valid(name) || !namespace.is_none_or(valid) {
+            return Err(Box::new(internal_error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "invalid function name {:?}: use name or name.namespace with letters, digits, '-' and '_'",
+                    crate::model::truncate_for_message(raw)
+                ),
+            )));
+        }
+        let id = FunctionId::new(name, namespace.unwrap_or(self.fleet.default_namespace()));
+        if self.fleet.desired_replicas(&id).is_none() {
+            return Err(Box::new(internal_error(
+                StatusCode::NOT_FOUND,
+                format!("function {id} not found"),
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Proxies one request to a ready replica of `id`; `suffix` is the path after
+    /// `/function/{name}` (at least `/`).
+    pub async fn invoke(&self, id: &FunctionId, suffix: &str, mut req: Request<Body>) -> Response {
+        let function_name = id.qualified();
+        let started = Instant::now();
+        self.metrics
+            .invocation_started
+            .with_label_values(&[function_name.as_str()])
+            .inc();
+        let response = self.forward(id, suffix, &mut req).await;
+        let code = response.status();
+        let code = code.as_str();
+        self.metrics
+            .invocation_total
+            .with_label_values(&[function_name.as_str(), code])
+            .inc();
+        self.metrics
+            .functions_seconds
+            .with_label_values(&[function_name.as_str(), code])
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn forward(&self, id: &FunctionId, suffix: &str, req: &mut Request<Body>) -> Response {
+        let Some(endpoint) = self.ready_endpoint(id).await else {
+            return internal_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("No endpoints available for: {id}."),
+            );
+        };
+        let path_and_query = match req.uri().query() {
+            Some(q) => format!("{suffix}?{q}"),
+            None => suffix.to_string(),
+        };
+        let uri = match Uri::builder()
+            .scheme("http")
+            .authority(endpoint.addr.to_string())
+            .path_and_query(path_and_query)
+            .build()
+        {
+            Ok(uri) => uri,
+            Err(e) => {
+                return internal_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid request path: {e}"),
+                )
+            }
+        };
+
+        let request_content_type = req.headers().get(CONTENT_TYPE).cloned();
+        let start_time = HeaderValue::from(unix_nanos().min(u64::MAX as u128) as u64);
+        let generated_call_id = add_forwarding_headers(req, &start_time);
+        let outgoing = std::mem::take(req);
+        let guard = InFlight::start(endpoint.clone());
+        match send(&self.client, uri, outgoing, Some(self.cfg.upstream_timeout)).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                if !parts.headers.contains_key(CONTENT_TYPE) {
+                    parts.headers.insert(
+                        CONTENT_TYPE,
+                        request_content_type
+                            .unwrap_or_else(|| HeaderValue::from_static("text/plain")),
+                    );
+                }
+                if let Some(call_id) = generated_call_id {
+                    parts.headers.insert(CALL_ID, call_id);
+                }
+                parts.headers.insert(START_TIME, start_time);
+                Response::from_parts(
+                    parts,
+                    Body::new(GuardedBody {
+                        inner: body,
+                        _guard: guard,
+                    }),
+                )
+            }
+            Err(UpstreamError::Timeout) => internal_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "Timed out after {:?} waiting for: {id} (proxy.upstream_timeout_secs)",
+                    self.cfg.upstream_timeout
+                ),
+            ),
+            Err(UpstreamError::Connect(e)) => {
+                tracing::warn!(function = %id, replica = %endpoint.instance, error = %e, "upstream failed");
+                internal_error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("Can't reach service for: {id}."),
+                )
+            }
+        }
+    }
+
+    /// A ready replica; when none is ready, waits up to `ready_timeout` for one, first scaling a
+    /// function at zero replicas up to its minimum.
+    async fn ready_endpoint(&self, id: &FunctionId) -> Option<Arc<Endpoint>> {
+        let platform = self.fleet.platform();
+        if let Some(e) = platform.endpoints(id).and_then(|set| set.pick()) {
+            return Some(e);
+        }
+        if self.fleet.desired_replicas(id) == Some(0) {
+            let min = self.fleet.min_replicas(id).unwrap_or(1);
+            if let Err(e) = self.fleet.scale(id, min).await {
+                tracing::warn!(function = %id, error = %e, "scale from zero failed");
+            }
+        }
+        let mut ready = platform.watch_ready(id)?;
+        let _ = tokio::time::timeout(self.cfg.ready_timeout, ready.wait_for(|n| *n > 0)).await;
+        platform.endpoints(id).and_then(|set| set.pick())
+    }
+}
+
+/// Adds `X-Call-Id` (when absent; returns the generated value), `X-Start-Time`,
+/// `X-Forwarded-For` and `X-Forwarded-Host` (each only when absent).
+fn add_forwarding_headers(
+    req: &mut Request<Body>,
+    start_time: &HeaderValue,
+) -> Option<HeaderValue> {
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr);
+    let host = req.headers().get(header::HOST).cloned();
+    let headers = req.headers_mut();
+    let generated = if headers.contains_key(CALL_ID) {
+        None
+    } else {
+        let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+            .expect("a UUID is a valid header value");
+        headers.insert(CALL_ID, id.clone());
+        Some(id)
+    };
+    headers.insert(START_TIME, start_time.clone());
+    if !headers.contains_key(FORWARDED_FOR) {
+        if let Some(addr) = client.and_then(|a| HeaderValue::from_str(&a.to_string()).ok()) {
+            headers.insert(FORWARDED_FOR, addr);
+        }
+    }
+    if !headers.contains_key(FORWARDED_HOST) {
+        if let Some(host) = host {
+            headers.insert(FORWARDED_HOST, host);
+        }
+    }
+    generated
+}

@@ -1,0 +1,139 @@
+//! `faastastic serve`: wires config, store, platform, fleet and the HTTP surface together.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::api::auth::{resolve_credentials, Auth, CredentialSource};
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::fleet::Fleet;
+use crate::platform::local::LocalPlatform;
+use crate::platform::Platform;
+use crate::proxy::Invoker;
+use crate::queue::AsyncQueue;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+/// The name of the single datacenter this server runs its local platform in.
+pub const HOME_DATACENTER: &str = "home";
+
+fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))
+}
+
+fn auth(cfg: &Config) -> anyhow::Result<Arc<Auth>> {
+    if !cfg.auth.enabled {
+        tracing::warn!(
+            "authentication is OFF: anyone who can reach this port can deploy and run functions"
+        );
+        return Ok(Auth::disabled());
+    }
+    let (creds, source) = resolve_credentials(&cfg.auth, &cfg.data_dir)?;
+    match source {
+        CredentialSource::Configured => {
+            println!("basic auth: user {:?}, password from configuration", creds.user)
+        }
+        CredentialSource::Stored(path) => println!(
+            "basic auth: user {:?}, password in {}",
+            creds.user,
+            path.display()
+        ),
+        CredentialSource::Generated(path) => println!(
+            "basic auth: generated a password for user {:?} in {} (log in with: cat {} | faas-cli login -u {} --password-stdin)",
+            creds.user,
+            path.display(),
+            path.display(),
+            creds.user
+        ),
+    }
+    Ok(Auth::basic(&creds))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler can be installed");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    create_data_dir(&cfg.data_dir)?;
+    let auth = auth(&cfg)?;
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(&cfg.data_dir.join("state.db"))
+        .with_context(|| format!("cannot open the store in {}", cfg.data_dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let platform: Arc<dyn Platform> = Arc::new(
+        LocalPlatform::new(
+            cfg.local.clone(),
+            exe,
+            cfg.data_dir.join("run"),
+            HOME_DATACENTER,
+            metrics.clone(),
+        )
+        .context("cannot prepare the local platform")?,
+    );
+    let fleet = Arc::new(
+        Fleet::restore(
+            store,
+            platform.clone(),
+            &cfg.default_namespace,
+            cfg.limits.max_replicas,
+        )
+        .await?,
+    );
+    let invoker = Arc::new(Invoker::new(
+        fleet.clone(),
+        metrics.clone(),
+        cfg.proxy.clone(),
+    ));
+    let queue = Arc::new(AsyncQueue::start(
+        invoker.clone(),
+        metrics.clone(),
+        &cfg.async_invoke,
+    ));
+    let state = Arc::new(AppState {
+        fleet,
+        invoker,
+        queue,
+        metrics,
+        role: cfg.role,
+        datacenter: HOME_DATACENTER.to_string(),
+        limits: cfg.limits.clone(),
+    });
+
+    if let Some(addr) = cfg.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
+        println!("faastastic metrics on http://{}", listener.local_addr()?);
+        let app = api::monitoring_router(state.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
+    println!("faastastic listening on http://{}", listener.local_addr()?);
+    let app = api::router(state, auth);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
+    tracing::info!("stopping replicas");
+    platform.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! SQLite persistence: functions' desired state, namespaces and secrets. Every mutation is one
+//! transaction, so a crash leaves either the old or the new state, never half of one.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::model::{Function, FunctionDeployment, FunctionId, Namespace};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database task failed: {0}")]
+    Join(String),
+}
+
+/// A stored secret. The value never leaves the store except to be handed to a function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretRecord {
+    pub namespace: String,
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS namespaces (
+    name        TEXT PRIMARY KEY,
+    labels      TEXT,
+    annotations TEXT
+);
+CREATE TABLE IF NOT EXISTS functions (
+    namespace        TEXT NOT NULL,
+    name             TEXT NOT NULL,
+    deployment       TEXT NOT NULL,
+    desired_replicas INTEGER NOT NULL,
+    created_at       TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE IF NOT EXISTS secrets (
+    namespace TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    value     BLOB NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+"#;
+
+impl Store {
+    /// Opens (creating if needed) the database file, owner-only readable since it holds secrets.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection off the async runtime's worker threads.
+    async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?
+    }
+
+    pub async fn load_functions(&self) -> Result<Vec<Function>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT namespace, name, deployment, desired_replicas, created_at FROM functions ORDER BY namespace, name",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, String>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (namespace, name, deployment, replicas, created_at) = row?;
+                let deployment: FunctionDeployment = serde_json::from_str(&deployment)
+                    .map_err(|e| StoreError::Corrupt(format!("function {name}.{namespace}: {e}")))?;
+                let created_at = DateTime::parse_from_rfc3339(&created_at)
+                    .map_err(|e| StoreError::Corrupt(format!("function {name}.{namespace}: {e}")))?
+                    .with_timezone(&Utc);
+                out.push(Function {
+                    id: FunctionId::new(name, namespace),
+                    deployment,
+                    desired_replicas: replicas.max(0) as u64,
+                    created_at,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Inserts or replaces a function's whole record.
+    pub async fn put_function(&self, function: &Function) -> Result<(), StoreError> {
+        let deployment = serde_json::to_string(&function.deployment)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let id = function.id.clone();
+        let replicas = function.desired_replicas as i64;
+        let created_at = function.created_at.to_rfc3339();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO functions (namespace, name, deployment, desired_replicas, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(namespace, name) DO UPDATE SET
+                   deployment = excluded.deployment,
+                   desired_replicas = excluded.desired_replicas,
+                   created_at = excluded.created_at",
+                params![id.namespace, id.name, deployment, replicas, created_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_desired_replicas(
+        &self,
+        id: &FunctionId,
+        replicas: u64,
+    ) -> Result<(), StoreError> {
+        let id = id.clone();
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE functions SET desired_replicas = ?3 WHERE namespace = ?1 AND name = ?2",
+                params![id.namespace, id.name, replicas as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn delete_function(&self, id: &FunctionId) -> Result<bool, StoreError> {
+        let id = id.clone();
+        self.call(move |conn| {
+            let n = conn.execute(
+                "DELETE FROM functions WHERE namespace = ?1 AND name = ?2",
+                params![id.namespace, id.name],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    pub async fn load_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
+        self.call(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT name, labels, annotations FROM namespaces ORDER BY name")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Option<String>>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, labels, annotations) = row?;
+                let parse = |s: Option<String>| -> Result<_, StoreError> {
+                    s.map(|s| serde_json::from_str(&s))
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(format!("namespace {name}: {e}")))
+                };
+                out.push(Namespace {
+                    labels: parse(labels)?,
+                    annotations: parse(annotations)?,
+                    name,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn put_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        let ns = ns.clone();
+        self.call(move |conn| {
+            let labels = ns.labels.as_ref().map(|m| serde_json::to_string(m).unwrap_or_default());
+            let annotations = ns
+                .annotations
+                .as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_default());
+            conn.execute(
+                "INSERT INTO namespaces (name, labels, annotations) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, annotations = excluded.annotations",
+                params![ns.name, labels, annotations],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes a namespace and the secrets that lived in it, in one transaction.
+    pub async fn delete_namespace(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute("DELETE FROM namespaces WHERE name = ?1", params![name])?;
+            tx.execute("DELETE FROM secrets WHERE namespace = ?1", params![name])?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    pub async fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT namespace, name, value FROM secrets ORDER BY namespace, name")?;
+            let rows = stmt.query_map([], |row| {
+                Ok(SecretRecord {
+                    namespace: row.get(0)?,
+                    name: row.get(1)?,
+                    value: row.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn get_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<SecretRecord>, StoreError> {
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        self.call(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT namespace, name, value FROM secrets WHERE namespace = ?1 AND name = ?2",
+                    params![namespace, name],
+                    |row| {
+                        Ok(SecretRecord {
+                            namespace: row.get(0)?,
+                            name: row.get(1)?,
+                            value: row.get(2)?,
+                        })
+                    },
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError> {
+        let s = secret.clone();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO secrets (namespace, name, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(namespace, name) DO UPDATE SET value = excluded.value",
+                params![s.namespace, s.name, s.value],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        self.call(move |conn| {
+            let n = conn.execute(
+                "DELETE FROM secrets WHERE namespace = ?1 AND name = ?2",
+                params![namespace, name],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn functions_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let f = Function {
+            id: FunctionId::new("figlet", "openfaas-fn"),
+            deployment: FunctionDeployment {
+                service: Some("figlet".into()),
+                image: Some("img".into()),
+                labels: Some(Default::default()),
+                ..Default::default()
+            },
+            desired_replicas: 3,
+            created_at: Utc::now(),
+        };
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_function(&f).await.unwrap();
+            store.set_desired_replicas(&f.id, 4).await.unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let loaded = store.load_functions().await.unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].desired_replicas, 4);
+        assert_eq!(loaded[0].deployment, f.deployment);
+        assert!(store.delete_function(&f.id).await.unwrap());
+        assert!(!store.delete_function(&f.id).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn secrets_round_trip_and_namespace_delete_cascades() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        store
+            .put_namespace(&Namespace {
+                name: "dev".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let s = SecretRecord {
+            namespace: "dev".into(),
+            name: "api-key".into(),
+            value: vec![0, 1, 2],
+        };
+        store.put_secret(&s).await.unwrap();
+        assert_eq!(store.get_secret("dev", "api-key").await.unwrap(), Some(s));
+        assert!(store.delete_namespace("dev").await.unwrap());
+        assert!(store.list_secrets().await.unwrap().is_empty());
+    }
+}

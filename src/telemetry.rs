@@ -1,0 +1,167 @@
+//! Prometheus metrics (OpenFaaS gateway names and labels, plus faastastic's own) and tracing setup.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::fleet::FunctionView;
+
+pub struct Metrics {
+    registry: Registry,
+    /// `gateway_function_invocation_total{function_name,code}`
+    pub invocation_total: IntCounterVec,
+    /// `gateway_functions_seconds{function_name,code}`
+    pub functions_seconds: HistogramVec,
+    /// `gateway_function_invocation_started{function_name}`
+    pub invocation_started: IntCounterVec,
+    /// `gateway_service_count{function_name}`: desired replicas, refreshed at every scrape.
+    service_count: IntGaugeVec,
+    /// `faastastic_function_replicas{function_name,datacenter,state}`
+    replicas: IntGaugeVec,
+    /// `faastastic_replica_restarts_total{function_name,datacenter}`
+    pub replica_restarts: IntCounterVec,
+    /// `faastastic_async_queue_depth`
+    pub async_queue_depth: prometheus::IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let invocation_total = IntCounterVec::new(
+            Opts::new(
+                "gateway_function_invocation_total",
+                "Function invocations, by function and HTTP status code",
+            ),
+            &["function_name", "code"],
+        )
+        .expect("static metric definition is valid");
+        let functions_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_functions_seconds",
+                "Duration of proxied function invocations in seconds",
+            ),
+            &["function_name", "code"],
+        )
+        .expect("static metric definition is valid");
+        let invocation_started = IntCounterVec::new(
+            Opts::new(
+                "gateway_function_invocation_started",
+                "Function invocations started",
+            ),
+            &["function_name"],
+        )
+        .expect("static metric definition is valid");
+        let service_count = IntGaugeVec::new(
+            Opts::new("gateway_service_count", "Desired replicas per function"),
+            &["function_name"],
+        )
+        .expect("static metric definition is valid");
+        let replicas = IntGaugeVec::new(
+            Opts::new(
+                "faastastic_function_replicas",
+                "Replicas per function and datacenter, by state (desired, ready, starting)",
+            ),
+            &["function_name", "datacenter", "state"],
+        )
+        .expect("static metric definition is valid");
+        let replica_restarts = IntCounterVec::new(
+            Opts::new(
+                "faastastic_replica_restarts_total",
+                "Replicas restarted after they exited unexpectedly",
+            ),
+            &["function_name", "datacenter"],
+        )
+        .expect("static metric definition is valid");
+        let async_queue_depth = prometheus::IntGauge::new(
+            "faastastic_async_queue_depth",
+            "Asynchronous invocations waiting in the queue",
+        )
+        .expect("static metric definition is valid");
+        for collector in [
+            Box::new(invocation_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(functions_seconds.clone()),
+            Box::new(invocation_started.clone()),
+            Box::new(service_count.clone()),
+            Box::new(replicas.clone()),
+            Box::new(replica_restarts.clone()),
+            Box::new(async_queue_depth.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("each metric is registered once");
+        }
+        Metrics {
+            registry,
+            invocation_total,
+            functions_seconds,
+            invocation_started,
+            service_count,
+            replicas,
+            replica_restarts,
+            async_queue_depth,
+        }
+    }
+
+    /// Invocations per `function_name`, summed over status codes (one pass over the counters).
+    pub fn invocation_counts(&self) -> std::collections::HashMap<String, u64> {
+        use prometheus::core::Collector;
+        let mut out = std::collections::HashMap::new();
+        for family in self.invocation_total.collect() {
+            for metric in family.get_metric() {
+                let name = metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "function_name")
+                    .map(|l| l.value().to_string());
+                if let Some(name) = name {
+                    *out.entry(name).or_insert(0) += metric.get_counter().value() as u64;
+                }
+            }
+        }
+        out
+    }
+
+    /// Renders the text exposition, first refreshing the per-function gauges so that removed
+    /// functions disappear.
+    pub fn render(&self, functions: &[FunctionView], datacenter: &str) -> String {
+        self.service_count.reset();
+        self.replicas.reset();
+        for view in functions {
+            let name = view.function.id.qualified();
+            let counts = view.replicas;
+            self.service_count
+                .with_label_values(&[name.as_str()])
+                .set(counts.desired as i64);
+            for (state, value) in [
+                ("desired", counts.desired),
+                ("ready", counts.ready),
+                ("starting", counts.starting()),
+            ] {
+                self.replicas
+                    .with_label_values(&[name.as_str(), datacenter, state])
+                    .set(value as i64);
+            }
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("Prometheus text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the default `info` level.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
