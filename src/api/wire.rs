@@ -10,15 +10,35 @@ use super::error::ApiError;
 use crate::fleet::FunctionView;
 use crate::model::FunctionResources;
 
-/// Parses a JSON body, answering 400 with the parser's message (which names the field).
+/// Parses a JSON object body, answering 400 with the parser's message and the path of the
+/// offending field (`labels.a: invalid type: integer ...`).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(
-            "a JSON request body is required".to_string(),
-        ));
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => {
+            return Err(ApiError::bad_request(
+                "a JSON request body is required".to_string(),
+            ))
+        }
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "failed to unmarshal request: the body must be a JSON object",
+            ))
+        }
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("failed to unmarshal request: {e}")))
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let fail = |msg: String| ApiError::bad_request(format!("failed to unmarshal request: {msg}"));
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            fail(inner.to_string())
+        } else {
+            fail(format!("{path}: {inner}"))
+        }
+    })?;
+    de.end().map_err(|e| fail(e.to_string()))?;
+    Ok(value)
 }
 
 fn is_zero(v: &u64) -> bool {

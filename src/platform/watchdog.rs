@@ -27,6 +27,8 @@ use crate::proxy::{self, HttpClient};
 
 pub const HEALTH_PATH: &str = "/_/health";
 pub const LISTENING_PREFIX: &str = "faastastic-watchdog listening on ";
+/// Where the watchdog listens; read by the watchdog only, hidden from the function.
+const LISTEN_ENV: &str = "faastastic_listen";
 const DURATION_HEADER: &str = "x-duration-seconds";
 
 #[derive(Debug, Clone)]
@@ -121,7 +123,7 @@ impl Watchdog {
 /// Runs the watchdog until its parent dies (or, in http mode, until the function's process exits).
 pub async fn run() -> anyhow::Result<()> {
     let watchdog = Arc::new(Watchdog::from_env()?);
-    let listen = std::env::var("faastastic_listen").unwrap_or_else(|_| "127.0.0.1:8080".into());
+    let listen = std::env::var(LISTEN_ENV).unwrap_or_else(|_| "127.0.0.1:8080".into());
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -132,7 +134,10 @@ pub async fn run() -> anyhow::Result<()> {
         Mode::Classic { .. } => watchdog.ready.store(true, Ordering::Release),
         Mode::Http { argv, upstream } => {
             let mut cmd = Command::new(&argv[0]);
-            cmd.args(&argv[1..]).stdin(Stdio::null()).kill_on_drop(true);
+            cmd.args(&argv[1..])
+                .env_remove(LISTEN_ENV)
+                .stdin(Stdio::null())
+                .kill_on_drop(true);
             crate::platform::local::die_with_parent(&mut cmd);
             let mut child = cmd
                 .spawn()
@@ -253,6 +258,7 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
     };
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
+        .env_remove(LISTEN_ENV)
         .envs(request_env(
             &parts.headers,
             parts.method.as_str(),

@@ -1,0 +1,252 @@
+//! Starts the real `faastastic` binary on a kernel-chosen loopback port with its own data
+//! directory, and kills it (and so its replicas) when dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_faastastic");
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub user: String,
+    pub password: Option<String>,
+    pub http: reqwest::Client,
+}
+
+#[derive(Default)]
+pub struct Options<'a> {
+    pub auth: bool,
+    pub config: Option<&'a str>,
+    pub data_dir: Option<&'a Path>,
+}
+
+impl Server {
+    /// A server with auth off and a fresh data directory.
+    pub fn start() -> Server {
+        Server::with(Options::default())
+    }
+
+    pub fn with(opts: Options) -> Server {
+        let (tmp, data_dir) = match opts.data_dir {
+            Some(dir) => (None, dir.to_path_buf()),
+            None => {
+                let tmp = tempfile::tempdir().expect("temp dir");
+                let dir = tmp.path().join("data");
+                (Some(tmp), dir)
+            }
+        };
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if !opts.auth {
+            cmd.arg("--no-auth");
+        }
+        if let Some(config) = opts.config {
+            let path = data_dir.with_extension("toml");
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, config).unwrap();
+            cmd.arg("--config").arg(&path);
+        }
+        let mut child = cmd.spawn().expect("start faastastic");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let base = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("faastastic listening on ") {
+                        break url.trim().to_string();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("faastastic did not report its address within 30 s");
+                }
+            }
+        };
+        let (user, password) = if opts.auth {
+            let read = |f: &str| {
+                std::fs::read_to_string(data_dir.join(f))
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            };
+            (
+                read("basic-auth-user").unwrap_or_else(|| "admin".into()),
+                read("basic-auth-password"),
+            )
+        } else {
+            ("admin".into(), None)
+        };
+        Server {
+            child,
+            base,
+            data_dir,
+            _tmp: tmp,
+            user,
+            password,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would; the data directory stays for a restart.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A request to a `/system` route, with credentials when auth is on.
+    pub fn system(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, self.url(path));
+        match &self.password {
+            Some(p) => req.basic_auth(&self.user, Some(p)),
+            None => req,
+        }
+    }
+
+    pub async fn deploy(&self, body: Value) -> reqwest::Response {
+        self.system(reqwest::Method::POST, "/system/functions")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn status(&self, name: &str) -> (u16, Value) {
+        let r = self
+            .system(reqwest::Method::GET, &format!("/system/function/{name}"))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls a function's status until `availableReplicas` equals `want`.
+    pub async fn wait_available(&self, name: &str, want: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, body) = self.status(name).await;
+            if code == 200 && body["availableReplicas"].as_u64().unwrap_or(0) == want {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: availableReplicas never reached {want}; last status {code} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn invoke(&self, name: &str, body: &str) -> (u16, String) {
+        let r = self
+            .http
+            .post(self.url(&format!("/function/{name}")))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Calls `check` until it returns true or `timeout` passes; never sleeps longer than 50 ms.
+pub async fn poll<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A classic-mode function that echoes its input.
+pub fn echo_function(name: &str) -> Value {
+    json!({"service": name, "image": "local/echo", "envProcess": "cat", "labels": {}, "annotations": {}})
+}
+
+/// Reads a metric sample value from Prometheus text, by exact series text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Panics, naming the package, when a program a test needs is not installed: tests never skip
+/// silently (`scripts/test.sh` installs these).
+pub fn require_program(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{program} is required by this test and is not installed: apt-get install -y {package} (or run ./scripts/test.sh)"
+    );
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,396 @@
+//! Failure behaviour with real processes: replicas killed with SIGKILL, the server killed and
+//! restarted, redeploys under the same name, and bad input on every kind of route.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{echo_function, poll, sample, Server};
+use reqwest::Method;
+use serde_json::json;
+
+/// PIDs of the watchdog processes whose parent is `parent`.
+fn replica_pids(parent: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name (which is in parentheses): state, ppid, ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid: u32 = rest
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == parent && String::from_utf8_lossy(&cmdline).contains("watchdog") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+                .unwrap_or(true)
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn killed_replica_is_restarted_and_counted() {
+    let s = Server::start();
+    assert_eq!(s.deploy(echo_function("sturdy")).await.status(), 202);
+    s.wait_available("sturdy", 1).await;
+    let pids = replica_pids(s.pid());
+    assert_eq!(pids.len(), 1, "one replica process: {pids:?}");
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+
+    let restarted = poll(Duration::from_secs(30), || async {
+        let now = replica_pids(s.pid());
+        now.len() == 1 && now[0] != pids[0]
+    })
+    .await;
+    assert!(restarted, "a new replica process replaces the killed one");
+    s.wait_available("sturdy", 1).await;
+    assert_eq!(s.invoke("sturdy", "back").await, (200, "back".to_string()));
+    let metrics = s.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"faastastic_replica_restarts_total{datacenter="home",function_name="sturdy.openfaas-fn"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn redeploy_under_the_same_name_never_reaches_the_old_replica() {
+    let s = Server::start();
+    let version = |v: &str| json!({"service":"app","image":"x","envProcess":format!("echo {v}")});
+    for round in 0..3 {
+        let v = format!("v{round}");
+        assert_eq!(s.deploy(version(&v)).await.status(), 202);
+        s.wait_available("app", 1).await;
+        let old_pids: HashSet<i32> = replica_pids(s.pid()).into_iter().collect();
+        // Hammer it: every answer must come from this deployment.
+        for _ in 0..20 {
+            assert_eq!(s.invoke("app", "").await, (200, format!("{v}\n")));
+        }
+        let del = s
+            .system(Method::DELETE, "/system/functions")
+            .json(&json!({"functionName":"app"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(del.status(), 202);
+        // Right after the delete, before the old processes are even gone, nothing routes there.
+        assert_eq!(s.invoke("app", "").await.0, 404);
+        let gone = poll(Duration::from_secs(20), || async {
+            old_pids.iter().all(|p| !alive(*p))
+        })
+        .await;
+        assert!(gone, "old replicas are stopped after a delete");
+    }
+    // An update (PUT) rolls to the new version too.
+    assert_eq!(s.deploy(version("a")).await.status(), 202);
+    s.wait_available("app", 1).await;
+    let put = s
+        .system(Method::PUT, "/system/functions")
+        .json(&version("b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 202);
+    let switched = poll(Duration::from_secs(20), || async {
+        s.invoke("app", "").await.1 == "b\n"
+    })
+    .await;
+    assert!(switched);
+    for _ in 0..20 {
+        assert_eq!(
+            s.invoke("app", "").await.1,
+            "b\n",
+            "never back to the old version"
+        );
+    }
+}
+
+#[tokio::test]
+async fn server_restart_brings_functions_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = Server::with(common::Options {
+        data_dir: Some(&data),
+        ..Default::default()
+    });
+    let mut f = echo_function("durable");
+    f["labels"] = json!({"com.openfaas.scale.min": "1"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    let scale = s
+        .system(Method::POST, "/system/scale-function/durable")
+        .json(&json!({"replicas": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scale.status(), 202);
+    s.wait_available("durable", 2).await;
+    let secret = s
+        .system(Method::POST, "/system/secrets")
+        .json(&json!({"name":"kept","value":"v"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(secret.status(), 202);
+    let old_replicas = replica_pids(s.pid());
+    s.kill();
+    // Replicas die with the server (no orphans holding ports).
+    let orphans_gone = poll(Duration::from_secs(10), || async {
+        old_replicas.iter().all(|p| !alive(*p))
+    })
+    .await;
+    assert!(orphans_gone, "replicas must not outlive a killed server");
+
+    let s = Server::with(common::Options {
+        data_dir: Some(&data),
+        ..Default::default()
+    });
+    let status = s.wait_available("durable", 2).await;
+    assert_eq!(
+        status["replicas"], 2,
+        "the scaled count survives, not the min"
+    );
+    assert_eq!(s.invoke("durable", "still here").await.1, "still here");
+    let secrets: serde_json::Value = s
+        .system(Method::GET, "/system/secrets")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(secrets[0]["name"], "kept");
+}
+
+#[tokio::test]
+async fn not_ready_gives_503_and_dead_upstream_is_marked_internal() {
+    let s = Server::with(common::Options {
+        config: Some("[proxy]\nready_timeout_ms = 300\n"),
+        ..Default::default()
+    });
+    // HTTP mode whose server never listens: the replica never becomes ready.
+    let port = common::free_port();
+    let f = json!({"service":"never","image":"x","envProcess":"sleep 600",
+        "envVars":{"mode":"http","upstream_url":format!("http://127.0.0.1:{port}")}});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    let r = s.http.get(s.url("/function/never")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-openfaas-internal"], "proxy");
+    let (_, status) = s.status("never").await;
+    assert_eq!(status["replicas"], 1);
+    assert!(status.get("availableReplicas").is_none(), "{status}");
+
+    // The local platform needs something to run: 400 naming the field.
+    let r = s.deploy(json!({"service":"noproc","image":"x"})).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("envProcess"));
+    let r = s
+        .deploy(json!({"service":"nourl","image":"x","envProcess":"srv","envVars":{"mode":"http"}}))
+        .await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("upstream_url"));
+}
+
+#[tokio::test]
+async fn http_mode_proxies_path_query_and_headers() {
+    common::require_program("python3", "python3");
+    let s = Server::start();
+    let port = common::free_port();
+    let f = json!({"service":"web","image":"x",
+        "envProcess":format!("python3 -m http.server {port} --bind 127.0.0.1"),
+        "envVars":{"mode":"http","upstream_url":format!("http://127.0.0.1:{port}")}});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("web", 1).await;
+    // python's http.server lists the working directory: the replica's own directory.
+    let r = s.http.get(s.url("/function/web/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("secrets/"));
+    let r = s
+        .http
+        .get(s.url("/function/web/secrets/?x=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "the path suffix and query reach the function"
+    );
+    let r = s
+        .http
+        .get(s.url("/function/web/missing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the function's own status passes through");
+    assert!(r.headers().get("x-openfaas-internal").is_none());
+}
+
+#[tokio::test]
+async fn classic_mode_sees_request_as_environment() {
+    let s = Server::start();
+    let f = json!({"service":"env","image":"x","envProcess":"env","envVars":{"greeting":"hello"}});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("env", 1).await;
+    let r = s
+        .http
+        .put(s.url("/function/env/a/b/?q=1&r=2"))
+        .header("X-Call-Id", "fixed-id")
+        .header("X-Custom", "yes")
+        .body("body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("x-call-id").is_none(),
+        "an incoming call id is not echoed"
+    );
+    let text = r.text().await.unwrap();
+    for expected in [
+        "greeting=hello",
+        "Http_Method=PUT",
+        "Http_Path=/a/b/",
+        "Http_Query=q=1&r=2",
+        "Http_X_Call_Id=fixed-id",
+        "Http_X_Custom=yes",
+        "Http_X_Forwarded_For=127.0.0.1:",
+        "Http_X_Forwarded_Host=127.0.0.1:",
+        "Http_X_Start_Time=",
+    ] {
+        assert!(text.contains(expected), "missing {expected} in\n{text}");
+    }
+    assert!(
+        !text.contains("faastastic_listen"),
+        "server settings do not leak"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_changes_nothing() {
+    let s = Server::start();
+    assert_eq!(s.deploy(echo_function("keep")).await.status(), 202);
+    let send = |m: Method, path: &str, body: &str| {
+        s.system(m, path)
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let cases: Vec<(Method, &str, String, u16, &str)> = vec![
+        (Method::POST, "/system/functions", "{not json".into(), 400, "failed to unmarshal"),
+        (Method::POST, "/system/functions", "".into(), 400, "required"),
+        (Method::POST, "/system/functions", r#"{"image":"x"}"#.into(), 400, "service: is required"),
+        (Method::POST, "/system/functions", r#"{"service":"Bad_Name","image":"x","envProcess":"cat"}"#.into(), 400, "service:"),
+        (Method::POST, "/system/functions", r#"{"service":"x"}"#.into(), 400, "image: is required"),
+        (Method::POST, "/system/functions", r#"{"service":"x","image":"i","envProcess":"cat","labels":{"com.openfaas.scale.min":"two"}}"#.into(), 400, "com.openfaas.scale.min"),
+        (Method::POST, "/system/functions", r#"{"service":"x","image":"i","envProcess":"cat","namespace":"ghost"}"#.into(), 400, "ghost"),
+        (Method::POST, "/system/functions", r#"{"service":"x","image":"i","envProcess":"cat","labels":{"a":1}}"#.into(), 400, "labels"),
+        (Method::POST, "/system/functions", format!(r#"{{"service":"{}","image":"x","envProcess":"cat"}}"#, "a".repeat(64)), 400, "longer than 63"),
+        (Method::PUT, "/system/functions", "[]".into(), 400, "failed to unmarshal"),
+        (Method::DELETE, "/system/functions", "".into(), 400, "required"),
+        (Method::DELETE, "/system/functions", "{}".into(), 400, "functionName"),
+        (Method::POST, "/system/scale-function/keep", r#"{"replicas":-1}"#.into(), 400, "replicas"),
+        (Method::POST, "/system/scale-function/keep", r#"{"replicas":1.5}"#.into(), 400, "failed to unmarshal"),
+        (Method::POST, "/system/scale-function/keep", r#"{"serviceName":"keep"}"#.into(), 400, "replicas: is required"),
+        (Method::POST, "/system/scale-function/keep", r#"{"replicas":100000}"#.into(), 400, "limits.max_replicas"),
+        (Method::POST, "/system/secrets", r#"{"value":"x"}"#.into(), 400, "name: is required"),
+        (Method::POST, "/system/secrets", r#"{"name":"s","rawValue":"%%%"}"#.into(), 400, "rawValue"),
+        (Method::POST, "/system/namespace/", r#"{"name":"Not Valid"}"#.into(), 400, "name:"),
+        (Method::GET, "/system/function/bad%2Fname", "".into(), 400, "name:"),
+        (Method::PATCH, "/system/functions", "{}".into(), 405, ""),
+        (Method::GET, "/system/nothing-here", "".into(), 404, "404 page not found"),
+    ];
+    for (method, path, body, code, needle) in cases {
+        let r = send(method.clone(), path, &body).await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, code, "{method} {path} {body} -> {text}");
+        assert!(
+            text.contains(needle),
+            "{method} {path}: {text:?} should mention {needle:?}"
+        );
+    }
+    // Every validation problem in one answer.
+    let r = send(
+        Method::POST,
+        "/system/functions",
+        r#"{"service":"","image":""}"#,
+    )
+    .await
+    .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("service: is required") && text.contains("image: is required"),
+        "{text}"
+    );
+
+    // Oversized system bodies: 413.
+    let huge = format!(
+        r#"{{"service":"big","image":"{}"}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    );
+    let r = send(Method::POST, "/system/functions", &huge)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+
+    // Invoke path tricks.
+    for path in [
+        "/function/..",
+        "/function/a%2Fb",
+        "/function/x..y",
+        &format!("/function/{}", "a".repeat(300)),
+    ] {
+        let r = s.http.get(s.url(path)).send().await.unwrap();
+        assert!(
+            [400, 404].contains(&r.status().as_u16()),
+            "{path} -> {}",
+            r.status()
+        );
+    }
+    let r = s
+        .http
+        .request(
+            Method::from_bytes(b"PURGE").unwrap(),
+            s.url("/function/keep"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+
+    // Nothing above changed the stored state.
+    let list: serde_json::Value = s
+        .system(Method::GET, "/system/functions")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["name"], "keep");
+    assert_eq!(list[0]["replicas"], 1);
+}
