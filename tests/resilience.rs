@@ -394,3 +394,55 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(list[0]["name"], "keep");
     assert_eq!(list[0]["replicas"], 1);
 }
+
+/// PIDs whose command line is exactly `argv` (joined by NULs).
+fn pids_running(argv: &[&str]) -> Vec<i32> {
+    let want = argv.join("\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).trim_end_matches('\0') == want)
+                .unwrap_or(false)
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_functions_forked_workers_stop_with_it() {
+    common::require_program("python3", "python3");
+    for kill_server in [false, true] {
+        let mut s = Server::start();
+        let port = common::free_port();
+        // A distinct sleep per round marks the worker the function forks.
+        let marker = if kill_server { "4243" } else { "4242" };
+        let f = json!({"service":"forker","image":"x",
+            "envProcess":format!("sh -c 'sleep {marker} & exec python3 -m http.server {port} --bind 127.0.0.1'"),
+            "envVars":{"mode":"http","upstream_url":format!("http://127.0.0.1:{port}")}});
+        assert_eq!(s.deploy(f).await.status(), 202);
+        s.wait_available("forker", 1).await;
+        assert_eq!(pids_running(&["sleep", marker]).len(), 1);
+        if kill_server {
+            s.kill();
+        } else {
+            let del = s
+                .system(Method::DELETE, "/system/functions")
+                .json(&json!({"functionName":"forker"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(del.status(), 202);
+        }
+        let gone = poll(Duration::from_secs(15), || async {
+            pids_running(&["sleep", marker]).is_empty()
+        })
+        .await;
+        assert!(
+            gone,
+            "a forked worker outlived its function (kill_server={kill_server})"
+        );
+    }
+}

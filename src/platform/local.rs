@@ -275,7 +275,7 @@ impl Generation {
             _ = cancel.cancelled() => return stop_child(child).await,
         };
         let Some(addr) = addr else {
-            let _ = child.start_kill();
+            terminate(&mut child).await;
             let status = child.wait().await;
             return ReplicaExit::Failed(format!(
                 "did not announce its port within {:?} ({})",
@@ -288,8 +288,7 @@ impl Generation {
         let healthy = wait_healthy(addr, cfg.health_interval, cfg.startup_timeout);
         tokio::select! {
             ok = healthy => if !ok {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
+                terminate(&mut child).await;
                 return ReplicaExit::Failed(format!(
                     "was not healthy within {:?}", cfg.startup_timeout
                 ));
@@ -327,18 +326,19 @@ impl Generation {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        die_with_parent(&mut cmd);
+        die_with_parent(&mut cmd, libc::SIGTERM);
         cmd.spawn()
     }
 }
 
-/// Asks the kernel to kill the child when the server dies, so a crashed server leaves no
-/// orphaned replicas holding ports.
-pub(crate) fn die_with_parent(cmd: &mut Command) {
+/// Asks the kernel to send `signal` to the child when its parent dies, so a crashed server
+/// leaves no orphaned replicas holding ports. The watchdog gets SIGTERM, on which it stops its
+/// function's whole process group.
+pub(crate) fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -347,9 +347,24 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
 }
 
 async fn stop_child(mut child: Child) -> ReplicaExit {
+    terminate(&mut child).await;
+    ReplicaExit::Cancelled
+}
+
+/// SIGTERM (the watchdog then stops its function's processes), SIGKILL after a grace period.
+async fn terminate(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
     let _ = child.start_kill();
     let _ = child.wait().await;
-    ReplicaExit::Cancelled
 }
 
 /// Waits until the replica has no request in flight, or the drain timeout passes.

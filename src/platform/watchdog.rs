@@ -7,7 +7,7 @@
 //! `GET /_/health` with 200 once it can serve.
 
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,6 +129,7 @@ pub async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("{LISTENING_PREFIX}{}", listener.local_addr()?);
     exit_when_orphaned();
+    exit_on_sigterm();
 
     match &watchdog.mode {
         Mode::Classic { .. } => watchdog.ready.store(true, Ordering::Release),
@@ -137,14 +138,19 @@ pub async fn run() -> anyhow::Result<()> {
             cmd.args(&argv[1..])
                 .env_remove(LISTEN_ENV)
                 .stdin(Stdio::null())
+                .process_group(0)
                 .kill_on_drop(true);
-            crate::platform::local::die_with_parent(&mut cmd);
+            crate::platform::local::die_with_parent(&mut cmd, libc::SIGTERM);
             let mut child = cmd
                 .spawn()
                 .with_context(|| format!("cannot start {:?}", argv[0]))?;
+            if let Some(pid) = child.id() {
+                FUNCTION_GROUP.store(pid as i32, Ordering::Release);
+            }
             tokio::spawn(async move {
                 let status = child.wait().await;
                 eprintln!("function process exited ({status:?}); stopping the replica");
+                signal_function_group(libc::SIGKILL);
                 std::process::exit(1);
             });
             let (watchdog, upstream) = (watchdog.clone(), upstream.clone());
@@ -173,7 +179,40 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The local platform kills replicas with PR_SET_PDEATHSIG; this is a second line of defence
+/// Process group of the long-running function process (http mode); 0 when there is none.
+static FUNCTION_GROUP: AtomicI32 = AtomicI32::new(0);
+
+fn signal_function_group(signal: libc::c_int) -> bool {
+    let group = FUNCTION_GROUP.load(Ordering::Acquire);
+    // SAFETY: signals the process group this watchdog created; kill(2) has no memory effects.
+    group > 0 && unsafe { libc::kill(-group, signal) } == 0
+}
+
+/// Stops the function's whole process group (its workers too): SIGTERM, then SIGKILL after
+/// two seconds, then exits.
+async fn stop_and_exit() -> ! {
+    if signal_function_group(libc::SIGTERM) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while signal_function_group(0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        signal_function_group(libc::SIGKILL);
+    }
+    std::process::exit(0)
+}
+
+fn exit_on_sigterm() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        term.recv().await;
+        stop_and_exit().await;
+    });
+}
+
+/// The local platform signals replicas with PR_SET_PDEATHSIG; this is a second line of defence
 /// for a watchdog started by hand.
 fn exit_when_orphaned() {
     let parent = std::os::unix::process::parent_id();
@@ -181,7 +220,7 @@ fn exit_when_orphaned() {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if std::os::unix::process::parent_id() != parent {
-                std::process::exit(0);
+                stop_and_exit().await;
             }
         }
     });
@@ -269,7 +308,7 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    crate::platform::local::die_with_parent(&mut cmd);
+    crate::platform::local::die_with_parent(&mut cmd, libc::SIGKILL);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Invoke-proxy benchmark: wrk through faastastic's /function/NAME vs straight to the replica
+vs nginx as a keep-alive reverse proxy to the same replica, interleaved rounds in one run.
+
+Everything runs on loopback and stops by itself. Prints a Markdown table and writes JSON.
+Usage: scripts/bench.py [--seconds 10] [--rounds 3] [--conns 1,16,64,256] [--json FILE]
+"""
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "faastastic")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    sys.exit(f"timed out waiting for {what}")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / TICKS
+
+
+def children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def listening_port(pid):
+    """The TCP port a process listens on (from /proc/net/tcp and its socket inodes)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        m = re.match(r"socket:\[(\d+)\]", link)
+        if m:
+            inodes.add(m.group(1))
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:  # LISTEN
+                return int(parts[1].split(":")[1], 16)
+    return None
+
+
+def wrk(url, conns, seconds):
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url],
+        capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+
+    def pct(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 1, "ms": 1000, "s": 1_000_000}[unit]
+
+    return {
+        "rps": rps, "requests": requests, "p50_us": pct(50), "p99_us": pct(99),
+        "non2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--conns", default="1,16,64,256")
+    ap.add_argument("--json", default=os.path.join(ROOT, "target", "bench-invoke.json"))
+    args = ap.parse_args()
+    conns_list = [int(c) for c in args.conns.split(",")]
+
+    work = tempfile.mkdtemp(prefix="faastastic-bench-")
+    procs = []
+
+    def cleanup(*_):
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(1)))
+    try:
+        # The function: nginx returning a fixed body, behind the watchdog in http mode.
+        backend_port = free_port()
+        backend_conf = os.path.join(work, "backend.conf")
+        with open(backend_conf, "w") as f:
+            f.write(f"""worker_processes 1; pid {work}/backend.pid; error_log {work}/backend.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 "hello\\n"; }} }} }}
+""")
+        port = free_port()
+        server = subprocess.Popen(
+            [BIN, "serve", "--no-auth", "--listen", f"127.0.0.1:{port}", "--data-dir",
+             os.path.join(work, "data")],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "serve.log"), "w"),
+            env={**os.environ, "RUST_LOG": "warn"})
+        procs.append(server)
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, "faastastic")
+        body = json.dumps({
+            "service": "bench", "image": "local/nginx",
+            "envProcess": f"/usr/sbin/nginx -c {backend_conf} -g 'daemon off;'",
+            "envVars": {"mode": "http", "upstream_url": f"http://127.0.0.1:{backend_port}"},
+        }).encode()
+        urllib.request.urlopen(urllib.request.Request(
+            base + "/system/functions", data=body, method="POST",
+            headers={"Content-Type": "application/json"}))
+
+        def ready():
+            with urllib.request.urlopen(base + "/system/function/bench") as r:
+                return json.load(r).get("availableReplicas", 0) == 1
+        wait_for(ready, 30, "the function's replica")
+        replicas = [p for p in children(server.pid)]
+        if len(replicas) != 1:
+            sys.exit(f"expected one replica process, found {replicas}")
+        replica_port = listening_port(replicas[0])
+
+        # nginx as a reverse proxy to the same replica (settings as in the reference baselines).
+        proxy_port = free_port()
+        proxy_conf = os.path.join(work, "proxy.conf")
+        with open(proxy_conf, "w") as f:
+            f.write(f"""worker_processes 1; pid {work}/proxy.pid; error_log {work}/proxy.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  upstream replica {{ server 127.0.0.1:{replica_port}; keepalive 64; keepalive_requests 1000000; }}
+  server {{ listen 127.0.0.1:{proxy_port};
+    location / {{ proxy_http_version 1.1; proxy_set_header Connection ""; proxy_pass http://replica; }} }} }}
+""")
+        nginx = subprocess.Popen(["/usr/sbin/nginx", "-c", proxy_conf, "-g", "daemon off;"],
+                                 stderr=subprocess.DEVNULL)
+        procs.append(nginx)
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/").status == 200,
+                 10, "nginx")
+        nginx_pids = [nginx.pid] + children(nginx.pid)
+
+        targets = {
+            "direct": (f"http://127.0.0.1:{replica_port}/", None),
+            "nginx": (f"http://127.0.0.1:{proxy_port}/", nginx_pids),
+            "faastastic": (f"{base}/function/bench", [server.pid]),
+        }
+        for url, _ in targets.values():  # warm up pools
+            wrk(url, 16, 1)
+        results = {c: {t: [] for t in targets} for c in conns_list}
+        for rnd in range(args.rounds):
+            for conns in conns_list:
+                for name, (url, pids) in targets.items():
+                    before = cpu_seconds(pids) if pids else 0
+                    r = wrk(url, conns, args.seconds)
+                    if pids:
+                        r["cpu_us_per_req"] = (cpu_seconds(pids) - before) / r["requests"] * 1e6
+                    results[conns][name].append(r)
+                    print(f"round {rnd + 1} c={conns:<3} {name:<10} {r['rps']:>10.0f} req/s "
+                          f"p50 {r['p50_us']:>7.0f} us p99 {r['p99_us']:>7.0f} us "
+                          f"{'cpu/req %.1f us' % r['cpu_us_per_req'] if 'cpu_us_per_req' in r else ''}",
+                          flush=True)
+    finally:
+        cleanup()
+
+    def med(rows, key):
+        vals = [r[key] for r in rows if key in r]
+        return statistics.median(vals) if vals else None
+
+    summary = []
+    for conns in conns_list:
+        row = {"conns": conns}
+        for name in targets:
+            rows = results[conns][name]
+            row[name] = {k: med(rows, k) for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req")}
+            row[name]["non2xx"] = sum(r["non2xx"] for r in rows)
+        summary.append(row)
+    with open(args.json, "w") as f:
+        json.dump({"seconds": args.seconds, "rounds": args.rounds, "summary": summary,
+                   "raw": results}, f, indent=2)
+
+    def us(v):
+        return "–" if v is None else (f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs")
+
+    print()
+    print("| conns | case | req/s | ÷ direct | ÷ nginx | p50 | p99 | proxy CPU per request | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in summary:
+        d, n = row["direct"]["rps"], row["nginx"]["rps"]
+        for name in targets:
+            c = row[name]
+            cpu = "–" if c["cpu_us_per_req"] is None else f"{c['cpu_us_per_req']:.1f} µs"
+            print(f"| {row['conns']} | {name} | {c['rps']:,.0f} | {c['rps'] / d:.2f} | "
+                  f"{c['rps'] / n:.2f} | {us(c['p50_us'])} | {us(c['p99_us'])} | {cpu} | {c['non2xx']} |")
+    print()
+    print("Target per concurrency: faastastic req/s ≥ nginx, p99 ≤ nginx p99, CPU/request ≤ nginx.")
+    for row in summary:
+        f, n = row["faastastic"], row["nginx"]
+        checks = [f["rps"] >= n["rps"], f["p99_us"] <= n["p99_us"],
+                  f["cpu_us_per_req"] <= n["cpu_us_per_req"]]
+        print(f"- c={row['conns']}: throughput {'pass' if checks[0] else 'FAIL'}, "
+              f"p99 {'pass' if checks[1] else 'FAIL'}, CPU/request {'pass' if checks[2] else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
