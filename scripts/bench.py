@@ -118,10 +118,15 @@ def main():
     procs = []
 
     def cleanup(*_):
-        for p in procs:
+        # SIGTERM: nginx stops its workers, faastastic its replicas.
+        for p in reversed(procs):
             if p.poll() is None:
-                p.kill()
-                p.wait()
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
     signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(1)))
     try:
@@ -173,7 +178,7 @@ http {{ access_log off; keepalive_requests 1000000;
     location / {{ proxy_http_version 1.1; proxy_set_header Connection ""; proxy_pass http://replica; }} }} }}
 """)
         nginx = subprocess.Popen(["/usr/sbin/nginx", "-c", proxy_conf, "-g", "daemon off;"],
-                                 stderr=subprocess.DEVNULL)
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(nginx)
         wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/").status == 200,
                  10, "nginx")

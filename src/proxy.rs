@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Request, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -33,6 +34,10 @@ pub const START_TIME: HeaderName = HeaderName::from_static("x-start-time");
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const INTERNAL: HeaderName = HeaderName::from_static("x-openfaas-internal");
+
+/// Responses up to this size (by `Content-Length`) are read whole before they are answered, so
+/// head and body leave in one write; larger or unsized ones are streamed.
+const BUFFER_RESPONSE_BYTES: u64 = 64 * 1024;
 
 /// Headers that describe one hop's connection and must not be forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -270,6 +275,24 @@ impl Invoker {
                     parts.headers.insert(CALL_ID, call_id);
                 }
                 parts.headers.insert(START_TIME, start_time);
+                let small = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .is_some_and(|len| len <= BUFFER_RESPONSE_BYTES);
+                if small {
+                    let read = tokio::time::timeout(self.cfg.upstream_timeout, body.collect());
+                    return match read.await {
+                        Ok(Ok(collected)) => {
+                            drop(guard);
+                            Response::from_parts(parts, Body::from(collected.to_bytes()))
+                        }
+                        Ok(Err(_)) | Err(_) => internal_error(
+                            StatusCode::BAD_GATEWAY,
+                            format!("Can't reach service for: {id}."),
+                        ),
+                    };
+                }
                 Response::from_parts(
                     parts,
                     Body::new(GuardedBody {
