@@ -2,6 +2,7 @@
 //! scales them from metrics. See README.md for the architecture.
 
 pub mod api;
+pub mod autoscale;
 pub mod config;
 pub mod fleet;
 pub mod model;

@@ -1,0 +1,4 @@
+//! Autoscaling: signals (Alertmanager alerts, ticks) become decisions of the pure policy engine,
+//! which the executor applies through the fleet and records as scale events.
+
+pub mod policy;
