@@ -29,6 +29,34 @@ pub struct Config {
     pub async_invoke: AsyncConfig,
     pub limits: LimitsConfig,
     pub local: LocalConfig,
+    pub autoscale: AutoscaleConfig,
+}
+
+/// Defaults for every function's scaling policy (labels override them per function) and the
+/// webhook receiver's settings.
+#[derive(Debug, Clone)]
+pub struct AutoscaleConfig {
+    /// Replicas when `com.openfaas.scale.min` is absent (OpenFaaS: 1).
+    pub default_min: u64,
+    /// Replicas when `com.openfaas.scale.max` is absent (OpenFaaS: 5).
+    pub default_max: u64,
+    /// Step as a percentage of max when `com.openfaas.scale.factor` is absent (OpenFaaS: 10).
+    pub default_factor: u64,
+    pub up_cooldown: Duration,
+    pub down_cooldown: Duration,
+    pub stabilization_window: Duration,
+    /// Reproduce OpenFaaS exactly: a resolved alert sets min at once.
+    pub resolved_to_min: bool,
+    /// Record decisions without executing them.
+    pub dry_run: bool,
+    /// How often a gradual scale-down takes its next step.
+    pub tick_interval: Duration,
+    /// Also accept `Authorization: Bearer <token>` on `/system/alert` (token read from this file).
+    pub alert_bearer_token_file: Option<PathBuf>,
+    /// Webhook requests accepted per second (burst of twice that); more get 429.
+    pub webhook_rate_per_sec: u32,
+    /// Platform scale calls per second across all functions.
+    pub scale_rate_per_sec: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +99,8 @@ pub struct LimitsConfig {
     pub max_async_body_bytes: usize,
     /// Highest replica count a scale request may ask for.
     pub max_replicas: u64,
+    /// Largest Alertmanager webhook body accepted by `/system/alert`.
+    pub max_alert_body_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +148,7 @@ impl Default for Config {
                 max_system_body_bytes: 1024 * 1024,
                 max_async_body_bytes: 16 * 1024 * 1024,
                 max_replicas: 64,
+                max_alert_body_bytes: 8 * 1024 * 1024,
             },
             local: LocalConfig {
                 health_interval: Duration::from_millis(200),
@@ -126,6 +157,20 @@ impl Default for Config {
                 exec_timeout: Duration::from_secs(10),
                 drain_timeout: Duration::from_secs(10),
                 log_lines: 1000,
+            },
+            autoscale: AutoscaleConfig {
+                default_min: 1,
+                default_max: 5,
+                default_factor: 10,
+                up_cooldown: Duration::from_secs(5),
+                down_cooldown: Duration::from_secs(30),
+                stabilization_window: Duration::from_secs(60),
+                resolved_to_min: false,
+                dry_run: false,
+                tick_interval: Duration::from_secs(1),
+                alert_bearer_token_file: None,
+                webhook_rate_per_sec: 50,
+                scale_rate_per_sec: 100,
             },
         }
     }
@@ -235,6 +280,8 @@ impl Config {
                     max_async_body_bytes: s
                         .positive("max_async_body_bytes", d.max_async_body_bytes),
                     max_replicas: s.positive("max_replicas", d.max_replicas as usize) as u64,
+                    max_alert_body_bytes: s
+                        .positive("max_alert_body_bytes", d.max_alert_body_bytes),
                 };
                 s.finish(&mut errors);
                 l
@@ -252,6 +299,43 @@ impl Config {
                 };
                 s.finish(&mut errors);
                 l
+            },
+            autoscale: {
+                let mut s = root.section("autoscale");
+                let d = &defaults.autoscale;
+                let a = AutoscaleConfig {
+                    default_min: s.count("default_min", d.default_min),
+                    default_max: s.positive("default_max", d.default_max as usize) as u64,
+                    default_factor: s.parsed("default_factor", d.default_factor, |v: i64| {
+                        u64::try_from(v)
+                            .ok()
+                            .filter(|v| (1..=100).contains(v))
+                            .ok_or_else(|| format!("must be a percentage from 1 to 100, got {v}"))
+                    }),
+                    up_cooldown: s.secs_or_zero("up_cooldown_secs", d.up_cooldown),
+                    down_cooldown: s.secs_or_zero("down_cooldown_secs", d.down_cooldown),
+                    stabilization_window: s
+                        .secs_or_zero("stabilization_window_secs", d.stabilization_window),
+                    resolved_to_min: s.get("resolved_to_min", d.resolved_to_min),
+                    dry_run: s.get("dry_run", d.dry_run),
+                    tick_interval: s.millis("tick_interval_ms", d.tick_interval),
+                    alert_bearer_token_file: s
+                        .get("alert_bearer_token_file", d.alert_bearer_token_file.clone()),
+                    webhook_rate_per_sec: s
+                        .positive("webhook_rate_per_sec", d.webhook_rate_per_sec as usize)
+                        .min(u32::MAX as usize) as u32,
+                    scale_rate_per_sec: s
+                        .positive("scale_rate_per_sec", d.scale_rate_per_sec as usize)
+                        .min(u32::MAX as usize) as u32,
+                };
+                if a.default_min > a.default_max {
+                    s.errors.push(format!(
+                        "autoscale.default_min: {} is above autoscale.default_max {}",
+                        a.default_min, a.default_max
+                    ));
+                }
+                s.finish(&mut errors);
+                a
             },
         };
         root.finish(&mut errors);
@@ -348,6 +432,22 @@ impl Section {
                 Ok(Duration::from_secs_f64(v))
             } else {
                 Err(format!("must be a positive number of seconds, got {v}"))
+            }
+        })
+    }
+
+    fn count(&mut self, key: &str, default: u64) -> u64 {
+        self.parsed(key, default, |v: i64| {
+            u64::try_from(v).map_err(|_| format!("must be zero or more, got {v}"))
+        })
+    }
+
+    fn secs_or_zero(&mut self, key: &str, default: Duration) -> Duration {
+        self.parsed(key, default, |v: f64| {
+            if v.is_finite() && (0.0..1e9).contains(&v) {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(format!("must be zero or more seconds, got {v}"))
             }
         })
     }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -85,6 +86,31 @@ pub fn truncate_for_message(value: &str) -> String {
         let head: String = value.chars().take(KEEP).collect();
         format!("{head}...")
     }
+}
+
+/// Durations as the OpenFaaS watchdogs write them: `10s`, `500ms`, `1m`, or plain seconds.
+/// `0` means no limit.
+pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 10s"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("{text:?} is not a duration such as 10s"));
+    }
+    Ok((value > 0.0).then(|| Duration::from_secs_f64(value * scale)))
 }
 
 /// Resource requests or limits, as Kubernetes quantities (`128Mi`, `100m`). Extra keys such as
@@ -233,6 +259,23 @@ pub struct Namespace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("10s").unwrap(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_duration("500ms").unwrap(),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_duration("2").unwrap(), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m").unwrap(), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("0").unwrap(), None);
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
 
     #[test]
     fn splits_on_last_dot() {

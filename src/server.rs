@@ -1,6 +1,7 @@
 //! `faastastic serve`: wires config, store, platform, fleet and the HTTP surface together.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use anyhow::Context;
 
 use crate::api::auth::{resolve_credentials, Auth, CredentialSource};
 use crate::api::{self, AppState};
+use crate::autoscale::executor::Autoscaler;
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::platform::local::LocalPlatform;
@@ -54,7 +56,27 @@ fn auth(cfg: &Config) -> anyhow::Result<Arc<Auth>> {
             creds.user
         ),
     }
-    Ok(Auth::basic(&creds))
+    let bearer = match &cfg.autoscale.alert_bearer_token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| {
+                    format!(
+                        "cannot read autoscale.alert_bearer_token_file {}",
+                        path.display()
+                    )
+                })?
+                .trim()
+                .to_string();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "autoscale.alert_bearer_token_file {} is empty",
+                path.display()
+            );
+            Some(token)
+        }
+        None => None,
+    };
+    Ok(Auth::basic(&creds, bearer.as_deref()))
 }
 
 async fn shutdown_signal() {
@@ -86,7 +108,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     let fleet = Arc::new(
         Fleet::restore(
-            store,
+            store.clone(),
             platform.clone(),
             &cfg.default_namespace,
             cfg.limits.max_replicas,
@@ -103,6 +125,17 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics.clone(),
         &cfg.async_invoke,
     ));
+    let autoscaler = Autoscaler::restore(
+        fleet.clone(),
+        store.clone(),
+        metrics.clone(),
+        cfg.autoscale.clone(),
+        HOME_DATACENTER,
+    )
+    .await?;
+    autoscaler.spawn_ticker();
+    let webhook_rate =
+        NonZeroU32::new(cfg.autoscale.webhook_rate_per_sec.max(1)).expect("max(1) is non-zero");
     let state = Arc::new(AppState {
         fleet,
         invoker,
@@ -111,6 +144,13 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         role: cfg.role,
         datacenter: HOME_DATACENTER.to_string(),
         limits: cfg.limits.clone(),
+        autoscaler,
+        fleet_store: store,
+        webhook_limiter: governor::RateLimiter::direct(
+            governor::Quota::per_second(webhook_rate).allow_burst(
+                webhook_rate.saturating_mul(NonZeroU32::new(2).expect("2 is non-zero")),
+            ),
+        ),
     });
 
     if let Some(addr) = cfg.metrics.listen {

@@ -27,6 +27,23 @@ pub struct SecretRecord {
     pub value: Vec<u8>,
 }
 
+/// A scale event to store: its time and datacenter (indexed) and the whole event as JSON.
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    pub at: DateTime<Utc>,
+    pub datacenter: String,
+    pub json: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventFilter {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub datacenter: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub limit: u32,
+}
+
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
@@ -46,6 +63,21 @@ CREATE TABLE IF NOT EXISTS functions (
     created_at       TEXT NOT NULL,
     PRIMARY KEY (namespace, name)
 );
+CREATE TABLE IF NOT EXISTS autoscale_state (
+    namespace TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    state     TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE IF NOT EXISTS scale_events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         TEXT NOT NULL,
+    namespace  TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    datacenter TEXT NOT NULL,
+    event      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scale_events_function ON scale_events (namespace, name, id);
 CREATE TABLE IF NOT EXISTS secrets (
     namespace TEXT NOT NULL,
     name      TEXT NOT NULL,
@@ -159,14 +191,100 @@ impl Store {
         .await
     }
 
+    /// Deletes a function and its autoscaler state (a redeploy starts with fresh cooldowns);
+    /// its scale events stay for the audit trail.
     pub async fn delete_function(&self, id: &FunctionId) -> Result<bool, StoreError> {
         let id = id.clone();
         self.call(move |conn| {
-            let n = conn.execute(
+            let tx = conn.transaction()?;
+            let n = tx.execute(
                 "DELETE FROM functions WHERE namespace = ?1 AND name = ?2",
                 params![id.namespace, id.name],
             )?;
+            tx.execute(
+                "DELETE FROM autoscale_state WHERE namespace = ?1 AND name = ?2",
+                params![id.namespace, id.name],
+            )?;
+            tx.commit()?;
             Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Every function's autoscaler state, as JSON text.
+    pub async fn load_autoscale_states(&self) -> Result<Vec<(FunctionId, String)>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare("SELECT namespace, name, state FROM autoscale_state")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    FunctionId::new(row.get::<_, String>(1)?, row.get::<_, String>(0)?),
+                    row.get::<_, String>(2)?,
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Stores a decision's new autoscaler state and, when given, its event, in one transaction.
+    pub async fn record_decision(
+        &self,
+        id: &FunctionId,
+        state_json: String,
+        event: Option<EventRecord>,
+    ) -> Result<Option<i64>, StoreError> {
+        let id = id.clone();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO autoscale_state (namespace, name, state) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(namespace, name) DO UPDATE SET state = excluded.state",
+                params![id.namespace, id.name, state_json],
+            )?;
+            let event_id = match event {
+                Some(e) => {
+                    tx.execute(
+                        "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![e.at.to_rfc3339(), id.namespace, id.name, e.datacenter, e.json],
+                    )?;
+                    Some(tx.last_insert_rowid())
+                }
+                None => None,
+            };
+            tx.commit()?;
+            Ok(event_id)
+        })
+        .await
+    }
+
+    /// Scale events, newest first, as (id, JSON text).
+    pub async fn scale_events(
+        &self,
+        filter: EventFilter,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        self.call(move |conn| {
+            let mut sql = String::from("SELECT id, event FROM scale_events WHERE 1 = 1");
+            let mut args: Vec<String> = Vec::new();
+            for (column, value) in [
+                ("name", &filter.name),
+                ("namespace", &filter.namespace),
+                ("datacenter", &filter.datacenter),
+            ] {
+                if let Some(v) = value {
+                    args.push(v.clone());
+                    sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+                }
+            }
+            if let Some(since) = filter.since {
+                args.push(since.to_rfc3339());
+                sql.push_str(&format!(" AND at >= ?{}", args.len()));
+            }
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", filter.limit));
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }

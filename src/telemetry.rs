@@ -22,6 +22,8 @@ pub struct Metrics {
     pub replica_restarts: IntCounterVec,
     /// `faastastic_async_queue_depth`
     pub async_queue_depth: prometheus::IntGauge,
+    /// `faastastic_scale_decisions_total{function_name,datacenter,direction,outcome}`
+    pub scale_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -77,8 +79,17 @@ impl Metrics {
             "Asynchronous invocations waiting in the queue",
         )
         .expect("static metric definition is valid");
+        let scale_decisions = IntCounterVec::new(
+            Opts::new(
+                "faastastic_scale_decisions_total",
+                "Autoscaler decisions, by direction (up, down, none) and outcome (scaled, held, dry_run, failed)",
+            ),
+            &["function_name", "datacenter", "direction", "outcome"],
+        )
+        .expect("static metric definition is valid");
         for collector in [
-            Box::new(invocation_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(scale_decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(invocation_total.clone()),
             Box::new(functions_seconds.clone()),
             Box::new(invocation_started.clone()),
             Box::new(service_count.clone()),
@@ -99,6 +110,7 @@ impl Metrics {
             replicas,
             replica_restarts,
             async_queue_depth,
+            scale_decisions,
         }
     }
 

@@ -29,6 +29,8 @@ const SYSTEM_ROUTES: &[(&str, &str)] = &[
     ("PUT", "/system/secrets"),
     ("DELETE", "/system/secrets"),
     ("GET", "/system/logs?name=fn1"),
+    ("POST", "/system/alert"),
+    ("GET", "/system/scale-events"),
 ];
 
 #[tokio::test]

@@ -41,9 +41,11 @@ pub enum CredentialSource {
     Generated(PathBuf),
 }
 
-/// `None` means authentication is off.
+/// `expected: None` means authentication is off.
 pub struct Auth {
     expected: Option<[u8; 32]>,
+    /// Also accepted on `/system/alert` as `Authorization: Bearer <token>`.
+    alert_bearer: Option<[u8; 32]>,
 }
 
 fn digest(user: &str, password: &str) -> [u8; 32] {
@@ -56,13 +58,31 @@ fn digest(user: &str, password: &str) -> [u8; 32] {
 
 impl Auth {
     pub fn disabled() -> Arc<Auth> {
-        Arc::new(Auth { expected: None })
+        Arc::new(Auth {
+            expected: None,
+            alert_bearer: None,
+        })
     }
 
-    pub fn basic(creds: &Credentials) -> Arc<Auth> {
+    pub fn basic(creds: &Credentials, alert_bearer: Option<&str>) -> Arc<Auth> {
         Arc::new(Auth {
             expected: Some(digest(&creds.user, &creds.password)),
+            alert_bearer: alert_bearer.map(|t| digest("bearer", t)),
         })
+    }
+
+    /// Basic credentials, or the alert bearer token when one is configured.
+    pub fn allows_alert(&self, authorization: Option<&str>) -> bool {
+        if self.allows(authorization) {
+            return true;
+        }
+        match (
+            &self.alert_bearer,
+            authorization.and_then(|h| h.strip_prefix("Bearer ")),
+        ) {
+            (Some(expected), Some(token)) => digest("bearer", token.trim()).ct_eq(expected).into(),
+            _ => false,
+        }
     }
 
     /// True when the `Authorization` header carries the right user and password. Both are
@@ -90,24 +110,38 @@ impl Auth {
     }
 }
 
-pub async fn require_basic(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
-    let header = req
-        .headers()
+fn authorization(req: &Request) -> Option<&str> {
+    req.headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if auth.allows(header) {
+        .and_then(|v| v.to_str().ok())
+}
+
+pub async fn require_basic(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+    if auth.allows(authorization(&req)) {
         next.run(req).await
     } else {
-        (
-            StatusCode::UNAUTHORIZED,
-            [
-                (header::WWW_AUTHENTICATE, "Basic realm=\"Restricted\""),
-                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-            ],
-            "invalid credentials\n",
-        )
-            .into_response()
+        unauthorized()
     }
+}
+
+pub async fn require_alert(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+    if auth.allows_alert(authorization(&req)) {
+        next.run(req).await
+    } else {
+        unauthorized()
+    }
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [
+            (header::WWW_AUTHENTICATE, "Basic realm=\"Restricted\""),
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+        ],
+        "invalid credentials\n",
+    )
+        .into_response()
 }
 
 fn read_trimmed(path: &Path, what: &str) -> anyhow::Result<String> {
@@ -182,10 +216,19 @@ mod tests {
 
     #[test]
     fn checks_user_and_password() {
-        let auth = Auth::basic(&Credentials {
-            user: "admin".into(),
-            password: "s3cret".into(),
-        });
+        let auth = Auth::basic(
+            &Credentials {
+                user: "admin".into(),
+                password: "s3cret".into(),
+            },
+            Some("tok"),
+        );
+        assert!(auth.allows_alert(Some("Bearer tok")));
+        assert!(!auth.allows_alert(Some("Bearer nope")));
+        assert!(
+            !auth.allows(Some("Bearer tok")),
+            "the token is for alerts only"
+        );
         assert!(auth.allows(Some(&basic("admin", "s3cret"))));
         assert!(!auth.allows(Some(&basic("admin", "s3cre"))));
         assert!(!auth.allows(Some(&basic("root", "s3cret"))));

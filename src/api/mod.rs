@@ -1,8 +1,10 @@
 //! The HTTP surface: thin handlers that parse the wire type, call one domain function and write
 //! the answer. `router` builds the whole app so tests can drive it without a socket.
 
+pub mod alert;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod functions;
 pub mod info;
 pub mod invoke;
@@ -20,10 +22,12 @@ use axum::routing::{any, get, post};
 use axum::Router;
 use http::StatusCode;
 
+use crate::autoscale::executor::Autoscaler;
 use crate::config::{LimitsConfig, Role};
 use crate::fleet::Fleet;
 use crate::proxy::Invoker;
 use crate::queue::AsyncQueue;
+use crate::store::Store;
 use crate::telemetry::Metrics;
 
 pub struct AppState {
@@ -34,6 +38,9 @@ pub struct AppState {
     pub role: Role,
     pub datacenter: String,
     pub limits: LimitsConfig,
+    pub autoscaler: Arc<Autoscaler>,
+    pub fleet_store: Store,
+    pub webhook_limiter: governor::DefaultDirectRateLimiter,
 }
 
 /// Every `/system/*` route; all of them require credentials when auth is on.
@@ -66,8 +73,18 @@ fn system_routes(limits: &LimitsConfig, auth: Arc<auth::Auth>) -> Router<Arc<App
                 .delete(secrets::delete),
         )
         .route("/system/logs", get(logs::logs))
+        .route("/system/scale-events", get(events::list))
         .layer(DefaultBodyLimit::max(limits.max_system_body_bytes))
-        .route_layer(middleware::from_fn_with_state(auth, auth::require_basic))
+        .route_layer(middleware::from_fn_with_state(
+            auth.clone(),
+            auth::require_basic,
+        ))
+        .merge(
+            Router::new()
+                .route("/system/alert", post(alert::receive))
+                .layer(DefaultBodyLimit::max(limits.max_alert_body_bytes))
+                .route_layer(middleware::from_fn_with_state(auth, auth::require_alert)),
+        )
 }
 
 /// Invocation, health and metrics routes: open, as in OpenFaaS.

@@ -1,4 +1,7 @@
 //! Autoscaling: signals (Alertmanager alerts, ticks) become decisions of the pure policy engine,
 //! which the executor applies through the fleet and records as scale events.
 
+pub mod alertmanager;
+pub mod executor;
+pub mod labels;
 pub mod policy;

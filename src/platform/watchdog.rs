@@ -23,6 +23,7 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use crate::model::parse_duration;
 use crate::proxy::{self, HttpClient};
 
 pub const HEALTH_PATH: &str = "/_/health";
@@ -61,31 +62,6 @@ pub fn parse_upstream(url: &str) -> Result<Uri, String> {
         return Err(format!("{url:?} must name a port"));
     }
     Ok(uri)
-}
-
-/// Durations as the OpenFaaS watchdogs write them: `10s`, `500ms`, `1m`, or plain seconds.
-/// `0` means no limit.
-pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
-    let t = text.trim();
-    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = t.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (t, 1.0)
-    };
-    let value: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 10s"))?;
-    if !value.is_finite() || value < 0.0 {
-        return Err(format!("{text:?} is not a duration such as 10s"));
-    }
-    Ok((value > 0.0).then(|| Duration::from_secs_f64(value * scale)))
 }
 
 impl Watchdog {
@@ -418,23 +394,6 @@ mod tests {
     fn header_names_follow_the_classic_watchdog() {
         assert_eq!(header_env_name("content-type"), "Http_Content_Type");
         assert_eq!(header_env_name("x-call-id"), "Http_X_Call_Id");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(
-            parse_duration("10s").unwrap(),
-            Some(Duration::from_secs(10))
-        );
-        assert_eq!(
-            parse_duration("500ms").unwrap(),
-            Some(Duration::from_millis(500))
-        );
-        assert_eq!(parse_duration("2").unwrap(), Some(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m").unwrap(), Some(Duration::from_secs(60)));
-        assert_eq!(parse_duration("0").unwrap(), None);
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]

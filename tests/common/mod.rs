@@ -52,7 +52,7 @@ impl Server {
             .arg(&data_dir)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

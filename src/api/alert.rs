@@ -1,0 +1,137 @@
+//! `POST /system/alert`: Alertmanager's webhook. Each alert is one signal; the answer lists each
+//! alert's outcome. 500 only when a platform call failed (Alertmanager retries 5xx, not 4xx).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::header::RETRY_AFTER;
+use http::StatusCode;
+use serde::Serialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::autoscale::alertmanager::Webhook;
+use crate::autoscale::executor::{SignalRequest, SignalResult};
+use crate::model::{validate_dns_label, FunctionId};
+
+#[derive(Serialize)]
+struct AlertOutcome {
+    index: usize,
+    #[serde(flatten)]
+    result: SignalResult,
+}
+
+#[derive(Serialize)]
+struct WebhookResponse {
+    receiver: String,
+    alerts: Vec<AlertOutcome>,
+}
+
+pub async fn receive(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    if s.webhook_limiter.check().is_err() {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(RETRY_AFTER, "1")],
+            "too many webhook requests (autoscale.webhook_rate_per_sec); retry later\n",
+        )
+            .into_response();
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return ApiError::bad_request("A body is required for this endpoint").into_response();
+    }
+    let hook: Webhook = match serde_json::from_slice(&body) {
+        Ok(h) => h,
+        Err(e) => {
+            return ApiError::bad_request(format!("Unable to parse alert, bad format: {e}"))
+                .into_response()
+        }
+    };
+    let receiver = hook.receiver.clone().unwrap_or_default();
+    let alerts = hook.alerts.unwrap_or_default();
+    let mut results: Vec<Option<SignalResult>> = vec![None; alerts.len()];
+    let mut requests = Vec::new();
+    let mut positions = Vec::new();
+    for (i, alert) in alerts.iter().enumerate() {
+        let function = alert.label("function_name").unwrap_or("").to_string();
+        let signal = match alert.signal() {
+            Ok(Some(signal)) => signal,
+            Ok(None) => {
+                let reason = if function.is_empty() {
+                    "no function_name label: not an autoscaling alert"
+                } else {
+                    "resolved explicit action: nothing to undo"
+                };
+                results[i] = Some(SignalResult::other(function, "ignored", reason.to_string()));
+                continue;
+            }
+            Err(e) => {
+                results[i] = Some(SignalResult::other(function, "invalid", e));
+                continue;
+            }
+        };
+        if let Err(e) = validate_dns_label("function_name", &signal.name) {
+            results[i] = Some(SignalResult::other(function, "invalid", e));
+            continue;
+        }
+        let namespace = match s.fleet.resolve_namespace(signal.namespace.as_deref()) {
+            Ok(ns) => ns,
+            Err(e) => {
+                results[i] = Some(SignalResult::other(
+                    function,
+                    "unknown_function",
+                    e.to_string(),
+                ));
+                continue;
+            }
+        };
+        requests.push(SignalRequest {
+            id: FunctionId::new(signal.name, namespace),
+            action: signal.action,
+            dedupe_key: signal.dedupe_key,
+            source: "alert".to_string(),
+            evidence: json!({
+                "alertname": signal.alertname,
+                "status": alert.status,
+                "fingerprint": alert.fingerprint,
+                "startsAt": alert.starts_at,
+                "receiver": receiver,
+                "groupKey": hook.group_key,
+                "labels": alert.labels,
+                "annotations": alert.annotations,
+                "datacenter": signal.datacenter,
+            }),
+        });
+        positions.push(i);
+    }
+    for (i, result) in positions
+        .into_iter()
+        .zip(s.autoscaler.apply_batch(requests).await)
+    {
+        results[i] = Some(result);
+    }
+    let outcomes: Vec<AlertOutcome> = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| AlertOutcome {
+            index,
+            result: r.expect("every alert has an outcome"),
+        })
+        .collect();
+    let status = if outcomes.iter().any(|o| o.result.retryable) {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
+    (
+        status,
+        Json(WebhookResponse {
+            receiver,
+            alerts: outcomes,
+        }),
+    )
+        .into_response()
+}

@@ -1,0 +1,75 @@
+//! `GET /system/scale-events`: every autoscaler decision with its reason, newest first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use http::header::CONTENT_TYPE;
+
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::model::split_qualified;
+use crate::store::EventFilter;
+
+const MAX_LIMIT: u32 = 1000;
+
+pub async fn list(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let (name, suffix) = match get("function") {
+        Some(f) => {
+            let (n, ns) = split_qualified(f);
+            (Some(n.to_string()), ns.map(str::to_string))
+        }
+        None => (None, None),
+    };
+    let limit = match get("limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_LIMIT).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "limit: {l:?} must be a number from 1 to {MAX_LIMIT}"
+                ))
+            })?,
+    };
+    let since = match get("since") {
+        None => None,
+        Some(t) => Some(
+            DateTime::parse_from_rfc3339(t)
+                .map_err(|_| {
+                    ApiError::bad_request(format!("since: {t:?} is not an RFC 3339 time"))
+                })?
+                .with_timezone(&Utc),
+        ),
+    };
+    let filter = EventFilter {
+        name,
+        namespace: get("namespace").map(str::to_string).or(suffix),
+        datacenter: get("datacenter").map(str::to_string),
+        since,
+        limit,
+    };
+    let rows = s
+        .fleet_store
+        .scale_events(filter)
+        .await
+        .map_err(|e| ApiError::new(http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // Stored rows are JSON objects already; add the id and join them into one array.
+    let mut body = String::from("[");
+    for (i, (id, json)) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!("{{\"id\":{id},"));
+        body.push_str(json.strip_prefix('{').unwrap_or(json));
+    }
+    body.push(']');
+    Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
+}

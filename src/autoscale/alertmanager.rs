@@ -1,0 +1,207 @@
+//! Alertmanager's webhook payload (version 4, read leniently: version 3's numeric `groupKey` and
+//! unknown fields are accepted) and its translation into one signal per alert.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::policy::Action;
+use crate::model::split_qualified;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    #[serde(default)]
+    pub version: Option<String>,
+    /// A string in version 4, a number in version 3: kept untyped.
+    #[serde(default)]
+    pub group_key: Option<serde_json::Value>,
+    #[serde(default)]
+    pub truncated_alerts: Option<u64>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub receiver: Option<String>,
+    #[serde(default)]
+    pub group_labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub common_labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub common_annotations: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "externalURL")]
+    pub external_url: Option<String>,
+    #[serde(default)]
+    pub alerts: Option<Vec<Alert>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub annotations: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub starts_at: Option<String>,
+    #[serde(default)]
+    pub ends_at: Option<String>,
+    #[serde(default, rename = "generatorURL")]
+    pub generator_url: Option<String>,
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+/// What one alert asks of which function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertSignal {
+    pub name: String,
+    /// `None`: the server's default namespace.
+    pub namespace: Option<String>,
+    pub datacenter: Option<String>,
+    pub action: Action,
+    pub dedupe_key: Option<String>,
+    pub alertname: String,
+}
+
+impl Alert {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// `Ok(None)`: the alert is not for the autoscaler (no `function_name`);
+    /// `Err`: it is, but its action labels are wrong.
+    pub fn signal(&self) -> Result<Option<AlertSignal>, String> {
+        let Some(function) = self.label("function_name") else {
+            return Ok(None);
+        };
+        let (name, suffix) = split_qualified(function);
+        let namespace = suffix.or(self.label("namespace")).map(str::to_string);
+        let firing = self.status.as_deref() == Some("firing");
+        let action =
+            match (self.label("scale_action"), firing) {
+                (None | Some("up"), true) => Action::StepUp,
+                (None | Some("up"), false) => Action::Resolved,
+                (Some("down"), true) => Action::StepDown,
+                (Some("to"), true) => {
+                    let replicas = self
+                        .label("replicas")
+                        .ok_or("scale_action=to needs a replicas label")?;
+                    Action::To(replicas.trim().parse().map_err(|_| {
+                        format!("replicas label {replicas:?} is not a whole number")
+                    })?)
+                }
+                (Some("down" | "to"), false) => return Ok(None),
+                (Some(other), _) => {
+                    return Err(format!(
+                        "scale_action label {other:?} is not one of up, down, to"
+                    ))
+                }
+            };
+        let dedupe_key = self.fingerprint.as_deref().map(|fp| {
+            format!(
+                "{fp}@{}@{}",
+                self.starts_at.as_deref().unwrap_or(""),
+                self.status.as_deref().unwrap_or("")
+            )
+        });
+        Ok(Some(AlertSignal {
+            name: name.to_string(),
+            namespace,
+            datacenter: self.label("datacenter").map(str::to_string),
+            action,
+            dedupe_key,
+            alertname: self.label("alertname").unwrap_or("").to_string(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPENFAAS_SAMPLE: &str = r#"{"version":"4","groupKey":"{}:{alertname=\"APIHighInvocationRate\"}","truncatedAlerts":0,"status":"firing","receiver":"scale-up","groupLabels":{"alertname":"APIHighInvocationRate","service":"gateway"},"commonLabels":{"alertname":"APIHighInvocationRate","service":"gateway","severity":"major"},"commonAnnotations":{},"externalURL":"http://alertmanager:9093","alerts":[{"status":"firing","labels":{"alertname":"APIHighInvocationRate","function_name":"figlet.openfaas-fn","monitor":"faas-monitor","service":"gateway","severity":"major"},"annotations":{"summary":"High invocation total on figlet.openfaas-fn"},"startsAt":"2024-01-01T00:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"http://prometheus:9090/graph","fingerprint":"0123456789abcdef"},{"status":"resolved","labels":{"alertname":"APIHighInvocationRate","function_name":"nodeinfo.openfaas-fn","service":"gateway","severity":"major"},"annotations":{},"startsAt":"2024-01-01T00:00:00Z","endsAt":"2024-01-01T00:01:00Z","generatorURL":"http://prometheus:9090/graph","fingerprint":"fedcba9876543210"}]}"#;
+
+    #[test]
+    fn reads_the_openfaas_sample() {
+        let w: Webhook = serde_json::from_str(OPENFAAS_SAMPLE).unwrap();
+        let alerts = w.alerts.unwrap();
+        let first = alerts[0].signal().unwrap().unwrap();
+        assert_eq!(first.name, "figlet");
+        assert_eq!(first.namespace.as_deref(), Some("openfaas-fn"));
+        assert_eq!(first.action, Action::StepUp);
+        assert_eq!(
+            first.dedupe_key.as_deref(),
+            Some("0123456789abcdef@2024-01-01T00:00:00Z@firing")
+        );
+        let second = alerts[1].signal().unwrap().unwrap();
+        assert_eq!(second.action, Action::Resolved);
+    }
+
+    #[test]
+    fn version_3_numeric_group_key_and_extras() {
+        let w: Webhook = serde_json::from_str(
+            r#"{"version":"3","groupKey":12345,"status":"firing","alerts":[{"status":"firing","labels":{"alertname":"service_down"},"extra":true}],"newField":[1]}"#,
+        )
+        .unwrap();
+        assert_eq!(w.alerts.unwrap()[0].signal().unwrap(), None);
+    }
+
+    #[test]
+    fn action_labels() {
+        let alert = |labels: &[(&str, &str)], status: &str| Alert {
+            status: Some(status.into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let a = alert(
+            &[
+                ("function_name", "f"),
+                ("namespace", "dev"),
+                ("scale_action", "to"),
+                ("replicas", "3"),
+            ],
+            "firing",
+        );
+        let s = a.signal().unwrap().unwrap();
+        assert_eq!(
+            (s.action, s.namespace.as_deref()),
+            (Action::To(3), Some("dev"))
+        );
+        assert!(
+            alert(&[("function_name", "f"), ("scale_action", "to")], "firing")
+                .signal()
+                .is_err()
+        );
+        assert!(alert(
+            &[("function_name", "f"), ("scale_action", "sideways")],
+            "firing"
+        )
+        .signal()
+        .is_err());
+        assert_eq!(
+            alert(
+                &[("function_name", "f"), ("scale_action", "down")],
+                "resolved"
+            )
+            .signal()
+            .unwrap(),
+            None
+        );
+        let down = alert(
+            &[("function_name", "f"), ("scale_action", "down")],
+            "firing",
+        );
+        assert_eq!(down.signal().unwrap().unwrap().action, Action::StepDown);
+    }
+}

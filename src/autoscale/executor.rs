@@ -1,0 +1,418 @@
+//! Applies the engine's decisions: one function at a time (a per-function lock, so racing
+//! webhooks never lose an update), different functions concurrently, platform calls
+//! rate-limited. Every decision becomes a scale event in the store, a metric and a log line;
+//! the engine's state (cooldowns, window) is stored with it and read back after a restart.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
+
+use super::labels::policy_for;
+use super::policy::{decide, Action, Clamp, Input, Outcome, State};
+use crate::config::AutoscaleConfig;
+use crate::fleet::{Fleet, FleetError};
+use crate::model::FunctionId;
+use crate::store::{EventRecord, Store, StoreError};
+use crate::telemetry::Metrics;
+
+/// One request to scale, from an alert or another source.
+#[derive(Debug, Clone)]
+pub struct SignalRequest {
+    pub id: FunctionId,
+    pub action: Action,
+    pub dedupe_key: Option<String>,
+    /// Where it came from, e.g. `alert`.
+    pub source: String,
+    /// What supports it (alert name, fingerprint, labels...), stored with the event.
+    pub evidence: serde_json::Value,
+}
+
+/// A decision as recorded and served by `/system/scale-events`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleEvent {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    pub time: DateTime<Utc>,
+    pub function: String,
+    pub namespace: String,
+    pub datacenter: String,
+    pub source: String,
+    pub from: u64,
+    pub to: u64,
+    pub recommended: u64,
+    pub direction: &'static str,
+    pub outcome: &'static str,
+    pub reason: String,
+    pub clamps: Vec<Clamp>,
+    pub evidence: serde_json::Value,
+}
+
+/// The answer for one signal, as the webhook reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SignalResult {
+    pub function: String,
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+    pub reason: String,
+    /// A platform call failed: the sender should retry.
+    #[serde(skip)]
+    pub retryable: bool,
+}
+
+impl SignalResult {
+    pub fn other(function: String, outcome: &'static str, reason: String) -> Self {
+        SignalResult {
+            function,
+            outcome,
+            from: None,
+            to: None,
+            reason,
+            retryable: false,
+        }
+    }
+}
+
+pub struct Autoscaler {
+    fleet: Arc<Fleet>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    cfg: AutoscaleConfig,
+    datacenter: String,
+    states: Mutex<HashMap<FunctionId, Arc<tokio::sync::Mutex<State>>>>,
+    /// Functions in a gradual scale-down, which the ticker keeps stepping.
+    stepping: Mutex<HashSet<FunctionId>>,
+    scale_limiter: DefaultDirectRateLimiter,
+}
+
+fn rank(action: Action) -> u8 {
+    match action {
+        Action::StepUp | Action::To(_) => 2,
+        Action::StepDown | Action::Resolved => 1,
+    }
+}
+
+impl Autoscaler {
+    /// Reads every function's stored engine state back (cooldowns survive a restart).
+    pub async fn restore(
+        fleet: Arc<Fleet>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        cfg: AutoscaleConfig,
+        datacenter: &str,
+    ) -> Result<Arc<Autoscaler>, StoreError> {
+        let mut states = HashMap::new();
+        let mut stepping = HashSet::new();
+        for (id, json) in store.load_autoscale_states().await? {
+            match serde_json::from_str::<State>(&json) {
+                Ok(state) => {
+                    if state.stepping_down {
+                        stepping.insert(id.clone());
+                    }
+                    states.insert(id, Arc::new(tokio::sync::Mutex::new(state)));
+                }
+                Err(e) => {
+                    tracing::warn!(function = %id, error = %e, "ignoring unreadable autoscaler state")
+                }
+            }
+        }
+        let per_sec = NonZeroU32::new(cfg.scale_rate_per_sec.max(1)).expect("max(1) is non-zero");
+        Ok(Arc::new(Autoscaler {
+            fleet,
+            store,
+            metrics,
+            datacenter: datacenter.to_string(),
+            states: Mutex::new(states),
+            stepping: Mutex::new(stepping),
+            scale_limiter: RateLimiter::direct(Quota::per_second(per_sec)),
+            cfg,
+        }))
+    }
+
+    fn state_of(&self, id: &FunctionId) -> Arc<tokio::sync::Mutex<State>> {
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Applies a batch (one webhook): per function, the strongest signal wins (up beats down,
+    /// then the first); the rest are reported as superseded. Results come in input order.
+    pub async fn apply_batch(&self, requests: Vec<SignalRequest>) -> Vec<SignalResult> {
+        let mut winners: HashMap<FunctionId, usize> = HashMap::new();
+        for (i, r) in requests.iter().enumerate() {
+            let w = winners.entry(r.id.clone()).or_insert(i);
+            if rank(r.action) > rank(requests[*w].action) {
+                *w = i;
+            }
+        }
+        let chosen: HashSet<usize> = winners.values().copied().collect();
+        let applied = futures::future::join_all(chosen.iter().map(|&i| {
+            let r = &requests[i];
+            async move {
+                let input = Input::Signal {
+                    action: r.action,
+                    dedupe_key: r.dedupe_key.as_deref(),
+                };
+                (
+                    i,
+                    self.apply(&r.id, input, &r.source, r.evidence.clone())
+                        .await,
+                )
+            }
+        }))
+        .await;
+        let mut by_index: HashMap<usize, SignalResult> = applied.into_iter().collect();
+        requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match by_index.remove(&i) {
+                Some(result) => result,
+                None => {
+                    let w = winners[&r.id];
+                    SignalResult::other(
+                        r.id.qualified(),
+                        "superseded",
+                        format!(
+                            "alert #{w} for the same function in this batch wins (up beats down)"
+                        ),
+                    )
+                }
+            })
+            .collect()
+    }
+
+    /// Runs one input through the engine for one function and carries the decision out.
+    pub async fn apply(
+        &self,
+        id: &FunctionId,
+        input: Input<'_>,
+        source: &str,
+        evidence: serde_json::Value,
+    ) -> SignalResult {
+        let state_lock = self.state_of(id);
+        let mut state = state_lock.lock().await;
+        let view = match self.fleet.get(id) {
+            Ok(v) => v,
+            Err(_) => {
+                self.forget(id);
+                return SignalResult::other(
+                    id.qualified(),
+                    "unknown_function",
+                    format!("function {id} is not deployed"),
+                );
+            }
+        };
+        let now = Utc::now();
+        let current = view.function.desired_replicas;
+        let (policy, dry_run) = match policy_for(&view.function.deployment, &self.cfg) {
+            Ok(p) => p,
+            Err(errors) => {
+                let reason = format!("held: invalid scaling labels: {}", errors.join("; "));
+                let event = self.event(
+                    id,
+                    now,
+                    source,
+                    current,
+                    current,
+                    current,
+                    "none",
+                    "held",
+                    reason,
+                    vec![],
+                    evidence,
+                );
+                return self.finish(id, &state, event, false).await;
+            }
+        };
+        let is_tick = matches!(input, Input::Tick);
+        let (decision, next) = decide(&policy, current, &state, input, now);
+        if is_tick && decision.outcome == Outcome::NoChange {
+            self.set_stepping(id, false);
+            *state = next;
+            return SignalResult::other(id.qualified(), "no_change", decision.reason);
+        }
+        let direction = match decision.to.cmp(&decision.from) {
+            std::cmp::Ordering::Greater => "up",
+            std::cmp::Ordering::Less => "down",
+            std::cmp::Ordering::Equal => "none",
+        };
+        let mut reason = decision.reason.clone();
+        let (outcome, keep_state, retryable) = match decision.outcome {
+            Outcome::NoChange => ("no_change", true, false),
+            Outcome::Held => ("held", true, false),
+            Outcome::Scale if dry_run => {
+                reason.push_str(" (dry run: not executed)");
+                ("dry_run", false, false)
+            }
+            Outcome::Scale => {
+                self.scale_limiter.until_ready().await;
+                match self.fleet.scale(id, decision.to).await {
+                    Ok(()) => ("scaled", true, false),
+                    Err(e) => {
+                        let retryable =
+                            !matches!(e, FleetError::NotFound(_) | FleetError::Invalid(_));
+                        reason.push_str(&format!("; failed: {e}"));
+                        ("failed", false, retryable)
+                    }
+                }
+            }
+        };
+        if keep_state {
+            *state = next;
+        }
+        self.set_stepping(id, state.stepping_down);
+        let to = if outcome == "scaled" {
+            decision.to
+        } else {
+            decision.from
+        };
+        let event = self.event(
+            id,
+            now,
+            source,
+            decision.from,
+            if outcome == "dry_run" {
+                decision.to
+            } else {
+                to
+            },
+            decision.recommended,
+            direction,
+            outcome,
+            reason,
+            decision.clamps,
+            evidence,
+        );
+        self.finish(id, &state, event, retryable).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        id: &FunctionId,
+        time: DateTime<Utc>,
+        source: &str,
+        from: u64,
+        to: u64,
+        recommended: u64,
+        direction: &'static str,
+        outcome: &'static str,
+        reason: String,
+        clamps: Vec<Clamp>,
+        evidence: serde_json::Value,
+    ) -> ScaleEvent {
+        ScaleEvent {
+            id: None,
+            time,
+            function: id.name.clone(),
+            namespace: id.namespace.clone(),
+            datacenter: self.datacenter.clone(),
+            source: source.to_string(),
+            from,
+            to,
+            recommended,
+            direction,
+            outcome,
+            reason,
+            clamps,
+            evidence,
+        }
+    }
+
+    /// Stores the state and the event together, counts and logs it.
+    async fn finish(
+        &self,
+        id: &FunctionId,
+        state: &State,
+        event: ScaleEvent,
+        retryable: bool,
+    ) -> SignalResult {
+        let function_name = id.qualified();
+        self.metrics
+            .scale_decisions
+            .with_label_values(&[
+                function_name.as_str(),
+                &event.datacenter,
+                event.direction,
+                event.outcome,
+            ])
+            .inc();
+        tracing::info!(
+            function = %id,
+            datacenter = %event.datacenter,
+            source = %event.source,
+            from = event.from,
+            to = event.to,
+            outcome = event.outcome,
+            "{}",
+            event.reason
+        );
+        let record = serde_json::to_string(&event).ok().map(|json| EventRecord {
+            at: event.time,
+            datacenter: event.datacenter.clone(),
+            json,
+        });
+        let state_json = serde_json::to_string(state).unwrap_or_else(|_| "{}".to_string());
+        if let Err(e) = self.store.record_decision(id, state_json, record).await {
+            tracing::error!(function = %id, error = %e, "cannot record a scale decision");
+        }
+        SignalResult {
+            function: function_name,
+            outcome: event.outcome,
+            from: Some(event.from),
+            to: Some(event.to),
+            reason: event.reason,
+            retryable,
+        }
+    }
+
+    fn set_stepping(&self, id: &FunctionId, on: bool) {
+        let mut stepping = self.stepping.lock().unwrap_or_else(|p| p.into_inner());
+        if on {
+            stepping.insert(id.clone());
+        } else {
+            stepping.remove(id);
+        }
+    }
+
+    fn forget(&self, id: &FunctionId) {
+        self.set_stepping(id, false);
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Steps functions that are scaling down gradually, every `tick_interval`.
+    pub fn spawn_ticker(self: &Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(this.cfg.tick_interval);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                interval.tick().await;
+                let due: Vec<FunctionId> = this
+                    .stepping
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .cloned()
+                    .collect();
+                futures::future::join_all(
+                    due.iter()
+                        .map(|id| this.apply(id, Input::Tick, "tick", serde_json::json!({}))),
+                )
+                .await;
+            }
+        });
+    }
+}

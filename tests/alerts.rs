@@ -1,0 +1,407 @@
+//! `/system/alert` with real Alertmanager payloads, and `/system/scale-events`: decisions,
+//! reasons, cooldowns that survive a restart, bad payloads that change nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{echo_function, poll, sample, Options, Server};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// Posts a webhook body; returns status and JSON answer.
+async fn alert(s: &Server, body: &str) -> (u16, Value) {
+    let r = s
+        .system(Method::POST, "/system/alert")
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn firing(function: &str, fingerprint: &str, extra: Value) -> Value {
+    let mut labels = json!({"alertname": "APIHighInvocationRate", "function_name": function});
+    if let Value::Object(m) = extra {
+        for (k, v) in m {
+            labels[k] = v;
+        }
+    }
+    json!({"status": "firing", "labels": labels, "annotations": {}, "startsAt": "2026-01-01T00:00:00Z",
+           "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": fingerprint})
+}
+
+fn resolved(function: &str, fingerprint: &str) -> Value {
+    let mut a = firing(function, fingerprint, json!({}));
+    a["status"] = json!("resolved");
+    a
+}
+
+fn webhook(alerts: Vec<Value>) -> String {
+    json!({"version": "4", "groupKey": "{}:{alertname=\"APIHighInvocationRate\"}", "truncatedAlerts": 0,
+           "status": "firing", "receiver": "scale-up", "groupLabels": {}, "commonLabels": {},
+           "commonAnnotations": {}, "externalURL": "http://127.0.0.1:9093", "alerts": alerts})
+    .to_string()
+}
+
+async fn events(s: &Server, query: &str) -> Vec<Value> {
+    s.system(Method::GET, &format!("/system/scale-events{query}"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<Value>>()
+        .await
+        .unwrap()
+}
+
+async fn replicas(s: &Server, name: &str) -> u64 {
+    s.status(name).await.1["replicas"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn openfaas_payload_steps_up_and_explains_it() {
+    let s = Server::start();
+    for name in ["figlet", "nodeinfo"] {
+        assert_eq!(s.deploy(echo_function(name)).await.status(), 202);
+    }
+    let (code, body) = alert(&s, &fixture("alertmanager-v4-openfaas.json")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["receiver"], "scale-up");
+    let figlet = &body["alerts"][0];
+    assert_eq!(figlet["function"], "figlet.openfaas-fn");
+    assert_eq!(figlet["outcome"], "scaled");
+    assert_eq!(
+        (figlet["from"].as_u64(), figlet["to"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert!(
+        figlet["reason"].as_str().unwrap().contains("firing"),
+        "{figlet}"
+    );
+    // nodeinfo is resolved and already at min.
+    assert_eq!(body["alerts"][1]["outcome"], "no_change", "{body}");
+    assert_eq!(replicas(&s, "figlet").await, 2);
+    s.wait_available("figlet", 2).await;
+
+    // Alertmanager retrying the same delivery: a duplicate, not a second step.
+    let (code, body) = alert(&s, &fixture("alertmanager-v4-openfaas.json")).await;
+    assert_eq!(code, 200);
+    assert_eq!(body["alerts"][0]["outcome"], "held");
+    assert!(body["alerts"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("duplicate"));
+    assert_eq!(replicas(&s, "figlet").await, 2);
+
+    // The audit trail.
+    let ev = events(&s, "?function=figlet").await;
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert_eq!(ev[0]["outcome"], "held", "newest first");
+    assert_eq!(ev[1]["outcome"], "scaled");
+    assert_eq!(ev[1]["direction"], "up");
+    assert_eq!(ev[1]["datacenter"], "home");
+    assert_eq!(ev[1]["evidence"]["fingerprint"], "0123456789abcdef");
+    assert_eq!(ev[1]["evidence"]["alertname"], "APIHighInvocationRate");
+    assert!(ev[1]["id"].as_i64().is_some());
+    chrono::DateTime::parse_from_rfc3339(ev[1]["time"].as_str().unwrap()).unwrap();
+    assert_eq!(events(&s, "?function=figlet&limit=1").await.len(), 1);
+    assert!(events(&s, "?namespace=other").await.is_empty());
+
+    let metrics = s.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"faastastic_scale_decisions_total{datacenter="home",direction="up",function_name="figlet.openfaas-fn",outcome="scaled"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn version_3_payload_unknown_functions_and_foreign_alerts() {
+    let s = Server::start();
+    assert_eq!(s.deploy(echo_function("figlet")).await.status(), 202);
+    let (code, body) = alert(&s, &fixture("alertmanager-v3-numeric-groupkey.json")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["alerts"][0]["outcome"], "scaled");
+    assert_eq!(
+        body["alerts"][1]["outcome"], "ignored",
+        "service_down has no function_name"
+    );
+    let (code, body) = alert(&s, &webhook(vec![firing("ghost", "g1", json!({}))])).await;
+    assert_eq!(code, 200, "an unknown function is not worth a retry");
+    assert_eq!(body["alerts"][0]["outcome"], "unknown_function");
+    let (code, body) = alert(&s, &webhook(vec![])).await;
+    assert_eq!((code, body["alerts"].as_array().unwrap().len()), (200, 0));
+}
+
+#[tokio::test]
+async fn conflicting_signals_in_one_batch_up_wins() {
+    let s = Server::start();
+    let mut f = echo_function("busy");
+    f["labels"] = json!({"com.openfaas.scale.max": "10", "com.openfaas.scale.factor": "20"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    let (code, body) = alert(
+        &s,
+        &webhook(vec![
+            resolved("busy", "a"),
+            firing("busy.openfaas-fn", "b", json!({})),
+        ]),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(body["alerts"][0]["outcome"], "superseded", "{body}");
+    assert_eq!(body["alerts"][1]["outcome"], "scaled");
+    assert_eq!(body["alerts"][1]["to"], 3, "step = ceil(10/100*20) = 2");
+    assert_eq!(replicas(&s, "busy").await, 3);
+}
+
+#[tokio::test]
+async fn resolved_steps_down_gradually_to_min() {
+    let s = Server::with(Options {
+        config: Some(
+            "[autoscale]\nup_cooldown_secs = 0\ndown_cooldown_secs = 0.3\nstabilization_window_secs = 0\ntick_interval_ms = 100\n",
+        ),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("wave")).await.status(), 202);
+    for fp in ["1", "2", "3"] {
+        let (_, body) = alert(&s, &webhook(vec![firing("wave", fp, json!({}))])).await;
+        assert_eq!(body["alerts"][0]["outcome"], "scaled", "{body}");
+    }
+    assert_eq!(replicas(&s, "wave").await, 4);
+    // Right after the last scale-up the down cooldown holds it; ticks then step down.
+    let (_, body) = alert(&s, &webhook(vec![resolved("wave", "3")])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "held", "{body}");
+    assert!(body["alerts"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("down cooldown"));
+    let at_min = poll(Duration::from_secs(20), || async {
+        replicas(&s, "wave").await == 1
+    })
+    .await;
+    assert!(at_min, "ticks keep stepping down to min");
+    let downs: Vec<Value> = events(&s, "?function=wave")
+        .await
+        .into_iter()
+        .filter(|e| e["direction"] == "down" && e["outcome"] == "scaled")
+        .collect();
+    let steps: Vec<(u64, u64)> = downs
+        .iter()
+        .rev()
+        .map(|e| (e["from"].as_u64().unwrap(), e["to"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![(4, 3), (3, 2), (2, 1)],
+        "one step at a time, not straight to min"
+    );
+    assert_eq!(downs[0]["source"], "tick");
+}
+
+#[tokio::test]
+async fn resolved_to_min_reproduces_openfaas() {
+    let s = Server::with(Options {
+        config: Some("[autoscale]\nup_cooldown_secs = 0\ndown_cooldown_secs = 0\nstabilization_window_secs = 0\nresolved_to_min = true\n"),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("jump")).await.status(), 202);
+    for fp in ["1", "2", "3"] {
+        alert(&s, &webhook(vec![firing("jump", fp, json!({}))])).await;
+    }
+    assert_eq!(replicas(&s, "jump").await, 4);
+    let (_, body) = alert(&s, &webhook(vec![resolved("jump", "3")])).await;
+    assert_eq!(body["alerts"][0]["to"], 1, "{body}");
+}
+
+#[tokio::test]
+async fn labels_control_the_policy_and_bad_labels_are_named() {
+    let s = Server::start();
+    let mut dry = echo_function("shadow");
+    dry["labels"] = json!({"com.faastastic.scale.dry-run": "true"});
+    assert_eq!(s.deploy(dry).await.status(), 202);
+    let mut bad = echo_function("badlabels");
+    bad["labels"] = json!({"com.openfaas.scale.factor": "0"});
+    assert_eq!(s.deploy(bad).await.status(), 202);
+    let (code, body) = alert(
+        &s,
+        &webhook(vec![
+            firing("shadow", "s", json!({})),
+            firing("badlabels", "b", json!({})),
+            firing("shadow", "t", json!({"scale_action": "sideways"})),
+        ]),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(body["alerts"][0]["outcome"], "dry_run", "{body}");
+    assert_eq!(body["alerts"][0]["to"], 2);
+    assert_eq!(replicas(&s, "shadow").await, 1, "a dry run changes nothing");
+    assert_eq!(body["alerts"][1]["outcome"], "held");
+    assert!(body["alerts"][1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("com.openfaas.scale.factor"));
+    assert_eq!(body["alerts"][2]["outcome"], "invalid");
+    assert!(body["alerts"][2]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("scale_action"));
+
+    // An explicit count from alert labels, clamped to max.
+    let (_, body) = alert(
+        &s,
+        &webhook(vec![firing(
+            "badlabels",
+            "c",
+            json!({"scale_action": "to", "replicas": "3"}),
+        )]),
+    )
+    .await;
+    assert_eq!(
+        body["alerts"][0]["outcome"], "held",
+        "labels are still invalid: {body}"
+    );
+}
+
+#[tokio::test]
+async fn bad_payloads_are_rejected_and_change_nothing() {
+    let s = Server::with(Options {
+        config: Some("[limits]\nmax_alert_body_bytes = 4096\n"),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("steady")).await.status(), 202);
+    for (body, needle) in [
+        ("", "A body is required"),
+        ("{not json", "Unable to parse alert"),
+        (r#"{"alerts":"many"}"#, "Unable to parse alert"),
+        (
+            r#"{"alerts":[{"labels":{"function_name":5}}]}"#,
+            "Unable to parse alert",
+        ),
+    ] {
+        let (code, answer) = alert(&s, body).await;
+        assert_eq!(code, 400, "{body}");
+        assert!(
+            answer.as_str().unwrap_or("").contains(needle),
+            "{body}: {answer}"
+        );
+    }
+    let huge = webhook(
+        (0..100)
+            .map(|i| firing("steady", &format!("f{i}"), json!({})))
+            .collect(),
+    );
+    let (code, _) = alert(&s, &huge).await;
+    assert_eq!(code, 413);
+    let r = s.http.get(s.url("/system/alert")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(replicas(&s, "steady").await, 1);
+    assert!(events(&s, "").await.is_empty());
+    let bad = s
+        .system(Method::GET, "/system/scale-events?limit=0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn cooldown_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = "[autoscale]\nup_cooldown_secs = 600\n";
+    let mut s = Server::with(Options {
+        data_dir: Some(&data),
+        config: Some(config),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("cool")).await.status(), 202);
+    let (_, body) = alert(&s, &webhook(vec![firing("cool", "1", json!({}))])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "scaled");
+    s.kill();
+    let s = Server::with(Options {
+        data_dir: Some(&data),
+        config: Some(config),
+        ..Default::default()
+    });
+    let (_, body) = alert(&s, &webhook(vec![firing("cool", "2", json!({}))])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "held", "{body}");
+    assert!(body["alerts"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("up cooldown"));
+    // The same delivery as before the restart is recognised as a duplicate.
+    let (_, body) = alert(&s, &webhook(vec![firing("cool", "1", json!({}))])).await;
+    assert!(
+        body["alerts"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate"),
+        "{body}"
+    );
+    assert_eq!(replicas(&s, "cool").await, 2);
+    assert_eq!(events(&s, "?function=cool.openfaas-fn").await.len(), 3);
+}
+
+#[tokio::test]
+async fn alert_auth_basic_or_bearer() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "am-token\n").unwrap();
+    let config = format!(
+        "[autoscale]\nalert_bearer_token_file = \"{}\"\n",
+        token.display()
+    );
+    let s = Server::with(Options {
+        auth: true,
+        config: Some(&config),
+        ..Default::default()
+    });
+    let body = webhook(vec![]);
+    let post = || s.http.post(s.url("/system/alert")).body(body.clone());
+    assert_eq!(post().send().await.unwrap().status(), 401);
+    assert_eq!(
+        post().bearer_auth("wrong").send().await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        post()
+            .bearer_auth("am-token")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let basic = post()
+        .basic_auth(&s.user, s.password.as_deref())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), 200);
+    // The alert token opens nothing else.
+    let r = s
+        .http
+        .get(s.url("/system/functions"))
+        .bearer_auth("am-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
