@@ -9,11 +9,16 @@ cd "$(dirname "$0")/.."
 declare -A needs=(
   [python3]=python3
   [curl]=curl
+  [prometheus]=prometheus
+  [promtool]=prometheus
+  [prometheus-alertmanager]=prometheus-alertmanager
+  [amtool]=prometheus-alertmanager
 )
 missing=()
 for program in "${!needs[@]}"; do
   command -v "$program" >/dev/null 2>&1 || missing+=("${needs[$program]}")
 done
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing packages: ${missing[*]} (run as root, or install them)" >&2
