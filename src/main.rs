@@ -35,9 +35,83 @@ enum Command {
         #[arg(long)]
         no_auth: bool,
     },
+    /// Scaling policies: try them before enabling them.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Run one function replica (started by the local platform; settings from the environment).
     #[command(hide = true)]
     Watchdog,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Replay a JSON-lines series of signals through the policy engine and print the replica
+    /// timeline. Each line: {"t": SECONDS or "at": RFC3339, "action": "firing|resolved|step_down|to|tick", "replicas": N, "key": "..."}
+    Simulate {
+        /// The series (`-` for standard input).
+        series: PathBuf,
+        /// Config whose [autoscale] section gives the defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A function label, as deployed (repeatable), e.g. com.openfaas.scale.max=10.
+        #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Replicas at the start.
+        #[arg(long, default_value_t = 1)]
+        start: u64,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn simulate(
+    series: &std::path::Path,
+    config: Option<&std::path::Path>,
+    labels: &[String],
+    start: u64,
+    json: bool,
+) -> Result<(), String> {
+    use faastastic::autoscale::{labels::policy_for, simulate};
+    let cfg = match config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let mut map = std::collections::BTreeMap::new();
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+        map.insert(k.to_string(), v.to_string());
+    }
+    let dep = faastastic::model::FunctionDeployment {
+        labels: Some(map),
+        ..Default::default()
+    };
+    let (policy, _) = policy_for(&dep, &cfg.autoscale).map_err(|e| e.join("\n"))?;
+    let text = if series.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| format!("cannot read standard input: {e}"))?
+    } else {
+        std::fs::read_to_string(series)
+            .map_err(|e| format!("cannot read {}: {e}", series.display()))?
+    };
+    let rows = simulate::simulate(&policy, start, &text, cfg.autoscale.tick_interval)
+        .map_err(|e| e.join("\n"))?;
+    if json {
+        for row in &rows {
+            println!("{}", serde_json::to_string(row).map_err(|e| e.to_string())?);
+        }
+    } else {
+        println!(
+            "policy: {}",
+            serde_json::to_string(&policy).map_err(|e| e.to_string())?
+        );
+        print!("{}", simulate::table(&rows));
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -76,6 +150,24 @@ fn main() -> ExitCode {
                     runtime.block_on(server::serve(cfg))
                 }
             }
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Simulate {
+                    series,
+                    config,
+                    labels,
+                    start,
+                    json,
+                },
+        } => {
+            return match simulate(&series, config.as_deref(), &labels, start, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            };
         }
         Command::Watchdog => runtime.block_on(platform::watchdog::run()),
     };

@@ -235,9 +235,11 @@ impl Autoscaler {
         };
         let is_tick = matches!(input, Input::Tick);
         let (decision, next) = decide(&policy, current, &state, input, now);
-        if is_tick && decision.outcome == Outcome::NoChange {
-            self.set_stepping(id, false);
+        // A tick that changes nothing is not an event: only its state is kept (in memory; the
+        // next recorded decision stores it), so a long hold does not flood the audit trail.
+        if is_tick && decision.outcome != Outcome::Scale {
             *state = next;
+            self.set_stepping(id, state.stepping_down);
             return SignalResult::other(id.qualified(), "no_change", decision.reason);
         }
         let direction = match decision.to.cmp(&decision.from) {

@@ -5,3 +5,4 @@ pub mod alertmanager;
 pub mod executor;
 pub mod labels;
 pub mod policy;
+pub mod simulate;

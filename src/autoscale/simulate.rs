@@ -1,0 +1,297 @@
+//! `faastastic policy simulate`: replays a recorded series of signals through the engine with a
+//! given policy, stepping the clock between signals as the ticker would, and returns the replica
+//! timeline. Nothing is executed.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::policy::{decide, Action, Input, Outcome, Policy, State};
+
+/// One line of the input: when (`at`, RFC 3339, or `t`, seconds from the first line) and what.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    #[serde(default)]
+    at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    t: Option<f64>,
+    /// `firing`/`step_up`, `resolved`, `step_down`, `to`, or `tick`.
+    action: String,
+    #[serde(default)]
+    replicas: Option<u64>,
+    /// Dedupe key (an alert's fingerprint and start), to replay retries.
+    #[serde(default)]
+    key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    pub time: DateTime<Utc>,
+    pub input: String,
+    pub from: u64,
+    pub to: u64,
+    pub outcome: Outcome,
+    pub reason: String,
+}
+
+enum Parsed {
+    Signal(Action, Option<String>),
+    Tick,
+}
+
+fn parse_line(
+    n: usize,
+    text: &str,
+    origin: &mut Option<DateTime<Utc>>,
+) -> Result<(DateTime<Utc>, Parsed), String> {
+    let line: Line = serde_json::from_str(text).map_err(|e| format!("line {n}: {e}"))?;
+    let time = match (line.at, line.t) {
+        (Some(at), None) => {
+            origin.get_or_insert(at);
+            at
+        }
+        (None, Some(t)) if t.is_finite() && t >= 0.0 => {
+            let base = *origin.get_or_insert_with(|| {
+                DateTime::from_timestamp(0, 0).expect("the epoch is a valid time")
+            });
+            base + chrono::Duration::milliseconds((t * 1000.0) as i64)
+        }
+        (None, Some(t)) => {
+            return Err(format!("line {n}: t must be zero or more seconds, got {t}"))
+        }
+        (Some(_), Some(_)) => return Err(format!("line {n}: give either at or t, not both")),
+        (None, None) => {
+            return Err(format!(
+                "line {n}: at (RFC 3339) or t (seconds) is required"
+            ))
+        }
+    };
+    // As for real alerts, a resolve is not a retry of the firing alert with the same key.
+    let key = line.key.map(|k| format!("{k}@{}", line.action));
+    let parsed = match line.action.as_str() {
+        "firing" | "step_up" | "up" => Parsed::Signal(Action::StepUp, key),
+        "resolved" => Parsed::Signal(Action::Resolved, key),
+        "step_down" | "down" => Parsed::Signal(Action::StepDown, key),
+        "to" => {
+            let n = line
+                .replicas
+                .ok_or_else(|| format!("line {n}: action \"to\" needs replicas"))?;
+            Parsed::Signal(Action::To(n), key)
+        }
+        "tick" => Parsed::Tick,
+        other => {
+            return Err(format!(
+                "line {n}: action {other:?} is not one of firing, resolved, step_down, to, tick"
+            ))
+        }
+    };
+    Ok((time, parsed))
+}
+
+/// Replays `series` (JSON lines) from `start` replicas. Between inputs the clock advances in
+/// `tick` steps, each a tick of the engine, as the server's ticker would run.
+pub fn simulate(
+    policy: &Policy,
+    start: u64,
+    series: &str,
+    tick: Duration,
+) -> Result<Vec<Row>, Vec<String>> {
+    let mut origin = None;
+    let mut inputs = Vec::new();
+    let mut errors = Vec::new();
+    for (i, text) in series.lines().enumerate() {
+        if text.trim().is_empty() || text.trim_start().starts_with('#') {
+            continue;
+        }
+        match parse_line(i + 1, text, &mut origin) {
+            Ok(input) => inputs.push(input),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    inputs.sort_by_key(|(t, _)| *t);
+    let tick = chrono::Duration::from_std(tick.max(Duration::from_millis(1)))
+        .unwrap_or(chrono::Duration::seconds(1));
+    let mut rows = Vec::new();
+    let mut state = State::default();
+    let mut current = start;
+    let mut clock: Option<DateTime<Utc>> = None;
+    let step = |time: DateTime<Utc>,
+                input: Input<'_>,
+                label: String,
+                rows: &mut Vec<Row>,
+                state: &mut State,
+                current: &mut u64| {
+        let (d, next) = decide(policy, *current, state, input, time);
+        *state = next;
+        // As in the server, only ticks that scale are worth a line.
+        let idle_tick = label == "tick" && d.outcome != Outcome::Scale;
+        if !idle_tick {
+            rows.push(Row {
+                time,
+                input: label,
+                from: d.from,
+                to: if d.outcome == Outcome::Scale {
+                    d.to
+                } else {
+                    d.from
+                },
+                outcome: d.outcome,
+                reason: d.reason,
+            });
+        }
+        if d.outcome == Outcome::Scale {
+            *current = d.to;
+        }
+    };
+    for (time, parsed) in &inputs {
+        // The ticker's steps since the previous input.
+        if let Some(mut t) = clock {
+            while t + tick < *time && state.stepping_down {
+                t += tick;
+                step(
+                    t,
+                    Input::Tick,
+                    "tick".into(),
+                    &mut rows,
+                    &mut state,
+                    &mut current,
+                );
+            }
+        }
+        clock = Some(*time);
+        match parsed {
+            Parsed::Tick => step(
+                *time,
+                Input::Tick,
+                "tick".into(),
+                &mut rows,
+                &mut state,
+                &mut current,
+            ),
+            Parsed::Signal(action, key) => {
+                let label = match action {
+                    Action::StepUp => "firing".to_string(),
+                    Action::StepDown => "step_down".to_string(),
+                    Action::To(n) => format!("to {n}"),
+                    Action::Resolved => "resolved".to_string(),
+                };
+                let input = Input::Signal {
+                    action: *action,
+                    dedupe_key: key.as_deref(),
+                };
+                step(*time, input, label, &mut rows, &mut state, &mut current);
+            }
+        }
+    }
+    // Let a gradual scale-down finish (bounded).
+    if let Some(mut t) = clock {
+        for _ in 0..10_000 {
+            if !state.stepping_down {
+                break;
+            }
+            t += tick;
+            step(
+                t,
+                Input::Tick,
+                "tick".into(),
+                &mut rows,
+                &mut state,
+                &mut current,
+            );
+        }
+    }
+    Ok(rows)
+}
+
+/// The timeline as an aligned text table.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:<24} {:<10} {:>4} -> {:<4} {:<9} reason\n",
+        "time", "input", "from", "to", "outcome"
+    );
+    for r in rows {
+        let outcome = match r.outcome {
+            Outcome::Scale => "scale",
+            Outcome::Held => "held",
+            Outcome::NoChange => "no change",
+        };
+        out.push_str(&format!(
+            "{:<24} {:<10} {:>4} -> {:<4} {:<9} {}\n",
+            r.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            r.input,
+            r.from,
+            r.to,
+            outcome,
+            r.reason
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autoscale::policy::Step;
+
+    fn policy() -> Policy {
+        Policy {
+            min: 1,
+            max: 4,
+            step_up: Step::Count(1),
+            step_down: Step::Count(1),
+            up_cooldown: Duration::from_secs(5),
+            down_cooldown: Duration::from_secs(10),
+            stabilization_window: Duration::ZERO,
+            resolved_to_min: false,
+        }
+    }
+
+    #[test]
+    fn replays_a_series_with_ticks_in_between() {
+        let series = r#"
+# an alert firing every 5 s, a retry, then resolved
+{"t": 0, "action": "firing", "key": "a"}
+{"t": 1, "action": "firing", "key": "a"}
+{"t": 5, "action": "firing", "key": "b"}
+{"t": 10, "action": "firing", "key": "c"}
+{"t": 12, "action": "resolved", "key": "c"}
+"#;
+        let rows = simulate(&policy(), 1, series, Duration::from_secs(1)).unwrap();
+        let path: Vec<(String, u64)> = rows
+            .iter()
+            .filter(|r| r.outcome == Outcome::Scale)
+            .map(|r| (r.input.clone(), r.to))
+            .collect();
+        assert_eq!(
+            path,
+            vec![
+                ("firing".to_string(), 2),
+                ("firing".to_string(), 3),
+                ("firing".to_string(), 4),
+                ("tick".to_string(), 3),
+                ("tick".to_string(), 2),
+                ("tick".to_string(), 1),
+            ]
+        );
+        assert!(rows[1].reason.contains("duplicate"), "{:?}", rows[1]);
+        assert!(table(&rows).contains("resolved"));
+    }
+
+    #[test]
+    fn every_bad_line_is_reported() {
+        let errors = simulate(
+            &policy(),
+            1,
+            "{\"t\": 0, \"action\": \"sideways\"}\nnot json\n{\"action\": \"firing\"}\n{\"t\": 1, \"action\": \"to\"}",
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert!(errors[0].starts_with("line 1"));
+    }
+}

@@ -1,0 +1,69 @@
+//! Command-line tools that need no server: `policy simulate`.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn simulate(series: &str, args: &[&str]) -> (i32, String, String) {
+    let mut child = Command::new(common::BIN)
+        .args(["policy", "simulate", "-"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(series.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn simulate_prints_the_replica_timeline() {
+    let series = "{\"t\":0,\"action\":\"firing\",\"key\":\"a\"}\n{\"t\":6,\"action\":\"firing\",\"key\":\"b\"}\n{\"t\":7,\"action\":\"resolved\",\"key\":\"b\"}\n";
+    let (code, out, err) = simulate(
+        series,
+        &[
+            "-l",
+            "com.openfaas.scale.max=4",
+            "-l",
+            "com.openfaas.scale.factor=50",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let path: Vec<u64> = rows
+        .iter()
+        .filter(|r| r["outcome"] == "scale")
+        .map(|r| r["to"].as_u64().unwrap())
+        .collect();
+    assert_eq!(path, vec![3, 4, 2, 1], "{out}");
+    let (code, table, _) = simulate(series, &[]);
+    assert_eq!(code, 0);
+    assert!(table.starts_with("policy: "), "{table}");
+    assert!(table.contains("firing: step up by 1"), "{table}");
+}
+
+#[test]
+fn simulate_reports_bad_input() {
+    let (code, _, err) = simulate("{\"t\":0,\"action\":\"sideways\"}\n", &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("line 1"), "{err}");
+    let (code, _, err) = simulate("", &["-l", "com.openfaas.scale.factor=500"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("com.openfaas.scale.factor"), "{err}");
+}
