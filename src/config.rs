@@ -82,6 +82,8 @@ pub struct ProxyConfig {
     /// How long an invocation waits for a starting (or scaled-from-zero) replica to be ready.
     pub ready_timeout: Duration,
     pub max_idle_per_replica: usize,
+    /// Requests that may wait at once for a starting replica; more get 503 at once.
+    pub max_waiting_requests: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +140,7 @@ impl Default for Config {
                 connect_timeout: Duration::from_secs(2),
                 ready_timeout: Duration::from_secs(10),
                 max_idle_per_replica: 128,
+                max_waiting_requests: 1024,
             },
             async_invoke: AsyncConfig {
                 queue_capacity: 1024,
@@ -256,6 +259,8 @@ impl Config {
                     ready_timeout: s.millis("ready_timeout_ms", d.ready_timeout),
                     max_idle_per_replica: s
                         .positive("max_idle_per_replica", d.max_idle_per_replica),
+                    max_waiting_requests: s
+                        .positive("max_waiting_requests", d.max_waiting_requests),
                 };
                 s.finish(&mut errors);
                 p

@@ -148,6 +148,8 @@ impl http_body::Body for GuardedBody {
 
 pub struct Invoker {
     client: HttpClient,
+    /// Bounds the requests held while a function starts (or scales from zero).
+    waiting: tokio::sync::Semaphore,
     fleet: Arc<Fleet>,
     metrics: Arc<Metrics>,
     cfg: ProxyConfig,
@@ -172,6 +174,7 @@ impl Invoker {
     pub fn new(fleet: Arc<Fleet>, metrics: Arc<Metrics>, cfg: ProxyConfig) -> Invoker {
         Invoker {
             client: http_client(cfg.connect_timeout, cfg.max_idle_per_replica),
+            waiting: tokio::sync::Semaphore::new(cfg.max_waiting_requests),
             fleet,
             metrics,
             cfg,
@@ -325,6 +328,10 @@ impl Invoker {
         if let Some(e) = platform.endpoints(id).and_then(|set| set.pick()) {
             return Some(e);
         }
+        let Ok(_permit) = self.waiting.try_acquire() else {
+            tracing::warn!(function = %id, "too many requests waiting for a replica (proxy.max_waiting_requests)");
+            return None;
+        };
         if self.fleet.desired_replicas(id) == Some(0) {
             let min = self.fleet.min_replicas(id).unwrap_or(1);
             if let Err(e) = self.fleet.scale(id, min).await {
@@ -332,7 +339,9 @@ impl Invoker {
             }
         }
         let mut ready = platform.watch_ready(id)?;
+        self.metrics.waiting_requests.inc();
         let _ = tokio::time::timeout(self.cfg.ready_timeout, ready.wait_for(|n| *n > 0)).await;
+        self.metrics.waiting_requests.dec();
         platform.endpoints(id).and_then(|set| set.pick())
     }
 }

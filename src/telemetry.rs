@@ -24,6 +24,8 @@ pub struct Metrics {
     pub async_queue_depth: prometheus::IntGauge,
     /// `faastastic_scale_decisions_total{function_name,datacenter,direction,outcome}`
     pub scale_decisions: IntCounterVec,
+    /// `faastastic_proxy_waiting_requests`: invocations held until a replica is ready.
+    pub waiting_requests: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -87,8 +89,14 @@ impl Metrics {
             &["function_name", "datacenter", "direction", "outcome"],
         )
         .expect("static metric definition is valid");
+        let waiting_requests = prometheus::IntGauge::new(
+            "faastastic_proxy_waiting_requests",
+            "Invocations waiting for a starting replica (scale from zero)",
+        )
+        .expect("static metric definition is valid");
         for collector in [
             Box::new(scale_decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(waiting_requests.clone()),
             Box::new(invocation_total.clone()),
             Box::new(functions_seconds.clone()),
             Box::new(invocation_started.clone()),
@@ -111,6 +119,7 @@ impl Metrics {
             replica_restarts,
             async_queue_depth,
             scale_decisions,
+            waiting_requests,
         }
     }
 

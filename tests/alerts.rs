@@ -405,3 +405,37 @@ async fn alert_auth_basic_or_bearer() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test]
+async fn racing_webhooks_lose_no_update() {
+    let s = Server::with(Options {
+        config: Some("[autoscale]\nup_cooldown_secs = 0\n"),
+        ..Default::default()
+    });
+    let mut f = echo_function("race");
+    f["labels"] = json!({"com.openfaas.scale.max": "20", "com.openfaas.scale.factor": "5"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    // Ten deliveries at once, each a different alert: ten steps of one, none lost.
+    let sends = (0..10).map(|i| {
+        let body = webhook(vec![firing("race", &format!("fp{i}"), json!({}))]);
+        let s = &s;
+        async move { alert(s, &body).await }
+    });
+    let answers = futures::future::join_all(sends).await;
+    for (code, body) in &answers {
+        assert_eq!(*code, 200);
+        assert_eq!(body["alerts"][0]["outcome"], "scaled", "{body}");
+    }
+    assert_eq!(replicas(&s, "race").await, 11);
+    let mut steps: Vec<(u64, u64)> = events(&s, "?function=race")
+        .await
+        .iter()
+        .map(|e| (e["from"].as_u64().unwrap(), e["to"].as_u64().unwrap()))
+        .collect();
+    steps.sort();
+    assert_eq!(
+        steps,
+        (1..=10).map(|n| (n, n + 1)).collect::<Vec<_>>(),
+        "serial per function"
+    );
+}

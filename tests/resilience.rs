@@ -446,3 +446,34 @@ async fn a_functions_forked_workers_stop_with_it() {
         );
     }
 }
+
+#[tokio::test]
+async fn requests_waiting_for_a_replica_are_bounded() {
+    let s = Server::with(common::Options {
+        config: Some("[proxy]\nready_timeout_ms = 20000\nmax_waiting_requests = 1\n"),
+        ..Default::default()
+    });
+    let port = common::free_port();
+    let f = json!({"service":"slowstart","image":"x","envProcess":"sleep 600",
+        "envVars":{"mode":"http","upstream_url":format!("http://127.0.0.1:{port}")}});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    let first = tokio::spawn({
+        let (http, url) = (s.http.clone(), s.url("/function/slowstart"));
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    });
+    let waiting = poll(Duration::from_secs(10), || async {
+        sample(&s.metrics().await, "faastastic_proxy_waiting_requests") == Some(1.0)
+    })
+    .await;
+    assert!(waiting, "the first request waits for the replica");
+    // The second finds the waiting room full and is answered at once, while the first waits on.
+    let r = s
+        .http
+        .get(s.url("/function/slowstart"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(!first.is_finished(), "the first request is still held");
+    first.abort();
+}
