@@ -89,9 +89,16 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+/// Everything `serve` runs, built from a config: the shared state and the platform. Tests and
+/// benchmarks use it to drive the real router in process.
+pub struct App {
+    pub state: Arc<AppState>,
+    pub platform: Arc<dyn Platform>,
+}
+
+/// Builds the store, platform, fleet, autoscaler (with its ticker) and HTTP state.
+pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     create_data_dir(&cfg.data_dir)?;
-    let auth = auth(&cfg)?;
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&cfg.data_dir.join("state.db"))
         .with_context(|| format!("cannot open the store in {}", cfg.data_dir.display()))?;
@@ -152,6 +159,16 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             ),
         ),
     });
+
+    Ok(App { state, platform })
+}
+
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let auth = {
+        create_data_dir(&cfg.data_dir)?;
+        auth(&cfg)?
+    };
+    let App { state, platform } = build(&cfg).await?;
 
     if let Some(addr) = cfg.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr)

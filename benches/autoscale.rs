@@ -1,0 +1,185 @@
+//! Autoscaler benchmarks: the engine's decisions per second on one core, and the webhook's
+//! latency for a 100-alert Alertmanager payload through the real router (in process, store
+//! included, platform calls excluded by dry-run functions at zero replicas).
+//!
+//! Run: `cargo bench --bench autoscale` (prints Markdown rows for BENCHMARKS.md).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use chrono::{TimeZone, Utc};
+use faastastic::autoscale::policy::{decide, Action, Input, Policy, State, Step};
+use faastastic::config::Config;
+use http::Request;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tower::ServiceExt;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn engine() {
+    let policy = Policy {
+        min: 1,
+        max: 20,
+        step_up: Step::PercentOfMax(10),
+        step_down: Step::Count(1),
+        up_cooldown: Duration::from_secs(5),
+        down_cooldown: Duration::from_secs(30),
+        stabilization_window: Duration::from_secs(60),
+        resolved_to_min: false,
+    };
+    let t0 = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
+    // A realistic state: a few recommendations in the window and an applied alert.
+    let (_, mut state) = decide(
+        &policy,
+        1,
+        &State::default(),
+        Input::Signal {
+            action: Action::StepUp,
+            dedupe_key: Some("fp@t@firing"),
+        },
+        t0,
+    );
+    for i in 1..4 {
+        let (_, s) = decide(
+            &policy,
+            3,
+            &state,
+            Input::Signal {
+                action: Action::StepUp,
+                dedupe_key: None,
+            },
+            t0 + chrono::Duration::seconds(i * 6),
+        );
+        state = s;
+    }
+    let now = t0 + chrono::Duration::seconds(30);
+    let n = 2_000_000u32;
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        for i in 0..n {
+            let action = if i % 2 == 0 {
+                Action::StepUp
+            } else {
+                Action::Resolved
+            };
+            let (d, s) = decide(
+                black_box(&policy),
+                black_box(5),
+                black_box(&state),
+                Input::Signal {
+                    action,
+                    dedupe_key: Some("other@t@firing"),
+                },
+                now,
+            );
+            black_box((d, s));
+        }
+        best = best.min(start.elapsed());
+    }
+    let per_sec = n as f64 / best.as_secs_f64();
+    println!(
+        "| engine: decide() on one core | {:.0} decisions/s ({:.0} ns each) | ≥ 1,000,000/s | {} |",
+        per_sec,
+        best.as_nanos() as f64 / n as f64,
+        if per_sec >= 1_000_000.0 {
+            "pass"
+        } else {
+            "FAIL"
+        }
+    );
+}
+
+async fn webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.data_dir = dir.path().join("data");
+    cfg.auth.enabled = false;
+    cfg.autoscale.webhook_rate_per_sec = 1_000_000;
+    let app = faastastic::server::build(&cfg).await.unwrap();
+    let router =
+        faastastic::api::router(app.state.clone(), faastastic::api::auth::Auth::disabled());
+    let functions = 100;
+    for i in 0..functions {
+        let body = json!({"service": format!("fn{i}"), "image": "x", "envProcess": "cat",
+            "labels": {"com.faastastic.scale.dry-run": "true", "com.openfaas.scale.min": "1"}});
+        let r = router
+            .clone()
+            .oneshot(
+                Request::post("/system/functions")
+                    .body(Body::from(body.to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let r = router
+            .clone()
+            .oneshot(
+                Request::post(format!("/system/scale-function/fn{i}"))
+                    .body(Body::from(r#"{"replicas":0}"#))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let payload = |round: usize| {
+        let alerts: Vec<_> = (0..functions)
+            .map(|i| json!({"status": "firing", "labels": {"alertname": "APIHighInvocationRate", "function_name": format!("fn{i}.openfaas-fn")},
+                "annotations": {}, "startsAt": "2026-01-01T00:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "", "fingerprint": format!("{round}-{i}")}))
+            .collect();
+        json!({"version": "4", "groupKey": "{}", "status": "firing", "receiver": "scale-up", "alerts": alerts}).to_string()
+    };
+    let rounds = 200;
+    let mut times = Vec::with_capacity(rounds);
+    for round in 0..rounds + 10 {
+        let body = payload(round);
+        let start = Instant::now();
+        let r = router
+            .clone()
+            .oneshot(
+                Request::post("/system/alert")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let answer = r.into_body().collect().await.unwrap().to_bytes();
+        let elapsed = start.elapsed();
+        assert!(answer.windows(9).any(|w| w == b"\"dry_run\""));
+        if round >= 10 {
+            times.push(elapsed);
+        }
+    }
+    times.sort();
+    let p50 = percentile(&times, 0.5);
+    let p99 = percentile(&times, 0.99);
+    let per_alert_p99 = p99 / functions as u32;
+    let total: Duration = times.iter().sum();
+    println!(
+        "| webhook: 100-alert payload, end to end in process (engine + store, no platform calls) | p50 {:.2} ms, p99 {:.2} ms per payload; p99 {:.1} µs per alert; {:.0} alerts/s | p99 < 1 ms per alert | {} |",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        per_alert_p99.as_secs_f64() * 1e6,
+        (rounds * functions) as f64 / total.as_secs_f64(),
+        if per_alert_p99 < Duration::from_millis(1) { "pass" } else { "FAIL" }
+    );
+    app.platform.shutdown().await;
+}
+
+fn main() {
+    // `cargo test --all-targets` runs benches once as tests; keep that quick.
+    if std::env::args().any(|a| a == "--bench") {
+        println!("| what | faastastic | target | pass |\n|---|---|---|---|");
+        engine();
+        tokio::runtime::Runtime::new().unwrap().block_on(webhook());
+    }
+}
