@@ -31,6 +31,7 @@ fn engine() {
         down_cooldown: Duration::from_secs(30),
         stabilization_window: Duration::from_secs(60),
         resolved_to_min: false,
+        scale_to_zero_after: None,
     };
     let t0 = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
     // A realistic state: a few recommendations in the window and an applied alert.
@@ -97,8 +98,10 @@ fn engine() {
 
 async fn webhook() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
-    cfg.data_dir = dir.path().join("data");
+    let mut cfg = Config {
+        data_dir: dir.path().join("data"),
+        ..Default::default()
+    };
     cfg.auth.enabled = false;
     cfg.autoscale.webhook_rate_per_sec = 1_000_000;
     let app = faastastic::server::build(&cfg).await.unwrap();

@@ -57,6 +57,30 @@ pub struct AutoscaleConfig {
     pub webhook_rate_per_sec: u32,
     /// Platform scale calls per second across all functions.
     pub scale_rate_per_sec: u32,
+    /// Idle time before scale to zero, for functions that opt in without naming one
+    /// (`com.openfaas.scale.zero=true`).
+    pub zero_idle: Duration,
+    /// Per-function overrides, matched by glob on `name.namespace`; every match applies, in
+    /// order, and function labels override them all.
+    pub policies: Vec<PolicyOverride>,
+}
+
+/// One `[[autoscale.policies]]` entry: any key left out keeps the value from before.
+#[derive(Debug, Clone)]
+pub struct PolicyOverride {
+    pub pattern: glob::Pattern,
+    pub min: Option<u64>,
+    pub max: Option<u64>,
+    pub factor: Option<u64>,
+    pub step_up: Option<crate::autoscale::policy::Step>,
+    pub step_down: Option<crate::autoscale::policy::Step>,
+    pub up_cooldown: Option<Duration>,
+    pub down_cooldown: Option<Duration>,
+    pub stabilization_window: Option<Duration>,
+    pub resolved_to_min: Option<bool>,
+    pub dry_run: Option<bool>,
+    pub scale_to_zero: Option<bool>,
+    pub zero_idle: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +198,8 @@ impl Default for Config {
                 alert_bearer_token_file: None,
                 webhook_rate_per_sec: 50,
                 scale_rate_per_sec: 100,
+                zero_idle: Duration::from_secs(15 * 60),
+                policies: Vec::new(),
             },
         }
     }
@@ -332,6 +358,8 @@ impl Config {
                     scale_rate_per_sec: s
                         .positive("scale_rate_per_sec", d.scale_rate_per_sec as usize)
                         .min(u32::MAX as usize) as u32,
+                    zero_idle: s.secs("zero_idle_secs", d.zero_idle),
+                    policies: s.policies("policies"),
                 };
                 if a.default_min > a.default_max {
                     s.errors.push(format!(
@@ -467,6 +495,103 @@ impl Section {
         })
     }
 
+    /// `[[...policies]]`: an array of tables, each read like a section.
+    fn policies(&mut self, key: &str) -> Vec<PolicyOverride> {
+        let full = self.key(key);
+        let entries = match self.table.remove(key) {
+            None => return Vec::new(),
+            Some(toml::Value::Array(entries)) => entries,
+            Some(other) => {
+                self.errors.push(format!(
+                    "{full}: must be an array of tables ([[{full}]]), got {}",
+                    other.type_str()
+                ));
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, entry) in entries.into_iter().enumerate() {
+            let name = format!("{full}[{i}]");
+            let toml::Value::Table(table) = entry else {
+                self.errors.push(format!("{name}: must be a table"));
+                continue;
+            };
+            let mut s = Section::new(&name, table);
+            let pattern = match s.table.contains_key("match") {
+                false => {
+                    s.errors.push(format!("{name}.match: is required (a glob on name.namespace, e.g. \"api-*.openfaas-fn\")"));
+                    None
+                }
+                true => s.parsed("match", None, |v: String| {
+                    glob::Pattern::new(&v)
+                        .map(Some)
+                        .map_err(|e| format!("{v:?} is not a glob: {e}"))
+                }),
+            };
+            let opt_u64 = |s: &mut Section, key: &str| -> Option<u64> {
+                s.table.contains_key(key).then(|| s.count(key, 0))
+            };
+            let opt_secs = |s: &mut Section, key: &str| -> Option<Duration> {
+                s.table
+                    .contains_key(key)
+                    .then(|| s.secs_or_zero(key, Duration::ZERO))
+            };
+            let opt_step = |s: &mut Section, key: &str| {
+                if !s.table.contains_key(key) {
+                    return None;
+                }
+                s.parsed(key, None, |v: toml::Value| {
+                    let text = match v {
+                        toml::Value::Integer(n) => n.to_string(),
+                        toml::Value::String(t) => t,
+                        other => {
+                            return Err(format!(
+                                "must be a count or a percentage, got {}",
+                                other.type_str()
+                            ))
+                        }
+                    };
+                    crate::autoscale::labels::parse_step(&text).map(Some)
+                })
+            };
+            let opt_bool = |s: &mut Section, key: &str| -> Option<bool> {
+                s.table.contains_key(key).then(|| s.get(key, false))
+            };
+            let o = PolicyOverride {
+                pattern: pattern
+                    .unwrap_or_else(|| glob::Pattern::new("").expect("empty glob is valid")),
+                min: opt_u64(&mut s, "min"),
+                max: opt_u64(&mut s, "max"),
+                factor: opt_u64(&mut s, "factor"),
+                step_up: opt_step(&mut s, "step_up"),
+                step_down: opt_step(&mut s, "step_down"),
+                up_cooldown: opt_secs(&mut s, "up_cooldown_secs"),
+                down_cooldown: opt_secs(&mut s, "down_cooldown_secs"),
+                stabilization_window: opt_secs(&mut s, "stabilization_window_secs"),
+                resolved_to_min: opt_bool(&mut s, "resolved_to_min"),
+                dry_run: opt_bool(&mut s, "dry_run"),
+                scale_to_zero: opt_bool(&mut s, "scale_to_zero"),
+                zero_idle: opt_secs(&mut s, "zero_idle_secs"),
+            };
+            if let Some(f) = o.factor {
+                if !(1..=100).contains(&f) {
+                    s.errors.push(format!(
+                        "{name}.factor: must be a percentage from 1 to 100, got {f}"
+                    ));
+                }
+            }
+            if let (Some(min), Some(max)) = (o.min, o.max) {
+                if min > max {
+                    s.errors
+                        .push(format!("{name}.min: {min} is above {name}.max {max}"));
+                }
+            }
+            s.finish(&mut self.errors);
+            out.push(o);
+        }
+        out
+    }
+
     /// A nested table; a missing one reads as empty (all defaults).
     fn section(&mut self, key: &str) -> Section {
         let full = self.key(key);
@@ -568,6 +693,44 @@ log_lines = "many"
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
         }
         assert_eq!(errors.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn policy_overrides() {
+        let cfg = Config::parse(
+            r#"
+[autoscale]
+[[autoscale.policies]]
+match = "api-*.openfaas-fn"
+max = 10
+step_up = "50%"
+down_cooldown_secs = 0
+"#,
+        )
+        .unwrap();
+        let p = &cfg.autoscale.policies[0];
+        assert!(p.pattern.matches("api-users.openfaas-fn"));
+        assert_eq!(p.max, Some(10));
+        assert_eq!(
+            p.step_up,
+            Some(crate::autoscale::policy::Step::PercentOfMax(50))
+        );
+        assert_eq!(p.down_cooldown, Some(Duration::ZERO));
+        assert_eq!(p.min, None);
+        let errors = Config::parse(
+            "[[autoscale.policies]]\nmax = 3\nmin = 5\nfactor = 0\nstep_up = \"x\"\nwhat = 1\n",
+        )
+        .unwrap_err();
+        let joined = errors.join("\n");
+        for needle in [
+            "autoscale.policies[0].match: is required",
+            "autoscale.policies[0].factor",
+            "autoscale.policies[0].min",
+            "autoscale.policies[0].step_up",
+            "autoscale.policies[0].what: unknown key",
+        ] {
+            assert!(joined.contains(needle), "{needle} missing in {joined}");
+        }
     }
 
     #[test]

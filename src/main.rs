@@ -61,6 +61,9 @@ enum PolicyCommand {
         /// Replicas at the start.
         #[arg(long, default_value_t = 1)]
         start: u64,
+        /// The function as `name.namespace`, to match the config's [[autoscale.policies]].
+        #[arg(long, default_value = "function.openfaas-fn")]
+        function: String,
         /// Print JSON lines instead of a table.
         #[arg(long)]
         json: bool,
@@ -71,6 +74,7 @@ fn simulate(
     series: &std::path::Path,
     config: Option<&std::path::Path>,
     labels: &[String],
+    function: &str,
     start: u64,
     json: bool,
 ) -> Result<(), String> {
@@ -90,7 +94,7 @@ fn simulate(
         labels: Some(map),
         ..Default::default()
     };
-    let (policy, _) = policy_for(&dep, &cfg.autoscale).map_err(|e| e.join("\n"))?;
+    let (policy, _) = policy_for(function, &dep, &cfg.autoscale).map_err(|e| e.join("\n"))?;
     let text = if series.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())
             .map_err(|e| format!("cannot read standard input: {e}"))?
@@ -158,10 +162,11 @@ fn main() -> ExitCode {
                     config,
                     labels,
                     start,
+                    function,
                     json,
                 },
         } => {
-            return match simulate(&series, config.as_deref(), &labels, start, json) {
+            return match simulate(&series, config.as_deref(), &labels, &function, start, json) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -146,8 +146,36 @@ impl http_body::Body for GuardedBody {
     }
 }
 
+/// When each function was last invoked (read by the autoscaler for scale to zero).
+#[derive(Default)]
+pub struct Activity {
+    last: std::sync::Mutex<std::collections::HashMap<FunctionId, chrono::DateTime<chrono::Utc>>>,
+}
+
+impl Activity {
+    pub fn touch(&self, id: &FunctionId) {
+        let now = chrono::Utc::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get_mut(id) {
+            Some(t) => *t = now,
+            None => {
+                last.insert(id.clone(), now);
+            }
+        }
+    }
+
+    pub fn last(&self, id: &FunctionId) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+    }
+}
+
 pub struct Invoker {
     client: HttpClient,
+    activity: Arc<Activity>,
     /// Bounds the requests held while a function starts (or scales from zero).
     waiting: tokio::sync::Semaphore,
     fleet: Arc<Fleet>,
@@ -171,8 +199,14 @@ pub fn unix_nanos() -> u128 {
 }
 
 impl Invoker {
-    pub fn new(fleet: Arc<Fleet>, metrics: Arc<Metrics>, cfg: ProxyConfig) -> Invoker {
+    pub fn new(
+        fleet: Arc<Fleet>,
+        metrics: Arc<Metrics>,
+        activity: Arc<Activity>,
+        cfg: ProxyConfig,
+    ) -> Invoker {
         Invoker {
+            activity,
             client: http_client(cfg.connect_timeout, cfg.max_idle_per_replica),
             waiting: tokio::sync::Semaphore::new(cfg.max_waiting_requests),
             fleet,
@@ -214,6 +248,7 @@ impl Invoker {
     pub async fn invoke(&self, id: &FunctionId, suffix: &str, mut req: Request<Body>) -> Response {
         let function_name = id.qualified();
         let started = Instant::now();
+        self.activity.touch(id);
         self.metrics
             .invocation_started
             .with_label_values(&[function_name.as_str()])

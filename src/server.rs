@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::platform::local::LocalPlatform;
 use crate::platform::Platform;
-use crate::proxy::Invoker;
+use crate::proxy::{Activity, Invoker};
 use crate::queue::AsyncQueue;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -122,9 +122,11 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         )
         .await?,
     );
+    let activity = Arc::new(Activity::default());
     let invoker = Arc::new(Invoker::new(
         fleet.clone(),
         metrics.clone(),
+        activity.clone(),
         cfg.proxy.clone(),
     ));
     let queue = Arc::new(AsyncQueue::start(
@@ -136,6 +138,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         fleet.clone(),
         store.clone(),
         metrics.clone(),
+        activity,
         cfg.autoscale.clone(),
         HOME_DATACENTER,
     )

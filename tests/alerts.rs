@@ -439,3 +439,45 @@ async fn racing_webhooks_lose_no_update() {
         "serial per function"
     );
 }
+
+#[tokio::test]
+async fn idle_functions_that_opt_in_scale_to_zero_and_wake_on_invocation() {
+    let s = Server::with(Options {
+        config: Some(
+            "[autoscale]\ntick_interval_ms = 100\ndown_cooldown_secs = 0\n[[autoscale.policies]]\nmatch = \"sleepy.*\"\nscale_to_zero = true\nzero_idle_secs = 1\n",
+        ),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("sleepy")).await.status(), 202);
+    let mut by_label = echo_function("napper");
+    by_label["labels"] =
+        json!({"com.openfaas.scale.zero": "true", "com.openfaas.scale.zero-duration": "1s"});
+    assert_eq!(s.deploy(by_label).await.status(), 202);
+    assert_eq!(s.deploy(echo_function("awake")).await.status(), 202);
+    s.wait_available("sleepy", 1).await;
+    assert_eq!(s.invoke("sleepy", "hi").await.0, 200);
+    for name in ["sleepy", "napper"] {
+        let zero = poll(Duration::from_secs(20), || async {
+            replicas(&s, name).await == 0
+        })
+        .await;
+        assert!(zero, "{name} did not scale to zero when idle");
+    }
+    assert_eq!(
+        replicas(&s, "awake").await,
+        1,
+        "no opt-in, no scale to zero"
+    );
+    let ev = events(&s, "?function=sleepy").await;
+    assert_eq!(ev[0]["source"], "idle", "{ev:?}");
+    assert_eq!(
+        (ev[0]["from"].as_u64(), ev[0]["to"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert!(ev[0]["reason"].as_str().unwrap().contains("no invocation"));
+    // The next invocation is held until a replica is ready, then served.
+    assert_eq!(
+        s.invoke("sleepy", "wake up").await,
+        (200, "wake up".to_string())
+    );
+}

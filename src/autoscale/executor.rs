@@ -16,6 +16,7 @@ use super::policy::{decide, Action, Clamp, Input, Outcome, State};
 use crate::config::AutoscaleConfig;
 use crate::fleet::{Fleet, FleetError};
 use crate::model::FunctionId;
+use crate::proxy::Activity;
 use crate::store::{EventRecord, Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -89,6 +90,9 @@ pub struct Autoscaler {
     /// Functions in a gradual scale-down, which the ticker keeps stepping.
     stepping: Mutex<HashSet<FunctionId>>,
     scale_limiter: DefaultDirectRateLimiter,
+    activity: Arc<Activity>,
+    /// Idle time counts from here for functions not invoked since the server started.
+    started_at: DateTime<Utc>,
 }
 
 fn rank(action: Action) -> u8 {
@@ -104,6 +108,7 @@ impl Autoscaler {
         fleet: Arc<Fleet>,
         store: Store,
         metrics: Arc<Metrics>,
+        activity: Arc<Activity>,
         cfg: AutoscaleConfig,
         datacenter: &str,
     ) -> Result<Arc<Autoscaler>, StoreError> {
@@ -131,6 +136,8 @@ impl Autoscaler {
             states: Mutex::new(states),
             stepping: Mutex::new(stepping),
             scale_limiter: RateLimiter::direct(Quota::per_second(per_sec)),
+            activity,
+            started_at: Utc::now(),
             cfg,
         }))
     }
@@ -213,27 +220,28 @@ impl Autoscaler {
         };
         let now = Utc::now();
         let current = view.function.desired_replicas;
-        let (policy, dry_run) = match policy_for(&view.function.deployment, &self.cfg) {
-            Ok(p) => p,
-            Err(errors) => {
-                let reason = format!("held: invalid scaling labels: {}", errors.join("; "));
-                let event = self.event(
-                    id,
-                    now,
-                    source,
-                    current,
-                    current,
-                    current,
-                    "none",
-                    "held",
-                    reason,
-                    vec![],
-                    evidence,
-                );
-                return self.finish(id, &state, event, false).await;
-            }
-        };
-        let is_tick = matches!(input, Input::Tick);
+        let (policy, dry_run) =
+            match policy_for(&id.qualified(), &view.function.deployment, &self.cfg) {
+                Ok(p) => p,
+                Err(errors) => {
+                    let reason = format!("held: invalid scaling labels: {}", errors.join("; "));
+                    let event = self.event(
+                        id,
+                        now,
+                        source,
+                        current,
+                        current,
+                        current,
+                        "none",
+                        "held",
+                        reason,
+                        vec![],
+                        evidence,
+                    );
+                    return self.finish(id, &state, event, false).await;
+                }
+            };
+        let is_tick = matches!(input, Input::Tick | Input::Idle { .. });
         let (decision, next) = decide(&policy, current, &state, input, now);
         // A tick that changes nothing is not an event: only its state is kept (in memory; the
         // next recorded decision stores it), so a long hold does not flood the audit trail.
@@ -414,7 +422,47 @@ impl Autoscaler {
                         .map(|id| this.apply(id, Input::Tick, "tick", serde_json::json!({}))),
                 )
                 .await;
+                this.scale_idle_to_zero().await;
             }
         });
+    }
+
+    /// Functions that opted in to scale to zero and have been idle long enough go to zero.
+    async fn scale_idle_to_zero(&self) {
+        let now = Utc::now();
+        let mut idle = Vec::new();
+        for view in self.fleet.all() {
+            let f = &view.function;
+            if f.desired_replicas == 0 {
+                continue;
+            }
+            let Ok((policy, _)) = policy_for(&f.id.qualified(), &f.deployment, &self.cfg) else {
+                continue;
+            };
+            let Some(after) = policy.scale_to_zero_after else {
+                continue;
+            };
+            let last = self
+                .activity
+                .last(&f.id)
+                .unwrap_or(self.started_at.max(f.created_at));
+            let idle_for = (now - last).to_std().unwrap_or_default();
+            if idle_for >= after {
+                idle.push((f.id.clone(), idle_for, last));
+            }
+        }
+        futures::future::join_all(idle.iter().map(|(id, idle_for, last)| {
+            let evidence =
+                serde_json::json!({"last_invocation": last, "idle_secs": idle_for.as_secs_f64()});
+            self.apply(
+                id,
+                Input::Idle {
+                    idle_for: *idle_for,
+                },
+                "idle",
+                evidence,
+            )
+        }))
+        .await;
     }
 }

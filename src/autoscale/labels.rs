@@ -15,6 +15,8 @@ pub const LABEL_DOWN_COOLDOWN: &str = "com.faastastic.scale.down-cooldown";
 pub const LABEL_WINDOW: &str = "com.faastastic.scale.stabilization-window";
 pub const LABEL_RESOLVED_TO_MIN: &str = "com.faastastic.scale.resolved-to-min";
 pub const LABEL_DRY_RUN: &str = "com.faastastic.scale.dry-run";
+pub const LABEL_ZERO: &str = "com.openfaas.scale.zero";
+pub const LABEL_ZERO_DURATION: &str = "com.openfaas.scale.zero-duration";
 
 /// `3` (replicas) or `25%` (of max).
 pub fn parse_step(text: &str) -> Result<Step, String> {
@@ -38,9 +40,11 @@ fn parse_bool(text: &str) -> Result<bool, String> {
     }
 }
 
-/// The policy for one function, and whether it is in dry-run mode. Every bad label is reported
-/// at once, each named.
+/// The policy for one function (`function` is `name.namespace`) and whether it is in dry-run
+/// mode: the config's defaults, then every matching `[[autoscale.policies]]` entry in order,
+/// then the function's labels. Every bad label is reported at once, each named.
 pub fn policy_for(
+    function: &str,
     dep: &FunctionDeployment,
     cfg: &AutoscaleConfig,
 ) -> Result<(Policy, bool), Vec<String>> {
@@ -71,49 +75,77 @@ pub fn policy_for(
     }
     read(LABEL_RESOLVED_TO_MIN, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_DRY_RUN, &|v| parse_bool(v).map(|_| ()));
+    read(LABEL_ZERO, &|v| parse_bool(v).map(|_| ()));
+    read(LABEL_ZERO_DURATION, &|v| parse_duration(v).map(|_| ()));
     if !errors.is_empty() {
         return Err(errors);
     }
 
-    // All labels parse: read them for real.
+    // The config's defaults, then every matching policy entry, in order.
+    let mut min = cfg.default_min;
+    let mut max = cfg.default_max;
+    let mut factor = cfg.default_factor;
+    let (mut step_up, mut step_down) = (None, None);
+    let mut up_cooldown = cfg.up_cooldown;
+    let mut down_cooldown = cfg.down_cooldown;
+    let mut window = cfg.stabilization_window;
+    let mut resolved_to_min = cfg.resolved_to_min;
+    let mut dry_run = cfg.dry_run;
+    let mut zero = false;
+    let mut zero_idle = cfg.zero_idle;
+    for o in cfg.policies.iter().filter(|o| o.pattern.matches(function)) {
+        min = o.min.unwrap_or(min);
+        max = o.max.unwrap_or(max);
+        factor = o.factor.unwrap_or(factor);
+        step_up = o.step_up.or(step_up);
+        step_down = o.step_down.or(step_down);
+        up_cooldown = o.up_cooldown.unwrap_or(up_cooldown);
+        down_cooldown = o.down_cooldown.unwrap_or(down_cooldown);
+        window = o.stabilization_window.unwrap_or(window);
+        resolved_to_min = o.resolved_to_min.unwrap_or(resolved_to_min);
+        dry_run = o.dry_run.unwrap_or(dry_run);
+        zero = o.scale_to_zero.unwrap_or(zero);
+        zero_idle = o.zero_idle.unwrap_or(zero_idle);
+    }
+
+    // Then the labels (all of them parse: checked above).
     let label = |key: &str| dep.label(key);
-    let int_or = |key: &str, default: u64| {
+    let int = |key: &str| label(key).and_then(|v| v.trim().parse::<u64>().ok());
+    let duration = |key: &str| {
         label(key)
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(default)
+            .and_then(|v| parse_duration(v).ok())
+            .map(|d| d.unwrap_or_default())
     };
-    let min = int_or(LABEL_SCALE_MIN, cfg.default_min);
-    let max = int_or(LABEL_SCALE_MAX, cfg.default_max);
+    let flag = |key: &str| label(key).and_then(|v| parse_bool(v).ok());
+    min = int(LABEL_SCALE_MIN).unwrap_or(min);
+    max = int(LABEL_SCALE_MAX).unwrap_or(max);
     if min > max {
         return Err(vec![format!(
             "{LABEL_SCALE_MIN} ({min}) is above {LABEL_SCALE_MAX} ({max})"
         )]);
     }
-    let factor = int_or(LABEL_SCALE_FACTOR, cfg.default_factor);
-    let step = |key: &str| label(key).and_then(|v| parse_step(v).ok());
-    let duration = |key: &str, default| {
-        label(key)
-            .and_then(|v| parse_duration(v).ok())
-            .map(|d| d.unwrap_or_default())
-            .unwrap_or(default)
-    };
-    let flag = |key: &str, default| {
-        label(key)
-            .and_then(|v| parse_bool(v).ok())
-            .unwrap_or(default)
-    };
-    let step_up = step(LABEL_STEP_UP).unwrap_or(Step::PercentOfMax(factor));
+    let step_up = label(LABEL_STEP_UP)
+        .and_then(|v| parse_step(v).ok())
+        .or(int(LABEL_SCALE_FACTOR).map(Step::PercentOfMax))
+        .or(step_up)
+        .unwrap_or(Step::PercentOfMax(factor));
+    let step_down = label(LABEL_STEP_DOWN)
+        .and_then(|v| parse_step(v).ok())
+        .or(step_down)
+        .unwrap_or(step_up);
+    let zero = flag(LABEL_ZERO).unwrap_or(zero);
     let policy = Policy {
         min,
         max,
         step_up,
-        step_down: step(LABEL_STEP_DOWN).unwrap_or(step_up),
-        up_cooldown: duration(LABEL_UP_COOLDOWN, cfg.up_cooldown),
-        down_cooldown: duration(LABEL_DOWN_COOLDOWN, cfg.down_cooldown),
-        stabilization_window: duration(LABEL_WINDOW, cfg.stabilization_window),
-        resolved_to_min: flag(LABEL_RESOLVED_TO_MIN, cfg.resolved_to_min),
+        step_down,
+        up_cooldown: duration(LABEL_UP_COOLDOWN).unwrap_or(up_cooldown),
+        down_cooldown: duration(LABEL_DOWN_COOLDOWN).unwrap_or(down_cooldown),
+        stabilization_window: duration(LABEL_WINDOW).unwrap_or(window),
+        resolved_to_min: flag(LABEL_RESOLVED_TO_MIN).unwrap_or(resolved_to_min),
+        scale_to_zero_after: zero.then(|| duration(LABEL_ZERO_DURATION).unwrap_or(zero_idle)),
     };
-    Ok((policy, flag(LABEL_DRY_RUN, cfg.dry_run)))
+    Ok((policy, flag(LABEL_DRY_RUN).unwrap_or(dry_run)))
 }
 
 #[cfg(test)]
@@ -137,10 +169,11 @@ mod tests {
     #[test]
     fn openfaas_defaults_and_labels() {
         let cfg = Config::default().autoscale;
-        let (p, dry) = policy_for(&dep(&[]), &cfg).unwrap();
+        let (p, dry) = policy_for("f.openfaas-fn", &dep(&[]), &cfg).unwrap();
         assert_eq!((p.min, p.max, p.step_up), (1, 5, Step::PercentOfMax(10)));
         assert!(!dry);
         let (p, dry) = policy_for(
+            "f.openfaas-fn",
             &dep(&[
                 ("com.openfaas.scale.min", "2"),
                 ("com.openfaas.scale.max", "10"),
@@ -165,6 +198,7 @@ mod tests {
     fn bad_labels_are_all_named() {
         let cfg = Config::default().autoscale;
         let errors = policy_for(
+            "f.openfaas-fn",
             &dep(&[
                 ("com.openfaas.scale.factor", "0"),
                 ("com.openfaas.scale.max", "lots"),
@@ -175,7 +209,57 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(errors.len(), 4, "{errors:?}");
-        let errors = policy_for(&dep(&[("com.openfaas.scale.min", "6")]), &cfg).unwrap_err();
+        let errors = policy_for(
+            "f.openfaas-fn",
+            &dep(&[("com.openfaas.scale.min", "6")]),
+            &cfg,
+        )
+        .unwrap_err();
         assert!(errors[0].contains("above"), "{errors:?}");
+    }
+
+    #[test]
+    fn config_policies_then_labels() {
+        let cfg = Config::parse(
+            r#"
+[autoscale]
+zero_idle_secs = 60
+[[autoscale.policies]]
+match = "*.dev"
+max = 10
+step_up = 3
+scale_to_zero = true
+[[autoscale.policies]]
+match = "api-*.dev"
+max = 8
+"#,
+        )
+        .unwrap()
+        .autoscale;
+        let (p, _) = policy_for("api-users.dev", &dep(&[]), &cfg).unwrap();
+        assert_eq!((p.max, p.step_up), (8, Step::Count(3)), "later matches win");
+        assert_eq!(p.scale_to_zero_after, Some(Duration::from_secs(60)));
+        let (p, _) = policy_for("web.openfaas-fn", &dep(&[]), &cfg).unwrap();
+        assert_eq!(
+            (p.max, p.scale_to_zero_after),
+            (5, None),
+            "no match: defaults"
+        );
+        let (p, _) = policy_for(
+            "api-users.dev",
+            &dep(&[
+                ("com.openfaas.scale.max", "4"),
+                ("com.openfaas.scale.factor", "50"),
+                (LABEL_ZERO_DURATION, "2m"),
+            ]),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.max, p.step_up),
+            (4, Step::PercentOfMax(50)),
+            "labels win"
+        );
+        assert_eq!(p.scale_to_zero_after, Some(Duration::from_secs(120)));
     }
 }

@@ -63,6 +63,32 @@ pub struct Policy {
     pub stabilization_window: Duration,
     /// OpenFaaS behaviour: a resolved alert recommends `min` at once instead of stepping down.
     pub resolved_to_min: bool,
+    /// Scale to zero after this long without an invocation (`com.openfaas.scale.zero`); `None`
+    /// keeps at least `min`.
+    #[serde(default, with = "opt_secs", skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero_after: Option<Duration>,
+}
+
+mod opt_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_f64(d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let v = Option::<f64>::deserialize(d)?;
+        match v {
+            None => Ok(None),
+            Some(v) if v.is_finite() && v >= 0.0 => Ok(Some(Duration::from_secs_f64(v))),
+            Some(_) => Err(serde::de::Error::custom("a duration must be >= 0 seconds")),
+        }
+    }
 }
 
 mod secs {
@@ -107,6 +133,8 @@ pub enum Input<'a> {
     },
     /// Periodic re-evaluation, which continues a gradual scale-down.
     Tick,
+    /// Periodic check of a function that has had no invocation for `idle_for`.
+    Idle { idle_for: Duration },
 }
 
 /// What the engine remembers about one function between decisions. Serialisable so that
@@ -196,6 +224,50 @@ pub fn decide(
         reason,
     };
 
+    // Scale to zero is opt-in and bypasses min; it still waits out the down cooldown.
+    if let Input::Idle { idle_for } = input {
+        let nothing = |reason: String| Decision {
+            from: current,
+            to: current,
+            recommended: current,
+            outcome: Outcome::NoChange,
+            clamps: Vec::new(),
+            reason,
+        };
+        let Some(after) = policy.scale_to_zero_after else {
+            return (nothing("scale to zero is off".to_string()), next);
+        };
+        if current == 0 || idle_for < after {
+            return (nothing(format!("idle for {}", secs_text(idle_for))), next);
+        }
+        let why = format!(
+            "no invocation for {} (scale to zero after {})",
+            secs_text(idle_for),
+            secs_text(after)
+        );
+        if let Some(elapsed) = since(now, state.last_scale_down.max(state.last_scale_up)) {
+            if elapsed < policy.down_cooldown {
+                let reason = format!(
+                    "{why}; held: down cooldown {} not over ({} since the last scale)",
+                    secs_text(policy.down_cooldown),
+                    secs_text(elapsed)
+                );
+                return (held(current, 0, vec![Clamp::DownCooldown], reason), next);
+            }
+        }
+        next.stepping_down = false;
+        next.last_scale_down = Some(now);
+        let d = Decision {
+            from: current,
+            to: 0,
+            recommended: 0,
+            outcome: Outcome::Scale,
+            clamps: Vec::new(),
+            reason: format!("{why}: {current} -> 0"),
+        };
+        return (d, next);
+    }
+
     // 1. The desired count, its reason and, for a gradual scale-down, the largest step allowed.
     let step_down = policy.step_down.size(max).max(1);
     let (recommended, why, max_step_down) = match input {
@@ -256,6 +328,7 @@ pub fn decide(
                 }
             }
         }
+        Input::Idle { .. } => unreachable!("handled above"),
         Input::Tick => {
             if !next.stepping_down || current <= min {
                 next.stepping_down = false;
@@ -404,6 +477,7 @@ mod tests {
             down_cooldown: Duration::ZERO,
             stabilization_window: Duration::ZERO,
             resolved_to_min: true,
+            scale_to_zero_after: None,
         }
     }
 
@@ -464,6 +538,7 @@ mod tests {
             down_cooldown: Duration::from_secs(20),
             stabilization_window: Duration::from_secs(30),
             resolved_to_min: false,
+            scale_to_zero_after: None,
         }
     }
 
@@ -540,6 +615,33 @@ mod tests {
     }
 
     #[test]
+    fn idle_functions_scale_to_zero_only_when_opted_in() {
+        let idle = |secs| Input::Idle {
+            idle_for: Duration::from_secs(secs),
+        };
+        let off = gradual();
+        let (d, _) = decide(&off, 3, &State::default(), idle(3600), at(0));
+        assert_eq!(d.outcome, Outcome::NoChange);
+        let on = Policy {
+            scale_to_zero_after: Some(Duration::from_secs(900)),
+            ..gradual()
+        };
+        let (d, _) = decide(&on, 3, &State::default(), idle(899), at(0));
+        assert_eq!(d.outcome, Outcome::NoChange);
+        let (d, s) = decide(&on, 3, &State::default(), idle(900), at(0));
+        assert_eq!(
+            (d.outcome, d.to),
+            (Outcome::Scale, 0),
+            "below min: zero is opt-in"
+        );
+        assert!(d.reason.contains("no invocation"), "{}", d.reason);
+        // Right after a scale-up the down cooldown still applies.
+        let (_, s2) = decide(&on, 1, &s, signal(Action::StepUp), at(10));
+        let (d, _) = decide(&on, 3, &s2, idle(1000), at(11));
+        assert_eq!(d.outcome, Outcome::Held);
+    }
+
+    #[test]
     fn clamps_are_reported() {
         let p = gradual();
         let (d, _) = decide(&p, 9, &State::default(), signal(Action::To(50)), at(0));
@@ -593,6 +695,7 @@ mod properties {
                 down_cooldown: Duration::from_secs(downc),
                 stabilization_window: Duration::from_secs(win),
                 resolved_to_min: to_min,
+                scale_to_zero_after: None,
             })
     }
 

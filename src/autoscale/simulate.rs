@@ -248,6 +248,7 @@ mod tests {
             down_cooldown: Duration::from_secs(10),
             stabilization_window: Duration::ZERO,
             resolved_to_min: false,
+            scale_to_zero_after: None,
         }
     }
 
