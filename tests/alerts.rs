@@ -59,13 +59,7 @@ fn webhook(alerts: Vec<Value>) -> String {
 }
 
 async fn events(s: &Server, query: &str) -> Vec<Value> {
-    s.system(Method::GET, &format!("/system/scale-events{query}"))
-        .send()
-        .await
-        .unwrap()
-        .json::<Vec<Value>>()
-        .await
-        .unwrap()
+    s.get_json(&format!("/system/scale-events{query}")).await
 }
 
 async fn replicas(s: &Server, name: &str) -> u64 {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{echo_function, free_port, poll, require_program, Options, Server};
-use reqwest::Method;
 use serde_json::Value;
 
 /// Kills the process (and waits for it) when dropped.
@@ -193,13 +192,8 @@ receivers:
     );
 
     let events: Vec<Value> = s
-        .system(Method::GET, "/system/scale-events?function=hot&limit=100")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json("/system/scale-events?function=hot&limit=100")
+        .await;
     let scaled: Vec<&Value> = events.iter().filter(|e| e["outcome"] == "scaled").collect();
     assert!(
         scaled.iter().any(|e| e["direction"] == "up"

@@ -111,14 +111,7 @@ async fn terraform_body_with_nulls_and_unknown_fields_round_trips() {
 #[tokio::test]
 async fn list_describe_invoke_and_metrics() {
     let s = Server::start();
-    let list: Value = s
-        .system(Method::GET, "/system/functions")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/system/functions").await;
     assert_eq!(list, json!([]), "an empty list is [], never null");
 
     assert_eq!(s.deploy(echo_function("echo")).await.status(), 202);
@@ -150,14 +143,7 @@ async fn list_describe_invoke_and_metrics() {
         .unwrap();
     assert_eq!(described.status(), 200);
     assert_eq!(described.headers()["content-type"], "application/json");
-    let list: Value = s
-        .system(Method::GET, "/system/functions?namespace=openfaas-fn")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/system/functions?namespace=openfaas-fn").await;
     assert_eq!(list[0]["name"], "echo");
     assert_eq!(list[0]["invocationCount"], json!(2), "integer, not 2.0");
     assert_eq!(list[0]["replicas"], json!(1));
@@ -367,14 +353,7 @@ async fn secrets_crud_and_mounting() {
             .status(),
         400
     );
-    let list: Value = s
-        .system(Method::GET, "/system/secrets")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/system/secrets").await;
     assert_eq!(
         list,
         json!([{"name":"api-key","namespace":"openfaas-fn"},{"name":"cert","namespace":"openfaas-fn"}]),
@@ -506,14 +485,7 @@ async fn logs_stream_ndjson_with_tail_and_follow() {
 #[tokio::test]
 async fn namespaces_crud_and_isolation() {
     let s = Server::start();
-    let names: Value = s
-        .system(Method::GET, "/system/namespaces")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let names: Value = s.get_json("/system/namespaces").await;
     assert_eq!(names, json!(["openfaas-fn"]));
     let ns = json!({"name":"dev","labels":{"openfaas":"1"},"annotations":{"openfaas":"1"}});
     let create = || {
@@ -523,14 +495,7 @@ async fn namespaces_crud_and_isolation() {
     };
     assert_eq!(create().await.unwrap().status(), 201);
     assert_eq!(create().await.unwrap().status(), 409);
-    let got: Value = s
-        .system(Method::GET, "/system/namespace/dev")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = s.get_json("/system/namespace/dev").await;
     assert_eq!(got, ns);
     let put = s
         .system(Method::PUT, "/system/namespace/dev")
@@ -552,14 +517,7 @@ async fn namespaces_crud_and_isolation() {
     s.wait_available("same", 1).await;
     assert_eq!(s.invoke("same.dev", "").await.1, "dev\n");
     assert_eq!(s.invoke("same.openfaas-fn", "").await.1, "default\n");
-    let dev_list: Value = s
-        .system(Method::GET, "/system/functions?namespace=dev")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dev_list: Value = s.get_json("/system/functions?namespace=dev").await;
     assert_eq!(dev_list.as_array().unwrap().len(), 1);
     assert_eq!(dev_list[0]["namespace"], "dev");
 
@@ -599,14 +557,7 @@ async fn namespaces_crud_and_isolation() {
 #[tokio::test]
 async fn info_shapes_by_role() {
     let s = Server::start();
-    let info: Value = s
-        .system(Method::GET, "/system/info")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = s.get_json("/system/info").await;
     // faas-cli version dereferences these without nil checks.
     assert!(info["provider"]["version"]["release"].is_string(), "{info}");
     assert!(info["provider"]["provider"].is_string());
@@ -618,14 +569,7 @@ async fn info_shapes_by_role() {
         config: Some("role = \"provider\"\n"),
         ..Default::default()
     });
-    let info: Value = p
-        .system(Method::GET, "/system/info")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = p.get_json("/system/info").await;
     assert_eq!(info["provider"], "faastastic");
     assert!(info["version"]["release"].is_string());
 }

@@ -173,14 +173,7 @@ async fn server_restart_brings_functions_back() {
         "the scaled count survives, not the min"
     );
     assert_eq!(s.invoke("durable", "still here").await.1, "still here");
-    let secrets: serde_json::Value = s
-        .system(Method::GET, "/system/secrets")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let secrets: serde_json::Value = s.get_json("/system/secrets").await;
     assert_eq!(secrets[0]["name"], "kept");
 }
 
@@ -382,14 +375,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(r.status(), 405);
 
     // Nothing above changed the stored state.
-    let list: serde_json::Value = s
-        .system(Method::GET, "/system/functions")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: serde_json::Value = s.get_json("/system/functions").await;
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["name"], "keep");
     assert_eq!(list[0]["replicas"], 1);

@@ -188,6 +188,29 @@ fn since(now: DateTime<Utc>, then: Option<DateTime<Utc>>) -> Option<Duration> {
     then.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO))
 }
 
+/// Time since `last` when that is still inside `cooldown`.
+fn in_cooldown(
+    now: DateTime<Utc>,
+    last: Option<DateTime<Utc>>,
+    cooldown: Duration,
+) -> Option<Duration> {
+    since(now, last).filter(|elapsed| *elapsed < cooldown)
+}
+
+fn cooldown_reason(
+    why: &str,
+    which: &str,
+    cooldown: Duration,
+    elapsed: Duration,
+    since_what: &str,
+) -> String {
+    format!(
+        "{why}; held: {which} cooldown {} not over ({} since the last {since_what})",
+        secs_text(cooldown),
+        secs_text(elapsed)
+    )
+}
+
 fn secs_text(d: Duration) -> String {
     let s = d.as_secs_f64();
     if s.fract() == 0.0 {
@@ -245,15 +268,10 @@ pub fn decide(
             secs_text(idle_for),
             secs_text(after)
         );
-        if let Some(elapsed) = since(now, state.last_scale_down.max(state.last_scale_up)) {
-            if elapsed < policy.down_cooldown {
-                let reason = format!(
-                    "{why}; held: down cooldown {} not over ({} since the last scale)",
-                    secs_text(policy.down_cooldown),
-                    secs_text(elapsed)
-                );
-                return (held(current, 0, vec![Clamp::DownCooldown], reason), next);
-            }
+        let last_scale = state.last_scale_down.max(state.last_scale_up);
+        if let Some(elapsed) = in_cooldown(now, last_scale, policy.down_cooldown) {
+            let reason = cooldown_reason(&why, "down", policy.down_cooldown, elapsed, "scale");
+            return (held(current, 0, vec![Clamp::DownCooldown], reason), next);
         }
         next.stepping_down = false;
         next.last_scale_down = Some(now);
@@ -384,28 +402,17 @@ pub fn decide(
 
     // 3. Cooldowns, the stabilization window and the step limit.
     if to > current {
-        if let Some(elapsed) = since(now, state.last_scale_up) {
-            if elapsed < policy.up_cooldown {
-                clamps.push(Clamp::UpCooldown);
-                let reason = format!(
-                    "{why}; held: up cooldown {} not over ({} since the last scale-up)",
-                    secs_text(policy.up_cooldown),
-                    secs_text(elapsed)
-                );
-                return (held(current, recommended, clamps, reason), next);
-            }
+        if let Some(elapsed) = in_cooldown(now, state.last_scale_up, policy.up_cooldown) {
+            clamps.push(Clamp::UpCooldown);
+            let reason = cooldown_reason(&why, "up", policy.up_cooldown, elapsed, "scale-up");
+            return (held(current, recommended, clamps, reason), next);
         }
     } else {
-        if let Some(elapsed) = since(now, state.last_scale_down.max(state.last_scale_up)) {
-            if elapsed < policy.down_cooldown {
-                clamps.push(Clamp::DownCooldown);
-                let reason = format!(
-                    "{why}; held: down cooldown {} not over ({} since the last scale)",
-                    secs_text(policy.down_cooldown),
-                    secs_text(elapsed)
-                );
-                return (held(current, recommended, clamps, reason), next);
-            }
+        let last_scale = state.last_scale_down.max(state.last_scale_up);
+        if let Some(elapsed) = in_cooldown(now, last_scale, policy.down_cooldown) {
+            clamps.push(Clamp::DownCooldown);
+            let reason = cooldown_reason(&why, "down", policy.down_cooldown, elapsed, "scale");
+            return (held(current, recommended, clamps, reason), next);
         }
         let highest = next
             .recommendations

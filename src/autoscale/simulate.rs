@@ -116,22 +116,67 @@ pub fn simulate(
     inputs.sort_by_key(|(t, _)| *t);
     let tick = chrono::Duration::from_std(tick.max(Duration::from_millis(1)))
         .unwrap_or(chrono::Duration::seconds(1));
-    let mut rows = Vec::new();
-    let mut state = State::default();
-    let mut current = start;
+    let mut replay = Replay {
+        policy,
+        state: State::default(),
+        current: start,
+        rows: Vec::new(),
+    };
     let mut clock: Option<DateTime<Utc>> = None;
-    let step = |time: DateTime<Utc>,
-                input: Input<'_>,
-                label: String,
-                rows: &mut Vec<Row>,
-                state: &mut State,
-                current: &mut u64| {
-        let (d, next) = decide(policy, *current, state, input, time);
-        *state = next;
+    for (time, parsed) in &inputs {
+        // The ticker's steps since the previous input.
+        if let Some(mut t) = clock {
+            while t + tick < *time && replay.state.stepping_down {
+                t += tick;
+                replay.step(t, Input::Tick, "tick".into());
+            }
+        }
+        clock = Some(*time);
+        match parsed {
+            Parsed::Tick => replay.step(*time, Input::Tick, "tick".into()),
+            Parsed::Signal(action, key) => {
+                let label = match action {
+                    Action::StepUp => "firing".to_string(),
+                    Action::StepDown => "step_down".to_string(),
+                    Action::To(n) => format!("to {n}"),
+                    Action::Resolved => "resolved".to_string(),
+                };
+                let input = Input::Signal {
+                    action: *action,
+                    dedupe_key: key.as_deref(),
+                };
+                replay.step(*time, input, label);
+            }
+        }
+    }
+    // Let a gradual scale-down finish (bounded).
+    if let Some(mut t) = clock {
+        for _ in 0..10_000 {
+            if !replay.state.stepping_down {
+                break;
+            }
+            t += tick;
+            replay.step(t, Input::Tick, "tick".into());
+        }
+    }
+    Ok(replay.rows)
+}
+
+/// The engine's state and the timeline so far.
+struct Replay<'a> {
+    policy: &'a Policy,
+    state: State,
+    current: u64,
+    rows: Vec<Row>,
+}
+
+impl Replay<'_> {
+    fn step(&mut self, time: DateTime<Utc>, input: Input<'_>, label: String) {
+        let (d, next) = decide(self.policy, self.current, &self.state, input, time);
+        self.state = next;
         // As in the server, only ticks that scale are worth a line.
-        let idle_tick = label == "tick" && d.outcome != Outcome::Scale;
-        if !idle_tick {
-            rows.push(Row {
+        if label != "tick" || d.outcome == Outcome::Scale {
+            self.rows.push(Row {
                 time,
                 input: label,
                 from: d.from,
@@ -145,67 +190,9 @@ pub fn simulate(
             });
         }
         if d.outcome == Outcome::Scale {
-            *current = d.to;
-        }
-    };
-    for (time, parsed) in &inputs {
-        // The ticker's steps since the previous input.
-        if let Some(mut t) = clock {
-            while t + tick < *time && state.stepping_down {
-                t += tick;
-                step(
-                    t,
-                    Input::Tick,
-                    "tick".into(),
-                    &mut rows,
-                    &mut state,
-                    &mut current,
-                );
-            }
-        }
-        clock = Some(*time);
-        match parsed {
-            Parsed::Tick => step(
-                *time,
-                Input::Tick,
-                "tick".into(),
-                &mut rows,
-                &mut state,
-                &mut current,
-            ),
-            Parsed::Signal(action, key) => {
-                let label = match action {
-                    Action::StepUp => "firing".to_string(),
-                    Action::StepDown => "step_down".to_string(),
-                    Action::To(n) => format!("to {n}"),
-                    Action::Resolved => "resolved".to_string(),
-                };
-                let input = Input::Signal {
-                    action: *action,
-                    dedupe_key: key.as_deref(),
-                };
-                step(*time, input, label, &mut rows, &mut state, &mut current);
-            }
+            self.current = d.to;
         }
     }
-    // Let a gradual scale-down finish (bounded).
-    if let Some(mut t) = clock {
-        for _ in 0..10_000 {
-            if !state.stepping_down {
-                break;
-            }
-            t += tick;
-            step(
-                t,
-                Input::Tick,
-                "tick".into(),
-                &mut rows,
-                &mut state,
-                &mut current,
-            );
-        }
-    }
-    Ok(rows)
 }
 
 /// The timeline as an aligned text table.

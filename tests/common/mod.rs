@@ -138,6 +138,17 @@ impl Server {
         }
     }
 
+    /// GET a `/system` route that must succeed, decoded from JSON.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let r = self
+            .system(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
     pub async fn deploy(&self, body: Value) -> reqwest::Response {
         self.system(reqwest::Method::POST, "/system/functions")
             .json(&body)
