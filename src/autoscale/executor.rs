@@ -466,3 +466,114 @@ impl Autoscaler {
         .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::model::FunctionDeployment;
+    use crate::platform::{
+        EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts, Workload,
+    };
+
+    /// A platform whose scale calls fail while `down` is set: fault injection for the
+    /// executor's retry contract.
+    #[derive(Default)]
+    struct FlakyPlatform {
+        down: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Platform for FlakyPlatform {
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+        fn validate(&self, _: &FunctionDeployment) -> Result<(), String> {
+            Ok(())
+        }
+        async fn apply(&self, _: Workload, _: u64) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        async fn scale(&self, _: &FunctionId, _: u64) -> Result<(), PlatformError> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(PlatformError::Failed("datacenter unreachable".into()))
+            } else {
+                Ok(())
+            }
+        }
+        async fn remove(&self, _: &FunctionId) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        fn replicas(&self, _: &FunctionId) -> ReplicaCounts {
+            ReplicaCounts::default()
+        }
+        fn endpoints(&self, _: &FunctionId) -> Option<Arc<EndpointSet>> {
+            None
+        }
+        fn watch_ready(&self, _: &FunctionId) -> Option<watch::Receiver<u64>> {
+            None
+        }
+        fn logs(&self, _: &FunctionId, _: &LogQuery) -> Option<LogSubscription> {
+            None
+        }
+        async fn shutdown(&self) {}
+    }
+
+    #[tokio::test]
+    async fn a_failed_platform_call_is_retryable_and_changes_no_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let platform = Arc::new(FlakyPlatform::default());
+        let fleet = Arc::new(
+            Fleet::restore(store.clone(), platform.clone(), "openfaas-fn", 64)
+                .await
+                .unwrap(),
+        );
+        let id = fleet
+            .deploy(FunctionDeployment {
+                service: Some("f".into()),
+                image: Some("i".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let scaler = Autoscaler::restore(
+            fleet.clone(),
+            store,
+            Arc::new(Metrics::new()),
+            Arc::new(Activity::default()),
+            Config::default().autoscale,
+            "home",
+        )
+        .await
+        .unwrap();
+        let firing = |key: &str| SignalRequest {
+            id: id.clone(),
+            action: Action::StepUp,
+            dedupe_key: Some(key.to_string()),
+            source: "alert".into(),
+            evidence: serde_json::json!({}),
+        };
+        platform.down.store(true, Ordering::SeqCst);
+        let failed = scaler.apply_batch(vec![firing("a")]).await;
+        assert_eq!(failed[0].outcome, "failed");
+        assert!(failed[0].retryable);
+        assert!(
+            failed[0].reason.contains("datacenter unreachable"),
+            "{}",
+            failed[0].reason
+        );
+        assert_eq!(fleet.get(&id).unwrap().function.desired_replicas, 1);
+        // Alertmanager's retry of the same alert is applied, not taken for a duplicate and not
+        // held by a cooldown that the failed attempt never started.
+        platform.down.store(false, Ordering::SeqCst);
+        let retried = scaler.apply_batch(vec![firing("a")]).await;
+        assert_eq!((retried[0].outcome, retried[0].to), ("scaled", Some(2)));
+        assert!(!retried[0].retryable);
+    }
+}
