@@ -30,6 +30,39 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub local: LocalConfig,
     pub autoscale: AutoscaleConfig,
+    pub prometheus: PrometheusConfig,
+}
+
+/// Where query policies read Prometheus.
+#[derive(Debug, Clone)]
+pub struct PrometheusConfig {
+    /// `None`: no Prometheus; only `source = "internal"` query policies can run.
+    pub url: Option<String>,
+    pub timeout: Duration,
+}
+
+/// Where a query policy's values come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuerySource {
+    /// A PromQL instant query returning one series per function.
+    Prometheus { query: String },
+    /// faastastic's own invocation counters: invocations per second over `window`.
+    Internal { window: Duration },
+}
+
+/// One `[[autoscale.queries]]` entry: a metric evaluated every `interval` for the functions
+/// whose `name.namespace` matches `pattern`.
+#[derive(Debug, Clone)]
+pub struct QueryPolicy {
+    pub name: String,
+    pub source: QuerySource,
+    pub pattern: glob::Pattern,
+    pub strategy: crate::autoscale::strategy::Strategy,
+    pub interval: Duration,
+    /// Replicas to set while the source is unavailable (as KEDA's fallback); `None` holds.
+    pub fallback_replicas: Option<u64>,
+    /// The result label that names the function (`name` or `name.namespace`).
+    pub function_label: String,
 }
 
 /// Defaults for every function's scaling policy (labels override them per function) and the
@@ -63,6 +96,8 @@ pub struct AutoscaleConfig {
     /// Per-function overrides, matched by glob on `name.namespace`; every match applies, in
     /// order, and function labels override them all.
     pub policies: Vec<PolicyOverride>,
+    /// Metric-driven policies evaluated by the server itself.
+    pub queries: Vec<QueryPolicy>,
 }
 
 /// One `[[autoscale.policies]]` entry: any key left out keeps the value from before.
@@ -200,6 +235,11 @@ impl Default for Config {
                 scale_rate_per_sec: 100,
                 zero_idle: Duration::from_secs(15 * 60),
                 policies: Vec::new(),
+                queries: Vec::new(),
+            },
+            prometheus: PrometheusConfig {
+                url: None,
+                timeout: Duration::from_secs(2),
             },
         }
     }
@@ -360,6 +400,7 @@ impl Config {
                         .min(u32::MAX as usize) as u32,
                     zero_idle: s.secs("zero_idle_secs", d.zero_idle),
                     policies: s.policies("policies"),
+                    queries: s.queries("queries"),
                 };
                 if a.default_min > a.default_max {
                     s.errors.push(format!(
@@ -370,7 +411,48 @@ impl Config {
                 s.finish(&mut errors);
                 a
             },
+            prometheus: {
+                let mut s = root.section("prometheus");
+                let d = &defaults.prometheus;
+                let p =
+                    PrometheusConfig {
+                        url: s.parsed("url", d.url.clone(), |v: String| match reqwest::Url::parse(
+                            &v,
+                        ) {
+                            Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(Some(v)),
+                            _ => Err(format!(
+                                "{v:?} is not an http(s) URL such as http://127.0.0.1:9090"
+                            )),
+                        }),
+                        timeout: s.millis("timeout_ms", d.timeout),
+                    };
+                s.finish(&mut errors);
+                p
+            },
         };
+        for (i, q) in cfg.autoscale.queries.iter().enumerate() {
+            if matches!(q.source, QuerySource::Prometheus { .. }) && cfg.prometheus.url.is_none() {
+                errors.push(format!(
+                    "autoscale.queries[{i}] ({}): a PromQL query needs [prometheus] url (or use source = \"internal\")",
+                    q.name
+                ));
+            }
+        }
+        let mut names: Vec<&str> = cfg
+            .autoscale
+            .queries
+            .iter()
+            .map(|q| q.name.as_str())
+            .collect();
+        names.sort_unstable();
+        for pair in names.windows(2) {
+            if pair[0] == pair[1] && !pair[0].is_empty() {
+                errors.push(format!(
+                    "autoscale.queries: the name {:?} is used twice",
+                    pair[0]
+                ));
+            }
+        }
         root.finish(&mut errors);
         if errors.is_empty() {
             Ok(cfg)
@@ -592,6 +674,153 @@ impl Section {
         out
     }
 
+    /// `[[autoscale.queries]]`: query policies, each checked whole (PromQL parsed).
+    fn queries(&mut self, key: &str) -> Vec<QueryPolicy> {
+        use crate::autoscale::strategy::Strategy;
+        let full = self.key(key);
+        let entries = match self.table.remove(key) {
+            None => return Vec::new(),
+            Some(toml::Value::Array(entries)) => entries,
+            Some(other) => {
+                self.errors.push(format!(
+                    "{full}: must be an array of tables ([[{full}]]), got {}",
+                    other.type_str()
+                ));
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, entry) in entries.into_iter().enumerate() {
+            let at = format!("{full}[{i}]");
+            let toml::Value::Table(table) = entry else {
+                self.errors.push(format!("{at}: must be a table"));
+                continue;
+            };
+            let mut s = Section::new(&at, table);
+            let name: String = s.get("name", String::new());
+            if name.is_empty() {
+                s.errors.push(format!("{at}.name: is required"));
+            }
+            let query: Option<String> = s.get("query", None);
+            let source_kind: String = s.get(
+                "source",
+                if query.is_some() {
+                    "prometheus".into()
+                } else {
+                    "internal".into()
+                },
+            );
+            let window = s.secs("window_secs", Duration::from_secs(10));
+            let source = match (source_kind.as_str(), query) {
+                ("prometheus", Some(q)) => {
+                    if let Err(e) = promql_parser::parser::parse(&q) {
+                        s.errors
+                            .push(format!("{at}.query: invalid PromQL: {}", e.trim()));
+                    }
+                    QuerySource::Prometheus { query: q }
+                }
+                ("prometheus", None) => {
+                    s.errors.push(format!(
+                        "{at}.query: is required with source = \"prometheus\""
+                    ));
+                    QuerySource::Internal { window }
+                }
+                ("internal", None) => QuerySource::Internal { window },
+                ("internal", Some(_)) => {
+                    s.errors.push(format!("{at}.query: not used with source = \"internal\" (it measures invocations per second over window_secs)"));
+                    QuerySource::Internal { window }
+                }
+                (other, _) => {
+                    s.errors.push(format!(
+                        "{at}.source: must be \"prometheus\" or \"internal\", got {other:?}"
+                    ));
+                    QuerySource::Internal { window }
+                }
+            };
+            let pattern = s.parsed(
+                "match",
+                glob::Pattern::new("*").expect("* is a valid glob"),
+                |v: String| glob::Pattern::new(&v).map_err(|e| format!("{v:?} is not a glob: {e}")),
+            );
+            let kind: String = s.get("strategy", "target".to_string());
+            let strategy = match kind.as_str() {
+                "target" => {
+                    let target: f64 = s.get("target", 0.0);
+                    if !(target.is_finite() && target > 0.0) {
+                        s.errors.push(format!(
+                            "{at}.target: a positive number is required with strategy = \"target\""
+                        ));
+                    }
+                    let tolerance: f64 = s.get("tolerance", 0.1);
+                    if !(0.0..1.0).contains(&tolerance) {
+                        s.errors.push(format!(
+                            "{at}.tolerance: must be from 0 to 1 (a fraction), got {tolerance}"
+                        ));
+                    }
+                    Strategy::Target {
+                        target,
+                        per_replica: s.get("per_replica", false),
+                        tolerance,
+                    }
+                }
+                "threshold" => {
+                    let upper: f64 = s.get("upper", f64::NAN);
+                    let lower: f64 = s.get("lower", f64::NAN);
+                    if !(upper.is_finite() && lower.is_finite() && lower < upper) {
+                        s.errors.push(format!("{at}.upper/lower: both are required with strategy = \"threshold\", lower below upper"));
+                    }
+                    let step = s.parsed(
+                        "step",
+                        crate::autoscale::policy::Step::Count(1),
+                        |v: toml::Value| {
+                            let text = match v {
+                                toml::Value::Integer(n) => n.to_string(),
+                                toml::Value::String(t) => t,
+                                other => {
+                                    return Err(format!(
+                                        "must be a count or a percentage, got {}",
+                                        other.type_str()
+                                    ))
+                                }
+                            };
+                            crate::autoscale::labels::parse_step(&text)
+                        },
+                    );
+                    Strategy::Threshold { upper, lower, step }
+                }
+                "fixed" => {
+                    if !s.table.contains_key("replicas") {
+                        s.errors.push(format!(
+                            "{at}.replicas: is required with strategy = \"fixed\""
+                        ));
+                    }
+                    Strategy::Fixed {
+                        replicas: s.count("replicas", 0),
+                    }
+                }
+                other => {
+                    s.errors.push(format!("{at}.strategy: must be \"target\", \"threshold\" or \"fixed\", got {other:?}"));
+                    Strategy::Fixed { replicas: 0 }
+                }
+            };
+            let q = QueryPolicy {
+                name,
+                source,
+                pattern,
+                strategy,
+                interval: s.millis("interval_ms", Duration::from_secs(2)),
+                fallback_replicas: s
+                    .table
+                    .contains_key("fallback_replicas")
+                    .then(|| s.count("fallback_replicas", 0)),
+                function_label: s.get("function_label", "function_name".to_string()),
+            };
+            s.finish(&mut self.errors);
+            out.push(q);
+        }
+        out
+    }
+
     /// A nested table; a missing one reads as empty (all defaults).
     fn section(&mut self, key: &str) -> Section {
         let full = self.key(key);
@@ -728,6 +957,59 @@ down_cooldown_secs = 0
             "autoscale.policies[0].min",
             "autoscale.policies[0].step_up",
             "autoscale.policies[0].what: unknown key",
+        ] {
+            assert!(joined.contains(needle), "{needle} missing in {joined}");
+        }
+    }
+
+    #[test]
+    fn query_policies() {
+        let cfg = Config::parse(
+            r#"
+[prometheus]
+url = "http://127.0.0.1:9090"
+[[autoscale.queries]]
+name = "rps"
+query = 'sum by (function_name) (rate(gateway_function_invocation_total[10s]))'
+target = 5
+[[autoscale.queries]]
+name = "own"
+source = "internal"
+match = "demo-*"
+strategy = "threshold"
+upper = 10
+lower = 1
+"#,
+        )
+        .unwrap();
+        let q = &cfg.autoscale.queries;
+        assert_eq!(q.len(), 2);
+        assert!(matches!(q[0].source, QuerySource::Prometheus { .. }));
+        assert_eq!(
+            q[1].source,
+            QuerySource::Internal {
+                window: Duration::from_secs(10)
+            }
+        );
+        let errors = Config::parse(
+            r#"
+[[autoscale.queries]]
+name = "bad"
+query = "sum(rate(x[5m]) by"
+[[autoscale.queries]]
+name = "bad"
+source = "internal"
+strategy = "threshold"
+"#,
+        )
+        .unwrap_err();
+        let joined = errors.join("\n");
+        for needle in [
+            "autoscale.queries[0].query: invalid PromQL",
+            "autoscale.queries[0].target",
+            "autoscale.queries[1].upper/lower",
+            "needs [prometheus] url",
+            "used twice",
         ] {
             assert!(joined.contains(needle), "{needle} missing in {joined}");
         }

@@ -144,6 +144,13 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     )
     .await?;
     autoscaler.spawn_ticker();
+    crate::autoscale::query::spawn_all(
+        &cfg.autoscale.queries,
+        &cfg.prometheus,
+        fleet.clone(),
+        autoscaler.clone(),
+        metrics.clone(),
+    )?;
     let webhook_rate =
         NonZeroU32::new(cfg.autoscale.webhook_rate_per_sec.max(1)).expect("max(1) is non-zero");
     let state = Arc::new(AppState {

@@ -257,6 +257,24 @@ impl Store {
         .await
     }
 
+    /// An event that concerns no single function (a metric source going down or coming back).
+    pub async fn record_source_event(
+        &self,
+        datacenter: &str,
+        at: DateTime<Utc>,
+        json: String,
+    ) -> Result<i64, StoreError> {
+        let datacenter = datacenter.to_string();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, '', '', ?2, ?3)",
+                params![at.to_rfc3339(), datacenter, json],
+            )?;
+            Ok(conn.last_insert_rowid())
+        })
+        .await
+    }
+
     /// Scale events, newest first, as (id, JSON text).
     pub async fn scale_events(
         &self,

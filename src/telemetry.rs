@@ -26,6 +26,8 @@ pub struct Metrics {
     pub scale_decisions: IntCounterVec,
     /// `faastastic_proxy_waiting_requests`: invocations held until a replica is ready.
     pub waiting_requests: prometheus::IntGauge,
+    /// `faastastic_policy_source_up{policy}`: 1 when a query policy's last read worked.
+    pub source_up: IntGaugeVec,
 }
 
 impl Metrics {
@@ -94,8 +96,17 @@ impl Metrics {
             "Invocations waiting for a starting replica (scale from zero)",
         )
         .expect("static metric definition is valid");
+        let source_up = IntGaugeVec::new(
+            Opts::new(
+                "faastastic_policy_source_up",
+                "1 when the query policy's metric source answered at its last evaluation",
+            ),
+            &["policy"],
+        )
+        .expect("static metric definition is valid");
         for collector in [
             Box::new(scale_decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(source_up.clone()),
             Box::new(waiting_requests.clone()),
             Box::new(invocation_total.clone()),
             Box::new(functions_seconds.clone()),
@@ -120,6 +131,7 @@ impl Metrics {
             async_queue_depth,
             scale_decisions,
             waiting_requests,
+            source_up,
         }
     }
 

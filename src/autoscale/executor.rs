@@ -171,7 +171,7 @@ impl Autoscaler {
                 };
                 (
                     i,
-                    self.apply(&r.id, input, &r.source, r.evidence.clone())
+                    self.apply(&r.id, input, &r.source, r.evidence.clone(), false)
                         .await,
                 )
             }
@@ -198,12 +198,15 @@ impl Autoscaler {
     }
 
     /// Runs one input through the engine for one function and carries the decision out.
+    /// `quiet` (periodic sources: ticks, idle checks, queries) records only decisions that
+    /// scale, so a long hold does not flood the audit trail.
     pub async fn apply(
         &self,
         id: &FunctionId,
         input: Input<'_>,
         source: &str,
         evidence: serde_json::Value,
+        quiet: bool,
     ) -> SignalResult {
         let state_lock = self.state_of(id);
         let mut state = state_lock.lock().await;
@@ -241,11 +244,11 @@ impl Autoscaler {
                     return self.finish(id, &state, event, false).await;
                 }
             };
-        let is_tick = matches!(input, Input::Tick | Input::Idle { .. });
+        let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
         let (decision, next) = decide(&policy, current, &state, input, now);
-        // A tick that changes nothing is not an event: only its state is kept (in memory; the
-        // next recorded decision stores it), so a long hold does not flood the audit trail.
-        if is_tick && decision.outcome != Outcome::Scale {
+        // A periodic input that changes nothing is not an event: only its state is kept (in
+        // memory; the next recorded decision stores it).
+        if quiet && decision.outcome != Outcome::Scale {
             *state = next;
             self.set_stepping(id, state.stepping_down);
             return SignalResult::other(id.qualified(), "no_change", decision.reason);
@@ -385,6 +388,48 @@ impl Autoscaler {
         }
     }
 
+    /// Records a change in a metric source's health (once per outage, once per recovery).
+    pub async fn record_source_event(
+        &self,
+        source: &str,
+        outcome: &'static str,
+        reason: String,
+        evidence: serde_json::Value,
+    ) {
+        tracing::warn!(source, outcome, "{reason}");
+        let event = ScaleEvent {
+            id: None,
+            time: Utc::now(),
+            function: String::new(),
+            namespace: String::new(),
+            datacenter: self.datacenter.clone(),
+            source: source.to_string(),
+            from: 0,
+            to: 0,
+            recommended: 0,
+            direction: "none",
+            outcome,
+            reason,
+            clamps: Vec::new(),
+            evidence,
+        };
+        if let Err(e) = self
+            .store
+            .record_source_event(
+                &event.datacenter,
+                event.time,
+                serde_json::to_string(&event).unwrap_or_default(),
+            )
+            .await
+        {
+            tracing::error!(source, error = %e, "cannot record a source event");
+        }
+    }
+
+    pub fn config(&self) -> &AutoscaleConfig {
+        &self.cfg
+    }
+
     fn set_stepping(&self, id: &FunctionId, on: bool) {
         let mut stepping = self.stepping.lock().unwrap_or_else(|p| p.into_inner());
         if on {
@@ -419,7 +464,7 @@ impl Autoscaler {
                     .collect();
                 futures::future::join_all(
                     due.iter()
-                        .map(|id| this.apply(id, Input::Tick, "tick", serde_json::json!({}))),
+                        .map(|id| this.apply(id, Input::Tick, "tick", serde_json::json!({}), true)),
                 )
                 .await;
                 this.scale_idle_to_zero().await;
@@ -461,6 +506,7 @@ impl Autoscaler {
                 },
                 "idle",
                 evidence,
+                true,
             )
         }))
         .await;

@@ -5,4 +5,6 @@ pub mod alertmanager;
 pub mod executor;
 pub mod labels;
 pub mod policy;
+pub mod query;
 pub mod simulate;
+pub mod strategy;

@@ -1,0 +1,272 @@
+//! Query policies: every `interval`, read one metric for all matching functions (one PromQL
+//! query for all of them, or faastastic's own counters), turn each value into a desired count
+//! with the policy's strategy, and feed it to the same engine and executor as alerts.
+//! An unreachable source holds (no scale), is recorded once per outage, and shows in
+//! `faastastic_policy_source_up`; `fallback_replicas` applies after three failed reads.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::executor::Autoscaler;
+use super::labels::policy_for;
+use super::policy::{Action, Input};
+use super::strategy::{desired, Want};
+use crate::config::{PrometheusConfig, QueryPolicy, QuerySource};
+use crate::fleet::Fleet;
+use crate::model::{split_qualified, FunctionId};
+use crate::telemetry::Metrics;
+
+/// Failed reads in a row before `fallback_replicas` applies.
+const FALLBACK_AFTER_FAILURES: u32 = 3;
+
+struct Runner {
+    policy: QueryPolicy,
+    prometheus: Option<prometheus_http_query::Client>,
+    timeout: Duration,
+    fleet: Arc<Fleet>,
+    autoscaler: Arc<Autoscaler>,
+    metrics: Arc<Metrics>,
+    /// Internal source: (when, invocations per function) samples covering the window.
+    samples: VecDeque<(Instant, HashMap<String, u64>)>,
+    failures: u32,
+    up: bool,
+}
+
+/// Starts one evaluation loop per query policy.
+pub fn spawn_all(
+    policies: &[QueryPolicy],
+    prometheus: &PrometheusConfig,
+    fleet: Arc<Fleet>,
+    autoscaler: Arc<Autoscaler>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    for policy in policies {
+        let client = match (&policy.source, &prometheus.url) {
+            (QuerySource::Prometheus { .. }, Some(url)) => {
+                let http = reqwest::Client::builder()
+                    .timeout(prometheus.timeout)
+                    .build()?;
+                Some(prometheus_http_query::Client::from(http, url)?)
+            }
+            _ => None,
+        };
+        let source = match &policy.source {
+            QuerySource::Prometheus { query } => format!("Prometheus query {query:?}"),
+            QuerySource::Internal { window } => {
+                format!("internal invocation rate over {}s", window.as_secs_f64())
+            }
+        };
+        tracing::info!(policy = %policy.name, "query policy: {source}, {}, every {:?}", policy.strategy, policy.interval);
+        let mut runner = Runner {
+            policy: policy.clone(),
+            prometheus: client,
+            timeout: prometheus.timeout,
+            fleet: fleet.clone(),
+            autoscaler: autoscaler.clone(),
+            metrics: metrics.clone(),
+            samples: VecDeque::new(),
+            failures: 0,
+            up: true,
+        };
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(runner.policy.interval);
+            // A slow source skips ticks rather than piling evaluations up.
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                interval.tick().await;
+                runner.evaluate().await;
+            }
+        });
+    }
+    Ok(())
+}
+
+impl Runner {
+    fn source_name(&self) -> String {
+        format!("query:{}", self.policy.name)
+    }
+
+    /// Values per function, or why there are none.
+    async fn read(&mut self) -> Result<HashMap<FunctionId, f64>, String> {
+        match &self.policy.source {
+            QuerySource::Prometheus { query } => {
+                let client = self.prometheus.as_ref().ok_or("no Prometheus configured")?;
+                let ask = client
+                    .query(query)
+                    .timeout(self.timeout.as_millis() as i64)
+                    .get();
+                let result = tokio::time::timeout(self.timeout, ask)
+                    .await
+                    .map_err(|_| format!("Prometheus did not answer within {:?}", self.timeout))?
+                    .map_err(|e| format!("Prometheus query failed: {e}"))?;
+                let vector = result
+                    .data()
+                    .as_vector()
+                    .ok_or("the query must return an instant vector (one series per function)")?;
+                let mut out = HashMap::new();
+                for series in vector {
+                    let Some(function) = series.metric().get(&self.policy.function_label) else {
+                        continue;
+                    };
+                    out.insert(self.function_id(function), series.sample().value());
+                }
+                Ok(out)
+            }
+            QuerySource::Internal { window } => Ok(self.internal_rates(*window)),
+        }
+    }
+
+    fn function_id(&self, label: &str) -> FunctionId {
+        let (name, namespace) = split_qualified(label);
+        FunctionId::new(name, namespace.unwrap_or(self.fleet.default_namespace()))
+    }
+
+    /// Invocations per second over the window, from faastastic's own counters; a function never
+    /// invoked reads as 0.
+    fn internal_rates(&mut self, window: Duration) -> HashMap<FunctionId, f64> {
+        let now = Instant::now();
+        self.samples
+            .push_back((now, self.metrics.invocation_counts()));
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= window {
+            self.samples.pop_front();
+        }
+        let (then, old) = &self.samples[0];
+        let latest = &self.samples[self.samples.len() - 1].1;
+        let span = now.duration_since(*then).as_secs_f64();
+        let mut out = HashMap::new();
+        for view in self.fleet.all() {
+            let key = view.function.id.qualified();
+            let rate = if span > 0.0 {
+                let delta = latest
+                    .get(&key)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(old.get(&key).copied().unwrap_or(0));
+                delta as f64 / span
+            } else {
+                f64::NAN // one sample: no rate yet
+            };
+            out.insert(view.function.id, rate);
+        }
+        out
+    }
+
+    async fn evaluate(&mut self) {
+        let values = self.read().await;
+        let source = self.source_name();
+        let values = match values {
+            Ok(v) => {
+                self.metrics
+                    .source_up
+                    .with_label_values(&[self.policy.name.as_str()])
+                    .set(1);
+                self.failures = 0;
+                if !self.up {
+                    self.up = true;
+                    self.autoscaler
+                        .record_source_event(
+                            &source,
+                            "source_recovered",
+                            format!("{source}: the metric source answers again; scaling resumes"),
+                            json!({}),
+                        )
+                        .await;
+                }
+                v
+            }
+            Err(e) => {
+                self.metrics
+                    .source_up
+                    .with_label_values(&[self.policy.name.as_str()])
+                    .set(0);
+                self.failures += 1;
+                if self.up {
+                    self.up = false;
+                    let reason = format!(
+                        "{source}: source unavailable, holding the functions it drives: {e}"
+                    );
+                    self.autoscaler
+                        .record_source_event(
+                            &source,
+                            "source_unavailable",
+                            reason,
+                            json!({"error": e}),
+                        )
+                        .await;
+                }
+                if let Some(fallback) = self.policy.fallback_replicas {
+                    if self.failures >= FALLBACK_AFTER_FAILURES {
+                        self.apply_all(|_, _| {
+                            Some((
+                                fallback,
+                                format!("source unavailable: fallback_replicas {fallback}"),
+                                f64::NAN,
+                            ))
+                        })
+                        .await;
+                    }
+                }
+                return;
+            }
+        };
+        let strategy = self.policy.strategy.clone();
+        let cfg = self.autoscaler.config().clone();
+        self.apply_all(|id, view_current| {
+            let value = *values.get(id)?;
+            let max = policy_for(&id.qualified(), &view_current.1, &cfg)
+                .map(|(p, _)| p.max)
+                .unwrap_or(cfg.default_max);
+            match desired(&strategy, view_current.0, value, max) {
+                Want::Replicas(n, why) => Some((n, why, value)),
+                Want::Hold(_) => None,
+            }
+        })
+        .await;
+    }
+
+    /// Feeds `want(function)` to the executor for every function this policy matches.
+    async fn apply_all<F>(&self, want: F)
+    where
+        F: Fn(&FunctionId, &(u64, crate::model::FunctionDeployment)) -> Option<(u64, String, f64)>,
+    {
+        let source = self.source_name();
+        let query = match &self.policy.source {
+            QuerySource::Prometheus { query } => query.clone(),
+            QuerySource::Internal { .. } => "internal invocation rate".to_string(),
+        };
+        let mut work = Vec::new();
+        for view in self.fleet.all() {
+            let id = &view.function.id;
+            if !self.policy.pattern.matches(&id.qualified()) {
+                continue;
+            }
+            let current = (
+                view.function.desired_replicas,
+                view.function.deployment.clone(),
+            );
+            if let Some((n, why, value)) = want(id, &current) {
+                work.push((
+                    id.clone(),
+                    n,
+                    json!({"policy": self.policy.name, "query": query, "value": value, "why": why}),
+                ));
+            }
+        }
+        futures::future::join_all(work.into_iter().map(|(id, n, evidence)| {
+            let source = source.clone();
+            async move {
+                let input = Input::Signal {
+                    action: Action::To(n),
+                    dedupe_key: None,
+                };
+                self.autoscaler
+                    .apply(&id, input, &source, evidence, true)
+                    .await
+            }
+        }))
+        .await;
+    }
+}

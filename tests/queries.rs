@@ -1,0 +1,236 @@
+//! Query policies: the internal source (no Prometheus needed) and real Prometheus, including
+//! Prometheus going away and coming back.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{echo_function, free_port, poll, require_program, sample, Options, Server};
+use serde_json::{json, Value};
+
+/// Sends about `per_sec` invocations per second until stopped (at most 90 s).
+fn load(s: &Server, name: &str, per_sec: u64) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u32>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flag, url, http) = (
+        stop.clone(),
+        s.url(&format!("/function/{name}")),
+        s.http.clone(),
+    );
+    let handle = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut sent = 0;
+        let gap = Duration::from_millis(1000 / per_sec);
+        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let _ = http.post(&url).body("x").send().await;
+            sent += 1;
+            tokio::time::sleep(gap).await;
+        }
+        sent
+    });
+    (stop, handle)
+}
+
+async fn replicas(s: &Server, name: &str) -> u64 {
+    s.status(name).await.1["replicas"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn internal_source_tracks_a_target_rate() {
+    let s = Server::with(Options {
+        config: Some(
+            r#"
+[autoscale]
+up_cooldown_secs = 0
+down_cooldown_secs = 1
+stabilization_window_secs = 1
+[[autoscale.queries]]
+name = "own-rate"
+source = "internal"
+window_secs = 2
+target = 10
+interval_ms = 200
+"#,
+        ),
+        ..Default::default()
+    });
+    let mut f = echo_function("tracked");
+    f["labels"] = json!({"com.openfaas.scale.max": "4"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("tracked", 1).await;
+    let (stop, handle) = load(&s, "tracked", 50);
+    let up = poll(Duration::from_secs(30), || async {
+        replicas(&s, "tracked").await == 4
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    handle.await.unwrap();
+    assert!(
+        up,
+        "about 40 invocations/s at a target of 10 per replica needs 4"
+    );
+    let down = poll(Duration::from_secs(30), || async {
+        replicas(&s, "tracked").await == 1
+    })
+    .await;
+    assert!(down, "no load: back to min after the window");
+    let events: Vec<Value> = s.get_json("/system/scale-events?function=tracked").await;
+    let up_event = events
+        .iter()
+        .find(|e| e["direction"] == "up" && e["outcome"] == "scaled")
+        .expect("a scale-up event");
+    assert_eq!(up_event["source"], "query:own-rate");
+    assert!(
+        up_event["evidence"]["value"].as_f64().unwrap() > 10.0,
+        "{up_event}"
+    );
+    assert!(up_event["evidence"]["why"]
+        .as_str()
+        .unwrap()
+        .contains("target 10"));
+    assert!(
+        events.iter().all(|e| e["outcome"] != "no_change"),
+        "periodic evaluations record only what they change: {events:#?}"
+    );
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn prometheus(config: &std::path::Path, data: &std::path::Path, port: u16) -> Proc {
+    Proc(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", data.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    )
+}
+
+#[tokio::test]
+async fn prometheus_query_scales_holds_while_it_is_down_and_resumes() {
+    require_program("prometheus", "prometheus");
+    let prom_port = free_port();
+    let config = format!(
+        r#"
+[prometheus]
+url = "http://127.0.0.1:{prom_port}"
+timeout_ms = 1000
+[autoscale]
+up_cooldown_secs = 0
+down_cooldown_secs = 1
+stabilization_window_secs = 2
+[[autoscale.queries]]
+name = "rps"
+query = 'sum by (function_name) (rate(gateway_function_invocation_total[3s]))'
+target = 10
+interval_ms = 500
+"#
+    );
+    let s = Server::with(Options {
+        config: Some(&config),
+        ..Default::default()
+    });
+    let mut f = echo_function("queried");
+    f["labels"] = json!({"com.openfaas.scale.max": "4"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("queried", 1).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let prom_config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: faastastic\n  static_configs:\n  - targets: [\"{}\"]\n",
+            s.base.trim_start_matches("http://")
+        ),
+    )
+    .unwrap();
+    let tsdb = dir.path().join("tsdb");
+    let prom = prometheus(&prom_config, &tsdb, prom_port);
+    let ready = poll(Duration::from_secs(30), || async {
+        reqwest::get(format!("http://127.0.0.1:{prom_port}/-/ready"))
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(ready, "Prometheus did not start");
+
+    let (stop, handle) = load(&s, "queried", 50);
+    let up = poll(Duration::from_secs(40), || async {
+        replicas(&s, "queried").await == 4
+    })
+    .await;
+    assert!(up, "the query path scales to 4");
+
+    // Prometheus goes away: hold, one event, source_up 0. (It may already have been counted
+    // down once, before Prometheus had started.)
+    let outages = |events: &[Value]| {
+        events
+            .iter()
+            .filter(|e| e["outcome"] == "source_unavailable")
+            .count()
+    };
+    let before = outages(&s.get_json::<Vec<Value>>("/system/scale-events").await);
+    drop(prom);
+    let down = poll(Duration::from_secs(20), || async {
+        sample(
+            &s.metrics().await,
+            r#"faastastic_policy_source_up{policy="rps"}"#,
+        ) == Some(0.0)
+    })
+    .await;
+    assert!(down, "faastastic_policy_source_up goes to 0");
+    stop.store(true, Ordering::Relaxed);
+    handle.await.unwrap();
+    // Several evaluations later, still one outage event and no scale-down.
+    let seen_failures = poll(Duration::from_secs(10), || async {
+        outages(&s.get_json::<Vec<Value>>("/system/scale-events").await) == before + 1
+    })
+    .await;
+    assert!(seen_failures);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // three evaluation intervals
+    let events: Vec<Value> = s.get_json("/system/scale-events").await;
+    assert_eq!(
+        outages(&events),
+        before + 1,
+        "one event per outage: {events:#?}"
+    );
+    assert_eq!(
+        replicas(&s, "queried").await,
+        4,
+        "held while the source is down"
+    );
+
+    // Back: scaling resumes (no load now, so back to min).
+    let _prom = prometheus(&prom_config, &tsdb, prom_port);
+    let resumed = poll(Duration::from_secs(40), || async {
+        replicas(&s, "queried").await == 1
+    })
+    .await;
+    assert!(resumed, "scaling resumes when Prometheus is back");
+    let events: Vec<Value> = s.get_json("/system/scale-events").await;
+    assert!(
+        events.iter().any(|e| e["outcome"] == "source_recovered"),
+        "{events:#?}"
+    );
+    assert_eq!(
+        sample(
+            &s.metrics().await,
+            r#"faastastic_policy_source_up{policy="rps"}"#
+        ),
+        Some(1.0)
+    );
+}
