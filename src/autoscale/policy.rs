@@ -649,6 +649,27 @@ mod tests {
     }
 
     #[test]
+    fn the_highest_recommendation_in_the_window_wins() {
+        // Two query policies on one function: one wants 5, the other 3.
+        let p = Policy {
+            up_cooldown: Duration::ZERO,
+            down_cooldown: Duration::ZERO,
+            ..gradual()
+        };
+        timeline(
+            &p,
+            1,
+            &[
+                (0, signal(Action::To(5)), 5),
+                (1, signal(Action::To(3)), 5),  // 5 was recommended 1 s ago
+                (2, signal(Action::To(5)), 5),  // no change
+                (20, signal(Action::To(3)), 5), // still inside the 30 s window of the 5 at 2 s
+                (33, signal(Action::To(3)), 3), // window passed
+            ],
+        );
+    }
+
+    #[test]
     fn clamps_are_reported() {
         let p = gradual();
         let (d, _) = decide(&p, 9, &State::default(), signal(Action::To(50)), at(0));
