@@ -31,6 +31,7 @@ pub struct Config {
     pub local: LocalConfig,
     pub autoscale: AutoscaleConfig,
     pub prometheus: PrometheusConfig,
+    pub grafana: crate::grafana::GrafanaConfig,
 }
 
 /// Where query policies read Prometheus.
@@ -241,6 +242,7 @@ impl Default for Config {
                 url: None,
                 timeout: Duration::from_secs(2),
             },
+            grafana: crate::grafana::GrafanaConfig::default(),
         }
     }
 }
@@ -428,6 +430,33 @@ impl Config {
                     };
                 s.finish(&mut errors);
                 p
+            },
+            grafana: {
+                let mut s = root.section("grafana");
+                let d = &defaults.grafana;
+                let g =
+                    crate::grafana::GrafanaConfig {
+                        url: s.parsed("url", d.url.clone(), |v: String| match reqwest::Url::parse(
+                            &v,
+                        ) {
+                            Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(Some(v)),
+                            _ => Err(format!(
+                                "{v:?} is not an http(s) URL such as http://127.0.0.1:3000"
+                            )),
+                        }),
+                        token_file: s.get("token_file", d.token_file.clone()),
+                        dashboard_uid: s.get("dashboard_uid", d.dashboard_uid.clone()),
+                        queue_capacity: s.positive("queue_capacity", d.queue_capacity),
+                        rate_per_sec: s
+                            .positive("rate_per_sec", d.rate_per_sec as usize)
+                            .min(u32::MAX as usize) as u32,
+                        max_attempts: s
+                            .positive("max_attempts", d.max_attempts as usize)
+                            .min(u32::MAX as usize) as u32,
+                        timeout: s.millis("timeout_ms", d.timeout),
+                    };
+                s.finish(&mut errors);
+                g
             },
         };
         for (i, q) in cfg.autoscale.queries.iter().enumerate() {

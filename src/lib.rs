@@ -5,6 +5,7 @@ pub mod api;
 pub mod autoscale;
 pub mod config;
 pub mod fleet;
+pub mod grafana;
 pub mod model;
 pub mod platform;
 pub mod proxy;

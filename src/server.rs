@@ -139,6 +139,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         store.clone(),
         metrics.clone(),
         activity,
+        crate::grafana::Annotations::start(&cfg.grafana, metrics.clone())?,
         cfg.autoscale.clone(),
         HOME_DATACENTER,
     )

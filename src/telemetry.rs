@@ -28,6 +28,10 @@ pub struct Metrics {
     pub waiting_requests: prometheus::IntGauge,
     /// `faastastic_policy_source_up{policy}`: 1 when a query policy's last read worked.
     pub source_up: IntGaugeVec,
+    /// `faastastic_grafana_annotations_total{result}`: sent, failed (after retries), dropped (queue full).
+    pub annotations: IntCounterVec,
+    /// `faastastic_grafana_annotations_queued`
+    pub annotations_queued: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -104,8 +108,23 @@ impl Metrics {
             &["policy"],
         )
         .expect("static metric definition is valid");
+        let annotations = IntCounterVec::new(
+            Opts::new(
+                "faastastic_grafana_annotations_total",
+                "Grafana annotations by result: sent, failed (after retries), dropped (queue full)",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition is valid");
+        let annotations_queued = prometheus::IntGauge::new(
+            "faastastic_grafana_annotations_queued",
+            "Grafana annotations waiting to be sent",
+        )
+        .expect("static metric definition is valid");
         for collector in [
             Box::new(scale_decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(annotations.clone()),
+            Box::new(annotations_queued.clone()),
             Box::new(source_up.clone()),
             Box::new(waiting_requests.clone()),
             Box::new(invocation_total.clone()),
@@ -132,6 +151,8 @@ impl Metrics {
             scale_decisions,
             waiting_requests,
             source_up,
+            annotations,
+            annotations_queued,
         }
     }
 

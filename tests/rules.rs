@@ -24,11 +24,21 @@ fn rule_files_are_valid_and_their_unit_tests_pass() {
     common::require_program("promtool", "prometheus");
     run(
         "promtool",
-        &["check", "rules", "rules/openfaas.rules.yml", "rules/faastastic.rules.yml"],
+        &[
+            "check",
+            "rules",
+            "rules/openfaas.rules.yml",
+            "rules/faastastic.rules.yml",
+        ],
     );
     run(
         "promtool",
-        &["test", "rules", "rules/tests/openfaas_test.yml", "rules/tests/faastastic_test.yml"],
+        &[
+            "test",
+            "rules",
+            "rules/tests/openfaas_test.yml",
+            "rules/tests/faastastic_test.yml",
+        ],
     );
 }
 

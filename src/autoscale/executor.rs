@@ -93,6 +93,7 @@ pub struct Autoscaler {
     activity: Arc<Activity>,
     /// Idle time counts from here for functions not invoked since the server started.
     started_at: DateTime<Utc>,
+    annotations: Option<Arc<crate::grafana::Annotations>>,
 }
 
 fn rank(action: Action) -> u8 {
@@ -109,6 +110,7 @@ impl Autoscaler {
         store: Store,
         metrics: Arc<Metrics>,
         activity: Arc<Activity>,
+        annotations: Option<Arc<crate::grafana::Annotations>>,
         cfg: AutoscaleConfig,
         datacenter: &str,
     ) -> Result<Arc<Autoscaler>, StoreError> {
@@ -138,6 +140,7 @@ impl Autoscaler {
             scale_limiter: RateLimiter::direct(Quota::per_second(per_sec)),
             activity,
             started_at: Utc::now(),
+            annotations,
             cfg,
         }))
     }
@@ -369,6 +372,21 @@ impl Autoscaler {
             "{}",
             event.reason
         );
+        if let (Some(a), "scaled") = (&self.annotations, event.outcome) {
+            a.post(
+                event.time.timestamp_millis(),
+                vec![
+                    "faastastic".to_string(),
+                    format!("scale-{}", event.direction),
+                    format!("function:{function_name}"),
+                    format!("datacenter:{}", event.datacenter),
+                ],
+                format!(
+                    "{} {} → {}: {}",
+                    function_name, event.from, event.to, event.reason
+                ),
+            );
+        }
         let record = serde_json::to_string(&event).ok().map(|json| EventRecord {
             at: event.time,
             datacenter: event.datacenter.clone(),
@@ -593,6 +611,7 @@ mod tests {
             store,
             Arc::new(Metrics::new()),
             Arc::new(Activity::default()),
+            None,
             Config::default().autoscale,
             "home",
         )

@@ -661,8 +661,8 @@ mod tests {
             1,
             &[
                 (0, signal(Action::To(5)), 5),
-                (1, signal(Action::To(3)), 5),  // 5 was recommended 1 s ago
-                (2, signal(Action::To(5)), 5),  // no change
+                (1, signal(Action::To(3)), 5), // 5 was recommended 1 s ago
+                (2, signal(Action::To(5)), 5), // no change
                 (20, signal(Action::To(3)), 5), // still inside the 30 s window of the 5 at 2 s
                 (33, signal(Action::To(3)), 3), // window passed
             ],
