@@ -4,6 +4,7 @@
 pub mod api;
 pub mod autoscale;
 pub mod config;
+pub mod demo;
 pub mod fleet;
 pub mod grafana;
 pub mod model;

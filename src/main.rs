@@ -35,6 +35,18 @@ enum Command {
         #[arg(long)]
         no_auth: bool,
     },
+    /// Show the whole loop on this machine: deploy, invoke, load, scale 1 → 4 and back.
+    Demo {
+        /// Load in requests per second.
+        #[arg(long, default_value_t = 60)]
+        rate: u64,
+        /// Longest the load runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        max_load_secs: u64,
+        /// Directory for timeline.json and timeline.csv.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Scaling policies: try them before enabling them.
     Policy {
         #[command(subcommand)]
@@ -173,6 +185,18 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             };
+        }
+        Command::Demo {
+            rate,
+            max_load_secs,
+            out,
+        } => {
+            telemetry::init_tracing_at("warn");
+            runtime.block_on(faastastic::demo::run(faastastic::demo::DemoOptions {
+                rate,
+                max_load: std::time::Duration::from_secs(max_load_secs),
+                out,
+            }))
         }
         Command::Watchdog => runtime.block_on(platform::watchdog::run()),
     };

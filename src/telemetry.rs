@@ -212,8 +212,13 @@ impl Default for Metrics {
 
 /// Logs go to stderr; `RUST_LOG` overrides the default `info` level.
 pub fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides `default_level`.
+pub fn init_tracing_at(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

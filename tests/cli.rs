@@ -67,3 +67,35 @@ fn simulate_reports_bad_input() {
     assert_eq!(code, 2);
     assert!(err.contains("com.openfaas.scale.factor"), "{err}");
 }
+
+#[test]
+fn demo_scales_up_under_load_and_back_down() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(common::BIN)
+        .args(["demo", "--max-load-secs", "40", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("Hello, world!"), "{stdout}");
+    assert!(stdout.contains("demo passed"), "{stdout}");
+    let timeline: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("timeline.json")).unwrap())
+            .unwrap();
+    assert_eq!(timeline[0]["replicas"], 1);
+    assert!(timeline.iter().any(|p| p["ready"] == 4), "{timeline:?}");
+    assert_eq!(
+        timeline.last().unwrap()["replicas"],
+        1,
+        "back down at the end"
+    );
+    let csv = std::fs::read_to_string(out.path().join("timeline.csv")).unwrap();
+    assert!(csv.starts_with("t_secs,phase,replicas"));
+    // The decisions printed carry the query's reasoning.
+    assert!(stdout.contains("at target 10 per replica"), "{stdout}");
+}

@@ -261,7 +261,12 @@ impl Autoscaler {
             std::cmp::Ordering::Less => "down",
             std::cmp::Ordering::Equal => "none",
         };
-        let mut reason = decision.reason.clone();
+        // A source that explains its recommendation (a query's value against its target)
+        // says so first.
+        let mut reason = match evidence.get("why").and_then(|w| w.as_str()) {
+            Some(why) => format!("{why}; {}", decision.reason),
+            None => decision.reason.clone(),
+        };
         let (outcome, keep_state, retryable) = match decision.outcome {
             Outcome::NoChange => ("no_change", true, false),
             Outcome::Held => ("held", true, false),

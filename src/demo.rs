@@ -1,0 +1,307 @@
+//! `faastastic demo`: the whole loop on the embedded default, with nothing else installed.
+//! Starts a server on a loopback port (auth off, a temporary data directory), deploys a
+//! hello-world function, invokes it, drives a bounded load while the autoscaler (an internal
+//! query policy: 10 invocations/s per replica) takes it from 1 to 4 replicas, stops the load
+//! and watches it step back down. Prints a live timeline and the decisions with their
+//! reasons, writes the timeline as JSON and CSV, and succeeds only if the scale-up happened.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::config::{Config, QueryPolicy, QuerySource};
+use crate::server;
+
+pub struct DemoOptions {
+    /// Load in requests per second.
+    pub rate: u64,
+    /// Longest the load runs (it stops earlier once 4 replicas are ready for a few seconds).
+    pub max_load: Duration,
+    /// Where the timeline files go (default: the temporary data directory, kept).
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Point {
+    t_secs: f64,
+    phase: &'static str,
+    replicas: u64,
+    ready: u64,
+    requests_per_sec: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn demo_config(data_dir: PathBuf) -> Config {
+    let mut cfg = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir,
+        ..Default::default()
+    };
+    cfg.auth.enabled = false;
+    let a = &mut cfg.autoscale;
+    a.up_cooldown = Duration::from_secs(1);
+    a.down_cooldown = Duration::from_secs(2);
+    a.stabilization_window = Duration::from_secs(4);
+    a.tick_interval = Duration::from_millis(250);
+    a.queries.push(QueryPolicy {
+        name: "demo-rate".to_string(),
+        source: QuerySource::Internal {
+            window: Duration::from_secs(3),
+        },
+        pattern: glob::Pattern::new("*").expect("* is a valid glob"),
+        strategy: crate::autoscale::strategy::Strategy::Target {
+            target: 10.0,
+            per_replica: false,
+            tolerance: 0.1,
+        },
+        interval: Duration::from_millis(500),
+        fallback_replicas: None,
+        function_label: "function_name".to_string(),
+    });
+    cfg
+}
+
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    let tmp = std::env::temp_dir().join(format!("faastastic-demo-{}", std::process::id()));
+    let cfg = demo_config(tmp.join("data"));
+    println!("faastastic demo: the embedded local platform, an internal query policy (10 invocations/s per replica), nothing else installed");
+    let app = server::build(&cfg).await?;
+    let router = crate::api::router(app.state.clone(), crate::api::auth::Auth::disabled());
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    println!("server on {base} (data in {})", cfg.data_dir.display());
+    let http = reqwest::Client::new();
+
+    let result = drive(&http, &base, &opts).await;
+    app.platform.shutdown().await;
+    let (timeline, scaled_up) = result?;
+
+    let out = opts.out.unwrap_or(tmp);
+    std::fs::create_dir_all(&out)?;
+    let json_path = out.join("timeline.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&timeline)?)?;
+    let mut csv = String::from("t_secs,phase,replicas,ready,requests_per_sec,p99_ms,errors\n");
+    for p in &timeline {
+        csv.push_str(&format!(
+            "{:.1},{},{},{},{:.1},{:.1},{}\n",
+            p.t_secs, p.phase, p.replicas, p.ready, p.requests_per_sec, p.p99_ms, p.errors
+        ));
+    }
+    let csv_path = out.join("timeline.csv");
+    std::fs::write(&csv_path, csv)?;
+    println!(
+        "timeline written to {} and {}",
+        json_path.display(),
+        csv_path.display()
+    );
+    if !scaled_up {
+        bail!("the function did not reach 4 replicas under load");
+    }
+    println!("demo passed: 1 → 4 replicas under load, and back down when it stopped");
+    Ok(())
+}
+
+async fn status(http: &reqwest::Client, base: &str) -> (u64, u64) {
+    let v: Value = match http
+        .get(format!("{base}/system/function/hello"))
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    (
+        v["replicas"].as_u64().unwrap_or(0),
+        v["availableReplicas"].as_u64().unwrap_or(0),
+    )
+}
+
+async fn drive(
+    http: &reqwest::Client,
+    base: &str,
+    opts: &DemoOptions,
+) -> anyhow::Result<(Vec<Point>, bool)> {
+    let deploy = json!({"service": "hello", "image": "local/hello",
+        "envProcess": "sh -c 'echo \"Hello, $(cat)!\"'",
+        "labels": {"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "4"}});
+    let r = http
+        .post(format!("{base}/system/functions"))
+        .json(&deploy)
+        .send()
+        .await?;
+    if r.status() != 202 {
+        bail!(
+            "deploy failed: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+    println!("deployed hello (min 1, max 4)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(http, base).await.1 < 1 {
+        if Instant::now() > deadline {
+            bail!("hello did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer = http
+        .post(format!("{base}/function/hello"))
+        .body("world")
+        .send()
+        .await?
+        .text()
+        .await?;
+    println!("invoked: {}", answer.trim());
+
+    // Bounded load from a few workers, with latencies kept for a per-second p99.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    let workers = 4u64;
+    let gap = Duration::from_micros(1_000_000 * workers / opts.rate.max(1));
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let (stop, sent, errors, latencies, http) = (
+            stop.clone(),
+            sent.clone(),
+            errors.clone(),
+            latencies.clone(),
+            http.clone(),
+        );
+        let url = format!("{base}/function/hello");
+        handles.push(tokio::spawn(async move {
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                match http.post(&url).body("load").send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                latencies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(started.elapsed());
+                sent.fetch_add(1, Ordering::Relaxed);
+                next += gap;
+                tokio::time::sleep_until(next.into()).await;
+            }
+        }));
+    }
+    println!(
+        "load: about {} requests/s for at most {:?}\n",
+        opts.rate, opts.max_load
+    );
+    println!(
+        "{:>6}  {:<6}  {:>8}  {:>5}  {:>7}  {:>8}  {:>6}",
+        "t", "phase", "replicas", "ready", "req/s", "p99", "errors"
+    );
+
+    let start = Instant::now();
+    let (replicas, ready) = status(http, base).await;
+    println!(
+        "{:>5.0}s  {:<6}  {:>8}  {:>5}",
+        0.0, "start", replicas, ready
+    );
+    let mut timeline = vec![Point {
+        t_secs: 0.0,
+        phase: "start",
+        replicas,
+        ready,
+        requests_per_sec: 0.0,
+        p99_ms: 0.0,
+        errors: 0,
+    }];
+    let mut last_sent = 0;
+    let mut reached_at: Option<Instant> = None;
+    let mut phase = "load";
+    let mut load_stopped_at: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now_sent = sent.load(Ordering::Relaxed);
+        let mut window = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+        window.sort();
+        let p99 = window
+            .get(((window.len() as f64 - 1.0) * 0.99).round().max(0.0) as usize)
+            .copied()
+            .unwrap_or_default();
+        let (replicas, ready) = status(http, base).await;
+        let point = Point {
+            t_secs: start.elapsed().as_secs_f64(),
+            phase,
+            replicas,
+            ready,
+            requests_per_sec: (now_sent - last_sent) as f64,
+            p99_ms: p99.as_secs_f64() * 1e3,
+            errors: errors.load(Ordering::Relaxed),
+        };
+        last_sent = now_sent;
+        println!(
+            "{:>5.0}s  {:<6}  {:>8}  {:>5}  {:>7.0}  {:>6.1}ms  {:>6}",
+            point.t_secs,
+            point.phase,
+            point.replicas,
+            point.ready,
+            point.requests_per_sec,
+            point.p99_ms,
+            point.errors
+        );
+        timeline.push(point);
+        if phase == "load" {
+            if ready >= 4 && reached_at.is_none() {
+                reached_at = Some(Instant::now());
+            }
+            let held = reached_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(3));
+            if held || start.elapsed() >= opts.max_load {
+                stop.store(true, Ordering::Relaxed);
+                for h in handles.drain(..) {
+                    let _ = h.await;
+                }
+                phase = "quiet";
+                load_stopped_at = Some(Instant::now());
+            }
+        } else if replicas <= 1
+            || load_stopped_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(40))
+        {
+            break;
+        }
+    }
+
+    let events: Vec<Value> = http
+        .get(format!("{base}/system/scale-events?function=hello"))
+        .send()
+        .await?
+        .json()
+        .await
+        .context("reading the scale events")?;
+    println!("\ndecisions (oldest first):");
+    for e in events.iter().rev() {
+        println!(
+            "  {}  {} -> {}  {:<8} {}",
+            e["time"].as_str().unwrap_or("").get(11..19).unwrap_or(""),
+            e["from"],
+            e["to"],
+            e["outcome"].as_str().unwrap_or(""),
+            e["reason"].as_str().unwrap_or("")
+        );
+    }
+    Ok((timeline, reached_at.is_some()))
+}
