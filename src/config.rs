@@ -491,6 +491,21 @@ impl Config {
     }
 }
 
+/// A step as TOML writes it: a count (`2`) or a percentage of max (`"25%"`).
+fn step_value(v: toml::Value) -> Result<crate::autoscale::policy::Step, String> {
+    let text = match v {
+        toml::Value::Integer(n) => n.to_string(),
+        toml::Value::String(t) => t,
+        other => {
+            return Err(format!(
+                "must be a count or a percentage, got {}",
+                other.type_str()
+            ))
+        }
+    };
+    crate::autoscale::labels::parse_step(&text)
+}
+
 /// One TOML table being read key by key. Each accessor removes its key, records an error naming
 /// the full key when the value is wrong and falls back to the default, so parsing continues and
 /// every error is reported; whatever is left at the end is an unknown key.
@@ -606,8 +621,8 @@ impl Section {
         })
     }
 
-    /// `[[...policies]]`: an array of tables, each read like a section.
-    fn policies(&mut self, key: &str) -> Vec<PolicyOverride> {
+    /// `[[key]]`: an array of tables, each returned as a section named `key[i]`.
+    fn tables(&mut self, key: &str) -> Vec<Section> {
         let full = self.key(key);
         let entries = match self.table.remove(key) {
             None => return Vec::new(),
@@ -622,12 +637,20 @@ impl Section {
         };
         let mut out = Vec::new();
         for (i, entry) in entries.into_iter().enumerate() {
-            let name = format!("{full}[{i}]");
-            let toml::Value::Table(table) = entry else {
-                self.errors.push(format!("{name}: must be a table"));
-                continue;
-            };
-            let mut s = Section::new(&name, table);
+            let at = format!("{full}[{i}]");
+            match entry {
+                toml::Value::Table(table) => out.push(Section::new(&at, table)),
+                _ => self.errors.push(format!("{at}: must be a table")),
+            }
+        }
+        out
+    }
+
+    /// `[[autoscale.policies]]`: per-function overrides.
+    fn policies(&mut self, key: &str) -> Vec<PolicyOverride> {
+        let mut out = Vec::new();
+        for mut s in self.tables(key) {
+            let name = s.prefix.clone();
             let pattern = match s.table.contains_key("match") {
                 false => {
                     s.errors.push(format!("{name}.match: is required (a glob on name.namespace, e.g. \"api-*.openfaas-fn\")"));
@@ -651,19 +674,7 @@ impl Section {
                 if !s.table.contains_key(key) {
                     return None;
                 }
-                s.parsed(key, None, |v: toml::Value| {
-                    let text = match v {
-                        toml::Value::Integer(n) => n.to_string(),
-                        toml::Value::String(t) => t,
-                        other => {
-                            return Err(format!(
-                                "must be a count or a percentage, got {}",
-                                other.type_str()
-                            ))
-                        }
-                    };
-                    crate::autoscale::labels::parse_step(&text).map(Some)
-                })
+                s.parsed(key, None, |v: toml::Value| step_value(v).map(Some))
             };
             let opt_bool = |s: &mut Section, key: &str| -> Option<bool> {
                 s.table.contains_key(key).then(|| s.get(key, false))
@@ -706,26 +717,9 @@ impl Section {
     /// `[[autoscale.queries]]`: query policies, each checked whole (PromQL parsed).
     fn queries(&mut self, key: &str) -> Vec<QueryPolicy> {
         use crate::autoscale::strategy::Strategy;
-        let full = self.key(key);
-        let entries = match self.table.remove(key) {
-            None => return Vec::new(),
-            Some(toml::Value::Array(entries)) => entries,
-            Some(other) => {
-                self.errors.push(format!(
-                    "{full}: must be an array of tables ([[{full}]]), got {}",
-                    other.type_str()
-                ));
-                return Vec::new();
-            }
-        };
         let mut out = Vec::new();
-        for (i, entry) in entries.into_iter().enumerate() {
-            let at = format!("{full}[{i}]");
-            let toml::Value::Table(table) = entry else {
-                self.errors.push(format!("{at}: must be a table"));
-                continue;
-            };
-            let mut s = Section::new(&at, table);
+        for mut s in self.tables(key) {
+            let at = s.prefix.clone();
             let name: String = s.get("name", String::new());
             if name.is_empty() {
                 s.errors.push(format!("{at}.name: is required"));
@@ -798,23 +792,8 @@ impl Section {
                     if !(upper.is_finite() && lower.is_finite() && lower < upper) {
                         s.errors.push(format!("{at}.upper/lower: both are required with strategy = \"threshold\", lower below upper"));
                     }
-                    let step = s.parsed(
-                        "step",
-                        crate::autoscale::policy::Step::Count(1),
-                        |v: toml::Value| {
-                            let text = match v {
-                                toml::Value::Integer(n) => n.to_string(),
-                                toml::Value::String(t) => t,
-                                other => {
-                                    return Err(format!(
-                                        "must be a count or a percentage, got {}",
-                                        other.type_str()
-                                    ))
-                                }
-                            };
-                            crate::autoscale::labels::parse_step(&text)
-                        },
-                    );
+                    let step =
+                        s.parsed("step", crate::autoscale::policy::Step::Count(1), step_value);
                     Strategy::Threshold { upper, lower, step }
                 }
                 "fixed" => {
