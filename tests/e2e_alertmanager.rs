@@ -5,34 +5,14 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{echo_function, free_port, poll, require_program, Options, Server};
+use common::{
+    echo_function, free_port, poll, require_program, spawn_quiet as spawn, Options, Server,
+};
 use serde_json::Value;
-
-/// Kills the process (and waits for it) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(program: &str, args: &[String]) -> Proc {
-    Proc(
-        Command::new(program)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}")),
-    )
-}
 
 async fn http_ok(url: &str) -> bool {
     reqwest::get(url)

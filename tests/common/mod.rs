@@ -253,6 +253,29 @@ pub fn require_program(program: &str, package: &str) {
     );
 }
 
+/// A helper process (Prometheus, Alertmanager) killed and reaped when dropped, even when the
+/// test fails first.
+pub struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `program` with its output discarded.
+pub fn spawn_quiet(program: &str, args: &[String]) -> Proc {
+    Proc(
+        Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}")),
+    )
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
