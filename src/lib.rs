@@ -11,6 +11,7 @@ pub mod model;
 pub mod platform;
 pub mod proxy;
 pub mod queue;
+pub mod rules;
 pub mod server;
 pub mod store;
 pub mod telemetry;

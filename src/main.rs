@@ -47,6 +47,11 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Prometheus rule files for the autoscaler.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Scaling policies: try them before enabling them.
     Policy {
         #[command(subcommand)]
@@ -55,6 +60,17 @@ enum Command {
     /// Run one function replica (started by the local platform; settings from the environment).
     #[command(hide = true)]
     Watchdog,
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Lint rule files: PromQL parses, and alerts meant for faastastic keep function_name,
+    /// have a valid scale_action, a `for`, and no label templated from the value.
+    /// Prints `file:line: message`; exits 1 on any problem.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -197,6 +213,26 @@ fn main() -> ExitCode {
                 max_load: std::time::Duration::from_secs(max_load_secs),
                 out,
             }))
+        }
+        Command::Rules {
+            command: RulesCommand::Check { files },
+        } => {
+            let mut problems = 0;
+            for file in &files {
+                let findings = faastastic::rules::check_file(file);
+                if findings.is_empty() {
+                    println!("{}: ok", file.display());
+                }
+                for f in &findings {
+                    println!("{f}");
+                }
+                problems += findings.len();
+            }
+            return if problems == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
         }
         Command::Watchdog => runtime.block_on(platform::watchdog::run()),
     };

@@ -99,3 +99,54 @@ fn demo_scales_up_under_load_and_back_down() {
     // The decisions printed carry the query's reasoning.
     assert!(stdout.contains("at target 10 per replica"), "{stdout}");
 }
+
+fn rules_check(files: &[&str]) -> (i32, String) {
+    let out = Command::new(common::BIN)
+        .args(["rules", "check"])
+        .args(files)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn rules_check_passes_the_shipped_rules() {
+    let (code, out) = rules_check(&["rules/openfaas.rules.yml", "rules/faastastic.rules.yml"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("rules/faastastic.rules.yml: ok"), "{out}");
+}
+
+#[test]
+fn rules_check_names_file_and_line_of_each_problem() {
+    let (code, out) = rules_check(&["tests/fixtures/rules/dropped_label.yml"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("tests/fixtures/rules/dropped_label.yml:4: alert TotalTooHigh: its output loses the function_name label"),
+        "{out}"
+    );
+    let (code, out) = rules_check(&["tests/fixtures/rules/bad_labels.yml"]);
+    assert_eq!(code, 1);
+    for expected in [
+        "bad_labels.yml:9: alert Sideways: scale_action \"sideways\"",
+        "bad_labels.yml:9: alert Sideways: no `for`",
+        "bad_labels.yml:9: alert Sideways: label value is templated",
+    ] {
+        assert!(out.contains(expected), "{expected} missing in:\n{out}");
+    }
+    assert!(!out.contains("alert Fine"), "{out}");
+    let (code, out) = rules_check(&["tests/fixtures/rules/syntax_error.yml"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("syntax_error.yml:6: alert Broken: PromQL syntax error"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "the valid recording rule is fine: {out}"
+    );
+}
