@@ -13,6 +13,7 @@ declare -A needs=(
   [promtool]=prometheus
   [prometheus-alertmanager]=prometheus-alertmanager
   [amtool]=prometheus-alertmanager
+  [docker-compose]=docker-compose
 )
 missing=()
 for program in "${!needs[@]}"; do

@@ -71,12 +71,16 @@ impl Annotations {
             return Ok(None);
         };
         let token = match &cfg.token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
+            Some(path) => {
+                let token = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read grafana.token_file {}", path.display()))?
                     .trim()
-                    .to_string(),
-            ),
+                    .to_string();
+                if token.is_empty() {
+                    tracing::warn!(file = %path.display(), "grafana.token_file is empty: annotations are sent without a token");
+                }
+                Some(token).filter(|t| !t.is_empty())
+            }
             None => None,
         };
         let url = format!("{}/api/annotations", base.trim_end_matches('/'));

@@ -1,5 +1,5 @@
-//! The shipped rule files and Alertmanager example, checked by the real promtool and amtool:
-//! syntax, and the rule unit tests in rules/tests/.
+//! The shipped rule files, Alertmanager examples and docker-compose stack, checked by the real
+//! promtool, amtool and docker-compose: syntax, and the rule unit tests in rules/tests/.
 
 mod common;
 
@@ -46,4 +46,20 @@ fn rule_files_are_valid_and_their_unit_tests_pass() {
 fn example_alertmanager_config_is_valid() {
     common::require_program("amtool", "prometheus-alertmanager");
     run("amtool", &["check-config", "rules/alertmanager.yml"]);
+}
+
+#[test]
+fn compose_stack_and_its_configs_are_valid() {
+    common::require_program("promtool", "prometheus");
+    common::require_program("amtool", "prometheus-alertmanager");
+    common::require_program("docker-compose", "docker-compose");
+    run("promtool", &["check", "config", "deploy/prometheus.yml"]);
+    run("amtool", &["check-config", "deploy/alertmanager.yml"]);
+    run(
+        "docker-compose",
+        &["-f", "docker-compose.yml", "config", "-q"],
+    );
+    // The faastastic config the stack mounts is one this binary accepts.
+    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/faastastic.toml");
+    faastastic::config::Config::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
 }
