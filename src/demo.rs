@@ -27,6 +27,13 @@ pub struct DemoOptions {
     pub out: Option<PathBuf>,
 }
 
+/// A decision to mark on the plot: seconds since the load started, and its label.
+#[derive(Debug, Clone, Serialize)]
+struct Marker {
+    t_secs: f64,
+    label: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 struct Point {
     t_secs: f64,
@@ -88,7 +95,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let result = drive(&http, &base, &opts).await;
     app.platform.shutdown().await;
-    let (timeline, scaled_up) = result?;
+    let (timeline, markers, scaled_up) = result?;
 
     let out = opts.out.unwrap_or(tmp);
     std::fs::create_dir_all(&out)?;
@@ -103,10 +110,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     let csv_path = out.join("timeline.csv");
     std::fs::write(&csv_path, csv)?;
+    let svg_path = out.join("timeline.svg");
+    std::fs::write(&svg_path, svg(&timeline, &markers))?;
     println!(
-        "timeline written to {} and {}",
+        "timeline written to {}, {} and {}",
         json_path.display(),
-        csv_path.display()
+        csv_path.display(),
+        svg_path.display()
     );
     if !scaled_up {
         bail!("the function did not reach 4 replicas under load");
@@ -134,7 +144,7 @@ async fn drive(
     http: &reqwest::Client,
     base: &str,
     opts: &DemoOptions,
-) -> anyhow::Result<(Vec<Point>, bool)> {
+) -> anyhow::Result<(Vec<Point>, Vec<Marker>, bool)> {
     let deploy = json!({"service": "hello", "image": "local/hello",
         "envProcess": "sh -c 'echo \"Hello, $(cat)!\"'",
         "labels": {"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "4"}});
@@ -216,6 +226,7 @@ async fn drive(
     );
 
     let start = Instant::now();
+    let start_wall = chrono::Utc::now();
     let (replicas, ready) = status(http, base).await;
     println!(
         "{:>5.0}s  {:<6}  {:>8}  {:>5}",
@@ -303,5 +314,89 @@ async fn drive(
             e["reason"].as_str().unwrap_or("")
         );
     }
-    Ok((timeline, reached_at.is_some()))
+    let markers = events
+        .iter()
+        .rev()
+        .filter_map(|e| {
+            let at = chrono::DateTime::parse_from_rfc3339(e["time"].as_str()?).ok()?;
+            Some(Marker {
+                t_secs: (at.with_timezone(&chrono::Utc) - start_wall).num_milliseconds() as f64
+                    / 1e3,
+                label: format!("{} → {}", e["from"], e["to"]),
+            })
+        })
+        .collect();
+    Ok((timeline, markers, reached_at.is_some()))
+}
+
+/// A self-contained SVG: ready replicas (left axis) and request rate (right axis) over time,
+/// with a dashed line at every scale decision.
+fn svg(timeline: &[Point], markers: &[Marker]) -> String {
+    let (w, h, pad) = (900.0, 360.0, 50.0);
+    let t_max = timeline.last().map(|p| p.t_secs).unwrap_or(1.0).max(1.0);
+    let r_max = timeline
+        .iter()
+        .map(|p| p.replicas.max(p.ready))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        + 1.0;
+    let q_max = timeline
+        .iter()
+        .map(|p| p.requests_per_sec)
+        .fold(1.0, f64::max)
+        * 1.1;
+    let x = |t: f64| pad + (w - 2.0 * pad) * t / t_max;
+    let y_r = |r: f64| h - pad - (h - 2.0 * pad) * r / r_max;
+    let y_q = |q: f64| h - pad - (h - 2.0 * pad) * q / q_max;
+    let mut replicas = String::new();
+    let mut prev: Option<f64> = None;
+    for p in timeline {
+        if let Some(py) = prev {
+            replicas.push_str(&format!("{:.1},{:.1} ", x(p.t_secs), py));
+        }
+        let yy = y_r(p.ready as f64);
+        replicas.push_str(&format!("{:.1},{:.1} ", x(p.t_secs), yy));
+        prev = Some(yy);
+    }
+    let rate: String = timeline
+        .iter()
+        .map(|p| format!("{:.1},{:.1} ", x(p.t_secs), y_q(p.requests_per_sec)))
+        .collect();
+    let mut out = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{pad}" y="24" font-size="15">faastastic demo: ready replicas (blue) and requests/s (orange); dashed lines are scale decisions</text>
+<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#333"/>
+<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="#333"/>
+<line x1="{r}" y1="{pad}" x2="{r}" y2="{b}" stroke="#333"/>
+<text x="{r}" y="{tb}" text-anchor="end">{t_max:.0} s</text>
+<text x="{pad}" y="{tb}">0 s</text>
+<text x="12" y="{top}">{rm:.0} replicas</text>
+<text x="{rl}" y="{top}" text-anchor="end">{q_max:.0} req/s</text>
+"##,
+        b = h - pad,
+        r = w - pad,
+        tb = h - pad + 18.0,
+        top = pad - 6.0,
+        rm = r_max,
+        rl = w - 4.0,
+    );
+    for m in markers {
+        if m.t_secs < 0.0 || m.t_secs > t_max {
+            continue;
+        }
+        let mx = x(m.t_secs);
+        out.push_str(&format!(
+            "<line x1=\"{mx:.1}\" y1=\"{pad}\" x2=\"{mx:.1}\" y2=\"{:.1}\" stroke=\"#999\" stroke-dasharray=\"4 3\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"#555\">{}</text>\n",
+            h - pad,
+            mx + 3.0,
+            pad + 14.0,
+            m.label
+        ));
+    }
+    out.push_str(&format!(
+        "<polyline fill=\"none\" stroke=\"#e8871e\" stroke-width=\"2\" points=\"{rate}\"/>\n<polyline fill=\"none\" stroke=\"#1f6fd1\" stroke-width=\"3\" points=\"{replicas}\"/>\n</svg>\n"
+    ));
+    out
 }

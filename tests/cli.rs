@@ -96,6 +96,9 @@ fn demo_scales_up_under_load_and_back_down() {
     );
     let csv = std::fs::read_to_string(out.path().join("timeline.csv")).unwrap();
     assert!(csv.starts_with("t_secs,phase,replicas"));
+    let svg = std::fs::read_to_string(out.path().join("timeline.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("1 → 4"), "the scale-up decision is marked");
     // The decisions printed carry the query's reasoning.
     assert!(stdout.contains("at target 10 per replica"), "{stdout}");
 }
