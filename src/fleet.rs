@@ -208,6 +208,15 @@ impl Fleet {
         if let Err(e) = self.platform.validate(dep) {
             errors.push(e);
         }
+        errors.extend(crate::autoscale::labels::check_labels(dep));
+        if dep.min_replicas() > self.max_replicas {
+            errors.push(format!(
+                "labels: {} {} is above this server's limit of {} replicas (limits.max_replicas)",
+                crate::model::LABEL_SCALE_MIN,
+                dep.min_replicas(),
+                self.max_replicas
+            ));
+        }
         let namespace = match self.resolve_namespace(dep.namespace.as_deref()) {
             Ok(ns) => Some(ns),
             Err(FleetError::Invalid(e)) => {
@@ -255,8 +264,9 @@ impl Fleet {
 
     /// POST /system/functions: a new function; an existing name is a conflict.
     pub async fn deploy(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
-        let id = self.check_deployment(&dep)?;
+        // Checked under the lock, so a namespace deleted meanwhile cannot be deployed into.
         let _guard = self.write.lock().await;
+        let id = self.check_deployment(&dep)?;
         if self.read_functions().contains_key(&id) {
             return Err(FleetError::Conflict(format!(
                 "function {id} already exists; update it with PUT /system/functions"
@@ -286,8 +296,8 @@ impl Fleet {
     /// PUT /system/functions: replaces a deployed function's spec, keeping its replica count
     /// (raised to the new `com.openfaas.scale.min` when that is higher).
     pub async fn update(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
-        let id = self.check_deployment(&dep)?;
         let _guard = self.write.lock().await;
+        let id = self.check_deployment(&dep)?;
         let Some(current) = self.read_functions().get(&id).cloned() else {
             return Err(not_found(&id));
         };
@@ -460,8 +470,8 @@ impl Fleet {
     }
 
     pub async fn create_secret(&self, input: SecretInput) -> Result<(), FleetError> {
-        let record = self.secret_record(input)?;
         let _guard = self.write.lock().await;
+        let record = self.secret_record(input)?;
         if self
             .store
             .get_secret(&record.namespace, &record.name)
@@ -478,8 +488,8 @@ impl Fleet {
     }
 
     pub async fn update_secret(&self, input: SecretInput) -> Result<(), FleetError> {
-        let record = self.secret_record(input)?;
         let _guard = self.write.lock().await;
+        let record = self.secret_record(input)?;
         if self
             .store
             .get_secret(&record.namespace, &record.name)
@@ -500,8 +510,23 @@ impl Fleet {
         if name.is_empty() {
             return Err(FleetError::invalid("name: is required"));
         }
-        let namespace = self.resolve_namespace(namespace)?;
         let _guard = self.write.lock().await;
+        let namespace = self.resolve_namespace(namespace)?;
+        let users: Vec<String> = self
+            .read_functions()
+            .values()
+            .filter(|f| {
+                f.id.namespace == namespace
+                    && f.deployment.secrets.iter().flatten().any(|s| s == name)
+            })
+            .map(|f| f.id.name.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(FleetError::Conflict(format!(
+                "secret {name} is used by {}; remove it from their secrets first",
+                users.join(", ")
+            )));
+        }
         if !self.store.delete_secret(&namespace, name).await? {
             return Err(secret_not_found(name, &namespace));
         }

@@ -110,7 +110,12 @@ pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
     if !value.is_finite() || value < 0.0 {
         return Err(format!("{text:?} is not a duration such as 10s"));
     }
-    Ok((value > 0.0).then(|| Duration::from_secs_f64(value * scale)))
+    if value == 0.0 {
+        return Ok(None);
+    }
+    Duration::try_from_secs_f64(value * scale)
+        .map(Some)
+        .map_err(|_| format!("{text:?} is too long a duration"))
 }
 
 /// Resource requests or limits, as Kubernetes quantities (`128Mi`, `100m`). Extra keys such as
@@ -275,6 +280,10 @@ mod tests {
         assert_eq!(parse_duration("0").unwrap(), None);
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(
+            parse_duration("1e20").is_err(),
+            "too long: an error, not a panic"
+        );
     }
 
     #[test]

@@ -22,13 +22,19 @@ use crate::telemetry::Metrics;
 /// The name of the single datacenter this server runs its local platform in.
 pub const HOME_DATACENTER: &str = "home";
 
+/// Creates the data directory owner-only, and makes everything created in it owner-only too
+/// (the store and its WAL files hold secret values).
 fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create data directory {}", dir.display()))
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make data directory {} private", dir.display()))
 }
 
 fn auth(cfg: &Config) -> anyhow::Result<Arc<Auth>> {
@@ -195,12 +201,24 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
     println!("faastastic listening on http://{}", listener.local_addr()?);
     let app = api::router(state, auth);
-    axum::serve(
+    // Connections get 10 s to finish after SIGTERM; a followed log stream would otherwise keep
+    // the server up forever.
+    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+    let serving = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(true);
+    });
+    tokio::select! {
+        result = serving => result?,
+        _ = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        } => tracing::warn!("connections still open 10 s after shutdown began; closing them"),
+    }
     tracing::info!("stopping replicas");
     platform.shutdown().await;
     Ok(())

@@ -230,8 +230,22 @@ async fn labels_control_the_policy_and_bad_labels_are_named() {
     let mut dry = echo_function("shadow");
     dry["labels"] = json!({"com.faastastic.scale.dry-run": "true"});
     assert_eq!(s.deploy(dry).await.status(), 202);
+    // Malformed scaling labels are refused at deploy, each named, and nothing is stored.
     let mut bad = echo_function("badlabels");
-    bad["labels"] = json!({"com.openfaas.scale.factor": "0"});
+    bad["labels"] = json!({"com.openfaas.scale.factor": "0", "com.openfaas.scale.zero-duration": "1e20", "com.openfaas.scale.min": "100000"});
+    let r = s.deploy(bad.clone()).await;
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    for label in [
+        "com.openfaas.scale.factor",
+        "com.openfaas.scale.zero-duration",
+        "limits.max_replicas",
+    ] {
+        assert!(text.contains(label), "{label} missing in {text}");
+    }
+    assert_eq!(s.status("badlabels").await.0, 404);
+    // Labels that parse but contradict each other (min 1 by default, max 0) hold its alerts.
+    bad["labels"] = json!({"com.openfaas.scale.max": "0"});
     assert_eq!(s.deploy(bad).await.status(), 202);
     let (code, body) = alert(
         &s,
@@ -247,10 +261,13 @@ async fn labels_control_the_policy_and_bad_labels_are_named() {
     assert_eq!(body["alerts"][0]["to"], 2);
     assert_eq!(replicas(&s, "shadow").await, 1, "a dry run changes nothing");
     assert_eq!(body["alerts"][1]["outcome"], "held");
-    assert!(body["alerts"][1]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("com.openfaas.scale.factor"));
+    assert!(
+        body["alerts"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("com.openfaas.scale.max"),
+        "{body}"
+    );
     assert_eq!(body["alerts"][2]["outcome"], "invalid");
     assert!(body["alerts"][2]["reason"]
         .as_str()

@@ -398,6 +398,10 @@ async fn secrets_crud_and_mounting() {
     };
     assert_eq!(del("cert").await.unwrap().status(), 202);
     assert_eq!(del("cert").await.unwrap().status(), 404);
+    // A secret a deployed function uses cannot be pulled from under it.
+    let r = del("api-key").await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("reader"));
 }
 
 #[tokio::test]

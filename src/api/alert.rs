@@ -107,10 +107,13 @@ pub async fn receive(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         });
         positions.push(i);
     }
-    for (i, result) in positions
-        .into_iter()
-        .zip(s.autoscaler.apply_batch(requests).await)
+    let autoscaler = s.autoscaler.clone();
+    let applied = match super::detached(async move { autoscaler.apply_batch(requests).await }).await
     {
+        Ok(applied) => applied,
+        Err(e) => return e.into_response(),
+    };
+    for (i, result) in positions.into_iter().zip(applied) {
         results[i] = Some(result);
     }
     let outcomes: Vec<AlertOutcome> = results

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::error::{ApiError, ApiResult};
 use super::wire::{parse_json, DeleteFunctionRequest, FunctionStatus, ScaleServiceRequest};
-use super::AppState;
+use super::{detached, AppState};
 use crate::model::{split_qualified, FunctionDeployment, FunctionId};
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,14 +46,16 @@ pub async fn status(
 
 pub async fn deploy(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {
     let dep: FunctionDeployment = parse_json(&body)?;
-    let id = s.fleet.deploy(dep).await?;
+    let fleet = s.fleet.clone();
+    let id = detached(async move { fleet.deploy(dep).await }).await??;
     tracing::info!(function = %id, "deployed");
     Ok(StatusCode::ACCEPTED)
 }
 
 pub async fn update(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {
     let dep: FunctionDeployment = parse_json(&body)?;
-    let id = s.fleet.update(dep).await?;
+    let fleet = s.fleet.clone();
+    let id = detached(async move { fleet.update(dep).await }).await??;
     tracing::info!(function = %id, "updated");
     Ok(StatusCode::ACCEPTED)
 }
@@ -73,7 +75,8 @@ pub async fn remove(
     }
     let namespace = req.namespace.filter(|n| !n.is_empty()).or(q.namespace);
     let id = function_id(&s, &name, namespace.as_deref())?;
-    s.fleet.remove(&id).await?;
+    let (fleet, target) = (s.fleet.clone(), id.clone());
+    detached(async move { fleet.remove(&target).await }).await??;
     tracing::info!(function = %id, "removed");
     Ok(StatusCode::ACCEPTED)
 }
@@ -93,7 +96,8 @@ pub async fn scale(
     };
     let namespace = req.namespace.filter(|n| !n.is_empty()).or(q.namespace);
     let id = function_id(&s, &name, namespace.as_deref())?;
-    s.fleet.scale(&id, replicas).await?;
+    let (fleet, target) = (s.fleet.clone(), id.clone());
+    detached(async move { fleet.scale(&target, replicas).await }).await??;
     tracing::info!(function = %id, replicas, "scaled");
     Ok(StatusCode::ACCEPTED)
 }

@@ -106,6 +106,21 @@ pub fn monitoring_routes() -> Router<Arc<AppState>> {
         .route("/metrics", get(info::metrics))
 }
 
+/// Runs a state change to completion even if the client disconnects (which drops the handler's
+/// future): a store write must always be followed by the in-memory and platform steps.
+pub(crate) async fn detached<T, F>(change: F) -> Result<T, error::ApiError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    tokio::spawn(change).await.map_err(|e| {
+        error::ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("state change failed: {e}"),
+        )
+    })
+}
+
 async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "404 page not found\n")
 }

@@ -10,7 +10,7 @@ use http::StatusCode;
 
 use super::error::{ApiError, ApiResult};
 use super::wire::parse_json;
-use super::AppState;
+use super::{detached, AppState};
 use crate::model::Namespace;
 
 pub async fn list(State(s): State<Arc<AppState>>) -> Json<Vec<String>> {
@@ -23,7 +23,8 @@ pub async fn get(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Ap
 
 pub async fn create(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {
     let ns: Namespace = parse_json(&body)?;
-    s.fleet.create_namespace(ns).await?;
+    let fleet = s.fleet.clone();
+    detached(async move { fleet.create_namespace(ns).await }).await??;
     Ok(StatusCode::CREATED)
 }
 
@@ -41,7 +42,8 @@ pub async fn update(
         )));
     }
     ns.name = name;
-    s.fleet.update_namespace(ns).await?;
+    let fleet = s.fleet.clone();
+    detached(async move { fleet.update_namespace(ns).await }).await??;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -49,6 +51,7 @@ pub async fn delete(
     State(s): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    s.fleet.delete_namespace(&name).await?;
+    let fleet = s.fleet.clone();
+    detached(async move { fleet.delete_namespace(&name).await }).await??;
     Ok(StatusCode::ACCEPTED)
 }

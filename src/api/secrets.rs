@@ -10,7 +10,7 @@ use http::StatusCode;
 use super::error::{ApiError, ApiResult};
 use super::functions::NamespaceQuery;
 use super::wire::{parse_json, SecretListItem, SecretRequest};
-use super::AppState;
+use super::{detached, AppState};
 use crate::fleet::SecretInput;
 
 pub async fn list(
@@ -41,19 +41,24 @@ fn input(body: &[u8]) -> Result<SecretInput, ApiError> {
 }
 
 pub async fn create(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {
-    s.fleet.create_secret(input(&body)?).await?;
+    let (fleet, input) = (s.fleet.clone(), input(&body)?);
+    detached(async move { fleet.create_secret(input).await }).await??;
     Ok(StatusCode::ACCEPTED)
 }
 
 pub async fn update(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {
-    s.fleet.update_secret(input(&body)?).await?;
+    let (fleet, input) = (s.fleet.clone(), input(&body)?);
+    detached(async move { fleet.update_secret(input).await }).await??;
     Ok(StatusCode::ACCEPTED)
 }
 
 pub async fn delete(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {
-    let req = input(&body)?;
-    s.fleet
-        .delete_secret(&req.name, req.namespace.as_deref())
-        .await?;
+    let (fleet, req) = (s.fleet.clone(), input(&body)?);
+    detached(async move {
+        fleet
+            .delete_secret(&req.name, req.namespace.as_deref())
+            .await
+    })
+    .await??;
     Ok(StatusCode::ACCEPTED)
 }

@@ -231,6 +231,10 @@ impl Autoscaler {
                 Ok(p) => p,
                 Err(errors) => {
                     let reason = format!("held: invalid scaling labels: {}", errors.join("; "));
+                    // Periodic sources would record this every evaluation: answer only.
+                    if quiet || matches!(input, Input::Tick | Input::Idle { .. }) {
+                        return SignalResult::other(id.qualified(), "held", reason);
+                    }
                     let event = self.event(
                         id,
                         now,

@@ -40,14 +40,9 @@ fn parse_bool(text: &str) -> Result<bool, String> {
     }
 }
 
-/// The policy for one function (`function` is `name.namespace`) and whether it is in dry-run
-/// mode: the config's defaults, then every matching `[[autoscale.policies]]` entry in order,
-/// then the function's labels. Every bad label is reported at once, each named.
-pub fn policy_for(
-    function: &str,
-    dep: &FunctionDeployment,
-    cfg: &AutoscaleConfig,
-) -> Result<(Policy, bool), Vec<String>> {
+/// Every malformed scaling label of a deployment, each named (empty when all parse). Deploys
+/// are refused with these, so a bad label never reaches the autoscaler.
+pub fn check_labels(dep: &FunctionDeployment) -> Vec<String> {
     let mut errors = Vec::new();
     let mut read = |key: &str, parse: &dyn Fn(&str) -> Result<(), String>| {
         if let Some(v) = dep.label(key) {
@@ -77,6 +72,18 @@ pub fn policy_for(
     read(LABEL_DRY_RUN, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_ZERO, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_ZERO_DURATION, &|v| parse_duration(v).map(|_| ()));
+    errors
+}
+
+/// The policy for one function (`function` is `name.namespace`) and whether it is in dry-run
+/// mode: the config's defaults, then every matching `[[autoscale.policies]]` entry in order,
+/// then the function's labels. Every bad label is reported at once, each named.
+pub fn policy_for(
+    function: &str,
+    dep: &FunctionDeployment,
+    cfg: &AutoscaleConfig,
+) -> Result<(Policy, bool), Vec<String>> {
+    let errors = check_labels(dep);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -117,7 +124,9 @@ pub fn policy_for(
             .map(|d| d.unwrap_or_default())
     };
     let flag = |key: &str| label(key).and_then(|v| parse_bool(v).ok());
-    min = int(LABEL_SCALE_MIN).unwrap_or(min);
+    // As at deploy (and in OpenFaaS), a min of 0 means the default: only the scale-to-zero
+    // opt-in takes a function to zero.
+    min = int(LABEL_SCALE_MIN).filter(|m| *m > 0).unwrap_or(min);
     max = int(LABEL_SCALE_MAX).unwrap_or(max);
     if min > max {
         return Err(vec![format!(
