@@ -492,3 +492,26 @@ async fn idle_functions_that_opt_in_scale_to_zero_and_wake_on_invocation() {
         (200, "wake up".to_string())
     );
 }
+
+#[tokio::test]
+async fn a_redeployed_function_starts_with_a_fresh_autoscaler_state() {
+    let s = Server::with(Options {
+        config: Some("[autoscale]\nup_cooldown_secs = 600\n"),
+        ..Default::default()
+    });
+    for round in 0..2 {
+        assert_eq!(s.deploy(echo_function("again")).await.status(), 202);
+        let (_, body) = alert(&s, &webhook(vec![firing("again", "same", json!({}))])).await;
+        assert_eq!(
+            body["alerts"][0]["outcome"], "scaled",
+            "round {round}: {body}"
+        );
+        let del = s
+            .system(Method::DELETE, "/system/functions")
+            .json(&json!({"functionName": "again"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(del.status(), 202);
+    }
+}

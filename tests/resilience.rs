@@ -463,3 +463,49 @@ async fn requests_waiting_for_a_replica_are_bounded() {
     assert!(!first.is_finished(), "the first request is still held");
     first.abort();
 }
+
+#[tokio::test]
+async fn a_broken_update_leaves_the_old_version_serving() {
+    let s = Server::with(common::Options {
+        config: Some("[local]\nstartup_timeout_secs = 1\n[proxy]\nready_timeout_ms = 200\n"),
+        ..Default::default()
+    });
+    assert_eq!(
+        s.deploy(json!({"service":"roll","image":"x","envProcess":"echo old"}))
+            .await
+            .status(),
+        202
+    );
+    s.wait_available("roll", 1).await;
+    let broken = |port: u16| {
+        json!({"service":"roll","image":"x","envProcess":"sleep 600",
+            "envVars":{"mode":"http","upstream_url":format!("http://127.0.0.1:{port}")}})
+    };
+    // Two broken updates in a row, and longer than the startup timeout: the old one serves.
+    for _ in 0..2 {
+        let put = s
+            .system(Method::PUT, "/system/functions")
+            .json(&broken(common::free_port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 202);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        assert_eq!(s.invoke("roll", "").await, (200, "old\n".to_string()));
+    }
+    // A good update takes over.
+    let put = s
+        .system(Method::PUT, "/system/functions")
+        .json(&json!({"service":"roll","image":"x","envProcess":"echo new"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 202);
+    let switched = poll(Duration::from_secs(20), || async {
+        s.invoke("roll", "").await.1 == "new\n"
+    })
+    .await;
+    assert!(switched);
+}

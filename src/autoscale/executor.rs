@@ -87,6 +87,9 @@ pub struct Autoscaler {
     cfg: AutoscaleConfig,
     datacenter: String,
     states: Mutex<HashMap<FunctionId, Arc<tokio::sync::Mutex<State>>>>,
+    /// Which deployment each state belongs to (its `createdAt`): a function deleted and
+    /// deployed again under the same name starts with a fresh state.
+    deployed_at: Mutex<HashMap<FunctionId, DateTime<Utc>>>,
     /// Functions in a gradual scale-down, which the ticker keeps stepping.
     stepping: Mutex<HashSet<FunctionId>>,
     scale_limiter: DefaultDirectRateLimiter,
@@ -136,6 +139,7 @@ impl Autoscaler {
             metrics,
             datacenter: datacenter.to_string(),
             states: Mutex::new(states),
+            deployed_at: Mutex::new(HashMap::new()),
             stepping: Mutex::new(stepping),
             scale_limiter: RateLimiter::direct(Quota::per_second(per_sec)),
             activity,
@@ -224,6 +228,15 @@ impl Autoscaler {
                 );
             }
         };
+        let created = view.function.created_at;
+        let previous = self
+            .deployed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), created);
+        if previous.is_some_and(|p| p != created) {
+            *state = State::default();
+        }
         let now = Utc::now();
         let current = view.function.desired_replicas;
         let (policy, dry_run) =

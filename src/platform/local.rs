@@ -585,12 +585,25 @@ impl Platform for LocalPlatform {
                     None
                 }
                 Some(entry) => {
-                    if let Some(stale) = entry.previous.take() {
-                        stale.stop();
-                    }
                     let old = std::mem::replace(&mut entry.current, generation.clone());
-                    entry.previous = Some(old.clone());
-                    Some(old)
+                    match entry.previous.take() {
+                        // A second update before the first became ready: the one serving
+                        // stays, the never-ready one goes.
+                        Some(serving) if old.ready_count() == 0 => {
+                            old.stop();
+                            entry.previous = Some(serving.clone());
+                            Some(serving)
+                        }
+                        Some(stale) => {
+                            stale.stop();
+                            entry.previous = Some(old.clone());
+                            Some(old)
+                        }
+                        None => {
+                            entry.previous = Some(old.clone());
+                            Some(old)
+                        }
+                    }
                 }
             }
         };
@@ -673,8 +686,8 @@ impl Platform for LocalPlatform {
     }
 }
 
-/// Stops `old` once `new` has a ready replica (or has had its startup time), unless another
-/// update or a removal already took care of it.
+/// Stops `old` once `new` has a ready replica, unless another update or a removal took care of
+/// it first. A new generation that never becomes ready leaves the old one serving.
 fn retire_when_ready(
     inner: Arc<Inner>,
     id: FunctionId,
@@ -683,10 +696,13 @@ fn retire_when_ready(
     replicas: u64,
 ) {
     let mut ready = new.ready_tx.subscribe();
-    let timeout = inner.cfg.startup_timeout;
     tokio::spawn(async move {
         if replicas > 0 {
-            let _ = tokio::time::timeout(timeout, ready.wait_for(|n| *n > 0)).await;
+            tokio::select! {
+                _ = ready.wait_for(|n| *n > 0) => {}
+                // Replaced or removed before it was ever ready: nothing to retire here.
+                _ = new.cancel.cancelled() => return,
+            }
         }
         let still_previous = {
             let mut map = inner.write();

@@ -284,6 +284,8 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // Its own process group, so a timeout or a dropped request stops whatever it started.
+    cmd.process_group(0);
     crate::platform::local::die_with_parent(&mut cmd, libc::SIGKILL);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -295,6 +297,7 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
             );
         }
     };
+    let _group = child.id().map(GroupKiller);
     if let Some(mut stdin) = child.stdin.take() {
         tokio::spawn(async move {
             let _ = stdin.write_all(&body).await;
@@ -379,6 +382,16 @@ async fn forward_http(w: &Watchdog, upstream: &Uri, req: Request) -> Response {
             StatusCode::BAD_GATEWAY,
             format!("cannot reach function: {e}"),
         ),
+    }
+}
+
+/// Kills a classic request's whole process group when the request ends, however it ends.
+struct GroupKiller(u32);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        // SAFETY: signals the process group this request created; kill(2) has no memory effects.
+        unsafe { libc::kill(-(self.0 as libc::pid_t), libc::SIGKILL) };
     }
 }
 
