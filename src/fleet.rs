@@ -341,9 +341,16 @@ impl Fleet {
             )));
         }
         let _guard = self.write.lock().await;
-        let Some(current) = self.read_functions().get(id).map(|f| f.desired_replicas) else {
+        let Some((current, deployment)) = self
+            .read_functions()
+            .get(id)
+            .map(|f| (f.desired_replicas, f.deployment.clone()))
+        else {
             return Err(not_found(id));
         };
+        self.platform
+            .validate_scale(&deployment, replicas)
+            .map_err(FleetError::invalid)?;
         if current == replicas {
             return Ok(());
         }

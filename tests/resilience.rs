@@ -509,3 +509,48 @@ async fn a_broken_update_leaves_the_old_version_serving() {
     .await;
     assert!(switched);
 }
+
+#[tokio::test]
+async fn http_mode_replicas_each_get_their_own_port() {
+    common::require_program("python3", "python3");
+    let s = Server::start();
+    let f = json!({"service":"multi","image":"x",
+        "envProcess":"python3 -m http.server $PORT --bind 127.0.0.1",
+        "envVars":{"mode":"http","upstream_url":"http://127.0.0.1:0"},
+        "labels":{"com.openfaas.scale.min":"3"}});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("multi", 3).await;
+    for _ in 0..9 {
+        assert_eq!(
+            s.invoke("multi", "").await.0,
+            501,
+            "python's server answers POST with 501"
+        );
+    }
+    let metrics = s.metrics().await;
+    assert_eq!(
+        sample(&metrics, r#"faastastic_replica_restarts_total{datacenter="home",function_name="multi.openfaas-fn"}"#).unwrap_or(0.0),
+        0.0,
+        "no replica fights another for a port: {metrics}"
+    );
+
+    // A fixed port can only run one replica: refused at deploy and at scale, with the fix named.
+    let port = common::free_port();
+    let fixed = |min: &str| {
+        json!({"service":"fixed","image":"x",
+        "envProcess":format!("python3 -m http.server {port} --bind 127.0.0.1"),
+        "envVars":{"mode":"http","upstream_url":format!("http://127.0.0.1:{port}")},
+        "labels":{"com.openfaas.scale.min":min}})
+    };
+    let r = s.deploy(fixed("2")).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("$PORT"));
+    assert_eq!(s.deploy(fixed("1")).await.status(), 202);
+    let r = s
+        .system(Method::POST, "/system/scale-function/fixed")
+        .json(&json!({"replicas": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}

@@ -460,6 +460,13 @@ fn fprocess(dep: &FunctionDeployment) -> Option<&str> {
         })
 }
 
+fn fixed_port_message(url: &str) -> String {
+    format!(
+        "envVars.upstream_url: {url:?} names a fixed port, so only one replica can run on this machine; \
+         use http://127.0.0.1:0 and have the function listen on $PORT to run more"
+    )
+}
+
 fn env_var<'a>(dep: &'a FunctionDeployment, key: &str) -> Option<&'a str> {
     dep.env_vars.as_ref()?.get(key).map(String::as_str)
 }
@@ -488,9 +495,14 @@ impl Platform for LocalPlatform {
                     "envVars.upstream_url: is required with mode=http (e.g. http://127.0.0.1:5000)"
                         .to_string(),
                 ),
-                Some(url) => super::watchdog::parse_upstream(url)
-                    .map(|_| ())
-                    .map_err(|e| format!("envVars.upstream_url: {e}")),
+                Some(url) => {
+                    let uri = super::watchdog::parse_upstream(url)
+                        .map_err(|e| format!("envVars.upstream_url: {e}"))?;
+                    if uri.port_u16() != Some(0) && dep.min_replicas() > 1 {
+                        return Err(fixed_port_message(url));
+                    }
+                    Ok(())
+                }
             },
             other => Err(format!(
                 "envVars.mode: {other:?} is not supported by the local platform (use \"classic\" or \"http\")"
@@ -609,6 +621,20 @@ impl Platform for LocalPlatform {
         };
         if let Some(old) = replaced {
             retire_when_ready(inner.clone(), id, old, generation, replicas);
+        }
+        Ok(())
+    }
+
+    fn validate_scale(&self, dep: &FunctionDeployment, replicas: u64) -> Result<(), String> {
+        if replicas > 1 && env_var(dep, "mode") == Some("http") {
+            if let Some(url) = env_var(dep, "upstream_url") {
+                let fixed = super::watchdog::parse_upstream(url)
+                    .map(|u| u.port_u16() != Some(0))
+                    .unwrap_or(false);
+                if fixed {
+                    return Err(fixed_port_message(url));
+                }
+            }
         }
         Ok(())
     }

@@ -124,6 +124,15 @@ pub trait Platform: Send + Sync {
     /// Rejects deployments this platform cannot run, naming what is missing.
     fn validate(&self, deployment: &FunctionDeployment) -> Result<(), String>;
 
+    /// Rejects a replica count this platform cannot run for this deployment.
+    fn validate_scale(
+        &self,
+        _deployment: &FunctionDeployment,
+        _replicas: u64,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Creates the function or rolls it to a new deployment, running `replicas` copies.
     async fn apply(&self, workload: Workload, replicas: u64) -> Result<(), PlatformError>;
 

@@ -74,10 +74,23 @@ impl Watchdog {
         let mode = match std::env::var("mode").as_deref() {
             Ok("http") => {
                 let url = std::env::var("upstream_url").context("upstream_url is not set")?;
-                Mode::Http {
-                    argv,
-                    upstream: parse_upstream(&url).map_err(anyhow::Error::msg)?,
+                let mut upstream = parse_upstream(&url).map_err(anyhow::Error::msg)?;
+                let mut argv = argv;
+                if upstream.port_u16() == Some(0) {
+                    // A port of its own for this replica, handed to the function as $PORT.
+                    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                        .local_addr()?
+                        .port();
+                    upstream = format!("http://127.0.0.1:{port}")
+                        .parse()
+                        .expect("a loopback URL with a port is valid");
+                    for arg in &mut argv {
+                        *arg = arg
+                            .replace("${PORT}", &port.to_string())
+                            .replace("$PORT", &port.to_string());
+                    }
                 }
+                Mode::Http { argv, upstream }
             }
             Ok("classic") | Ok("") | Err(_) => Mode::Classic { argv },
             Ok(other) => bail!("mode {other:?} is not supported"),
@@ -111,6 +124,9 @@ pub async fn run() -> anyhow::Result<()> {
         Mode::Classic { .. } => watchdog.ready.store(true, Ordering::Release),
         Mode::Http { argv, upstream } => {
             let mut cmd = Command::new(&argv[0]);
+            if let Some(port) = upstream.port_u16() {
+                cmd.env("PORT", port.to_string());
+            }
             cmd.args(&argv[1..])
                 .env_remove(LISTEN_ENV)
                 .stdin(Stdio::null())
