@@ -149,6 +149,8 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone)]
 pub struct AsyncConfig {
     pub queue_capacity: usize,
+    /// Request bodies held in the queue at once, in bytes; beyond it submissions get 429.
+    pub max_queued_bytes: usize,
     pub workers: usize,
     pub callback_timeout: Duration,
 }
@@ -204,6 +206,7 @@ impl Default for Config {
             },
             async_invoke: AsyncConfig {
                 queue_capacity: 1024,
+                max_queued_bytes: 64 * 1024 * 1024,
                 workers: 4,
                 callback_timeout: Duration::from_secs(10),
             },
@@ -338,6 +341,7 @@ impl Config {
                 let d = &defaults.async_invoke;
                 let a = AsyncConfig {
                     queue_capacity: s.positive("queue_capacity", d.queue_capacity),
+                    max_queued_bytes: s.positive("max_queued_bytes", d.max_queued_bytes),
                     workers: s.positive("workers", d.workers),
                     callback_timeout: s.secs("callback_timeout_secs", d.callback_timeout),
                 };

@@ -28,14 +28,19 @@ pub struct AsyncJob {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the asynchronous queue is full ({capacity} waiting invocations)")]
-pub struct QueueFull {
-    pub capacity: usize,
+pub enum QueueFull {
+    #[error("the asynchronous queue is full ({0} waiting invocations, async.queue_capacity)")]
+    Jobs(usize),
+    #[error("the asynchronous queue holds too many request bytes (async.max_queued_bytes = {0})")]
+    Bytes(usize),
 }
 
 pub struct AsyncQueue {
     tx: mpsc::Sender<AsyncJob>,
     capacity: usize,
+    /// Body bytes of the jobs waiting or running, bounded by `max_bytes`.
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    max_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -43,6 +48,7 @@ impl AsyncQueue {
     pub fn start(invoker: Arc<Invoker>, metrics: Arc<Metrics>, cfg: &AsyncConfig) -> AsyncQueue {
         let (tx, rx) = mpsc::channel::<AsyncJob>(cfg.queue_capacity);
         let rx = Arc::new(Mutex::new(rx));
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let callbacks = reqwest::Client::builder()
             .timeout(cfg.callback_timeout)
             .build()
@@ -66,15 +72,25 @@ impl AsyncQueue {
         AsyncQueue {
             tx,
             capacity: cfg.queue_capacity,
+            bytes,
+            max_bytes: cfg.max_queued_bytes,
             metrics,
         }
     }
 
     /// Queues a job without waiting; a full queue is reported, never blocked on.
     pub fn submit(&self, job: AsyncJob) -> Result<(), QueueFull> {
-        self.tx.try_send(job).map_err(|_| QueueFull {
-            capacity: self.capacity,
-        })?;
+        use std::sync::atomic::Ordering;
+        let size = job.body.len();
+        let before = self.bytes.fetch_add(size, Ordering::AcqRel);
+        if before + size > self.max_bytes && before > 0 {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            return Err(QueueFull::Bytes(self.max_bytes));
+        }
+        if self.tx.try_send(job).is_err() {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            return Err(QueueFull::Jobs(self.capacity));
+        }
         self.metrics.async_queue_depth.inc();
         Ok(())
     }

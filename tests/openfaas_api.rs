@@ -593,3 +593,35 @@ async fn remove_then_404() {
     let r = s.http.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn async_queue_bounds_the_bytes_it_holds() {
+    let s = Server::with(common::Options {
+        config: Some(
+            "[async]\nmax_queued_bytes = 1000\nworkers = 1\n[local]\nexec_timeout_secs = 30\n",
+        ),
+        ..Default::default()
+    });
+    assert_eq!(
+        s.deploy(json!({"service":"slow","image":"x","envProcess":"sleep 3"}))
+            .await
+            .status(),
+        202
+    );
+    s.wait_available("slow", 1).await;
+    let submit = |n: usize| {
+        s.http
+            .post(s.url("/async-function/slow"))
+            .body("x".repeat(n))
+            .send()
+    };
+    assert_eq!(submit(600).await.unwrap().status(), 202);
+    let r = submit(600).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.text().await.unwrap().contains("async.max_queued_bytes"));
+    assert_eq!(
+        submit(300).await.unwrap().status(),
+        202,
+        "what fits is still accepted"
+    );
+}
