@@ -334,6 +334,26 @@ impl Fleet {
 
     /// Sets the desired replica count (0 allowed: scale to zero).
     pub async fn scale(&self, id: &FunctionId, replicas: u64) -> Result<(), FleetError> {
+        self.scale_checked(id, None, replicas).await
+    }
+
+    /// Scales only if the desired count is still `expected` (the count a decision was made
+    /// from): a manual scale in between is never overwritten. A mismatch is a `Conflict`.
+    pub async fn scale_from(
+        &self,
+        id: &FunctionId,
+        expected: u64,
+        replicas: u64,
+    ) -> Result<(), FleetError> {
+        self.scale_checked(id, Some(expected), replicas).await
+    }
+
+    async fn scale_checked(
+        &self,
+        id: &FunctionId,
+        expected: Option<u64>,
+        replicas: u64,
+    ) -> Result<(), FleetError> {
         if replicas > self.max_replicas {
             return Err(FleetError::invalid(format!(
                 "replicas: {replicas} is above this server's limit of {} (limits.max_replicas)",
@@ -348,6 +368,11 @@ impl Fleet {
         else {
             return Err(not_found(id));
         };
+        if let Some(expected) = expected.filter(|e| *e != current) {
+            return Err(FleetError::Conflict(format!(
+                "replicas changed from {expected} to {current} meanwhile"
+            )));
+        }
         self.platform
             .validate_scale(&deployment, replicas)
             .map_err(FleetError::invalid)?;

@@ -293,8 +293,12 @@ impl Autoscaler {
             }
             Outcome::Scale => {
                 self.scale_limiter.until_ready().await;
-                match self.fleet.scale(id, decision.to).await {
+                match self.fleet.scale_from(id, decision.from, decision.to).await {
                     Ok(()) => ("scaled", true, false),
+                    Err(FleetError::Conflict(why)) => {
+                        reason.push_str(&format!("; superseded: {why}"));
+                        ("superseded", false, false)
+                    }
                     Err(e) => {
                         let retryable =
                             !matches!(e, FleetError::NotFound(_) | FleetError::Invalid(_));
@@ -662,5 +666,12 @@ mod tests {
         let retried = scaler.apply_batch(vec![firing("a")]).await;
         assert_eq!((retried[0].outcome, retried[0].to), ("scaled", Some(2)));
         assert!(!retried[0].retryable);
+
+        // A decision made from a count that changed meanwhile (a manual scale) is not applied.
+        let stale = fleet.scale_from(&id, 1, 3).await;
+        assert!(matches!(stale, Err(FleetError::Conflict(_))), "{stale:?}");
+        assert_eq!(fleet.get(&id).unwrap().function.desired_replicas, 2);
+        fleet.scale_from(&id, 2, 3).await.unwrap();
+        assert_eq!(fleet.get(&id).unwrap().function.desired_replicas, 3);
     }
 }
