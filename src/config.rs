@@ -580,12 +580,15 @@ impl Section {
         })
     }
 
+    /// A positive count or size, at most 2^40 (larger values would overflow queues and
+    /// semaphores sized from them).
     fn positive(&mut self, key: &str, default: usize) -> usize {
+        const LIMIT: i64 = 1 << 40;
         self.parsed(key, default, |v: i64| {
             usize::try_from(v)
                 .ok()
-                .filter(|v| *v > 0)
-                .ok_or_else(|| format!("must be a positive integer, got {v}"))
+                .filter(|v| *v > 0 && (*v as i64) <= LIMIT)
+                .ok_or_else(|| format!("must be a positive integer up to {LIMIT}, got {v}"))
         })
     }
 
