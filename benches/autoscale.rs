@@ -32,6 +32,7 @@ fn engine() {
         stabilization_window: Duration::from_secs(60),
         resolved_to_min: false,
         scale_to_zero_after: None,
+        ..Policy::default()
     };
     let t0 = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
     // A realistic state: a few recommendations in the window and an applied alert.
@@ -42,6 +43,7 @@ fn engine() {
         Input::Signal {
             action: Action::StepUp,
             dedupe_key: Some("fp@t@firing"),
+            observed_rate: None,
         },
         t0,
     );
@@ -53,6 +55,7 @@ fn engine() {
             Input::Signal {
                 action: Action::StepUp,
                 dedupe_key: None,
+                observed_rate: None,
             },
             t0 + chrono::Duration::seconds(i * 6),
         );
@@ -76,6 +79,7 @@ fn engine() {
                 Input::Signal {
                     action,
                     dedupe_key: Some("other@t@firing"),
+                    observed_rate: None,
                 },
                 now,
             );

@@ -99,6 +99,16 @@ pub struct AutoscaleConfig {
     pub policies: Vec<PolicyOverride>,
     /// Metric-driven policies evaluated by the server itself.
     pub queries: Vec<QueryPolicy>,
+    /// How firing alerts that carry a value are sized.
+    pub alert_mode: crate::autoscale::policy::AlertMode,
+    /// Load one replica carries, in the alert value's unit (alerts may carry their own).
+    pub target_per_replica: Option<f64>,
+    /// Cap on one scale-up (count or percentage of current); `None`: no cap.
+    pub max_step_up: Option<crate::autoscale::policy::StepCap>,
+    /// Hold alert scale-ups that faastastic's own invocation counters no longer support.
+    pub staleness_guard: bool,
+    /// The window those counters are read over.
+    pub staleness_window: Duration,
 }
 
 /// One `[[autoscale.policies]]` entry: any key left out keeps the value from before.
@@ -117,6 +127,10 @@ pub struct PolicyOverride {
     pub dry_run: Option<bool>,
     pub scale_to_zero: Option<bool>,
     pub zero_idle: Option<Duration>,
+    pub alert_mode: Option<crate::autoscale::policy::AlertMode>,
+    pub target_per_replica: Option<f64>,
+    pub max_step_up: Option<crate::autoscale::policy::StepCap>,
+    pub staleness_guard: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +252,11 @@ impl Default for Config {
                 webhook_rate_per_sec: 50,
                 scale_rate_per_sec: 100,
                 zero_idle: Duration::from_secs(15 * 60),
+                alert_mode: Default::default(),
+                target_per_replica: None,
+                max_step_up: None,
+                staleness_guard: true,
+                staleness_window: Duration::from_secs(10),
                 policies: Vec::new(),
                 queries: Vec::new(),
             },
@@ -407,6 +426,19 @@ impl Config {
                     zero_idle: s.secs("zero_idle_secs", d.zero_idle),
                     policies: s.policies("policies"),
                     queries: s.queries("queries"),
+                    alert_mode: s.parsed("alert_mode", d.alert_mode, |v: String| {
+                        crate::autoscale::labels::parse_alert_mode(&v)
+                    }),
+                    target_per_replica: s.parsed(
+                        "target_per_replica",
+                        d.target_per_replica,
+                        |v: f64| crate::autoscale::labels::parse_target(&v.to_string()).map(Some),
+                    ),
+                    max_step_up: s.parsed("max_step_up", d.max_step_up, |v: toml::Value| {
+                        step_cap_value(v).map(Some)
+                    }),
+                    staleness_guard: s.get("staleness_guard", d.staleness_guard),
+                    staleness_window: s.secs("staleness_window_secs", d.staleness_window),
                 };
                 if a.default_min > a.default_max {
                     s.errors.push(format!(
@@ -495,19 +527,26 @@ impl Config {
     }
 }
 
-/// A step as TOML writes it: a count (`2`) or a percentage of max (`"25%"`).
+/// A count (`2`) or a percentage (`"25%"`) as TOML writes it, as text for the label parsers.
+fn count_or_percent(v: toml::Value) -> Result<String, String> {
+    match v {
+        toml::Value::Integer(n) => Ok(n.to_string()),
+        toml::Value::String(t) => Ok(t),
+        other => Err(format!(
+            "must be a count or a percentage, got {}",
+            other.type_str()
+        )),
+    }
+}
+
+/// A step: a count or a percentage of max.
 fn step_value(v: toml::Value) -> Result<crate::autoscale::policy::Step, String> {
-    let text = match v {
-        toml::Value::Integer(n) => n.to_string(),
-        toml::Value::String(t) => t,
-        other => {
-            return Err(format!(
-                "must be a count or a percentage, got {}",
-                other.type_str()
-            ))
-        }
-    };
-    crate::autoscale::labels::parse_step(&text)
+    crate::autoscale::labels::parse_step(&count_or_percent(v)?)
+}
+
+/// A step cap: a count or a percentage of the current replicas.
+fn step_cap_value(v: toml::Value) -> Result<crate::autoscale::policy::StepCap, String> {
+    crate::autoscale::labels::parse_step_cap(&count_or_percent(v)?)
 }
 
 /// One TOML table being read key by key. Each accessor removes its key, records an error naming
@@ -701,6 +740,18 @@ impl Section {
                 dry_run: opt_bool(&mut s, "dry_run"),
                 scale_to_zero: opt_bool(&mut s, "scale_to_zero"),
                 zero_idle: opt_secs(&mut s, "zero_idle_secs"),
+                alert_mode: s.table.contains_key("alert_mode").then(|| {
+                    s.parsed("alert_mode", Default::default(), |v: String| {
+                        crate::autoscale::labels::parse_alert_mode(&v)
+                    })
+                }),
+                target_per_replica: s.parsed("target_per_replica", None, |v: f64| {
+                    crate::autoscale::labels::parse_target(&v.to_string()).map(Some)
+                }),
+                max_step_up: s.parsed("max_step_up", None, |v: toml::Value| {
+                    step_cap_value(v).map(Some)
+                }),
+                staleness_guard: opt_bool(&mut s, "staleness_guard"),
             };
             if let Some(f) = o.factor {
                 if !(1..=100).contains(&f) {
@@ -972,6 +1023,53 @@ down_cooldown_secs = 0
             "autoscale.policies[0].min",
             "autoscale.policies[0].step_up",
             "autoscale.policies[0].what: unknown key",
+        ] {
+            assert!(joined.contains(needle), "{needle} missing in {joined}");
+        }
+    }
+
+    #[test]
+    fn alert_sizing_keys() {
+        use crate::autoscale::policy::{AlertMode, StepCap};
+        let cfg = Config::parse(
+            r#"
+[autoscale]
+alert_mode = "step"
+target_per_replica = 5
+max_step_up = "100%"
+staleness_guard = false
+staleness_window_secs = 20
+[[autoscale.policies]]
+match = "*"
+alert_mode = "proportional"
+target_per_replica = 2.5
+max_step_up = 4
+staleness_guard = true
+"#,
+        )
+        .unwrap();
+        let a = &cfg.autoscale;
+        assert_eq!(a.alert_mode, AlertMode::Step);
+        assert_eq!(a.target_per_replica, Some(5.0));
+        assert_eq!(a.max_step_up, Some(StepCap::Percent(100)));
+        assert!(!a.staleness_guard);
+        assert_eq!(a.staleness_window, Duration::from_secs(20));
+        let o = &a.policies[0];
+        assert_eq!(o.alert_mode, Some(AlertMode::Proportional));
+        assert_eq!(o.target_per_replica, Some(2.5));
+        assert_eq!(o.max_step_up, Some(StepCap::Count(4)));
+        assert_eq!(o.staleness_guard, Some(true));
+        let errors = Config::parse(
+            "[autoscale]\nalert_mode = \"fast\"\ntarget_per_replica = 0\nmax_step_up = \"0%\"\n[[autoscale.policies]]\nmatch = \"*\"\nmax_step_up = 0\ntarget_per_replica = -1\n",
+        )
+        .unwrap_err();
+        let joined = errors.join("\n");
+        for needle in [
+            "autoscale.alert_mode",
+            "autoscale.target_per_replica",
+            "autoscale.max_step_up",
+            "autoscale.policies[0].max_step_up",
+            "autoscale.policies[0].target_per_replica",
         ] {
             assert!(joined.contains(needle), "{needle} missing in {joined}");
         }

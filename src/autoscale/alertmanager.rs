@@ -74,6 +74,43 @@ impl Alert {
             .filter(|v| !v.is_empty())
     }
 
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
+    }
+
+    /// A number the alert carries as an annotation (or, for the target, a label too).
+    fn number(&self, key: &str, label_too: bool) -> Result<Option<f64>, String> {
+        let text = match self.annotation(key) {
+            Some(t) => t,
+            None => match self.label(key).filter(|_| label_too) {
+                Some(t) => t,
+                None => return Ok(None),
+            },
+        };
+        match text.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 => Ok(Some(v)),
+            _ => Err(format!(
+                "{key} {text:?} is not a finite number >= 0 (write {key}: \"{{{{ $value }}}}\" for the observed value)"
+            )),
+        }
+    }
+
+    /// A firing step-up alert with a `value` annotation is sized from it.
+    fn firing_action(&self) -> Result<Action, String> {
+        let Some(value) = self.number("value", false)? else {
+            return Ok(Action::StepUp);
+        };
+        let target = self.number("target_per_replica", true)?;
+        if target == Some(0.0) {
+            return Err("target_per_replica must be above zero".to_string());
+        }
+        Ok(Action::Sized { value, target })
+    }
+
     /// `Ok(None)`: the alert is not for the autoscaler (no `function_name`);
     /// `Err`: it is, but its action labels are wrong.
     pub fn signal(&self) -> Result<Option<AlertSignal>, String> {
@@ -85,7 +122,7 @@ impl Alert {
         let firing = self.status.as_deref() == Some("firing");
         let action =
             match (self.label("scale_action"), firing) {
-                (None | Some("up"), true) => Action::StepUp,
+                (None | Some("up"), true) => self.firing_action()?,
                 (None | Some("up"), false) => Action::Resolved,
                 (Some("down"), true) => Action::StepDown,
                 (Some("to"), true) => {
@@ -126,6 +163,77 @@ mod tests {
     use super::*;
 
     const OPENFAAS_SAMPLE: &str = r#"{"version":"4","groupKey":"{}:{alertname=\"APIHighInvocationRate\"}","truncatedAlerts":0,"status":"firing","receiver":"scale-up","groupLabels":{"alertname":"APIHighInvocationRate","service":"gateway"},"commonLabels":{"alertname":"APIHighInvocationRate","service":"gateway","severity":"major"},"commonAnnotations":{},"externalURL":"http://alertmanager:9093","alerts":[{"status":"firing","labels":{"alertname":"APIHighInvocationRate","function_name":"figlet.openfaas-fn","monitor":"faas-monitor","service":"gateway","severity":"major"},"annotations":{"summary":"High invocation total on figlet.openfaas-fn"},"startsAt":"2024-01-01T00:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"http://prometheus:9090/graph","fingerprint":"0123456789abcdef"},{"status":"resolved","labels":{"alertname":"APIHighInvocationRate","function_name":"nodeinfo.openfaas-fn","service":"gateway","severity":"major"},"annotations":{},"startsAt":"2024-01-01T00:00:00Z","endsAt":"2024-01-01T00:01:00Z","generatorURL":"http://prometheus:9090/graph","fingerprint":"fedcba9876543210"}]}"#;
+
+    fn alert(annotations: &[(&str, &str)], labels: &[(&str, &str)]) -> Alert {
+        let map = |kv: &[(&str, &str)]| {
+            Some(
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let mut all_labels = vec![("function_name", "api")];
+        all_labels.extend_from_slice(labels);
+        Alert {
+            status: Some("firing".into()),
+            labels: map(&all_labels),
+            annotations: map(annotations),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_value_annotation_sizes_the_alert() {
+        let action = |a: Alert| a.signal().map(|s| s.unwrap().action);
+        assert_eq!(action(alert(&[], &[])), Ok(Action::StepUp));
+        assert_eq!(
+            action(alert(&[("value", "40.5")], &[])),
+            Ok(Action::Sized {
+                value: 40.5,
+                target: None
+            })
+        );
+        assert_eq!(
+            action(alert(
+                &[("value", "1e+02"), ("target_per_replica", "5")],
+                &[]
+            )),
+            Ok(Action::Sized {
+                value: 100.0,
+                target: Some(5.0)
+            })
+        );
+        assert_eq!(
+            action(alert(&[("value", "12")], &[("target_per_replica", "3")])),
+            Ok(Action::Sized {
+                value: 12.0,
+                target: Some(3.0)
+            }),
+            "the target may be a label"
+        );
+        for (value, target) in [
+            ("NaN", "5"),
+            ("+Inf", "5"),
+            ("-1", "5"),
+            ("lots", "5"),
+            ("3", "0"),
+            ("3", "x"),
+        ] {
+            let e = action(alert(
+                &[("value", value), ("target_per_replica", target)],
+                &[],
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains("value") || e.contains("target_per_replica"),
+                "{e}"
+            );
+        }
+        // A resolved alert's value does not matter.
+        let mut resolved = alert(&[("value", "NaN")], &[]);
+        resolved.status = Some("resolved".into());
+        assert_eq!(action(resolved), Ok(Action::Resolved));
+    }
 
     #[test]
     fn reads_the_openfaas_sample() {

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::labels::policy_for;
 use super::policy::{decide, Action, Clamp, Input, Outcome, State};
+use super::rates::RateWindow;
 use crate::config::AutoscaleConfig;
 use crate::fleet::{Fleet, FleetError};
 use crate::model::FunctionId;
@@ -97,11 +98,13 @@ pub struct Autoscaler {
     /// Idle time counts from here for functions not invoked since the server started.
     started_at: DateTime<Utc>,
     annotations: Option<Arc<crate::grafana::Annotations>>,
+    /// Faastastic's own invocation counters over `staleness_window`, for the staleness guard.
+    observed: Mutex<RateWindow>,
 }
 
 fn rank(action: Action) -> u8 {
     match action {
-        Action::StepUp | Action::To(_) => 2,
+        Action::StepUp | Action::Sized { .. } | Action::To(_) => 2,
         Action::StepDown | Action::Resolved => 1,
     }
 }
@@ -145,6 +148,7 @@ impl Autoscaler {
             activity,
             started_at: Utc::now(),
             annotations,
+            observed: Mutex::new(RateWindow::new(cfg.staleness_window)),
             cfg,
         }))
     }
@@ -175,6 +179,7 @@ impl Autoscaler {
                 let input = Input::Signal {
                     action: r.action,
                     dedupe_key: r.dedupe_key.as_deref(),
+                    observed_rate: self.observed_rate(&r.id, r.action),
                 };
                 (
                     i,
@@ -491,6 +496,21 @@ impl Autoscaler {
             .remove(id);
     }
 
+    /// The function's invocation rate as faastastic measured it, for an alert asking for more:
+    /// known only once the counters cover half the window and the function has been invoked
+    /// through faastastic at all (traffic that bypasses it must not look like no traffic).
+    fn observed_rate(&self, id: &FunctionId, action: Action) -> Option<f64> {
+        if !matches!(action, Action::StepUp | Action::Sized { .. }) {
+            return None;
+        }
+        let observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        let key = id.qualified();
+        if observed.span() < observed.window() / 2 || !observed.seen(&key) {
+            return None;
+        }
+        observed.rate(&key)
+    }
+
     /// Steps functions that are scaling down gradually, every `tick_interval`.
     pub fn spawn_ticker(self: &Arc<Self>) {
         let this = self.clone();
@@ -499,6 +519,11 @@ impl Autoscaler {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 interval.tick().await;
+                let counts = this.metrics.invocation_counts();
+                this.observed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(std::time::Instant::now(), counts);
                 let due: Vec<FunctionId> = this
                     .stepping
                     .lock()

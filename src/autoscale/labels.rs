@@ -4,7 +4,7 @@
 use crate::config::AutoscaleConfig;
 use crate::model::{parse_duration, FunctionDeployment, LABEL_SCALE_MIN};
 
-use super::policy::{Policy, Step};
+use super::policy::{AlertMode, Policy, Step, StepCap};
 
 pub const LABEL_SCALE_MAX: &str = "com.openfaas.scale.max";
 pub const LABEL_SCALE_FACTOR: &str = "com.openfaas.scale.factor";
@@ -15,6 +15,10 @@ pub const LABEL_DOWN_COOLDOWN: &str = "com.faastastic.scale.down-cooldown";
 pub const LABEL_WINDOW: &str = "com.faastastic.scale.stabilization-window";
 pub const LABEL_RESOLVED_TO_MIN: &str = "com.faastastic.scale.resolved-to-min";
 pub const LABEL_DRY_RUN: &str = "com.faastastic.scale.dry-run";
+pub const LABEL_ALERT_MODE: &str = "com.faastastic.scale.alert-mode";
+pub const LABEL_TARGET: &str = "com.faastastic.scale.target-per-replica";
+pub const LABEL_MAX_STEP_UP: &str = "com.faastastic.scale.max-step-up";
+pub const LABEL_STALENESS_GUARD: &str = "com.faastastic.scale.staleness-guard";
 pub const LABEL_ZERO: &str = "com.openfaas.scale.zero";
 pub const LABEL_ZERO_DURATION: &str = "com.openfaas.scale.zero-duration";
 
@@ -30,6 +34,39 @@ pub fn parse_step(text: &str) -> Result<Step, String> {
     t.parse::<u64>()
         .map(Step::Count)
         .map_err(|_| format!("{text:?} is not a replica count or a percentage such as 25%"))
+}
+
+/// `4` (replicas) or `100%` (of the current replicas).
+pub fn parse_step_cap(text: &str) -> Result<StepCap, String> {
+    let t = text.trim();
+    if let Some(pct) = t.strip_suffix('%') {
+        return match pct.trim().parse::<u64>() {
+            Ok(p) if (1..=10_000).contains(&p) => Ok(StepCap::Percent(p)),
+            _ => Err(format!("{text:?} is not a percentage from 1% to 10000%")),
+        };
+    }
+    match t.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(StepCap::Count(n)),
+        _ => Err(format!(
+            "{text:?} is not a positive replica count or a percentage such as 100%"
+        )),
+    }
+}
+
+pub fn parse_alert_mode(text: &str) -> Result<AlertMode, String> {
+    match text.trim() {
+        "proportional" => Ok(AlertMode::Proportional),
+        "step" => Ok(AlertMode::Step),
+        other => Err(format!("{other:?} is not proportional or step")),
+    }
+}
+
+/// A per-replica target: a finite number above zero.
+pub fn parse_target(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a number above zero")),
+    }
 }
 
 fn parse_bool(text: &str) -> Result<bool, String> {
@@ -71,6 +108,10 @@ pub fn check_labels(dep: &FunctionDeployment) -> Vec<String> {
     read(LABEL_RESOLVED_TO_MIN, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_DRY_RUN, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_ZERO, &|v| parse_bool(v).map(|_| ()));
+    read(LABEL_ALERT_MODE, &|v| parse_alert_mode(v).map(|_| ()));
+    read(LABEL_TARGET, &|v| parse_target(v).map(|_| ()));
+    read(LABEL_MAX_STEP_UP, &|v| parse_step_cap(v).map(|_| ()));
+    read(LABEL_STALENESS_GUARD, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_ZERO_DURATION, &|v| parse_duration(v).map(|_| ()));
     errors
 }
@@ -100,6 +141,10 @@ pub fn policy_for(
     let mut dry_run = cfg.dry_run;
     let mut zero = false;
     let mut zero_idle = cfg.zero_idle;
+    let mut alert_mode = cfg.alert_mode;
+    let mut target = cfg.target_per_replica;
+    let mut max_step_up = cfg.max_step_up;
+    let mut staleness_guard = cfg.staleness_guard;
     for o in cfg.policies.iter().filter(|o| o.pattern.matches(function)) {
         min = o.min.unwrap_or(min);
         max = o.max.unwrap_or(max);
@@ -113,6 +158,10 @@ pub fn policy_for(
         dry_run = o.dry_run.unwrap_or(dry_run);
         zero = o.scale_to_zero.unwrap_or(zero);
         zero_idle = o.zero_idle.unwrap_or(zero_idle);
+        alert_mode = o.alert_mode.unwrap_or(alert_mode);
+        target = o.target_per_replica.or(target);
+        max_step_up = o.max_step_up.or(max_step_up);
+        staleness_guard = o.staleness_guard.unwrap_or(staleness_guard);
     }
 
     // Then the labels (all of them parse: checked above).
@@ -153,6 +202,16 @@ pub fn policy_for(
         stabilization_window: duration(LABEL_WINDOW).unwrap_or(window),
         resolved_to_min: flag(LABEL_RESOLVED_TO_MIN).unwrap_or(resolved_to_min),
         scale_to_zero_after: zero.then(|| duration(LABEL_ZERO_DURATION).unwrap_or(zero_idle)),
+        alert_mode: label(LABEL_ALERT_MODE)
+            .and_then(|v| parse_alert_mode(v).ok())
+            .unwrap_or(alert_mode),
+        target_per_replica: label(LABEL_TARGET)
+            .and_then(|v| parse_target(v).ok())
+            .or(target),
+        max_step_up: label(LABEL_MAX_STEP_UP)
+            .and_then(|v| parse_step_cap(v).ok())
+            .or(max_step_up),
+        staleness_guard: flag(LABEL_STALENESS_GUARD).unwrap_or(staleness_guard),
     };
     Ok((policy, flag(LABEL_DRY_RUN).unwrap_or(dry_run)))
 }
@@ -201,6 +260,54 @@ mod tests {
         );
         assert_eq!(p.down_cooldown, Duration::from_secs(60));
         assert!(dry);
+    }
+
+    #[test]
+    fn alert_sizing_labels() {
+        use crate::autoscale::policy::{AlertMode, StepCap};
+        let cfg = Config::default().autoscale;
+        let (p, _) = policy_for("f.openfaas-fn", &dep(&[]), &cfg).unwrap();
+        assert_eq!(
+            (
+                p.alert_mode,
+                p.target_per_replica,
+                p.max_step_up,
+                p.staleness_guard
+            ),
+            (AlertMode::Proportional, None, None, true)
+        );
+        let (p, _) = policy_for(
+            "f.openfaas-fn",
+            &dep(&[
+                (LABEL_ALERT_MODE, "step"),
+                (LABEL_TARGET, "7.5"),
+                (LABEL_MAX_STEP_UP, "200%"),
+                (LABEL_STALENESS_GUARD, "false"),
+            ]),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                p.alert_mode,
+                p.target_per_replica,
+                p.max_step_up,
+                p.staleness_guard
+            ),
+            (
+                AlertMode::Step,
+                Some(7.5),
+                Some(StepCap::Percent(200)),
+                false
+            )
+        );
+        let errors = check_labels(&dep(&[
+            (LABEL_ALERT_MODE, "fast"),
+            (LABEL_TARGET, "0"),
+            (LABEL_MAX_STEP_UP, "0"),
+            (LABEL_STALENESS_GUARD, "maybe"),
+        ]));
+        assert_eq!(errors.len(), 4, "{errors:?}");
     }
 
     #[test]

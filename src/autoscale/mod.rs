@@ -6,5 +6,6 @@ pub mod executor;
 pub mod labels;
 pub mod policy;
 pub mod query;
+pub mod rates;
 pub mod simulate;
 pub mod strategy;

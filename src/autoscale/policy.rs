@@ -46,6 +46,57 @@ impl fmt::Display for Step {
     }
 }
 
+/// How a firing alert that carries its observed value is turned into a count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertMode {
+    /// `ceil(value / target_per_replica)` in one decision when the alert carries a value and a
+    /// target is known; OpenFaaS step mode otherwise.
+    #[default]
+    Proportional,
+    /// Always OpenFaaS step mode, whatever the alert carries.
+    Step,
+}
+
+impl fmt::Display for AlertMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AlertMode::Proportional => "proportional",
+            AlertMode::Step => "step",
+        })
+    }
+}
+
+/// The largest scale-up one decision may make (Kubernetes HPA's scale-up policies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepCap {
+    /// At most this many replicas more.
+    Count(u64),
+    /// At most this percentage of the current replicas more (at least one).
+    Percent(u64),
+}
+
+impl StepCap {
+    pub fn size(self, current: u64) -> u64 {
+        match self {
+            StepCap::Count(n) => n.max(1),
+            StepCap::Percent(p) => {
+                (((current.max(1) as f64) * (p as f64) / 100.0).ceil() as u64).max(1)
+            }
+        }
+    }
+}
+
+impl fmt::Display for StepCap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StepCap::Count(n) => write!(f, "{n}"),
+            StepCap::Percent(p) => write!(f, "{p}% of current"),
+        }
+    }
+}
+
 /// Everything that governs one function's scaling. Plain data; see `autoscale::labels` for how
 /// it is built from config and labels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +118,44 @@ pub struct Policy {
     /// keeps at least `min`.
     #[serde(default, with = "opt_secs", skip_serializing_if = "Option::is_none")]
     pub scale_to_zero_after: Option<Duration>,
+    /// How firing alerts with a value are sized.
+    #[serde(default)]
+    pub alert_mode: AlertMode,
+    /// Load one replica is meant to carry, in the alert value's unit; an alert's own
+    /// `target_per_replica` wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_per_replica: Option<f64>,
+    /// Cap on one scale-up; `None`: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_step_up: Option<StepCap>,
+    /// Hold an alert's scale-up when faastastic's own invocation counters show the load gone.
+    #[serde(default = "yes")]
+    pub staleness_guard: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Policy {
+    /// OpenFaaS's defaults: min 1, max 5, steps of 10 % of max, no cooldowns or window.
+    fn default() -> Self {
+        Policy {
+            min: 1,
+            max: 5,
+            step_up: Step::PercentOfMax(10),
+            step_down: Step::PercentOfMax(10),
+            up_cooldown: Duration::ZERO,
+            down_cooldown: Duration::ZERO,
+            stabilization_window: Duration::ZERO,
+            resolved_to_min: false,
+            scale_to_zero_after: None,
+            alert_mode: AlertMode::Proportional,
+            target_per_replica: None,
+            max_step_up: None,
+            staleness_guard: true,
+        }
+    }
 }
 
 mod opt_secs {
@@ -110,11 +199,14 @@ mod secs {
 }
 
 /// What a signal asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "action", content = "replicas")]
 pub enum Action {
     /// A firing alert in step mode.
     StepUp,
+    /// A firing alert that carries its observed value (and maybe the per-replica target):
+    /// proportional sizing when the policy allows, step mode otherwise.
+    Sized { value: f64, target: Option<f64> },
     /// An explicit request to step down.
     StepDown,
     /// An explicit replica count.
@@ -130,6 +222,9 @@ pub enum Input<'a> {
         action: Action,
         /// Identifies retries of one alert (fingerprint and `startsAt`).
         dedupe_key: Option<&'a str>,
+        /// The function's invocation rate as faastastic itself measured it over the last
+        /// window, for the staleness guard; `None`: unknown (the guard does not apply).
+        observed_rate: Option<f64>,
     },
     /// Periodic re-evaluation, which continues a gradual scale-down.
     Tick,
@@ -160,6 +255,10 @@ pub enum Clamp {
     DownCooldown,
     Stabilization,
     Duplicate,
+    /// The scale-up was cut to the policy's `max_step_up`.
+    StepCap,
+    /// The alert asked for more, but the function's own traffic no longer supports it.
+    LoadGone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +316,53 @@ fn secs_text(d: Duration) -> String {
         format!("{s:.0}s")
     } else {
         format!("{s:.1}s")
+    }
+}
+
+/// One OpenFaaS step up from `current`, and its reason (`note` says why step mode applies).
+fn step_up(policy: &Policy, current: u64, max: u64, note: &str) -> (u64, String) {
+    let step = policy.step_up.size(max);
+    if step == 0 {
+        (
+            policy.min,
+            format!("firing, but the step is 0: OpenFaaS sets min{note}"),
+        )
+    } else {
+        (
+            current.saturating_add(step),
+            format!("firing: step up by {step} ({}){note}", policy.step_up),
+        )
+    }
+}
+
+/// The per-replica target for an alert: its own, else the policy's.
+fn target_of(policy: &Policy, action: Action) -> Option<f64> {
+    let own = match action {
+        Action::Sized { target, .. } => target,
+        _ => None,
+    };
+    own.or(policy.target_per_replica)
+        .filter(|t| t.is_finite() && *t > 0.0)
+}
+
+/// Replicas that carry `value` at `target` each: `ceil(value / target)`, saturating.
+pub fn proportional(value: f64, target: f64) -> u64 {
+    let n = (value / target).ceil();
+    if n.is_nan() || n <= 0.0 {
+        0
+    } else if n >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        n as u64
+    }
+}
+
+/// A measured value as a reason shows it: whole numbers bare, others to two decimals.
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
     }
 }
 
@@ -289,7 +435,9 @@ pub fn decide(
     // 1. The desired count, its reason and, for a gradual scale-down, the largest step allowed.
     let step_down = policy.step_down.size(max).max(1);
     let (recommended, why, max_step_down) = match input {
-        Input::Signal { dedupe_key, action } => {
+        Input::Signal {
+            dedupe_key, action, ..
+        } => {
             if let Some(key) = dedupe_key {
                 if let Some((_, at)) = next.applied.iter().find(|(k, _)| k == key) {
                     let d = held(
@@ -307,20 +455,34 @@ pub fn decide(
             match action {
                 Action::StepUp => {
                     next.stepping_down = false;
-                    let step = policy.step_up.size(max);
-                    if step == 0 {
-                        (
-                            min,
-                            "firing, but the step is 0: OpenFaaS sets min".to_string(),
-                            None,
-                        )
-                    } else {
-                        (
-                            current.saturating_add(step),
-                            format!("firing: step up by {step} ({})", policy.step_up),
-                            None,
-                        )
-                    }
+                    let (to, why) = step_up(policy, current, max, "");
+                    (to, why, None)
+                }
+                Action::Sized { value, .. } => {
+                    next.stepping_down = false;
+                    let (to, why) = match (policy.alert_mode, target_of(policy, action)) {
+                        (AlertMode::Proportional, Some(target)) => {
+                            let to = proportional(value, target);
+                            (
+                                to,
+                                format!(
+                                    "firing at {} against {} per replica: ceil({} / {}) = {to}",
+                                    number(value),
+                                    number(target),
+                                    number(value),
+                                    number(target)
+                                ),
+                            )
+                        }
+                        (AlertMode::Step, _) => step_up(policy, current, max, " (alert_mode step)"),
+                        (AlertMode::Proportional, None) => step_up(
+                            policy,
+                            current,
+                            max,
+                            " (no target_per_replica to size the alert's value against)",
+                        ),
+                    };
+                    (to, why, None)
                 }
                 Action::StepDown => (
                     current.saturating_sub(step_down),
@@ -378,6 +540,27 @@ pub fn decide(
         to = max;
         clamps.push(Clamp::Max);
     }
+    // The staleness guard: an alert asking for more when faastastic's own counters show the
+    // current replicas already carry the load is held, and is not remembered by the window.
+    if let Input::Signal {
+        action: action @ (Action::StepUp | Action::Sized { .. }),
+        observed_rate: Some(rate),
+        ..
+    } = input
+    {
+        if let Some(target) = target_of(policy, action).filter(|_| policy.staleness_guard) {
+            let supported = proportional(rate, target);
+            if to > current && supported <= current && rate.is_finite() {
+                clamps.push(Clamp::LoadGone);
+                let reason = format!(
+                    "{why}; held: load already gone: faastastic measures {}/s now, which {current} replica(s) at {} each carry",
+                    number(rate),
+                    number(target)
+                );
+                return (held(current, recommended, clamps, reason), next);
+            }
+        }
+    }
     next.recommendations.push_back((now, to));
 
     if to == current {
@@ -406,6 +589,14 @@ pub fn decide(
             clamps.push(Clamp::UpCooldown);
             let reason = cooldown_reason(&why, "up", policy.up_cooldown, elapsed, "scale-up");
             return (held(current, recommended, clamps, reason), next);
+        }
+        if let Some(cap) = policy.max_step_up {
+            // Reaching min is never capped (as in Kubernetes HPA).
+            let limit = current.saturating_add(cap.size(current)).max(min);
+            if to > limit {
+                to = limit;
+                clamps.push(Clamp::StepCap);
+            }
         }
     } else {
         let last_scale = state.last_scale_down.max(state.last_scale_up);
@@ -485,6 +676,7 @@ mod tests {
             stabilization_window: Duration::ZERO,
             resolved_to_min: true,
             scale_to_zero_after: None,
+            ..Policy::default()
         }
     }
 
@@ -492,6 +684,7 @@ mod tests {
         Input::Signal {
             action,
             dedupe_key: None,
+            observed_rate: None,
         }
     }
 
@@ -546,6 +739,7 @@ mod tests {
             stabilization_window: Duration::from_secs(30),
             resolved_to_min: false,
             scale_to_zero_after: None,
+            ..Policy::default()
         }
     }
 
@@ -610,6 +804,7 @@ mod tests {
         let firing = Input::Signal {
             action: Action::StepUp,
             dedupe_key: key,
+            observed_rate: None,
         };
         let (d, s) = decide(&p, 1, &State::default(), firing.clone(), at(0));
         assert_eq!((d.outcome, d.to), (Outcome::Scale, 3));
@@ -680,6 +875,226 @@ mod tests {
         assert_eq!(d.outcome, Outcome::Held);
         assert_eq!(d.clamps, vec![Clamp::Min]);
     }
+
+    fn sized(value: f64, target: Option<f64>, observed: Option<f64>) -> Input<'static> {
+        Input::Signal {
+            action: Action::Sized { value, target },
+            dedupe_key: None,
+            observed_rate: observed,
+        }
+    }
+
+    /// min 1, max 10, target 5 per replica, no cooldowns.
+    fn proportional_policy() -> Policy {
+        Policy {
+            max: 10,
+            target_per_replica: Some(5.0),
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn proportional_sizing_table() {
+        let p = proportional_policy();
+        // (current, value, alert's own target, expected count, expected outcome)
+        let cases = [
+            (1, 40.0, None, 8, Outcome::Scale), // 8x the target: one decision
+            (1, 41.0, None, 9, Outcome::Scale), // rounded up
+            (1, 5.0, None, 1, Outcome::NoChange), // exactly one replica's worth
+            (1, 500.0, None, 10, Outcome::Scale), // clamped to max
+            (3, 0.0, None, 1, Outcome::Scale),  // no load while firing: down to min
+            (1, 40.0, Some(20.0), 2, Outcome::Scale), // the alert's target wins
+            (4, 12.0, None, 3, Outcome::Scale), // above need: down, as HPA would
+        ];
+        for (current, value, target, want, outcome) in cases {
+            let (d, _) = decide(
+                &p,
+                current,
+                &State::default(),
+                sized(value, target, None),
+                at(0),
+            );
+            assert_eq!(
+                (d.to, d.outcome),
+                (want, outcome),
+                "{current} {value} {target:?}: {d:?}"
+            );
+            assert!(d.reason.contains("per replica"), "{}", d.reason);
+        }
+        let (d, _) = decide(&p, 1, &State::default(), sized(500.0, None, None), at(0));
+        assert_eq!(
+            (d.recommended, d.clamps.as_slice()),
+            (100, &[Clamp::Max][..])
+        );
+    }
+
+    #[test]
+    fn step_mode_without_a_target_or_when_asked() {
+        let mut p = proportional_policy();
+        p.target_per_replica = None;
+        let (d, _) = decide(&p, 1, &State::default(), sized(40.0, None, None), at(0));
+        assert_eq!(d.to, 2, "10% of max 10 = 1 step: {d:?}");
+        assert!(d.reason.contains("no target_per_replica"), "{}", d.reason);
+        let p = Policy {
+            alert_mode: AlertMode::Step,
+            ..proportional_policy()
+        };
+        let (d, _) = decide(
+            &p,
+            1,
+            &State::default(),
+            sized(40.0, Some(5.0), None),
+            at(0),
+        );
+        assert_eq!(d.to, 2, "{d:?}");
+        assert!(d.reason.contains("alert_mode step"), "{}", d.reason);
+    }
+
+    #[test]
+    fn proportional_keeps_cooldowns_and_the_window() {
+        let p = Policy {
+            up_cooldown: Duration::from_secs(30),
+            down_cooldown: Duration::from_secs(60),
+            stabilization_window: Duration::from_secs(120),
+            ..proportional_policy()
+        };
+        let (d, s) = decide(&p, 1, &State::default(), sized(20.0, None, None), at(0));
+        assert_eq!(d.to, 4);
+        let (d, s) = decide(&p, 4, &s, sized(40.0, None, None), at(10));
+        assert_eq!(
+            (d.outcome, d.clamps.as_slice()),
+            (Outcome::Held, &[Clamp::UpCooldown][..])
+        );
+        let (d, s) = decide(&p, 4, &s, sized(40.0, None, None), at(31));
+        assert_eq!(d.to, 8);
+        // Lower values while firing wait for the down cooldown, then the window's highest.
+        let (d, s) = decide(&p, 8, &s, sized(10.0, None, None), at(40));
+        assert_eq!(d.clamps, vec![Clamp::DownCooldown]);
+        let (d, _) = decide(&p, 8, &s, sized(10.0, None, None), at(100));
+        assert_eq!(
+            (d.outcome, d.to),
+            (Outcome::Held, 8),
+            "8 was recommended within the window: {d:?}"
+        );
+    }
+
+    #[test]
+    fn the_step_cap_limits_one_decision() {
+        let mut p = proportional_policy();
+        p.max = 40;
+        for (cap, current, want) in [
+            (StepCap::Count(4), 1, 5),
+            (StepCap::Count(4), 10, 14),
+            (StepCap::Percent(100), 1, 2),
+            (StepCap::Percent(100), 6, 12),
+            (StepCap::Percent(50), 3, 5),
+            (StepCap::Percent(100), 0, 1),
+        ] {
+            p.max_step_up = Some(cap);
+            let (d, _) = decide(
+                &p,
+                current,
+                &State::default(),
+                sized(200.0, None, None),
+                at(0),
+            );
+            assert_eq!(
+                (d.recommended, d.to),
+                (40, want),
+                "{cap:?} from {current}: {d:?}"
+            );
+            assert_eq!(d.clamps, vec![Clamp::StepCap]);
+        }
+        // Reaching min is not capped; a scale-down is not capped.
+        p.min = 6;
+        p.max_step_up = Some(StepCap::Count(1));
+        let (d, _) = decide(&p, 1, &State::default(), sized(1.0, None, None), at(0));
+        assert_eq!(d.to, 6, "{d:?}");
+        let (d, _) = decide(&p, 30, &State::default(), sized(5.0, None, None), at(0));
+        assert_eq!(d.to, 6, "{d:?}");
+    }
+
+    #[test]
+    fn the_staleness_guard_holds_scale_ups_the_traffic_no_longer_needs() {
+        let p = proportional_policy();
+        // The alert says 40/s, faastastic measures 3/s now: one replica carries it.
+        let (d, s) = decide(
+            &p,
+            1,
+            &State::default(),
+            sized(40.0, None, Some(3.0)),
+            at(0),
+        );
+        assert_eq!((d.outcome, d.to), (Outcome::Held, 1), "{d:?}");
+        assert_eq!(d.clamps, vec![Clamp::LoadGone]);
+        assert!(d.reason.contains("load already gone"), "{}", d.reason);
+        assert!(
+            s.recommendations.is_empty(),
+            "a stale alert is not remembered by the window"
+        );
+        // Still 40/s: scale.
+        let (d, _) = decide(
+            &p,
+            1,
+            &State::default(),
+            sized(40.0, None, Some(38.0)),
+            at(0),
+        );
+        assert_eq!(d.to, 8);
+        // Some load left, more than the current replicas carry: scale as the alert says.
+        let (d, _) = decide(
+            &p,
+            1,
+            &State::default(),
+            sized(40.0, None, Some(12.0)),
+            at(0),
+        );
+        assert_eq!(d.to, 8);
+        // Step mode alerts are guarded too, when a target is known.
+        let (d, _) = decide(
+            &p,
+            2,
+            &State::default(),
+            signal_with_rate(Action::StepUp, 4.0),
+            at(0),
+        );
+        assert_eq!(d.clamps, vec![Clamp::LoadGone]);
+        // Turned off, or with no measurement, or no target: no guard.
+        let off = Policy {
+            staleness_guard: false,
+            ..proportional_policy()
+        };
+        let (d, _) = decide(
+            &off,
+            1,
+            &State::default(),
+            sized(40.0, None, Some(0.0)),
+            at(0),
+        );
+        assert_eq!(d.to, 8);
+        let (d, _) = decide(&p, 1, &State::default(), sized(40.0, None, None), at(0));
+        assert_eq!(d.to, 8);
+        let no_target = Policy {
+            target_per_replica: None,
+            ..proportional_policy()
+        };
+        let (d, _) = decide(
+            &no_target,
+            1,
+            &State::default(),
+            signal_with_rate(Action::StepUp, 0.0),
+            at(0),
+        );
+        assert_eq!(d.to, 2);
+    }
+
+    fn signal_with_rate(action: Action, rate: f64) -> Input<'static> {
+        Input::Signal {
+            action,
+            dedupe_key: None,
+            observed_rate: Some(rate),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -694,6 +1109,8 @@ mod properties {
             Just(Action::StepDown),
             Just(Action::Resolved),
             (0u64..40).prop_map(Action::To),
+            (0.0f64..200.0, prop::option::of(0.5f64..20.0))
+                .prop_map(|(value, target)| Action::Sized { value, target }),
         ]
     }
 
@@ -713,27 +1130,49 @@ mod properties {
             0u64..60,
             0u64..120,
             any::<bool>(),
+            (
+                prop::option::of(prop_oneof![
+                    (1u64..5).prop_map(StepCap::Count),
+                    (1u64..300).prop_map(StepCap::Percent)
+                ]),
+                prop::option::of(0.5f64..20.0),
+                any::<bool>(),
+                any::<bool>(),
+            ),
         )
-            .prop_map(|(min, extra, up, down, upc, downc, win, to_min)| Policy {
-                min,
-                max: min + extra,
-                step_up: up,
-                step_down: down,
-                up_cooldown: Duration::from_secs(upc),
-                down_cooldown: Duration::from_secs(downc),
-                stabilization_window: Duration::from_secs(win),
-                resolved_to_min: to_min,
-                scale_to_zero_after: None,
-            })
+            .prop_map(
+                |(min, extra, up, down, upc, downc, win, to_min, sizing)| Policy {
+                    min,
+                    max: min + extra,
+                    step_up: up,
+                    step_down: down,
+                    up_cooldown: Duration::from_secs(upc),
+                    down_cooldown: Duration::from_secs(downc),
+                    stabilization_window: Duration::from_secs(win),
+                    resolved_to_min: to_min,
+                    scale_to_zero_after: None,
+                    max_step_up: sizing.0,
+                    target_per_replica: sizing.1,
+                    alert_mode: if sizing.2 {
+                        AlertMode::Proportional
+                    } else {
+                        AlertMode::Step
+                    },
+                    staleness_guard: sizing.3,
+                },
+            )
     }
 
-    /// (seconds after the previous input, input: None = tick, duplicate key index)
-    fn inputs() -> impl Strategy<Value = Vec<(u64, Option<Action>, Option<u8>)>> {
+    /// (seconds after the previous input, input: None = tick, duplicate key index, observed
+    /// rate)
+    type Step4 = (u64, Option<Action>, Option<u8>, Option<f64>);
+    fn inputs() -> impl Strategy<Value = Vec<Step4>> {
         prop::collection::vec(
             (
                 0u64..40,
                 prop::option::of(action()),
                 prop::option::of(0u8..3),
+                prop::option::of(0.0f64..100.0),
             ),
             1..60,
         )
@@ -752,11 +1191,11 @@ mod properties {
             let mut applied: Vec<(DateTime<Utc>, u64, u64)> = Vec::new();
             let mut recs: Vec<(DateTime<Utc>, u64)> = Vec::new();
             let mut keys_applied: Vec<(String, DateTime<Utc>)> = Vec::new();
-            for (gap, action, key) in seq {
+            for (gap, action, key, observed) in seq {
                 now += chrono::Duration::seconds(gap as i64);
                 let key_text = key.map(|k| format!("alert-{k}"));
                 let input = match action {
-                    Some(a) => Input::Signal { action: a, dedupe_key: key_text.as_deref() },
+                    Some(a) => Input::Signal { action: a, dedupe_key: key_text.as_deref(), observed_rate: observed },
                     None => Input::Tick,
                 };
                 let (d, next) = decide(&p, current, &state, input.clone(), now);
@@ -770,6 +1209,16 @@ mod properties {
                     prop_assert!(d.to >= p.min && d.to <= p.max.max(p.min), "{:?} {:?}", p, d);
                     prop_assert_ne!(d.to, current);
                     if d.to > current {
+                        // Never more than the step cap in one decision.
+                        if let Some(cap) = p.max_step_up {
+                            prop_assert!(d.to - current <= cap.size(current) || d.to == p.min, "{:?} {:?}", p, d);
+                        }
+                        // An alert's scale-up is never one the function's own traffic disowns.
+                        if let (Some(a @ (Action::StepUp | Action::Sized { .. })), Some(rate)) = (action, observed) {
+                            if let Some(t) = target_of(&p, a).filter(|_| p.staleness_guard) {
+                                prop_assert!(proportional(rate, t) > current, "{:?} {:?} rate {}", p, d, rate);
+                            }
+                        }
                         // No scale-up inside the up cooldown.
                         if let Some((t, _, _)) = applied.iter().rev().find(|(_, f, to)| to > f) {
                             prop_assert!((now - *t).to_std().unwrap() >= p.up_cooldown);
@@ -800,7 +1249,10 @@ mod properties {
                     applied.push((now, current, d.to));
                     current = d.to;
                 }
-                if action.is_some() && !d.clamps.contains(&Clamp::Duplicate) {
+                if d.clamps.contains(&Clamp::LoadGone) {
+                    prop_assert_eq!(d.to, current);
+                }
+                if action.is_some() && !d.clamps.contains(&Clamp::Duplicate) && !d.clamps.contains(&Clamp::LoadGone) {
                     recs.push((now, d.recommended.clamp(p.min, p.max.max(p.min))));
                 }
                 state = next;

@@ -4,7 +4,7 @@
 //! An unreachable source holds (no scale), is recorded once per outage, and shows in
 //! `faastastic_policy_source_up`; `fallback_replicas` applies after three failed reads.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use serde_json::json;
 use super::executor::Autoscaler;
 use super::labels::policy_for;
 use super::policy::{Action, Input};
+use super::rates::RateWindow;
 use super::strategy::{desired, Want};
 use crate::config::{PrometheusConfig, QueryPolicy, QuerySource};
 use crate::fleet::Fleet;
@@ -29,8 +30,8 @@ struct Runner {
     fleet: Arc<Fleet>,
     autoscaler: Arc<Autoscaler>,
     metrics: Arc<Metrics>,
-    /// Internal source: (when, invocations per function) samples covering the window.
-    samples: VecDeque<(Instant, HashMap<String, u64>)>,
+    /// Internal source: samples of faastastic's own counters covering the window.
+    samples: RateWindow,
     failures: u32,
     up: bool,
 }
@@ -67,7 +68,10 @@ pub fn spawn_all(
             fleet: fleet.clone(),
             autoscaler: autoscaler.clone(),
             metrics: metrics.clone(),
-            samples: VecDeque::new(),
+            samples: RateWindow::new(match policy.source {
+                QuerySource::Internal { window } => window,
+                QuerySource::Prometheus { .. } => Duration::ZERO,
+            }),
             failures: 0,
             up: true,
         };
@@ -115,7 +119,7 @@ impl Runner {
                 }
                 Ok(out)
             }
-            QuerySource::Internal { window } => Ok(self.internal_rates(*window)),
+            QuerySource::Internal { .. } => Ok(self.internal_rates()),
         }
     }
 
@@ -125,33 +129,21 @@ impl Runner {
     }
 
     /// Invocations per second over the window, from faastastic's own counters; a function never
-    /// invoked reads as 0.
-    fn internal_rates(&mut self, window: Duration) -> HashMap<FunctionId, f64> {
-        let now = Instant::now();
+    /// invoked reads as 0, and every function reads NaN (no data) until two samples exist.
+    fn internal_rates(&mut self) -> HashMap<FunctionId, f64> {
         self.samples
-            .push_back((now, self.metrics.invocation_counts()));
-        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= window {
-            self.samples.pop_front();
-        }
-        let (then, old) = &self.samples[0];
-        let latest = &self.samples[self.samples.len() - 1].1;
-        let span = now.duration_since(*then).as_secs_f64();
-        let mut out = HashMap::new();
-        for view in self.fleet.all() {
-            let key = view.function.id.qualified();
-            let rate = if span > 0.0 {
-                let delta = latest
-                    .get(&key)
-                    .copied()
-                    .unwrap_or(0)
-                    .saturating_sub(old.get(&key).copied().unwrap_or(0));
-                delta as f64 / span
-            } else {
-                f64::NAN // one sample: no rate yet
-            };
-            out.insert(view.function.id, rate);
-        }
-        out
+            .push(Instant::now(), self.metrics.invocation_counts());
+        self.fleet
+            .all()
+            .into_iter()
+            .map(|view| {
+                let rate = self
+                    .samples
+                    .rate(&view.function.id.qualified())
+                    .unwrap_or(f64::NAN);
+                (view.function.id, rate)
+            })
+            .collect()
     }
 
     async fn evaluate(&mut self) {
@@ -261,6 +253,7 @@ impl Runner {
                 let input = Input::Signal {
                     action: Action::To(n),
                     dedupe_key: None,
+                    observed_rate: None,
                 };
                 self.autoscaler
                     .apply(&id, input, &source, evidence, true)

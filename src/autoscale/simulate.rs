@@ -24,6 +24,15 @@ struct Line {
     /// Dedupe key (an alert's fingerprint and start), to replay retries.
     #[serde(default)]
     key: Option<String>,
+    /// A firing alert's observed value (its `value` annotation): proportional sizing.
+    #[serde(default)]
+    value: Option<f64>,
+    /// The alert's own per-replica target, if it carries one.
+    #[serde(default)]
+    target: Option<f64>,
+    /// The rate faastastic's own counters showed at that moment (the staleness guard).
+    #[serde(default)]
+    observed: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -37,7 +46,7 @@ pub struct Row {
 }
 
 enum Parsed {
-    Signal(Action, Option<String>),
+    Signal(Action, Option<String>, Option<f64>),
     Tick,
 }
 
@@ -70,15 +79,36 @@ fn parse_line(
     };
     // As for real alerts, a resolve is not a retry of the firing alert with the same key.
     let key = line.key.map(|k| format!("{k}@{}", line.action));
+    for (field, v) in [
+        ("value", line.value),
+        ("target", line.target),
+        ("observed", line.observed),
+    ] {
+        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            return Err(format!("line {n}: {field} must be a finite number >= 0"));
+        }
+    }
+    if line.target == Some(0.0) {
+        return Err(format!("line {n}: target must be above zero"));
+    }
     let parsed = match line.action.as_str() {
-        "firing" | "step_up" | "up" => Parsed::Signal(Action::StepUp, key),
-        "resolved" => Parsed::Signal(Action::Resolved, key),
-        "step_down" | "down" => Parsed::Signal(Action::StepDown, key),
+        "firing" | "step_up" | "up" => {
+            let action = match line.value {
+                Some(value) => Action::Sized {
+                    value,
+                    target: line.target,
+                },
+                None => Action::StepUp,
+            };
+            Parsed::Signal(action, key, line.observed)
+        }
+        "resolved" => Parsed::Signal(Action::Resolved, key, None),
+        "step_down" | "down" => Parsed::Signal(Action::StepDown, key, None),
         "to" => {
             let n = line
                 .replicas
                 .ok_or_else(|| format!("line {n}: action \"to\" needs replicas"))?;
-            Parsed::Signal(Action::To(n), key)
+            Parsed::Signal(Action::To(n), key, None)
         }
         "tick" => Parsed::Tick,
         other => {
@@ -134,9 +164,10 @@ pub fn simulate(
         clock = Some(*time);
         match parsed {
             Parsed::Tick => replay.step(*time, Input::Tick, "tick".into()),
-            Parsed::Signal(action, key) => {
+            Parsed::Signal(action, key, observed) => {
                 let label = match action {
                     Action::StepUp => "firing".to_string(),
+                    Action::Sized { value, .. } => format!("firing at {value}"),
                     Action::StepDown => "step_down".to_string(),
                     Action::To(n) => format!("to {n}"),
                     Action::Resolved => "resolved".to_string(),
@@ -144,6 +175,7 @@ pub fn simulate(
                 let input = Input::Signal {
                     action: *action,
                     dedupe_key: key.as_deref(),
+                    observed_rate: *observed,
                 };
                 replay.step(*time, input, label);
             }
@@ -236,6 +268,7 @@ mod tests {
             stabilization_window: Duration::ZERO,
             resolved_to_min: false,
             scale_to_zero_after: None,
+            ..Policy::default()
         }
     }
 

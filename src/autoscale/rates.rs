@@ -1,0 +1,89 @@
+//! Invocation rates from faastastic's own counters: samples of every function's invocation
+//! total, kept just long enough to cover a window, so a rate is one subtraction.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+pub struct RateWindow {
+    window: Duration,
+    /// (when, invocations per function, keyed `name.namespace`), oldest first.
+    samples: VecDeque<(Instant, HashMap<String, u64>)>,
+}
+
+impl RateWindow {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            samples: VecDeque::new(),
+        }
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// Adds a sample and drops the ones no longer needed to cover the window.
+    pub fn push(&mut self, now: Instant, counts: HashMap<String, u64>) {
+        self.samples.push_back((now, counts));
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= self.window {
+            self.samples.pop_front();
+        }
+    }
+
+    /// How much time the samples cover.
+    pub fn span(&self) -> Duration {
+        match (self.samples.front(), self.samples.back()) {
+            (Some((first, _)), Some((last, _))) => last.duration_since(*first),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Invocations per second of `key` across the samples; `None` until two samples exist. A
+    /// function never invoked reads as 0.
+    pub fn rate(&self, key: &str) -> Option<f64> {
+        let span = self.span().as_secs_f64();
+        if span <= 0.0 {
+            return None;
+        }
+        let count = |sample: &HashMap<String, u64>| sample.get(key).copied().unwrap_or(0);
+        let first = count(&self.samples.front()?.1);
+        let last = count(&self.samples.back()?.1);
+        Some(last.saturating_sub(first) as f64 / span)
+    }
+
+    /// Whether `key` has ever been invoked through faastastic (its counter exists).
+    pub fn seen(&self, key: &str) -> bool {
+        self.samples
+            .back()
+            .is_some_and(|(_, latest)| latest.contains_key(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(n: u64) -> HashMap<String, u64> {
+        [("f.fn".to_string(), n)].into()
+    }
+
+    #[test]
+    fn rate_over_the_window_only() {
+        let t0 = Instant::now();
+        let mut w = RateWindow::new(Duration::from_secs(10));
+        w.push(t0, counts(0));
+        assert_eq!(w.rate("f.fn"), None, "one sample has no rate");
+        // 100/s for 10 s, then nothing for 10 s.
+        for s in 1..=10 {
+            w.push(t0 + Duration::from_secs(s), counts(100 * s));
+        }
+        assert_eq!(w.rate("f.fn"), Some(100.0));
+        for s in 11..=20 {
+            w.push(t0 + Duration::from_secs(s), counts(1000));
+        }
+        assert_eq!(w.rate("f.fn"), Some(0.0), "old samples leave the window");
+        assert!(w.span() <= Duration::from_secs(11));
+        assert_eq!(w.rate("other.fn"), Some(0.0));
+        assert!(w.seen("f.fn") && !w.seen("other.fn"));
+    }
+}
