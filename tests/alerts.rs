@@ -515,3 +515,66 @@ async fn a_redeployed_function_starts_with_a_fresh_autoscaler_state() {
         assert_eq!(del.status(), 202);
     }
 }
+
+fn sized(function: &str, fingerprint: &str, value: &str) -> Value {
+    let mut a = firing(function, fingerprint, json!({}));
+    a["annotations"] = json!({"value": value, "target_per_replica": "5"});
+    a
+}
+
+#[tokio::test]
+async fn an_alert_with_its_value_is_sized_and_a_stale_one_is_held() {
+    let s = Server::with(Options {
+        config: Some(
+            "[autoscale]\nup_cooldown_secs = 0\ntick_interval_ms = 100\nstaleness_window_secs = 2\n",
+        ),
+        ..Default::default()
+    });
+    for name in ["steady", "gone"] {
+        let mut f = echo_function(name);
+        f["labels"] = json!({"com.openfaas.scale.max": "6"});
+        assert_eq!(s.deploy(f).await.status(), 202);
+        s.wait_available(name, 1).await;
+    }
+
+    // "gone" had traffic once and none since; "steady" gets 20/s, four replicas' worth.
+    assert_eq!(s.invoke("gone", "x").await.0, 200);
+    let load = common::Load::start(&s, "steady", 20, Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_millis(2500)).await; // let the counters cover the window
+
+    let (code, body) = alert(
+        &s,
+        &webhook(vec![
+            sized("steady", "aaa", "22.5"),
+            sized("gone", "bbb", "40"),
+        ]),
+    )
+    .await;
+    load.stop().await;
+    assert_eq!(code, 200, "{body}");
+    let steady = &body["alerts"][0];
+    assert_eq!(steady["outcome"], "scaled", "{body:#}");
+    assert_eq!(steady["to"], 5, "ceil(22.5 / 5): {body:#}");
+    let gone = &body["alerts"][1];
+    assert_eq!(gone["outcome"], "held", "{body:#}");
+    assert!(
+        gone["reason"]
+            .as_str()
+            .unwrap()
+            .contains("load already gone"),
+        "{body:#}"
+    );
+    assert_eq!(replicas(&s, "gone").await, 1);
+    let held = events(&s, "?function=gone").await;
+    assert_eq!(held[0]["clamps"], json!(["max", "load_gone"]), "{held:#?}");
+
+    // A value that is not a number is named, and changes nothing.
+    let (code, body) = alert(&s, &webhook(vec![sized("gone", "ccc", "+Inf")])).await;
+    assert_eq!(code, 200);
+    assert_eq!(body["alerts"][0]["outcome"], "invalid", "{body:#}");
+    assert!(body["alerts"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("value"));
+    assert_eq!(replicas(&s, "gone").await, 1);
+}

@@ -1,31 +1,39 @@
 //! End to end with real Prometheus and real Alertmanager (Debian packages), all on loopback:
-//! Prometheus scrapes faastastic's /metrics and evaluates the OpenFaaS rule (short intervals),
-//! Alertmanager posts to /system/alert with basic auth; a bounded load makes replicas rise, and
-//! when it stops the alert resolves and replicas step back down.
+//! Prometheus scrapes faastastic's /metrics and evaluates a rule, Alertmanager posts to
+//! /system/alert with basic auth, and bounded loads make replicas rise and fall.
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{
-    echo_function, free_port, poll, require_program, spawn_quiet as spawn, Options, Server,
-};
+use common::{echo_function, poll, repo_file, Load, Monitoring, Options, Server};
 use serde_json::Value;
 
-async fn http_ok(url: &str) -> bool {
-    reqwest::get(url)
-        .await
-        .map(|r| r.status().is_success())
-        .unwrap_or(false)
+async fn replicas(s: &Server, name: &str) -> u64 {
+    s.status(name).await.1["replicas"].as_u64().unwrap_or(0)
+}
+
+/// The webhook receiver of `rules/alertmanager.yml` as shipped, pointed at `s`.
+fn shipped_alertmanager_config(s: &Server) -> String {
+    let shipped = std::fs::read_to_string(repo_file("rules/alertmanager.yml")).unwrap();
+    let rendered = shipped
+        .replace(
+            "http://127.0.0.1:8080/system/alert",
+            &s.url("/system/alert"),
+        )
+        .replace(
+            "/var/lib/faastastic/basic-auth-password",
+            &s.data_dir.join("basic-auth-password").display().to_string(),
+        );
+    assert_ne!(
+        shipped, rendered,
+        "the shipped receiver URL and password file were found"
+    );
+    rendered
 }
 
 #[tokio::test]
 async fn load_raises_replicas_and_quiet_brings_them_back() {
-    require_program("prometheus", "prometheus");
-    require_program("prometheus-alertmanager", "prometheus-alertmanager");
-
     let s = Server::with(Options {
         auth: true,
         config: Some(
@@ -39,14 +47,11 @@ async fn load_raises_replicas_and_quiet_brings_them_back() {
     assert_eq!(s.deploy(f).await.status(), 202);
     s.wait_available("hot", 1).await;
 
+    // The OpenFaaS rule (step mode: it carries no value), with windows short enough for a test.
     let dir = tempfile::tempdir().unwrap();
-    let faas = s.base.trim_start_matches("http://").to_string();
-    let am_port = free_port();
-    let prom_port = free_port();
-
-    // The OpenFaaS rule, with windows short enough for a test.
+    let rules = dir.path().join("rules.yml");
     std::fs::write(
-        dir.path().join("rules.yml"),
+        &rules,
         r#"groups:
 - name: openfaas
   rules:
@@ -61,31 +66,8 @@ async fn load_raises_replicas_and_quiet_brings_them_back() {
 "#,
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("prometheus.yml"),
-        format!(
-            r#"global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
-rule_files: ["{rules}"]
-alerting:
-  alertmanagers:
-  - static_configs:
-    - targets: ["127.0.0.1:{am_port}"]
-scrape_configs:
-- job_name: faastastic
-  static_configs:
-  - targets: ["{faas}"]
-"#,
-            rules = dir.path().join("rules.yml").display()
-        ),
-    )
-    .unwrap();
-    let password_file = s.data_dir.join("basic-auth-password");
-    std::fs::write(
-        dir.path().join("alertmanager.yml"),
-        format!(
-            r#"route:
+    let alertmanager = format!(
+        r#"route:
   group_by: [alertname, service]
   group_wait: 1s
   group_interval: 1s
@@ -94,76 +76,32 @@ scrape_configs:
 receivers:
 - name: scale-up
   webhook_configs:
-  - url: http://{faas}/system/alert
+  - url: {url}
     send_resolved: true
     http_config:
       basic_auth:
         username: admin
         password_file: {pw}
 "#,
-            pw = password_file.display()
-        ),
-    )
-    .unwrap();
-
-    let _alertmanager = spawn(
-        "prometheus-alertmanager",
-        &[
-            format!(
-                "--config.file={}",
-                dir.path().join("alertmanager.yml").display()
-            ),
-            format!("--storage.path={}", dir.path().join("am").display()),
-            format!("--web.listen-address=127.0.0.1:{am_port}"),
-            "--cluster.listen-address=".to_string(),
-        ],
+        url = s.url("/system/alert"),
+        pw = s.data_dir.join("basic-auth-password").display()
     );
-    let _prometheus = spawn(
-        "prometheus",
-        &[
-            format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ),
-            format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()),
-            format!("--web.listen-address=127.0.0.1:{prom_port}"),
-        ],
-    );
-    let up = poll(Duration::from_secs(30), || async {
-        http_ok(&format!("http://127.0.0.1:{am_port}/-/ready")).await
-            && http_ok(&format!("http://127.0.0.1:{prom_port}/-/ready")).await
-    })
-    .await;
-    assert!(up, "Prometheus and Alertmanager did not become ready");
+    let _monitoring = Monitoring::start(&s, &[rules], Some(alertmanager), &[]).await;
 
-    // Bounded load: about 40 requests/s for at most 60 s, stopped as soon as replicas reach 3.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (stop, url, http) = (stop.clone(), s.url("/function/hot"), s.http.clone());
-        tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut sent = 0u32;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let _ = http.post(&url).body("x").send().await;
-                sent += 1;
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            sent
-        })
-    };
+    // Bounded load: 40 requests/s for at most 60 s, stopped as soon as replicas reach 3.
+    let load = Load::start(&s, "hot", 40, Duration::from_secs(60));
     let rose = poll(Duration::from_secs(60), || async {
-        s.status("hot").await.1["replicas"].as_u64().unwrap_or(0) >= 3
+        replicas(&s, "hot").await >= 3
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let sent = load.await.unwrap();
+    let sent = load.stop().await;
     assert!(
         rose,
         "replicas never reached 3 under load ({sent} requests sent)"
     );
 
     let fell = poll(Duration::from_secs(60), || async {
-        s.status("hot").await.1["replicas"].as_u64() == Some(1)
+        replicas(&s, "hot").await == 1
     })
     .await;
     assert!(
@@ -178,7 +116,8 @@ receivers:
     assert!(
         scaled.iter().any(|e| e["direction"] == "up"
             && e["source"] == "alert"
-            && e["evidence"]["alertname"] == "APIHighInvocationRate"),
+            && e["evidence"]["alertname"] == "APIHighInvocationRate"
+            && e["reason"].as_str().unwrap_or("").contains("step up")),
         "{events:#?}"
     );
     assert!(
@@ -191,4 +130,68 @@ receivers:
             "every decision has a reason: {e}"
         );
     }
+}
+
+/// The shipped rule (`rules/faastastic.rules.yml`, which carries `value` and
+/// `target_per_replica`) and the shipped Alertmanager timing: a load at 8x the rule's threshold
+/// takes the function from 1 to 4 replicas in one decision.
+#[tokio::test]
+async fn an_alert_carrying_its_value_sizes_the_function_in_one_decision() {
+    let s = Server::with(Options {
+        auth: true,
+        config: Some("[autoscale]\ntick_interval_ms = 250\n"),
+        ..Default::default()
+    });
+    let mut f = echo_function("sized");
+    f["labels"] = serde_json::json!({"com.openfaas.scale.max": "4"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("sized", 1).await;
+
+    // Prometheus re-sends firing alerts every second (default: every minute), so Alertmanager
+    // holds the latest value when its group_wait ends.
+    let _monitoring = Monitoring::start(
+        &s,
+        &[repo_file("rules/faastastic.rules.yml")],
+        Some(shipped_alertmanager_config(&s)),
+        &["--rules.alert.resend-delay=1s"],
+    )
+    .await;
+
+    // The rule fires above 5 invocations/s: load at 8x that.
+    let started = Instant::now();
+    let load = Load::start(&s, "sized", 40, Duration::from_secs(90));
+    let reached = poll(Duration::from_secs(90), || async {
+        s.status("sized").await.1["availableReplicas"].as_u64() == Some(4)
+    })
+    .await;
+    let took = started.elapsed();
+    let sent = load.stop().await;
+    assert!(
+        reached,
+        "replicas never reached 4 under load ({sent} requests sent)"
+    );
+    eprintln!("load start -> 4 ready replicas: {took:?}");
+
+    let events: Vec<Value> = s
+        .get_json("/system/scale-events?function=sized&limit=100")
+        .await;
+    let ups: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["outcome"] == "scaled" && e["direction"] == "up")
+        .collect();
+    assert_eq!(ups.len(), 1, "one decision, not steps: {events:#?}");
+    let up = ups[0];
+    assert_eq!(
+        (up["from"].as_u64(), up["to"].as_u64()),
+        (Some(1), Some(4)),
+        "{up:#}"
+    );
+    assert_eq!(up["source"], "alert");
+    assert_eq!(up["evidence"]["alertname"], "FunctionHighInvocationRate");
+    let reason = up["reason"].as_str().unwrap();
+    assert!(reason.contains("per replica"), "{reason}");
+    assert!(
+        up["recommended"].as_u64().unwrap() >= 4,
+        "the value asked for at least 4: {up:#}"
+    );
 }

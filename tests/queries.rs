@@ -3,34 +3,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{echo_function, free_port, poll, require_program, sample, Options, Server};
+use common::{echo_function, free_port, poll, require_program, sample, Load, Options, Server};
 use serde_json::{json, Value};
-
-/// Sends about `per_sec` invocations per second until stopped (at most 90 s).
-fn load(s: &Server, name: &str, per_sec: u64) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u32>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (flag, url, http) = (
-        stop.clone(),
-        s.url(&format!("/function/{name}")),
-        s.http.clone(),
-    );
-    let handle = tokio::spawn(async move {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut sent = 0;
-        let gap = Duration::from_millis(1000 / per_sec);
-        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-            let _ = http.post(&url).body("x").send().await;
-            sent += 1;
-            tokio::time::sleep(gap).await;
-        }
-        sent
-    });
-    (stop, handle)
-}
 
 async fn replicas(s: &Server, name: &str) -> u64 {
     s.status(name).await.1["replicas"].as_u64().unwrap_or(0)
@@ -59,13 +35,12 @@ interval_ms = 200
     f["labels"] = json!({"com.openfaas.scale.max": "4"});
     assert_eq!(s.deploy(f).await.status(), 202);
     s.wait_available("tracked", 1).await;
-    let (stop, handle) = load(&s, "tracked", 50);
+    let load = Load::start(&s, "tracked", 50, Duration::from_secs(90));
     let up = poll(Duration::from_secs(30), || async {
         replicas(&s, "tracked").await == 4
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    handle.await.unwrap();
+    load.stop().await;
     assert!(
         up,
         "about 40 invocations/s at a target of 10 per replica needs 4"
@@ -156,7 +131,7 @@ interval_ms = 500
     .await;
     assert!(ready, "Prometheus did not start");
 
-    let (stop, handle) = load(&s, "queried", 50);
+    let load = Load::start(&s, "queried", 50, Duration::from_secs(90));
     let up = poll(Duration::from_secs(40), || async {
         replicas(&s, "queried").await == 4
     })
@@ -181,8 +156,7 @@ interval_ms = 500
     })
     .await;
     assert!(down, "faastastic_policy_source_up goes to 0");
-    stop.store(true, Ordering::Relaxed);
-    handle.await.unwrap();
+    load.stop().await;
     // Several evaluations later, still one outage event and no scale-down.
     let seen_failures = poll(Duration::from_secs(10), || async {
         outages(&s.get_json::<Vec<Value>>("/system/scale-events").await) == before + 1

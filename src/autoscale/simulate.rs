@@ -315,4 +315,25 @@ mod tests {
         assert_eq!(errors.len(), 4, "{errors:?}");
         assert!(errors[0].starts_with("line 1"));
     }
+
+    #[test]
+    fn replays_alert_sizing_and_the_staleness_guard() {
+        let series = r#"
+{"t": 0, "action": "firing", "value": 12, "target": 5, "observed": 11}
+{"t": 60, "action": "firing", "value": 40, "target": 5, "observed": 2}
+{"t": 61, "action": "firing", "value": -1}
+"#;
+        let errors = simulate(&policy(), 1, series, Duration::from_secs(1)).unwrap_err();
+        assert!(errors[0].contains("line 4: value"), "{errors:?}");
+        let rows = simulate(
+            &policy(),
+            1,
+            &series.replace("{\"t\": 61, \"action\": \"firing\", \"value\": -1}", ""),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!((rows[0].input.as_str(), rows[0].to), ("firing at 12", 3));
+        assert_eq!(rows[1].outcome, Outcome::Held, "{rows:?}");
+        assert!(rows[1].reason.contains("load already gone"), "{rows:?}");
+    }
 }

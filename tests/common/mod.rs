@@ -284,3 +284,138 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Invocations of `/function/NAME` at a steady rate, each request on its own task so a slow
+/// reply does not lower the rate (at most 64 in flight); ends at `stop` or after `limit`.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: tokio::task::JoinHandle<u32>,
+}
+
+impl Load {
+    pub fn start(s: &Server, name: &str, per_sec: u64, limit: Duration) -> Load {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, url, http) = (
+            stop.clone(),
+            s.url(&format!("/function/{name}")),
+            s.http.clone(),
+        );
+        let handle = tokio::spawn(async move {
+            let deadline = Instant::now() + limit;
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(64));
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec as f64));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut sent = 0;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                tick.tick().await;
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let (http, url) = (http.clone(), url.clone());
+                tokio::spawn(async move {
+                    let _ = http.post(&url).body("x").send().await;
+                    drop(permit);
+                });
+                sent += 1;
+            }
+            sent
+        });
+        Load { stop, handle }
+    }
+
+    /// Stops the load and returns how many requests it sent.
+    pub async fn stop(self) -> u32 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.await.unwrap()
+    }
+}
+
+async fn http_ok(url: &str) -> bool {
+    reqwest::get(url)
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false)
+}
+
+/// Real Prometheus (and, when given a config, real Alertmanager) on free loopback ports,
+/// scraping `server` every second; both are killed when this is dropped.
+pub struct Monitoring {
+    pub prometheus_port: u16,
+    pub alertmanager_port: u16,
+    _procs: Vec<Proc>,
+    _dir: tempfile::TempDir,
+}
+
+impl Monitoring {
+    /// `rules`: rule files to load; `alertmanager`: its YAML, if alerts should be delivered;
+    /// `prometheus_args`: extra flags.
+    pub async fn start(
+        server: &Server,
+        rules: &[PathBuf],
+        alertmanager: Option<String>,
+        prometheus_args: &[&str],
+    ) -> Monitoring {
+        require_program("prometheus", "prometheus");
+        let dir = tempfile::tempdir().unwrap();
+        let (prometheus_port, alertmanager_port) = (free_port(), free_port());
+        let mut procs = Vec::new();
+        let mut alerting = String::new();
+        if let Some(config) = alertmanager {
+            require_program("prometheus-alertmanager", "prometheus-alertmanager");
+            let path = dir.path().join("alertmanager.yml");
+            std::fs::write(&path, config).unwrap();
+            procs.push(spawn_quiet(
+                "prometheus-alertmanager",
+                &[
+                    format!("--config.file={}", path.display()),
+                    format!("--storage.path={}", dir.path().join("am").display()),
+                    format!("--web.listen-address=127.0.0.1:{alertmanager_port}"),
+                    "--cluster.listen-address=".to_string(),
+                ],
+            ));
+            alerting = format!(
+                "alerting:\n  alertmanagers:\n  - static_configs:\n    - targets: [\"127.0.0.1:{alertmanager_port}\"]\n"
+            );
+        }
+        let rule_files: Vec<String> = rules
+            .iter()
+            .map(|r| format!("{:?}", r.display().to_string()))
+            .collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [{}]\n{alerting}scrape_configs:\n- job_name: faastastic\n  static_configs:\n  - targets: [\"{}\"]\n",
+            rule_files.join(", "),
+            server.base.trim_start_matches("http://")
+        );
+        let path = dir.path().join("prometheus.yml");
+        std::fs::write(&path, config).unwrap();
+        let mut args = vec![
+            format!("--config.file={}", path.display()),
+            format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()),
+            format!("--web.listen-address=127.0.0.1:{prometheus_port}"),
+        ];
+        args.extend(prometheus_args.iter().map(|a| a.to_string()));
+        procs.push(spawn_quiet("prometheus", &args));
+        let m = Monitoring {
+            prometheus_port,
+            alertmanager_port,
+            _procs: procs,
+            _dir: dir,
+        };
+        let with_am = !alerting.is_empty();
+        let up = poll(Duration::from_secs(30), || async {
+            http_ok(&format!("http://127.0.0.1:{prometheus_port}/-/ready")).await
+                && (!with_am
+                    || http_ok(&format!("http://127.0.0.1:{alertmanager_port}/-/ready")).await)
+        })
+        .await;
+        assert!(up, "Prometheus/Alertmanager did not become ready");
+        m
+    }
+}
+
+/// A file of the repository (e.g. `rules/faastastic.rules.yml`).
+pub fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
