@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# Runs the benchmark suite on loopback (bounded: about 6 minutes with the defaults) and prints
-# Markdown for BENCHMARKS.md. Arguments are passed to scripts/bench.py.
+# Runs the benchmark suite on loopback and prints Markdown for BENCHMARKS.md (bounded: about
+# 6 minutes for the invoke proxy with the defaults, 2 for reaction times).
+#   scripts/bench.sh                 both
+#   scripts/bench.sh invoke [ARGS]   the invoke proxy only (ARGS go to scripts/bench.py)
+#   scripts/bench.sh reaction        reaction times only (scripts/bench_reaction.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+what="${1:-all}"
+[[ $# -gt 0 ]] && shift
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
 command -v python3 >/dev/null || missing+=(python3)
+command -v prometheus >/dev/null || missing+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
 if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 cargo build --release --quiet
-exec python3 scripts/bench.py "$@"
+case "$what" in
+  invoke) exec python3 scripts/bench.py "$@" ;;
+  reaction) exec python3 scripts/bench_reaction.py "$@" ;;
+  all) python3 scripts/bench.py "$@" && python3 scripts/bench_reaction.py ;;
+  *) echo "usage: scripts/bench.sh [all|invoke|reaction] [ARGS]" >&2; exit 2 ;;
+esac

@@ -183,6 +183,10 @@ impl Metrics {
         for view in functions {
             let name = view.function.id.qualified();
             let counts = view.replicas;
+            // Present at 0 from deploy on, so the first scrape under load already gives
+            // rate() an increase (a series born under load needs two scrapes).
+            self.invocation_total
+                .with_label_values(&[name.as_str(), "200"]);
             self.service_count
                 .with_label_values(&[name.as_str()])
                 .set(counts.desired as i64);

@@ -51,11 +51,11 @@ impl RateWindow {
         Some(last.saturating_sub(first) as f64 / span)
     }
 
-    /// Whether `key` has ever been invoked through faastastic (its counter exists).
+    /// Whether `key` has been invoked through faastastic at all since the server started.
     pub fn seen(&self, key: &str) -> bool {
         self.samples
             .back()
-            .is_some_and(|(_, latest)| latest.contains_key(key))
+            .is_some_and(|(_, latest)| latest.get(key).is_some_and(|n| *n > 0))
     }
 }
 
@@ -64,7 +64,7 @@ mod tests {
     use super::*;
 
     fn counts(n: u64) -> HashMap<String, u64> {
-        [("f.fn".to_string(), n)].into()
+        [("f.fn".to_string(), n), ("idle.fn".to_string(), 0)].into()
     }
 
     #[test]
@@ -84,6 +84,6 @@ mod tests {
         assert_eq!(w.rate("f.fn"), Some(0.0), "old samples leave the window");
         assert!(w.span() <= Duration::from_secs(11));
         assert_eq!(w.rate("other.fn"), Some(0.0));
-        assert!(w.seen("f.fn") && !w.seen("other.fn"));
+        assert!(w.seen("f.fn") && !w.seen("other.fn") && !w.seen("idle.fn"));
     }
 }
