@@ -179,7 +179,7 @@ async fn webhook() {
         (rounds * functions) as f64 / total.as_secs_f64(),
         if per_alert_p99 < Duration::from_millis(1) { "pass" } else { "FAIL" }
     );
-    app.platform.shutdown().await;
+    app.state.fleet.shutdown().await;
 }
 
 fn main() {

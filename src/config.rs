@@ -32,6 +32,67 @@ pub struct Config {
     pub autoscale: AutoscaleConfig,
     pub prometheus: PrometheusConfig,
     pub grafana: crate::grafana::GrafanaConfig,
+    /// Where functions run, in order; exactly one is home.
+    pub datacenters: Vec<DatacenterConfig>,
+    /// Where a function that names no datacenter goes.
+    pub placement: Placement,
+    /// How often desired and actual state are compared in every datacenter.
+    pub reconcile_interval: Duration,
+}
+
+/// The datacenter of a server configured with none.
+pub const DEFAULT_DATACENTER: &str = "home";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Every datacenter.
+    All,
+    /// The home datacenter only.
+    Home,
+}
+
+/// One datacenter: a name and the platform that runs its functions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatacenterConfig {
+    pub name: String,
+    pub platform: PlatformConfig,
+    pub home: bool,
+    /// Longest wait for one platform call (deploy, scale, remove) in this datacenter.
+    pub timeout: Duration,
+    /// Platform calls per second to this datacenter.
+    pub rate_per_sec: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlatformConfig {
+    /// Processes on this machine (the embedded default).
+    Local,
+    /// A `faastastic agent` reached over HTTP.
+    Remote {
+        url: String,
+        token_file: Option<PathBuf>,
+    },
+}
+
+impl PlatformConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PlatformConfig::Local => "local",
+            PlatformConfig::Remote { .. } => "remote",
+        }
+    }
+}
+
+impl DatacenterConfig {
+    pub fn local(name: &str, home: bool) -> Self {
+        DatacenterConfig {
+            name: name.to_string(),
+            platform: PlatformConfig::Local,
+            home,
+            timeout: Duration::from_secs(30),
+            rate_per_sec: 100,
+        }
+    }
 }
 
 /// Where query policies read Prometheus.
@@ -64,6 +125,9 @@ pub struct QueryPolicy {
     pub fallback_replicas: Option<u64>,
     /// The result label that names the function (`name` or `name.namespace`).
     pub function_label: String,
+    /// The result label that names the datacenter; a series without it is shared equally by
+    /// the function's datacenters.
+    pub datacenter_label: String,
 }
 
 /// Defaults for every function's scaling policy (labels override them per function) and the
@@ -265,7 +329,22 @@ impl Default for Config {
                 timeout: Duration::from_secs(2),
             },
             grafana: crate::grafana::GrafanaConfig::default(),
+            datacenters: vec![DatacenterConfig::local(DEFAULT_DATACENTER, true)],
+            placement: Placement::All,
+            reconcile_interval: Duration::from_secs(5),
         }
+    }
+}
+
+impl Config {
+    /// The home datacenter's name.
+    pub fn home(&self) -> &str {
+        self.datacenters
+            .iter()
+            .find(|d| d.home)
+            .or(self.datacenters.first())
+            .map(|d| d.name.as_str())
+            .unwrap_or(DEFAULT_DATACENTER)
     }
 }
 
@@ -494,6 +573,15 @@ impl Config {
                 s.finish(&mut errors);
                 g
             },
+            datacenters: root.datacenters("datacenters"),
+            placement: root.parsed("placement", defaults.placement, |v: String| {
+                match v.as_str() {
+                    "all" => Ok(Placement::All),
+                    "home" => Ok(Placement::Home),
+                    other => Err(format!("must be \"all\" or \"home\", got {other:?}")),
+                }
+            }),
+            reconcile_interval: root.millis("reconcile_interval_ms", defaults.reconcile_interval),
         };
         for (i, q) in cfg.autoscale.queries.iter().enumerate() {
             if matches!(q.source, QuerySource::Prometheus { .. }) && cfg.prometheus.url.is_none() {
@@ -692,6 +780,109 @@ impl Section {
         out
     }
 
+    /// `datacenters = ["stage", "lon"]` (all local, the first is home) or `[[datacenters]]`
+    /// tables with `name`, `platform`, `home` and the platform's settings.
+    fn datacenters(&mut self, key: &str) -> Vec<DatacenterConfig> {
+        let full = self.key(key);
+        let entries = match self.table.get(key) {
+            None => return vec![DatacenterConfig::local(DEFAULT_DATACENTER, true)],
+            Some(toml::Value::Array(entries)) => entries.clone(),
+            Some(other) => {
+                self.errors.push(format!(
+                    "{full}: must be a list of names or [[{full}]] tables, got {}",
+                    other.type_str()
+                ));
+                self.table.remove(key);
+                return vec![DatacenterConfig::local(DEFAULT_DATACENTER, true)];
+            }
+        };
+        let mut out = Vec::new();
+        if entries.iter().all(|e| e.is_str()) {
+            self.table.remove(key);
+            for (i, e) in entries.iter().enumerate() {
+                let name = e.as_str().unwrap_or_default().to_string();
+                out.push(DatacenterConfig::local(&name, i == 0));
+            }
+        } else {
+            for mut s in self.tables(key) {
+                let at = s.prefix.clone();
+                let name: String = s.get("name", String::new());
+                let kind: String = s.get("platform", "local".to_string());
+                let platform = match kind.as_str() {
+                    "local" => PlatformConfig::Local,
+                    "remote" => {
+                        let url: Option<String> = s.get("url", None);
+                        if url.is_none() {
+                            s.errors.push(format!(
+                                "{at}.url: is required for platform \"remote\" (the agent's address, e.g. http://127.0.0.1:8081)"
+                            ));
+                        }
+                        PlatformConfig::Remote {
+                            url: url.unwrap_or_default(),
+                            token_file: s.get("token_file", None),
+                        }
+                    }
+                    other => {
+                        s.errors.push(format!(
+                            "{at}.platform: {other:?} is not one of local, remote"
+                        ));
+                        PlatformConfig::Local
+                    }
+                };
+                let d = DatacenterConfig::local(&name, false);
+                out.push(DatacenterConfig {
+                    home: s.get("home", false),
+                    timeout: s.millis("timeout_ms", d.timeout),
+                    rate_per_sec: s
+                        .positive("rate_per_sec", d.rate_per_sec as usize)
+                        .min(u32::MAX as usize) as u32,
+                    platform,
+                    name,
+                });
+                s.finish(&mut self.errors);
+            }
+            if !out.is_empty() && !out.iter().any(|d| d.home) {
+                out[0].home = true;
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in out.iter().enumerate() {
+            if let Err(e) = validate_dns_label("name", &d.name) {
+                self.errors.push(format!("{full}[{i}]: {e}"));
+            } else if !seen.insert(d.name.clone()) {
+                self.errors
+                    .push(format!("{full}[{i}]: the name {:?} is used twice", d.name));
+            }
+            if let PlatformConfig::Remote { url, .. } = &d.platform {
+                if !url.is_empty()
+                    && !reqwest::Url::parse(url)
+                        .is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+                {
+                    self.errors.push(format!(
+                        "{full}[{i}].url: {url:?} is not an http(s) URL such as http://127.0.0.1:8081"
+                    ));
+                }
+            }
+        }
+        let homes: Vec<&str> = out
+            .iter()
+            .filter(|d| d.home)
+            .map(|d| d.name.as_str())
+            .collect();
+        if homes.len() > 1 {
+            self.errors.push(format!(
+                "{full}: only one datacenter can be home, got {}",
+                homes.join(", ")
+            ));
+        }
+        if out.is_empty() {
+            self.errors
+                .push(format!("{full}: name at least one datacenter"));
+            out.push(DatacenterConfig::local(DEFAULT_DATACENTER, true));
+        }
+        out
+    }
+
     /// `[[autoscale.policies]]`: per-function overrides.
     fn policies(&mut self, key: &str) -> Vec<PolicyOverride> {
         let mut out = Vec::new();
@@ -880,6 +1071,7 @@ impl Section {
                     .contains_key("fallback_replicas")
                     .then(|| s.count("fallback_replicas", 0)),
                 function_label: s.get("function_label", "function_name".to_string()),
+                datacenter_label: s.get("datacenter_label", "datacenter".to_string()),
             };
             s.finish(&mut self.errors);
             out.push(q);

@@ -71,6 +71,7 @@ fn demo_config(data_dir: PathBuf) -> Config {
         interval: Duration::from_millis(500),
         fallback_replicas: None,
         function_label: "function_name".to_string(),
+        datacenter_label: "datacenter".to_string(),
     });
     cfg
 }
@@ -94,7 +95,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
 
     let result = drive(&http, &base, &opts).await;
-    app.platform.shutdown().await;
+    app.state.fleet.shutdown().await;
     let (timeline, markers, scaled_up) = result?;
 
     let out = opts.out.unwrap_or(tmp);

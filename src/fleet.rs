@@ -1,19 +1,26 @@
-//! The control plane's desired state: functions, namespaces and secrets, kept in the store and
-//! converged onto the platform. Handlers call one method here per request; every method either
-//! applies its whole change or none of it.
+//! The control plane's desired state: functions (placed in datacenters, with replicas per
+//! datacenter), namespaces and secrets, kept in the store and converged onto each datacenter's
+//! platform. Handlers call one method here per request. Operations on several datacenters run
+//! concurrently, each with its own timeout and rate limit: when all fail nothing changes; when
+//! some fail, what succeeded stays, the error names the failed ones, and the reconciler
+//! converges them when they answer again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use base64::Engine;
 use chrono::Utc;
-use tokio::sync::Mutex;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{watch, Mutex};
 
+use crate::config::Placement;
 use crate::model::{
     truncate_for_message, validate_dns_label, validate_secret_name, Function, FunctionDeployment,
-    FunctionId, Namespace,
+    FunctionId, Namespace, LABEL_DATACENTERS,
 };
-use crate::platform::{Platform, PlatformError, ReplicaCounts, Workload};
+use crate::platform::{EndpointSet, Platform, PlatformError, ReplicaCounts, Workload};
 use crate::store::{SecretRecord, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +36,10 @@ pub enum FleetError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Platform(#[from] PlatformError),
+    /// Some datacenters did it and some failed: what succeeded stays, the reconciler retries
+    /// the rest.
+    #[error("{0}")]
+    Partial(String),
 }
 
 impl FleetError {
@@ -41,7 +52,10 @@ impl FleetError {
 #[derive(Debug, Clone)]
 pub struct FunctionView {
     pub function: Function,
+    /// Totals across the datacenters in `datacenters`.
     pub replicas: ReplicaCounts,
+    /// Per datacenter: desired (the control plane's) and ready (the platform's).
+    pub datacenters: Vec<(String, ReplicaCounts)>,
 }
 
 /// A secret as clients send it: `rawValue` (base64 bytes) wins over `value` when non-empty.
@@ -53,22 +67,149 @@ pub struct SecretInput {
     pub raw_value: Option<String>,
 }
 
+/// One datacenter: a name and the platform that runs its functions, called with a timeout and
+/// a rate limit of its own so a slow datacenter never holds up the others.
+pub struct Datacenter {
+    pub name: String,
+    pub platform: Arc<dyn Platform>,
+    timeout: Duration,
+    limiter: DefaultDirectRateLimiter,
+}
+
+impl Datacenter {
+    pub fn new(
+        name: &str,
+        platform: Arc<dyn Platform>,
+        timeout: Duration,
+        rate_per_sec: u32,
+    ) -> Self {
+        let rate = NonZeroU32::new(rate_per_sec.max(1)).expect("max(1) is non-zero");
+        Datacenter {
+            name: name.to_string(),
+            platform,
+            timeout,
+            limiter: RateLimiter::direct(Quota::per_second(rate)),
+        }
+    }
+
+    /// One platform call, rate-limited and bounded by this datacenter's timeout.
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, PlatformError>>,
+    ) -> Result<T, PlatformError> {
+        self.limiter.until_ready().await;
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(PlatformError::Failed(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+/// Results of one operation fanned out to several datacenters.
+struct FanOut(Vec<(String, Result<(), PlatformError>)>);
+
+impl FanOut {
+    fn succeeded(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(dc, _)| dc.as_str())
+            .collect()
+    }
+
+    fn failures(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter_map(|(dc, r)| r.as_ref().err().map(|e| format!("{dc}: {e}")))
+            .collect()
+    }
+
+    /// `Ok` when every datacenter succeeded; `Platform` when all failed; `Partial` otherwise.
+    fn into_result(self, what: &str) -> Result<(), FleetError> {
+        let failures = self.failures();
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let done = self.succeeded();
+        if done.is_empty() {
+            return Err(FleetError::Platform(PlatformError::Failed(format!(
+                "{what} failed in {}",
+                failures.join("; ")
+            ))));
+        }
+        Err(FleetError::Partial(format!(
+            "{what} done in {}; failed in {}; the failed datacenters are retried in the background",
+            done.join(", "),
+            failures.join("; ")
+        )))
+    }
+
+    fn all_failed(&self) -> bool {
+        !self.0.is_empty() && self.0.iter().all(|(_, r)| r.is_err())
+    }
+}
+
 pub struct Fleet {
     store: Store,
-    platform: Arc<dyn Platform>,
+    datacenters: Vec<Arc<Datacenter>>,
+    home: String,
+    placement: Placement,
     default_namespace: String,
     max_replicas: u64,
     functions: RwLock<HashMap<FunctionId, Function>>,
     namespaces: RwLock<BTreeMap<String, Namespace>>,
-    /// Serialises mutations so that store and platform see them in one order.
+    /// The deployment each datacenter last accepted for each function (a hash of it), so the
+    /// reconciler knows which ones missed an update.
+    applied: std::sync::Mutex<HashMap<(FunctionId, String), u64>>,
+    /// Serialises mutations so that store and platforms see them in one order.
     write: Mutex<()>,
 }
 
+fn spec_hash(dep: &FunctionDeployment) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(dep).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
+/// A deployment without what only chooses datacenters, to compare two deployments' specs.
+fn without_placement(dep: &FunctionDeployment) -> FunctionDeployment {
+    let mut d = dep.clone();
+    d.constraints = d.constraints.map(|c| {
+        c.into_iter()
+            .filter(|c| datacenter_constraint(c).is_none())
+            .collect()
+    });
+    if let Some(labels) = d.labels.as_mut() {
+        labels.remove(LABEL_DATACENTERS);
+    }
+    d
+}
+
+/// `datacenter==lon` → (true, "lon"); `datacenter != syd` → (false, "syd"); anything else (for
+/// the platform) → `None`.
+fn datacenter_constraint(c: &str) -> Option<(bool, &str)> {
+    let rest = c.trim().strip_prefix("datacenter")?.trim_start();
+    let (equal, name) = if let Some(n) = rest.strip_prefix("==") {
+        (true, n)
+    } else if let Some(n) = rest.strip_prefix("!=") {
+        (false, n)
+    } else {
+        return None;
+    };
+    Some((equal, name.trim()))
+}
+
 impl Fleet {
-    /// Loads the stored state and brings every function's replicas back.
+    /// Loads the stored state and brings every function's replicas back in every datacenter.
     pub async fn restore(
         store: Store,
-        platform: Arc<dyn Platform>,
+        datacenters: Vec<Arc<Datacenter>>,
+        home: &str,
+        placement: Placement,
         default_namespace: &str,
         max_replicas: u64,
     ) -> Result<Fleet, FleetError> {
@@ -85,19 +226,40 @@ impl Fleet {
         }
         let fleet = Fleet {
             store,
-            platform,
+            datacenters,
+            home: home.to_string(),
+            placement,
             default_namespace: default_namespace.to_string(),
             max_replicas,
             functions: RwLock::new(HashMap::new()),
             namespaces: RwLock::new(namespaces),
+            applied: std::sync::Mutex::new(HashMap::new()),
             write: Mutex::new(()),
         };
-        for function in fleet.store.load_functions().await? {
-            let workload = fleet.workload(&function.id, &function.deployment).await;
-            match workload {
+        for mut function in fleet.store.load_functions(home).await? {
+            // A datacenter no longer configured: its replicas move home.
+            let gone: Vec<String> = function
+                .replicas
+                .keys()
+                .filter(|dc| fleet.datacenter(dc).is_none())
+                .cloned()
+                .collect();
+            for dc in gone {
+                let n = function.replicas.remove(&dc).unwrap_or(0);
+                tracing::warn!(function = %function.id, datacenter = %dc, "datacenter no longer configured; its replicas move to {home}");
+                let at_home = function.replicas.entry(home.to_string()).or_insert(0);
+                *at_home = (*at_home).max(n);
+            }
+            match fleet.workload(&function.id, &function.deployment).await {
                 Ok(w) => {
-                    if let Err(e) = fleet.platform.apply(w, function.desired_replicas).await {
-                        tracing::error!(function = %function.id, error = %e, "cannot restore function");
+                    let dcs: Vec<(String, u64)> = function
+                        .replicas
+                        .iter()
+                        .map(|(d, n)| (d.clone(), *n))
+                        .collect();
+                    let result = fleet.apply_in(&w, &dcs).await;
+                    for failure in result.failures() {
+                        tracing::error!(function = %function.id, "cannot restore function in {failure}; the reconciler retries");
                     }
                 }
                 Err(e) => {
@@ -115,8 +277,42 @@ impl Fleet {
         &self.default_namespace
     }
 
-    pub fn platform(&self) -> &Arc<dyn Platform> {
-        &self.platform
+    /// The datacenters, in configuration order.
+    pub fn datacenters(&self) -> &[Arc<Datacenter>] {
+        &self.datacenters
+    }
+
+    pub fn datacenter(&self, name: &str) -> Option<&Arc<Datacenter>> {
+        self.datacenters.iter().find(|d| d.name == name)
+    }
+
+    pub fn home(&self) -> &str {
+        &self.home
+    }
+
+    /// A `?datacenter=` value: `None` for all, else a configured datacenter.
+    pub fn resolve_datacenter(&self, given: Option<&str>) -> Result<Option<String>, FleetError> {
+        match given.filter(|d| !d.is_empty()) {
+            None => Ok(None),
+            Some(dc) if self.datacenter(dc).is_some() => Ok(Some(dc.to_string())),
+            Some(dc) => Err(FleetError::invalid(format!(
+                "datacenter: {:?} is not one of {}",
+                truncate_for_message(dc),
+                self.datacenter_names().join(", ")
+            ))),
+        }
+    }
+
+    pub fn datacenter_names(&self) -> Vec<String> {
+        self.datacenters.iter().map(|d| d.name.clone()).collect()
+    }
+
+    /// Datacenters in the order invocations and spreads prefer them: home first.
+    fn preference(&self) -> impl Iterator<Item = &Arc<Datacenter>> {
+        self.datacenters
+            .iter()
+            .filter(|d| d.name == self.home)
+            .chain(self.datacenters.iter().filter(|d| d.name != self.home))
     }
 
     fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FunctionId, Function>> {
@@ -152,10 +348,15 @@ impl Fleet {
         }
     }
 
-    /// Desired replicas of a function, or `None` if it is not deployed. Cheap: the invoke path
-    /// calls it on every request.
+    /// Desired replicas of a function across its datacenters, or `None` if it is not
+    /// deployed. Cheap: the invoke path calls it on every request.
     pub fn desired_replicas(&self, id: &FunctionId) -> Option<u64> {
-        self.read_functions().get(id).map(|f| f.desired_replicas)
+        self.read_functions().get(id).map(|f| f.desired_total())
+    }
+
+    /// Desired replicas per datacenter.
+    pub fn placement_of(&self, id: &FunctionId) -> Option<BTreeMap<String, u64>> {
+        self.read_functions().get(id).map(|f| f.replicas.clone())
     }
 
     pub fn min_replicas(&self, id: &FunctionId) -> Option<u64> {
@@ -164,12 +365,14 @@ impl Fleet {
             .map(|f| f.deployment.min_replicas())
     }
 
-    pub fn list(&self, namespace: &str) -> Vec<FunctionView> {
+    /// The functions of a namespace; with `datacenter`, only those placed there, counted there.
+    pub fn list(&self, namespace: &str, datacenter: Option<&str>) -> Vec<FunctionView> {
         let functions = self.read_functions();
         let mut out: Vec<FunctionView> = functions
             .values()
             .filter(|f| f.id.namespace == namespace)
-            .map(|f| self.view(f))
+            .filter(|f| datacenter.is_none_or(|dc| f.replicas.contains_key(dc)))
+            .map(|f| self.view(f, datacenter))
             .collect();
         out.sort_by(|a, b| a.function.id.name.cmp(&b.function.id.name));
         out
@@ -179,34 +382,169 @@ impl Fleet {
     pub fn all(&self) -> Vec<FunctionView> {
         self.read_functions()
             .values()
-            .map(|f| self.view(f))
+            .map(|f| self.view(f, None))
             .collect()
     }
 
     pub fn get(&self, id: &FunctionId) -> Result<FunctionView, FleetError> {
-        self.read_functions()
-            .get(id)
-            .map(|f| self.view(f))
-            .ok_or_else(|| not_found(id))
+        self.get_in(id, None)
     }
 
-    fn view(&self, f: &Function) -> FunctionView {
-        let mut replicas = self.platform.replicas(&f.id);
-        replicas.desired = f.desired_replicas;
+    /// A function; with `datacenter`, counted there only (not found when not placed there).
+    pub fn get_in(
+        &self,
+        id: &FunctionId,
+        datacenter: Option<&str>,
+    ) -> Result<FunctionView, FleetError> {
+        let functions = self.read_functions();
+        let f = functions.get(id).ok_or_else(|| not_found(id))?;
+        if let Some(dc) = datacenter.filter(|dc| !f.replicas.contains_key(*dc)) {
+            return Err(FleetError::NotFound(format!(
+                "function {id} is not in datacenter {dc}"
+            )));
+        }
+        Ok(self.view(f, datacenter))
+    }
+
+    fn view(&self, f: &Function, only: Option<&str>) -> FunctionView {
+        let mut total = ReplicaCounts::default();
+        let mut per_dc = Vec::new();
+        for (dc, desired) in &f.replicas {
+            if only.is_some_and(|o| o != dc) {
+                continue;
+            }
+            let ready = self
+                .datacenter(dc)
+                .map(|d| d.platform.replicas(&f.id).ready)
+                .unwrap_or(0);
+            let counts = ReplicaCounts {
+                desired: *desired,
+                ready,
+            };
+            total.desired = total.desired.saturating_add(counts.desired);
+            total.ready = total.ready.saturating_add(counts.ready);
+            per_dc.push((dc.clone(), counts));
+        }
         FunctionView {
             function: f.clone(),
-            replicas,
+            replicas: total,
+            datacenters: per_dc,
         }
     }
 
-    /// Validates a deployment body and returns the function id it names.
-    fn check_deployment(&self, dep: &FunctionDeployment) -> Result<FunctionId, FleetError> {
+    /// The ready replicas to send an invocation to: the pinned datacenter's, else home's, else
+    /// the first other datacenter with any. Fresh from the platforms on every call.
+    pub fn endpoints(
+        &self,
+        id: &FunctionId,
+        pin: Option<&str>,
+    ) -> Option<(String, Arc<EndpointSet>)> {
+        let placed = self.placement_of(id)?;
+        for dc in self.preference() {
+            if !placed.contains_key(&dc.name) || pin.is_some_and(|p| p != dc.name) {
+                continue;
+            }
+            if let Some(set) = dc.platform.endpoints(id).filter(|s| !s.is_empty()) {
+                return Some((dc.name.clone(), set));
+            }
+        }
+        None
+    }
+
+    /// The datacenter a held invocation waits in (pinned, else home if placed there, else the
+    /// first placed) and a watch on its ready replicas.
+    pub fn wake_target(
+        &self,
+        id: &FunctionId,
+        pin: Option<&str>,
+    ) -> Option<(String, Option<watch::Receiver<u64>>)> {
+        let placed = self.placement_of(id)?;
+        let dc = self
+            .preference()
+            .find(|d| placed.contains_key(&d.name) && pin.is_none_or(|p| p == d.name))?;
+        Some((dc.name.clone(), dc.platform.watch_ready(id)))
+    }
+
+    /// Where a deployment goes: `com.faastastic.datacenters` and `datacenter==NAME` choose,
+    /// `datacenter!=NAME` excludes, else the configured default (all, or home). Other
+    /// constraints are the platform's business.
+    fn placement(&self, dep: &FunctionDeployment) -> Result<Vec<String>, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut chosen: Vec<String> = Vec::new();
+        let mut excluded: Vec<String> = Vec::new();
+        let known = |name: &str, field: &str, errors: &mut Vec<String>| {
+            if self.datacenter(name).is_none() {
+                errors.push(format!(
+                    "{field}: datacenter {:?} is not one of {}",
+                    truncate_for_message(name),
+                    self.datacenter_names().join(", ")
+                ));
+            }
+        };
+        if let Some(list) = dep.label(LABEL_DATACENTERS) {
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                known(name, &format!("labels: {LABEL_DATACENTERS}"), &mut errors);
+                chosen.push(name.to_string());
+            }
+        }
+        for c in dep.constraints.iter().flatten() {
+            if let Some((equal, name)) = datacenter_constraint(c) {
+                known(name, "constraints", &mut errors);
+                if equal {
+                    chosen.push(name.to_string());
+                } else {
+                    excluded.push(name.to_string());
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let out: Vec<String> = self
+            .datacenters
+            .iter()
+            .map(|d| d.name.clone())
+            .filter(|name| {
+                if chosen.is_empty() {
+                    self.placement == Placement::All || *name == self.home
+                } else {
+                    chosen.contains(name)
+                }
+            })
+            .filter(|name| !excluded.contains(name))
+            .collect();
+        if out.is_empty() {
+            return Err(vec![
+                "constraints: they leave no datacenter to run the function in".to_string(),
+            ]);
+        }
+        Ok(out)
+    }
+
+    /// Validates a deployment body and returns the function id it names and where it goes.
+    fn check_deployment(
+        &self,
+        dep: &FunctionDeployment,
+    ) -> Result<(FunctionId, Vec<String>), FleetError> {
         let mut errors = match dep.validate() {
             Ok(()) => Vec::new(),
             Err(errors) => errors,
         };
-        if let Err(e) = self.platform.validate(dep) {
-            errors.push(e);
+        let placement = match self.placement(dep) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.extend(e);
+                Vec::new()
+            }
+        };
+        for dc in &placement {
+            if let Some(d) = self.datacenter(dc) {
+                if let Err(e) = d.platform.validate(dep) {
+                    if !errors.contains(&e) {
+                        errors.push(e);
+                    }
+                }
+            }
         }
         errors.extend(crate::autoscale::labels::check_labels(dep));
         if dep.min_replicas() > self.max_replicas {
@@ -229,9 +567,12 @@ impl Fleet {
             return Err(FleetError::Invalid(errors));
         }
         let name = dep.service.clone().unwrap_or_default();
-        Ok(FunctionId::new(
-            name,
-            namespace.expect("namespace resolved when there are no errors"),
+        Ok((
+            FunctionId::new(
+                name,
+                namespace.expect("namespace resolved when there are no errors"),
+            ),
+            placement,
         ))
     }
 
@@ -262,132 +603,440 @@ impl Fleet {
         })
     }
 
-    /// POST /system/functions: a new function; an existing name is a conflict.
+    /// Applies a workload in several datacenters at once, each with its replica count.
+    async fn apply_in(&self, workload: &Workload, targets: &[(String, u64)]) -> FanOut {
+        let hash = spec_hash(&workload.deployment);
+        let results = futures::future::join_all(targets.iter().map(|(dc, n)| async move {
+            let result = match self.datacenter(dc) {
+                Some(d) => d.call(d.platform.apply(workload.clone(), *n)).await,
+                None => Err(PlatformError::Failed("not configured".into())),
+            };
+            if result.is_ok() {
+                self.applied_set(&workload.id, dc, Some(hash));
+            }
+            (dc.clone(), result)
+        }))
+        .await;
+        FanOut(results)
+    }
+
+    /// Runs one call per datacenter at once.
+    async fn each<'a, F, Fut>(&'a self, dcs: &[String], call: F) -> FanOut
+    where
+        F: Fn(&'a Arc<Datacenter>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), PlatformError>> + 'a,
+    {
+        let results = futures::future::join_all(dcs.iter().map(|dc| {
+            let d = self.datacenter(dc);
+            let fut = d.map(|d| d.call(call(d)));
+            async move {
+                let result = match fut {
+                    Some(f) => f.await,
+                    None => Err(PlatformError::Failed("not configured".into())),
+                };
+                (dc.clone(), result)
+            }
+        }))
+        .await;
+        FanOut(results)
+    }
+
+    fn applied_set(&self, id: &FunctionId, dc: &str, hash: Option<u64>) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        match hash {
+            Some(h) => applied.insert((id.clone(), dc.to_string()), h),
+            None => applied.remove(&(id.clone(), dc.to_string())),
+        };
+    }
+
+    /// POST /system/functions: a new function in the datacenters it names. Deploying the same
+    /// spec again for datacenters it is not in yet adds them (one call per datacenter, as
+    /// Terraform does with one provider block each); anything else under an existing name is
+    /// a conflict.
     pub async fn deploy(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
         // Checked under the lock, so a namespace deleted meanwhile cannot be deployed into.
         let _guard = self.write.lock().await;
-        let id = self.check_deployment(&dep)?;
-        if self.read_functions().contains_key(&id) {
-            return Err(FleetError::Conflict(format!(
-                "function {id} already exists; update it with PUT /system/functions"
-            )));
-        }
+        let (id, placement) = self.check_deployment(&dep)?;
         let workload = self.workload(&id, &dep).await?;
-        let function = Function {
-            id: id.clone(),
-            desired_replicas: dep.min_replicas(),
-            deployment: dep,
-            created_at: Utc::now(),
+        let min = dep.min_replicas();
+        let existing = self.read_functions().get(&id).cloned();
+        let function = match &existing {
+            Some(current) => {
+                let overlap: Vec<&String> = placement
+                    .iter()
+                    .filter(|dc| current.replicas.contains_key(*dc))
+                    .collect();
+                if !overlap.is_empty() {
+                    return Err(FleetError::Conflict(format!(
+                        "function {id} already exists in {}; update it with PUT /system/functions",
+                        current
+                            .replicas
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                if without_placement(&current.deployment) != without_placement(&dep) {
+                    return Err(FleetError::Conflict(format!(
+                        "function {id} already exists (in {}) with a different spec; to add datacenters deploy the same spec, or update it with PUT /system/functions",
+                        current.replicas.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                let mut f = current.clone();
+                for dc in &placement {
+                    f.replicas.insert(dc.clone(), min);
+                }
+                f
+            }
+            None => Function {
+                id: id.clone(),
+                replicas: placement.iter().map(|dc| (dc.clone(), min)).collect(),
+                deployment: dep,
+                created_at: Utc::now(),
+            },
         };
         self.store.put_function(&function).await?;
-        if let Err(e) = self
-            .platform
-            .apply(workload, function.desired_replicas)
-            .await
-        {
+        let targets: Vec<(String, u64)> = placement.iter().map(|dc| (dc.clone(), min)).collect();
+        let result = self.apply_in(&workload, &targets).await;
+        if result.all_failed() {
             // Undo the record so nothing half-deployed remains.
-            self.store.delete_function(&id).await?;
-            return Err(e.into());
+            match &existing {
+                Some(previous) => self.store.put_function(previous).await?,
+                None => {
+                    self.store.delete_function(&id).await?;
+                }
+            }
+            return result.into_result("deploy").map(|_| id);
         }
         self.write_functions().insert(id.clone(), function);
-        Ok(id)
+        result.into_result("deploy").map(|_| id)
     }
 
-    /// PUT /system/functions: replaces a deployed function's spec, keeping its replica count
-    /// (raised to the new `com.openfaas.scale.min` when that is higher).
+    /// PUT /system/functions: replaces a deployed function's spec, keeping its replica counts
+    /// (raised to the new `com.openfaas.scale.min` when that is higher). A new placement adds
+    /// and removes datacenters.
     pub async fn update(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
         let _guard = self.write.lock().await;
-        let id = self.check_deployment(&dep)?;
+        let (id, placement) = self.check_deployment(&dep)?;
         let Some(current) = self.read_functions().get(&id).cloned() else {
             return Err(not_found(&id));
         };
         let workload = self.workload(&id, &dep).await?;
+        let min = dep.min_replicas();
+        let replicas: BTreeMap<String, u64> = placement
+            .iter()
+            .map(|dc| (dc.clone(), current.desired_in(dc).unwrap_or(min).max(min)))
+            .collect();
+        let dropped: Vec<String> = current
+            .replicas
+            .keys()
+            .filter(|dc| !replicas.contains_key(*dc))
+            .cloned()
+            .collect();
         let function = Function {
-            desired_replicas: current.desired_replicas.max(dep.min_replicas()),
+            replicas,
             deployment: dep,
             ..current.clone()
         };
         self.store.put_function(&function).await?;
-        if let Err(e) = self
-            .platform
-            .apply(workload, function.desired_replicas)
-            .await
-        {
+        let targets: Vec<(String, u64)> = function
+            .replicas
+            .iter()
+            .map(|(d, n)| (d.clone(), *n))
+            .collect();
+        let mut result = self.apply_in(&workload, &targets).await;
+        if result.all_failed() {
             self.store.put_function(&current).await?;
-            return Err(e.into());
+            return result.into_result("update").map(|_| id);
+        }
+        result
+            .0
+            .extend(self.each(&dropped, |d| d.platform.remove(&id)).await.0);
+        for dc in &dropped {
+            self.applied_set(&id, dc, None);
         }
         self.write_functions().insert(id.clone(), function);
-        Ok(id)
+        result.into_result("update").map(|_| id)
     }
 
-    /// DELETE /system/functions. Once this returns, no request reaches the old replicas.
-    pub async fn remove(&self, id: &FunctionId) -> Result<(), FleetError> {
+    /// DELETE /system/functions: from every datacenter, or only from `datacenter`. Once this
+    /// returns, no request reaches the removed replicas.
+    pub async fn remove(
+        &self,
+        id: &FunctionId,
+        datacenter: Option<&str>,
+    ) -> Result<(), FleetError> {
         let _guard = self.write.lock().await;
-        if !self.read_functions().contains_key(id) {
+        let Some(current) = self.read_functions().get(id).cloned() else {
             return Err(not_found(id));
+        };
+        let keep: BTreeMap<String, u64> = match datacenter {
+            None => BTreeMap::new(),
+            Some(dc) => {
+                if !current.replicas.contains_key(dc) {
+                    return Err(FleetError::NotFound(format!(
+                        "function {id} is not in datacenter {dc}"
+                    )));
+                }
+                current
+                    .replicas
+                    .iter()
+                    .filter(|(d, _)| d.as_str() != dc)
+                    .map(|(d, n)| (d.clone(), *n))
+                    .collect()
+            }
+        };
+        let removed: Vec<String> = current
+            .replicas
+            .keys()
+            .filter(|dc| !keep.contains_key(*dc))
+            .cloned()
+            .collect();
+        if keep.is_empty() {
+            self.store.delete_function(id).await?;
+            self.write_functions().remove(id);
+        } else {
+            self.store.set_desired_replicas(id, &keep).await?;
+            if let Some(f) = self.write_functions().get_mut(id) {
+                f.replicas = keep;
+            }
         }
-        self.store.delete_function(id).await?;
-        self.write_functions().remove(id);
-        self.platform.remove(id).await?;
-        Ok(())
+        for dc in &removed {
+            self.applied_set(id, dc, None);
+        }
+        // What failed here is removed by the reconciler once the datacenter answers again.
+        self.each(&removed, |d| d.platform.remove(id))
+            .await
+            .into_result("remove")
     }
 
-    /// Sets the desired replica count (0 allowed: scale to zero).
-    pub async fn scale(&self, id: &FunctionId, replicas: u64) -> Result<(), FleetError> {
-        self.scale_checked(id, None, replicas).await
+    /// Sets the desired replica count (0 allowed: scale to zero): in one datacenter, or,
+    /// without one, as a total spread over the function's datacenters (home first).
+    pub async fn scale(
+        &self,
+        id: &FunctionId,
+        datacenter: Option<&str>,
+        replicas: u64,
+    ) -> Result<(), FleetError> {
+        self.scale_checked(id, datacenter, None, replicas).await
     }
 
-    /// Scales only if the desired count is still `expected` (the count a decision was made
-    /// from): a manual scale in between is never overwritten. A mismatch is a `Conflict`.
+    /// Scales one datacenter only if its desired count is still `expected` (the count a
+    /// decision was made from): a manual scale in between is never overwritten. A mismatch is
+    /// a `Conflict`.
     pub async fn scale_from(
         &self,
         id: &FunctionId,
+        datacenter: &str,
         expected: u64,
         replicas: u64,
     ) -> Result<(), FleetError> {
-        self.scale_checked(id, Some(expected), replicas).await
+        self.scale_checked(id, Some(datacenter), Some(expected), replicas)
+            .await
+    }
+
+    /// `total` spread over `dcs` in preference order: equal shares, the remainder to the first.
+    fn spread(&self, total: u64, dcs: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+        let order: Vec<&String> = self
+            .preference()
+            .map(|d| &d.name)
+            .filter(|n| dcs.contains_key(*n))
+            .chain(dcs.keys().filter(|n| self.datacenter(n).is_none()))
+            .collect();
+        let k = order.len().max(1) as u64;
+        order
+            .into_iter()
+            .enumerate()
+            .map(|(i, dc)| (dc.clone(), total / k + u64::from((i as u64) < total % k)))
+            .collect()
     }
 
     async fn scale_checked(
         &self,
         id: &FunctionId,
+        datacenter: Option<&str>,
         expected: Option<u64>,
         replicas: u64,
     ) -> Result<(), FleetError> {
-        if replicas > self.max_replicas {
-            return Err(FleetError::invalid(format!(
-                "replicas: {replicas} is above this server's limit of {} (limits.max_replicas)",
-                self.max_replicas
-            )));
-        }
         let _guard = self.write.lock().await;
         let Some((current, deployment)) = self
             .read_functions()
             .get(id)
-            .map(|f| (f.desired_replicas, f.deployment.clone()))
+            .map(|f| (f.replicas.clone(), f.deployment.clone()))
         else {
             return Err(not_found(id));
         };
-        if let Some(expected) = expected.filter(|e| *e != current) {
-            return Err(FleetError::Conflict(format!(
-                "replicas changed from {expected} to {current} meanwhile"
-            )));
+        let target = match datacenter {
+            Some(dc) => {
+                let Some(now) = current.get(dc) else {
+                    return Err(FleetError::NotFound(format!(
+                        "function {id} is not in datacenter {dc}"
+                    )));
+                };
+                if let Some(expected) = expected.filter(|e| e != now) {
+                    return Err(FleetError::Conflict(format!(
+                        "replicas changed from {expected} to {now} meanwhile"
+                    )));
+                }
+                let mut t = current.clone();
+                t.insert(dc.to_string(), replicas);
+                t
+            }
+            None => self.spread(replicas, &current),
+        };
+        let mut errors = Vec::new();
+        for (dc, n) in &target {
+            if *n > self.max_replicas {
+                errors.push(format!(
+                    "replicas: {n} in {dc} is above this server's limit of {} per datacenter (limits.max_replicas)",
+                    self.max_replicas
+                ));
+            } else if let Some(d) = self.datacenter(dc) {
+                if let Err(e) = d.platform.validate_scale(&deployment, *n) {
+                    errors.push(e);
+                }
+            }
         }
-        self.platform
-            .validate_scale(&deployment, replicas)
-            .map_err(FleetError::invalid)?;
-        if current == replicas {
+        if !errors.is_empty() {
+            return Err(FleetError::Invalid(errors));
+        }
+        let changed: Vec<(String, u64)> = target
+            .iter()
+            .filter(|(dc, n)| current.get(*dc) != Some(*n))
+            .map(|(dc, n)| (dc.clone(), *n))
+            .collect();
+        if changed.is_empty() {
             return Ok(());
         }
-        self.store.set_desired_replicas(id, replicas).await?;
-        if let Err(e) = self.platform.scale(id, replicas).await {
-            self.store.set_desired_replicas(id, current).await?;
-            return Err(e.into());
+        self.store.set_desired_replicas(id, &target).await?;
+        let dcs: Vec<String> = changed.iter().map(|(dc, _)| dc.clone()).collect();
+        let result = self
+            .each(&dcs, |d| {
+                let n = target[&d.name];
+                d.platform.scale(id, n)
+            })
+            .await;
+        if result.all_failed() {
+            self.store.set_desired_replicas(id, &current).await?;
+            return result.into_result("scale");
         }
+        // Datacenters that failed keep the new desired count: the reconciler converges them.
         if let Some(f) = self.write_functions().get_mut(id) {
-            f.desired_replicas = replicas;
+            f.replicas = target;
         }
-        Ok(())
+        result.into_result("scale")
+    }
+
+    /// Logs of a function in one datacenter (given, else home if placed there, else the first).
+    pub fn logs(
+        &self,
+        id: &FunctionId,
+        datacenter: Option<&str>,
+        query: &crate::platform::LogQuery,
+    ) -> Option<crate::platform::LogSubscription> {
+        let (dc, _) = self.wake_target(id, datacenter)?;
+        self.datacenter(&dc)?.platform.logs(id, query)
+    }
+
+    /// One pass of the reconciler: every datacenter converges to the desired state. Functions
+    /// a datacenter missed (it was down) are applied, wrong counts scaled, leftovers removed.
+    /// A datacenter that does not answer is skipped until the next pass.
+    pub async fn reconcile(&self) {
+        futures::future::join_all(self.datacenters.iter().map(|d| self.reconcile_in(d))).await;
+    }
+
+    async fn reconcile_in(&self, d: &Arc<Datacenter>) {
+        let actual = match d.call(d.platform.functions()).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::debug!(datacenter = %d.name, error = %e, "reconciler: datacenter unavailable");
+                return;
+            }
+        };
+        let actual: HashMap<FunctionId, u64> = actual.into_iter().collect();
+        let desired: Vec<Function> = self
+            .read_functions()
+            .values()
+            .filter(|f| f.replicas.contains_key(&d.name))
+            .cloned()
+            .collect();
+        for f in &desired {
+            let _guard = self.write.lock().await;
+            // Re-read under the lock: it may have changed or gone meanwhile.
+            let Some(f) = self.read_functions().get(&f.id).cloned() else {
+                continue;
+            };
+            let Some(want) = f.desired_in(&d.name) else {
+                continue;
+            };
+            let applied = self
+                .applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(f.id.clone(), d.name.clone()))
+                .copied();
+            let result = if !actual.contains_key(&f.id) || applied != Some(spec_hash(&f.deployment))
+            {
+                match self.workload(&f.id, &f.deployment).await {
+                    Ok(w) => {
+                        let r = self.apply_in(&w, &[(d.name.clone(), want)]).await;
+                        r.into_result("apply")
+                    }
+                    Err(e) => Err(e),
+                }
+            } else if actual.get(&f.id) != Some(&want) {
+                d.call(d.platform.scale(&f.id, want))
+                    .await
+                    .map_err(FleetError::from)
+            } else {
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(function = %f.id, datacenter = %d.name, replicas = want, "reconciled")
+                }
+                Err(e) => {
+                    tracing::warn!(function = %f.id, datacenter = %d.name, error = %e, "reconciler: cannot converge")
+                }
+            }
+        }
+        for id in actual.keys() {
+            let _guard = self.write.lock().await;
+            let placed = self
+                .read_functions()
+                .get(id)
+                .is_some_and(|f| f.replicas.contains_key(&d.name));
+            if !placed {
+                match d.call(d.platform.remove(id)).await {
+                    Ok(()) => {
+                        tracing::info!(function = %id, datacenter = %d.name, "reconciler removed a leftover function")
+                    }
+                    Err(e) => {
+                        tracing::warn!(function = %id, datacenter = %d.name, error = %e, "reconciler: cannot remove a leftover function")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the reconciler every `interval` until the process ends.
+    pub fn spawn_reconciler(self: &Arc<Self>, interval: Duration) {
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                fleet.reconcile().await;
+            }
+        });
+    }
+
+    /// Stops every platform (on shutdown).
+    pub async fn shutdown(&self) {
+        futures::future::join_all(self.datacenters.iter().map(|d| d.platform.shutdown())).await;
     }
 
     // ---- namespaces ----

@@ -1,6 +1,7 @@
 //! faastastic: runs OpenFaaS-compatible functions on existing platforms across datacenters and
 //! scales them from metrics. See README.md for the architecture.
 
+pub mod agent;
 pub mod api;
 pub mod autoscale;
 pub mod config;

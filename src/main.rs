@@ -57,6 +57,24 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Run one datacenter's platform for a control plane's `remote` adapter.
+    Agent {
+        /// The datacenter's name (as in the control plane's `[[datacenters]]`).
+        #[arg(long)]
+        datacenter: String,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// File holding the token the control plane presents.
+        #[arg(long, required_unless_present = "no_auth")]
+        token_file: Option<PathBuf>,
+        /// Turn authentication off (loopback experiments only).
+        #[arg(long)]
+        no_auth: bool,
+        /// Where replica files live.
+        #[arg(long, default_value = "faastastic-agent-data")]
+        data_dir: PathBuf,
+    },
     /// Run one function replica (started by the local platform; settings from the environment).
     #[command(hide = true)]
     Watchdog,
@@ -233,6 +251,40 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             };
+        }
+        Command::Agent {
+            datacenter,
+            listen,
+            token_file,
+            no_auth,
+            data_dir,
+        } => {
+            telemetry::init_tracing();
+            if let Err(e) = faastastic::model::validate_dns_label("datacenter", &datacenter) {
+                eprintln!("--datacenter: {e}");
+                return ExitCode::from(2);
+            }
+            let token = match token_file.filter(|_| !no_auth) {
+                None => None,
+                Some(path) => match std::fs::read_to_string(&path) {
+                    Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                    Ok(_) => {
+                        eprintln!("--token-file {}: the file is empty", path.display());
+                        return ExitCode::from(2);
+                    }
+                    Err(e) => {
+                        eprintln!("--token-file {}: {e}", path.display());
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            runtime.block_on(faastastic::agent::run(faastastic::agent::AgentConfig {
+                listen,
+                datacenter,
+                token,
+                data_dir,
+                local: Config::default().local,
+            }))
         }
         Command::Watchdog => runtime.block_on(platform::watchdog::run()),
     };

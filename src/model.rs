@@ -246,10 +246,29 @@ pub fn validate_secret_name(name: &str) -> Result<(), String> {
 pub struct Function {
     pub id: FunctionId,
     pub deployment: FunctionDeployment,
-    /// Replicas the operator or autoscaler asked for.
-    pub desired_replicas: u64,
+    /// The datacenters it is placed in, each with the replicas the operator or autoscaler
+    /// asked for there.
+    pub replicas: BTreeMap<String, u64>,
     pub created_at: DateTime<Utc>,
 }
+
+impl Function {
+    /// Desired replicas across every datacenter.
+    pub fn desired_total(&self) -> u64 {
+        self.replicas
+            .values()
+            .fold(0, |sum, n| sum.saturating_add(*n))
+    }
+
+    /// Desired replicas in one datacenter, `None` when it is not placed there.
+    pub fn desired_in(&self, datacenter: &str) -> Option<u64> {
+        self.replicas.get(datacenter).copied()
+    }
+}
+
+/// The label that names the datacenters a function runs in (`lon,syd`), besides
+/// `datacenter==NAME` / `datacenter!=NAME` constraints.
+pub const LABEL_DATACENTERS: &str = "com.faastastic.datacenters";
 
 /// One namespace, with the labels and annotations clients attach (`openfaas: "1"`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

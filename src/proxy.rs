@@ -34,6 +34,11 @@ pub const START_TIME: HeaderName = HeaderName::from_static("x-start-time");
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const INTERNAL: HeaderName = HeaderName::from_static("x-openfaas-internal");
+/// Authenticates the control plane's invocations to a remote datacenter's agent (the
+/// `Authorization` header stays the caller's, for the function).
+pub const AGENT_TOKEN: HeaderName = HeaderName::from_static("x-faastastic-agent-token");
+/// Pins an invocation to one datacenter (else home's replicas first, then the others').
+pub const DATACENTER: HeaderName = HeaderName::from_static("x-faastastic-datacenter");
 
 /// Responses up to this size (by `Content-Length`) are read whole before they are answered, so
 /// head and body leave in one write; larger or unsized ones are streamed.
@@ -246,6 +251,19 @@ impl Invoker {
     /// Proxies one request to a ready replica of `id`; `suffix` is the path after
     /// `/function/{name}` (at least `/`).
     pub async fn invoke(&self, id: &FunctionId, suffix: &str, mut req: Request<Body>) -> Response {
+        let pin = match req.headers().get(DATACENTER).map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(dc)) if self.fleet.datacenter(dc).is_some() => Some(dc.to_string()),
+            Some(_) => {
+                return internal_error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{DATACENTER}: not one of {}",
+                        self.fleet.datacenter_names().join(", ")
+                    ),
+                )
+            }
+        };
         let function_name = id.qualified();
         let started = Instant::now();
         self.activity.touch(id);
@@ -253,31 +271,53 @@ impl Invoker {
             .invocation_started
             .with_label_values(&[function_name.as_str()])
             .inc();
-        let response = self.forward(id, suffix, &mut req).await;
+        let (response, datacenter) = self.forward(id, pin.as_deref(), suffix, &mut req).await;
         let code = response.status();
-        let code = code.as_str();
+        let labels = [function_name.as_str(), code.as_str(), datacenter.as_str()];
         self.metrics
             .invocation_total
-            .with_label_values(&[function_name.as_str(), code])
+            .with_label_values(&labels)
             .inc();
         self.metrics
             .functions_seconds
-            .with_label_values(&[function_name.as_str(), code])
+            .with_label_values(&labels)
             .observe(started.elapsed().as_secs_f64());
         response
     }
 
-    async fn forward(&self, id: &FunctionId, suffix: &str, req: &mut Request<Body>) -> Response {
-        let Some(endpoint) = self.ready_endpoint(id).await else {
-            return internal_error(
+    /// The response, and the datacenter that served it (or would have).
+    async fn forward(
+        &self,
+        id: &FunctionId,
+        pin: Option<&str>,
+        suffix: &str,
+        req: &mut Request<Body>,
+    ) -> (Response, String) {
+        let (datacenter, endpoint) = self.ready_endpoint(id, pin).await;
+        let Some(endpoint) = endpoint else {
+            let response = internal_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("No endpoints available for: {id}."),
             );
+            return (response, datacenter);
         };
+        (self.send_to(id, &endpoint, suffix, req).await, datacenter)
+    }
+
+    async fn send_to(
+        &self,
+        id: &FunctionId,
+        endpoint: &Arc<Endpoint>,
+        suffix: &str,
+        req: &mut Request<Body>,
+    ) -> Response {
         let path_and_query = match req.uri().query() {
-            Some(q) => format!("{suffix}?{q}"),
-            None => suffix.to_string(),
+            Some(q) => format!("{}{suffix}?{q}", endpoint.path_prefix),
+            None => format!("{}{suffix}", endpoint.path_prefix),
         };
+        if let Some(token) = &endpoint.agent_token {
+            req.headers_mut().insert(AGENT_TOKEN, token.clone());
+        }
         let uri = match Uri::builder()
             .scheme("http")
             .authority(endpoint.addr.to_string())
@@ -356,28 +396,44 @@ impl Invoker {
         }
     }
 
-    /// A ready replica; when none is ready, waits up to `ready_timeout` for one, first scaling a
-    /// function at zero replicas up to its minimum.
-    async fn ready_endpoint(&self, id: &FunctionId) -> Option<Arc<Endpoint>> {
-        let platform = self.fleet.platform();
-        if let Some(e) = platform.endpoints(id).and_then(|set| set.pick()) {
-            return Some(e);
+    /// A ready replica (home's first, or the pinned datacenter's) and its datacenter; when
+    /// none is ready, waits up to `ready_timeout` for one, first scaling a function at zero
+    /// replicas up to its minimum in the datacenter it waits in.
+    async fn ready_endpoint(
+        &self,
+        id: &FunctionId,
+        pin: Option<&str>,
+    ) -> (String, Option<Arc<Endpoint>>) {
+        if let Some((dc, set)) = self.fleet.endpoints(id, pin) {
+            if let Some(e) = set.pick() {
+                return (dc, Some(e));
+            }
         }
+        let Some((dc, watch)) = self.fleet.wake_target(id, pin) else {
+            let dc = pin.unwrap_or(self.fleet.home()).to_string();
+            return (dc, None);
+        };
         let Ok(_permit) = self.waiting.try_acquire() else {
             tracing::warn!(function = %id, "too many requests waiting for a replica (proxy.max_waiting_requests)");
-            return None;
+            return (dc, None);
         };
         if self.fleet.desired_replicas(id) == Some(0) {
             let min = self.fleet.min_replicas(id).unwrap_or(1);
-            if let Err(e) = self.fleet.scale(id, min).await {
-                tracing::warn!(function = %id, error = %e, "scale from zero failed");
+            if let Err(e) = self.fleet.scale(id, Some(&dc), min).await {
+                tracing::warn!(function = %id, datacenter = %dc, error = %e, "scale from zero failed");
             }
         }
-        let mut ready = platform.watch_ready(id)?;
+        let Some(mut ready) = watch.or_else(|| self.fleet.wake_target(id, Some(&dc))?.1) else {
+            return (dc, None);
+        };
         self.metrics.waiting_requests.inc();
         let _ = tokio::time::timeout(self.cfg.ready_timeout, ready.wait_for(|n| *n > 0)).await;
         self.metrics.waiting_requests.dec();
-        platform.endpoints(id).and_then(|set| set.pick())
+        let endpoint = self
+            .fleet
+            .endpoints(id, Some(&dc))
+            .and_then(|(_, set)| set.pick());
+        (dc, endpoint)
     }
 }
 

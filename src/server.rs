@@ -10,17 +10,14 @@ use anyhow::Context;
 use crate::api::auth::{resolve_credentials, Auth, CredentialSource};
 use crate::api::{self, AppState};
 use crate::autoscale::executor::Autoscaler;
-use crate::config::Config;
-use crate::fleet::Fleet;
+use crate::config::{Config, PlatformConfig};
+use crate::fleet::{Datacenter, Fleet};
 use crate::platform::local::LocalPlatform;
 use crate::platform::Platform;
 use crate::proxy::{Activity, Invoker};
 use crate::queue::AsyncQueue;
 use crate::store::Store;
 use crate::telemetry::Metrics;
-
-/// The name of the single datacenter this server runs its local platform in.
-pub const HOME_DATACENTER: &str = "home";
 
 /// Creates the data directory owner-only, and makes everything created in it owner-only too
 /// (the store and its WAL files hold secret values).
@@ -95,11 +92,42 @@ async fn shutdown_signal() {
     }
 }
 
-/// Everything `serve` runs, built from a config: the shared state and the platform. Tests and
-/// benchmarks use it to drive the real router in process.
+/// Everything `serve` runs, built from a config. Tests and benchmarks use it to drive the
+/// real router in process; `state.fleet.shutdown()` stops every datacenter's replicas.
 pub struct App {
     pub state: Arc<AppState>,
-    pub platform: Arc<dyn Platform>,
+}
+
+/// One platform per configured datacenter.
+fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec<Arc<Datacenter>>> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let mut out = Vec::new();
+    for dc in &cfg.datacenters {
+        let platform: Arc<dyn Platform> = match &dc.platform {
+            PlatformConfig::Local => Arc::new(
+                LocalPlatform::new(
+                    cfg.local.clone(),
+                    exe.clone(),
+                    cfg.data_dir.join("run").join(&dc.name),
+                    &dc.name,
+                    metrics.clone(),
+                )
+                .with_context(|| format!("cannot prepare the local platform of {}", dc.name))?,
+            ),
+            PlatformConfig::Remote { url, token_file } => {
+                crate::platform::remote::RemotePlatform::new(url, token_file.as_deref(), dc.timeout)
+                    .with_context(|| format!("cannot prepare the remote platform of {}", dc.name))?
+            }
+        };
+        tracing::info!(datacenter = %dc.name, platform = dc.platform.kind(), home = dc.home, "datacenter");
+        out.push(Arc::new(Datacenter::new(
+            &dc.name,
+            platform,
+            dc.timeout,
+            dc.rate_per_sec,
+        )));
+    }
+    Ok(out)
 }
 
 /// Builds the store, platform, fleet, autoscaler (with its ticker) and HTTP state.
@@ -108,26 +136,18 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&cfg.data_dir.join("state.db"))
         .with_context(|| format!("cannot open the store in {}", cfg.data_dir.display()))?;
-    let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let platform: Arc<dyn Platform> = Arc::new(
-        LocalPlatform::new(
-            cfg.local.clone(),
-            exe,
-            cfg.data_dir.join("run"),
-            HOME_DATACENTER,
-            metrics.clone(),
-        )
-        .context("cannot prepare the local platform")?,
-    );
     let fleet = Arc::new(
         Fleet::restore(
             store.clone(),
-            platform.clone(),
+            datacenters(cfg, &metrics)?,
+            cfg.home(),
+            cfg.placement,
             &cfg.default_namespace,
             cfg.limits.max_replicas,
         )
         .await?,
     );
+    fleet.spawn_reconciler(cfg.reconcile_interval);
     let activity = Arc::new(Activity::default());
     let invoker = Arc::new(Invoker::new(
         fleet.clone(),
@@ -147,7 +167,6 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         activity,
         crate::grafana::Annotations::start(&cfg.grafana, metrics.clone())?,
         cfg.autoscale.clone(),
-        HOME_DATACENTER,
     )
     .await?;
     autoscaler.spawn_ticker();
@@ -166,7 +185,6 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         queue,
         metrics,
         role: cfg.role,
-        datacenter: HOME_DATACENTER.to_string(),
         limits: cfg.limits.clone(),
         autoscaler,
         fleet_store: store,
@@ -177,7 +195,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         ),
     });
 
-    Ok(App { state, platform })
+    Ok(App { state })
 }
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -185,7 +203,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         create_data_dir(&cfg.data_dir)?;
         auth(&cfg)?
     };
-    let App { state, platform } = build(&cfg).await?;
+    let App { state } = build(&cfg).await?;
 
     if let Some(addr) = cfg.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -200,6 +218,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
     println!("faastastic listening on http://{}", listener.local_addr()?);
+    let fleet = state.fleet.clone();
     let app = api::router(state, auth);
     // Connections get 10 s to finish after SIGTERM; a followed log stream would otherwise keep
     // the server up forever.
@@ -220,6 +239,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         } => tracing::warn!("connections still open 10 s after shutdown began; closing them"),
     }
     tracing::info!("stopping replicas");
-    platform.shutdown().await;
+    fleet.shutdown().await;
     Ok(())
 }

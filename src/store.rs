@@ -1,6 +1,7 @@
 //! SQLite persistence: functions' desired state, namespaces and secrets. Every mutation is one
 //! transaction, so a crash leaves either the old or the new state, never half of one.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -44,6 +45,10 @@ pub struct EventFilter {
     pub limit: u32,
 }
 
+fn placement_json(replicas: &BTreeMap<String, u64>) -> Result<String, StoreError> {
+    serde_json::to_string(replicas).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
@@ -63,11 +68,12 @@ CREATE TABLE IF NOT EXISTS functions (
     created_at       TEXT NOT NULL,
     PRIMARY KEY (namespace, name)
 );
-CREATE TABLE IF NOT EXISTS autoscale_state (
-    namespace TEXT NOT NULL,
-    name      TEXT NOT NULL,
-    state     TEXT NOT NULL,
-    PRIMARY KEY (namespace, name)
+CREATE TABLE IF NOT EXISTS autoscale_states (
+    namespace  TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    datacenter TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    PRIMARY KEY (namespace, name, datacenter)
 );
 CREATE TABLE IF NOT EXISTS scale_events (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -86,6 +92,39 @@ CREATE TABLE IF NOT EXISTS secrets (
 );
 "#;
 
+/// Brings a store written by an earlier version up to date, in place. Rows from before
+/// datacenters existed get the datacenter `''`, read back as the home datacenter.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_column = |table: &str, column: &str| -> Result<bool, StoreError> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = stmt.query_map([], |row| row.get::<_, String>(1))?;
+        for name in names {
+            if name? == column {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if !has_column("functions", "placement")? {
+        conn.execute("ALTER TABLE functions ADD COLUMN placement TEXT", [])?;
+    }
+    let old_states: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'autoscale_state'",
+        [],
+        |row| row.get(0),
+    )?;
+    if old_states {
+        conn.execute_batch(
+            "BEGIN;
+             INSERT OR IGNORE INTO autoscale_states (namespace, name, datacenter, state)
+               SELECT namespace, name, '', state FROM autoscale_state;
+             DROP TABLE autoscale_state;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database file, owner-only readable since it holds secrets.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -99,6 +138,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -119,10 +159,12 @@ impl Store {
         .map_err(|e| StoreError::Join(e.to_string()))?
     }
 
-    pub async fn load_functions(&self) -> Result<Vec<Function>, StoreError> {
-        self.call(|conn| {
+    /// Every function; one stored before datacenters existed is placed in `home`.
+    pub async fn load_functions(&self, home: &str) -> Result<Vec<Function>, StoreError> {
+        let home = home.to_string();
+        self.call(move |conn| {
             let mut stmt = conn.prepare(
-                "SELECT namespace, name, deployment, desired_replicas, created_at FROM functions ORDER BY namespace, name",
+                "SELECT namespace, name, deployment, desired_replicas, created_at, placement FROM functions ORDER BY namespace, name",
             )?;
             let rows = stmt.query_map([], |row| {
                 Ok((
@@ -131,20 +173,26 @@ impl Store {
                     row.get::<_, String>(2)?,
                     row.get::<_, i64>(3)?,
                     row.get::<_, String>(4)?,
+                    row.get::<_, Option<String>>(5)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (namespace, name, deployment, replicas, created_at) = row?;
-                let deployment: FunctionDeployment = serde_json::from_str(&deployment)
-                    .map_err(|e| StoreError::Corrupt(format!("function {name}.{namespace}: {e}")))?;
+                let (namespace, name, deployment, replicas, created_at, placement) = row?;
+                let corrupt = |e: String| StoreError::Corrupt(format!("function {name}.{namespace}: {e}"));
+                let deployment: FunctionDeployment =
+                    serde_json::from_str(&deployment).map_err(|e| corrupt(e.to_string()))?;
                 let created_at = DateTime::parse_from_rfc3339(&created_at)
-                    .map_err(|e| StoreError::Corrupt(format!("function {name}.{namespace}: {e}")))?
+                    .map_err(|e| corrupt(e.to_string()))?
                     .with_timezone(&Utc);
+                let replicas = match placement {
+                    Some(json) => serde_json::from_str(&json).map_err(|e| corrupt(e.to_string()))?,
+                    None => [(home.clone(), replicas.max(0) as u64)].into(),
+                };
                 out.push(Function {
                     id: FunctionId::new(name, namespace),
                     deployment,
-                    desired_replicas: replicas.max(0) as u64,
+                    replicas,
                     created_at,
                 });
             }
@@ -157,34 +205,42 @@ impl Store {
     pub async fn put_function(&self, function: &Function) -> Result<(), StoreError> {
         let deployment = serde_json::to_string(&function.deployment)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let placement = placement_json(&function.replicas)?;
         let id = function.id.clone();
-        let replicas = function.desired_replicas as i64;
+        let total = function.desired_total().min(i64::MAX as u64) as i64;
         let created_at = function.created_at.to_rfc3339();
         self.call(move |conn| {
             conn.execute(
-                "INSERT INTO functions (namespace, name, deployment, desired_replicas, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO functions (namespace, name, deployment, desired_replicas, created_at, placement)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(namespace, name) DO UPDATE SET
                    deployment = excluded.deployment,
                    desired_replicas = excluded.desired_replicas,
-                   created_at = excluded.created_at",
-                params![id.namespace, id.name, deployment, replicas, created_at],
+                   created_at = excluded.created_at,
+                   placement = excluded.placement",
+                params![id.namespace, id.name, deployment, total, created_at, placement],
             )?;
             Ok(())
         })
         .await
     }
 
+    /// Replaces a function's desired replicas per datacenter.
     pub async fn set_desired_replicas(
         &self,
         id: &FunctionId,
-        replicas: u64,
+        replicas: &BTreeMap<String, u64>,
     ) -> Result<(), StoreError> {
         let id = id.clone();
+        let placement = placement_json(replicas)?;
+        let total = replicas
+            .values()
+            .fold(0u64, |s, n| s.saturating_add(*n))
+            .min(i64::MAX as u64) as i64;
         self.call(move |conn| {
             conn.execute(
-                "UPDATE functions SET desired_replicas = ?3 WHERE namespace = ?1 AND name = ?2",
-                params![id.namespace, id.name, replicas as i64],
+                "UPDATE functions SET desired_replicas = ?3, placement = ?4 WHERE namespace = ?1 AND name = ?2",
+                params![id.namespace, id.name, total, placement],
             )?;
             Ok(())
         })
@@ -202,7 +258,7 @@ impl Store {
                 params![id.namespace, id.name],
             )?;
             tx.execute(
-                "DELETE FROM autoscale_state WHERE namespace = ?1 AND name = ?2",
+                "DELETE FROM autoscale_states WHERE namespace = ?1 AND name = ?2",
                 params![id.namespace, id.name],
             )?;
             tx.commit()?;
@@ -211,35 +267,50 @@ impl Store {
         .await
     }
 
-    /// Every function's autoscaler state, as JSON text.
-    pub async fn load_autoscale_states(&self) -> Result<Vec<(FunctionId, String)>, StoreError> {
-        self.call(|conn| {
-            let mut stmt = conn.prepare("SELECT namespace, name, state FROM autoscale_state")?;
+    /// Every function's autoscaler state per datacenter, as JSON text (a state stored before
+    /// datacenters existed belongs to `home`).
+    pub async fn load_autoscale_states(
+        &self,
+        home: &str,
+    ) -> Result<Vec<(FunctionId, String, String)>, StoreError> {
+        let home = home.to_string();
+        self.call(move |conn| {
+            let mut stmt =
+                conn.prepare("SELECT namespace, name, datacenter, state FROM autoscale_states")?;
             let rows = stmt.query_map([], |row| {
                 Ok((
                     FunctionId::new(row.get::<_, String>(1)?, row.get::<_, String>(0)?),
                     row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
                 ))
             })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, dc, state) = row?;
+                out.push((id, if dc.is_empty() { home.clone() } else { dc }, state));
+            }
+            Ok(out)
         })
         .await
     }
 
-    /// Stores a decision's new autoscaler state and, when given, its event, in one transaction.
+    /// Stores a decision's new autoscaler state for one datacenter and, when given, its event,
+    /// in one transaction.
     pub async fn record_decision(
         &self,
         id: &FunctionId,
+        datacenter: &str,
         state_json: String,
         event: Option<EventRecord>,
     ) -> Result<Option<i64>, StoreError> {
         let id = id.clone();
+        let datacenter = datacenter.to_string();
         self.call(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
-                "INSERT INTO autoscale_state (namespace, name, state) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(namespace, name) DO UPDATE SET state = excluded.state",
-                params![id.namespace, id.name, state_json],
+                "INSERT INTO autoscale_states (namespace, name, datacenter, state) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(namespace, name, datacenter) DO UPDATE SET state = excluded.state",
+                params![id.namespace, id.name, datacenter, state_json],
             )?;
             let event_id = match event {
                 Some(e) => {
@@ -450,21 +521,59 @@ mod tests {
                 labels: Some(Default::default()),
                 ..Default::default()
             },
-            desired_replicas: 3,
+            replicas: [("lon".to_string(), 3), ("syd".to_string(), 1)].into(),
             created_at: Utc::now(),
         };
         {
             let store = Store::open(&path).unwrap();
             store.put_function(&f).await.unwrap();
-            store.set_desired_replicas(&f.id, 4).await.unwrap();
+            let scaled = [("lon".to_string(), 4), ("syd".to_string(), 1)].into();
+            store.set_desired_replicas(&f.id, &scaled).await.unwrap();
         }
         let store = Store::open(&path).unwrap();
-        let loaded = store.load_functions().await.unwrap();
+        let loaded = store.load_functions("home").await.unwrap();
         assert_eq!(loaded.len(), 1);
-        assert_eq!(loaded[0].desired_replicas, 4);
+        assert_eq!(
+            loaded[0].replicas,
+            [("lon".to_string(), 4), ("syd".to_string(), 1)].into()
+        );
         assert_eq!(loaded[0].deployment, f.deployment);
         assert!(store.delete_function(&f.id).await.unwrap());
         assert!(!store.delete_function(&f.id).await.unwrap());
+    }
+
+    /// A store written before datacenters existed opens with everything in the home one.
+    #[tokio::test]
+    async fn a_store_from_before_datacenters_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                r#"CREATE TABLE functions (namespace TEXT NOT NULL, name TEXT NOT NULL,
+                     deployment TEXT NOT NULL, desired_replicas INTEGER NOT NULL,
+                     created_at TEXT NOT NULL, PRIMARY KEY (namespace, name));
+                   CREATE TABLE autoscale_state (namespace TEXT NOT NULL, name TEXT NOT NULL,
+                     state TEXT NOT NULL, PRIMARY KEY (namespace, name));
+                   INSERT INTO functions VALUES ('openfaas-fn', 'old', '{"service":"old"}', 3,
+                     '2026-01-01T00:00:00Z');
+                   INSERT INTO autoscale_state VALUES ('openfaas-fn', 'old', '{"stepping_down":true}');"#,
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let functions = store.load_functions("stage").await.unwrap();
+        assert_eq!(functions[0].replicas, [("stage".to_string(), 3)].into());
+        let states = store.load_autoscale_states("stage").await.unwrap();
+        assert_eq!(states.len(), 1);
+        assert_eq!(
+            (states[0].1.as_str(), states[0].2.as_str()),
+            ("stage", r#"{"stepping_down":true}"#)
+        );
+        drop(store);
+        // Opening again changes nothing more.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.load_autoscale_states("stage").await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -8,9 +8,10 @@ use crate::fleet::FunctionView;
 
 pub struct Metrics {
     registry: Registry,
-    /// `gateway_function_invocation_total{function_name,code}`
+    /// `gateway_function_invocation_total{function_name,code,datacenter}` (OpenFaaS's labels
+    /// plus the datacenter that served it)
     pub invocation_total: IntCounterVec,
-    /// `gateway_functions_seconds{function_name,code}`
+    /// `gateway_functions_seconds{function_name,code,datacenter}`
     pub functions_seconds: HistogramVec,
     /// `gateway_function_invocation_started{function_name}`
     pub invocation_started: IntCounterVec,
@@ -40,9 +41,9 @@ impl Metrics {
         let invocation_total = IntCounterVec::new(
             Opts::new(
                 "gateway_function_invocation_total",
-                "Function invocations, by function and HTTP status code",
+                "Function invocations, by function, HTTP status code and datacenter",
             ),
-            &["function_name", "code"],
+            &["function_name", "code", "datacenter"],
         )
         .expect("static metric definition is valid");
         let functions_seconds = HistogramVec::new(
@@ -50,7 +51,7 @@ impl Metrics {
                 "gateway_functions_seconds",
                 "Duration of proxied function invocations in seconds",
             ),
-            &["function_name", "code"],
+            &["function_name", "code", "datacenter"],
         )
         .expect("static metric definition is valid");
         let invocation_started = IntCounterVec::new(
@@ -156,19 +157,33 @@ impl Metrics {
         }
     }
 
-    /// Invocations per `function_name`, summed over status codes (one pass over the counters).
+    /// Invocations per `function_name`, summed over status codes and datacenters.
     pub fn invocation_counts(&self) -> std::collections::HashMap<String, u64> {
+        let mut out = std::collections::HashMap::new();
+        for ((name, _), n) in self.invocation_counts_by_datacenter() {
+            *out.entry(name).or_insert(0) += n;
+        }
+        out
+    }
+
+    /// Invocations per (`function_name`, datacenter), summed over status codes (one pass over
+    /// the counters).
+    pub fn invocation_counts_by_datacenter(
+        &self,
+    ) -> std::collections::HashMap<(String, String), u64> {
         use prometheus::core::Collector;
         let mut out = std::collections::HashMap::new();
         for family in self.invocation_total.collect() {
             for metric in family.get_metric() {
-                let name = metric
-                    .get_label()
-                    .iter()
-                    .find(|l| l.name() == "function_name")
-                    .map(|l| l.value().to_string());
-                if let Some(name) = name {
-                    *out.entry(name).or_insert(0) += metric.get_counter().value() as u64;
+                let label = |key: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == key)
+                        .map(|l| l.value().to_string())
+                };
+                if let (Some(name), Some(dc)) = (label("function_name"), label("datacenter")) {
+                    *out.entry((name, dc)).or_insert(0) += metric.get_counter().value() as u64;
                 }
             }
         }
@@ -177,27 +192,28 @@ impl Metrics {
 
     /// Renders the text exposition, first refreshing the per-function gauges so that removed
     /// functions disappear.
-    pub fn render(&self, functions: &[FunctionView], datacenter: &str) -> String {
+    pub fn render(&self, functions: &[FunctionView]) -> String {
         self.service_count.reset();
         self.replicas.reset();
         for view in functions {
             let name = view.function.id.qualified();
-            let counts = view.replicas;
-            // Present at 0 from deploy on, so the first scrape under load already gives
-            // rate() an increase (a series born under load needs two scrapes).
-            self.invocation_total
-                .with_label_values(&[name.as_str(), "200"]);
             self.service_count
                 .with_label_values(&[name.as_str()])
-                .set(counts.desired as i64);
-            for (state, value) in [
-                ("desired", counts.desired),
-                ("ready", counts.ready),
-                ("starting", counts.starting()),
-            ] {
-                self.replicas
-                    .with_label_values(&[name.as_str(), datacenter, state])
-                    .set(value as i64);
+                .set(view.replicas.desired as i64);
+            for (datacenter, counts) in &view.datacenters {
+                // Present at 0 from deploy on, so the first scrape under load already gives
+                // rate() an increase (a series born under load needs two scrapes).
+                self.invocation_total
+                    .with_label_values(&[name.as_str(), "200", datacenter]);
+                for (state, value) in [
+                    ("desired", counts.desired),
+                    ("ready", counts.ready),
+                    ("starting", counts.starting()),
+                ] {
+                    self.replicas
+                        .with_label_values(&[name.as_str(), datacenter, state])
+                        .set(value as i64);
+                }
             }
         }
         let mut out = Vec::new();

@@ -152,14 +152,14 @@ async fn list_describe_invoke_and_metrics() {
     assert_eq!(
         common::sample(
             &metrics,
-            r#"gateway_function_invocation_total{code="200",function_name="echo.openfaas-fn"}"#
+            r#"gateway_function_invocation_total{code="200",datacenter="home",function_name="echo.openfaas-fn"}"#
         ),
         Some(2.0),
         "{metrics}"
     );
     for series in [
         r#"gateway_function_invocation_started{function_name="echo.openfaas-fn"}"#,
-        r#"gateway_functions_seconds_count{code="200",function_name="echo.openfaas-fn"}"#,
+        r#"gateway_functions_seconds_count{code="200",datacenter="home",function_name="echo.openfaas-fn"}"#,
         r#"gateway_service_count{function_name="echo.openfaas-fn"}"#,
         r#"faastastic_function_replicas{datacenter="home",function_name="echo.openfaas-fn",state="ready"}"#,
     ] {
@@ -168,7 +168,7 @@ async fn list_describe_invoke_and_metrics() {
             "missing {series} in\n{metrics}"
         );
     }
-    assert!(metrics.contains(r#"gateway_functions_seconds_bucket{code="200",function_name="echo.openfaas-fn",le="0.005"}"#));
+    assert!(metrics.contains(r#"gateway_functions_seconds_bucket{code="200",datacenter="home",function_name="echo.openfaas-fn",le="0.005"}"#));
 
     // Unknown functions: 404 everywhere.
     assert_eq!(s.invoke("nope", "").await.0, 404);

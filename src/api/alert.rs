@@ -88,8 +88,16 @@ pub async fn receive(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
                 continue;
             }
         };
+        let datacenter = match s.fleet.resolve_datacenter(signal.datacenter.as_deref()) {
+            Ok(dc) => dc,
+            Err(e) => {
+                results[i] = Some(SignalResult::other(function, "invalid", e.to_string()));
+                continue;
+            }
+        };
         requests.push(SignalRequest {
             id: FunctionId::new(signal.name, namespace),
+            datacenter,
             action: signal.action,
             dedupe_key: signal.dedupe_key,
             source: "alert".to_string(),

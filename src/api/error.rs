@@ -32,6 +32,8 @@ impl From<FleetError> for ApiError {
             FleetError::NotFound(_) => StatusCode::NOT_FOUND,
             FleetError::Conflict(_) => StatusCode::CONFLICT,
             FleetError::Store(_) | FleetError::Platform(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // Some datacenters failed: a gateway's upstream did.
+            FleetError::Partial(_) => StatusCode::BAD_GATEWAY,
         };
         let message = match &e {
             FleetError::Invalid(errors) => format!("validation failed: {}", errors.join("; ")),

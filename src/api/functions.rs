@@ -17,6 +17,8 @@ use crate::model::{split_qualified, FunctionDeployment, FunctionId};
 #[derive(Debug, Default, Deserialize)]
 pub struct NamespaceQuery {
     pub namespace: Option<String>,
+    /// faastastic: one datacenter only.
+    pub datacenter: Option<String>,
 }
 
 pub async fn list(
@@ -24,7 +26,8 @@ pub async fn list(
     Query(q): Query<NamespaceQuery>,
 ) -> ApiResult<Response> {
     let namespace = s.fleet.resolve_namespace(q.namespace.as_deref())?;
-    let views = s.fleet.list(&namespace);
+    let datacenter = s.fleet.resolve_datacenter(q.datacenter.as_deref())?;
+    let views = s.fleet.list(&namespace, datacenter.as_deref());
     let counts = s.metrics.invocation_counts();
     let body: Vec<FunctionStatus> = views
         .iter()
@@ -39,7 +42,8 @@ pub async fn status(
     Query(q): Query<NamespaceQuery>,
 ) -> ApiResult<Response> {
     let id = function_id(&s, &name, q.namespace.as_deref())?;
-    let view = s.fleet.get(&id)?;
+    let datacenter = s.fleet.resolve_datacenter(q.datacenter.as_deref())?;
+    let view = s.fleet.get_in(&id, datacenter.as_deref())?;
     let counts = s.metrics.invocation_counts();
     Ok(Json(FunctionStatus::new(&view, &counts)).into_response())
 }
@@ -75,9 +79,12 @@ pub async fn remove(
     }
     let namespace = req.namespace.filter(|n| !n.is_empty()).or(q.namespace);
     let id = function_id(&s, &name, namespace.as_deref())?;
-    let (fleet, target) = (s.fleet.clone(), id.clone());
-    detached(async move { fleet.remove(&target).await }).await??;
-    tracing::info!(function = %id, "removed");
+    let datacenter = s
+        .fleet
+        .resolve_datacenter(req.datacenter.as_deref().or(q.datacenter.as_deref()))?;
+    let (fleet, target, dc) = (s.fleet.clone(), id.clone(), datacenter.clone());
+    detached(async move { fleet.remove(&target, dc.as_deref()).await }).await??;
+    tracing::info!(function = %id, datacenter = ?datacenter, "removed");
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -96,9 +103,12 @@ pub async fn scale(
     };
     let namespace = req.namespace.filter(|n| !n.is_empty()).or(q.namespace);
     let id = function_id(&s, &name, namespace.as_deref())?;
-    let (fleet, target) = (s.fleet.clone(), id.clone());
-    detached(async move { fleet.scale(&target, replicas).await }).await??;
-    tracing::info!(function = %id, replicas, "scaled");
+    let datacenter = s
+        .fleet
+        .resolve_datacenter(req.datacenter.as_deref().or(q.datacenter.as_deref()))?;
+    let (fleet, target, dc) = (s.fleet.clone(), id.clone(), datacenter.clone());
+    detached(async move { fleet.scale(&target, dc.as_deref(), replicas).await }).await??;
+    tracing::info!(function = %id, datacenter = ?datacenter, replicas, "scaled");
     Ok(StatusCode::ACCEPTED)
 }
 

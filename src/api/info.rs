@@ -28,7 +28,7 @@ fn version() -> VersionInfo {
 pub async fn info(State(s): State<Arc<AppState>>) -> Response {
     let provider = ProviderInfo {
         provider: "faastastic".to_string(),
-        orchestration: s.fleet.platform().kind().to_string(),
+        orchestration: orchestration(&s),
         version: version(),
     };
     match s.role {
@@ -42,12 +42,24 @@ pub async fn info(State(s): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The platform kind, or the kinds joined with `+` when datacenters differ.
+fn orchestration(s: &AppState) -> String {
+    let mut kinds: Vec<&str> = s
+        .fleet
+        .datacenters()
+        .iter()
+        .map(|d| d.platform.kind())
+        .collect();
+    kinds.dedup();
+    kinds.join("+")
+}
+
 pub async fn healthz() -> &'static str {
     ""
 }
 
 pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let text = s.metrics.render(&s.fleet.all(), &s.datacenter);
+    let text = s.metrics.render(&s.fleet.all());
     (
         [(
             header::CONTENT_TYPE,

@@ -74,11 +74,14 @@ pub async fn logs(
         .or(suffix);
     let namespace = s.fleet.resolve_namespace(namespace)?;
     let id = FunctionId::new(name, namespace);
-    s.fleet.get(&id)?;
-    let sub =
-        s.fleet.platform().logs(&id, &query).ok_or_else(|| {
-            ApiError::new(StatusCode::NOT_FOUND, format!("function {id} not found"))
-        })?;
+    let datacenter = s
+        .fleet
+        .resolve_datacenter(q.get("datacenter").map(String::as_str))?;
+    s.fleet.get_in(&id, datacenter.as_deref())?;
+    let sub = s
+        .fleet
+        .logs(&id, datacenter.as_deref(), &query)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("function {id} not found")))?;
     let history = futures::stream::iter(sub.history.into_iter().map(|m| line(&m)));
     let body = match sub.live {
         None => Body::from_stream(history),

@@ -36,7 +36,6 @@ pub struct AppState {
     pub queue: Arc<AsyncQueue>,
     pub metrics: Arc<Metrics>,
     pub role: Role,
-    pub datacenter: String,
     pub limits: LimitsConfig,
     pub autoscaler: Arc<Autoscaler>,
     pub fleet_store: Store,

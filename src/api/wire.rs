@@ -106,6 +106,15 @@ pub struct FunctionStatus<'a> {
     #[serde(skip_serializing_if = "is_zero")]
     pub available_replicas: u64,
     pub created_at: String,
+    /// faastastic: each datacenter's share of the totals above (clients ignore it).
+    pub datacenters: BTreeMap<&'a str, DatacenterReplicas>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatacenterReplicas {
+    pub replicas: u64,
+    pub available_replicas: u64,
 }
 
 impl<'a> FunctionStatus<'a> {
@@ -131,6 +140,19 @@ impl<'a> FunctionStatus<'a> {
             created_at: f
                 .created_at
                 .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            datacenters: view
+                .datacenters
+                .iter()
+                .map(|(dc, c)| {
+                    (
+                        dc.as_str(),
+                        DatacenterReplicas {
+                            replicas: c.desired,
+                            available_replicas: c.ready,
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 }
@@ -144,6 +166,9 @@ pub struct ScaleServiceRequest {
     pub replicas: Option<u64>,
     #[serde(default)]
     pub namespace: Option<String>,
+    /// faastastic: scale one datacenter; without it `replicas` is the total, spread.
+    #[serde(default)]
+    pub datacenter: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +178,9 @@ pub struct DeleteFunctionRequest {
     pub function_name: Option<String>,
     #[serde(default)]
     pub namespace: Option<String>,
+    /// faastastic: remove from one datacenter only.
+    #[serde(default)]
+    pub datacenter: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

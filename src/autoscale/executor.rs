@@ -25,6 +25,8 @@ use crate::telemetry::Metrics;
 #[derive(Debug, Clone)]
 pub struct SignalRequest {
     pub id: FunctionId,
+    /// `None`: every datacenter the function runs in (an alert's value is shared equally).
+    pub datacenter: Option<String>,
     pub action: Action,
     pub dedupe_key: Option<String>,
     /// Where it came from, e.g. `alert`.
@@ -57,6 +59,8 @@ pub struct ScaleEvent {
 #[derive(Debug, Clone, Serialize)]
 pub struct SignalResult {
     pub function: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datacenter: Option<String>,
     pub outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<u64>,
@@ -68,10 +72,63 @@ pub struct SignalResult {
     pub retryable: bool,
 }
 
+/// Outcomes from the most to the least telling, to sum up one signal applied in several
+/// datacenters.
+const OUTCOME_ORDER: [&str; 9] = [
+    "failed",
+    "scaled",
+    "dry_run",
+    "held",
+    "superseded",
+    "no_change",
+    "unknown_function",
+    "invalid",
+    "ignored",
+];
+
 impl SignalResult {
+    fn in_datacenter(mut self, dc: &str) -> Self {
+        self.datacenter = Some(dc.to_string());
+        self
+    }
+
+    /// One result for a signal applied in several datacenters: the most telling outcome,
+    /// counts summed, reasons prefixed with their datacenter.
+    fn combine(function: String, mut results: Vec<SignalResult>) -> SignalResult {
+        if results.len() == 1 {
+            return results.remove(0);
+        }
+        let rank = |o: &str| OUTCOME_ORDER.iter().position(|x| *x == o).unwrap_or(99);
+        let outcome = results
+            .iter()
+            .map(|r| r.outcome)
+            .min_by_key(|o| rank(o))
+            .unwrap_or("no_change");
+        let sum = |get: fn(&SignalResult) -> Option<u64>| {
+            results
+                .iter()
+                .map(get)
+                .try_fold(0u64, |acc, v| v.map(|v| acc.saturating_add(v)))
+        };
+        SignalResult {
+            function,
+            datacenter: None,
+            outcome,
+            from: sum(|r| r.from),
+            to: sum(|r| r.to),
+            reason: results
+                .iter()
+                .map(|r| format!("{}: {}", r.datacenter.as_deref().unwrap_or("?"), r.reason))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            retryable: results.iter().any(|r| r.retryable),
+        }
+    }
+
     pub fn other(function: String, outcome: &'static str, reason: String) -> Self {
         SignalResult {
             function,
+            datacenter: None,
             outcome,
             from: None,
             to: None,
@@ -81,25 +138,27 @@ impl SignalResult {
     }
 }
 
+/// Engine state is kept per function and datacenter.
+type Key = (FunctionId, String);
+
 pub struct Autoscaler {
     fleet: Arc<Fleet>,
     store: Store,
     metrics: Arc<Metrics>,
     cfg: AutoscaleConfig,
-    datacenter: String,
-    states: Mutex<HashMap<FunctionId, Arc<tokio::sync::Mutex<State>>>>,
+    states: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<State>>>>,
     /// Which deployment each state belongs to (its `createdAt`): a function deleted and
     /// deployed again under the same name starts with a fresh state.
-    deployed_at: Mutex<HashMap<FunctionId, DateTime<Utc>>>,
+    deployed_at: Mutex<HashMap<Key, DateTime<Utc>>>,
     /// Functions in a gradual scale-down, which the ticker keeps stepping.
-    stepping: Mutex<HashSet<FunctionId>>,
+    stepping: Mutex<HashSet<Key>>,
     scale_limiter: DefaultDirectRateLimiter,
     activity: Arc<Activity>,
     /// Idle time counts from here for functions not invoked since the server started.
     started_at: DateTime<Utc>,
     annotations: Option<Arc<crate::grafana::Annotations>>,
     /// Faastastic's own invocation counters over `staleness_window`, for the staleness guard.
-    observed: Mutex<RateWindow>,
+    observed: Mutex<RateWindow<(String, String)>>,
 }
 
 fn rank(action: Action) -> u8 {
@@ -118,20 +177,20 @@ impl Autoscaler {
         activity: Arc<Activity>,
         annotations: Option<Arc<crate::grafana::Annotations>>,
         cfg: AutoscaleConfig,
-        datacenter: &str,
     ) -> Result<Arc<Autoscaler>, StoreError> {
         let mut states = HashMap::new();
         let mut stepping = HashSet::new();
-        for (id, json) in store.load_autoscale_states().await? {
+        for (id, dc, json) in store.load_autoscale_states(fleet.home()).await? {
             match serde_json::from_str::<State>(&json) {
                 Ok(state) => {
+                    let key = (id, dc);
                     if state.stepping_down {
-                        stepping.insert(id.clone());
+                        stepping.insert(key.clone());
                     }
-                    states.insert(id, Arc::new(tokio::sync::Mutex::new(state)));
+                    states.insert(key, Arc::new(tokio::sync::Mutex::new(state)));
                 }
                 Err(e) => {
-                    tracing::warn!(function = %id, error = %e, "ignoring unreadable autoscaler state")
+                    tracing::warn!(function = %id, datacenter = %dc, error = %e, "ignoring unreadable autoscaler state")
                 }
             }
         }
@@ -140,7 +199,6 @@ impl Autoscaler {
             fleet,
             store,
             metrics,
-            datacenter: datacenter.to_string(),
             states: Mutex::new(states),
             deployed_at: Mutex::new(HashMap::new()),
             stepping: Mutex::new(stepping),
@@ -153,77 +211,138 @@ impl Autoscaler {
         }))
     }
 
-    fn state_of(&self, id: &FunctionId) -> Arc<tokio::sync::Mutex<State>> {
+    fn state_of(&self, key: &Key) -> Arc<tokio::sync::Mutex<State>> {
         self.states
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(id.clone())
+            .entry(key.clone())
             .or_default()
             .clone()
     }
 
-    /// Applies a batch (one webhook): per function, the strongest signal wins (up beats down,
-    /// then the first); the rest are reported as superseded. Results come in input order.
+    /// The datacenters a request applies to, each with its share of an alert's value.
+    fn expand(&self, r: &SignalRequest) -> Vec<(String, Action)> {
+        if let Some(dc) = &r.datacenter {
+            return vec![(dc.clone(), r.action)];
+        }
+        let dcs: Vec<String> = match self.fleet.placement_of(&r.id) {
+            Some(placed) => placed.into_keys().collect(),
+            None => vec![self.fleet.home().to_string()],
+        };
+        let share = dcs.len().max(1) as f64;
+        dcs.into_iter()
+            .map(|dc| {
+                let action = match r.action {
+                    Action::Sized { value, target } => Action::Sized {
+                        value: value / share,
+                        target,
+                    },
+                    other => other,
+                };
+                (dc, action)
+            })
+            .collect()
+    }
+
+    /// Applies a batch (one webhook): per function and datacenter, the strongest signal wins
+    /// (up beats down, then the first); the rest are reported as superseded. A signal without
+    /// a datacenter applies to each of the function's datacenters. Results come in input order.
     pub async fn apply_batch(&self, requests: Vec<SignalRequest>) -> Vec<SignalResult> {
-        let mut winners: HashMap<FunctionId, usize> = HashMap::new();
-        for (i, r) in requests.iter().enumerate() {
-            let w = winners.entry(r.id.clone()).or_insert(i);
-            if rank(r.action) > rank(requests[*w].action) {
-                *w = i;
+        // (request index, datacenter, action) for every datacenter each request touches.
+        let parts: Vec<(usize, String, Action)> = requests
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                self.expand(r)
+                    .into_iter()
+                    .map(move |(dc, action)| (i, dc, action))
+            })
+            .collect();
+        let mut winners: HashMap<Key, usize> = HashMap::new();
+        for (p, (i, dc, action)) in parts.iter().enumerate() {
+            let w = winners
+                .entry((requests[*i].id.clone(), dc.clone()))
+                .or_insert(p);
+            if rank(*action) > rank(parts[*w].2) {
+                *w = p;
             }
         }
         let chosen: HashSet<usize> = winners.values().copied().collect();
-        let applied = futures::future::join_all(chosen.iter().map(|&i| {
-            let r = &requests[i];
+        let applied = futures::future::join_all(chosen.iter().map(|&p| {
+            let (i, dc, action) = &parts[p];
+            let r = &requests[*i];
             async move {
                 let input = Input::Signal {
-                    action: r.action,
+                    action: *action,
                     dedupe_key: r.dedupe_key.as_deref(),
-                    observed_rate: self.observed_rate(&r.id, r.action),
+                    observed_rate: self.observed_rate(&r.id, dc, *action),
                 };
+                let mut evidence = r.evidence.clone();
+                if let (Action::Sized { value, .. }, Some(obj)) = (action, evidence.as_object_mut())
+                {
+                    obj.insert("value_share".into(), serde_json::json!(value));
+                }
                 (
-                    i,
-                    self.apply(&r.id, input, &r.source, r.evidence.clone(), false)
+                    p,
+                    self.apply(&r.id, dc, input, &r.source, evidence, false)
                         .await,
                 )
             }
         }))
         .await;
-        let mut by_index: HashMap<usize, SignalResult> = applied.into_iter().collect();
-        requests
-            .iter()
-            .enumerate()
-            .map(|(i, r)| match by_index.remove(&i) {
+        let mut by_part: HashMap<usize, SignalResult> = applied.into_iter().collect();
+        let mut per_request: Vec<Vec<SignalResult>> = vec![Vec::new(); requests.len()];
+        for (p, (i, dc, _)) in parts.iter().enumerate() {
+            let result = match by_part.remove(&p) {
                 Some(result) => result,
                 None => {
-                    let w = winners[&r.id];
+                    let w = winners[&(requests[*i].id.clone(), dc.clone())];
                     SignalResult::other(
-                        r.id.qualified(),
+                        requests[*i].id.qualified(),
                         "superseded",
                         format!(
-                            "alert #{w} for the same function in this batch wins (up beats down)"
+                            "alert #{} for the same function in this batch wins (up beats down)",
+                            parts[w].0
                         ),
                     )
                 }
-            })
+            };
+            per_request[*i].push(result.in_datacenter(dc));
+        }
+        per_request
+            .into_iter()
+            .zip(&requests)
+            .map(|(results, r)| SignalResult::combine(r.id.qualified(), results))
             .collect()
     }
 
-    /// Runs one input through the engine for one function and carries the decision out.
-    /// `quiet` (periodic sources: ticks, idle checks, queries) records only decisions that
-    /// scale, so a long hold does not flood the audit trail.
+    /// Runs one input through the engine for one function in one datacenter and carries the
+    /// decision out. `quiet` (periodic sources: ticks, idle checks, queries) records only
+    /// decisions that scale, so a long hold does not flood the audit trail.
     pub async fn apply(
         &self,
         id: &FunctionId,
+        datacenter: &str,
         input: Input<'_>,
         source: &str,
         evidence: serde_json::Value,
         quiet: bool,
     ) -> SignalResult {
-        let state_lock = self.state_of(id);
+        let key: Key = (id.clone(), datacenter.to_string());
+        let state_lock = self.state_of(&key);
         let mut state = state_lock.lock().await;
-        let view = match self.fleet.get(id) {
-            Ok(v) => v,
+        let (function, current) = match self.fleet.get(id) {
+            Ok(v) => match v.function.desired_in(datacenter) {
+                Some(current) => (v.function, current),
+                None => {
+                    self.forget_key(&key);
+                    return SignalResult::other(
+                        id.qualified(),
+                        "unknown_function",
+                        format!("function {id} is not in datacenter {datacenter}"),
+                    );
+                }
+            },
             Err(_) => {
                 self.forget(id);
                 return SignalResult::other(
@@ -233,49 +352,47 @@ impl Autoscaler {
                 );
             }
         };
-        let created = view.function.created_at;
+        let created = function.created_at;
         let previous = self
             .deployed_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), created);
+            .insert(key.clone(), created);
         if previous.is_some_and(|p| p != created) {
             *state = State::default();
         }
         let now = Utc::now();
-        let current = view.function.desired_replicas;
-        let (policy, dry_run) =
-            match policy_for(&id.qualified(), &view.function.deployment, &self.cfg) {
-                Ok(p) => p,
-                Err(errors) => {
-                    let reason = format!("held: invalid scaling labels: {}", errors.join("; "));
-                    // Periodic sources would record this every evaluation: answer only.
-                    if quiet || matches!(input, Input::Tick | Input::Idle { .. }) {
-                        return SignalResult::other(id.qualified(), "held", reason);
-                    }
-                    let event = self.event(
-                        id,
-                        now,
-                        source,
-                        current,
-                        current,
-                        current,
-                        "none",
-                        "held",
-                        reason,
-                        vec![],
-                        evidence,
-                    );
-                    return self.finish(id, &state, event, false).await;
+        let (policy, dry_run) = match policy_for(&id.qualified(), &function.deployment, &self.cfg) {
+            Ok(p) => p,
+            Err(errors) => {
+                let reason = format!("held: invalid scaling labels: {}", errors.join("; "));
+                // Periodic sources would record this every evaluation: answer only.
+                if quiet || matches!(input, Input::Tick | Input::Idle { .. }) {
+                    return SignalResult::other(id.qualified(), "held", reason);
                 }
-            };
+                let event = self.event(
+                    &key,
+                    now,
+                    source,
+                    current,
+                    current,
+                    current,
+                    "none",
+                    "held",
+                    reason,
+                    vec![],
+                    evidence,
+                );
+                return self.finish(&key, &state, event, false).await;
+            }
+        };
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
         let (decision, next) = decide(&policy, current, &state, input, now);
         // A periodic input that changes nothing is not an event: only its state is kept (in
         // memory; the next recorded decision stores it).
         if quiet && decision.outcome != Outcome::Scale {
             *state = next;
-            self.set_stepping(id, state.stepping_down);
+            self.set_stepping(&key, state.stepping_down);
             return SignalResult::other(id.qualified(), "no_change", decision.reason);
         }
         let direction = match decision.to.cmp(&decision.from) {
@@ -298,7 +415,11 @@ impl Autoscaler {
             }
             Outcome::Scale => {
                 self.scale_limiter.until_ready().await;
-                match self.fleet.scale_from(id, decision.from, decision.to).await {
+                match self
+                    .fleet
+                    .scale_from(id, datacenter, decision.from, decision.to)
+                    .await
+                {
                     Ok(()) => ("scaled", true, false),
                     Err(FleetError::Conflict(why)) => {
                         reason.push_str(&format!("; superseded: {why}"));
@@ -316,14 +437,14 @@ impl Autoscaler {
         if keep_state {
             *state = next;
         }
-        self.set_stepping(id, state.stepping_down);
+        self.set_stepping(&key, state.stepping_down);
         let to = if outcome == "scaled" {
             decision.to
         } else {
             decision.from
         };
         let event = self.event(
-            id,
+            &key,
             now,
             source,
             decision.from,
@@ -339,13 +460,13 @@ impl Autoscaler {
             decision.clamps,
             evidence,
         );
-        self.finish(id, &state, event, retryable).await
+        self.finish(&key, &state, event, retryable).await
     }
 
     #[allow(clippy::too_many_arguments)]
     fn event(
         &self,
-        id: &FunctionId,
+        (id, datacenter): &Key,
         time: DateTime<Utc>,
         source: &str,
         from: u64,
@@ -362,7 +483,7 @@ impl Autoscaler {
             time,
             function: id.name.clone(),
             namespace: id.namespace.clone(),
-            datacenter: self.datacenter.clone(),
+            datacenter: datacenter.clone(),
             source: source.to_string(),
             from,
             to,
@@ -378,7 +499,7 @@ impl Autoscaler {
     /// Stores the state and the event together, counts and logs it.
     async fn finish(
         &self,
-        id: &FunctionId,
+        (id, datacenter): &Key,
         state: &State,
         event: ScaleEvent,
         retryable: bool,
@@ -424,11 +545,16 @@ impl Autoscaler {
             json,
         });
         let state_json = serde_json::to_string(state).unwrap_or_else(|_| "{}".to_string());
-        if let Err(e) = self.store.record_decision(id, state_json, record).await {
+        if let Err(e) = self
+            .store
+            .record_decision(id, datacenter, state_json, record)
+            .await
+        {
             tracing::error!(function = %id, error = %e, "cannot record a scale decision");
         }
         SignalResult {
             function: function_name,
+            datacenter: Some(datacenter.clone()),
             outcome: event.outcome,
             from: Some(event.from),
             to: Some(event.to),
@@ -451,7 +577,7 @@ impl Autoscaler {
             time: Utc::now(),
             function: String::new(),
             namespace: String::new(),
-            datacenter: self.datacenter.clone(),
+            datacenter: self.fleet.home().to_string(),
             source: source.to_string(),
             from: 0,
             to: 0,
@@ -479,32 +605,45 @@ impl Autoscaler {
         &self.cfg
     }
 
-    fn set_stepping(&self, id: &FunctionId, on: bool) {
+    fn set_stepping(&self, key: &Key, on: bool) {
         let mut stepping = self.stepping.lock().unwrap_or_else(|p| p.into_inner());
         if on {
-            stepping.insert(id.clone());
+            stepping.insert(key.clone());
         } else {
-            stepping.remove(id);
+            stepping.remove(key);
         }
     }
 
-    fn forget(&self, id: &FunctionId) {
-        self.set_stepping(id, false);
+    fn forget_key(&self, key: &Key) {
+        self.set_stepping(key, false);
         self.states
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+            .remove(key);
     }
 
-    /// The function's invocation rate as faastastic measured it, for an alert asking for more:
-    /// known only once the counters cover half the window and the function has been invoked
-    /// through faastastic at all (traffic that bypasses it must not look like no traffic).
-    fn observed_rate(&self, id: &FunctionId, action: Action) -> Option<f64> {
+    /// Drops every datacenter's state of a function that is gone.
+    fn forget(&self, id: &FunctionId) {
+        self.stepping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(f, _)| f != id);
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(f, _), _| f != id);
+    }
+
+    /// The function's invocation rate in one datacenter as faastastic measured it, for an
+    /// alert asking for more: known only once the counters cover half the window and the
+    /// function has been invoked through faastastic at all (traffic that bypasses it must not
+    /// look like no traffic).
+    fn observed_rate(&self, id: &FunctionId, datacenter: &str, action: Action) -> Option<f64> {
         if !matches!(action, Action::StepUp | Action::Sized { .. }) {
             return None;
         }
         let observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
-        let key = id.qualified();
+        let key = (id.qualified(), datacenter.to_string());
         if observed.span() < observed.window() / 2 || !observed.seen(&key) {
             return None;
         }
@@ -519,35 +658,35 @@ impl Autoscaler {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 interval.tick().await;
-                let counts = this.metrics.invocation_counts();
+                let counts = this.metrics.invocation_counts_by_datacenter();
                 this.observed
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(std::time::Instant::now(), counts);
-                let due: Vec<FunctionId> = this
+                let due: Vec<Key> = this
                     .stepping
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .iter()
                     .cloned()
                     .collect();
-                futures::future::join_all(
-                    due.iter()
-                        .map(|id| this.apply(id, Input::Tick, "tick", serde_json::json!({}), true)),
-                )
+                futures::future::join_all(due.iter().map(|(id, dc)| {
+                    this.apply(id, dc, Input::Tick, "tick", serde_json::json!({}), true)
+                }))
                 .await;
                 this.scale_idle_to_zero().await;
             }
         });
     }
 
-    /// Functions that opted in to scale to zero and have been idle long enough go to zero.
+    /// Functions that opted in to scale to zero and have been idle long enough go to zero, in
+    /// each datacenter that still runs replicas.
     async fn scale_idle_to_zero(&self) {
         let now = Utc::now();
         let mut idle = Vec::new();
         for view in self.fleet.all() {
             let f = &view.function;
-            if f.desired_replicas == 0 {
+            if f.desired_total() == 0 {
                 continue;
             }
             let Ok((policy, _)) = policy_for(&f.id.qualified(), &f.deployment, &self.cfg) else {
@@ -562,14 +701,17 @@ impl Autoscaler {
                 .unwrap_or(self.started_at.max(f.created_at));
             let idle_for = (now - last).to_std().unwrap_or_default();
             if idle_for >= after {
-                idle.push((f.id.clone(), idle_for, last));
+                for (dc, _) in f.replicas.iter().filter(|(_, n)| **n > 0) {
+                    idle.push((f.id.clone(), dc.clone(), idle_for, last));
+                }
             }
         }
-        futures::future::join_all(idle.iter().map(|(id, idle_for, last)| {
+        futures::future::join_all(idle.iter().map(|(id, dc, idle_for, last)| {
             let evidence =
                 serde_json::json!({"last_invocation": last, "idle_secs": idle_for.as_secs_f64()});
             self.apply(
                 id,
+                dc,
                 Input::Idle {
                     idle_for: *idle_for,
                 },
@@ -590,11 +732,13 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, Placement};
+    use crate::fleet::Datacenter;
     use crate::model::FunctionDeployment;
     use crate::platform::{
         EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts, Workload,
     };
+    use std::time::Duration;
 
     /// A platform whose scale calls fail while `down` is set: fault injection for the
     /// executor's retry contract.
@@ -624,6 +768,9 @@ mod tests {
         async fn remove(&self, _: &FunctionId) -> Result<(), PlatformError> {
             Ok(())
         }
+        async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
+            Ok(Vec::new())
+        }
         fn replicas(&self, _: &FunctionId) -> ReplicaCounts {
             ReplicaCounts::default()
         }
@@ -643,11 +790,33 @@ mod tests {
     async fn a_failed_platform_call_is_retryable_and_changes_no_state() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
-        let platform = Arc::new(FlakyPlatform::default());
+        // lon fails while `down` is set; syd always works.
+        let lon = Arc::new(FlakyPlatform::default());
+        let datacenters = vec![
+            Arc::new(Datacenter::new(
+                "lon",
+                lon.clone(),
+                Duration::from_secs(5),
+                100,
+            )),
+            Arc::new(Datacenter::new(
+                "syd",
+                Arc::new(FlakyPlatform::default()),
+                Duration::from_secs(5),
+                100,
+            )),
+        ];
         let fleet = Arc::new(
-            Fleet::restore(store.clone(), platform.clone(), "openfaas-fn", 64)
-                .await
-                .unwrap(),
+            Fleet::restore(
+                store.clone(),
+                datacenters,
+                "lon",
+                Placement::All,
+                "openfaas-fn",
+                64,
+            )
+            .await
+            .unwrap(),
         );
         let id = fleet
             .deploy(FunctionDeployment {
@@ -663,20 +832,24 @@ mod tests {
             Arc::new(Metrics::new()),
             Arc::new(Activity::default()),
             None,
-            Config::default().autoscale,
-            "home",
+            AutoscaleConfig {
+                up_cooldown: Duration::ZERO,
+                ..Config::default().autoscale
+            },
         )
         .await
         .unwrap();
-        let firing = |key: &str| SignalRequest {
+        let firing = |key: &str, dc: Option<&str>| SignalRequest {
             id: id.clone(),
+            datacenter: dc.map(str::to_string),
             action: Action::StepUp,
             dedupe_key: Some(key.to_string()),
             source: "alert".into(),
             evidence: serde_json::json!({}),
         };
-        platform.down.store(true, Ordering::SeqCst);
-        let failed = scaler.apply_batch(vec![firing("a")]).await;
+        let replicas = |dc: &str| fleet.get(&id).unwrap().function.desired_in(dc);
+        lon.down.store(true, Ordering::SeqCst);
+        let failed = scaler.apply_batch(vec![firing("a", Some("lon"))]).await;
         assert_eq!(failed[0].outcome, "failed");
         assert!(failed[0].retryable);
         assert!(
@@ -684,19 +857,59 @@ mod tests {
             "{}",
             failed[0].reason
         );
-        assert_eq!(fleet.get(&id).unwrap().function.desired_replicas, 1);
+        assert_eq!(replicas("lon"), Some(1));
         // Alertmanager's retry of the same alert is applied, not taken for a duplicate and not
         // held by a cooldown that the failed attempt never started.
-        platform.down.store(false, Ordering::SeqCst);
-        let retried = scaler.apply_batch(vec![firing("a")]).await;
+        lon.down.store(false, Ordering::SeqCst);
+        let retried = scaler.apply_batch(vec![firing("a", Some("lon"))]).await;
         assert_eq!((retried[0].outcome, retried[0].to), ("scaled", Some(2)));
         assert!(!retried[0].retryable);
+        assert_eq!(
+            replicas("syd"),
+            Some(1),
+            "an alert for lon leaves syd alone"
+        );
+
+        // Without a datacenter the alert applies in both: lon fails, syd scales, and the
+        // answer asks for a retry; the retry scales lon and is a duplicate in syd.
+        lon.down.store(true, Ordering::SeqCst);
+        let mixed = scaler.apply_batch(vec![firing("b", None)]).await;
+        assert_eq!(mixed[0].outcome, "failed", "{mixed:?}");
+        assert!(mixed[0].retryable);
+        assert!(
+            mixed[0].reason.contains("syd: firing"),
+            "{}",
+            mixed[0].reason
+        );
+        assert_eq!((replicas("lon"), replicas("syd")), (Some(2), Some(2)));
+        lon.down.store(false, Ordering::SeqCst);
+        let again = scaler.apply_batch(vec![firing("b", None)]).await;
+        assert!(
+            again[0].reason.contains("syd: duplicate"),
+            "{}",
+            again[0].reason
+        );
+        assert!(
+            again[0].reason.contains("lon: firing"),
+            "{}",
+            again[0].reason
+        );
 
         // A decision made from a count that changed meanwhile (a manual scale) is not applied.
-        let stale = fleet.scale_from(&id, 1, 3).await;
+        let now_lon = replicas("lon").unwrap();
+        let stale = fleet.scale_from(&id, "lon", now_lon - 1, 5).await;
         assert!(matches!(stale, Err(FleetError::Conflict(_))), "{stale:?}");
-        assert_eq!(fleet.get(&id).unwrap().function.desired_replicas, 2);
-        fleet.scale_from(&id, 2, 3).await.unwrap();
-        assert_eq!(fleet.get(&id).unwrap().function.desired_replicas, 3);
+        assert_eq!(replicas("lon"), Some(now_lon));
+        fleet.scale_from(&id, "lon", now_lon, 5).await.unwrap();
+        assert_eq!(replicas("lon"), Some(5));
+
+        // A manual scale across both with lon down: syd's part stays, the error names lon.
+        lon.down.store(true, Ordering::SeqCst);
+        let partial = fleet.scale(&id, None, 6).await;
+        match partial {
+            Err(FleetError::Partial(msg)) => assert!(msg.contains("lon"), "{msg}"),
+            other => panic!("expected a partial failure, got {other:?}"),
+        }
+        assert_eq!(replicas("syd"), Some(3), "6 spread over two: 3 each");
     }
 }

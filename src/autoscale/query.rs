@@ -14,7 +14,7 @@ use super::executor::Autoscaler;
 use super::labels::policy_for;
 use super::policy::{Action, Input};
 use super::rates::RateWindow;
-use super::strategy::{desired, Want};
+use super::strategy::{desired, Strategy, Want};
 use crate::config::{PrometheusConfig, QueryPolicy, QuerySource};
 use crate::fleet::Fleet;
 use crate::model::{split_qualified, FunctionId};
@@ -31,7 +31,7 @@ struct Runner {
     autoscaler: Arc<Autoscaler>,
     metrics: Arc<Metrics>,
     /// Internal source: samples of faastastic's own counters covering the window.
-    samples: RateWindow,
+    samples: RateWindow<(String, String)>,
     failures: u32,
     up: bool,
 }
@@ -93,8 +93,9 @@ impl Runner {
         format!("query:{}", self.policy.name)
     }
 
-    /// Values per function, or why there are none.
-    async fn read(&mut self) -> Result<HashMap<FunctionId, f64>, String> {
+    /// Values per function and datacenter (`None`: a series for the whole function), or why
+    /// there are none.
+    async fn read(&mut self) -> Result<HashMap<(FunctionId, Option<String>), f64>, String> {
         match &self.policy.source {
             QuerySource::Prometheus { query } => {
                 let client = self.prometheus.as_ref().ok_or("no Prometheus configured")?;
@@ -112,10 +113,12 @@ impl Runner {
                     .ok_or("the query must return an instant vector (one series per function)")?;
                 let mut out = HashMap::new();
                 for series in vector {
-                    let Some(function) = series.metric().get(&self.policy.function_label) else {
+                    let labels = series.metric();
+                    let Some(function) = labels.get(&self.policy.function_label) else {
                         continue;
                     };
-                    out.insert(self.function_id(function), series.sample().value());
+                    let dc = labels.get(&self.policy.datacenter_label).cloned();
+                    out.insert((self.function_id(function), dc), series.sample().value());
                 }
                 Ok(out)
             }
@@ -128,22 +131,26 @@ impl Runner {
         FunctionId::new(name, namespace.unwrap_or(self.fleet.default_namespace()))
     }
 
-    /// Invocations per second over the window, from faastastic's own counters; a function never
-    /// invoked reads as 0, and every function reads NaN (no data) until two samples exist.
-    fn internal_rates(&mut self) -> HashMap<FunctionId, f64> {
-        self.samples
-            .push(Instant::now(), self.metrics.invocation_counts());
-        self.fleet
-            .all()
-            .into_iter()
-            .map(|view| {
+    /// Invocations per second in each datacenter over the window, from faastastic's own
+    /// counters; a function never invoked reads as 0, and every function reads NaN (no data)
+    /// until two samples exist.
+    fn internal_rates(&mut self) -> HashMap<(FunctionId, Option<String>), f64> {
+        self.samples.push(
+            Instant::now(),
+            self.metrics.invocation_counts_by_datacenter(),
+        );
+        let mut out = HashMap::new();
+        for view in self.fleet.all() {
+            let name = view.function.id.qualified();
+            for dc in view.function.replicas.keys() {
                 let rate = self
                     .samples
-                    .rate(&view.function.id.qualified())
+                    .rate(&(name.clone(), dc.clone()))
                     .unwrap_or(f64::NAN);
-                (view.function.id, rate)
-            })
-            .collect()
+                out.insert((view.function.id.clone(), Some(dc.clone())), rate);
+            }
+        }
+        out
     }
 
     async fn evaluate(&mut self) {
@@ -191,7 +198,7 @@ impl Runner {
                 }
                 if let Some(fallback) = self.policy.fallback_replicas {
                     if self.failures >= FALLBACK_AFTER_FAILURES {
-                        self.apply_all(|_, _| {
+                        self.apply_all(|_, _, _, _, _| {
                             Some((
                                 fallback,
                                 format!("source unavailable: fallback_replicas {fallback}"),
@@ -206,12 +213,31 @@ impl Runner {
         };
         let strategy = self.policy.strategy.clone();
         let cfg = self.autoscaler.config().clone();
-        self.apply_all(|id, view_current| {
-            let value = *values.get(id)?;
-            let max = policy_for(&id.qualified(), &view_current.1, &cfg)
+        // A value for the whole function is shared equally by its datacenters, unless it is
+        // already an average per replica (or compared with thresholds as it is).
+        let shared = matches!(
+            strategy,
+            Strategy::Target {
+                per_replica: false,
+                ..
+            }
+        );
+        self.apply_all(|id, dc, share_of, current, deployment| {
+            let value = match values.get(&(id.clone(), Some(dc.to_string()))) {
+                Some(v) => *v,
+                None => {
+                    let total = *values.get(&(id.clone(), None))?;
+                    if shared {
+                        total / share_of as f64
+                    } else {
+                        total
+                    }
+                }
+            };
+            let max = policy_for(&id.qualified(), deployment, &cfg)
                 .map(|(p, _)| p.max)
                 .unwrap_or(cfg.default_max);
-            match desired(&strategy, view_current.0, value, max) {
+            match desired(&strategy, current, value, max) {
                 Want::Replicas(n, why) => Some((n, why, value)),
                 Want::Hold(_) => None,
             }
@@ -219,10 +245,18 @@ impl Runner {
         .await;
     }
 
-    /// Feeds `want(function)` to the executor for every function this policy matches.
+    /// Feeds `want(function, datacenter, datacenters it runs in, current replicas there,
+    /// deployment)` to the executor for every function this policy matches, in each of its
+    /// datacenters.
     async fn apply_all<F>(&self, want: F)
     where
-        F: Fn(&FunctionId, &(u64, crate::model::FunctionDeployment)) -> Option<(u64, String, f64)>,
+        F: Fn(
+            &FunctionId,
+            &str,
+            usize,
+            u64,
+            &crate::model::FunctionDeployment,
+        ) -> Option<(u64, String, f64)>,
     {
         let source = self.source_name();
         let query = match &self.policy.source {
@@ -231,23 +265,24 @@ impl Runner {
         };
         let mut work = Vec::new();
         for view in self.fleet.all() {
-            let id = &view.function.id;
-            if !self.policy.pattern.matches(&id.qualified()) {
+            let f = &view.function;
+            if !self.policy.pattern.matches(&f.id.qualified()) {
                 continue;
             }
-            let current = (
-                view.function.desired_replicas,
-                view.function.deployment.clone(),
-            );
-            if let Some((n, why, value)) = want(id, &current) {
-                work.push((
-                    id.clone(),
-                    n,
-                    json!({"policy": self.policy.name, "query": query, "value": value, "why": why}),
-                ));
+            for (dc, current) in &f.replicas {
+                if let Some((n, why, value)) =
+                    want(&f.id, dc, f.replicas.len(), *current, &f.deployment)
+                {
+                    work.push((
+                        f.id.clone(),
+                        dc.clone(),
+                        n,
+                        json!({"policy": self.policy.name, "query": query, "value": value, "why": why}),
+                    ));
+                }
             }
         }
-        futures::future::join_all(work.into_iter().map(|(id, n, evidence)| {
+        futures::future::join_all(work.into_iter().map(|(id, dc, n, evidence)| {
             let source = source.clone();
             async move {
                 let input = Input::Signal {
@@ -256,7 +291,7 @@ impl Runner {
                     observed_rate: None,
                 };
                 self.autoscaler
-                    .apply(&id, input, &source, evidence, true)
+                    .apply(&id, &dc, input, &source, evidence, true)
                     .await
             }
         }))

@@ -2,15 +2,17 @@
 //! total, kept just long enough to cover a window, so a rate is one subtraction.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-pub struct RateWindow {
+/// Keyed by whatever identifies a counter: (`name.namespace`, datacenter) in the server.
+pub struct RateWindow<K> {
     window: Duration,
-    /// (when, invocations per function, keyed `name.namespace`), oldest first.
-    samples: VecDeque<(Instant, HashMap<String, u64>)>,
+    /// (when, invocations per key), oldest first.
+    samples: VecDeque<(Instant, HashMap<K, u64>)>,
 }
 
-impl RateWindow {
+impl<K: Hash + Eq> RateWindow<K> {
     pub fn new(window: Duration) -> Self {
         Self {
             window,
@@ -23,7 +25,7 @@ impl RateWindow {
     }
 
     /// Adds a sample and drops the ones no longer needed to cover the window.
-    pub fn push(&mut self, now: Instant, counts: HashMap<String, u64>) {
+    pub fn push(&mut self, now: Instant, counts: HashMap<K, u64>) {
         self.samples.push_back((now, counts));
         while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= self.window {
             self.samples.pop_front();
@@ -40,19 +42,19 @@ impl RateWindow {
 
     /// Invocations per second of `key` across the samples; `None` until two samples exist. A
     /// function never invoked reads as 0.
-    pub fn rate(&self, key: &str) -> Option<f64> {
+    pub fn rate(&self, key: &K) -> Option<f64> {
         let span = self.span().as_secs_f64();
         if span <= 0.0 {
             return None;
         }
-        let count = |sample: &HashMap<String, u64>| sample.get(key).copied().unwrap_or(0);
+        let count = |sample: &HashMap<K, u64>| sample.get(key).copied().unwrap_or(0);
         let first = count(&self.samples.front()?.1);
         let last = count(&self.samples.back()?.1);
         Some(last.saturating_sub(first) as f64 / span)
     }
 
     /// Whether `key` has been invoked through faastastic at all since the server started.
-    pub fn seen(&self, key: &str) -> bool {
+    pub fn seen(&self, key: &K) -> bool {
         self.samples
             .back()
             .is_some_and(|(_, latest)| latest.get(key).is_some_and(|n| *n > 0))
@@ -72,18 +74,23 @@ mod tests {
         let t0 = Instant::now();
         let mut w = RateWindow::new(Duration::from_secs(10));
         w.push(t0, counts(0));
-        assert_eq!(w.rate("f.fn"), None, "one sample has no rate");
+        let (f, other, idle) = (
+            "f.fn".to_string(),
+            "other.fn".to_string(),
+            "idle.fn".to_string(),
+        );
+        assert_eq!(w.rate(&f), None, "one sample has no rate");
         // 100/s for 10 s, then nothing for 10 s.
         for s in 1..=10 {
             w.push(t0 + Duration::from_secs(s), counts(100 * s));
         }
-        assert_eq!(w.rate("f.fn"), Some(100.0));
+        assert_eq!(w.rate(&f), Some(100.0));
         for s in 11..=20 {
             w.push(t0 + Duration::from_secs(s), counts(1000));
         }
-        assert_eq!(w.rate("f.fn"), Some(0.0), "old samples leave the window");
+        assert_eq!(w.rate(&f), Some(0.0), "old samples leave the window");
         assert!(w.span() <= Duration::from_secs(11));
-        assert_eq!(w.rate("other.fn"), Some(0.0));
-        assert!(w.seen("f.fn") && !w.seen("other.fn") && !w.seen("idle.fn"));
+        assert_eq!(w.rate(&other), Some(0.0));
+        assert!(w.seen(&f) && !w.seen(&other) && !w.seen(&idle));
     }
 }

@@ -663,6 +663,15 @@ impl Platform for LocalPlatform {
         Ok(())
     }
 
+    async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
+        Ok(self
+            .inner
+            .read()
+            .iter()
+            .map(|(id, e)| (id.clone(), e.current.desired_count()))
+            .collect())
+    }
+
     fn replicas(&self, id: &FunctionId) -> ReplicaCounts {
         match self.inner.serving(id) {
             None => ReplicaCounts::default(),

@@ -3,6 +3,7 @@
 
 pub mod local;
 pub mod logs;
+pub mod remote;
 pub mod watchdog;
 
 use std::net::SocketAddr;
@@ -31,6 +32,11 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Requests currently being proxied to this replica.
     pub in_flight: AtomicUsize,
+    /// Prepended to the invocation's path (a remote datacenter's agent takes
+    /// `/function/NAME.NS/...`); empty for a replica.
+    pub path_prefix: String,
+    /// Sent as `X-Faastastic-Agent-Token` (an agent's invoke token).
+    pub agent_token: Option<http::HeaderValue>,
 }
 
 impl Endpoint {
@@ -39,6 +45,8 @@ impl Endpoint {
             instance,
             addr,
             in_flight: AtomicUsize::new(0),
+            path_prefix: String::new(),
+            agent_token: None,
         }
     }
 }
@@ -143,6 +151,10 @@ pub trait Platform: Send + Sync {
     async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError>;
 
     fn replicas(&self, id: &FunctionId) -> ReplicaCounts;
+
+    /// Every function this platform runs, with the replicas it was asked for: what the
+    /// reconciler compares with the desired state.
+    async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError>;
 
     /// The current ready replicas, fresh from the platform (never cached by name).
     fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>>;

@@ -1,0 +1,287 @@
+//! `faastastic agent`: runs one datacenter's platform (local processes) and exposes it to a
+//! control plane's `remote` adapter over HTTP. Stateless: the control plane holds the desired
+//! state, and its reconciler applies it again when an agent restarts.
+//!
+//! * `/agent/v1/functions[/{namespace}/{name}[/scale]]`: list, apply, scale, remove
+//!   (`Authorization: Bearer TOKEN`);
+//! * `/function/{name.namespace}/...`: invocations, proxied to one of the replicas
+//!   (`X-Faastastic-Agent-Token: TOKEN`, so the caller's `Authorization` reaches the function);
+//! * `/healthz`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post, put};
+use axum::{Json, Router};
+use base64::Engine;
+
+use crate::config::LocalConfig;
+use crate::model::{split_qualified, validate_dns_label, FunctionId};
+use crate::platform::local::LocalPlatform;
+use crate::platform::remote::wire::{AgentFunction, ApplyRequest, ScaleRequest};
+use crate::platform::{Platform, Workload};
+use crate::proxy::{http_client, send, HttpClient, AGENT_TOKEN};
+use crate::telemetry::Metrics;
+
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub datacenter: String,
+    /// `None`: no authentication (loopback experiments only).
+    pub token: Option<String>,
+    pub data_dir: PathBuf,
+    pub local: LocalConfig,
+}
+
+struct Agent {
+    platform: Arc<LocalPlatform>,
+    token: Option<String>,
+    client: HttpClient,
+    timeout: std::time::Duration,
+}
+
+fn error(status: StatusCode, text: impl Into<String>) -> Response {
+    (status, format!("{}\n", text.into())).into_response()
+}
+
+impl Agent {
+    fn authorized(&self, headers: &axum::http::HeaderMap, bearer: bool) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = if bearer {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        } else {
+            headers.get(AGENT_TOKEN).and_then(|v| v.to_str().ok())
+        };
+        given.is_some_and(|g| crate::api::auth::tokens_match(g.trim(), token))
+    }
+}
+
+impl Agent {
+    /// The function a control-plane call names, once the call is authorized.
+    fn target(
+        &self,
+        headers: &axum::http::HeaderMap,
+        namespace: &str,
+        name: &str,
+    ) -> Result<FunctionId, (StatusCode, String)> {
+        if !self.authorized(headers, true) {
+            return Err((
+                StatusCode::UNAUTHORIZED,
+                "a bearer token is required\n".into(),
+            ));
+        }
+        validate_dns_label("name", name).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+        validate_dns_label("namespace", namespace).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+        Ok(FunctionId::new(name, namespace))
+    }
+}
+
+/// The answer to a platform call.
+fn done(result: Result<(), crate::platform::PlatformError>) -> Response {
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn list(State(a): State<Arc<Agent>>, req: Request) -> Response {
+    if !a.authorized(req.headers(), true) {
+        return error(StatusCode::UNAUTHORIZED, "a bearer token is required");
+    }
+    let functions = match a.platform.functions().await {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let body: Vec<AgentFunction> = functions
+        .into_iter()
+        .map(|(id, desired)| AgentFunction {
+            ready: a.platform.replicas(&id).ready,
+            namespace: id.namespace,
+            name: id.name,
+            desired,
+        })
+        .collect();
+    Json(body).into_response()
+}
+
+async fn apply(
+    State(a): State<Arc<Agent>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let id = match a.target(&headers, &namespace, &name) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let req: ApplyRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad apply request: {e}")),
+    };
+    if let Err(e) = a.platform.validate(&req.deployment) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let mut secrets = Vec::new();
+    for (secret, value) in req.secrets {
+        match base64::engine::general_purpose::STANDARD.decode(value) {
+            Ok(v) => secrets.push((secret, v)),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("secret {secret}: bad base64: {e}"),
+                )
+            }
+        }
+    }
+    let workload = Workload {
+        id,
+        deployment: req.deployment,
+        secrets,
+    };
+    done(a.platform.apply(workload, req.replicas).await)
+}
+
+async fn scale(
+    State(a): State<Arc<Agent>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let id = match a.target(&headers, &namespace, &name) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let req: ScaleRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad scale request: {e}")),
+    };
+    done(a.platform.scale(&id, req.replicas).await)
+}
+
+async fn remove(
+    State(a): State<Arc<Agent>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    match a.target(&headers, &namespace, &name) {
+        Ok(id) => done(a.platform.remove(&id).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn invoke(State(a): State<Arc<Agent>>, req: Request) -> Response {
+    if !a.authorized(req.headers(), false) {
+        return error(StatusCode::UNAUTHORIZED, "the agent token is required");
+    }
+    let path = req.uri().path().to_string();
+    let rest = path.strip_prefix("/function/").unwrap_or_default();
+    let (qualified, suffix) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (name, namespace) = split_qualified(qualified);
+    let id = FunctionId::new(name, namespace.unwrap_or(crate::model::DEFAULT_NAMESPACE));
+    let Some(endpoint) = a.platform.endpoints(&id).and_then(|set| set.pick()) else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("No endpoints available for: {id}."),
+        );
+    };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{suffix}?{q}"),
+        None => suffix.to_string(),
+    };
+    let uri = match Uri::builder()
+        .scheme("http")
+        .authority(endpoint.addr.to_string())
+        .path_and_query(path_and_query)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid path: {e}")),
+    };
+    let (mut parts, body) = req.into_parts();
+    parts.headers.remove(AGENT_TOKEN);
+    let req = Request::from_parts(parts, body);
+    match send(&a.client, uri, req, Some(a.timeout)).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            format!("Can't reach service for: {id}: {e:?}"),
+        ),
+    }
+}
+
+/// The agent's HTTP surface around a platform.
+fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "" }))
+        .route("/agent/v1/functions", get(list))
+        .route(
+            "/agent/v1/functions/{namespace}/{name}",
+            put(apply).delete(remove),
+        )
+        .route("/agent/v1/functions/{namespace}/{name}/scale", post(scale))
+        .route("/function/{*rest}", any(invoke))
+        .with_state(agent)
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C, then stops its replicas.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let platform = Arc::new(
+        LocalPlatform::new(
+            cfg.local.clone(),
+            exe,
+            cfg.data_dir.join("run"),
+            &cfg.datacenter,
+            Arc::new(Metrics::new()),
+        )
+        .context("cannot prepare the local platform")?,
+    );
+    if cfg.token.is_none() {
+        tracing::warn!("agent authentication is OFF: anyone who can reach this port can deploy");
+    }
+    let agent = Arc::new(Agent {
+        platform: platform.clone(),
+        token: cfg.token,
+        client: http_client(std::time::Duration::from_secs(2), 128),
+        timeout: cfg.local.exec_timeout + std::time::Duration::from_secs(5),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    println!(
+        "faastastic agent for datacenter {} listening on http://{}",
+        cfg.datacenter,
+        listener.local_addr()?
+    );
+    axum::serve(listener, router(agent))
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler can be installed");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await?;
+    platform.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! The `remote` platform: a datacenter run by `faastastic agent` elsewhere, reached over HTTP
+//! with a bearer token. Deploy, scale and remove are agent calls; replica counts come from a
+//! snapshot of the agent's state refreshed every `POLL` (and after every change), so the
+//! synchronous trait methods never wait on the network. Invocations for the datacenter go
+//! through the agent, which picks one of its replicas.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{
+    Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts,
+    Workload,
+};
+use crate::model::{FunctionDeployment, FunctionId};
+
+/// How often the agent's state is read.
+const POLL: Duration = Duration::from_millis(500);
+
+/// The agent's API, shared with `crate::agent`.
+pub mod wire {
+    use super::*;
+
+    /// One function as the agent reports it.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct AgentFunction {
+        pub namespace: String,
+        pub name: String,
+        pub desired: u64,
+        pub ready: u64,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct ApplyRequest {
+        pub deployment: FunctionDeployment,
+        pub replicas: u64,
+        /// (name, base64 value)
+        pub secrets: Vec<(String, String)>,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct ScaleRequest {
+        pub replicas: u64,
+    }
+}
+
+struct Known {
+    counts: ReplicaCounts,
+    endpoints: Arc<EndpointSet>,
+    ready_tx: watch::Sender<u64>,
+}
+
+pub struct RemotePlatform {
+    base: String,
+    addr: SocketAddr,
+    token: Option<String>,
+    http: reqwest::Client,
+    known: RwLock<HashMap<FunctionId, Known>>,
+    /// Set when the last read of the agent failed (logged once per outage).
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl RemotePlatform {
+    /// Starts polling the agent at `url` (`http://host:port`); `token_file` holds its token.
+    pub fn new(
+        url: &str,
+        token_file: Option<&Path>,
+        timeout: Duration,
+    ) -> anyhow::Result<Arc<RemotePlatform>> {
+        let parsed = reqwest::Url::parse(url)?;
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| anyhow::anyhow!("{url} has no host"))?;
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        let addr = (host, port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{url}: the host does not resolve"))?;
+        let token = match token_file {
+            Some(path) => {
+                let t = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+                    .trim()
+                    .to_string();
+                anyhow::ensure!(!t.is_empty(), "{} is empty", path.display());
+                Some(t)
+            }
+            None => None,
+        };
+        let platform = Arc::new(RemotePlatform {
+            base: url.trim_end_matches('/').to_string(),
+            addr,
+            token,
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(Duration::from_secs(2))
+                .build()?,
+            known: RwLock::new(HashMap::new()),
+            down: std::sync::atomic::AtomicBool::new(false),
+        });
+        spawn_poller(Arc::downgrade(&platform));
+        Ok(platform)
+    }
+
+    fn url(&self, id: Option<&FunctionId>, tail: &str) -> String {
+        match id {
+            Some(id) => format!(
+                "{}/agent/v1/functions/{}/{}{tail}",
+                self.base, id.namespace, id.name
+            ),
+            None => format!("{}/agent/v1/functions{tail}", self.base),
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, url);
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, PlatformError> {
+        let response = r
+            .send()
+            .await
+            .map_err(|e| PlatformError::Failed(format!("agent {} unreachable: {e}", self.base)))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        Err(PlatformError::Failed(format!(
+            "agent {} answered {status}: {}",
+            self.base,
+            text.trim()
+        )))
+    }
+
+    /// Reads the agent's functions and refreshes the snapshot.
+    async fn refresh(&self) -> Result<Vec<wire::AgentFunction>, PlatformError> {
+        let list: Vec<wire::AgentFunction> = self
+            .send(self.request(reqwest::Method::GET, self.url(None, "")))
+            .await?
+            .json()
+            .await
+            .map_err(|e| PlatformError::Failed(format!("agent {}: bad answer: {e}", self.base)))?;
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        let mut seen = Vec::new();
+        for f in &list {
+            let id = FunctionId::new(&f.name, &f.namespace);
+            let counts = ReplicaCounts {
+                desired: f.desired,
+                ready: f.ready,
+            };
+            let entry = known.entry(id.clone()).or_insert_with(|| Known {
+                counts: ReplicaCounts::default(),
+                endpoints: Arc::new(EndpointSet::default()),
+                ready_tx: watch::channel(0).0,
+            });
+            if entry.counts != counts || entry.endpoints.is_empty() != (f.ready == 0) {
+                entry.endpoints = Arc::new(self.endpoint_set(&id, f.ready));
+            }
+            entry.counts = counts;
+            entry.ready_tx.send_replace(f.ready);
+            seen.push(id);
+        }
+        known.retain(|id, k| {
+            let keep = seen.contains(id);
+            if !keep {
+                k.ready_tx.send_replace(0);
+            }
+            keep
+        });
+        Ok(list)
+    }
+
+    /// The agent as one endpoint for the function while it has ready replicas.
+    fn endpoint_set(&self, id: &FunctionId, ready: u64) -> EndpointSet {
+        if ready == 0 {
+            return EndpointSet::default();
+        }
+        let mut e = Endpoint::new(format!("agent:{}", self.base), self.addr);
+        e.path_prefix = format!("/function/{}", id.qualified());
+        e.agent_token = self
+            .token
+            .as_deref()
+            .and_then(|t| http::HeaderValue::from_str(t).ok());
+        EndpointSet::new(vec![Arc::new(e)])
+    }
+
+    async fn after_change(&self) {
+        if let Err(e) = self.refresh().await {
+            tracing::debug!(error = %e, "agent state not refreshed after a change");
+        }
+    }
+}
+
+fn spawn_poller(platform: Weak<RemotePlatform>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let Some(p) = platform.upgrade() else { return };
+            let result = p.refresh().await;
+            let was_down = p
+                .down
+                .swap(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+            match result {
+                Err(e) if !was_down => {
+                    tracing::warn!(agent = %p.base, error = %e, "agent unavailable")
+                }
+                Ok(_) if was_down => tracing::info!(agent = %p.base, "agent answers again"),
+                _ => {}
+            }
+        }
+    });
+}
+
+#[async_trait]
+impl Platform for RemotePlatform {
+    fn kind(&self) -> &'static str {
+        "remote"
+    }
+
+    /// The agent validates on apply; here only what no platform can run.
+    fn validate(&self, _deployment: &FunctionDeployment) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn apply(&self, workload: Workload, replicas: u64) -> Result<(), PlatformError> {
+        let body = wire::ApplyRequest {
+            deployment: workload.deployment,
+            replicas,
+            secrets: workload
+                .secrets
+                .into_iter()
+                .map(|(name, value)| {
+                    (
+                        name,
+                        base64::engine::general_purpose::STANDARD.encode(value),
+                    )
+                })
+                .collect(),
+        };
+        self.send(
+            self.request(reqwest::Method::PUT, self.url(Some(&workload.id), ""))
+                .json(&body),
+        )
+        .await?;
+        self.after_change().await;
+        Ok(())
+    }
+
+    async fn scale(&self, id: &FunctionId, replicas: u64) -> Result<(), PlatformError> {
+        self.send(
+            self.request(reqwest::Method::POST, self.url(Some(id), "/scale"))
+                .json(&wire::ScaleRequest { replicas }),
+        )
+        .await?;
+        self.after_change().await;
+        Ok(())
+    }
+
+    async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError> {
+        self.send(self.request(reqwest::Method::DELETE, self.url(Some(id), "")))
+            .await?;
+        if let Some(k) = self
+            .known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
+            k.ready_tx.send_replace(0);
+        }
+        Ok(())
+    }
+
+    async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
+        Ok(self
+            .refresh()
+            .await?
+            .into_iter()
+            .map(|f| (FunctionId::new(f.name, f.namespace), f.desired))
+            .collect())
+    }
+
+    fn replicas(&self, id: &FunctionId) -> ReplicaCounts {
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|k| k.counts)
+            .unwrap_or_default()
+    }
+
+    fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>> {
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|k| k.endpoints.clone())
+    }
+
+    fn watch_ready(&self, id: &FunctionId) -> Option<watch::Receiver<u64>> {
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        let entry = known.entry(id.clone()).or_insert_with(|| Known {
+            counts: ReplicaCounts::default(),
+            endpoints: Arc::new(EndpointSet::default()),
+            ready_tx: watch::channel(0).0,
+        });
+        Some(entry.ready_tx.subscribe())
+    }
+
+    /// Logs stay on the agent's machine (`GET /system/logs` answers 404 for this datacenter).
+    fn logs(&self, _id: &FunctionId, _query: &LogQuery) -> Option<LogSubscription> {
+        None
+    }
+
+    /// The agent keeps running its replicas when the control plane stops.
+    async fn shutdown(&self) {}
+}
