@@ -1221,6 +1221,72 @@ down_cooldown_secs = 0
     }
 
     #[test]
+    fn datacenters_shorthand_tables_and_errors() {
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(cfg.datacenters, vec![DatacenterConfig::local("home", true)]);
+        assert_eq!(cfg.home(), "home");
+        let cfg =
+            Config::parse("datacenters = [\"stage\", \"lon\", \"syd\"]\nplacement = \"home\"\n")
+                .unwrap();
+        let names: Vec<&str> = cfg.datacenters.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["stage", "lon", "syd"]);
+        assert_eq!(cfg.home(), "stage", "the first is home");
+        assert_eq!(cfg.placement, Placement::Home);
+        let cfg = Config::parse(
+            r#"
+[[datacenters]]
+name = "stage"
+[[datacenters]]
+name = "lon"
+platform = "remote"
+url = "http://127.0.0.1:9001"
+token_file = "/run/secrets/lon"
+home = true
+timeout_ms = 500
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.home(), "lon");
+        assert_eq!(
+            cfg.datacenters[1].platform,
+            PlatformConfig::Remote {
+                url: "http://127.0.0.1:9001".into(),
+                token_file: Some("/run/secrets/lon".into())
+            }
+        );
+        assert_eq!(cfg.datacenters[1].timeout, Duration::from_millis(500));
+        let errors = Config::parse(
+            r#"placement = "some"
+[[datacenters]]
+name = "Bad Name"
+[[datacenters]]
+name = "lon"
+platform = "remote"
+home = true
+[[datacenters]]
+name = "lon"
+platform = "cloud"
+home = true
+colour = "blue"
+"#,
+        )
+        .unwrap_err();
+        let joined = errors.join("\n");
+        for needle in [
+            "placement: must be \"all\" or \"home\"",
+            "datacenters[0]: name:",
+            "datacenters[1].url: is required",
+            "datacenters[2].platform: \"cloud\"",
+            "datacenters[2].colour: unknown key",
+            "datacenters[2]: the name \"lon\" is used twice",
+            "only one datacenter can be home",
+        ] {
+            assert!(joined.contains(needle), "{needle} missing in {joined}");
+        }
+        assert!(Config::parse("datacenters = []").unwrap_err()[0].contains("at least one"));
+    }
+
+    #[test]
     fn alert_sizing_keys() {
         use crate::autoscale::policy::{AlertMode, StepCap};
         let cfg = Config::parse(

@@ -1,0 +1,340 @@
+//! Three datacenters from one control plane: `stage` on the local platform, `lon` and `syd`
+//! as `faastastic agent` processes on loopback. Placement, per-datacenter status, invocations
+//! pinned to a datacenter, alerts that scale one datacenter, and a datacenter that dies and
+//! comes back (partial failures named, then the reconciler converges it).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{echo_function, free_port, poll, Options, Server, BIN};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "agent-token-for-tests";
+
+/// A running agent; killed (with its replicas) when dropped.
+struct Agent(Child);
+
+impl Agent {
+    fn start(datacenter: &str, port: u16, dir: &std::path::Path) -> Agent {
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, TOKEN).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["agent", "--datacenter", datacenter, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--data-dir")
+            .arg(dir.join(datacenter))
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the agent");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening on"), "agent said {line:?}");
+        Agent(child)
+    }
+
+    /// SIGKILL, as a crashed machine; its replicas die with it.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn config(lon: u16, syd: u16, dir: &std::path::Path) -> String {
+    let token = dir.join("token");
+    format!(
+        r#"reconcile_interval_ms = 300
+[[datacenters]]
+name = "stage"
+[[datacenters]]
+name = "lon"
+platform = "remote"
+url = "http://127.0.0.1:{lon}"
+token_file = "{token}"
+timeout_ms = 3000
+[[datacenters]]
+name = "syd"
+platform = "remote"
+url = "http://127.0.0.1:{syd}"
+token_file = "{token}"
+timeout_ms = 3000
+"#,
+        token = token.display()
+    )
+}
+
+/// `datacenters.DC.availableReplicas` of a function, 0 when absent.
+async fn ready_in(s: &Server, name: &str, dc: &str) -> u64 {
+    s.status(name).await.1["datacenters"][dc]["availableReplicas"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+async fn invoke_in(s: &Server, name: &str, dc: &str) -> (u16, String) {
+    let r = s
+        .http
+        .post(s.url(&format!("/function/{name}")))
+        .header("X-Faastastic-Datacenter", dc)
+        .body(format!("hello {dc}"))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn scale(s: &Server, body: Value) -> (u16, String) {
+    let name = body["serviceName"].as_str().unwrap().to_string();
+    let r = s
+        .system(Method::POST, &format!("/system/scale-function/{name}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn three_datacenters_one_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lon_port, syd_port) = (free_port(), free_port());
+    let _lon = Agent::start("lon", lon_port, dir.path());
+    let mut syd = Agent::start("syd", syd_port, dir.path());
+    let cfg = config(lon_port, syd_port, dir.path());
+    let s = Server::with(Options {
+        config: Some(&cfg),
+        ..Default::default()
+    });
+
+    // Deployed everywhere by default; each datacenter reports its own counts.
+    assert_eq!(s.deploy(echo_function("hello")).await.status(), 202);
+    for dc in ["stage", "lon", "syd"] {
+        assert!(
+            poll(Duration::from_secs(30), || async {
+                ready_in(&s, "hello", dc).await == 1
+            })
+            .await,
+            "hello never became ready in {dc}: {}",
+            s.status("hello").await.1
+        );
+    }
+    let status = s.status("hello").await.1;
+    assert_eq!(
+        (
+            status["replicas"].as_u64(),
+            status["availableReplicas"].as_u64()
+        ),
+        (Some(3), Some(3)),
+        "the OpenFaaS fields are totals: {status}"
+    );
+
+    // Each datacenter serves its own invocations, through its agent for lon and syd.
+    for dc in ["stage", "lon", "syd"] {
+        assert_eq!(
+            invoke_in(&s, "hello", dc).await,
+            (200, format!("hello {dc}"))
+        );
+    }
+    let (code, body) = invoke_in(&s, "hello", "mars").await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("stage, lon, syd"), "{body}");
+
+    // An alert labelled datacenter=lon scales only lon.
+    let alert = json!({"version": "4", "status": "firing", "receiver": "faastastic", "alerts": [{
+        "status": "firing", "fingerprint": "f1", "startsAt": "2026-01-01T00:00:00Z",
+        "labels": {"alertname": "Busy", "function_name": "hello", "datacenter": "lon",
+                   "scale_action": "to", "replicas": "3"}}]});
+    let r = s
+        .system(Method::POST, "/system/alert")
+        .json(&alert)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["alerts"][0]["outcome"], "scaled", "{answer}");
+    assert_eq!(answer["alerts"][0]["datacenter"], "lon", "{answer}");
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            ready_in(&s, "hello", "lon").await == 3
+        })
+        .await
+    );
+    let status = s.status("hello").await.1;
+    for (dc, want) in [("stage", 1), ("lon", 3), ("syd", 1)] {
+        assert_eq!(
+            status["datacenters"][dc]["replicas"].as_u64(),
+            Some(want),
+            "{status}"
+        );
+    }
+    let events: Vec<Value> = s
+        .get_json("/system/scale-events?function=hello&datacenter=lon")
+        .await;
+    assert_eq!(events[0]["datacenter"], "lon");
+
+    // Filters: ?datacenter= counts one datacenter only.
+    let lon_only: Value = s.get_json("/system/function/hello?datacenter=lon").await;
+    assert_eq!(lon_only["replicas"], 3);
+    assert_eq!(lon_only["datacenters"].as_object().unwrap().len(), 1);
+
+    // syd dies: operations report it by name, and what succeeded elsewhere stays.
+    syd.kill();
+    let (code, body) = scale(&s, json!({"serviceName": "hello", "replicas": 6})).await;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("syd"), "{body}");
+    let status = s.status("hello").await.1;
+    for (dc, want) in [("stage", 2), ("lon", 2), ("syd", 2)] {
+        assert_eq!(
+            status["datacenters"][dc]["replicas"].as_u64(),
+            Some(want),
+            "desired state keeps syd's share: {status}"
+        );
+    }
+    let r = s.deploy(echo_function("later")).await;
+    assert_eq!(r.status(), 502);
+    assert!(r.text().await.unwrap().contains("syd"));
+    for dc in ["stage", "lon"] {
+        assert_eq!(invoke_in(&s, "later", dc).await.0, 200, "later in {dc}");
+    }
+
+    // syd comes back empty: the reconciler deploys both functions there at their counts.
+    let _syd = Agent::start("syd", syd_port, dir.path());
+    let converged = poll(Duration::from_secs(60), || async {
+        ready_in(&s, "hello", "syd").await == 2 && ready_in(&s, "later", "syd").await == 1
+    })
+    .await;
+    assert!(
+        converged,
+        "syd never converged: {} / {}",
+        s.status("hello").await.1,
+        s.status("later").await.1
+    );
+    assert_eq!(
+        invoke_in(&s, "later", "syd").await,
+        (200, "hello syd".into())
+    );
+
+    // Removing from one datacenter leaves the others.
+    let r = s
+        .system(Method::DELETE, "/system/functions")
+        .json(&json!({"functionName": "later", "datacenter": "lon"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let status = s.status("later").await.1;
+    let dcs: Vec<&String> = status["datacenters"].as_object().unwrap().keys().collect();
+    assert_eq!(dcs, ["stage", "syd"]);
+    assert_eq!(invoke_in(&s, "later", "lon").await.0, 503);
+}
+
+#[tokio::test]
+async fn placement_by_constraints_and_labels() {
+    let cfg = "datacenters = [\"stage\", \"lon\", \"syd\"]\n";
+    let s = Server::with(Options {
+        config: Some(cfg),
+        ..Default::default()
+    });
+    let placed = |v: &Value| -> Vec<String> {
+        v["datacenters"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+
+    let mut f = echo_function("only-lon");
+    f["constraints"] = json!(["datacenter==lon", "node.platform.os == linux"]);
+    assert_eq!(s.deploy(f).await.status(), 202);
+    assert_eq!(placed(&s.status("only-lon").await.1), ["lon"]);
+
+    let mut f = echo_function("not-syd");
+    f["constraints"] = json!(["datacenter != syd"]);
+    assert_eq!(s.deploy(f).await.status(), 202);
+    assert_eq!(placed(&s.status("not-syd").await.1), ["lon", "stage"]);
+
+    let mut f = echo_function("labelled");
+    f["labels"] = json!({"com.faastastic.datacenters": "syd,stage"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    assert_eq!(placed(&s.status("labelled").await.1), ["stage", "syd"]);
+
+    // One call per datacenter, as Terraform with one provider block each: the same spec
+    // for another datacenter adds it; a different spec is a conflict.
+    let mut f = echo_function("per-dc");
+    f["constraints"] = json!(["datacenter==stage"]);
+    assert_eq!(s.deploy(f.clone()).await.status(), 202);
+    f["constraints"] = json!(["datacenter==syd"]);
+    assert_eq!(s.deploy(f.clone()).await.status(), 202);
+    assert_eq!(placed(&s.status("per-dc").await.1), ["stage", "syd"]);
+    assert_eq!(s.deploy(f.clone()).await.status(), 409, "already in syd");
+    f["constraints"] = json!(["datacenter==lon"]);
+    f["envVars"] = json!({"other": "spec"});
+    let r = s.deploy(f).await;
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("different spec"));
+
+    // Unknown datacenters and empty placements are named; nothing is stored.
+    let mut f = echo_function("nowhere");
+    f["constraints"] = json!(["datacenter==mars"]);
+    let r = s.deploy(f).await;
+    assert_eq!(r.status(), 400);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("\"mars\" is not one of stage, lon, syd"));
+    let mut f = echo_function("nowhere");
+    f["constraints"] = json!(["datacenter==lon", "datacenter!=lon"]);
+    assert_eq!(s.deploy(f).await.status(), 400);
+    assert_eq!(s.status("nowhere").await.0, 404);
+
+    // The list filters by datacenter; a manual scale without one spreads the total, home
+    // (stage, the first) first; with one, it scales that datacenter only.
+    let in_lon: Vec<Value> = s.get_json("/system/functions?datacenter=lon").await;
+    let names: Vec<&str> = in_lon.iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["not-syd", "only-lon"]);
+    let (code, _) = scale(&s, json!({"serviceName": "not-syd", "replicas": 3})).await;
+    assert_eq!(code, 202);
+    let st = s.status("not-syd").await.1;
+    assert_eq!(
+        (
+            st["datacenters"]["stage"]["replicas"].as_u64(),
+            st["datacenters"]["lon"]["replicas"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{st}"
+    );
+    let (code, _) = scale(
+        &s,
+        json!({"serviceName": "not-syd", "replicas": 0, "datacenter": "stage"}),
+    )
+    .await;
+    assert_eq!(code, 202);
+    let st = s.status("not-syd").await.1;
+    assert_eq!(st["replicas"], 1, "{st}");
+    let (code, body) = scale(
+        &s,
+        json!({"serviceName": "not-syd", "replicas": 1, "datacenter": "syd"}),
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = scale(
+        &s,
+        json!({"serviceName": "not-syd", "replicas": 1, "datacenter": "mars"}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+}
