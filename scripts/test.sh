@@ -14,6 +14,9 @@ declare -A needs=(
   [prometheus-alertmanager]=prometheus-alertmanager
   [amtool]=prometheus-alertmanager
   [docker-compose]=docker-compose
+  [dockerd]=docker.io
+  [docker]=docker.io
+  [busybox]=busybox-static
 )
 missing=()
 for program in "${!needs[@]}"; do
@@ -28,6 +31,22 @@ if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# The docker tests need a running engine: start one when none answers (root only).
+if ! docker info >/dev/null 2>&1; then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "dockerd is not running and only root can start it here" >&2
+    exit 1
+  fi
+  echo "starting dockerd"
+  mkdir -p target
+  nohup dockerd >target/dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see target/dockerd.log" >&2; exit 1; }
 fi
 
 cargo fmt --check

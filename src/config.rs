@@ -72,6 +72,9 @@ pub enum PlatformConfig {
         url: String,
         token_file: Option<PathBuf>,
     },
+    /// A Docker engine: a container per replica. `socket`: the engine's Unix socket (else
+    /// `DOCKER_HOST` or the default); `pull`: pull images the engine does not have.
+    Docker { socket: Option<String>, pull: bool },
 }
 
 impl PlatformConfig {
@@ -79,6 +82,7 @@ impl PlatformConfig {
         match self {
             PlatformConfig::Local => "local",
             PlatformConfig::Remote { .. } => "remote",
+            PlatformConfig::Docker { .. } => "docker",
         }
     }
 }
@@ -822,9 +826,13 @@ impl Section {
                             token_file: s.get("token_file", None),
                         }
                     }
+                    "docker" => PlatformConfig::Docker {
+                        socket: s.get("socket", None),
+                        pull: s.get("pull", true),
+                    },
                     other => {
                         s.errors.push(format!(
-                            "{at}.platform: {other:?} is not one of local, remote"
+                            "{at}.platform: {other:?} is not one of local, remote, docker"
                         ));
                         PlatformConfig::Local
                     }

@@ -99,7 +99,7 @@ pub struct App {
 }
 
 /// One platform per configured datacenter.
-fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec<Arc<Datacenter>>> {
+async fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec<Arc<Datacenter>>> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let mut out = Vec::new();
     for dc in &cfg.datacenters {
@@ -114,6 +114,19 @@ fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec<Arc<D
                 )
                 .with_context(|| format!("cannot prepare the local platform of {}", dc.name))?,
             ),
+            PlatformConfig::Docker { socket, pull } => {
+                Arc::new(crate::platform::docker::DockerHandle(
+                    crate::platform::docker::DockerPlatform::connect(
+                        socket.as_deref(),
+                        *pull,
+                        &dc.name,
+                        cfg.local.clone(),
+                        cfg.data_dir.join("run").join(&dc.name),
+                    )
+                    .await
+                    .with_context(|| format!("cannot reach the Docker engine of {}", dc.name))?,
+                ))
+            }
             PlatformConfig::Remote { url, token_file } => {
                 crate::platform::remote::RemotePlatform::new(url, token_file.as_deref(), dc.timeout)
                     .with_context(|| format!("cannot prepare the remote platform of {}", dc.name))?
@@ -139,7 +152,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     let fleet = Arc::new(
         Fleet::restore(
             store.clone(),
-            datacenters(cfg, &metrics)?,
+            datacenters(cfg, &metrics).await?,
             cfg.home(),
             cfg.placement,
             &cfg.default_namespace,

@@ -1,6 +1,7 @@
 //! Platform adapters: each kind of datacenter (local processes, Docker, Swarm, remote agents)
 //! implements [`Platform`]. The control plane only ever talks to this trait.
 
+pub mod docker;
 pub mod local;
 pub mod logs;
 pub mod remote;

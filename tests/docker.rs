@@ -1,0 +1,243 @@
+//! The `docker` platform against a real dockerd (Debian `docker.io`; `scripts/test.sh` starts
+//! it). Images cannot be pulled here, so the test builds one: `docker import` of a root
+//! filesystem holding busybox-static and faastastic itself (its watchdog) with the libraries
+//! `ldd` lists.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{poll, require_program, Options, Server, BIN};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// Fails (never skips) when the engine is not there.
+fn require_docker() {
+    require_program("docker", "docker.io");
+    let info = Command::new("docker").arg("info").output().unwrap();
+    assert!(
+        info.status.success(),
+        "dockerd is not running (start it with `dockerd &`, or run ./scripts/test.sh): {}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+}
+
+fn copy_into(root: &Path, file: &Path) {
+    let target = root.join(file.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::copy(file, &target).unwrap();
+}
+
+/// A minimal image: `/faastastic watchdog` as entrypoint, busybox as `sh` and `cat`.
+pub fn build_image(tag: &str) {
+    require_program("busybox", "busybox-static");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(BIN, root.join("faastastic")).unwrap();
+    let ldd = Command::new("ldd").arg(BIN).output().unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(path) = path {
+            copy_into(&root, &path);
+        }
+    }
+    let busybox = which("busybox");
+    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "echo"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    let tar = dir.path().join("rootfs.tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = Command::new("docker")
+        .args([
+            "import",
+            "--change",
+            r#"ENTRYPOINT ["/faastastic", "watchdog"]"#,
+        ])
+        .arg(&tar)
+        .arg(tag)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn which(program: &str) -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap()
+}
+
+/// Container ids with these labels (running or not).
+fn containers(labels: &[String]) -> Vec<String> {
+    let mut cmd = Command::new("docker");
+    cmd.args(["ps", "-aq"]);
+    for l in labels {
+        cmd.args(["--filter", &format!("label={l}")]);
+    }
+    String::from_utf8(cmd.output().unwrap().stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+struct Image(String);
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+    }
+}
+
+async fn available(s: &Server, name: &str) -> u64 {
+    s.status(name).await.1["availableReplicas"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn docker_deploy_invoke_scale_logs_redeploy_remove() {
+    require_docker();
+    let dc = format!("dock{}", std::process::id());
+    let image = Image(format!("faastastic-test/echo:{dc}"));
+    build_image(&image.0);
+    // pull = false: nothing may leave this machine.
+    let cfg = format!("[[datacenters]]\nname = \"{dc}\"\nplatform = \"docker\"\npull = false\n");
+    let s = Server::with(Options {
+        config: Some(&cfg),
+        ..Default::default()
+    });
+    let labels = |extra: &[&str]| -> Vec<String> {
+        let mut l = vec![
+            format!("com.faastastic.datacenter={dc}"),
+            "com.faastastic.function=echo".to_string(),
+        ];
+        l.extend(extra.iter().map(|e| e.to_string()));
+        l
+    };
+
+    let f = json!({"service": "echo", "image": image.0,
+        "envProcess": "sh -c 'echo called >&2; cat'",
+        "labels": {"team": "core"}, "limits": {"memory": "64Mi"}});
+    let r = s.deploy(f.clone()).await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    s.wait_available("echo", 1).await;
+    assert_eq!(s.invoke("echo", "hello").await, (200, "hello".into()));
+    let ids = containers(&labels(&["team=core"]));
+    assert_eq!(ids.len(), 1, "one labelled container per replica");
+    let inspect = Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{.HostConfig.NetworkMode}} {{.HostConfig.Memory}}",
+        ])
+        .arg(&ids[0])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&inspect.stdout).trim(),
+        format!("host {}", 64 << 20)
+    );
+
+    // 1 -> 4 -> 1, each count visible in the engine.
+    for want in [4u64, 1] {
+        let r = s
+            .system(Method::POST, "/system/scale-function/echo")
+            .json(&json!({"serviceName": "echo", "replicas": want}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        assert!(
+            poll(Duration::from_secs(60), || async {
+                available(&s, "echo").await == want && containers(&labels(&[])).len() as u64 == want
+            })
+            .await,
+            "never reached {want}: {} / {:?}",
+            s.status("echo").await.1,
+            containers(&labels(&[]))
+        );
+    }
+    for i in 0..8 {
+        assert_eq!(s.invoke("echo", &format!("x{i}")).await.0, 200);
+    }
+
+    // Logs come from the engine.
+    let logs = s
+        .system(Method::GET, "/system/logs?name=echo&follow=false")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(logs.contains("called"), "{logs}");
+
+    // A redeploy under the same name never reaches the old container.
+    let old = containers(&labels(&[]));
+    let mut v2 = f.clone();
+    v2["envProcess"] = json!("sh -c 'cat >/dev/null; echo v2'");
+    let r = s
+        .system(Method::PUT, "/system/functions")
+        .json(&v2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(
+        poll(Duration::from_secs(60), || async {
+            let left = containers(&labels(&[]));
+            !left.iter().any(|c| old.contains(c)) && available(&s, "echo").await == 1
+        })
+        .await,
+        "the old container was not retired"
+    );
+    for _ in 0..10 {
+        assert_eq!(s.invoke("echo", "x").await, (200, "v2\n".into()));
+    }
+
+    // Remove leaves nothing behind.
+    let r = s
+        .system(Method::DELETE, "/system/functions")
+        .json(&json!({"functionName": "echo"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(containers(&labels(&[])).is_empty());
+    assert_eq!(s.invoke("echo", "x").await.0, 404);
+
+    // An image the engine does not have (and cannot pull) is a clear error, nothing stored.
+    let mut missing = f.clone();
+    missing["service"] = json!("ghost");
+    missing["image"] = json!("faastastic-test/not-there:1");
+    let r = s.deploy(missing).await;
+    assert_eq!(r.status(), 500);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("not-there") && text.contains("pull = false"),
+        "{text}"
+    );
+    assert_eq!(s.status("ghost").await.0, 404);
+    let _: Value = s.get_json("/system/functions").await;
+}
