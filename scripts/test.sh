@@ -33,7 +33,7 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
-# The docker tests need a running engine: start one when none answers (root only).
+# The docker and swarm tests need a running engine: start one when none answers (root only).
 if ! docker info >/dev/null 2>&1; then
   if [[ $(id -u) -ne 0 ]]; then
     echo "dockerd is not running and only root can start it here" >&2
@@ -47,6 +47,10 @@ if ! docker info >/dev/null 2>&1; then
     sleep 1
   done
   docker info >/dev/null 2>&1 || { echo "dockerd did not start; see target/dockerd.log" >&2; exit 1; }
+fi
+# The swarm tests need a single-node swarm, on loopback only.
+if [[ $(docker info --format '{{.Swarm.LocalNodeState}}') != active ]]; then
+  docker swarm init --advertise-addr 127.0.0.1 --listen-addr 127.0.0.1:2377 >/dev/null
 fi
 
 cargo fmt --check

@@ -75,6 +75,8 @@ pub enum PlatformConfig {
     /// A Docker engine: a container per replica. `socket`: the engine's Unix socket (else
     /// `DOCKER_HOST` or the default); `pull`: pull images the engine does not have.
     Docker { socket: Option<String>, pull: bool },
+    /// A Docker Swarm manager: a service per function.
+    Swarm { socket: Option<String> },
 }
 
 impl PlatformConfig {
@@ -83,6 +85,7 @@ impl PlatformConfig {
             PlatformConfig::Local => "local",
             PlatformConfig::Remote { .. } => "remote",
             PlatformConfig::Docker { .. } => "docker",
+            PlatformConfig::Swarm { .. } => "swarm",
         }
     }
 }
@@ -830,9 +833,12 @@ impl Section {
                         socket: s.get("socket", None),
                         pull: s.get("pull", true),
                     },
+                    "swarm" => PlatformConfig::Swarm {
+                        socket: s.get("socket", None),
+                    },
                     other => {
                         s.errors.push(format!(
-                            "{at}.platform: {other:?} is not one of local, remote, docker"
+                            "{at}.platform: {other:?} is not one of local, remote, docker, swarm"
                         ));
                         PlatformConfig::Local
                     }

@@ -127,6 +127,16 @@ async fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec
                     .with_context(|| format!("cannot reach the Docker engine of {}", dc.name))?,
                 ))
             }
+            PlatformConfig::Swarm { socket } => Arc::new(crate::platform::swarm::SwarmHandle(
+                crate::platform::swarm::SwarmPlatform::connect(
+                    socket.as_deref(),
+                    &dc.name,
+                    cfg.local.clone(),
+                    cfg.data_dir.join("run").join(&dc.name),
+                )
+                .await
+                .with_context(|| format!("cannot reach the swarm manager of {}", dc.name))?,
+            )),
             PlatformConfig::Remote { url, token_file } => {
                 crate::platform::remote::RemotePlatform::new(url, token_file.as_deref(), dc.timeout)
                     .with_context(|| format!("cannot prepare the remote platform of {}", dc.name))?

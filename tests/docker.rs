@@ -5,87 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{poll, require_program, Options, Server, BIN};
+use common::docker::{build_image, require_docker, Image};
+use common::{poll, Options, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
-
-/// Fails (never skips) when the engine is not there.
-fn require_docker() {
-    require_program("docker", "docker.io");
-    let info = Command::new("docker").arg("info").output().unwrap();
-    assert!(
-        info.status.success(),
-        "dockerd is not running (start it with `dockerd &`, or run ./scripts/test.sh): {}",
-        String::from_utf8_lossy(&info.stderr)
-    );
-}
-
-fn copy_into(root: &Path, file: &Path) {
-    let target = root.join(file.strip_prefix("/").unwrap());
-    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-    std::fs::copy(file, &target).unwrap();
-}
-
-/// A minimal image: `/faastastic watchdog` as entrypoint, busybox as `sh` and `cat`.
-pub fn build_image(tag: &str) {
-    require_program("busybox", "busybox-static");
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(BIN, root.join("faastastic")).unwrap();
-    let ldd = Command::new("ldd").arg(BIN).output().unwrap();
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let path = line
-            .split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .map(PathBuf::from);
-        if let Some(path) = path {
-            copy_into(&root, &path);
-        }
-    }
-    let busybox = which("busybox");
-    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "echo"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::create_dir_all(root.join("tmp")).unwrap();
-    let tar = dir.path().join("rootfs.tar");
-    let ok = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let out = Command::new("docker")
-        .args([
-            "import",
-            "--change",
-            r#"ENTRYPOINT ["/faastastic", "watchdog"]"#,
-        ])
-        .arg(&tar)
-        .arg(tag)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "docker import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn which(program: &str) -> PathBuf {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap())
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .unwrap()
-}
 
 /// Container ids with these labels (running or not).
 fn containers(labels: &[String]) -> Vec<String> {
@@ -99,14 +25,6 @@ fn containers(labels: &[String]) -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
-}
-
-struct Image(String);
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
-    }
 }
 
 async fn available(s: &Server, name: &str) -> u64 {

@@ -29,11 +29,11 @@ use super::{
 use crate::config::LocalConfig;
 use crate::model::{FunctionDeployment, FunctionId, FunctionResources};
 
-const LABEL_FUNCTION: &str = "com.faastastic.function";
-const LABEL_NAMESPACE: &str = "com.faastastic.namespace";
-const LABEL_DATACENTER: &str = "com.faastastic.datacenter";
-const LABEL_GENERATION: &str = "com.faastastic.generation";
-const SECRETS_PATH: &str = "/var/openfaas/secrets";
+pub(super) const LABEL_FUNCTION: &str = "com.faastastic.function";
+pub(super) const LABEL_NAMESPACE: &str = "com.faastastic.namespace";
+pub(super) const LABEL_DATACENTER: &str = "com.faastastic.datacenter";
+pub(super) const LABEL_GENERATION: &str = "com.faastastic.generation";
+pub(super) const SECRETS_PATH: &str = "/var/openfaas/secrets";
 
 struct Replica {
     container: String,
@@ -106,12 +106,12 @@ pub struct DockerPlatform {
     pull: bool,
 }
 
-fn failed(what: &str, e: impl std::fmt::Display) -> PlatformError {
+pub(super) fn failed(what: &str, e: impl std::fmt::Display) -> PlatformError {
     PlatformError::Failed(format!("docker: {what}: {e}"))
 }
 
 /// `128Mi`, `1G`, `512k` or bytes.
-fn parse_memory(text: &str) -> Option<i64> {
+pub(super) fn parse_memory(text: &str) -> Option<i64> {
     let t = text.trim();
     let units = [
         ("Ki", 1 << 10),
@@ -137,7 +137,7 @@ fn parse_memory(text: &str) -> Option<i64> {
 }
 
 /// `0.5` or `500m` (millicores) as nano-CPUs.
-fn parse_cpu(text: &str) -> Option<i64> {
+pub(super) fn parse_cpu(text: &str) -> Option<i64> {
     let t = text.trim();
     match t.strip_suffix('m') {
         Some(milli) => milli.parse::<f64>().ok().map(|m| (m * 1e6) as i64),
@@ -145,7 +145,7 @@ fn parse_cpu(text: &str) -> Option<i64> {
     }
 }
 
-fn check_resources(field: &str, r: &Option<FunctionResources>) -> Result<(), String> {
+pub(super) fn check_resources(field: &str, r: &Option<FunctionResources>) -> Result<(), String> {
     let Some(r) = r else { return Ok(()) };
     if let Some(m) = r.memory.as_deref().filter(|m| !m.is_empty()) {
         if parse_memory(m).is_none_or(|v| v <= 0) {
@@ -162,7 +162,65 @@ fn check_resources(field: &str, r: &Option<FunctionResources>) -> Result<(), Str
     Ok(())
 }
 
-fn free_port() -> Result<u16, PlatformError> {
+/// Environment of one replica: the function's, `fprocess`, the port it listens on (`port`, as
+/// the OpenFaaS watchdogs read it) and `faastastic_listen` (faastastic's watchdog).
+pub(super) fn replica_env(
+    dep: &FunctionDeployment,
+    port: u16,
+    listen: &str,
+    exec_timeout: Duration,
+) -> Vec<String> {
+    let mut env: Vec<String> = dep
+        .env_vars
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if let Some(p) = dep.env_process.as_deref().filter(|p| !p.trim().is_empty()) {
+        env.push(format!("fprocess={p}"));
+    }
+    env.push(format!("port={port}"));
+    env.push(format!("faastastic_listen={listen}"));
+    env.push(format!("exec_timeout={}s", exec_timeout.as_secs_f64()));
+    env
+}
+
+/// The function's labels plus faastastic's, which find its containers again.
+pub(super) fn replica_labels(
+    id: &FunctionId,
+    datacenter: &str,
+    generation: u64,
+    dep: &FunctionDeployment,
+) -> HashMap<String, String> {
+    let mut labels: HashMap<String, String> =
+        dep.labels.clone().unwrap_or_default().into_iter().collect();
+    labels.insert(LABEL_FUNCTION.into(), id.name.clone());
+    labels.insert(LABEL_NAMESPACE.into(), id.namespace.clone());
+    labels.insert(LABEL_DATACENTER.into(), datacenter.to_string());
+    labels.insert(LABEL_GENERATION.into(), generation.to_string());
+    labels
+}
+
+pub(super) fn secrets_dir(run_dir: &std::path::Path, id: &FunctionId, generation: u64) -> PathBuf {
+    run_dir
+        .join(&id.namespace)
+        .join(&id.name)
+        .join(generation.to_string())
+}
+
+/// Secrets as 0600 files, mounted read-only at `/var/openfaas/secrets`.
+pub(super) fn write_secrets(dir: &std::path::Path, w: &Workload) -> Result<(), PlatformError> {
+    let write = || -> std::io::Result<()> {
+        super::local::create_private_dir(dir)?;
+        for (name, value) in &w.secrets {
+            super::local::write_private_file(&dir.join(name), value)?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| failed("cannot write secrets", e))
+}
+
+pub(super) fn free_port() -> Result<u16, PlatformError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -294,32 +352,14 @@ impl DockerPlatform {
             self.datacenter, id.namespace, id.name, generation.number
         );
         let dep = &generation.workload.deployment;
-        let secrets_dir = self
-            .run_dir
-            .join(&id.namespace)
-            .join(&id.name)
-            .join(generation.number.to_string());
-        let mut env: Vec<String> = dep
-            .env_vars
-            .iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        if let Some(p) = dep.env_process.as_deref().filter(|p| !p.trim().is_empty()) {
-            env.push(format!("fprocess={p}"));
-        }
-        env.push(format!("port={port}"));
-        env.push(format!("faastastic_listen=127.0.0.1:{port}"));
-        env.push(format!(
-            "exec_timeout={}s",
-            self.cfg.exec_timeout.as_secs_f64()
-        ));
-        let mut labels: HashMap<String, String> =
-            dep.labels.clone().unwrap_or_default().into_iter().collect();
-        labels.insert(LABEL_FUNCTION.into(), id.name.clone());
-        labels.insert(LABEL_NAMESPACE.into(), id.namespace.clone());
-        labels.insert(LABEL_DATACENTER.into(), self.datacenter.clone());
-        labels.insert(LABEL_GENERATION.into(), generation.number.to_string());
+        let secrets_dir = secrets_dir(&self.run_dir, id, generation.number);
+        let env = replica_env(
+            dep,
+            port,
+            &format!("127.0.0.1:{port}"),
+            self.cfg.exec_timeout,
+        );
+        let labels = replica_labels(id, &self.datacenter, generation.number, dep);
         let limits = dep.limits.as_ref();
         let body = ContainerCreateBody {
             image: dep.image.clone(),
@@ -462,27 +502,6 @@ impl DockerPlatform {
         .await;
     }
 
-    async fn prepare_secrets(
-        &self,
-        id: &FunctionId,
-        number: u64,
-        w: &Workload,
-    ) -> Result<(), PlatformError> {
-        let dir = self
-            .run_dir
-            .join(&id.namespace)
-            .join(&id.name)
-            .join(number.to_string());
-        let write = || -> std::io::Result<()> {
-            super::local::create_private_dir(&dir)?;
-            for (name, value) in &w.secrets {
-                super::local::write_private_file(&dir.join(name), value)?;
-            }
-            Ok(())
-        };
-        write().map_err(|e| failed("cannot write secrets", e))
-    }
-
     async fn ensure_image(&self, image: &str) -> Result<(), PlatformError> {
         if self.docker.inspect_image(image).await.is_ok() {
             return Ok(());
@@ -537,7 +556,7 @@ impl Platform for DockerHandle {
         p.ensure_image(workload.deployment.image.as_deref().unwrap_or_default())
             .await?;
         let number = p.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        p.prepare_secrets(&id, number, &workload).await?;
+        write_secrets(&secrets_dir(&p.run_dir, &id, number), &workload)?;
         let entry = {
             let mut functions = p.functions.write().unwrap_or_else(|e| e.into_inner());
             functions

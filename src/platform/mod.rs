@@ -5,6 +5,7 @@ pub mod docker;
 pub mod local;
 pub mod logs;
 pub mod remote;
+pub mod swarm;
 pub mod watchdog;
 
 use std::net::SocketAddr;

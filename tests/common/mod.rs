@@ -2,6 +2,8 @@
 //! directory, and kills it (and so its replicas) when dropped.
 #![allow(dead_code)]
 
+pub mod docker;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
