@@ -108,6 +108,15 @@ pub struct PrometheusConfig {
     /// `None`: no Prometheus; only `source = "internal"` query policies can run.
     pub url: Option<String>,
     pub timeout: Duration,
+    /// `Authorization: Bearer` with this file's contents.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Basic auth: this user with the password in `basic_auth_password_file`.
+    pub basic_auth_user: Option<String>,
+    pub basic_auth_password_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for an https URL.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate (testing only).
+    pub insecure_skip_verify: bool,
 }
 
 /// Where a query policy's values come from.
@@ -334,6 +343,11 @@ impl Default for Config {
             prometheus: PrometheusConfig {
                 url: None,
                 timeout: Duration::from_secs(2),
+                bearer_token_file: None,
+                basic_auth_user: None,
+                basic_auth_password_file: None,
+                ca_file: None,
+                insecure_skip_verify: false,
             },
             grafana: crate::grafana::GrafanaConfig::default(),
             datacenters: vec![DatacenterConfig::local(DEFAULT_DATACENTER, true)],
@@ -549,7 +563,25 @@ impl Config {
                             )),
                         }),
                         timeout: s.millis("timeout_ms", d.timeout),
+                        bearer_token_file: s.get("bearer_token_file", None),
+                        basic_auth_user: s.get("basic_auth_user", None),
+                        basic_auth_password_file: s.get("basic_auth_password_file", None),
+                        ca_file: s.get("ca_file", None),
+                        insecure_skip_verify: s.get("insecure_skip_verify", false),
                     };
+                if p.bearer_token_file.is_some()
+                    && (p.basic_auth_user.is_some() || p.basic_auth_password_file.is_some())
+                {
+                    s.errors.push(
+                        "prometheus: use bearer_token_file or basic auth, not both".to_string(),
+                    );
+                }
+                if p.basic_auth_user.is_some() != p.basic_auth_password_file.is_some() {
+                    s.errors.push(
+                        "prometheus.basic_auth_user and prometheus.basic_auth_password_file go together"
+                            .to_string(),
+                    );
+                }
                 s.finish(&mut errors);
                 p
             },
@@ -1298,6 +1330,23 @@ colour = "blue"
             assert!(joined.contains(needle), "{needle} missing in {joined}");
         }
         assert!(Config::parse("datacenters = []").unwrap_err()[0].contains("at least one"));
+    }
+
+    #[test]
+    fn prometheus_credentials_and_tls() {
+        let cfg = Config::parse(
+            "[prometheus]\nurl = \"https://p:9090\"\nbasic_auth_user = \"u\"\nbasic_auth_password_file = \"/pw\"\nca_file = \"/ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.prometheus.basic_auth_user.as_deref(), Some("u"));
+        assert_eq!(cfg.prometheus.ca_file, Some(PathBuf::from("/ca.pem")));
+        let errors = Config::parse(
+            "[prometheus]\nurl = \"https://p:9090\"\nbearer_token_file = \"/t\"\nbasic_auth_user = \"u\"\n",
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(errors.contains("not both"), "{errors}");
+        assert!(errors.contains("go together"), "{errors}");
     }
 
     #[test]

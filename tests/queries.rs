@@ -196,3 +196,135 @@ interval_ms = 500
         Some(1.0)
     );
 }
+
+/// A self-signed certificate for 127.0.0.1 made with openssl: (cert, key) paths.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    require_program("openssl", "openssl");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    (cert, key)
+}
+
+/// Prometheus behind TLS and basic auth: with the CA and the password the query policy reads
+/// it; without the CA it is a source outage that names the certificate problem.
+async fn up(s: &Server) -> Option<f64> {
+    sample(
+        &s.metrics().await,
+        r#"faastastic_policy_source_up{policy="tls"}"#,
+    )
+}
+
+#[tokio::test]
+async fn prometheus_over_tls_with_basic_auth() {
+    require_program("prometheus", "prometheus");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let web = dir.path().join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  faastastic: {hash}\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("password"), "s3cret\n").unwrap();
+    let prom_config = dir.path().join("prometheus.yml");
+    std::fs::write(&prom_config, "global:\n  scrape_interval: 1s\n").unwrap();
+    let port = free_port();
+    let _prom = common::spawn_quiet(
+        "prometheus",
+        &[
+            format!("--config.file={}", prom_config.display()),
+            format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            format!("--web.config.file={}", web.display()),
+        ],
+    );
+    let server = |trust: bool| {
+        let ca = if trust {
+            format!("ca_file = \"{}\"\n", cert.display())
+        } else {
+            String::new()
+        };
+        format!(
+            "[prometheus]\nurl = \"https://127.0.0.1:{port}\"\ntimeout_ms = 1000\nbasic_auth_user = \"faastastic\"\nbasic_auth_password_file = \"{}\"\n{ca}[[autoscale.queries]]\nname = \"tls\"\nquery = 'vector(1)'\ntarget = 10\ninterval_ms = 200\n",
+            dir.path().join("password").display()
+        )
+    };
+    let (trusted, untrusted) = (server(true), server(false));
+    let good = Server::with(Options {
+        config: Some(&trusted),
+        ..Default::default()
+    });
+    let bad = Server::with(Options {
+        config: Some(&untrusted),
+        ..Default::default()
+    });
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            up(&good).await == Some(1.0)
+        })
+        .await,
+        "the trusted server never read Prometheus: {:?} / {:?}",
+        good.get_json::<Value>("/system/scale-events?limit=5").await,
+        up(&good).await
+    );
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            up(&bad).await == Some(0.0)
+        })
+        .await,
+        "an untrusted certificate must be an outage"
+    );
+    let events: Vec<Value> = bad.get_json("/system/scale-events?limit=5").await;
+    let outage = events
+        .iter()
+        .find(|e| e["outcome"] == "source_unavailable")
+        .expect("one outage event");
+    let reason = outage["reason"].as_str().unwrap().to_lowercase();
+    assert!(
+        reason.contains("certificate") || reason.contains("tls"),
+        "{reason}"
+    );
+    // Good credentials matter: a wrong password is an outage too.
+    std::fs::write(dir.path().join("password"), "wrong\n").unwrap();
+    let wrong = Server::with(Options {
+        config: Some(&trusted),
+        ..Default::default()
+    });
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            up(&wrong).await == Some(0.0)
+        })
+        .await,
+        "a wrong password must be an outage"
+    );
+}

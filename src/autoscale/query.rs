@@ -36,6 +36,73 @@ struct Runner {
     up: bool,
 }
 
+/// An error with its causes (`a: b: c`), so a TLS or connection problem is named.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// The HTTP client for Prometheus: timeout, credentials and TLS trust from `[prometheus]`.
+fn http_client(p: &PrometheusConfig) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context;
+    let read = |key: &str, path: &std::path::Path| -> anyhow::Result<String> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("prometheus.{key}: cannot read {}", path.display()))?;
+        anyhow::ensure!(
+            !text.trim().is_empty(),
+            "prometheus.{key}: {} is empty",
+            path.display()
+        );
+        Ok(text.trim().to_string())
+    };
+    let mut headers = reqwest::header::HeaderMap::new();
+    let authorization = if let Some(path) = &p.bearer_token_file {
+        Some(format!("Bearer {}", read("bearer_token_file", path)?))
+    } else if let (Some(user), Some(path)) = (&p.basic_auth_user, &p.basic_auth_password_file) {
+        use base64::Engine;
+        let password = read("basic_auth_password_file", path)?;
+        Some(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        ))
+    } else {
+        None
+    };
+    if let Some(value) = authorization {
+        let mut value = reqwest::header::HeaderValue::from_str(&value)
+            .context("prometheus: the credentials are not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let mut builder = reqwest::Client::builder()
+        .timeout(p.timeout)
+        .default_headers(headers)
+        .danger_accept_invalid_certs(p.insecure_skip_verify);
+    if let Some(path) = &p.ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("prometheus.ca_file: cannot read {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("prometheus.ca_file: {} is not PEM", path.display()))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "prometheus.ca_file: {} holds no certificate",
+            path.display()
+        );
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder.build()?)
+}
+
 /// Starts one evaluation loop per query policy.
 pub fn spawn_all(
     policies: &[QueryPolicy],
@@ -46,12 +113,9 @@ pub fn spawn_all(
 ) -> anyhow::Result<()> {
     for policy in policies {
         let client = match (&policy.source, &prometheus.url) {
-            (QuerySource::Prometheus { .. }, Some(url)) => {
-                let http = reqwest::Client::builder()
-                    .timeout(prometheus.timeout)
-                    .build()?;
-                Some(prometheus_http_query::Client::from(http, url)?)
-            }
+            (QuerySource::Prometheus { .. }, Some(url)) => Some(
+                prometheus_http_query::Client::from(http_client(prometheus)?, url)?,
+            ),
             _ => None,
         };
         let source = match &policy.source {
@@ -106,7 +170,7 @@ impl Runner {
                 let result = tokio::time::timeout(self.timeout, ask)
                     .await
                     .map_err(|_| format!("Prometheus did not answer within {:?}", self.timeout))?
-                    .map_err(|e| format!("Prometheus query failed: {e}"))?;
+                    .map_err(|e| format!("Prometheus query failed: {}", error_chain(&e)))?;
                 let vector = result
                     .data()
                     .as_vector()
