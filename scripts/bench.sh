@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the benchmark suite on loopback and prints Markdown for BENCHMARKS.md (bounded: about
-# 6 minutes for the invoke proxy with the defaults, 2 for reaction times).
+# 6 minutes for the invoke proxy with the defaults, 2 for reaction times, 1 for datacenters).
 #   scripts/bench.sh                 both
 #   scripts/bench.sh invoke [ARGS]   the invoke proxy only (ARGS go to scripts/bench.py)
 #   scripts/bench.sh reaction        reaction times only (scripts/bench_reaction.py)
+#   scripts/bench.sh datacenters     fan-out and docker/swarm scale-up (needs dockerd in a swarm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -22,6 +23,8 @@ cargo build --release --quiet
 case "$what" in
   invoke) exec python3 scripts/bench.py "$@" ;;
   reaction) exec python3 scripts/bench_reaction.py "$@" ;;
-  all) python3 scripts/bench.py "$@" && python3 scripts/bench_reaction.py ;;
-  *) echo "usage: scripts/bench.sh [all|invoke|reaction] [ARGS]" >&2; exit 2 ;;
+  datacenters) exec python3 scripts/bench_datacenters.py "$@" ;;
+  all) python3 scripts/bench.py "$@" && python3 scripts/bench_reaction.py \
+    && python3 scripts/bench_datacenters.py ;;
+  *) echo "usage: scripts/bench.sh [all|invoke|reaction|datacenters] [ARGS]" >&2; exit 2 ;;
 esac

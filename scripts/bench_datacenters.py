@@ -159,12 +159,15 @@ platform = "swarm"
             api("POST", "/system/scale-function/spread", body)
             return time.perf_counter() - started
 
+        # Each round changes every datacenter in the fan-out, then syd alone (measured) and
+        # back (not measured), so the next fan-out changes all three again.
         fan, single = [], []
         for i in range(args.rounds):
-            per_dc = 2 if i % 2 == 0 else 1
-            fan.append(timed_scale({"serviceName": "spread", "replicas": 3 * per_dc}))
+            a, b = (2, 1) if i % 2 == 0 else (1, 2)
+            fan.append(timed_scale({"serviceName": "spread", "replicas": 3 * a}))
             single.append(timed_scale({"serviceName": "spread", "datacenter": "syd",
-                                       "replicas": 2 if per_dc == 1 else 1}))
+                                       "replicas": b}))
+            timed_scale({"serviceName": "spread", "datacenter": "syd", "replicas": a})
 
         to_four = {}
         for name, dc in (("docker", f"dock{suffix}"), ("swarm", f"swarm{suffix}")):

@@ -18,7 +18,8 @@ use async_trait::async_trait;
 use bollard::models::{
     Limit, Mount, MountType, NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode,
     ServiceSpecModeReplicated, ServiceSpecUpdateConfig, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecResources, TaskState,
+    TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
     InspectServiceOptions, ListServicesOptions, ListTasksOptions, UpdateServiceOptions,
@@ -39,6 +40,8 @@ use crate::model::{FunctionDeployment, FunctionId};
 
 /// How often tasks are listed and new ones health-checked.
 const POLL: Duration = Duration::from_millis(300);
+/// Wait before a failed task starts again.
+const RESTART_DELAY: Duration = Duration::from_millis(200);
 /// Slots map to 127.0.1.SLOT.
 const MAX_SLOT: i64 = 254;
 
@@ -181,6 +184,13 @@ impl SwarmPlatform {
                     target: Some("host".to_string()),
                     ..Default::default()
                 }]),
+                // A task started in a slot whose previous task is still stopping finds its
+                // address taken for a moment: retry soon rather than after Swarm's default 5 s.
+                restart_policy: Some(TaskSpecRestartPolicy {
+                    condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
+                    delay: Some(RESTART_DELAY.as_nanos() as i64),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             mode: Some(ServiceSpecMode {
