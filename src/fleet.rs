@@ -378,6 +378,11 @@ impl Fleet {
         out
     }
 
+    /// Visits every function under the read lock (no copies), collecting what `f` returns.
+    pub fn scan<T>(&self, mut f: impl FnMut(&Function) -> Option<T>) -> Vec<T> {
+        self.read_functions().values().filter_map(&mut f).collect()
+    }
+
     /// Every function in every namespace (for metrics).
     pub fn all(&self) -> Vec<FunctionView> {
         self.read_functions()

@@ -20,6 +20,27 @@ use crate::fleet::Fleet;
 use crate::model::{split_qualified, FunctionId};
 use crate::telemetry::Metrics;
 
+/// A query result: per function, a value for the whole function and/or per datacenter.
+pub type Values = HashMap<FunctionId, FunctionValues>;
+
+#[derive(Debug, Default, Clone)]
+pub struct FunctionValues {
+    /// A series without a datacenter label.
+    pub total: Option<f64>,
+    pub by_datacenter: HashMap<String, f64>,
+}
+
+impl FunctionValues {
+    pub fn set(&mut self, datacenter: Option<String>, value: f64) {
+        match datacenter {
+            Some(dc) => {
+                self.by_datacenter.insert(dc, value);
+            }
+            None => self.total = Some(value),
+        }
+    }
+}
+
 /// Failed reads in a row before `fallback_replicas` applies.
 const FALLBACK_AFTER_FAILURES: u32 = 3;
 
@@ -159,7 +180,7 @@ impl Runner {
 
     /// Values per function and datacenter (`None`: a series for the whole function), or why
     /// there are none.
-    async fn read(&mut self) -> Result<HashMap<(FunctionId, Option<String>), f64>, String> {
+    async fn read(&mut self) -> Result<Values, String> {
         match &self.policy.source {
             QuerySource::Prometheus { query } => {
                 let client = self.prometheus.as_ref().ok_or("no Prometheus configured")?;
@@ -175,14 +196,16 @@ impl Runner {
                     .data()
                     .as_vector()
                     .ok_or("the query must return an instant vector (one series per function)")?;
-                let mut out = HashMap::new();
+                let mut out = Values::new();
                 for series in vector {
                     let labels = series.metric();
                     let Some(function) = labels.get(&self.policy.function_label) else {
                         continue;
                     };
                     let dc = labels.get(&self.policy.datacenter_label).cloned();
-                    out.insert((self.function_id(function), dc), series.sample().value());
+                    out.entry(self.function_id(function))
+                        .or_default()
+                        .set(dc, series.sample().value());
                 }
                 Ok(out)
             }
@@ -198,23 +221,26 @@ impl Runner {
     /// Invocations per second in each datacenter over the window, from faastastic's own
     /// counters; a function never invoked reads as 0, and every function reads NaN (no data)
     /// until two samples exist.
-    fn internal_rates(&mut self) -> HashMap<(FunctionId, Option<String>), f64> {
+    fn internal_rates(&mut self) -> Values {
         self.samples.push(
             Instant::now(),
             self.metrics.invocation_counts_by_datacenter(),
         );
-        let mut out = HashMap::new();
-        for view in self.fleet.all() {
-            let name = view.function.id.qualified();
-            for dc in view.function.replicas.keys() {
-                let rate = self
-                    .samples
-                    .rate(&(name.clone(), dc.clone()))
-                    .unwrap_or(f64::NAN);
-                out.insert((view.function.id.clone(), Some(dc.clone())), rate);
-            }
-        }
-        out
+        let samples = &self.samples;
+        self.fleet
+            .scan(|f| {
+                let name = f.id.qualified();
+                let mut v = FunctionValues::default();
+                for dc in f.replicas.keys() {
+                    let rate = samples
+                        .rate(&(name.clone(), dc.clone()))
+                        .unwrap_or(f64::NAN);
+                    v.set(Some(dc.clone()), rate);
+                }
+                Some((f.id.clone(), v))
+            })
+            .into_iter()
+            .collect()
     }
 
     async fn evaluate(&mut self) {
@@ -275,43 +301,9 @@ impl Runner {
                 return;
             }
         };
-        let strategy = self.policy.strategy.clone();
-        let cfg = self.autoscaler.config().clone();
-        // A value for the whole function is shared equally by its datacenters, unless it is
-        // already an average per replica (or compared with thresholds as it is).
-        let shared = matches!(
-            strategy,
-            Strategy::Target {
-                per_replica: false,
-                ..
-            }
-        );
-        self.apply_all(|id, dc, share_of, current, deployment| {
-            let value = match values.get(&(id.clone(), Some(dc.to_string()))) {
-                Some(v) => *v,
-                None => {
-                    let total = *values.get(&(id.clone(), None))?;
-                    if shared {
-                        total / share_of as f64
-                    } else {
-                        total
-                    }
-                }
-            };
-            let max = policy_for(&id.qualified(), deployment, &cfg)
-                .map(|(p, _)| p.max)
-                .unwrap_or(cfg.default_max);
-            match desired(&strategy, current, value, max) {
-                Want::Replicas(n, why) => Some((n, why, value)),
-                Want::Hold(_) => None,
-            }
-        })
-        .await;
+        apply_values(&self.policy, &values, &self.fleet, &self.autoscaler).await;
     }
 
-    /// Feeds `want(function, datacenter, datacenters it runs in, current replicas there,
-    /// deployment)` to the executor for every function this policy matches, in each of its
-    /// datacenters.
     async fn apply_all<F>(&self, want: F)
     where
         F: Fn(
@@ -322,43 +314,104 @@ impl Runner {
             &crate::model::FunctionDeployment,
         ) -> Option<(u64, String, f64)>,
     {
-        let source = self.source_name();
-        let query = match &self.policy.source {
-            QuerySource::Prometheus { query } => query.clone(),
-            QuerySource::Internal { .. } => "internal invocation rate".to_string(),
+        apply_all(&self.policy, &self.fleet, &self.autoscaler, want).await;
+    }
+}
+
+/// One evaluation of a policy from values already read: each matching function's value in
+/// each of its datacenters goes through the strategy, and changes go to the executor.
+pub async fn apply_values(
+    policy: &QueryPolicy,
+    values: &Values,
+    fleet: &Fleet,
+    autoscaler: &Autoscaler,
+) {
+    let strategy = &policy.strategy;
+    let cfg = autoscaler.config();
+    // A value for the whole function is shared equally by its datacenters, unless it is
+    // already an average per replica (or compared with thresholds as it is).
+    let shared = matches!(
+        strategy,
+        Strategy::Target {
+            per_replica: false,
+            ..
+        }
+    );
+    let want = |id: &FunctionId,
+                dc: &str,
+                share_of: usize,
+                current: u64,
+                deployment: &crate::model::FunctionDeployment| {
+        let v = values.get(id)?;
+        let value = match v.by_datacenter.get(dc) {
+            Some(v) => *v,
+            None if shared => v.total? / share_of as f64,
+            None => v.total?,
         };
-        let mut work = Vec::new();
-        for view in self.fleet.all() {
-            let f = &view.function;
-            if !self.policy.pattern.matches(&f.id.qualified()) {
-                continue;
-            }
-            for (dc, current) in &f.replicas {
-                if let Some((n, why, value)) =
-                    want(&f.id, dc, f.replicas.len(), *current, &f.deployment)
-                {
-                    work.push((
-                        f.id.clone(),
-                        dc.clone(),
-                        n,
-                        json!({"policy": self.policy.name, "query": query, "value": value, "why": why}),
-                    ));
-                }
+        // Only threshold steps in percent need the function's max.
+        let max = match strategy {
+            Strategy::Threshold { .. } => policy_for(&id.qualified(), deployment, cfg)
+                .map(|(p, _)| p.max)
+                .unwrap_or(cfg.default_max),
+            _ => cfg.default_max,
+        };
+        match desired(strategy, current, value, max) {
+            Want::Replicas(n, why) => Some((n, why, value)),
+            Want::Hold(_) => None,
+        }
+    };
+    apply_all(policy, fleet, autoscaler, want).await;
+}
+
+/// Feeds `want(function, datacenter, datacenters it runs in, current replicas there,
+/// deployment)` to the executor for every function the policy matches, in each of its
+/// datacenters. The functions are read in place; only the changes are collected.
+async fn apply_all<F>(policy: &QueryPolicy, fleet: &Fleet, autoscaler: &Autoscaler, want: F)
+where
+    F: Fn(
+        &FunctionId,
+        &str,
+        usize,
+        u64,
+        &crate::model::FunctionDeployment,
+    ) -> Option<(u64, String, f64)>,
+{
+    let source = format!("query:{}", policy.name);
+    let query = match &policy.source {
+        QuerySource::Prometheus { query } => query.as_str(),
+        QuerySource::Internal { .. } => "internal invocation rate",
+    };
+    let mut work = Vec::new();
+    fleet.scan(|f| {
+        if !policy.pattern.matches(&f.id.qualified()) {
+            return None::<()>;
+        }
+        for (dc, current) in &f.replicas {
+            if let Some((n, why, value)) =
+                want(&f.id, dc, f.replicas.len(), *current, &f.deployment)
+            {
+                work.push((
+                    f.id.clone(),
+                    dc.clone(),
+                    n,
+                    json!({"policy": policy.name, "query": query, "value": value, "why": why}),
+                ));
             }
         }
-        futures::future::join_all(work.into_iter().map(|(id, dc, n, evidence)| {
-            let source = source.clone();
-            async move {
-                let input = Input::Signal {
-                    action: Action::To(n),
-                    dedupe_key: None,
-                    observed_rate: None,
-                };
-                self.autoscaler
-                    .apply(&id, &dc, input, &source, evidence, true)
-                    .await
-            }
-        }))
-        .await;
-    }
+        None
+    });
+    futures::future::join_all(work.into_iter().map(|(id, dc, n, evidence)| {
+        let source = source.clone();
+        async move {
+            let input = Input::Signal {
+                action: Action::To(n),
+                dedupe_key: None,
+                observed_rate: None,
+            };
+            autoscaler
+                .apply(&id, &dc, input, &source, evidence, true)
+                .await
+        }
+    }))
+    .await;
 }
