@@ -1,9 +1,10 @@
 //! `faastastic demo`: the whole loop on the embedded default, with nothing else installed.
-//! Starts a server on a loopback port (auth off, a temporary data directory), deploys a
-//! hello-world function, invokes it, drives a bounded load while the autoscaler (an internal
-//! query policy: 10 invocations/s per replica) takes it from 1 to 4 replicas, stops the load
-//! and watches it step back down. Prints a live timeline and the decisions with their
-//! reasons, writes the timeline as JSON and CSV, and succeeds only if the scale-up happened.
+//! Starts a server on a loopback port (auth off, a temporary data directory) with three local
+//! datacenters (stage, lon, syd), deploys a hello-world function in all three, invokes it in
+//! each, drives a bounded load against lon while the autoscaler (an internal query policy: 10
+//! invocations/s per replica) takes lon from 1 to 4 replicas, stops the load and watches lon
+//! step back down. Prints a live timeline and the decisions with their reasons, writes the
+//! timeline as JSON, CSV and SVG, and succeeds only if lon scaled up and only lon did.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,12 +35,20 @@ struct Marker {
     label: String,
 }
 
+/// The datacenters of the demo, the loaded one first after home.
+const DATACENTERS: [&str; 3] = ["stage", "lon", "syd"];
+const LOADED: &str = "lon";
+
 #[derive(Debug, Clone, Serialize)]
 struct Point {
     t_secs: f64,
     phase: &'static str,
+    /// Replicas of the loaded datacenter (lon).
     replicas: u64,
     ready: u64,
+    /// Ready replicas of the other datacenters.
+    stage_ready: u64,
+    syd_ready: u64,
     requests_per_sec: f64,
     p99_ms: f64,
     errors: u64,
@@ -52,6 +61,11 @@ fn demo_config(data_dir: PathBuf) -> Config {
         ..Default::default()
     };
     cfg.auth.enabled = false;
+    cfg.datacenters = DATACENTERS
+        .iter()
+        .enumerate()
+        .map(|(i, dc)| crate::config::DatacenterConfig::local(dc, i == 0))
+        .collect();
     let a = &mut cfg.autoscale;
     a.up_cooldown = Duration::from_secs(1);
     a.down_cooldown = Duration::from_secs(2);
@@ -79,7 +93,7 @@ fn demo_config(data_dir: PathBuf) -> Config {
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let tmp = std::env::temp_dir().join(format!("faastastic-demo-{}", std::process::id()));
     let cfg = demo_config(tmp.join("data"));
-    println!("faastastic demo: the embedded local platform, an internal query policy (10 invocations/s per replica), nothing else installed");
+    println!("faastastic demo: three datacenters (stage, lon, syd) on the embedded local platform, an internal query policy (10 invocations/s per replica), nothing else installed");
     let app = server::build(&cfg).await?;
     let router = crate::api::router(app.state.clone(), crate::api::auth::Auth::disabled());
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
@@ -102,11 +116,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let json_path = out.join("timeline.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&timeline)?)?;
-    let mut csv = String::from("t_secs,phase,replicas,ready,requests_per_sec,p99_ms,errors\n");
+    let mut csv = String::from(
+        "t_secs,phase,replicas,ready,stage_ready,syd_ready,requests_per_sec,p99_ms,errors\n",
+    );
     for p in &timeline {
         csv.push_str(&format!(
-            "{:.1},{},{},{},{:.1},{:.1},{}\n",
-            p.t_secs, p.phase, p.replicas, p.ready, p.requests_per_sec, p.p99_ms, p.errors
+            "{:.1},{},{},{},{},{},{:.1},{:.1},{}\n",
+            p.t_secs,
+            p.phase,
+            p.replicas,
+            p.ready,
+            p.stage_ready,
+            p.syd_ready,
+            p.requests_per_sec,
+            p.p99_ms,
+            p.errors
         ));
     }
     let csv_path = out.join("timeline.csv");
@@ -120,13 +144,25 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         svg_path.display()
     );
     if !scaled_up {
-        bail!("the function did not reach 4 replicas under load");
+        bail!("the function did not reach 4 replicas in {LOADED} under load");
     }
-    println!("demo passed: 1 → 4 replicas under load, and back down when it stopped");
+    if timeline
+        .iter()
+        .any(|p| p.stage_ready > 1 || p.syd_ready > 1)
+    {
+        bail!("a datacenter without load scaled up");
+    }
+    println!(
+        "demo passed: {LOADED} went 1 → 4 replicas under load and back down when it stopped; stage and syd stayed at 1"
+    );
     Ok(())
 }
 
-async fn status(http: &reqwest::Client, base: &str) -> (u64, u64) {
+/// Replicas and ready replicas per datacenter.
+async fn status(
+    http: &reqwest::Client,
+    base: &str,
+) -> std::collections::HashMap<String, (u64, u64)> {
     let v: Value = match http
         .get(format!("{base}/system/function/hello"))
         .send()
@@ -135,10 +171,23 @@ async fn status(http: &reqwest::Client, base: &str) -> (u64, u64) {
         Ok(r) => r.json().await.unwrap_or(Value::Null),
         Err(_) => Value::Null,
     };
-    (
-        v["replicas"].as_u64().unwrap_or(0),
-        v["availableReplicas"].as_u64().unwrap_or(0),
-    )
+    DATACENTERS
+        .iter()
+        .map(|dc| {
+            let d = &v["datacenters"][*dc];
+            (
+                dc.to_string(),
+                (
+                    d["replicas"].as_u64().unwrap_or(0),
+                    d["availableReplicas"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn counts(s: &std::collections::HashMap<String, (u64, u64)>, dc: &str) -> (u64, u64) {
+    s.get(dc).copied().unwrap_or_default()
 }
 
 async fn drive(
@@ -161,22 +210,29 @@ async fn drive(
             r.text().await.unwrap_or_default()
         );
     }
-    println!("deployed hello (min 1, max 4)");
+    println!("deployed hello in stage, lon and syd (min 1, max 4 in each)");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while status(http, base).await.1 < 1 {
+    loop {
+        let s = status(http, base).await;
+        if DATACENTERS.iter().all(|dc| counts(&s, dc).1 >= 1) {
+            break;
+        }
         if Instant::now() > deadline {
-            bail!("hello did not become ready");
+            bail!("hello did not become ready in every datacenter");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let answer = http
-        .post(format!("{base}/function/hello"))
-        .body("world")
-        .send()
-        .await?
-        .text()
-        .await?;
-    println!("invoked: {}", answer.trim());
+    for dc in DATACENTERS {
+        let answer = http
+            .post(format!("{base}/function/hello"))
+            .header(crate::proxy::DATACENTER, dc)
+            .body("world")
+            .send()
+            .await?
+            .text()
+            .await?;
+        println!("invoked in {dc}: {}", answer.trim());
+    }
 
     // Bounded load from a few workers, with latencies kept for a per-second p99.
     let stop = Arc::new(AtomicBool::new(false));
@@ -199,7 +255,11 @@ async fn drive(
             let mut next = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
-                match http.post(&url).body("load").send().await {
+                let request = http
+                    .post(&url)
+                    .header(crate::proxy::DATACENTER, LOADED)
+                    .body("load");
+                match request.send().await {
                     Ok(r) if r.status().is_success() => {
                         let _ = r.bytes().await;
                     }
@@ -218,26 +278,34 @@ async fn drive(
         }));
     }
     println!(
-        "load: about {} requests/s for at most {:?}\n",
+        "load: about {} requests/s to {LOADED} (X-Faastastic-Datacenter: {LOADED}) for at most {:?}\n",
         opts.rate, opts.max_load
     );
     println!(
-        "{:>6}  {:<6}  {:>8}  {:>5}  {:>7}  {:>8}  {:>6}",
-        "t", "phase", "replicas", "ready", "req/s", "p99", "errors"
+        "{:>6}  {:<6}  {:>12}  {:>9}  {:>7}  {:>7}  {:>8}  {:>6}",
+        "t", "phase", "lon replicas", "lon ready", "stage", "syd", "p99", "errors"
     );
 
     let start = Instant::now();
     let start_wall = chrono::Utc::now();
-    let (replicas, ready) = status(http, base).await;
+    let s = status(http, base).await;
+    let (replicas, ready) = counts(&s, LOADED);
     println!(
-        "{:>5.0}s  {:<6}  {:>8}  {:>5}",
-        0.0, "start", replicas, ready
+        "{:>5.0}s  {:<6}  {:>12}  {:>9}  {:>7}  {:>7}",
+        0.0,
+        "start",
+        replicas,
+        ready,
+        counts(&s, "stage").1,
+        counts(&s, "syd").1
     );
     let mut timeline = vec![Point {
         t_secs: 0.0,
         phase: "start",
         replicas,
         ready,
+        stage_ready: counts(&s, "stage").1,
+        syd_ready: counts(&s, "syd").1,
         requests_per_sec: 0.0,
         p99_ms: 0.0,
         errors: 0,
@@ -255,26 +323,31 @@ async fn drive(
             .get(((window.len() as f64 - 1.0) * 0.99).round().max(0.0) as usize)
             .copied()
             .unwrap_or_default();
-        let (replicas, ready) = status(http, base).await;
+        let s = status(http, base).await;
+        let (replicas, ready) = counts(&s, LOADED);
         let point = Point {
             t_secs: start.elapsed().as_secs_f64(),
             phase,
             replicas,
             ready,
+            stage_ready: counts(&s, "stage").1,
+            syd_ready: counts(&s, "syd").1,
             requests_per_sec: (now_sent - last_sent) as f64,
             p99_ms: p99.as_secs_f64() * 1e3,
             errors: errors.load(Ordering::Relaxed),
         };
         last_sent = now_sent;
         println!(
-            "{:>5.0}s  {:<6}  {:>8}  {:>5}  {:>7.0}  {:>6.1}ms  {:>6}",
+            "{:>5.0}s  {:<6}  {:>12}  {:>9}  {:>7}  {:>7}  {:>6.1}ms  {:>6}   {:.0} req/s",
             point.t_secs,
             point.phase,
             point.replicas,
             point.ready,
-            point.requests_per_sec,
+            point.stage_ready,
+            point.syd_ready,
             point.p99_ms,
-            point.errors
+            point.errors,
+            point.requests_per_sec
         );
         timeline.push(point);
         if phase == "load" {
@@ -307,8 +380,9 @@ async fn drive(
     println!("\ndecisions (oldest first):");
     for e in events.iter().rev() {
         println!(
-            "  {}  {} -> {}  {:<8} {}",
+            "  {}  {:<5}  {} -> {}  {:<8} {}",
             e["time"].as_str().unwrap_or("").get(11..19).unwrap_or(""),
+            e["datacenter"].as_str().unwrap_or(""),
             e["from"],
             e["to"],
             e["outcome"].as_str().unwrap_or(""),
@@ -323,7 +397,12 @@ async fn drive(
             Some(Marker {
                 t_secs: (at.with_timezone(&chrono::Utc) - start_wall).num_milliseconds() as f64
                     / 1e3,
-                label: format!("{} → {}", e["from"], e["to"]),
+                label: format!(
+                    "{} {} → {}",
+                    e["datacenter"].as_str().unwrap_or(""),
+                    e["from"],
+                    e["to"]
+                ),
             })
         })
         .collect();
@@ -367,7 +446,7 @@ fn svg(timeline: &[Point], markers: &[Marker]) -> String {
     let mut out = format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
-<text x="{pad}" y="24" font-size="15">faastastic demo: ready replicas (blue) and requests/s (orange); dashed lines are scale decisions</text>
+<text x="{pad}" y="24" font-size="15">faastastic demo: lon's ready replicas (blue) and requests/s to lon (orange); dashed lines are scale decisions</text>
 <line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#333"/>
 <line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="#333"/>
 <line x1="{r}" y1="{pad}" x2="{r}" y2="{b}" stroke="#333"/>

@@ -84,11 +84,23 @@ fn demo_scales_up_under_load_and_back_down() {
     );
     assert!(stdout.contains("Hello, world!"), "{stdout}");
     assert!(stdout.contains("demo passed"), "{stdout}");
+    for dc in ["stage", "lon", "syd"] {
+        assert!(
+            stdout.contains(&format!("invoked in {dc}: Hello, world!")),
+            "{stdout}"
+        );
+    }
     let timeline: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("timeline.json")).unwrap())
             .unwrap();
     assert_eq!(timeline[0]["replicas"], 1);
     assert!(timeline.iter().any(|p| p["ready"] == 4), "{timeline:?}");
+    assert!(
+        timeline
+            .iter()
+            .all(|p| p["stage_ready"] == 1 && p["syd_ready"] == 1),
+        "only the loaded datacenter scales: {timeline:?}"
+    );
     assert_eq!(
         timeline.last().unwrap()["replicas"],
         1,
