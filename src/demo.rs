@@ -26,6 +26,124 @@ pub struct DemoOptions {
     pub max_load: Duration,
     /// Where the timeline files go (default: the temporary data directory, kept).
     pub out: Option<PathBuf>,
+    /// Scale through real Prometheus and Alertmanager (started from these programs, with the
+    /// shipped rule and route) instead of the internal query policy.
+    pub alerts: Option<AlertPath>,
+}
+
+/// The programs of the alert path.
+pub struct AlertPath {
+    pub prometheus: String,
+    pub alertmanager: String,
+}
+
+/// A helper process killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const SHIPPED_RULES: &str = include_str!("../rules/faastastic.rules.yml");
+const SHIPPED_ROUTE: &str = include_str!("../rules/alertmanager.yml");
+
+/// Starts Alertmanager (the shipped route, delivering to `base`) and Prometheus (scraping
+/// `base` every second, the shipped rules), and waits until Prometheus has scraped once.
+async fn start_alert_path(
+    path: &AlertPath,
+    dir: &std::path::Path,
+    base: &str,
+) -> anyhow::Result<Vec<Child>> {
+    let free = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (prom_port, am_port) = (free()?, free()?);
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("password"), "unused: the demo runs without auth\n")?;
+    std::fs::write(
+        dir.join("alertmanager.yml"),
+        SHIPPED_ROUTE
+            .replace("http://127.0.0.1:8080", base)
+            .replace(
+                "/var/lib/faastastic/basic-auth-password",
+                &dir.join("password").display().to_string(),
+            ),
+    )?;
+    std::fs::write(dir.join("faastastic.rules.yml"), SHIPPED_RULES)?;
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [\"{}\"]\nalerting:\n  alertmanagers:\n  - static_configs:\n    - targets: [\"127.0.0.1:{am_port}\"]\nscrape_configs:\n- job_name: faastastic\n  static_configs:\n  - targets: [\"{}\"]\n",
+            dir.join("faastastic.rules.yml").display(),
+            base.trim_start_matches("http://")
+        ),
+    )?;
+    let spawn = |program: &str, args: Vec<String>| -> anyhow::Result<Child> {
+        Ok(Child(
+            std::process::Command::new(program)
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .with_context(|| format!("cannot start {program} (apt-get install prometheus prometheus-alertmanager)"))?,
+        ))
+    };
+    let children = vec![
+        spawn(
+            &path.alertmanager,
+            vec![
+                format!("--config.file={}", dir.join("alertmanager.yml").display()),
+                format!("--storage.path={}", dir.join("am").display()),
+                format!("--web.listen-address=127.0.0.1:{am_port}"),
+                "--cluster.listen-address=".to_string(),
+            ],
+        )?,
+        spawn(
+            &path.prometheus,
+            vec![
+                format!("--config.file={}", dir.join("prometheus.yml").display()),
+                format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+                format!("--web.listen-address=127.0.0.1:{prom_port}"),
+                "--rules.alert.resend-delay=1s".to_string(),
+            ],
+        )?,
+    ];
+    let http = reqwest::Client::new();
+    let up =
+        format!("http://127.0.0.1:{prom_port}/api/v1/query?query=up%7Bjob%3D%22faastastic%22%7D");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let scraped = match http.get(&up).send().await {
+            Ok(r) => r
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| Some(!v["data"]["result"].as_array()?.is_empty()))
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        let am_ready = http
+            .get(format!("http://127.0.0.1:{am_port}/-/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if scraped && am_ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("Prometheus and Alertmanager did not start within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "Prometheus on 127.0.0.1:{prom_port} (rules/faastastic.rules.yml, scrape every 1 s), Alertmanager on 127.0.0.1:{am_port} (rules/alertmanager.yml)"
+    );
+    Ok(children)
 }
 
 /// A decision to mark on the plot: seconds since the load started, and its label.
@@ -54,7 +172,7 @@ struct Point {
     errors: u64,
 }
 
-fn demo_config(data_dir: PathBuf) -> Config {
+fn demo_config(data_dir: PathBuf, alerts: bool) -> Config {
     let mut cfg = Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir,
@@ -71,6 +189,9 @@ fn demo_config(data_dir: PathBuf) -> Config {
     a.down_cooldown = Duration::from_secs(2);
     a.stabilization_window = Duration::from_secs(4);
     a.tick_interval = Duration::from_millis(250);
+    if alerts {
+        return cfg;
+    }
     a.queries.push(QueryPolicy {
         name: "demo-rate".to_string(),
         source: QuerySource::Internal {
@@ -92,8 +213,11 @@ fn demo_config(data_dir: PathBuf) -> Config {
 
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let tmp = std::env::temp_dir().join(format!("faastastic-demo-{}", std::process::id()));
-    let cfg = demo_config(tmp.join("data"));
-    println!("faastastic demo: three datacenters (stage, lon, syd) on the embedded local platform, an internal query policy (10 invocations/s per replica), nothing else installed");
+    let cfg = demo_config(tmp.join("data"), opts.alerts.is_some());
+    match &opts.alerts {
+        None => println!("faastastic demo: three datacenters (stage, lon, syd) on the embedded local platform, an internal query policy (10 invocations/s per replica), nothing else installed"),
+        Some(_) => println!("faastastic demo: three datacenters (stage, lon, syd) on the embedded local platform, scaled by real Prometheus and Alertmanager with the shipped rule and route (5 invocations/s per replica)"),
+    }
     let app = server::build(&cfg).await?;
     let router = crate::api::router(app.state.clone(), crate::api::auth::Auth::disabled());
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
@@ -107,6 +231,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     });
     println!("server on {base} (data in {})", cfg.data_dir.display());
     let http = reqwest::Client::new();
+    let _alert_path = match &opts.alerts {
+        Some(path) => match start_alert_path(path, &tmp.join("alerting"), &base).await {
+            Ok(children) => Some(children),
+            Err(e) => {
+                app.state.fleet.shutdown().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
 
     let result = drive(&http, &base, &opts).await;
     app.state.fleet.shutdown().await;
@@ -310,6 +444,8 @@ async fn drive(
         p99_ms: 0.0,
         errors: 0,
     }];
+    // Alerts resolve only once the rule's 30 s window has emptied.
+    let quiet_limit = Duration::from_secs(if opts.alerts.is_some() { 120 } else { 40 });
     let mut last_sent = 0;
     let mut reached_at: Option<Instant> = None;
     let mut phase = "load";
@@ -363,9 +499,7 @@ async fn drive(
                 phase = "quiet";
                 load_stopped_at = Some(Instant::now());
             }
-        } else if replicas <= 1
-            || load_stopped_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(40))
-        {
+        } else if replicas <= 1 || load_stopped_at.is_some_and(|t| t.elapsed() >= quiet_limit) {
             break;
         }
     }

@@ -46,6 +46,16 @@ enum Command {
         /// Directory for timeline.json and timeline.csv.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Scale through real Prometheus and Alertmanager (started by the demo with the shipped
+        /// rule and route) instead of the internal query policy.
+        #[arg(long)]
+        prometheus: bool,
+        /// The Prometheus program for --prometheus.
+        #[arg(long, default_value = "prometheus")]
+        prometheus_bin: String,
+        /// The Alertmanager program for --prometheus.
+        #[arg(long, default_value = "prometheus-alertmanager")]
+        alertmanager_bin: String,
     },
     /// Prometheus rule files for the autoscaler.
     Rules {
@@ -224,12 +234,19 @@ fn main() -> ExitCode {
             rate,
             max_load_secs,
             out,
+            prometheus,
+            prometheus_bin,
+            alertmanager_bin,
         } => {
             telemetry::init_tracing_at("warn");
             runtime.block_on(faastastic::demo::run(faastastic::demo::DemoOptions {
                 rate,
                 max_load: std::time::Duration::from_secs(max_load_secs),
                 out,
+                alerts: prometheus.then_some(faastastic::demo::AlertPath {
+                    prometheus: prometheus_bin,
+                    alertmanager: alertmanager_bin,
+                }),
             }))
         }
         Command::Rules {

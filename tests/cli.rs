@@ -68,6 +68,39 @@ fn simulate_reports_bad_input() {
     assert!(err.contains("com.openfaas.scale.factor"), "{err}");
 }
 
+/// The seed's path: the same demo scaled by real Prometheus and Alertmanager with the shipped
+/// rule and route, one alert-sized decision for lon.
+#[test]
+fn demo_through_prometheus_and_alertmanager() {
+    common::require_program("prometheus", "prometheus");
+    common::require_program("prometheus-alertmanager", "prometheus-alertmanager");
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(common::BIN)
+        .args(["demo", "--prometheus", "--max-load-secs", "60", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("demo passed"), "{stdout}");
+    assert!(
+        stdout.contains("lon    1 -> 4  scaled   firing at"),
+        "one alert-sized decision: {stdout}"
+    );
+    let timeline: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("timeline.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        timeline.last().unwrap()["replicas"],
+        1,
+        "back down at the end"
+    );
+}
+
 #[test]
 fn demo_scales_up_under_load_and_back_down() {
     let out = tempfile::tempdir().unwrap();
