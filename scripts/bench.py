@@ -41,6 +41,18 @@ def wait_for(check, timeout, what):
     sys.exit(f"timed out waiting for {what}")
 
 
+def stop_all(procs, timeout=10):
+    """SIGTERM, newest first (nginx stops its workers, faastastic its replicas), then SIGKILL."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def cpu_seconds(pids):
     total = 0
     for pid in pids:
@@ -118,15 +130,7 @@ def main():
     procs = []
 
     def cleanup(*_):
-        # SIGTERM: nginx stops its workers, faastastic its replicas.
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        stop_all(procs)
 
     signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(1)))
     try:

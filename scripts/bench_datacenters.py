@@ -23,7 +23,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BIN, ROOT, free_port, wait_for  # noqa: E402
+from bench import BIN, ROOT, free_port, stop_all, wait_for  # noqa: E402
 
 
 def relay(listen_port, target_port, delay_s):
@@ -183,14 +183,7 @@ platform = "swarm"
         for name in placements:
             api("DELETE", "/system/functions", {"functionName": name})
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        stop_all(procs, timeout=20)
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
 
     result = {"fan_out_s": fan, "slowest_single_s": single, "to_four_s": to_four}

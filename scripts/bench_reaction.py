@@ -26,7 +26,7 @@ import urllib.request
 from base64 import b64encode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BIN, ROOT, free_port, wait_for  # noqa: E402
+from bench import BIN, ROOT, free_port, stop_all, wait_for  # noqa: E402
 
 RATE = 40
 FUNCTIONS = {
@@ -191,14 +191,7 @@ scrape_configs:
                 "events": events,
             })
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        stop_all(procs, timeout=10)
 
     with open(args.json, "w") as f:
         json.dump({"rate_per_function": RATE, "rows": rows}, f, indent=2, default=str)

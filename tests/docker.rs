@@ -27,12 +27,6 @@ fn containers(labels: &[String]) -> Vec<String> {
         .collect()
 }
 
-async fn available(s: &Server, name: &str) -> u64 {
-    s.status(name).await.1["availableReplicas"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn docker_deploy_invoke_scale_logs_redeploy_remove() {
     require_docker();
@@ -79,16 +73,10 @@ async fn docker_deploy_invoke_scale_logs_redeploy_remove() {
 
     // 1 -> 4 -> 1, each count visible in the engine.
     for want in [4u64, 1] {
-        let r = s
-            .system(Method::POST, "/system/scale-function/echo")
-            .json(&json!({"serviceName": "echo", "replicas": want}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
+        assert_eq!(s.scale("echo", want).await, 202);
         assert!(
             poll(Duration::from_secs(60), || async {
-                available(&s, "echo").await == want && containers(&labels(&[])).len() as u64 == want
+                s.available("echo").await == want && containers(&labels(&[])).len() as u64 == want
             })
             .await,
             "never reached {want}: {} / {:?}",
@@ -115,17 +103,11 @@ async fn docker_deploy_invoke_scale_logs_redeploy_remove() {
     let old = containers(&labels(&[]));
     let mut v2 = f.clone();
     v2["envProcess"] = json!("sh -c 'cat >/dev/null; echo v2'");
-    let r = s
-        .system(Method::PUT, "/system/functions")
-        .json(&v2)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(s.update(&v2).await, 202);
     assert!(
         poll(Duration::from_secs(60), || async {
             let left = containers(&labels(&[]));
-            !left.iter().any(|c| old.contains(c)) && available(&s, "echo").await == 1
+            !left.iter().any(|c| old.contains(c)) && s.available("echo").await == 1
         })
         .await,
         "the old container was not retired"
@@ -135,13 +117,7 @@ async fn docker_deploy_invoke_scale_logs_redeploy_remove() {
     }
 
     // Remove leaves nothing behind.
-    let r = s
-        .system(Method::DELETE, "/system/functions")
-        .json(&json!({"functionName": "echo"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(s.remove("echo").await, 202);
     assert!(containers(&labels(&[])).is_empty());
     assert_eq!(s.invoke("echo", "x").await.0, 404);
 

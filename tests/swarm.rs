@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::docker::{build_image, require_docker, Image};
 use common::{poll, Options, Server};
-use reqwest::Method;
 use serde_json::json;
 
 fn require_swarm() {
@@ -53,12 +52,6 @@ fn services(datacenter: &str) -> Vec<String> {
         .collect()
 }
 
-async fn available(s: &Server, name: &str) -> u64 {
-    s.status(name).await.1["availableReplicas"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn swarm_service_scales_redeploys_and_goes() {
     require_swarm();
@@ -77,7 +70,7 @@ async fn swarm_service_scales_redeploys_and_goes() {
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
     assert!(
         poll(Duration::from_secs(90), || async {
-            available(&s, "echo").await == 1
+            s.available("echo").await == 1
         })
         .await,
         "never ready: {}",
@@ -86,16 +79,10 @@ async fn swarm_service_scales_redeploys_and_goes() {
     assert_eq!(s.invoke("echo", "hello").await, (200, "hello".into()));
 
     for want in [4u64, 1] {
-        let r = s
-            .system(Method::POST, "/system/scale-function/echo")
-            .json(&json!({"serviceName": "echo", "replicas": want}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
+        assert_eq!(s.scale("echo", want).await, 202);
         assert!(
             poll(Duration::from_secs(90), || async {
-                available(&s, "echo").await == want && running_tasks(&service) == want as usize
+                s.available("echo").await == want && running_tasks(&service) == want as usize
             })
             .await,
             "never reached {want}: {} ({} tasks)",
@@ -110,13 +97,7 @@ async fn swarm_service_scales_redeploys_and_goes() {
     // A redeploy under the same name: once the new task answers, only it is reached.
     let mut v2 = f.clone();
     v2["envProcess"] = json!("sh -c 'cat >/dev/null; echo v2'");
-    let r = s
-        .system(Method::PUT, "/system/functions")
-        .json(&v2)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(s.update(&v2).await, 202);
     assert!(
         poll(Duration::from_secs(90), || async {
             s.invoke("echo", "x").await == (200, "v2\n".to_string())
@@ -128,13 +109,7 @@ async fn swarm_service_scales_redeploys_and_goes() {
         assert_eq!(s.invoke("echo", "x").await, (200, "v2\n".into()));
     }
 
-    let r = s
-        .system(Method::DELETE, "/system/functions")
-        .json(&json!({"functionName": "echo"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(s.remove("echo").await, 202);
     assert!(services(&dc).is_empty(), "the service is gone");
     assert_eq!(s.invoke("echo", "x").await.0, 404);
 }

@@ -145,7 +145,41 @@ pub(super) fn parse_cpu(text: &str) -> Option<i64> {
     }
 }
 
-pub(super) fn check_resources(field: &str, r: &Option<FunctionResources>) -> Result<(), String> {
+/// Connects to a Docker engine (`socket`, else `DOCKER_HOST` or the default), agrees an API
+/// version with it, and empties the platform's run directory.
+pub(super) async fn engine(
+    socket: Option<&str>,
+    run_dir: &std::path::Path,
+) -> anyhow::Result<Docker> {
+    let docker = match socket {
+        Some(path) => Docker::connect_with_unix(
+            path.trim_start_matches("unix://"),
+            120,
+            bollard::API_DEFAULT_VERSION,
+        )?,
+        None => Docker::connect_with_local_defaults()?,
+    };
+    let docker = docker.negotiate_version().await?;
+    if run_dir.exists() {
+        std::fs::remove_dir_all(run_dir)?;
+    }
+    std::fs::create_dir_all(run_dir)?;
+    Ok(docker)
+}
+
+/// What the container platforms need of a deployment: an image and readable resources.
+pub(super) fn validate_image_and_resources(
+    platform: &str,
+    dep: &FunctionDeployment,
+) -> Result<(), String> {
+    if dep.image.as_deref().is_none_or(|i| i.trim().is_empty()) {
+        return Err(format!("image: is required by the {platform} platform"));
+    }
+    check_resources("limits", &dep.limits)?;
+    check_resources("requests", &dep.requests)
+}
+
+fn check_resources(field: &str, r: &Option<FunctionResources>) -> Result<(), String> {
     let Some(r) = r else { return Ok(()) };
     if let Some(m) = r.memory.as_deref().filter(|m| !m.is_empty()) {
         if parse_memory(m).is_none_or(|v| v <= 0) {
@@ -237,19 +271,7 @@ impl DockerPlatform {
         cfg: LocalConfig,
         run_dir: PathBuf,
     ) -> anyhow::Result<Arc<DockerPlatform>> {
-        let docker = match socket {
-            Some(path) => Docker::connect_with_unix(
-                path.trim_start_matches("unix://"),
-                120,
-                bollard::API_DEFAULT_VERSION,
-            )?,
-            None => Docker::connect_with_local_defaults()?,
-        };
-        let docker = docker.negotiate_version().await?;
-        if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir)?;
-        }
-        std::fs::create_dir_all(&run_dir)?;
+        let docker = engine(socket, &run_dir).await?;
         let platform = Arc::new(DockerPlatform {
             docker,
             datacenter: datacenter.to_string(),
@@ -543,11 +565,7 @@ impl Platform for DockerHandle {
     }
 
     fn validate(&self, dep: &FunctionDeployment) -> Result<(), String> {
-        if dep.image.as_deref().is_none_or(|i| i.trim().is_empty()) {
-            return Err("image: is required by the docker platform".to_string());
-        }
-        check_resources("limits", &dep.limits)?;
-        check_resources("requests", &dep.requests)
+        validate_image_and_resources("docker", dep)
     }
 
     async fn apply(&self, workload: Workload, replicas: u64) -> Result<(), PlatformError> {

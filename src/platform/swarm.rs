@@ -28,8 +28,8 @@ use bollard::Docker;
 use tokio::sync::watch;
 
 use super::docker::{
-    check_resources, failed, free_port, parse_cpu, parse_memory, replica_env, replica_labels,
-    secrets_dir, write_secrets, LABEL_DATACENTER, LABEL_GENERATION, SECRETS_PATH,
+    engine, failed, free_port, parse_cpu, parse_memory, replica_env, replica_labels, secrets_dir,
+    validate_image_and_resources, write_secrets, LABEL_DATACENTER, LABEL_GENERATION, SECRETS_PATH,
 };
 use super::{
     Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts,
@@ -81,22 +81,10 @@ impl SwarmPlatform {
         cfg: LocalConfig,
         run_dir: PathBuf,
     ) -> anyhow::Result<Arc<SwarmPlatform>> {
-        let docker = match socket {
-            Some(path) => Docker::connect_with_unix(
-                path.trim_start_matches("unix://"),
-                120,
-                bollard::API_DEFAULT_VERSION,
-            )?,
-            None => Docker::connect_with_local_defaults()?,
-        };
-        let docker = docker.negotiate_version().await?;
+        let docker = engine(socket, &run_dir).await?;
         docker.inspect_swarm().await.map_err(|e| {
             anyhow::anyhow!("this engine is not a swarm manager (docker swarm init): {e}")
         })?;
-        if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir)?;
-        }
-        std::fs::create_dir_all(&run_dir)?;
         let platform = Arc::new(SwarmPlatform {
             docker,
             datacenter: datacenter.to_string(),
@@ -380,11 +368,7 @@ impl Platform for SwarmHandle {
     }
 
     fn validate(&self, dep: &FunctionDeployment) -> Result<(), String> {
-        if dep.image.as_deref().is_none_or(|i| i.trim().is_empty()) {
-            return Err("image: is required by the swarm platform".to_string());
-        }
-        check_resources("limits", &dep.limits)?;
-        check_resources("requests", &dep.requests)
+        validate_image_and_resources("swarm", dep)
     }
 
     fn validate_scale(&self, _: &FunctionDeployment, replicas: u64) -> Result<(), String> {

@@ -185,6 +185,49 @@ impl Server {
         }
     }
 
+    /// `availableReplicas` of a function, 0 when it is not there.
+    pub async fn available(&self, name: &str) -> u64 {
+        self.status(name).await.1["availableReplicas"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// `POST /system/scale-function/NAME`; the status code.
+    pub async fn scale(&self, name: &str, replicas: u64) -> u16 {
+        self.system(
+            reqwest::Method::POST,
+            &format!("/system/scale-function/{name}"),
+        )
+        .json(&json!({"serviceName": name, "replicas": replicas}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+    }
+
+    /// `PUT /system/functions`; the status code.
+    pub async fn update(&self, body: &Value) -> u16 {
+        self.system(reqwest::Method::PUT, "/system/functions")
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// `DELETE /system/functions`; the status code.
+    pub async fn remove(&self, name: &str) -> u16 {
+        self.system(reqwest::Method::DELETE, "/system/functions")
+            .json(&json!({"functionName": name}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     pub async fn invoke(&self, name: &str, body: &str) -> (u16, String) {
         let r = self
             .http
