@@ -29,6 +29,13 @@ pub struct Metrics {
     pub waiting_requests: prometheus::IntGauge,
     /// `faastastic_policy_source_up{policy}`: 1 when a query policy's last read worked.
     pub source_up: IntGaugeVec,
+    /// `faastastic_policy_source_errors_total{policy}`: failed reads.
+    pub source_errors: IntCounterVec,
+    /// `faastastic_autoscaler_last_evaluation_timestamp_seconds{loop}`: when each autoscaler
+    /// loop (`ticker`, `query:NAME`) last finished a pass, so an alert can catch a stall.
+    pub last_evaluation: prometheus::GaugeVec,
+    /// `faastastic_autoscaler_evaluation_duration_seconds{loop}`
+    pub evaluation_duration: HistogramVec,
     /// `faastastic_grafana_annotations_total{result}`: sent, failed (after retries), dropped (queue full).
     pub annotations: IntCounterVec,
     /// `faastastic_grafana_annotations_queued`
@@ -109,6 +116,33 @@ impl Metrics {
             &["policy"],
         )
         .expect("static metric definition is valid");
+        let source_errors = IntCounterVec::new(
+            Opts::new(
+                "faastastic_policy_source_errors_total",
+                "Failed reads of a query policy's metric source",
+            ),
+            &["policy"],
+        )
+        .expect("static metric definition is valid");
+        let last_evaluation = prometheus::GaugeVec::new(
+            Opts::new(
+                "faastastic_autoscaler_last_evaluation_timestamp_seconds",
+                "When each autoscaler loop (ticker, query:NAME) last finished a pass (Unix time)",
+            ),
+            &["loop"],
+        )
+        .expect("static metric definition is valid");
+        let evaluation_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "faastastic_autoscaler_evaluation_duration_seconds",
+                "Duration of one pass of an autoscaler loop",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["loop"],
+        )
+        .expect("static metric definition is valid");
         let annotations = IntCounterVec::new(
             Opts::new(
                 "faastastic_grafana_annotations_total",
@@ -127,6 +161,9 @@ impl Metrics {
             Box::new(annotations.clone()),
             Box::new(annotations_queued.clone()),
             Box::new(source_up.clone()),
+            Box::new(source_errors.clone()),
+            Box::new(last_evaluation.clone()),
+            Box::new(evaluation_duration.clone()),
             Box::new(waiting_requests.clone()),
             Box::new(invocation_total.clone()),
             Box::new(functions_seconds.clone()),
@@ -152,9 +189,26 @@ impl Metrics {
             scale_decisions,
             waiting_requests,
             source_up,
+            source_errors,
+            last_evaluation,
+            evaluation_duration,
             annotations,
             annotations_queued,
         }
+    }
+
+    /// Records one pass of an autoscaler loop that started at `started`.
+    pub fn evaluated(&self, loop_name: &str, started: std::time::Instant) {
+        self.evaluation_duration
+            .with_label_values(&[loop_name])
+            .observe(started.elapsed().as_secs_f64());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.last_evaluation
+            .with_label_values(&[loop_name])
+            .set(now);
     }
 
     /// Invocations per `function_name`, summed over status codes and datacenters.

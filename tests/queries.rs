@@ -304,6 +304,30 @@ async fn prometheus_over_tls_with_basic_auth() {
         .await,
         "an untrusted certificate must be an outage"
     );
+    let metrics = bad.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            r#"faastastic_policy_source_errors_total{policy="tls"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    let last = sample(
+        &metrics,
+        r#"faastastic_autoscaler_last_evaluation_timestamp_seconds{loop="query:tls"}"#,
+    )
+    .expect("the query loop reports its passes");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - last).abs() < 10.0, "last pass {last}, now {now}");
+    assert!(sample(
+        &metrics,
+        r#"faastastic_autoscaler_last_evaluation_timestamp_seconds{loop="ticker"}"#
+    )
+    .is_some());
     let events: Vec<Value> = bad.get_json("/system/scale-events?limit=5").await;
     let outage = events
         .iter()

@@ -38,6 +38,7 @@ fn rule_files_are_valid_and_their_unit_tests_pass() {
             "rules",
             "rules/tests/openfaas_test.yml",
             "rules/tests/faastastic_test.yml",
+            "rules/tests/faastastic_self_test.yml",
         ],
     );
 }

@@ -658,6 +658,7 @@ impl Autoscaler {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 interval.tick().await;
+                let started = std::time::Instant::now();
                 let counts = this.metrics.invocation_counts_by_datacenter();
                 this.observed
                     .lock()
@@ -675,6 +676,7 @@ impl Autoscaler {
                 }))
                 .await;
                 this.scale_idle_to_zero().await;
+                this.metrics.evaluated("ticker", started);
             }
         });
     }

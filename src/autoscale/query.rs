@@ -244,6 +244,12 @@ impl Runner {
     }
 
     async fn evaluate(&mut self) {
+        let started = Instant::now();
+        self.evaluate_once().await;
+        self.metrics.evaluated(&self.source_name(), started);
+    }
+
+    async fn evaluate_once(&mut self) {
         let values = self.read().await;
         let source = self.source_name();
         let values = match values {
@@ -271,6 +277,10 @@ impl Runner {
                     .source_up
                     .with_label_values(&[self.policy.name.as_str()])
                     .set(0);
+                self.metrics
+                    .source_errors
+                    .with_label_values(&[self.policy.name.as_str()])
+                    .inc();
                 self.failures += 1;
                 if self.up {
                     self.up = false;
