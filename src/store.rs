@@ -84,6 +84,11 @@ CREATE TABLE IF NOT EXISTS scale_events (
     event      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS scale_events_function ON scale_events (namespace, name, id);
+CREATE TABLE IF NOT EXISTS autoscale_pauses (
+    scope  TEXT PRIMARY KEY,
+    since  TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS secrets (
     namespace TEXT NOT NULL,
     name      TEXT NOT NULL,
@@ -324,6 +329,53 @@ impl Store {
             };
             tx.commit()?;
             Ok(event_id)
+        })
+        .await
+    }
+
+    /// Paused autoscaling scopes (`*` for all, else `name.namespace`): (scope, since, reason).
+    pub async fn load_pauses(&self) -> Result<Vec<(String, DateTime<Utc>, String)>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare("SELECT scope, since, reason FROM autoscale_pauses")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (scope, since, reason) = row?;
+                let since = DateTime::parse_from_rfc3339(&since)
+                    .map_err(|e| StoreError::Corrupt(format!("pause {scope}: {e}")))?
+                    .with_timezone(&Utc);
+                out.push((scope, since, reason));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Pauses (`Some`) or resumes (`None`) a scope; returns whether anything changed.
+    pub async fn set_pause(
+        &self,
+        scope: &str,
+        pause: Option<(DateTime<Utc>, String)>,
+    ) -> Result<bool, StoreError> {
+        let scope = scope.to_string();
+        self.call(move |conn| {
+            let n = match pause {
+                Some((since, reason)) => conn.execute(
+                    "INSERT OR IGNORE INTO autoscale_pauses (scope, since, reason) VALUES (?1, ?2, ?3)",
+                    params![scope, since.to_rfc3339(), reason],
+                )?,
+                None => conn.execute(
+                    "DELETE FROM autoscale_pauses WHERE scope = ?1",
+                    params![scope],
+                )?,
+            };
+            Ok(n > 0)
         })
         .await
     }

@@ -578,3 +578,101 @@ async fn an_alert_with_its_value_is_sized_and_a_stale_one_is_held() {
         .contains("value"));
     assert_eq!(replicas(&s, "gone").await, 1);
 }
+
+async fn post_json(s: &Server, path: &str, body: &str) -> (u16, Value) {
+    let r = s
+        .system(Method::POST, path)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn pause_holds_decisions_survives_a_restart_and_resume_changes_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = "[autoscale]\nup_cooldown_secs = 600\n";
+    let mut s = Server::with(Options {
+        data_dir: Some(&data),
+        config: Some(config),
+        ..Default::default()
+    });
+    for f in ["batch", "other"] {
+        assert_eq!(s.deploy(echo_function(f)).await.status(), 202);
+    }
+    let (code, body) = post_json(
+        &s,
+        "/system/autoscaling/pause",
+        r#"{"function": "batch", "reason": "nightly batch window"}"#,
+    )
+    .await;
+    assert_eq!((code, &body["changed"]), (200, &json!(true)), "{body}");
+    let status = s.status("batch").await.1;
+    assert_eq!(
+        status["autoscalingPaused"]["reason"], "nightly batch window",
+        "{status}"
+    );
+    assert!(s.status("other").await.1.get("autoscalingPaused").is_none());
+
+    // Paused: the alert is explained and held, and starts no cooldown.
+    let (_, body) = alert(&s, &webhook(vec![firing("batch", "1", json!({}))])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "held", "{body}");
+    assert!(body["alerts"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("autoscaling paused (this function)"));
+    assert_eq!(replicas(&s, "batch").await, 1);
+    let held = events(&s, "?function=batch").await;
+    assert_eq!(held[0]["clamps"], json!(["paused"]), "{held:#?}");
+
+    // The pause is stored: it holds after a restart too.
+    s.kill();
+    let s = Server::with(Options {
+        data_dir: Some(&data),
+        config: Some(config),
+        ..Default::default()
+    });
+    let listed: Value = s.get_json("/system/autoscaling").await;
+    assert_eq!(
+        listed["paused"][0]["scope"], "batch.openfaas-fn",
+        "{listed}"
+    );
+    let (_, body) = alert(&s, &webhook(vec![firing("batch", "2", json!({}))])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "held", "{body}");
+
+    // Resumed: the next alert scales at once, as if the pause had never been (no cooldown).
+    let (code, body) =
+        post_json(&s, "/system/autoscaling/resume", r#"{"function": "batch"}"#).await;
+    assert_eq!((code, &body["changed"]), (200, &json!(true)), "{body}");
+    let (code, body) =
+        post_json(&s, "/system/autoscaling/resume", r#"{"function": "batch"}"#).await;
+    assert_eq!((code, &body["changed"]), (200, &json!(false)), "{body}");
+    let (_, body) = alert(&s, &webhook(vec![firing("batch", "3", json!({}))])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "scaled", "{body}");
+
+    // Pausing everything holds every function; resuming everything lifts it.
+    let (code, _) = post_json(&s, "/system/autoscaling/pause", "").await;
+    assert_eq!(code, 200);
+    let (_, body) = alert(&s, &webhook(vec![firing("other", "4", json!({}))])).await;
+    assert!(body["alerts"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("(all functions)"));
+    assert_eq!(post_json(&s, "/system/autoscaling/resume", "").await.0, 200);
+    let (_, body) = alert(&s, &webhook(vec![firing("other", "5", json!({}))])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "scaled", "{body}");
+
+    // Operator actions are in the audit trail; bad requests are named.
+    let all = events(&s, "").await;
+    assert!(all
+        .iter()
+        .any(|e| e["outcome"] == "paused" && e["source"] == "operator"));
+    assert!(all.iter().any(|e| e["outcome"] == "resumed"));
+    let (code, body) = post_json(&s, "/system/autoscaling/pause", r#"{"function": "ghost"}"#).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, _) = post_json(&s, "/system/autoscaling/pause", r#"{"function": 7}"#).await;
+    assert_eq!(code, 400);
+}

@@ -31,6 +31,9 @@ const SYSTEM_ROUTES: &[(&str, &str)] = &[
     ("GET", "/system/logs?name=fn1"),
     ("POST", "/system/alert"),
     ("GET", "/system/scale-events"),
+    ("GET", "/system/autoscaling"),
+    ("POST", "/system/autoscaling/pause"),
+    ("POST", "/system/autoscaling/resume"),
 ];
 
 #[tokio::test]

@@ -31,7 +31,7 @@ pub async fn list(
     let counts = s.metrics.invocation_counts();
     let body: Vec<FunctionStatus> = views
         .iter()
-        .map(|v| FunctionStatus::new(v, &counts))
+        .map(|v| FunctionStatus::new(v, &counts).with_pause(s.autoscaler.pause_of(&v.function.id)))
         .collect();
     Ok(Json(body).into_response())
 }
@@ -45,7 +45,10 @@ pub async fn status(
     let datacenter = s.fleet.resolve_datacenter(q.datacenter.as_deref())?;
     let view = s.fleet.get_in(&id, datacenter.as_deref())?;
     let counts = s.metrics.invocation_counts();
-    Ok(Json(FunctionStatus::new(&view, &counts)).into_response())
+    Ok(
+        Json(FunctionStatus::new(&view, &counts).with_pause(s.autoscaler.pause_of(&id)))
+            .into_response(),
+    )
 }
 
 pub async fn deploy(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {

@@ -3,6 +3,7 @@
 
 pub mod alert;
 pub mod auth;
+pub mod autoscaling;
 pub mod error;
 pub mod events;
 pub mod functions;
@@ -73,6 +74,9 @@ fn system_routes(limits: &LimitsConfig, auth: Arc<auth::Auth>) -> Router<Arc<App
         )
         .route("/system/logs", get(logs::logs))
         .route("/system/scale-events", get(events::list))
+        .route("/system/autoscaling", get(autoscaling::list))
+        .route("/system/autoscaling/pause", post(autoscaling::pause))
+        .route("/system/autoscaling/resume", post(autoscaling::resume))
         .layer(DefaultBodyLimit::max(limits.max_system_body_bytes))
         .route_layer(middleware::from_fn_with_state(
             auth.clone(),

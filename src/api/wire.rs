@@ -108,6 +108,9 @@ pub struct FunctionStatus<'a> {
     pub created_at: String,
     /// faastastic: each datacenter's share of the totals above (clients ignore it).
     pub datacenters: BTreeMap<&'a str, DatacenterReplicas>,
+    /// faastastic: present while autoscaling of the function is paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoscaling_paused: Option<crate::autoscale::executor::Pause>,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,7 +156,13 @@ impl<'a> FunctionStatus<'a> {
                     )
                 })
                 .collect(),
+            autoscaling_paused: None,
         }
+    }
+
+    pub fn with_pause(mut self, pause: Option<crate::autoscale::executor::Pause>) -> Self {
+        self.autoscaling_paused = pause;
+        self
     }
 }
 

@@ -159,7 +159,21 @@ pub struct Autoscaler {
     annotations: Option<Arc<crate::grafana::Annotations>>,
     /// Faastastic's own invocation counters over `staleness_window`, for the staleness guard.
     observed: Mutex<RateWindow<(String, String)>>,
+    /// Paused scopes (`*`: every function; else `name.namespace`) with since when and why.
+    paused: Mutex<HashMap<String, Pause>>,
 }
+
+/// A pause of autoscaling, as `/system/autoscaling` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pause {
+    /// `*` for every function, else `name.namespace`.
+    pub scope: String,
+    pub since: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// The scope that pauses every function.
+pub const ALL: &str = "*";
 
 fn rank(action: Action) -> u8 {
     match action {
@@ -194,8 +208,24 @@ impl Autoscaler {
                 }
             }
         }
+        let paused = store
+            .load_pauses()
+            .await?
+            .into_iter()
+            .map(|(scope, since, reason)| {
+                (
+                    scope.clone(),
+                    Pause {
+                        scope,
+                        since,
+                        reason,
+                    },
+                )
+            })
+            .collect();
         let per_sec = NonZeroU32::new(cfg.scale_rate_per_sec.max(1)).expect("max(1) is non-zero");
         Ok(Arc::new(Autoscaler {
+            paused: Mutex::new(paused),
             fleet,
             store,
             metrics,
@@ -387,7 +417,27 @@ impl Autoscaler {
             }
         };
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
-        let (decision, next) = decide(&policy, current, &state, input, now);
+        let (mut decision, mut next) = decide(&policy, current, &state, input, now);
+        // Paused: the decision is computed and explained, but nothing changes, not even the
+        // engine's memory (no cooldown starts, no alert counts as applied).
+        if let (Outcome::Scale, Some(pause)) = (decision.outcome, self.pause_of(id)) {
+            decision.outcome = Outcome::Held;
+            decision.clamps.push(Clamp::Paused);
+            decision.reason = format!(
+                "{}; held: autoscaling paused ({}) since {} ({})",
+                decision.reason,
+                if pause.scope == ALL {
+                    "all functions"
+                } else {
+                    "this function"
+                },
+                pause
+                    .since
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                pause.reason
+            );
+            next = state.clone();
+        }
         // A periodic input that changes nothing is not an event: only its state is kept (in
         // memory; the next recorded decision stores it).
         if quiet && decision.outcome != Outcome::Scale {
@@ -632,6 +682,76 @@ impl Autoscaler {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(f, _), _| f != id);
+    }
+
+    /// The pause that holds a function, if any (a pause of all wins).
+    pub fn pause_of(&self, id: &FunctionId) -> Option<Pause> {
+        let paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        paused
+            .get(ALL)
+            .or_else(|| paused.get(&id.qualified()))
+            .cloned()
+    }
+
+    pub fn pauses(&self) -> Vec<Pause> {
+        let mut out: Vec<Pause> = self
+            .paused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.scope.cmp(&b.scope));
+        out
+    }
+
+    /// Pauses (`Some(reason)`) or resumes (`None`) autoscaling of a scope (`*` or
+    /// `name.namespace`), stored so it survives a restart, and recorded as an event. Returns
+    /// whether anything changed.
+    pub async fn set_pause(&self, scope: &str, reason: Option<String>) -> Result<bool, StoreError> {
+        let now = Utc::now();
+        let changed = self
+            .store
+            .set_pause(scope, reason.clone().map(|r| (now, r)))
+            .await?;
+        if !changed {
+            return Ok(false);
+        }
+        {
+            let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+            match &reason {
+                Some(r) => {
+                    paused.insert(
+                        scope.to_string(),
+                        Pause {
+                            scope: scope.to_string(),
+                            since: now,
+                            reason: r.clone(),
+                        },
+                    );
+                }
+                None => {
+                    paused.remove(scope);
+                }
+            }
+        }
+        let what = if scope == ALL {
+            "all functions".to_string()
+        } else {
+            scope.to_string()
+        };
+        let (outcome, text) = match &reason {
+            Some(r) => ("paused", format!("autoscaling of {what} paused: {r}")),
+            None => ("resumed", format!("autoscaling of {what} resumed")),
+        };
+        self.record_source_event(
+            "operator",
+            outcome,
+            text,
+            serde_json::json!({"scope": scope}),
+        )
+        .await;
+        Ok(true)
     }
 
     /// The function's invocation rate in one datacenter as faastastic measured it, for an

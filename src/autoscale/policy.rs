@@ -259,6 +259,8 @@ pub enum Clamp {
     StepCap,
     /// The alert asked for more, but the function's own traffic no longer supports it.
     LoadGone,
+    /// Autoscaling is paused for this function (or for all).
+    Paused,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
