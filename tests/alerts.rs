@@ -676,3 +676,34 @@ async fn pause_holds_decisions_survives_a_restart_and_resume_changes_nothing_els
     let (code, _) = post_json(&s, "/system/autoscaling/pause", r#"{"function": 7}"#).await;
     assert_eq!(code, 400);
 }
+
+/// Shadow mode computes and records decisions but changes nothing, not even cooldowns: turned
+/// off, the function scales as if it had never been on.
+#[tokio::test]
+async fn shadow_mode_leaves_no_trace_in_the_engine() {
+    let s = Server::with(Options {
+        config: Some("[autoscale]\nup_cooldown_secs = 600\n"),
+        ..Default::default()
+    });
+    let mut f = echo_function("shadow");
+    f["labels"] = json!({"com.faastastic.scale.shadow": "true"});
+    assert_eq!(s.deploy(f.clone()).await.status(), 202);
+    let (_, body) = alert(&s, &webhook(vec![firing("shadow", "1", json!({}))])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "dry_run", "{body}");
+    assert_eq!(
+        (
+            body["alerts"][0]["from"].as_u64(),
+            body["alerts"][0]["to"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert_eq!(replicas(&s, "shadow").await, 1);
+    f["labels"] = json!({});
+    assert_eq!(s.update(&f).await, 202);
+    let (_, body) = alert(&s, &webhook(vec![firing("shadow", "1", json!({}))])).await;
+    assert_eq!(
+        body["alerts"][0]["outcome"], "scaled",
+        "neither a cooldown nor the shadow delivery holds it: {body}"
+    );
+    assert_eq!(replicas(&s, "shadow").await, 2);
+}

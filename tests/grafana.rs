@@ -163,6 +163,31 @@ async fn every_scale_is_annotated_and_retried_when_grafana_fails() {
         ),
         Some(1.0)
     );
+
+    // Shadow mode: annotated as what would happen, tagged "shadow".
+    let mut f = echo_function("shadowed");
+    f["labels"] = json!({"com.faastastic.scale.shadow": "true"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    let answer = fire(&s, "shadowed", "b").await;
+    assert_eq!(answer["alerts"][0]["outcome"], "dry_run", "{answer}");
+    let delivered = poll(Duration::from_secs(20), || async {
+        receiver.lock().unwrap().accepted.len() == 2
+    })
+    .await;
+    assert!(delivered);
+    let r = receiver.lock().unwrap();
+    let a = &r.accepted[1];
+    assert!(
+        a["tags"].as_array().unwrap().contains(&json!("shadow")),
+        "{a}"
+    );
+    assert!(
+        a["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("would scale (shadow mode)"),
+        "{a}"
+    );
 }
 
 #[tokio::test]

@@ -574,18 +574,32 @@ impl Autoscaler {
             "{}",
             event.reason
         );
-        if let (Some(a), "scaled") = (&self.annotations, event.outcome) {
+        // Executed decisions are annotated; shadow-mode ones too, marked as what would happen.
+        let shadow = event.outcome == "dry_run";
+        if let (Some(a), "scaled" | "dry_run") = (&self.annotations, event.outcome) {
+            let mut tags = vec![
+                "faastastic".to_string(),
+                format!("scale-{}", event.direction),
+                format!("function:{function_name}"),
+                format!("datacenter:{}", event.datacenter),
+            ];
+            if shadow {
+                tags.push("shadow".to_string());
+            }
             a.post(
                 event.time.timestamp_millis(),
-                vec![
-                    "faastastic".to_string(),
-                    format!("scale-{}", event.direction),
-                    format!("function:{function_name}"),
-                    format!("datacenter:{}", event.datacenter),
-                ],
+                tags,
                 format!(
-                    "{} {} → {}: {}",
-                    function_name, event.from, event.to, event.reason
+                    "{}{} {} → {}: {}",
+                    if shadow {
+                        "would scale (shadow mode): "
+                    } else {
+                        ""
+                    },
+                    function_name,
+                    event.from,
+                    event.to,
+                    event.reason
                 ),
             );
         }

@@ -15,6 +15,8 @@ pub const LABEL_DOWN_COOLDOWN: &str = "com.faastastic.scale.down-cooldown";
 pub const LABEL_WINDOW: &str = "com.faastastic.scale.stabilization-window";
 pub const LABEL_RESOLVED_TO_MIN: &str = "com.faastastic.scale.resolved-to-min";
 pub const LABEL_DRY_RUN: &str = "com.faastastic.scale.dry-run";
+/// The same as `dry-run`: shadow mode.
+pub const LABEL_SHADOW: &str = "com.faastastic.scale.shadow";
 pub const LABEL_ALERT_MODE: &str = "com.faastastic.scale.alert-mode";
 pub const LABEL_TARGET: &str = "com.faastastic.scale.target-per-replica";
 pub const LABEL_MAX_STEP_UP: &str = "com.faastastic.scale.max-step-up";
@@ -107,6 +109,7 @@ pub fn check_labels(dep: &FunctionDeployment) -> Vec<String> {
     }
     read(LABEL_RESOLVED_TO_MIN, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_DRY_RUN, &|v| parse_bool(v).map(|_| ()));
+    read(LABEL_SHADOW, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_ZERO, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_ALERT_MODE, &|v| parse_alert_mode(v).map(|_| ()));
     read(LABEL_TARGET, &|v| parse_target(v).map(|_| ()));
@@ -213,7 +216,10 @@ pub fn policy_for(
             .or(max_step_up),
         staleness_guard: flag(LABEL_STALENESS_GUARD).unwrap_or(staleness_guard),
     };
-    Ok((policy, flag(LABEL_DRY_RUN).unwrap_or(dry_run)))
+    let shadow = flag(LABEL_SHADOW)
+        .or(flag(LABEL_DRY_RUN))
+        .unwrap_or(dry_run);
+    Ok((policy, shadow))
 }
 
 #[cfg(test)]
