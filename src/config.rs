@@ -189,6 +189,8 @@ pub struct AutoscaleConfig {
     pub staleness_guard: bool,
     /// The window those counters are read over.
     pub staleness_window: Duration,
+    /// How long a hold alert holds after its last delivery when no resolve arrives.
+    pub hold_ttl: Duration,
 }
 
 /// One `[[autoscale.policies]]` entry: any key left out keeps the value from before.
@@ -337,6 +339,7 @@ impl Default for Config {
                 max_step_up: None,
                 staleness_guard: true,
                 staleness_window: Duration::from_secs(10),
+                hold_ttl: Duration::from_secs(300),
                 policies: Vec::new(),
                 queries: Vec::new(),
             },
@@ -539,6 +542,7 @@ impl Config {
                     }),
                     staleness_guard: s.get("staleness_guard", d.staleness_guard),
                     staleness_window: s.secs("staleness_window_secs", d.staleness_window),
+                    hold_ttl: s.secs("hold_ttl_secs", d.hold_ttl),
                 };
                 if a.default_min > a.default_max {
                     s.errors.push(format!(

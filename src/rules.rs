@@ -122,7 +122,7 @@ pub fn check_file(path: &Path) -> Vec<Finding> {
                 ));
             }
             match labels.get("scale_action").map(String::as_str) {
-                None | Some("up" | "down") => {}
+                None | Some("up" | "down" | "hold") => {}
                 Some("to") => match labels.get("replicas") {
                     Some(r) if r.trim().parse::<u64>().is_ok() => {}
                     Some(r) => report(format!(
@@ -133,7 +133,7 @@ pub fn check_file(path: &Path) -> Vec<Finding> {
                     )),
                 },
                 Some(other) => report(format!(
-                    "alert {alert}: scale_action {other:?} is not one of up, down, to"
+                    "alert {alert}: scale_action {other:?} is not one of up, down, to, hold"
                 )),
             }
             match &rule.for_ {

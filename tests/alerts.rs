@@ -707,3 +707,41 @@ async fn shadow_mode_leaves_no_trace_in_the_engine() {
     );
     assert_eq!(replicas(&s, "shadow").await, 2);
 }
+
+/// A hold alert (`scale_action: hold`) keeps replicas from going down while it fires.
+#[tokio::test]
+async fn a_hold_alert_keeps_replicas_up_until_it_resolves() {
+    let s = Server::with(Options {
+        config: Some("[autoscale]\ndown_cooldown_secs = 0\nstabilization_window_secs = 0\n"),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("batchy")).await.status(), 202);
+    assert_eq!(s.scale("batchy", 4).await, 202);
+    let hold = firing("batchy", "h1", json!({"scale_action": "hold"}));
+    let (_, body) = alert(&s, &webhook(vec![hold.clone()])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "no_change", "{body}");
+    // A step-down in the same payload as a renewed hold, and on its own: both held.
+    let down = firing("batchy", "d1", json!({"scale_action": "down"}));
+    let (_, body) = alert(&s, &webhook(vec![down.clone(), hold.clone()])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "held", "{body}");
+    assert!(body["alerts"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("hold alert"));
+    assert_eq!(replicas(&s, "batchy").await, 4);
+    // The hold resolves: the next step-down goes through.
+    let mut released = hold.clone();
+    released["status"] = json!("resolved");
+    let (_, body) = alert(&s, &webhook(vec![released])).await;
+    assert!(
+        body["alerts"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("released"),
+        "{body}"
+    );
+    let down = firing("batchy", "d2", json!({"scale_action": "down"}));
+    let (_, body) = alert(&s, &webhook(vec![down])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "scaled", "{body}");
+    assert!(replicas(&s, "batchy").await < 4);
+}

@@ -125,6 +125,8 @@ impl Alert {
                 (None | Some("up"), true) => self.firing_action()?,
                 (None | Some("up"), false) => Action::Resolved,
                 (Some("down"), true) => Action::StepDown,
+                (Some("hold"), true) => Action::Hold,
+                (Some("hold"), false) => Action::Release,
                 (Some("to"), true) => {
                     let replicas = self
                         .label("replicas")
@@ -136,7 +138,7 @@ impl Alert {
                 (Some("down" | "to"), false) => return Ok(None),
                 (Some(other), _) => {
                     return Err(format!(
-                        "scale_action label {other:?} is not one of up, down, to"
+                        "scale_action label {other:?} is not one of up, down, to, hold"
                     ))
                 }
             };

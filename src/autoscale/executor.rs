@@ -178,6 +178,8 @@ pub const ALL: &str = "*";
 fn rank(action: Action) -> u8 {
     match action {
         Action::StepUp | Action::Sized { .. } | Action::To(_) => 2,
+        // Holds are not scale signals: they never compete (see `apply_batch`).
+        Action::Hold | Action::Release => 0,
         Action::StepDown | Action::Resolved => 1,
     }
 }
@@ -289,13 +291,33 @@ impl Autoscaler {
             })
             .collect();
         let mut winners: HashMap<Key, usize> = HashMap::new();
+        let mut holds: Vec<usize> = Vec::new();
         for (p, (i, dc, action)) in parts.iter().enumerate() {
+            if matches!(action, Action::Hold | Action::Release) {
+                holds.push(p);
+                continue;
+            }
             let w = winners
                 .entry((requests[*i].id.clone(), dc.clone()))
                 .or_insert(p);
             if rank(*action) > rank(parts[*w].2) {
                 *w = p;
             }
+        }
+        // Holds apply first, so a scale signal in the same payload already sees them.
+        let mut by_part: HashMap<usize, SignalResult> = HashMap::new();
+        for &p in &holds {
+            let (i, dc, action) = &parts[p];
+            let r = &requests[*i];
+            let input = Input::Signal {
+                action: *action,
+                dedupe_key: r.dedupe_key.as_deref(),
+                observed_rate: None,
+            };
+            let result = self
+                .apply(&r.id, dc, input, &r.source, r.evidence.clone(), false)
+                .await;
+            by_part.insert(p, result);
         }
         let chosen: HashSet<usize> = winners.values().copied().collect();
         let applied = futures::future::join_all(chosen.iter().map(|&p| {
@@ -320,7 +342,7 @@ impl Autoscaler {
             }
         }))
         .await;
-        let mut by_part: HashMap<usize, SignalResult> = applied.into_iter().collect();
+        by_part.extend(applied);
         let mut per_request: Vec<Vec<SignalResult>> = vec![Vec::new(); requests.len()];
         for (p, (i, dc, _)) in parts.iter().enumerate() {
             let result = match by_part.remove(&p) {

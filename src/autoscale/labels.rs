@@ -215,6 +215,7 @@ pub fn policy_for(
             .and_then(|v| parse_step_cap(v).ok())
             .or(max_step_up),
         staleness_guard: flag(LABEL_STALENESS_GUARD).unwrap_or(staleness_guard),
+        hold_ttl: cfg.hold_ttl,
     };
     let shadow = flag(LABEL_SHADOW)
         .or(flag(LABEL_DRY_RUN))

@@ -131,6 +131,13 @@ pub struct Policy {
     /// Hold an alert's scale-up when faastastic's own invocation counters show the load gone.
     #[serde(default = "yes")]
     pub staleness_guard: bool,
+    /// How long a hold lasts after its last delivery when no resolve arrives.
+    #[serde(default = "default_hold_ttl", with = "secs")]
+    pub hold_ttl: Duration,
+}
+
+fn default_hold_ttl() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn yes() -> bool {
@@ -154,6 +161,7 @@ impl Default for Policy {
             target_per_replica: None,
             max_step_up: None,
             staleness_guard: true,
+            hold_ttl: default_hold_ttl(),
         }
     }
 }
@@ -213,6 +221,11 @@ pub enum Action {
     To(u64),
     /// The alert that asked for more stopped firing.
     Resolved,
+    /// A hold alert fires: no scale-down (and no scale-up from it) until it resolves or
+    /// `hold_ttl` passes without another delivery.
+    Hold,
+    /// The hold alert resolved.
+    Release,
 }
 
 /// One input to the engine.
@@ -244,6 +257,9 @@ pub struct State {
     pub applied: VecDeque<(String, DateTime<Utc>)>,
     /// A resolve happened and replicas are stepping down towards min on ticks.
     pub stepping_down: bool,
+    /// A hold forbids scale-down until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_until: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +277,8 @@ pub enum Clamp {
     LoadGone,
     /// Autoscaling is paused for this function (or for all).
     Paused,
+    /// A hold alert forbids scale-down.
+    Hold,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -319,6 +337,18 @@ fn secs_text(d: Duration) -> String {
     } else {
         format!("{s:.1}s")
     }
+}
+
+/// The end of an active hold, if one is active at `now`.
+fn active_hold(state: &State, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    state.hold_until.filter(|until| *until > now)
+}
+
+fn hold_reason(why: &str, until: DateTime<Utc>) -> String {
+    format!(
+        "{why}; held: a hold alert forbids scale-down until it resolves (at the latest {})",
+        until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )
 }
 
 /// One OpenFaaS step up from `current`, and its reason (`note` says why step mode applies).
@@ -384,8 +414,39 @@ pub fn decide(
     next.applied
         .retain(|(_, at)| since(now, Some(*at)).is_some_and(|age| age <= dedupe_window));
 
+    if active_hold(&next, now).is_none() {
+        next.hold_until = None;
+    }
     let (min, max) = (policy.min, policy.max.max(policy.min));
     let mut clamps = Vec::new();
+    if let Input::Signal {
+        action: action @ (Action::Hold | Action::Release),
+        ..
+    } = input
+    {
+        let reason = if action == Action::Hold {
+            let until = now
+                + chrono::Duration::from_std(policy.hold_ttl)
+                    .unwrap_or(chrono::Duration::seconds(300));
+            next.hold_until = Some(until);
+            format!(
+                "hold: no scale-down until the alert resolves (or {} without a delivery)",
+                secs_text(policy.hold_ttl)
+            )
+        } else {
+            next.hold_until = None;
+            "hold released".to_string()
+        };
+        let d = Decision {
+            from: current,
+            to: current,
+            recommended: current,
+            outcome: Outcome::NoChange,
+            clamps,
+            reason,
+        };
+        return (d, next);
+    }
     let held = |to: u64, recommended: u64, clamps: Vec<Clamp>, reason: String| Decision {
         from: current,
         to,
@@ -416,6 +477,12 @@ pub fn decide(
             secs_text(idle_for),
             secs_text(after)
         );
+        if let Some(until) = active_hold(&next, now) {
+            return (
+                held(current, 0, vec![Clamp::Hold], hold_reason(&why, until)),
+                next,
+            );
+        }
         let last_scale = state.last_scale_down.max(state.last_scale_up);
         if let Some(elapsed) = in_cooldown(now, last_scale, policy.down_cooldown) {
             let reason = cooldown_reason(&why, "down", policy.down_cooldown, elapsed, "scale");
@@ -492,6 +559,7 @@ pub fn decide(
                     None,
                 ),
                 Action::To(n) => (n, format!("asked for {n} replicas"), None),
+                Action::Hold | Action::Release => unreachable!("handled above"),
                 Action::Resolved if policy.resolved_to_min => {
                     next.stepping_down = false;
                     (
@@ -601,6 +669,13 @@ pub fn decide(
             }
         }
     } else {
+        if let Some(until) = active_hold(&next, now) {
+            clamps.push(Clamp::Hold);
+            return (
+                held(current, recommended, clamps, hold_reason(&why, until)),
+                next,
+            );
+        }
         let last_scale = state.last_scale_down.max(state.last_scale_up);
         if let Some(elapsed) = in_cooldown(now, last_scale, policy.down_cooldown) {
             clamps.push(Clamp::DownCooldown);
@@ -1090,6 +1165,48 @@ mod tests {
         assert_eq!(d.to, 2);
     }
 
+    #[test]
+    fn a_hold_forbids_scale_down_until_released_or_expired() {
+        let p = Policy {
+            max: 10,
+            hold_ttl: Duration::from_secs(120),
+            ..Policy::default()
+        };
+        let (d, s) = decide(&p, 5, &State::default(), signal(Action::Hold), at(0));
+        assert_eq!(
+            (d.outcome, d.to),
+            (Outcome::NoChange, 5),
+            "a hold scales nothing"
+        );
+        assert!(d.reason.starts_with("hold"), "{}", d.reason);
+        for input in [
+            signal(Action::StepDown),
+            signal(Action::To(2)),
+            signal(Action::Resolved),
+            Input::Idle {
+                idle_for: Duration::from_secs(3600),
+            },
+        ] {
+            let p = Policy {
+                scale_to_zero_after: Some(Duration::from_secs(60)),
+                ..p.clone()
+            };
+            let (d, _) = decide(&p, 5, &s, input.clone(), at(10));
+            assert_eq!((d.outcome, d.to), (Outcome::Held, 5), "{input:?}: {d:?}");
+            assert_eq!(d.clamps.last(), Some(&Clamp::Hold), "{d:?}");
+        }
+        // Scale-up is not held.
+        let (d, _) = decide(&p, 5, &s, signal(Action::StepUp), at(10));
+        assert_eq!((d.outcome, d.to), (Outcome::Scale, 6));
+        // Released: down again.
+        let (_, released) = decide(&p, 5, &s, signal(Action::Release), at(20));
+        let (d, _) = decide(&p, 5, &released, signal(Action::To(2)), at(21));
+        assert_eq!((d.outcome, d.to), (Outcome::Scale, 2));
+        // No delivery for the hold's ttl: it lapses on its own.
+        let (d, _) = decide(&p, 5, &s, signal(Action::To(2)), at(121));
+        assert_eq!((d.outcome, d.to), (Outcome::Scale, 2));
+    }
+
     fn signal_with_rate(action: Action, rate: f64) -> Input<'static> {
         Input::Signal {
             action,
@@ -1113,6 +1230,8 @@ mod properties {
             (0u64..40).prop_map(Action::To),
             (0.0f64..200.0, prop::option::of(0.5f64..20.0))
                 .prop_map(|(value, target)| Action::Sized { value, target }),
+            Just(Action::Hold),
+            Just(Action::Release),
         ]
     }
 
@@ -1161,6 +1280,7 @@ mod properties {
                         AlertMode::Step
                     },
                     staleness_guard: sizing.3,
+                    hold_ttl: Duration::from_secs(90),
                 },
             )
     }
@@ -1193,8 +1313,16 @@ mod properties {
             let mut applied: Vec<(DateTime<Utc>, u64, u64)> = Vec::new();
             let mut recs: Vec<(DateTime<Utc>, u64)> = Vec::new();
             let mut keys_applied: Vec<(String, DateTime<Utc>)> = Vec::new();
+            let mut hold_until: Option<DateTime<Utc>> = None;
             for (gap, action, key, observed) in seq {
                 now += chrono::Duration::seconds(gap as i64);
+                match action {
+                    Some(Action::Hold) => {
+                        hold_until = Some(now + chrono::Duration::from_std(p.hold_ttl).unwrap())
+                    }
+                    Some(Action::Release) => hold_until = None,
+                    _ => {}
+                }
                 let key_text = key.map(|k| format!("alert-{k}"));
                 let input = match action {
                     Some(a) => Input::Signal { action: a, dedupe_key: key_text.as_deref(), observed_rate: observed },
@@ -1226,6 +1354,8 @@ mod properties {
                             prop_assert!((now - *t).to_std().unwrap() >= p.up_cooldown);
                         }
                     } else {
+                        // Never down while a hold is active.
+                        prop_assert!(hold_until.is_none_or(|u| u <= now), "{:?} during a hold", d);
                         // No scale-down inside the down cooldown (after any scale) ...
                         if let Some((t, _, _)) = applied.last() {
                             prop_assert!((now - *t).to_std().unwrap() >= p.down_cooldown);
@@ -1254,7 +1384,8 @@ mod properties {
                 if d.clamps.contains(&Clamp::LoadGone) {
                     prop_assert_eq!(d.to, current);
                 }
-                if action.is_some() && !d.clamps.contains(&Clamp::Duplicate) && !d.clamps.contains(&Clamp::LoadGone) {
+                let hold_signal = matches!(action, Some(Action::Hold | Action::Release));
+                if action.is_some() && !hold_signal && !d.clamps.contains(&Clamp::Duplicate) && !d.clamps.contains(&Clamp::LoadGone) {
                     recs.push((now, d.recommended.clamp(p.min, p.max.max(p.min))));
                 }
                 state = next;

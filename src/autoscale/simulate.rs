@@ -103,6 +103,8 @@ fn parse_line(
             Parsed::Signal(action, key, line.observed)
         }
         "resolved" => Parsed::Signal(Action::Resolved, key, None),
+        "hold" => Parsed::Signal(Action::Hold, key, None),
+        "release" => Parsed::Signal(Action::Release, key, None),
         "step_down" | "down" => Parsed::Signal(Action::StepDown, key, None),
         "to" => {
             let n = line
@@ -113,7 +115,7 @@ fn parse_line(
         "tick" => Parsed::Tick,
         other => {
             return Err(format!(
-                "line {n}: action {other:?} is not one of firing, resolved, step_down, to, tick"
+                "line {n}: action {other:?} is not one of firing, resolved, step_down, to, hold, release, tick"
             ))
         }
     };
@@ -171,6 +173,8 @@ pub fn simulate(
                     Action::StepDown => "step_down".to_string(),
                     Action::To(n) => format!("to {n}"),
                     Action::Resolved => "resolved".to_string(),
+                    Action::Hold => "hold".to_string(),
+                    Action::Release => "release".to_string(),
                 };
                 let input = Input::Signal {
                     action: *action,
