@@ -290,6 +290,11 @@ impl Fleet {
         &self.home
     }
 
+    /// `limits.max_replicas`: the most replicas of one function in one datacenter.
+    pub fn max_replicas(&self) -> u64 {
+        self.max_replicas
+    }
+
     /// A `?datacenter=` value: `None` for all, else a configured datacenter.
     pub fn resolve_datacenter(&self, given: Option<&str>) -> Result<Option<String>, FleetError> {
         match given.filter(|d| !d.is_empty()) {

@@ -380,6 +380,23 @@ impl Store {
         .await
     }
 
+    /// An event of one function that changes no autoscaler state (a manual scale).
+    pub async fn record_event(
+        &self,
+        id: &FunctionId,
+        event: EventRecord,
+    ) -> Result<i64, StoreError> {
+        let id = id.clone();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![event.at.to_rfc3339(), id.namespace, id.name, event.datacenter, event.json],
+            )?;
+            Ok(conn.last_insert_rowid())
+        })
+        .await
+    }
+
     /// An event that concerns no single function (a metric source going down or coming back).
     pub async fn record_source_event(
         &self,

@@ -745,3 +745,54 @@ async fn a_hold_alert_keeps_replicas_up_until_it_resolves() {
     assert_eq!(body["alerts"][0]["outcome"], "scaled", "{body}");
     assert!(replicas(&s, "batchy").await < 4);
 }
+
+/// A manual scale stays within the function's min and max unless it says `override`, and is
+/// in the audit trail either way.
+#[tokio::test]
+async fn manual_scale_obeys_min_and_max_unless_overridden() {
+    let s = Server::start();
+    let mut f = echo_function("bounded");
+    f["labels"] = json!({"com.openfaas.scale.min": "2", "com.openfaas.scale.max": "3"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    let post = |body: Value| {
+        let req = s
+            .system(Method::POST, "/system/scale-function/bounded")
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (code, text) = post(json!({"serviceName": "bounded", "replicas": 5})).await;
+    assert_eq!(code, 400, "{text}");
+    assert!(
+        text.contains("outside 2..3") && text.contains("override"),
+        "{text}"
+    );
+    let (code, text) = post(json!({"serviceName": "bounded", "replicas": 1})).await;
+    assert_eq!(code, 400, "{text}");
+    assert_eq!(replicas(&s, "bounded").await, 2, "nothing changed");
+    assert_eq!(
+        post(json!({"serviceName": "bounded", "replicas": 3}))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(
+        post(json!({"serviceName": "bounded", "replicas": 0}))
+            .await
+            .0,
+        202,
+        "scale to zero is allowed"
+    );
+    let (code, _) = post(json!({"serviceName": "bounded", "replicas": 5, "override": true})).await;
+    assert_eq!(code, 202);
+    assert_eq!(replicas(&s, "bounded").await, 5);
+    let trail = events(&s, "?function=bounded").await;
+    assert_eq!(trail[0]["source"], "manual");
+    assert!(
+        trail[0]["reason"].as_str().unwrap().contains("override"),
+        "{trail:#?}"
+    );
+    assert_eq!(trail.iter().filter(|e| e["source"] == "manual").count(), 3);
+}

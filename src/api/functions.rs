@@ -109,8 +109,14 @@ pub async fn scale(
     let datacenter = s
         .fleet
         .resolve_datacenter(req.datacenter.as_deref().or(q.datacenter.as_deref()))?;
-    let (fleet, target, dc) = (s.fleet.clone(), id.clone(), datacenter.clone());
-    detached(async move { fleet.scale(&target, dc.as_deref(), replicas).await }).await??;
+    let override_bounds = req.override_bounds.unwrap_or(false);
+    let (autoscaler, target, dc) = (s.autoscaler.clone(), id.clone(), datacenter.clone());
+    detached(async move {
+        autoscaler
+            .manual_scale(&target, dc.as_deref(), replicas, override_bounds)
+            .await
+    })
+    .await??;
     tracing::info!(function = %id, datacenter = ?datacenter, replicas, "scaled");
     Ok(StatusCode::ACCEPTED)
 }

@@ -178,6 +178,9 @@ pub struct ScaleServiceRequest {
     /// faastastic: scale one datacenter; without it `replicas` is the total, spread.
     #[serde(default)]
     pub datacenter: Option<String>,
+    /// faastastic: allow a count outside the function's min and max (recorded as such).
+    #[serde(default, rename = "override")]
+    pub override_bounds: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

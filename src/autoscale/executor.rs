@@ -720,6 +720,71 @@ impl Autoscaler {
             .retain(|(f, _), _| f != id);
     }
 
+    /// `POST /system/scale-function`: a manual scale, in one datacenter or as a total spread
+    /// over the function's datacenters. It must stay within the function's min and max (per
+    /// datacenter; 0, scale to zero, is always allowed) unless `override_bounds`, and it is
+    /// recorded as an event from source `manual`.
+    pub async fn manual_scale(
+        &self,
+        id: &FunctionId,
+        datacenter: Option<&str>,
+        replicas: u64,
+        override_bounds: bool,
+    ) -> Result<(), FleetError> {
+        let view = self.fleet.get_in(id, datacenter)?;
+        let (policy, _) = policy_for(&id.qualified(), &view.function.deployment, &self.cfg)
+            .map_err(FleetError::Invalid)?;
+        let k = view.datacenters.len().max(1) as u64;
+        let (min, max) = (policy.min.saturating_mul(k), policy.max.saturating_mul(k));
+        let outside = replicas != 0 && !(min..=max).contains(&replicas);
+        let from = view.replicas.desired;
+        let over_limit = replicas > self.fleet.max_replicas().saturating_mul(k);
+        if outside && !override_bounds && !over_limit {
+            let per = if k > 1 {
+                format!(" ({k} datacenters × {}..{})", policy.min, policy.max)
+            } else {
+                String::new()
+            };
+            return Err(FleetError::Invalid(vec![format!(
+                "replicas: {replicas} is outside {min}..{max}{per}, the function's min and max; send \"override\": true to scale outside them"
+            )]));
+        }
+        self.fleet.scale(id, datacenter, replicas).await?;
+        let mut reason = format!("manual scale: {from} -> {replicas}");
+        if outside {
+            reason.push_str(&format!(" (override: outside min..max {min}..{max})"));
+        }
+        let event = ScaleEvent {
+            id: None,
+            time: Utc::now(),
+            function: id.name.clone(),
+            namespace: id.namespace.clone(),
+            datacenter: datacenter.unwrap_or("*").to_string(),
+            source: "manual".to_string(),
+            from,
+            to: replicas,
+            recommended: replicas,
+            direction: match replicas.cmp(&from) {
+                std::cmp::Ordering::Greater => "up",
+                std::cmp::Ordering::Less => "down",
+                std::cmp::Ordering::Equal => "none",
+            },
+            outcome: "scaled",
+            reason,
+            clamps: Vec::new(),
+            evidence: serde_json::json!({"override": outside}),
+        };
+        let record = EventRecord {
+            at: event.time,
+            datacenter: event.datacenter.clone(),
+            json: serde_json::to_string(&event).unwrap_or_default(),
+        };
+        if let Err(e) = self.store.record_event(id, record).await {
+            tracing::error!(function = %id, error = %e, "cannot record a manual scale");
+        }
+        Ok(())
+    }
+
     /// The pause that holds a function, if any (a pause of all wins).
     pub fn pause_of(&self, id: &FunctionId) -> Option<Pause> {
         let paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
