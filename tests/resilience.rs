@@ -554,3 +554,31 @@ async fn http_mode_replicas_each_get_their_own_port() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// Scale-in drains: replicas being removed stop getting new requests first and finish what they
+/// have, so repeated 4 -> 1 scale-downs under load fail no request.
+#[tokio::test]
+async fn repeated_scale_downs_under_load_fail_no_request() {
+    let s = Server::start();
+    let mut f = echo_function("drained");
+    // Each request takes a little while, so scale-downs catch requests in flight.
+    f["envProcess"] = json!("sh -c 'sleep 0.05; cat'");
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("drained", 1).await;
+    let load = common::Load::start(&s, "drained", 60, Duration::from_secs(60));
+    for round in 0..3 {
+        assert_eq!(s.scale("drained", 4).await, 202);
+        s.wait_available("drained", 4).await;
+        tokio::time::sleep(Duration::from_millis(500)).await; // traffic on all four
+        assert_eq!(s.scale("drained", 1).await, 202);
+        s.wait_available("drained", 1).await;
+        assert_eq!(load.failed(), 0, "a request failed in round {round}");
+    }
+    let failed = load.failed();
+    let sent = load.stop().await;
+    assert!(sent > 30, "the load ran ({sent} requests)");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {sent} requests failed across the scale-downs"
+    );
+}

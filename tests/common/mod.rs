@@ -335,6 +335,8 @@ pub fn free_port() -> u16 {
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: tokio::task::JoinHandle<u32>,
+    /// Requests answered with anything but 2xx, or not answered.
+    failed: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Load {
@@ -342,10 +344,12 @@ impl Load {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
         let stop = Arc::new(AtomicBool::new(false));
-        let (flag, url, http) = (
+        let failed = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (flag, url, http, failures) = (
             stop.clone(),
             s.url(&format!("/function/{name}")),
             s.http.clone(),
+            failed.clone(),
         );
         let handle = tokio::spawn(async move {
             let deadline = Instant::now() + limit;
@@ -358,16 +362,31 @@ impl Load {
                 let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                     continue;
                 };
-                let (http, url) = (http.clone(), url.clone());
+                let (http, url, failures) = (http.clone(), url.clone(), failures.clone());
                 tokio::spawn(async move {
-                    let _ = http.post(&url).body("x").send().await;
+                    let ok = match http.post(&url).body("x").send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
                     drop(permit);
                 });
                 sent += 1;
             }
             sent
         });
-        Load { stop, handle }
+        Load {
+            stop,
+            handle,
+            failed,
+        }
+    }
+
+    /// Requests that failed so far (non-2xx or no answer).
+    pub fn failed(&self) -> u32 {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the load and returns how many requests it sent.
