@@ -84,6 +84,24 @@ impl Agent {
         validate_dns_label("namespace", namespace).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
         Ok(FunctionId::new(name, namespace))
     }
+
+    /// The function a control-plane call names and its JSON body (`what` names it in errors).
+    fn target_and_body<T: serde::de::DeserializeOwned>(
+        &self,
+        headers: &axum::http::HeaderMap,
+        (namespace, name): &(String, String),
+        body: &[u8],
+        what: &str,
+    ) -> Result<(FunctionId, T), (StatusCode, String)> {
+        let id = self.target(headers, namespace, name)?;
+        let req = serde_json::from_slice(body).map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("bad {what} request: {e}\n"),
+            )
+        })?;
+        Ok((id, req))
+    }
 }
 
 /// The answer to a platform call.
@@ -116,18 +134,15 @@ async fn list(State(a): State<Arc<Agent>>, req: Request) -> Response {
 
 async fn apply(
     State(a): State<Arc<Agent>>,
-    Path((namespace, name)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    let id = match a.target(&headers, &namespace, &name) {
-        Ok(id) => id,
-        Err(e) => return e.into_response(),
-    };
-    let req: ApplyRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad apply request: {e}")),
-    };
+    let (id, req): (FunctionId, ApplyRequest) =
+        match a.target_and_body(&headers, &path, &body, "apply") {
+            Ok(r) => r,
+            Err(e) => return e.into_response(),
+        };
     if let Err(e) = a.platform.validate(&req.deployment) {
         return error(StatusCode::BAD_REQUEST, e);
     }
@@ -153,19 +168,14 @@ async fn apply(
 
 async fn scale(
     State(a): State<Arc<Agent>>,
-    Path((namespace, name)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    let id = match a.target(&headers, &namespace, &name) {
-        Ok(id) => id,
-        Err(e) => return e.into_response(),
-    };
-    let req: ScaleRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad scale request: {e}")),
-    };
-    done(a.platform.scale(&id, req.replicas).await)
+    match a.target_and_body::<ScaleRequest>(&headers, &path, &body, "scale") {
+        Ok((id, req)) => done(a.platform.scale(&id, req.replicas).await),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn remove(

@@ -449,16 +449,10 @@ impl Fleet {
         id: &FunctionId,
         pin: Option<&str>,
     ) -> Option<(String, Arc<EndpointSet>)> {
-        let placed = self.placement_of(id)?;
-        for dc in self.preference() {
-            if !placed.contains_key(&dc.name) || pin.is_some_and(|p| p != dc.name) {
-                continue;
-            }
-            if let Some(set) = dc.platform.endpoints(id).filter(|s| !s.is_empty()) {
-                return Some((dc.name.clone(), set));
-            }
-        }
-        None
+        self.find_placed(id, pin, |dc| {
+            let set = dc.platform.endpoints(id).filter(|s| !s.is_empty())?;
+            Some((dc.name.clone(), set))
+        })
     }
 
     /// The datacenter a held invocation waits in (pinned, else home if placed there, else the
@@ -468,11 +462,25 @@ impl Fleet {
         id: &FunctionId,
         pin: Option<&str>,
     ) -> Option<(String, Option<watch::Receiver<u64>>)> {
-        let placed = self.placement_of(id)?;
-        let dc = self
-            .preference()
-            .find(|d| placed.contains_key(&d.name) && pin.is_none_or(|p| p == d.name))?;
-        Some((dc.name.clone(), dc.platform.watch_ready(id)))
+        self.find_placed(id, pin, |dc| {
+            Some((dc.name.clone(), dc.platform.watch_ready(id)))
+        })
+    }
+
+    /// The first of the function's datacenters (only `pin`, when given), in preference order,
+    /// for which `f` answers. Reads the placement in place: the invoke path calls this on every
+    /// request.
+    fn find_placed<T>(
+        &self,
+        id: &FunctionId,
+        pin: Option<&str>,
+        f: impl FnMut(&Arc<Datacenter>) -> Option<T>,
+    ) -> Option<T> {
+        let functions = self.read_functions();
+        let placed = &functions.get(id)?.replicas;
+        self.preference()
+            .filter(|d| placed.contains_key(&d.name) && pin.is_none_or(|p| p == d.name))
+            .find_map(f)
     }
 
     /// Where a deployment goes: `com.faastastic.datacenters` and `datacenter==NAME` choose,

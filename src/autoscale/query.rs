@@ -174,10 +174,6 @@ pub fn spawn_all(
 }
 
 impl Runner {
-    fn source_name(&self) -> String {
-        format!("query:{}", self.policy.name)
-    }
-
     /// Values per function and datacenter (`None`: a series for the whole function), or why
     /// there are none.
     async fn read(&mut self) -> Result<Values, String> {
@@ -246,12 +242,12 @@ impl Runner {
     async fn evaluate(&mut self) {
         let started = Instant::now();
         self.evaluate_once().await;
-        self.metrics.evaluated(&self.source_name(), started);
+        self.metrics.evaluated(&source_name(&self.policy), started);
     }
 
     async fn evaluate_once(&mut self) {
         let values = self.read().await;
-        let source = self.source_name();
+        let source = source_name(&self.policy);
         let values = match values {
             Ok(v) => {
                 self.metrics
@@ -298,13 +294,18 @@ impl Runner {
                 }
                 if let Some(fallback) = self.policy.fallback_replicas {
                     if self.failures >= FALLBACK_AFTER_FAILURES {
-                        self.apply_all(|_, _, _, _, _| {
-                            Some((
-                                fallback,
-                                format!("source unavailable: fallback_replicas {fallback}"),
-                                f64::NAN,
-                            ))
-                        })
+                        apply_all(
+                            &self.policy,
+                            &self.fleet,
+                            &self.autoscaler,
+                            |_, _, _, _, _| {
+                                Some((
+                                    fallback,
+                                    format!("source unavailable: fallback_replicas {fallback}"),
+                                    f64::NAN,
+                                ))
+                            },
+                        )
                         .await;
                     }
                 }
@@ -313,19 +314,11 @@ impl Runner {
         };
         apply_values(&self.policy, &values, &self.fleet, &self.autoscaler).await;
     }
+}
 
-    async fn apply_all<F>(&self, want: F)
-    where
-        F: Fn(
-            &FunctionId,
-            &str,
-            usize,
-            u64,
-            &crate::model::FunctionDeployment,
-        ) -> Option<(u64, String, f64)>,
-    {
-        apply_all(&self.policy, &self.fleet, &self.autoscaler, want).await;
-    }
+/// The source a policy's decisions and events name: `query:NAME`.
+fn source_name(policy: &QueryPolicy) -> String {
+    format!("query:{}", policy.name)
 }
 
 /// One evaluation of a policy from values already read: each matching function's value in
@@ -386,7 +379,7 @@ where
         &crate::model::FunctionDeployment,
     ) -> Option<(u64, String, f64)>,
 {
-    let source = format!("query:{}", policy.name);
+    let source = source_name(policy);
     let query = match &policy.source {
         QuerySource::Prometheus { query } => query.as_str(),
         QuerySource::Internal { .. } => "internal invocation rate",

@@ -26,6 +26,28 @@ pub enum PlatformError {
     Failed(String),
 }
 
+/// Runs `pass` every `every` for as long as `target` lives (an adapter's poll of its engine or
+/// agent); a slow pass skips ticks rather than piling them up.
+pub(crate) fn poll_while_alive<T, F, Fut>(
+    target: std::sync::Weak<T>,
+    every: std::time::Duration,
+    mut pass: F,
+) where
+    T: Send + Sync + 'static,
+    F: FnMut(Arc<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let Some(t) = target.upgrade() else { return };
+            pass(t).await;
+        }
+    });
+}
+
 /// One ready replica that can take requests.
 #[derive(Debug)]
 pub struct Endpoint {

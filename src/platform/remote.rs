@@ -204,23 +204,17 @@ impl RemotePlatform {
 }
 
 fn spawn_poller(platform: Weak<RemotePlatform>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tick.tick().await;
-            let Some(p) = platform.upgrade() else { return };
-            let result = p.refresh().await;
-            let was_down = p
-                .down
-                .swap(result.is_err(), std::sync::atomic::Ordering::Relaxed);
-            match result {
-                Err(e) if !was_down => {
-                    tracing::warn!(agent = %p.base, error = %e, "agent unavailable")
-                }
-                Ok(_) if was_down => tracing::info!(agent = %p.base, "agent answers again"),
-                _ => {}
+    super::poll_while_alive(platform, POLL, |p| async move {
+        let result = p.refresh().await;
+        let was_down = p
+            .down
+            .swap(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        match result {
+            Err(e) if !was_down => {
+                tracing::warn!(agent = %p.base, error = %e, "agent unavailable")
             }
+            Ok(_) if was_down => tracing::info!(agent = %p.base, "agent answers again"),
+            _ => {}
         }
     });
 }

@@ -347,15 +347,7 @@ impl SwarmPlatform {
 }
 
 fn spawn_poller(platform: Weak<SwarmPlatform>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tick.tick().await;
-            let Some(p) = platform.upgrade() else { return };
-            p.refresh().await;
-        }
-    });
+    super::poll_while_alive(platform, POLL, |p| async move { p.refresh().await });
 }
 
 /// The platform's handle: the trait needs `&self`, the poller an `Arc`.
