@@ -17,6 +17,7 @@ declare -A needs=(
   [dockerd]=docker.io
   [docker]=docker.io
   [busybox]=busybox-static
+  [openssl]=openssl
 )
 missing=()
 for program in "${!needs[@]}"; do
