@@ -396,6 +396,13 @@ impl Fleet {
             .collect()
     }
 
+    /// Ready replicas of a function in one datacenter, as its platform sees them now.
+    pub fn ready_in(&self, id: &FunctionId, datacenter: &str) -> u64 {
+        self.datacenter(datacenter)
+            .map(|d| d.platform.replicas(id).ready)
+            .unwrap_or(0)
+    }
+
     pub fn get(&self, id: &FunctionId) -> Result<FunctionView, FleetError> {
         self.get_in(id, None)
     }
@@ -423,10 +430,7 @@ impl Fleet {
             if only.is_some_and(|o| o != dc) {
                 continue;
             }
-            let ready = self
-                .datacenter(dc)
-                .map(|d| d.platform.replicas(&f.id).ready)
-                .unwrap_or(0);
+            let ready = self.ready_in(&f.id, dc);
             let counts = ReplicaCounts {
                 desired: *desired,
                 ready,

@@ -313,6 +313,7 @@ impl Autoscaler {
                 action: *action,
                 dedupe_key: r.dedupe_key.as_deref(),
                 observed_rate: None,
+                starting: 0,
             };
             let result = self
                 .apply(&r.id, dc, input, &r.source, r.evidence.clone(), false)
@@ -328,6 +329,7 @@ impl Autoscaler {
                     action: *action,
                     dedupe_key: r.dedupe_key.as_deref(),
                     observed_rate: self.observed_rate(&r.id, dc, *action),
+                    starting: 0,
                 };
                 let mut evidence = r.evidence.clone();
                 if let (Action::Sized { value, .. }, Some(obj)) = (action, evidence.as_object_mut())
@@ -439,6 +441,21 @@ impl Autoscaler {
             }
         };
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
+        // The platform's ready count, read under the function's lock like `current`.
+        let input = match input {
+            Input::Signal {
+                action,
+                dedupe_key,
+                observed_rate,
+                ..
+            } => Input::Signal {
+                action,
+                dedupe_key,
+                observed_rate,
+                starting: current.saturating_sub(self.fleet.ready_in(id, datacenter)),
+            },
+            other => other,
+        };
         let (mut decision, mut next) = decide(&policy, current, &state, input, now);
         // Paused: the decision is computed and explained, but nothing changes, not even the
         // engine's memory (no cooldown starts, no alert counts as applied).
@@ -965,9 +982,12 @@ mod tests {
 
     /// A platform whose scale calls fail while `down` is set: fault injection for the
     /// executor's retry contract.
+    /// Replicas are ready as soon as they are asked for, except the last `lag` of them.
     #[derive(Default)]
     struct FlakyPlatform {
         down: AtomicBool,
+        replicas: std::sync::atomic::AtomicU64,
+        lag: std::sync::atomic::AtomicU64,
     }
 
     #[async_trait]
@@ -978,13 +998,15 @@ mod tests {
         fn validate(&self, _: &FunctionDeployment) -> Result<(), String> {
             Ok(())
         }
-        async fn apply(&self, _: Workload, _: u64) -> Result<(), PlatformError> {
+        async fn apply(&self, _: Workload, n: u64) -> Result<(), PlatformError> {
+            self.replicas.store(n, Ordering::SeqCst);
             Ok(())
         }
-        async fn scale(&self, _: &FunctionId, _: u64) -> Result<(), PlatformError> {
+        async fn scale(&self, _: &FunctionId, n: u64) -> Result<(), PlatformError> {
             if self.down.load(Ordering::SeqCst) {
                 Err(PlatformError::Failed("datacenter unreachable".into()))
             } else {
+                self.replicas.store(n, Ordering::SeqCst);
                 Ok(())
             }
         }
@@ -995,7 +1017,11 @@ mod tests {
             Ok(Vec::new())
         }
         fn replicas(&self, _: &FunctionId) -> ReplicaCounts {
-            ReplicaCounts::default()
+            let n = self.replicas.load(Ordering::SeqCst);
+            ReplicaCounts {
+                desired: n,
+                ready: n.saturating_sub(self.lag.load(Ordering::SeqCst)),
+            }
         }
         fn endpoints(&self, _: &FunctionId) -> Option<Arc<EndpointSet>> {
             None
@@ -1009,31 +1035,23 @@ mod tests {
         async fn shutdown(&self) {}
     }
 
-    #[tokio::test]
-    async fn a_failed_platform_call_is_retryable_and_changes_no_state() {
+    /// A store, a fleet over `platforms` (the first is home) with function `f` deployed, and
+    /// an autoscaler without an up cooldown.
+    async fn scaler_over(
+        platforms: Vec<(&str, Arc<FlakyPlatform>)>,
+    ) -> (tempfile::TempDir, Arc<Fleet>, FunctionId, Arc<Autoscaler>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
-        // lon fails while `down` is set; syd always works.
-        let lon = Arc::new(FlakyPlatform::default());
-        let datacenters = vec![
-            Arc::new(Datacenter::new(
-                "lon",
-                lon.clone(),
-                Duration::from_secs(5),
-                100,
-            )),
-            Arc::new(Datacenter::new(
-                "syd",
-                Arc::new(FlakyPlatform::default()),
-                Duration::from_secs(5),
-                100,
-            )),
-        ];
+        let home = platforms[0].0.to_string();
+        let datacenters = platforms
+            .into_iter()
+            .map(|(name, p)| Arc::new(Datacenter::new(name, p, Duration::from_secs(5), 100)))
+            .collect();
         let fleet = Arc::new(
             Fleet::restore(
                 store.clone(),
                 datacenters,
-                "lon",
+                &home,
                 Placement::All,
                 "openfaas-fn",
                 64,
@@ -1062,6 +1080,56 @@ mod tests {
         )
         .await
         .unwrap();
+        (dir, fleet, id, scaler)
+    }
+
+    /// A new step-mode alert while the last step's replicas are still starting waits for them
+    /// (recorded as held, clamp `starting`); once they are ready the next alert steps up.
+    #[tokio::test]
+    async fn a_step_waits_for_replicas_still_starting() {
+        let lon = Arc::new(FlakyPlatform::default());
+        let (_dir, fleet, id, scaler) = scaler_over(vec![("lon", lon.clone())]).await;
+        let firing = |key: &str| SignalRequest {
+            id: id.clone(),
+            datacenter: None,
+            action: Action::StepUp,
+            dedupe_key: Some(key.to_string()),
+            source: "alert".into(),
+            evidence: serde_json::json!({}),
+        };
+        let replicas = || fleet.get(&id).unwrap().function.desired_in("lon").unwrap();
+        let first = scaler.apply_batch(vec![firing("a")]).await;
+        assert_eq!(first[0].outcome, "scaled", "{first:?}");
+        let stepped = replicas();
+        assert!(stepped > 1);
+        // The platform is slow: two of the new replicas are not ready yet.
+        lon.lag.store(2, Ordering::SeqCst);
+        let second = scaler.apply_batch(vec![firing("b")]).await;
+        assert_eq!(second[0].outcome, "held", "{second:?}");
+        assert!(
+            second[0]
+                .reason
+                .contains("2 replica(s) of the last scale-up still starting"),
+            "{}",
+            second[0].reason
+        );
+        assert_eq!(replicas(), stepped, "no second jump on unready replicas");
+        // Ready: the next alert steps up.
+        lon.lag.store(0, Ordering::SeqCst);
+        let third = scaler.apply_batch(vec![firing("c")]).await;
+        assert_eq!(third[0].outcome, "scaled", "{third:?}");
+        assert!(replicas() > stepped);
+    }
+
+    #[tokio::test]
+    async fn a_failed_platform_call_is_retryable_and_changes_no_state() {
+        // lon fails while `down` is set; syd always works.
+        let lon = Arc::new(FlakyPlatform::default());
+        let (_dir, fleet, id, scaler) = scaler_over(vec![
+            ("lon", lon.clone()),
+            ("syd", Arc::new(FlakyPlatform::default())),
+        ])
+        .await;
         let firing = |key: &str, dc: Option<&str>| SignalRequest {
             id: id.clone(),
             datacenter: dc.map(str::to_string),

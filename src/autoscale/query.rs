@@ -358,7 +358,11 @@ pub async fn apply_values(
                 .unwrap_or(cfg.default_max),
             _ => cfg.default_max,
         };
-        match desired(strategy, current, value, max) {
+        let replicas = crate::platform::ReplicaCounts {
+            desired: current,
+            ready: fleet.ready_in(id, dc),
+        };
+        match desired(strategy, replicas, value, max) {
             Want::Replicas(n, why) => Some((n, why, value)),
             Want::Hold(_) => None,
         }
@@ -410,6 +414,7 @@ where
                 action: Action::To(n),
                 dedupe_key: None,
                 observed_rate: None,
+                starting: 0,
             };
             autoscaler
                 .apply(&id, &dc, input, &source, evidence, true)

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::policy::Step;
+use crate::platform::ReplicaCounts;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "strategy")]
@@ -56,8 +57,12 @@ pub enum Want {
     Hold(String),
 }
 
-/// The desired count for `value` with `current` replicas; `max` sizes percentage steps.
-pub fn desired(strategy: &Strategy, current: u64, value: f64, max: u64) -> Want {
+/// The desired count for `value` with `replicas` (asked for, and ready); `max` sizes
+/// percentage steps. Replicas still starting carry no load yet: an average per replica is
+/// an average over the ready ones, and a threshold step waits until they are ready, so a
+/// slow start never causes a second, larger jump.
+pub fn desired(strategy: &Strategy, replicas: ReplicaCounts, value: f64, max: u64) -> Want {
+    let current = replicas.desired;
     if !value.is_finite() {
         return Want::Hold(format!("value {value} is not a number: no data"));
     }
@@ -69,7 +74,12 @@ pub fn desired(strategy: &Strategy, current: u64, value: f64, max: u64) -> Want 
             tolerance,
         } => {
             let total = if per_replica {
-                value * current as f64
+                let carrying = if replicas.ready > 0 {
+                    replicas.ready
+                } else {
+                    current
+                };
+                value * carrying as f64
             } else {
                 value
             };
@@ -96,7 +106,12 @@ pub fn desired(strategy: &Strategy, current: u64, value: f64, max: u64) -> Want 
         }
         Strategy::Threshold { upper, lower, step } => {
             let size = step.size(max).max(1);
-            if value > upper {
+            if value > upper && replicas.starting() > 0 {
+                Want::Hold(format!(
+                    "value {value:.3} above {upper}, but {} replica(s) are still starting: the next step waits for them",
+                    replicas.starting()
+                ))
+            } else if value > upper {
                 Want::Replicas(
                     current.saturating_add(size),
                     format!("value {value:.3} above {upper}: step up by {size}"),
@@ -126,6 +141,17 @@ mod tests {
         }
     }
 
+    fn settled(n: u64) -> ReplicaCounts {
+        ReplicaCounts {
+            desired: n,
+            ready: n,
+        }
+    }
+
+    fn starting(desired: u64, ready: u64) -> ReplicaCounts {
+        ReplicaCounts { desired, ready }
+    }
+
     fn count(w: Want) -> Option<u64> {
         match w {
             Want::Replicas(n, _) => Some(n),
@@ -148,13 +174,13 @@ mod tests {
         ];
         for (s, current, value, want) in cases {
             assert_eq!(
-                count(desired(&s, current, value, 10)),
+                count(desired(&s, settled(current), value, 10)),
                 want,
                 "{s:?} {current} {value}"
             );
         }
         assert!(
-            matches!(desired(&target(5.0, false), 1, f64::NAN, 10), Want::Hold(r) if r.contains("no data"))
+            matches!(desired(&target(5.0, false), settled(1), f64::NAN, 10), Want::Hold(r) if r.contains("no data"))
         );
     }
 
@@ -165,12 +191,47 @@ mod tests {
             lower: 20.0,
             step: Step::PercentOfMax(50),
         };
-        assert_eq!(count(desired(&t, 2, 150.0, 10)), Some(7));
-        assert_eq!(count(desired(&t, 7, 10.0, 10)), Some(2));
-        assert_eq!(count(desired(&t, 7, 50.0, 10)), None);
+        assert_eq!(count(desired(&t, settled(2), 150.0, 10)), Some(7));
+        assert_eq!(count(desired(&t, settled(7), 10.0, 10)), Some(2));
+        assert_eq!(count(desired(&t, settled(7), 50.0, 10)), None);
         assert_eq!(
-            count(desired(&Strategy::Fixed { replicas: 3 }, 9, 0.0, 10)),
+            count(desired(
+                &Strategy::Fixed { replicas: 3 },
+                settled(9),
+                0.0,
+                10
+            )),
             Some(3)
         );
+    }
+
+    /// A slow start must not turn into a second, larger jump: 1 → 4 asked for, 1 ready and
+    /// still measuring the whole load.
+    #[test]
+    fn starting_replicas_are_counted() {
+        // Average per replica over the ready one: 80/s at 20 each → 4, which is what is
+        // already asked for (not 4 × 80 / 20 = 16).
+        let per_replica = target(20.0, true);
+        assert_eq!(count(desired(&per_replica, starting(4, 1), 80.0, 10)), None);
+        assert_eq!(count(desired(&per_replica, settled(1), 80.0, 10)), Some(4));
+        // Once they are ready the average drops and nothing changes either.
+        assert_eq!(count(desired(&per_replica, settled(4), 20.0, 10)), None);
+        // A total is not affected by readiness.
+        assert_eq!(
+            count(desired(&target(20.0, false), starting(4, 1), 80.0, 10)),
+            None
+        );
+        // A threshold step waits for the last step's replicas ...
+        let t = Strategy::Threshold {
+            upper: 100.0,
+            lower: 20.0,
+            step: Step::Count(2),
+        };
+        assert!(
+            matches!(desired(&t, starting(4, 2), 150.0, 10), Want::Hold(r) if r.contains("2 replica(s) are still starting"))
+        );
+        // ... but steps down at once, and steps up again when they are ready.
+        assert_eq!(count(desired(&t, starting(4, 2), 10.0, 10)), Some(2));
+        assert_eq!(count(desired(&t, settled(4), 150.0, 10)), Some(6));
     }
 }
