@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod autoscale;
 pub mod config;
+pub mod conformance;
 pub mod demo;
 pub mod fleet;
 pub mod grafana;
@@ -16,3 +17,17 @@ pub mod rules;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+
+/// An error with its causes (`a: b: c`), so a TLS or connection problem is named.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
+}

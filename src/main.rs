@@ -85,6 +85,35 @@ enum Command {
         #[arg(long, default_value = "faastastic-agent-data")]
         data_dir: PathBuf,
     },
+    /// Check an OpenFaaS gateway or provider (this one or any other) against what faas-cli,
+    /// Terraform and the OpenFaaS gateway send and accept. Prints a pass/fail table; exits 1
+    /// when a required check fails.
+    Conformance {
+        /// Base URL of the gateway or provider.
+        #[arg(long, env = "OPENFAAS_URL", default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        /// Basic auth user.
+        #[arg(long, default_value = "admin")]
+        user: String,
+        /// File holding the Basic auth password (without one, the auth checks are skipped).
+        #[arg(long, conflicts_with = "password")]
+        password_file: Option<PathBuf>,
+        /// The Basic auth password.
+        #[arg(long, env = "OPENFAAS_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// Namespace to deploy the test functions into.
+        #[arg(long, default_value = "openfaas-fn")]
+        namespace: String,
+        /// Image of the test functions: it must run a watchdog that executes `cat` and `env`.
+        #[arg(long, default_value = "ghcr.io/openfaas/alpine:latest")]
+        image: String,
+        /// Seconds a deployed or scaled function may take to become ready.
+        #[arg(long, default_value_t = 60)]
+        ready_timeout_secs: u64,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one function replica (started by the local platform; settings from the environment).
     #[command(hide = true)]
     Watchdog,
@@ -264,6 +293,55 @@ fn main() -> ExitCode {
                 problems += findings.len();
             }
             return if problems == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Command::Conformance {
+            gateway,
+            user,
+            password_file,
+            password,
+            namespace,
+            image,
+            ready_timeout_secs,
+            json,
+        } => {
+            let password = match password_file {
+                Some(file) => match std::fs::read_to_string(&file) {
+                    Ok(p) => Some(p.trim().to_string()),
+                    Err(e) => {
+                        eprintln!("cannot read the password file {}: {e}", file.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => password,
+            };
+            let opts = faastastic::conformance::Options {
+                gateway,
+                user,
+                password,
+                namespace,
+                image,
+                ready_timeout: std::time::Duration::from_secs(ready_timeout_secs),
+            };
+            let report = match runtime.block_on(faastastic::conformance::run(opts)) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("conformance: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("a report serializes")
+                );
+            } else {
+                print!("{}", report.table());
+            }
+            return if report.passed() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

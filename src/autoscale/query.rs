@@ -16,6 +16,7 @@ use super::policy::{Action, Input};
 use super::rates::RateWindow;
 use super::strategy::{desired, Strategy, Want};
 use crate::config::{PrometheusConfig, QueryPolicy, QuerySource};
+use crate::error_chain;
 use crate::fleet::Fleet;
 use crate::model::{split_qualified, FunctionId};
 use crate::telemetry::Metrics;
@@ -55,20 +56,6 @@ struct Runner {
     samples: RateWindow<(String, String)>,
     failures: u32,
     up: bool,
-}
-
-/// An error with its causes (`a: b: c`), so a TLS or connection problem is named.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// The HTTP client for Prometheus: timeout, credentials and TLS trust from `[prometheus]`.
