@@ -569,13 +569,16 @@ impl Fleet {
             }
         }
         errors.extend(crate::autoscale::labels::check_labels(dep));
-        if dep.min_replicas() > self.max_replicas {
-            errors.push(format!(
-                "labels: {} {} is above this server's limit of {} replicas (limits.max_replicas)",
-                crate::model::LABEL_SCALE_MIN,
-                dep.min_replicas(),
-                self.max_replicas
-            ));
+        for (label, n) in [
+            (crate::model::LABEL_SCALE_MIN, dep.min_replicas()),
+            (crate::model::LABEL_SCALE_INITIAL, dep.initial_replicas()),
+        ] {
+            if n > self.max_replicas {
+                errors.push(format!(
+                    "labels: {label} {n} is above this server's limit of {} replicas (limits.max_replicas)",
+                    self.max_replicas
+                ));
+            }
         }
         let namespace = match self.resolve_namespace(dep.namespace.as_deref()) {
             Ok(ns) => Some(ns),
@@ -680,7 +683,7 @@ impl Fleet {
         let _guard = self.write.lock().await;
         let (id, placement) = self.check_deployment(&dep)?;
         let workload = self.workload(&id, &dep).await?;
-        let min = dep.min_replicas();
+        let initial = dep.initial_replicas();
         let existing = self.read_functions().get(&id).cloned();
         let function = match &existing {
             Some(current) => {
@@ -707,19 +710,20 @@ impl Fleet {
                 }
                 let mut f = current.clone();
                 for dc in &placement {
-                    f.replicas.insert(dc.clone(), min);
+                    f.replicas.insert(dc.clone(), initial);
                 }
                 f
             }
             None => Function {
                 id: id.clone(),
-                replicas: placement.iter().map(|dc| (dc.clone(), min)).collect(),
+                replicas: placement.iter().map(|dc| (dc.clone(), initial)).collect(),
                 deployment: dep,
                 created_at: Utc::now(),
             },
         };
         self.store.put_function(&function).await?;
-        let targets: Vec<(String, u64)> = placement.iter().map(|dc| (dc.clone(), min)).collect();
+        let targets: Vec<(String, u64)> =
+            placement.iter().map(|dc| (dc.clone(), initial)).collect();
         let result = self.apply_in(&workload, &targets).await;
         if result.all_failed() {
             // Undo the record so nothing half-deployed remains.

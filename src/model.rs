@@ -13,6 +13,9 @@ pub const DEFAULT_NAMESPACE: &str = "openfaas-fn";
 
 /// Label that sets the initial (and minimum) replica count, as in OpenFaaS.
 pub const LABEL_SCALE_MIN: &str = "com.openfaas.scale.min";
+/// Replicas a new deployment starts with, when not min (e.g. 0: deployed dormant, woken by
+/// its first invocation).
+pub const LABEL_SCALE_INITIAL: &str = "com.faastastic.scale.initial";
 
 /// Longest function or namespace name accepted (a DNS-1123 label).
 pub const MAX_NAME_LEN: usize = 63;
@@ -178,11 +181,13 @@ impl FunctionDeployment {
         if self.image.as_deref().unwrap_or("").is_empty() {
             errors.push("image: is required".to_string());
         }
-        if let Some(value) = self.label(LABEL_SCALE_MIN) {
-            if value.trim().parse::<u64>().is_err() {
-                errors.push(format!(
-                    "labels: {LABEL_SCALE_MIN} must be a non-negative integer, got {value:?}"
-                ));
+        for label in [LABEL_SCALE_MIN, LABEL_SCALE_INITIAL] {
+            if let Some(value) = self.label(label) {
+                if value.trim().parse::<u64>().is_err() {
+                    errors.push(format!(
+                        "labels: {label} must be a non-negative integer, got {value:?}"
+                    ));
+                }
             }
         }
         for secret in self.secrets.iter().flatten() {
@@ -212,6 +217,14 @@ impl FunctionDeployment {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .filter(|v| *v > 0)
             .unwrap_or(1)
+    }
+
+    /// Replicas a new deployment starts with in each datacenter: the
+    /// `com.faastastic.scale.initial` label (0 allowed), else [`Self::min_replicas`].
+    pub fn initial_replicas(&self) -> u64 {
+        self.label(LABEL_SCALE_INITIAL)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| self.min_replicas())
     }
 }
 
@@ -349,6 +362,21 @@ mod tests {
         assert_eq!(dep.min_replicas(), 3);
         dep.labels = Some([(LABEL_SCALE_MIN.to_string(), "0".to_string())].into());
         assert_eq!(dep.min_replicas(), 1);
+        assert_eq!(dep.initial_replicas(), 1);
+        dep.labels = Some(
+            [
+                (LABEL_SCALE_MIN.to_string(), "2".to_string()),
+                (LABEL_SCALE_INITIAL.to_string(), "0".to_string()),
+            ]
+            .into(),
+        );
+        assert_eq!((dep.min_replicas(), dep.initial_replicas()), (2, 0));
+        dep.labels = Some([(LABEL_SCALE_INITIAL.to_string(), "none".to_string())].into());
+        let errors = dep.validate().unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains(LABEL_SCALE_INITIAL)),
+            "{errors:?}"
+        );
     }
 
     #[test]

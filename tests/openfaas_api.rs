@@ -218,6 +218,32 @@ async fn gateway_style_scale_with_namespace_in_query_and_scale_to_zero() {
     assert_eq!(s.status("zero").await.1["replicas"], 1);
 }
 
+/// `com.faastastic.scale.initial=0` deploys a function dormant: no replica runs until its
+/// first invocation, which wakes it to min.
+#[tokio::test]
+async fn a_function_deployed_dormant_wakes_on_its_first_invocation() {
+    let s = Server::start();
+    let mut body = echo_function("dormant");
+    body["labels"] = json!({"com.faastastic.scale.initial": "0", "com.openfaas.scale.min": "2"});
+    assert_eq!(s.deploy(body).await.status(), 202);
+    let (code, st) = s.status("dormant").await;
+    assert_eq!(code, 200);
+    assert!(st.get("replicas").is_none(), "{st}");
+    assert_eq!(s.available("dormant").await, 0);
+    assert_eq!(s.invoke("dormant", "wake").await, (200, "wake".to_string()));
+    assert_eq!(s.status("dormant").await.1["replicas"], 2);
+    // A value that is not a count is refused, naming the label.
+    let mut bad = echo_function("dormant-bad");
+    bad["labels"] = json!({"com.faastastic.scale.initial": "none"});
+    let r = s.deploy(bad).await;
+    assert_eq!(r.status(), 400);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("com.faastastic.scale.initial"));
+}
+
 #[tokio::test]
 async fn async_invoke_runs_in_background_and_calls_back() {
     let s = Server::start();
