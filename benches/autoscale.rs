@@ -58,7 +58,6 @@ fn engine() {
             action: Action::StepUp,
             dedupe_key: Some("fp@t@firing"),
             observed_rate: None,
-            starting: 0,
         },
         t0,
     );
@@ -71,7 +70,6 @@ fn engine() {
                 action: Action::StepUp,
                 dedupe_key: None,
                 observed_rate: None,
-                starting: 0,
             },
             t0 + chrono::Duration::seconds(i * 6),
         );
@@ -96,7 +94,6 @@ fn engine() {
                     action,
                     dedupe_key: Some("other@t@firing"),
                     observed_rate: None,
-                    starting: 0,
                 },
                 now,
             );

@@ -313,7 +313,6 @@ impl Autoscaler {
                 action: *action,
                 dedupe_key: r.dedupe_key.as_deref(),
                 observed_rate: None,
-                starting: 0,
             };
             let result = self
                 .apply(&r.id, dc, input, &r.source, r.evidence.clone(), false)
@@ -329,7 +328,6 @@ impl Autoscaler {
                     action: *action,
                     dedupe_key: r.dedupe_key.as_deref(),
                     observed_rate: self.observed_rate(&r.id, dc, *action),
-                    starting: 0,
                 };
                 let mut evidence = r.evidence.clone();
                 if let (Action::Sized { value, .. }, Some(obj)) = (action, evidence.as_object_mut())
@@ -441,21 +439,6 @@ impl Autoscaler {
             }
         };
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
-        // The platform's ready count, read under the function's lock like `current`.
-        let input = match input {
-            Input::Signal {
-                action,
-                dedupe_key,
-                observed_rate,
-                ..
-            } => Input::Signal {
-                action,
-                dedupe_key,
-                observed_rate,
-                starting: current.saturating_sub(self.fleet.ready_in(id, datacenter)),
-            },
-            other => other,
-        };
         let (mut decision, mut next) = decide(&policy, current, &state, input, now);
         // Paused: the decision is computed and explained, but nothing changes, not even the
         // engine's memory (no cooldown starts, no alert counts as applied).
@@ -982,12 +965,11 @@ mod tests {
 
     /// A platform whose scale calls fail while `down` is set: fault injection for the
     /// executor's retry contract.
-    /// Replicas are ready as soon as they are asked for, except the last `lag` of them.
+    /// Replicas are ready as soon as they are asked for.
     #[derive(Default)]
     struct FlakyPlatform {
         down: AtomicBool,
         replicas: std::sync::atomic::AtomicU64,
-        lag: std::sync::atomic::AtomicU64,
     }
 
     #[async_trait]
@@ -1020,7 +1002,7 @@ mod tests {
             let n = self.replicas.load(Ordering::SeqCst);
             ReplicaCounts {
                 desired: n,
-                ready: n.saturating_sub(self.lag.load(Ordering::SeqCst)),
+                ready: n,
             }
         }
         fn endpoints(&self, _: &FunctionId) -> Option<Arc<EndpointSet>> {
@@ -1081,44 +1063,6 @@ mod tests {
         .await
         .unwrap();
         (dir, fleet, id, scaler)
-    }
-
-    /// A new step-mode alert while the last step's replicas are still starting waits for them
-    /// (recorded as held, clamp `starting`); once they are ready the next alert steps up.
-    #[tokio::test]
-    async fn a_step_waits_for_replicas_still_starting() {
-        let lon = Arc::new(FlakyPlatform::default());
-        let (_dir, fleet, id, scaler) = scaler_over(vec![("lon", lon.clone())]).await;
-        let firing = |key: &str| SignalRequest {
-            id: id.clone(),
-            datacenter: None,
-            action: Action::StepUp,
-            dedupe_key: Some(key.to_string()),
-            source: "alert".into(),
-            evidence: serde_json::json!({}),
-        };
-        let replicas = || fleet.get(&id).unwrap().function.desired_in("lon").unwrap();
-        let first = scaler.apply_batch(vec![firing("a")]).await;
-        assert_eq!(first[0].outcome, "scaled", "{first:?}");
-        let stepped = replicas();
-        assert!(stepped > 1);
-        // The platform is slow: two of the new replicas are not ready yet.
-        lon.lag.store(2, Ordering::SeqCst);
-        let second = scaler.apply_batch(vec![firing("b")]).await;
-        assert_eq!(second[0].outcome, "held", "{second:?}");
-        assert!(
-            second[0]
-                .reason
-                .contains("2 replica(s) of the last scale-up still starting"),
-            "{}",
-            second[0].reason
-        );
-        assert_eq!(replicas(), stepped, "no second jump on unready replicas");
-        // Ready: the next alert steps up.
-        lon.lag.store(0, Ordering::SeqCst);
-        let third = scaler.apply_batch(vec![firing("c")]).await;
-        assert_eq!(third[0].outcome, "scaled", "{third:?}");
-        assert!(replicas() > stepped);
     }
 
     #[tokio::test]

@@ -238,9 +238,6 @@ pub enum Input<'a> {
         /// The function's invocation rate as faastastic itself measured it over the last
         /// window, for the staleness guard; `None`: unknown (the guard does not apply).
         observed_rate: Option<f64>,
-        /// Replicas already asked for but not ready yet. A step up waits for them: the signal
-        /// that asked for them cannot have seen them carry load.
-        starting: u64,
     },
     /// Periodic re-evaluation, which continues a gradual scale-down.
     Tick,
@@ -282,8 +279,6 @@ pub enum Clamp {
     Paused,
     /// A hold alert forbids scale-down.
     Hold,
-    /// A step up waits for the replicas of the last scale-up to become ready.
-    Starting,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -508,8 +503,6 @@ pub fn decide(
 
     // 1. The desired count, its reason and, for a gradual scale-down, the largest step allowed.
     let step_down = policy.step_down.size(max).max(1);
-    // A step counts up from the replicas asked for, so it must not stack on unready ones.
-    let mut stepped = false;
     let (recommended, why, max_step_down) = match input {
         Input::Signal {
             dedupe_key, action, ..
@@ -531,7 +524,6 @@ pub fn decide(
             match action {
                 Action::StepUp => {
                     next.stepping_down = false;
-                    stepped = true;
                     let (to, why) = step_up(policy, current, max, "");
                     (to, why, None)
                 }
@@ -551,19 +543,13 @@ pub fn decide(
                                 ),
                             )
                         }
-                        (AlertMode::Step, _) => {
-                            stepped = true;
-                            step_up(policy, current, max, " (alert_mode step)")
-                        }
-                        (AlertMode::Proportional, None) => {
-                            stepped = true;
-                            step_up(
-                                policy,
-                                current,
-                                max,
-                                " (no target_per_replica to size the alert's value against)",
-                            )
-                        }
+                        (AlertMode::Step, _) => step_up(policy, current, max, " (alert_mode step)"),
+                        (AlertMode::Proportional, None) => step_up(
+                            policy,
+                            current,
+                            max,
+                            " (no target_per_replica to size the alert's value against)",
+                        ),
                     };
                     (to, why, None)
                 }
@@ -643,15 +629,6 @@ pub fn decide(
                 );
                 return (held(current, recommended, clamps, reason), next);
             }
-        }
-    }
-    if let Input::Signal { starting, .. } = input {
-        if stepped && starting > 0 && to > current && current >= min {
-            clamps.push(Clamp::Starting);
-            let reason = format!(
-                "{why}; held: {starting} replica(s) of the last scale-up still starting, and a step waits until they are ready"
-            );
-            return (held(current, recommended, clamps, reason), next);
         }
     }
     next.recommendations.push_back((now, to));
@@ -785,76 +762,7 @@ mod tests {
             action,
             dedupe_key: None,
             observed_rate: None,
-            starting: 0,
         }
-    }
-
-    /// A step up while the last scale-up's replicas are still starting would stack a second
-    /// step on replicas that never carried load: it waits. Sized alerts, steps down and
-    /// reaching min are not affected.
-    #[test]
-    fn step_waits_for_starting_replicas() {
-        let p = openfaas(20, 1, 20); // steps of 4
-        let with_starting = |action, starting| Input::Signal {
-            action,
-            dedupe_key: None,
-            observed_rate: None,
-            starting,
-        };
-        let (d, next) = decide(
-            &p,
-            5,
-            &State::default(),
-            with_starting(Action::StepUp, 3),
-            at(0),
-        );
-        assert_eq!((d.outcome, d.to), (Outcome::Held, 5));
-        assert_eq!(d.clamps, vec![Clamp::Starting]);
-        assert!(
-            d.reason
-                .contains("3 replica(s) of the last scale-up still starting"),
-            "{}",
-            d.reason
-        );
-        assert!(
-            next.recommendations.is_empty(),
-            "a held step is not remembered"
-        );
-        // Ready: the step goes ahead.
-        let (d, _) = decide(
-            &p,
-            5,
-            &State::default(),
-            with_starting(Action::StepUp, 0),
-            at(1),
-        );
-        assert_eq!((d.outcome, d.to), (Outcome::Scale, 9));
-        // A sized alert asks for a total that does not depend on readiness.
-        let sized = Action::Sized {
-            value: 50.0,
-            target: Some(5.0),
-        };
-        let (d, _) = decide(&p, 5, &State::default(), with_starting(sized, 3), at(2));
-        assert_eq!((d.outcome, d.to), (Outcome::Scale, 10));
-        // Stepping down never waits.
-        let (d, _) = decide(
-            &p,
-            5,
-            &State::default(),
-            with_starting(Action::StepDown, 3),
-            at(3),
-        );
-        assert_eq!((d.outcome, d.to), (Outcome::Scale, 1));
-        // Below min, the step to min goes ahead.
-        let p = openfaas(20, 3, 20);
-        let (d, _) = decide(
-            &p,
-            1,
-            &State::default(),
-            with_starting(Action::StepUp, 1),
-            at(4),
-        );
-        assert_eq!(d.outcome, Outcome::Scale);
     }
 
     /// The upstream gateway's own test vectors (status, current, max, min, factor, expected),
@@ -974,7 +882,6 @@ mod tests {
             action: Action::StepUp,
             dedupe_key: key,
             observed_rate: None,
-            starting: 0,
         };
         let (d, s) = decide(&p, 1, &State::default(), firing.clone(), at(0));
         assert_eq!((d.outcome, d.to), (Outcome::Scale, 3));
@@ -1051,7 +958,6 @@ mod tests {
             action: Action::Sized { value, target },
             dedupe_key: None,
             observed_rate: observed,
-            starting: 0,
         }
     }
 
@@ -1306,7 +1212,6 @@ mod tests {
             action,
             dedupe_key: None,
             observed_rate: Some(rate),
-            starting: 0,
         }
     }
 }
@@ -1420,7 +1325,7 @@ mod properties {
                 }
                 let key_text = key.map(|k| format!("alert-{k}"));
                 let input = match action {
-                    Some(a) => Input::Signal { action: a, dedupe_key: key_text.as_deref(), observed_rate: observed, starting: 0 },
+                    Some(a) => Input::Signal { action: a, dedupe_key: key_text.as_deref(), observed_rate: observed },
                     None => Input::Tick,
                 };
                 let (d, next) = decide(&p, current, &state, input.clone(), now);

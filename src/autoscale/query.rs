@@ -401,7 +401,6 @@ where
                 action: Action::To(n),
                 dedupe_key: None,
                 observed_rate: None,
-                starting: 0,
             };
             autoscaler
                 .apply(&id, &dc, input, &source, evidence, true)

@@ -180,7 +180,6 @@ pub fn simulate(
                     action: *action,
                     dedupe_key: key.as_deref(),
                     observed_rate: *observed,
-                    starting: 0,
                 };
                 replay.step(*time, input, label);
             }
