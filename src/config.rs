@@ -261,6 +261,9 @@ pub struct LimitsConfig {
     pub max_replicas: u64,
     /// Largest Alertmanager webhook body accepted by `/system/alert`.
     pub max_alert_body_bytes: usize,
+    /// How long a buffered request body (`/system/*`, `/async-function/*`) may take to arrive
+    /// in full, from the request head; 408 after it.
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -311,6 +314,7 @@ impl Default for Config {
                 max_async_body_bytes: 16 * 1024 * 1024,
                 max_replicas: 64,
                 max_alert_body_bytes: 8 * 1024 * 1024,
+                body_timeout: Duration::from_secs(30),
             },
             local: LocalConfig {
                 health_interval: Duration::from_millis(200),
@@ -481,6 +485,7 @@ impl Config {
                     max_replicas: s.positive("max_replicas", d.max_replicas as usize) as u64,
                     max_alert_body_bytes: s
                         .positive("max_alert_body_bytes", d.max_alert_body_bytes),
+                    body_timeout: s.millis("body_timeout_ms", d.body_timeout),
                 };
                 s.finish(&mut errors);
                 l

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::error::ApiError;
+use super::wire::parse_object;
 use super::AppState;
 use crate::autoscale::alertmanager::Webhook;
 use crate::autoscale::executor::{SignalRequest, SignalResult};
@@ -43,12 +44,9 @@ pub async fn receive(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     if body.iter().all(u8::is_ascii_whitespace) {
         return ApiError::bad_request("A body is required for this endpoint").into_response();
     }
-    let hook: Webhook = match serde_json::from_slice(&body) {
+    let hook: Webhook = match parse_object(&body, "Unable to parse alert, bad format") {
         Ok(h) => h,
-        Err(e) => {
-            return ApiError::bad_request(format!("Unable to parse alert, bad format: {e}"))
-                .into_response()
-        }
+        Err(e) => return e.into_response(),
     };
     let receiver = hook.receiver.clone().unwrap_or_default();
     let alerts = hook.alerts.unwrap_or_default();

@@ -21,20 +21,23 @@ fn split_path<'a>(path: &'a str, prefix: &str) -> (&'a str, &'a str) {
     }
 }
 
+/// The methods a synchronous invocation passes through to the function; others get 405.
+pub const METHODS: &[Method] = &[
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+    Method::HEAD,
+];
+
 pub async fn sync(State(s): State<Arc<AppState>>, req: Request) -> Response {
-    if !matches!(
-        *req.method(),
-        Method::GET
-            | Method::POST
-            | Method::PUT
-            | Method::PATCH
-            | Method::DELETE
-            | Method::OPTIONS
-            | Method::HEAD
-    ) {
+    if !METHODS.contains(req.method()) {
+        let allow: Vec<&str> = METHODS.iter().map(Method::as_str).collect();
         return (
             StatusCode::METHOD_NOT_ALLOWED,
-            [(ALLOW, "GET, POST, PUT, PATCH, DELETE, OPTIONS, HEAD")],
+            [(ALLOW, allow.join(", "))],
             "method not allowed\n",
         )
             .into_response();
@@ -80,14 +83,18 @@ async fn queue(s: &AppState, req: Request) -> Result<Response, ApiError> {
     let (mut parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, s.limits.max_async_body_bytes)
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body is larger than {} bytes (limits.max_async_body_bytes)",
-                    s.limits.max_async_body_bytes
-                ),
-            )
+        .map_err(|e| {
+            if is_length_limit(e) {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "request body is larger than {} bytes (limits.max_async_body_bytes)",
+                        s.limits.max_async_body_bytes
+                    ),
+                )
+            } else {
+                ApiError::bad_request("the request body could not be read")
+            }
         })?;
     let call_id = match parts.headers.get(CALL_ID).and_then(|v| v.to_str().ok()) {
         Some(existing) => existing.to_string(),
@@ -122,9 +129,29 @@ async fn queue(s: &AppState, req: Request) -> Result<Response, ApiError> {
     }
 }
 
+/// True when reading a body failed on its size limit rather than on the connection.
+fn is_length_limit(e: axum::Error) -> bool {
+    e.into_inner()
+        .downcast_ref::<http_body_util::LengthLimitError>()
+        .is_some()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::split_path;
+    use super::{is_length_limit, split_path};
+
+    #[tokio::test]
+    async fn tells_a_size_limit_from_a_failed_read() {
+        let too_big = axum::body::to_bytes(axum::body::Body::from("0123456789"), 4)
+            .await
+            .unwrap_err();
+        assert!(is_length_limit(too_big));
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+            vec![Err(std::io::Error::other("connection reset"))];
+        let broken = axum::body::Body::from_stream(futures::stream::iter(chunks));
+        let failed = axum::body::to_bytes(broken, 1024).await.unwrap_err();
+        assert!(!is_length_limit(failed));
+    }
 
     #[test]
     fn keeps_suffix_and_trailing_slash() {

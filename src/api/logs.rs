@@ -13,7 +13,7 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use super::error::{ApiError, ApiResult};
 use super::AppState;
-use crate::model::{split_qualified, FunctionId};
+use crate::model::{split_qualified, validate_dns_label, FunctionId};
 use crate::platform::{LogMessage, LogQuery};
 
 fn unparseable(what: &str, value: &str) -> ApiError {
@@ -67,6 +67,7 @@ pub async fn logs(
     }
     let query = parse_query(&q)?;
     let (name, suffix) = split_qualified(raw);
+    validate_dns_label("name", name).map_err(ApiError::bad_request)?;
     let namespace = q
         .get("namespace")
         .map(String::as_str)

@@ -11,13 +11,20 @@ use http::StatusCode;
 use super::error::{ApiError, ApiResult};
 use super::wire::parse_json;
 use super::{detached, AppState};
-use crate::model::Namespace;
+use crate::model::{validate_dns_label, Namespace};
 
 pub async fn list(State(s): State<Arc<AppState>>) -> Json<Vec<String>> {
     Json(s.fleet.namespace_names())
 }
 
+/// Namespaces are DNS labels (checked when created), so a path naming anything else is a bad
+/// request, answered without echoing a huge name back.
+fn path_name(name: &str) -> Result<(), ApiError> {
+    validate_dns_label("namespace", name).map_err(ApiError::bad_request)
+}
+
 pub async fn get(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult<Response> {
+    path_name(&name)?;
     Ok(Json(s.fleet.get_namespace(&name)?).into_response())
 }
 
@@ -34,6 +41,7 @@ pub async fn update(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
+    path_name(&name)?;
     let mut ns: Namespace = parse_json(&body)?;
     if !ns.name.is_empty() && ns.name != name {
         return Err(ApiError::bad_request(format!(
@@ -51,6 +59,7 @@ pub async fn delete(
     State(s): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
+    path_name(&name)?;
     let fleet = s.fleet.clone();
     detached(async move { fleet.delete_namespace(&name).await }).await??;
     Ok(StatusCode::ACCEPTED)

@@ -13,21 +13,22 @@ use crate::model::FunctionResources;
 /// Parses a JSON object body, answering 400 with the parser's message and the path of the
 /// offending field (`labels.a: invalid type: integer ...`).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        None => {
-            return Err(ApiError::bad_request(
-                "a JSON request body is required".to_string(),
-            ))
-        }
-        Some(b'{') => {}
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "failed to unmarshal request: the body must be a JSON object",
-            ))
-        }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "a JSON request body is required".to_string(),
+        ));
+    }
+    parse_object(body, "failed to unmarshal request")
+}
+
+/// Parses a non-empty JSON object body; a failure is answered 400 as `{context}: {path}:
+/// {problem}`.
+pub fn parse_object<T: DeserializeOwned>(body: &[u8], context: &str) -> Result<T, ApiError> {
+    let fail = |msg: String| ApiError::bad_request(format!("{context}: {msg}"));
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(fail("the body must be a JSON object".to_string()));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let fail = |msg: String| ApiError::bad_request(format!("failed to unmarshal request: {msg}"));
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

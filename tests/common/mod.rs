@@ -29,6 +29,11 @@ pub struct Options<'a> {
     pub auth: bool,
     pub config: Option<&'a str>,
     pub data_dir: Option<&'a Path>,
+    /// Extra environment variables for the server (they win over `RUST_LOG` from the test's
+    /// own environment).
+    pub env: &'a [(&'a str, &'a str)],
+    /// A file to write the server's stderr to, instead of the test's stderr.
+    pub stderr_log: Option<&'a Path>,
 }
 
 impl Server {
@@ -60,6 +65,12 @@ impl Server {
             .stderr(Stdio::inherit());
         if !opts.auth {
             cmd.arg("--no-auth");
+        }
+        for (key, value) in opts.env {
+            cmd.env(key, value);
+        }
+        if let Some(path) = opts.stderr_log {
+            cmd.stderr(std::fs::File::create(path).expect("create the stderr log"));
         }
         if let Some(config) = opts.config {
             let path = data_dir.with_extension("toml");
@@ -119,6 +130,27 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// True while the server process has not exited (a panic that took it down shows here).
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `host:port` of the listener, for raw TCP clients.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    /// The `Authorization` header value `system` sends, when auth is on.
+    pub fn basic_auth_header(&self) -> Option<String> {
+        use base64::Engine;
+        self.password.as_ref().map(|p| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{}:{p}", self.user))
+            )
+        })
     }
 
     /// SIGKILL, as a crash would; the data directory stays for a restart.
@@ -482,4 +514,10 @@ impl Monitoring {
 /// A file of the repository (e.g. `rules/faastastic.rules.yml`).
 pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A route pattern from `faastastic::api::route_table()` with `{name}` replaced by `name` and
+/// `{*path}` by `x/y`.
+pub fn concrete_path(pattern: &str, name: &str) -> String {
+    pattern.replace("{name}", name).replace("{*path}", "x/y")
 }
