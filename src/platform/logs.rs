@@ -54,7 +54,9 @@ pub struct LogBuffer {
     namespace: String,
     capacity: usize,
     inner: Mutex<Inner>,
-    live: broadcast::Sender<LogMessage>,
+    /// Made by the first follower: a channel preallocates its slots, which would cost every
+    /// function ~160 KB whether anyone follows its logs or not.
+    live: std::sync::OnceLock<broadcast::Sender<LogMessage>>,
 }
 
 struct Inner {
@@ -64,7 +66,6 @@ struct Inner {
 
 impl LogBuffer {
     pub fn new(name: &str, namespace: &str, capacity: usize) -> Self {
-        let (live, _) = broadcast::channel(1024);
         Self {
             name: name.to_string(),
             namespace: namespace.to_string(),
@@ -73,7 +74,7 @@ impl LogBuffer {
                 lines: VecDeque::new(),
                 next_seq: 1,
             }),
-            live,
+            live: std::sync::OnceLock::new(),
         }
     }
 
@@ -93,12 +94,18 @@ impl LogBuffer {
         }
         inner.lines.push_back(msg.clone());
         // Sent under the lock so that subscribers see lines in sequence order.
-        let _ = self.live.send(msg);
+        if let Some(live) = self.live.get() {
+            let _ = live.send(msg);
+        }
     }
 
     pub fn subscribe(&self, query: &LogQuery) -> LogSubscription {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let live = query.follow.then(|| self.live.subscribe());
+        let live = query.follow.then(|| {
+            self.live
+                .get_or_init(|| broadcast::channel(1024).0)
+                .subscribe()
+        });
         let mut history: Vec<LogMessage> = inner
             .lines
             .iter()
