@@ -600,6 +600,29 @@ pub fn decide(
         }
     };
 
+    // A function at zero (scaled to zero, or deployed dormant) stays there until something
+    // asks for replicas: min is no reason to wake it, and a scale-down never raises a count.
+    let lowers = matches!(
+        input,
+        Input::Tick
+            | Input::Signal {
+                action: Action::Resolved | Action::StepDown,
+                ..
+            }
+    );
+    if current == 0 && (recommended == 0 || lowers) {
+        next.stepping_down = false;
+        let d = Decision {
+            from: 0,
+            to: 0,
+            recommended,
+            outcome: Outcome::NoChange,
+            clamps,
+            reason: format!("{why}; at zero replicas, which only an invocation or a demand for replicas changes"),
+        };
+        return (d, next);
+    }
+
     // 2. Clamp into [min, max]; the clamped count is what the window remembers.
     let mut to = recommended;
     if to < min {
@@ -763,6 +786,33 @@ mod tests {
             dedupe_key: None,
             observed_rate: None,
         }
+    }
+
+    /// At zero replicas min is no reason to wake a function; only a demand for replicas is.
+    #[test]
+    fn zero_stays_zero_until_replicas_are_asked_for() {
+        let p = openfaas(10, 2, 20);
+        for input in [
+            signal(Action::To(0)),
+            signal(Action::Resolved),
+            signal(Action::StepDown),
+            Input::Tick,
+        ] {
+            let (d, _) = decide(&p, 0, &State::default(), input.clone(), at(0));
+            assert_eq!(
+                (d.outcome, d.to),
+                (Outcome::NoChange, 0),
+                "{input:?}: {d:?}"
+            );
+        }
+        let (d, _) = decide(&p, 0, &State::default(), signal(Action::To(1)), at(0));
+        assert_eq!(
+            (d.outcome, d.to),
+            (Outcome::Scale, 2),
+            "raised to min once woken"
+        );
+        let (d, _) = decide(&p, 0, &State::default(), signal(Action::StepUp), at(0));
+        assert_eq!(d.outcome, Outcome::Scale);
     }
 
     /// The upstream gateway's own test vectors (status, current, max, min, factor, expected),

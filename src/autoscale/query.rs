@@ -350,6 +350,8 @@ pub async fn apply_values(
             ready: fleet.ready_in(id, dc),
         };
         match desired(strategy, replicas, value, max) {
+            // Zero stays zero (the engine would say so): not worth a decision per function.
+            Want::Replicas(0, _) if current == 0 => None,
             Want::Replicas(n, why) => Some((n, why, value)),
             Want::Hold(_) => None,
         }
