@@ -51,7 +51,7 @@ impl FleetError {
 /// A function with its live replica counts.
 #[derive(Debug, Clone)]
 pub struct FunctionView {
-    pub function: Function,
+    pub function: Arc<Function>,
     /// Totals across the datacenters in `datacenters`.
     pub replicas: ReplicaCounts,
     /// Per datacenter: desired (the control plane's) and ready (the platform's).
@@ -159,7 +159,8 @@ pub struct Fleet {
     placement: Placement,
     default_namespace: String,
     max_replicas: u64,
-    functions: RwLock<HashMap<FunctionId, Function>>,
+    /// Shared so that a view (status, list) costs a reference count, not a copy of the spec.
+    functions: RwLock<HashMap<FunctionId, Arc<Function>>>,
     namespaces: RwLock<BTreeMap<String, Namespace>>,
     /// The deployment each datacenter last accepted for each function (a hash of it), so the
     /// reconciler knows which ones missed an update.
@@ -268,7 +269,7 @@ impl Fleet {
             }
             fleet
                 .write_functions()
-                .insert(function.id.clone(), function);
+                .insert(function.id.clone(), Arc::new(function));
         }
         Ok(fleet)
     }
@@ -320,11 +321,13 @@ impl Fleet {
             .chain(self.datacenters.iter().filter(|d| d.name != self.home))
     }
 
-    fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FunctionId, Function>> {
+    fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FunctionId, Arc<Function>>> {
         self.functions.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_functions(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<FunctionId, Function>> {
+    fn write_functions(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, HashMap<FunctionId, Arc<Function>>> {
         self.functions.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -385,7 +388,10 @@ impl Fleet {
 
     /// Visits every function under the read lock (no copies), collecting what `f` returns.
     pub fn scan<T>(&self, mut f: impl FnMut(&Function) -> Option<T>) -> Vec<T> {
-        self.read_functions().values().filter_map(&mut f).collect()
+        self.read_functions()
+            .values()
+            .filter_map(|function| f(function))
+            .collect()
     }
 
     /// Every function in every namespace (for metrics).
@@ -423,7 +429,7 @@ impl Fleet {
         Ok(self.view(f, datacenter))
     }
 
-    fn view(&self, f: &Function, only: Option<&str>) -> FunctionView {
+    fn view(&self, f: &Arc<Function>, only: Option<&str>) -> FunctionView {
         let mut total = ReplicaCounts::default();
         let mut per_dc = Vec::new();
         for (dc, desired) in &f.replicas {
@@ -708,7 +714,7 @@ impl Fleet {
                         current.replicas.keys().cloned().collect::<Vec<_>>().join(", ")
                     )));
                 }
-                let mut f = current.clone();
+                let mut f = Function::clone(current);
                 for dc in &placement {
                     f.replicas.insert(dc.clone(), initial);
                 }
@@ -735,7 +741,8 @@ impl Fleet {
             }
             return result.into_result("deploy").map(|_| id);
         }
-        self.write_functions().insert(id.clone(), function);
+        self.write_functions()
+            .insert(id.clone(), Arc::new(function));
         result.into_result("deploy").map(|_| id)
     }
 
@@ -763,7 +770,7 @@ impl Fleet {
         let function = Function {
             replicas,
             deployment: dep,
-            ..current.clone()
+            ..Function::clone(&current)
         };
         self.store.put_function(&function).await?;
         let targets: Vec<(String, u64)> = function
@@ -782,7 +789,8 @@ impl Fleet {
         for dc in &dropped {
             self.applied_set(&id, dc, None);
         }
-        self.write_functions().insert(id.clone(), function);
+        self.write_functions()
+            .insert(id.clone(), Arc::new(function));
         result.into_result("update").map(|_| id)
     }
 
@@ -825,7 +833,7 @@ impl Fleet {
         } else {
             self.store.set_desired_replicas(id, &keep).await?;
             if let Some(f) = self.write_functions().get_mut(id) {
-                f.replicas = keep;
+                Arc::make_mut(f).replicas = keep;
             }
         }
         for dc in &removed {
@@ -949,7 +957,7 @@ impl Fleet {
         }
         // Datacenters that failed keep the new desired count: the reconciler converges them.
         if let Some(f) = self.write_functions().get_mut(id) {
-            f.replicas = target;
+            Arc::make_mut(f).replicas = target;
         }
         result.into_result("scale")
     }
@@ -981,7 +989,7 @@ impl Fleet {
             }
         };
         let actual: HashMap<FunctionId, u64> = actual.into_iter().collect();
-        let desired: Vec<Function> = self
+        let desired: Vec<Arc<Function>> = self
             .read_functions()
             .values()
             .filter(|f| f.replicas.contains_key(&d.name))

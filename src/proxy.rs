@@ -273,15 +273,12 @@ impl Invoker {
             .inc();
         let (response, datacenter) = self.forward(id, pin.as_deref(), suffix, &mut req).await;
         let code = response.status();
-        let labels = [function_name.as_str(), code.as_str(), datacenter.as_str()];
-        self.metrics
-            .invocation_total
-            .with_label_values(&labels)
-            .inc();
-        self.metrics
-            .functions_seconds
-            .with_label_values(&labels)
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.invoked(
+            &function_name,
+            code.as_str(),
+            &datacenter,
+            started.elapsed().as_secs_f64(),
+        );
         response
     }
 

@@ -4,6 +4,9 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::fleet::FunctionView;
 
 pub struct Metrics {
@@ -15,10 +18,6 @@ pub struct Metrics {
     pub functions_seconds: HistogramVec,
     /// `gateway_function_invocation_started{function_name}`
     pub invocation_started: IntCounterVec,
-    /// `gateway_service_count{function_name}`: desired replicas, refreshed at every scrape.
-    service_count: IntGaugeVec,
-    /// `faastastic_function_replicas{function_name,datacenter,state}`
-    replicas: IntGaugeVec,
     /// `faastastic_replica_restarts_total{function_name,datacenter}`
     pub replica_restarts: IntCounterVec,
     /// `faastastic_async_queue_depth`
@@ -40,6 +39,10 @@ pub struct Metrics {
     pub annotations: IntCounterVec,
     /// `faastastic_grafana_annotations_queued`
     pub annotations_queued: prometheus::IntGauge,
+    /// Invocations per function (`name.namespace`) and datacenter, all status codes: what the
+    /// autoscaler and the function list read, without walking the Prometheus vectors (which
+    /// allocates every series' labels: tens of milliseconds at 10,000 functions).
+    totals: std::sync::RwLock<HashMap<String, HashMap<String, AtomicU64>>>,
 }
 
 impl Metrics {
@@ -67,19 +70,6 @@ impl Metrics {
                 "Function invocations started",
             ),
             &["function_name"],
-        )
-        .expect("static metric definition is valid");
-        let service_count = IntGaugeVec::new(
-            Opts::new("gateway_service_count", "Desired replicas per function"),
-            &["function_name"],
-        )
-        .expect("static metric definition is valid");
-        let replicas = IntGaugeVec::new(
-            Opts::new(
-                "faastastic_function_replicas",
-                "Replicas per function and datacenter, by state (desired, ready, starting)",
-            ),
-            &["function_name", "datacenter", "state"],
         )
         .expect("static metric definition is valid");
         let replica_restarts = IntCounterVec::new(
@@ -168,8 +158,6 @@ impl Metrics {
             Box::new(invocation_total.clone()),
             Box::new(functions_seconds.clone()),
             Box::new(invocation_started.clone()),
-            Box::new(service_count.clone()),
-            Box::new(replicas.clone()),
             Box::new(replica_restarts.clone()),
             Box::new(async_queue_depth.clone()),
         ] {
@@ -182,8 +170,6 @@ impl Metrics {
             invocation_total,
             functions_seconds,
             invocation_started,
-            service_count,
-            replicas,
             replica_restarts,
             async_queue_depth,
             scale_decisions,
@@ -194,6 +180,35 @@ impl Metrics {
             evaluation_duration,
             annotations,
             annotations_queued,
+            totals: Default::default(),
+        }
+    }
+
+    /// Counts one finished invocation of `function` (`name.namespace`) served by `datacenter`
+    /// (or that it would have been) with status `code`.
+    pub fn invoked(&self, function: &str, code: &str, datacenter: &str, seconds: f64) {
+        let labels = [function, code, datacenter];
+        self.invocation_total.with_label_values(&labels).inc();
+        self.functions_seconds
+            .with_label_values(&labels)
+            .observe(seconds);
+        let counted = self
+            .totals
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(function)
+            .and_then(|dcs| dcs.get(datacenter))
+            .map(|n| n.fetch_add(1, Ordering::Relaxed))
+            .is_some();
+        if !counted {
+            self.totals
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(function.to_string())
+                .or_default()
+                .entry(datacenter.to_string())
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -212,33 +227,26 @@ impl Metrics {
     }
 
     /// Invocations per `function_name`, summed over status codes and datacenters.
-    pub fn invocation_counts(&self) -> std::collections::HashMap<String, u64> {
-        let mut out = std::collections::HashMap::new();
-        for ((name, _), n) in self.invocation_counts_by_datacenter() {
-            *out.entry(name).or_insert(0) += n;
-        }
-        out
+    pub fn invocation_counts(&self) -> HashMap<String, u64> {
+        self.totals
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, dcs)| {
+                let n = dcs.values().map(|n| n.load(Ordering::Relaxed)).sum();
+                (name.clone(), n)
+            })
+            .collect()
     }
 
-    /// Invocations per (`function_name`, datacenter), summed over status codes (one pass over
-    /// the counters).
-    pub fn invocation_counts_by_datacenter(
-        &self,
-    ) -> std::collections::HashMap<(String, String), u64> {
-        use prometheus::core::Collector;
-        let mut out = std::collections::HashMap::new();
-        for family in self.invocation_total.collect() {
-            for metric in family.get_metric() {
-                let label = |key: &str| {
-                    metric
-                        .get_label()
-                        .iter()
-                        .find(|l| l.name() == key)
-                        .map(|l| l.value().to_string())
-                };
-                if let (Some(name), Some(dc)) = (label("function_name"), label("datacenter")) {
-                    *out.entry((name, dc)).or_insert(0) += metric.get_counter().value() as u64;
-                }
+    /// Invocations per (`function_name`, datacenter), summed over status codes. Functions
+    /// never invoked through faastastic are absent (read them as 0).
+    pub fn invocation_counts_by_datacenter(&self) -> HashMap<(String, String), u64> {
+        let totals = self.totals.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = HashMap::new();
+        for (name, dcs) in totals.iter() {
+            for (dc, n) in dcs {
+                out.insert((name.clone(), dc.clone()), n.load(Ordering::Relaxed));
             }
         }
         out
@@ -247,34 +255,78 @@ impl Metrics {
     /// Renders the text exposition, first refreshing the per-function gauges so that removed
     /// functions disappear.
     pub fn render(&self, functions: &[FunctionView]) -> String {
-        self.service_count.reset();
-        self.replicas.reset();
         for view in functions {
             let name = view.function.id.qualified();
-            self.service_count
-                .with_label_values(&[name.as_str()])
-                .set(view.replicas.desired as i64);
-            for (datacenter, counts) in &view.datacenters {
+            for datacenter in view.datacenters.iter().map(|(dc, _)| dc) {
                 // Present at 0 from deploy on, so the first scrape under load already gives
                 // rate() an increase (a series born under load needs two scrapes).
                 self.invocation_total
                     .with_label_values(&[name.as_str(), "200", datacenter]);
-                for (state, value) in [
-                    ("desired", counts.desired),
-                    ("ready", counts.ready),
-                    ("starting", counts.starting()),
-                ] {
-                    self.replicas
-                        .with_label_values(&[name.as_str(), datacenter, state])
-                        .set(value as i64);
-                }
             }
         }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding into a Vec cannot fail");
-        String::from_utf8(out).expect("Prometheus text format is UTF-8")
+        let mut out = String::from_utf8(out).expect("Prometheus text format is UTF-8");
+        render_replicas(&mut out, functions);
+        out
+    }
+}
+
+/// The per-function gauges, written straight from the fleet at each scrape: held in a
+/// registry they would cost a few hundred bytes per series for ever (90,000 series at 10,000
+/// functions in 3 datacenters) and be rebuilt at every scrape anyway.
+fn render_replicas(out: &mut String, functions: &[FunctionView]) {
+    use std::fmt::Write as _;
+    out.push_str(
+        "# HELP gateway_service_count Desired replicas per function\n# TYPE gateway_service_count gauge\n",
+    );
+    for view in functions {
+        let _ = writeln!(
+            out,
+            "gateway_service_count{{function_name=\"{}\"}} {}",
+            LabelValue(&view.function.id.qualified()),
+            view.replicas.desired
+        );
+    }
+    out.push_str(
+        "# HELP faastastic_function_replicas Replicas per function and datacenter, by state (desired, ready, starting)\n# TYPE faastastic_function_replicas gauge\n",
+    );
+    for view in functions {
+        let name = view.function.id.qualified();
+        for (datacenter, counts) in &view.datacenters {
+            for (state, value) in [
+                ("desired", counts.desired),
+                ("ready", counts.ready),
+                ("starting", counts.starting()),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "faastastic_function_replicas{{datacenter=\"{}\",function_name=\"{}\",state=\"{state}\"}} {value}",
+                    LabelValue(datacenter),
+                    LabelValue(&name),
+                );
+            }
+        }
+    }
+}
+
+/// A label value escaped for the text exposition format.
+struct LabelValue<'a>(&'a str);
+
+impl std::fmt::Display for LabelValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                '"' => f.write_str("\\\"")?,
+                '\n' => f.write_str("\\n")?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -297,4 +349,21 @@ pub fn init_tracing_at(default_level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LabelValue;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(
+            LabelValue("a\\b\"c\nd.fn").to_string(),
+            "a\\\\b\\\"c\\nd.fn"
+        );
+        assert_eq!(
+            LabelValue("figlet.openfaas-fn").to_string(),
+            "figlet.openfaas-fn"
+        );
+    }
 }
