@@ -76,7 +76,7 @@ fn engine() {
         state = s;
     }
     let now = t0 + chrono::Duration::seconds(30);
-    let n = 2_000_000u32;
+    let n: u32 = if smoke() { 20_000 } else { 2_000_000 };
     let mut best = Duration::MAX;
     for _ in 0..3 {
         let start = Instant::now();
@@ -102,7 +102,7 @@ fn engine() {
         best = best.min(start.elapsed());
     }
     let per_sec = n as f64 / best.as_secs_f64();
-    println!(
+    report(format!(
         "| engine: decide() on one core | {:.0} decisions/s ({:.0} ns each) | ≥ 1,000,000/s | {} |",
         per_sec,
         best.as_nanos() as f64 / n as f64,
@@ -111,7 +111,7 @@ fn engine() {
         } else {
             "FAIL"
         }
-    );
+    ));
 }
 
 async fn webhook() {
@@ -158,7 +158,7 @@ async fn webhook() {
             .collect();
         json!({"version": "4", "groupKey": "{}", "status": "firing", "receiver": "scale-up", "alerts": alerts}).to_string()
     };
-    let rounds = 200;
+    let rounds = if smoke() { 5 } else { 200 };
     let mut times = Vec::with_capacity(rounds);
     for round in 0..rounds + 10 {
         let body = payload(round);
@@ -185,14 +185,14 @@ async fn webhook() {
     let p99 = percentile(&times, 0.99);
     let per_alert_p99 = p99 / functions as u32;
     let total: Duration = times.iter().sum();
-    println!(
+    report(format!(
         "| webhook: 100-alert payload, end to end in process (engine + store, no platform calls) | p50 {:.2} ms, p99 {:.2} ms per payload; p99 {:.1} µs per alert; {:.0} alerts/s | p99 < 1 ms per alert | {} |",
         p50.as_secs_f64() * 1e3,
         p99.as_secs_f64() * 1e3,
         per_alert_p99.as_secs_f64() * 1e6,
         (rounds * functions) as f64 / total.as_secs_f64(),
         if per_alert_p99 < Duration::from_millis(1) { "pass" } else { "FAIL" }
-    );
+    ));
     app.state.fleet.shutdown().await;
 }
 
@@ -317,7 +317,7 @@ async fn evaluation() {
         }
         v
     };
-    let rounds = 20;
+    let rounds = if smoke() { 2 } else { 20 };
     let mut times = Vec::new();
     for round in 0..rounds + 2 {
         let v = values(round);
@@ -330,12 +330,32 @@ async fn evaluation() {
     times.sort();
     let p50 = percentile(&times, 0.5);
     let max = *times.last().unwrap();
-    println!(
+    report(format!(
         "| query policy: one evaluation of one result over 10,000 functions × 3 datacenters (30,000 values, 1 % of them scaling each cycle; store included, platform excluded) | p50 {:.1} ms, max {:.1} ms | < 50 ms | {} |",
         p50.as_secs_f64() * 1e3,
         max.as_secs_f64() * 1e3,
         if p50 < Duration::from_millis(50) { "pass" } else { "FAIL" }
-    );
+    ));
+}
+
+/// `--smoke`: a few iterations of each, to check that the benchmark still runs.
+fn smoke() -> bool {
+    std::env::args().any(|a| a == "--smoke")
+}
+
+static ROWS: std::sync::Mutex<Vec<serde_json::Value>> = std::sync::Mutex::new(Vec::new());
+
+/// Prints one Markdown row (`| what | faastastic | target | pass |`) and keeps it for the JSON
+/// summary that `scripts/bench_report.py` collects.
+fn report(line: String) {
+    println!("{line}");
+    let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
+    if let [what, figure, target, pass] = cells[..] {
+        ROWS.lock().unwrap().push(json!({
+            "part": "autoscale", "what": what, "faastastic": figure, "baseline": null,
+            "ratio": null, "target": target, "pass": pass == "pass"
+        }));
+    }
 }
 
 fn main() {
@@ -346,5 +366,10 @@ fn main() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(webhook());
         runtime.block_on(evaluation());
+        let path = std::env::var("FAASTASTIC_BENCH_JSON")
+            .unwrap_or_else(|_| "target/bench-autoscale.json".into());
+        let table = json!({"table": *ROWS.lock().unwrap(), "smoke": smoke()});
+        std::fs::write(&path, serde_json::to_string_pretty(&table).unwrap())
+            .unwrap_or_else(|e| panic!("writing {path}: {e}"));
     }
 }

@@ -18,6 +18,8 @@ import tempfile
 import time
 import urllib.request
 
+from benchrows import row as table_row, write
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "faastastic")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -117,9 +119,13 @@ def wrk(url, conns, seconds):
     }
 
 
+def us(v):
+    return "–" if v is None else (f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--conns", default="1,16,64,256")
     ap.add_argument("--json", default=os.path.join(ROOT, "target", "bench-invoke.json"))
@@ -223,12 +229,23 @@ http {{ access_log off; keepalive_requests 1000000;
             row[name] = {k: med(rows, k) for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req")}
             row[name]["non2xx"] = sum(r["non2xx"] for r in rows)
         summary.append(row)
-    with open(args.json, "w") as f:
-        json.dump({"seconds": args.seconds, "rounds": args.rounds, "summary": summary,
-                   "raw": results}, f, indent=2)
-
-    def us(v):
-        return "–" if v is None else (f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs")
+    table = []
+    for r in summary:
+        f, n, d = r["faastastic"], r["nginx"], r["direct"]
+        c = r["conns"]
+        table.append(table_row("invoke", f"invoke proxy, {c} connections: req/s (÷ direct "
+                         f"{f['rps'] / d['rps']:.2f})", f"{f['rps']:,.0f}",
+                         f"nginx {n['rps']:,.0f}", f["rps"] / n["rps"], "≥ nginx (≥ 1.00)",
+                         f["rps"] >= n["rps"]))
+        table.append(table_row("invoke", f"invoke proxy, {c} connections: p99", us(f["p99_us"]),
+                         f"nginx {us(n['p99_us'])}", f["p99_us"] / n["p99_us"],
+                         "≤ nginx + 1 ms", f["p99_us"] <= n["p99_us"] + 1000))
+        table.append(table_row("invoke", f"invoke proxy, {c} connections: proxy CPU per request",
+                         us(f["cpu_us_per_req"]), f"nginx {us(n['cpu_us_per_req'])}",
+                         f["cpu_us_per_req"] / n["cpu_us_per_req"], "≤ nginx",
+                         f["cpu_us_per_req"] <= n["cpu_us_per_req"]))
+    write(args.json, table, seconds=args.seconds, rounds=args.rounds, summary=summary,
+          raw=results)
 
     print()
     print("| conns | case | req/s | ÷ direct | ÷ nginx | p50 | p99 | proxy CPU per request | non-2xx |")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need (Debian packages) and runs every check: formatting, clippy with
 # warnings as errors, and the whole test suite (unit tests and black-box tests that start the
-# real binary).
+# real binary), then the benchmark suite's smoke run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +18,8 @@ declare -A needs=(
   [docker]=docker.io
   [busybox]=busybox-static
   [openssl]=openssl
+  [wrk]=wrk
+  [nginx]=nginx-light
 )
 missing=()
 for program in "${!needs[@]}"; do
@@ -57,3 +59,5 @@ fi
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
+# The benchmark suite with tiny loads, so that it cannot rot (its figures are not results).
+./scripts/bench.sh smoke
