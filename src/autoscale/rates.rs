@@ -53,6 +53,11 @@ impl<K: Hash + Eq> RateWindow<K> {
         Some(last.saturating_sub(first) as f64 / span)
     }
 
+    /// The keys of the latest sample: everything invoked through faastastic since the start.
+    pub fn latest_keys(&self) -> impl Iterator<Item = &K> {
+        self.samples.back().into_iter().flat_map(|(_, s)| s.keys())
+    }
+
     /// Whether `key` has been invoked through faastastic at all since the server started.
     pub fn seen(&self, key: &K) -> bool {
         self.samples
