@@ -97,11 +97,16 @@ impl Inner {
     /// The generation requests go to: the current one once it has a ready replica, else the one
     /// it replaces (if any).
     fn serving(&self, id: &FunctionId) -> Option<Arc<Generation>> {
-        let map = self.read();
-        let entry = map.get(id)?;
-        match &entry.previous {
-            Some(prev) if entry.current.ready_count() == 0 => Some(prev.clone()),
-            _ => Some(entry.current.clone()),
+        self.read().get(id).map(|e| e.serving().clone())
+    }
+}
+
+impl Entry {
+    /// The current generation once it has a ready replica, else the one it replaces.
+    fn serving(&self) -> &Arc<Generation> {
+        match &self.previous {
+            Some(prev) if self.current.ready_count() == 0 => prev,
+            _ => &self.current,
         }
     }
 }
@@ -673,20 +678,14 @@ impl Platform for LocalPlatform {
     }
 
     fn replicas(&self, id: &FunctionId) -> ReplicaCounts {
-        match self.inner.serving(id) {
-            None => ReplicaCounts::default(),
-            Some(serving) => {
-                let desired = self
-                    .inner
-                    .read()
-                    .get(id)
-                    .map(|e| e.current.desired_count())
-                    .unwrap_or(0);
-                ReplicaCounts {
-                    desired,
-                    ready: serving.ready_count(),
-                }
-            }
+        // One lookup: the function list reads this for every function in every datacenter.
+        let map = self.inner.read();
+        let Some(entry) = map.get(id) else {
+            return ReplicaCounts::default();
+        };
+        ReplicaCounts {
+            desired: entry.current.desired_count(),
+            ready: entry.serving().ready_count(),
         }
     }
 
