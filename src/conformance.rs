@@ -133,6 +133,8 @@ impl Report {
 
 /// An answer: status, headers and body, or why there was none.
 struct Answer {
+    /// Set by [`Kit::expect`]: the status was one of those accepted.
+    passed: bool,
     status: Option<StatusCode>,
     headers: reqwest::header::HeaderMap,
     body: String,
@@ -247,12 +249,14 @@ impl Kit {
                 let headers = resp.headers().clone();
                 match resp.text().await {
                     Ok(body) => Answer {
+                        passed: false,
                         status: Some(status),
                         headers,
                         body,
                         error: None,
                     },
                     Err(e) => Answer {
+                        passed: false,
                         status: Some(status),
                         headers,
                         body: String::new(),
@@ -261,12 +265,44 @@ impl Kit {
                 }
             }
             Err(e) => Answer {
+                passed: false,
                 status: None,
                 headers: Default::default(),
                 body: String::new(),
                 error: Some(error_chain(&e)),
             },
         }
+    }
+
+    /// One call with credentials, its status checked against `accept` and recorded.
+    async fn expect(
+        &mut self,
+        section: &'static str,
+        name: &str,
+        accept: &[u16],
+        method: Method,
+        path: &str,
+        body: Body<'_>,
+    ) -> Answer {
+        self.expect_with(section, name, accept, method, path, Auth::Right, body)
+            .await
+    }
+
+    /// [`Self::expect`] with the given credentials.
+    #[allow(clippy::too_many_arguments)]
+    async fn expect_with(
+        &mut self,
+        section: &'static str,
+        name: &str,
+        accept: &[u16],
+        method: Method,
+        path: &str,
+        auth: Auth,
+        body: Body<'_>,
+    ) -> Answer {
+        let mut a = self.send(method, path, auth, body).await;
+        a.passed = self.status(section, name, &a, accept);
+        a
     }
 
     async fn system(&self, method: Method, path: &str, body: Body<'_>) -> Answer {
@@ -368,10 +404,16 @@ impl Kit {
     }
 
     async fn health_auth_info(&mut self) {
-        let a = self
-            .send(Method::GET, "/healthz", Auth::None, Body::Empty)
-            .await;
-        self.status("7.8 ready", "GET /healthz, no credentials", &a, &[200]);
+        self.expect_with(
+            "7.8 ready",
+            "GET /healthz, no credentials",
+            &[200],
+            Method::GET,
+            "/healthz",
+            Auth::None,
+            Body::Empty,
+        )
+        .await;
 
         if self.opts.password.is_some() {
             let a = self
@@ -417,14 +459,16 @@ impl Kit {
             );
         }
         let a = self
-            .system(Method::GET, "/system/functions", Body::Empty)
+            .expect(
+                "7.8 login",
+                "GET /system/functions (faas-cli login)",
+                &[200],
+                Method::GET,
+                "/system/functions",
+                Body::Empty,
+            )
             .await;
-        if self.status(
-            "7.8 login",
-            "GET /system/functions (faas-cli login)",
-            &a,
-            &[200],
-        ) {
+        if a.passed {
             let ok = a.json().is_some_and(|v| v.is_array());
             self.record(
                 "7.2 list",
@@ -466,9 +510,16 @@ impl Kit {
             );
         }
         let a = self
-            .system(Method::GET, "/system/namespaces", Body::Empty)
+            .expect(
+                "7.8 namespaces",
+                "GET /system/namespaces",
+                &[200],
+                Method::GET,
+                "/system/namespaces",
+                Body::Empty,
+            )
             .await;
-        if self.status("7.8 namespaces", "GET /system/namespaces", &a, &[200]) {
+        if a.passed {
             let ok = a
                 .json()
                 .and_then(|v| v.as_array().cloned())
@@ -488,41 +539,48 @@ impl Kit {
     /// §7.1: PUT, and POST only after a 404; then the matrix's deploy rows.
     async fn deploy_flow(&mut self, name: &str) -> bool {
         let body = self.deployment(name, "cat", json!({}));
-        let a = self
-            .system(Method::PUT, "/system/functions", Body::Json(body.clone()))
-            .await;
-        self.status(
+        self.expect(
             "7.1 deploy",
             "PUT of a new function (update not found)",
-            &a,
             &[404],
-        );
+            Method::PUT,
+            "/system/functions",
+            Body::Json(body.clone()),
+        )
+        .await;
         let a = self
             .system(Method::POST, "/system/functions", Body::Json(body.clone()))
             .await;
         if !self.status("7.1 deploy", "POST after the 404", &a, &[202, 200]) {
             return false;
         }
-        let a = self
-            .system(Method::POST, "/system/functions", Body::Json(body))
-            .await;
-        self.status("1.4 matrix", "POST of an existing name", &a, &[409, 400]);
-        let a = self
-            .system(
-                Method::POST,
-                "/system/functions",
-                Body::Raw("application/json", r#"{"service": "#),
-            )
-            .await;
-        self.status("1.4 matrix", "POST of malformed JSON", &a, &[400]);
-        let a = self
-            .system(
-                Method::POST,
-                "/system/functions",
-                Body::Json(json!({"service": format!("{name}-noimage")})),
-            )
-            .await;
-        self.status("1.4 matrix", "POST without an image", &a, &[400]);
+        self.expect(
+            "1.4 matrix",
+            "POST of an existing name",
+            &[409, 400],
+            Method::POST,
+            "/system/functions",
+            Body::Json(body),
+        )
+        .await;
+        self.expect(
+            "1.4 matrix",
+            "POST of malformed JSON",
+            &[400],
+            Method::POST,
+            "/system/functions",
+            Body::Raw("application/json", r#"{"service": "#),
+        )
+        .await;
+        self.expect(
+            "1.4 matrix",
+            "POST without an image",
+            &[400],
+            Method::POST,
+            "/system/functions",
+            Body::Json(json!({"service": format!("{name}-noimage")})),
+        )
+        .await;
         true
     }
 
@@ -560,13 +618,16 @@ impl Kit {
     /// §7.2 list and §7.3 describe.
     async fn read_flows(&mut self, name: &str) {
         let a = self
-            .system(
+            .expect(
+                "7.2 list",
+                "GET /system/functions?namespace=",
+                &[200],
                 Method::GET,
                 &format!("/system/functions?{}", self.qs()),
                 Body::Empty,
             )
             .await;
-        if self.status("7.2 list", "GET /system/functions?namespace=", &a, &[200]) {
+        if a.passed {
             let entry = a
                 .json()
                 .and_then(|v| v.as_array()?.iter().find(|f| f["name"] == name).cloned());
@@ -583,18 +644,16 @@ impl Kit {
             );
         }
         let a = self
-            .system(
+            .expect(
+                "7.3 describe",
+                "GET /system/function/NAME?usage=1",
+                &[200],
                 Method::GET,
                 &format!("/system/function/{name}?{}&usage=1", self.qs()),
                 Body::Empty,
             )
             .await;
-        if self.status(
-            "7.3 describe",
-            "GET /system/function/NAME?usage=1",
-            &a,
-            &[200],
-        ) {
+        if a.passed {
             let got = status_fields_missing(&a.json().unwrap_or(Value::Null));
             self.record(
                 "7.3 describe",
@@ -620,33 +679,32 @@ impl Kit {
                 &[200],
             );
         }
-        let a = self
-            .system(
-                Method::GET,
-                &format!("/system/function/{name}-missing?{}", self.qs()),
-                Body::Empty,
-            )
-            .await;
-        self.status("1.4 matrix", "status of a missing function", &a, &[404]);
+        self.expect(
+            "1.4 matrix",
+            "status of a missing function",
+            &[404],
+            Method::GET,
+            &format!("/system/function/{name}-missing?{}", self.qs()),
+            Body::Empty,
+        )
+        .await;
     }
 
     /// §7.5 and §7.6.
     async fn invoke_flows(&mut self, name: &str) {
         let ns = self.opts.namespace.clone();
         let a = self
-            .send(
+            .expect_with(
+                "7.5 invoke",
+                "POST /function/NAME.NS, no credentials",
+                &[200],
                 Method::POST,
                 &format!("/function/{name}.{ns}"),
                 Auth::None,
                 Body::Raw("text/plain", "hi\n"),
             )
             .await;
-        if self.status(
-            "7.5 invoke",
-            "POST /function/NAME.NS, no credentials",
-            &a,
-            &[200],
-        ) {
+        if a.passed {
             self.record(
                 "7.5 invoke",
                 "the echo answers with the request body",
@@ -680,29 +738,26 @@ impl Kit {
                 &[200],
             );
         }
-        let a = self
-            .send(
-                Method::GET,
-                &format!("/function/{name}.{ns}/a/b?x=1"),
-                Auth::None,
-                Body::Empty,
-            )
-            .await;
-        self.status("1.3.11 invoke", "GET with a path and a query", &a, &[200]);
-        let a = self
-            .send(
-                Method::POST,
-                &format!("/function/{name}-missing.{ns}"),
-                Auth::None,
-                Body::Raw("text/plain", "hi\n"),
-            )
-            .await;
-        self.status(
+        self.expect_with(
+            "1.3.11 invoke",
+            "GET with a path and a query",
+            &[200],
+            Method::GET,
+            &format!("/function/{name}.{ns}/a/b?x=1"),
+            Auth::None,
+            Body::Empty,
+        )
+        .await;
+        self.expect_with(
             "1.3.11 invoke",
             "invoke of a missing function",
-            &a,
             &[404, 503],
-        );
+            Method::POST,
+            &format!("/function/{name}-missing.{ns}"),
+            Auth::None,
+            Body::Raw("text/plain", "hi\n"),
+        )
+        .await;
         let a = self
             .send(
                 Method::POST,
@@ -724,28 +779,27 @@ impl Kit {
     async fn scale_flows(&mut self, name: &str) {
         let ns = self.opts.namespace.clone();
         let a = self
-            .system(
+            .expect(
+                "7.8 scale",
+                "POST /system/scale-function/NAME to 2",
+                &[202, 200],
                 Method::POST,
                 &format!("/system/scale-function/{name}?namespace={ns}"),
                 Body::Json(json!({"serviceName": name, "replicas": 2, "namespace": ns})),
             )
             .await;
-        if self.status(
-            "7.8 scale",
-            "POST /system/scale-function/NAME to 2",
-            &a,
-            &[202, 200],
-        ) {
+        if a.passed {
             self.wait_ready(name, 2).await;
         }
-        let a = self
-            .system(
-                Method::POST,
-                &format!("/system/scale-function/{name}-missing?namespace={ns}"),
-                Body::Json(json!({"serviceName": format!("{name}-missing"), "replicas": 1})),
-            )
-            .await;
-        self.status("1.4 matrix", "scale of a missing function", &a, &[404]);
+        self.expect(
+            "1.4 matrix",
+            "scale of a missing function",
+            &[404],
+            Method::POST,
+            &format!("/system/scale-function/{name}-missing?namespace={ns}"),
+            Body::Json(json!({"serviceName": format!("{name}-missing"), "replicas": 1})),
+        )
+        .await;
     }
 
     /// §7.9: Terraform's update body (every field present, nulls, unknown fields).
@@ -757,15 +811,16 @@ impl Kit {
             "requests": null, "readOnlyRootFilesystem": false, "someFutureField": {"a": 1}
         });
         let a = self
-            .system(Method::PUT, "/system/functions", Body::Json(body))
+            .expect(
+                "7.9 terraform",
+                "PUT with every field, nulls and an unknown one",
+                &[202, 200],
+                Method::PUT,
+                "/system/functions",
+                Body::Json(body),
+            )
             .await;
-        self.status(
-            "7.9 terraform",
-            "PUT with every field, nulls and an unknown one",
-            &a,
-            &[202, 200],
-        );
-        if a.error.is_none() && a.code() < 300 {
+        if a.passed {
             self.wait_ready(name, 1).await;
         }
     }
@@ -853,18 +908,16 @@ impl Kit {
     async fn logs(&mut self, name: &str) {
         let ns = self.opts.namespace.clone();
         let a = self
-            .system(
+            .expect(
+                "7.8 logs",
+                "GET /system/logs?follow=false&tail=5",
+                &[200],
                 Method::GET,
                 &format!("/system/logs?follow=false&name={name}&namespace={ns}&tail=5"),
                 Body::Empty,
             )
             .await;
-        if self.status(
-            "7.8 logs",
-            "GET /system/logs?follow=false&tail=5",
-            &a,
-            &[200],
-        ) {
+        if a.passed {
             let bad: Vec<&str> = a
                 .body
                 .lines()
@@ -883,14 +936,15 @@ impl Kit {
                 bad.is_empty(),
             );
         }
-        let a = self
-            .system(
-                Method::GET,
-                &format!("/system/logs?follow=false&name={name}&namespace={ns}&tail=abc"),
-                Body::Empty,
-            )
-            .await;
-        self.status("1.4 matrix", "logs with an unparseable tail", &a, &[422]);
+        self.expect(
+            "1.4 matrix",
+            "logs with an unparseable tail",
+            &[422],
+            Method::GET,
+            &format!("/system/logs?follow=false&name={name}&namespace={ns}&tail=abc"),
+            Body::Empty,
+        )
+        .await;
     }
 
     /// §7.8 secrets and their rows of the matrix.
@@ -899,26 +953,44 @@ impl Kit {
         let s = self.secret.clone();
         let value = "conformance-value";
         let body = json!({"name": s, "namespace": ns, "value": value});
+        self.expect(
+            "7.8 secrets",
+            "create",
+            &[202, 200, 201],
+            Method::POST,
+            "/system/secrets",
+            Body::Json(body.clone()),
+        )
+        .await;
+        self.expect(
+            "1.4 matrix",
+            "create an existing secret",
+            &[409],
+            Method::POST,
+            "/system/secrets",
+            Body::Json(body.clone()),
+        )
+        .await;
+        self.expect(
+            "7.8 secrets",
+            "update",
+            &[202, 200],
+            Method::PUT,
+            "/system/secrets",
+            Body::Json(body),
+        )
+        .await;
         let a = self
-            .system(Method::POST, "/system/secrets", Body::Json(body.clone()))
-            .await;
-        self.status("7.8 secrets", "create", &a, &[202, 200, 201]);
-        let a = self
-            .system(Method::POST, "/system/secrets", Body::Json(body.clone()))
-            .await;
-        self.status("1.4 matrix", "create an existing secret", &a, &[409]);
-        let a = self
-            .system(Method::PUT, "/system/secrets", Body::Json(body))
-            .await;
-        self.status("7.8 secrets", "update", &a, &[202, 200]);
-        let a = self
-            .system(
+            .expect(
+                "7.8 secrets",
+                "list",
+                &[200],
                 Method::GET,
                 &format!("/system/secrets?namespace={ns}"),
                 Body::Empty,
             )
             .await;
-        if self.status("7.8 secrets", "list", &a, &[200]) {
+        if a.passed {
             let listed = a
                 .json()
                 .and_then(|v| v.as_array().cloned())
@@ -940,66 +1012,76 @@ impl Kit {
             );
         }
         let delete = json!({"name": s, "namespace": ns});
-        let a = self
-            .system(
-                Method::DELETE,
-                "/system/secrets",
-                Body::Json(delete.clone()),
-            )
-            .await;
-        self.status("7.8 secrets", "remove", &a, &[202, 200, 204]);
-        let a = self
-            .system(Method::DELETE, "/system/secrets", Body::Json(delete))
-            .await;
-        self.status("1.4 matrix", "remove a missing secret", &a, &[404]);
-        let a = self
-            .system(
-                Method::PUT,
-                "/system/secrets",
-                Body::Json(json!({"name": s, "namespace": ns, "value": value})),
-            )
-            .await;
-        self.status("1.4 matrix", "update a missing secret", &a, &[404]);
+        self.expect(
+            "7.8 secrets",
+            "remove",
+            &[202, 200, 204],
+            Method::DELETE,
+            "/system/secrets",
+            Body::Json(delete.clone()),
+        )
+        .await;
+        self.expect(
+            "1.4 matrix",
+            "remove a missing secret",
+            &[404],
+            Method::DELETE,
+            "/system/secrets",
+            Body::Json(delete),
+        )
+        .await;
+        self.expect(
+            "1.4 matrix",
+            "update a missing secret",
+            &[404],
+            Method::PUT,
+            "/system/secrets",
+            Body::Json(json!({"name": s, "namespace": ns, "value": value})),
+        )
+        .await;
     }
 
     /// §7.4 and what follows a removal.
     async fn remove_flow(&mut self, name: &str) {
         let ns = self.opts.namespace.clone();
         let body = json!({"functionName": name, "namespace": ns});
-        let a = self
-            .system(
-                Method::DELETE,
-                "/system/functions",
-                Body::Json(body.clone()),
-            )
-            .await;
-        self.status(
+        self.expect(
             "7.4 remove",
             "DELETE /system/functions",
-            &a,
             &[202, 200, 201],
-        );
-        let a = self
-            .system(Method::DELETE, "/system/functions", Body::Json(body))
-            .await;
-        self.status("1.4 matrix", "remove a missing function", &a, &[404]);
-        let a = self
-            .send(
-                Method::POST,
-                &format!("/function/{name}.{ns}"),
-                Auth::None,
-                Body::Raw("text/plain", "hi\n"),
-            )
-            .await;
-        self.status("7.4 remove", "invoke after removal", &a, &[404, 503]);
-        let a = self
-            .system(
-                Method::GET,
-                &format!("/system/function/{name}?{}", self.qs()),
-                Body::Empty,
-            )
-            .await;
-        self.status("7.4 remove", "status after removal", &a, &[404]);
+            Method::DELETE,
+            "/system/functions",
+            Body::Json(body.clone()),
+        )
+        .await;
+        self.expect(
+            "1.4 matrix",
+            "remove a missing function",
+            &[404],
+            Method::DELETE,
+            "/system/functions",
+            Body::Json(body),
+        )
+        .await;
+        self.expect_with(
+            "7.4 remove",
+            "invoke after removal",
+            &[404, 503],
+            Method::POST,
+            &format!("/function/{name}.{ns}"),
+            Auth::None,
+            Body::Raw("text/plain", "hi\n"),
+        )
+        .await;
+        self.expect(
+            "7.4 remove",
+            "status after removal",
+            &[404],
+            Method::GET,
+            &format!("/system/function/{name}?{}", self.qs()),
+            Body::Empty,
+        )
+        .await;
     }
 
     /// Removes what the run created; errors are ignored (most are already gone).
