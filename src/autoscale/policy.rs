@@ -425,9 +425,13 @@ pub fn decide(
     } = input
     {
         let reason = if action == Action::Hold {
+            // Saturating: `policy simulate` replays times up to the end of chrono's range.
             let until = now
-                + chrono::Duration::from_std(policy.hold_ttl)
-                    .unwrap_or(chrono::Duration::seconds(300));
+                .checked_add_signed(
+                    chrono::Duration::from_std(policy.hold_ttl)
+                        .unwrap_or(chrono::Duration::seconds(300)),
+                )
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
             next.hold_until = Some(until);
             format!(
                 "hold: no scale-down until the alert resolves (or {} without a delivery)",
@@ -705,10 +709,12 @@ pub fn decide(
             let reason = cooldown_reason(&why, "down", policy.down_cooldown, elapsed, "scale");
             return (held(current, recommended, clamps, reason), next);
         }
+        // Remembered under the policy of the time: a max lowered since (a redeploy with other
+        // labels) bounds them too, so the window never keeps the count above the current max.
         let highest = next
             .recommendations
             .iter()
-            .map(|(_, r)| *r)
+            .map(|(_, r)| (*r).min(max))
             .max()
             .unwrap_or(to);
         if highest > to {
@@ -813,6 +819,44 @@ mod tests {
         );
         let (d, _) = decide(&p, 0, &State::default(), signal(Action::StepUp), at(0));
         assert_eq!(d.outcome, Outcome::Scale);
+    }
+
+    /// Found by fuzzing: recommendations the window remembers from before max was lowered (a
+    /// redeploy with a smaller `com.openfaas.scale.max`) do not keep the count above the new
+    /// max; it applies at once, as it does without a window.
+    #[test]
+    fn window_from_a_higher_max_does_not_hold_the_count_above_max() {
+        let p = Policy {
+            stabilization_window: Duration::from_secs(120),
+            ..openfaas(9, 1, 10)
+        };
+        let state = State {
+            recommendations: [(at(0), 18)].into(),
+            ..State::default()
+        };
+        for input in [signal(Action::To(1)), signal(Action::StepUp)] {
+            let (d, _) = decide(&p, 20, &state, input.clone(), at(30));
+            assert_eq!((d.outcome, d.to), (Outcome::Scale, 9), "{input:?}: {d:?}");
+        }
+        // Within the bounds the window still holds a scale-down.
+        let (d, _) = decide(&p, 9, &state, signal(Action::To(1)), at(30));
+        assert_eq!((d.outcome, d.to), (Outcome::Held, 9), "{d:?}");
+        assert!(d.clamps.contains(&Clamp::Stabilization));
+    }
+
+    /// A hold at the end of time lasts until then instead of overflowing the clock.
+    #[test]
+    fn a_hold_near_the_end_of_time_saturates() {
+        let p = openfaas(10, 1, 10);
+        let (d, next) = decide(
+            &p,
+            3,
+            &State::default(),
+            signal(Action::Hold),
+            DateTime::<Utc>::MAX_UTC,
+        );
+        assert_eq!(d.outcome, Outcome::NoChange);
+        assert_eq!(next.hold_until, Some(DateTime::<Utc>::MAX_UTC));
     }
 
     /// The upstream gateway's own test vectors (status, current, max, min, factor, expected),

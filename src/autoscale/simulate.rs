@@ -65,7 +65,9 @@ fn parse_line(
             let base = *origin.get_or_insert_with(|| {
                 DateTime::from_timestamp(0, 0).expect("the epoch is a valid time")
             });
-            base + chrono::Duration::milliseconds((t * 1000.0) as i64)
+            chrono::Duration::try_milliseconds((t * 1000.0) as i64)
+                .and_then(|d| base.checked_add_signed(d))
+                .ok_or_else(|| format!("line {n}: t {t} is too late a time"))?
         }
         (None, Some(t)) => {
             return Err(format!("line {n}: t must be zero or more seconds, got {t}"))
@@ -158,8 +160,11 @@ pub fn simulate(
     for (time, parsed) in &inputs {
         // The ticker's steps since the previous input.
         if let Some(mut t) = clock {
-            while t + tick < *time && replay.state.stepping_down {
-                t += tick;
+            while let Some(next) = t.checked_add_signed(tick).filter(|next| next < time) {
+                if !replay.state.stepping_down {
+                    break;
+                }
+                t = next;
                 replay.step(t, Input::Tick, "tick".into());
             }
         }
@@ -188,10 +193,13 @@ pub fn simulate(
     // Let a gradual scale-down finish (bounded).
     if let Some(mut t) = clock {
         for _ in 0..10_000 {
+            let Some(next) = t.checked_add_signed(tick) else {
+                break;
+            };
             if !replay.state.stepping_down {
                 break;
             }
-            t += tick;
+            t = next;
             replay.step(t, Input::Tick, "tick".into());
         }
     }
@@ -274,6 +282,31 @@ mod tests {
             scale_to_zero_after: None,
             ..Policy::default()
         }
+    }
+
+    /// Times past the end of chrono's range are an error for their line, and a tick that long
+    /// ends the replay, instead of overflowing the clock.
+    #[test]
+    fn times_out_of_range_are_errors_not_panics() {
+        let errors = simulate(
+            &policy(),
+            1,
+            "{\"t\": 0, \"action\": \"firing\"}\n{\"t\": 1e300, \"action\": \"tick\"}\n",
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(errors[0].starts_with("line 2: t"), "{errors:?}");
+        let series = "{\"t\": 0, \"action\": \"firing\"}\n{\"t\": 20, \"action\": \"resolved\"}\n{\"t\": 40, \"action\": \"tick\"}\n";
+        let rows = simulate(&policy(), 3, series, Duration::from_millis(u64::MAX / 4)).unwrap();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        let rows = simulate(
+            &policy(),
+            3,
+            "{\"at\": \"+262142-12-31T23:59:59Z\", \"action\": \"hold\"}\n",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(rows.len(), 1);
     }
 
     #[test]
