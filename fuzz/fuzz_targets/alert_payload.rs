@@ -105,17 +105,7 @@ fuzz_target!(|data: &[u8]| {
 
         // What the handler checks and records before the executor sees the signal.
         let _ = validate_dns_label("function_name", &signal.name);
-        let evidence = serde_json::json!({
-            "alertname": signal.alertname,
-            "status": alert.status,
-            "fingerprint": alert.fingerprint,
-            "startsAt": alert.starts_at,
-            "receiver": receiver,
-            "groupKey": hook.group_key,
-            "labels": alert.labels,
-            "annotations": alert.annotations,
-            "datacenter": signal.datacenter,
-        });
+        let evidence = alert.evidence(&signal, &receiver, hook.group_key.as_ref());
         serde_json::to_vec(&evidence).expect("evidence serialises");
 
         // Into the engine, from several starting points; a retry of the same alert right after

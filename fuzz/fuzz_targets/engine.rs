@@ -26,7 +26,8 @@ use std::time::Duration;
 use arbitrary::Arbitrary;
 use chrono::{DateTime, TimeZone, Utc};
 use faastastic::autoscale::policy::{
-    decide, proportional, Action, AlertMode, Clamp, Input, Outcome, Policy, State, Step, StepCap,
+    decide, proportional, target_of, Action, AlertMode, Clamp, Input, Outcome, Policy, State, Step,
+    StepCap,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -297,16 +298,6 @@ struct Model {
 
 fn age(now: DateTime<Utc>, then: DateTime<Utc>) -> Duration {
     (now - then).to_std().unwrap_or(Duration::ZERO)
-}
-
-/// The per-replica target an alert is sized against: its own, else the policy's.
-fn target_of(policy: &Policy, action: Action) -> Option<f64> {
-    let own = match action {
-        Action::Sized { target, .. } => target,
-        _ => None,
-    };
-    own.or(policy.target_per_replica)
-        .filter(|t| t.is_finite() && *t > 0.0)
 }
 
 const MAX_EVENTS: usize = 256;

@@ -10,7 +10,6 @@ use axum::Json;
 use http::header::RETRY_AFTER;
 use http::StatusCode;
 use serde::Serialize;
-use serde_json::json;
 
 use super::error::ApiError;
 use super::wire::parse_object;
@@ -93,23 +92,14 @@ pub async fn receive(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
                 continue;
             }
         };
+        let evidence = alert.evidence(&signal, &receiver, hook.group_key.as_ref());
         requests.push(SignalRequest {
             id: FunctionId::new(signal.name, namespace),
             datacenter,
             action: signal.action,
             dedupe_key: signal.dedupe_key,
             source: "alert".to_string(),
-            evidence: json!({
-                "alertname": signal.alertname,
-                "status": alert.status,
-                "fingerprint": alert.fingerprint,
-                "startsAt": alert.starts_at,
-                "receiver": receiver,
-                "groupKey": hook.group_key,
-                "labels": alert.labels,
-                "annotations": alert.annotations,
-                "datacenter": signal.datacenter,
-            }),
+            evidence,
         });
         positions.push(i);
     }

@@ -111,6 +111,26 @@ impl Alert {
         Ok(Action::Sized { value, target })
     }
 
+    /// What a scale event records of the alert behind it.
+    pub fn evidence(
+        &self,
+        signal: &AlertSignal,
+        receiver: &str,
+        group_key: Option<&serde_json::Value>,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "alertname": signal.alertname,
+            "status": self.status,
+            "fingerprint": self.fingerprint,
+            "startsAt": self.starts_at,
+            "receiver": receiver,
+            "groupKey": group_key,
+            "labels": self.labels,
+            "annotations": self.annotations,
+            "datacenter": signal.datacenter,
+        })
+    }
+
     /// `Ok(None)`: the alert is not for the autoscaler (no `function_name`);
     /// `Err`: it is, but its action labels are wrong.
     pub fn signal(&self) -> Result<Option<AlertSignal>, String> {

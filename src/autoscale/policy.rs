@@ -368,7 +368,7 @@ fn step_up(policy: &Policy, current: u64, max: u64, note: &str) -> (u64, String)
 }
 
 /// The per-replica target for an alert: its own, else the policy's.
-fn target_of(policy: &Policy, action: Action) -> Option<f64> {
+pub fn target_of(policy: &Policy, action: Action) -> Option<f64> {
     let own = match action {
         Action::Sized { target, .. } => target,
         _ => None,
