@@ -303,6 +303,20 @@ pub struct Decision {
     pub reason: String,
 }
 
+impl Decision {
+    /// Nothing changes and no rule held anything back.
+    fn unchanged(current: u64, recommended: u64, reason: String) -> Decision {
+        Decision {
+            from: current,
+            to: current,
+            recommended,
+            outcome: Outcome::NoChange,
+            clamps: Vec::new(),
+            reason,
+        }
+    }
+}
+
 fn since(now: DateTime<Utc>, then: Option<DateTime<Utc>>) -> Option<Duration> {
     then.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO))
 }
@@ -441,15 +455,7 @@ pub fn decide(
             next.hold_until = None;
             "hold released".to_string()
         };
-        let d = Decision {
-            from: current,
-            to: current,
-            recommended: current,
-            outcome: Outcome::NoChange,
-            clamps,
-            reason,
-        };
-        return (d, next);
+        return (Decision::unchanged(current, current, reason), next);
     }
     let held = |to: u64, recommended: u64, clamps: Vec<Clamp>, reason: String| Decision {
         from: current,
@@ -462,14 +468,7 @@ pub fn decide(
 
     // Scale to zero is opt-in and bypasses min; it still waits out the down cooldown.
     if let Input::Idle { idle_for } = input {
-        let nothing = |reason: String| Decision {
-            from: current,
-            to: current,
-            recommended: current,
-            outcome: Outcome::NoChange,
-            clamps: Vec::new(),
-            reason,
-        };
+        let nothing = |reason: String| Decision::unchanged(current, current, reason);
         let Some(after) = policy.scale_to_zero_after else {
             return (nothing("scale to zero is off".to_string()), next);
         };
@@ -586,14 +585,7 @@ pub fn decide(
         Input::Tick => {
             if !next.stepping_down || current <= min {
                 next.stepping_down = false;
-                let d = Decision {
-                    from: current,
-                    to: current,
-                    recommended: current,
-                    outcome: Outcome::NoChange,
-                    clamps,
-                    reason: "nothing to do".to_string(),
-                };
+                let d = Decision::unchanged(current, current, "nothing to do".to_string());
                 return (d, next);
             }
             (
@@ -616,15 +608,10 @@ pub fn decide(
     );
     if current == 0 && (recommended == 0 || lowers) {
         next.stepping_down = false;
-        let d = Decision {
-            from: 0,
-            to: 0,
-            recommended,
-            outcome: Outcome::NoChange,
-            clamps,
-            reason: format!("{why}; at zero replicas, which only an invocation or a demand for replicas changes"),
-        };
-        return (d, next);
+        let reason = format!(
+            "{why}; at zero replicas, which only an invocation or a demand for replicas changes"
+        );
+        return (Decision::unchanged(0, recommended, reason), next);
     }
 
     // 2. Clamp into [min, max]; the clamped count is what the window remembers.
