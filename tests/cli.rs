@@ -75,17 +75,7 @@ fn demo_through_prometheus_and_alertmanager() {
     common::require_program("prometheus", "prometheus");
     common::require_program("prometheus-alertmanager", "prometheus-alertmanager");
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(common::BIN)
-        .args(["demo", "--prometheus", "--max-load-secs", "60", "--out"])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let stdout = run_demo(&["--prometheus", "--max-load-secs", "60"], out.path());
     assert!(stdout.contains("demo passed"), "{stdout}");
     assert!(
         stdout.contains("lon    1 -> 4  scaled   firing at"),
@@ -104,17 +94,7 @@ fn demo_through_prometheus_and_alertmanager() {
 #[test]
 fn demo_scales_up_under_load_and_back_down() {
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(common::BIN)
-        .args(["demo", "--max-load-secs", "40", "--out"])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let stdout = run_demo(&["--max-load-secs", "40"], out.path());
     assert!(stdout.contains("Hello, world!"), "{stdout}");
     assert!(stdout.contains("demo passed"), "{stdout}");
     for dc in ["stage", "lon", "syd"] {
@@ -211,4 +191,22 @@ fn rules_check_names_file_and_line_of_each_problem() {
         1,
         "the valid recording rule is fine: {out}"
     );
+}
+
+/// Runs `faastastic demo ARGS --out DIR`, which must succeed, and returns its output.
+fn run_demo(args: &[&str], out: &std::path::Path) -> String {
+    let run = Command::new(common::BIN)
+        .arg("demo")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
 }
