@@ -21,7 +21,7 @@ use crate::model::{
     FunctionId, Namespace, LABEL_DATACENTERS,
 };
 use crate::platform::{EndpointSet, Platform, PlatformError, ReplicaCounts, Workload};
-use crate::store::{SecretRecord, Store, StoreError};
+use crate::store::{Decision, SecretRecord, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -853,20 +853,27 @@ impl Fleet {
         datacenter: Option<&str>,
         replicas: u64,
     ) -> Result<(), FleetError> {
-        self.scale_checked(id, datacenter, None, replicas).await
+        self.scale_checked(id, datacenter, None, replicas, None)
+            .await
+            .map(|_| ())
     }
 
     /// Scales one datacenter only if its desired count is still `expected` (the count a
     /// decision was made from): a manual scale in between is never overwritten. A mismatch is
     /// a `Conflict`.
+    ///
+    /// `decision` is stored with the new desired count, before any platform call, and undone
+    /// with it when every platform call fails. Returns whether it was stored (`false` when
+    /// nothing had to change).
     pub async fn scale_from(
         &self,
         id: &FunctionId,
         datacenter: &str,
         expected: u64,
         replicas: u64,
-    ) -> Result<(), FleetError> {
-        self.scale_checked(id, Some(datacenter), Some(expected), replicas)
+        decision: Option<&Decision>,
+    ) -> Result<bool, FleetError> {
+        self.scale_checked(id, Some(datacenter), Some(expected), replicas, decision)
             .await
     }
 
@@ -892,7 +899,8 @@ impl Fleet {
         datacenter: Option<&str>,
         expected: Option<u64>,
         replicas: u64,
-    ) -> Result<(), FleetError> {
+        decision: Option<&Decision>,
+    ) -> Result<bool, FleetError> {
         let _guard = self.write.lock().await;
         let Some((current, deployment)) = self
             .read_functions()
@@ -941,9 +949,9 @@ impl Fleet {
             .map(|(dc, n)| (dc.clone(), *n))
             .collect();
         if changed.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
-        self.store.set_desired_replicas(id, &target).await?;
+        let event_id = self.store.set_desired_with(id, &target, decision).await?;
         let dcs: Vec<String> = changed.iter().map(|(dc, _)| dc.clone()).collect();
         let result = self
             .each(&dcs, |d| {
@@ -952,14 +960,15 @@ impl Fleet {
             })
             .await;
         if result.all_failed() {
-            self.store.set_desired_replicas(id, &current).await?;
-            return result.into_result("scale");
+            let undo = decision.zip(event_id);
+            self.store.revert_desired(id, &current, undo).await?;
+            return result.into_result("scale").map(|_| false);
         }
         // Datacenters that failed keep the new desired count: the reconciler converges them.
         if let Some(f) = self.write_functions().get_mut(id) {
             Arc::make_mut(f).replicas = target;
         }
-        result.into_result("scale")
+        result.into_result("scale").map(|_| event_id.is_some())
     }
 
     /// Logs of a function in one datacenter (given, else home if placed there, else the first).

@@ -36,6 +36,47 @@ pub struct EventRecord {
     pub json: String,
 }
 
+/// A scale decision stored with the desired replicas it sets: the engine state it leaves for
+/// one datacenter, the one it replaces (for an undo) and its event.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub datacenter: String,
+    pub state_json: String,
+    pub previous_state_json: String,
+    pub event: EventRecord,
+}
+
+/// What is written with a function's desired replicas.
+enum DesiredWith {
+    Record(Decision),
+    Undo(Decision, i64),
+}
+
+/// Upserts a datacenter's engine state and inserts the event, inside a caller's transaction.
+fn write_decision(
+    tx: &rusqlite::Transaction<'_>,
+    id: &FunctionId,
+    datacenter: &str,
+    state_json: &str,
+    event: Option<&EventRecord>,
+) -> rusqlite::Result<Option<i64>> {
+    tx.execute(
+        "INSERT INTO autoscale_states (namespace, name, datacenter, state) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(namespace, name, datacenter) DO UPDATE SET state = excluded.state",
+        params![id.namespace, id.name, datacenter, state_json],
+    )?;
+    match event {
+        Some(e) => {
+            tx.execute(
+                "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![e.at.to_rfc3339(), id.namespace, id.name, e.datacenter, e.json],
+            )?;
+            Ok(Some(tx.last_insert_rowid()))
+        }
+        None => Ok(None),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EventFilter {
     pub name: Option<String>,
@@ -236,6 +277,42 @@ impl Store {
         id: &FunctionId,
         replicas: &BTreeMap<String, u64>,
     ) -> Result<(), StoreError> {
+        self.set_desired_with(id, replicas, None).await.map(|_| ())
+    }
+
+    /// Replaces a function's desired replicas and, in the same transaction, stores the
+    /// decision that set them (its engine state and event, written before the platform is
+    /// called). A crash after this leaves a decision that is recorded once and applied by the
+    /// reconciler on restart: never lost, never applied twice. Returns the event's id.
+    pub async fn set_desired_with(
+        &self,
+        id: &FunctionId,
+        replicas: &BTreeMap<String, u64>,
+        decision: Option<&Decision>,
+    ) -> Result<Option<i64>, StoreError> {
+        self.write_desired(id, replicas, decision.cloned().map(DesiredWith::Record))
+            .await
+    }
+
+    /// Undoes [`Store::set_desired_with`] when the platform refused the change: the old
+    /// desired replicas and engine state come back and the decision's event is removed, in
+    /// one transaction.
+    pub async fn revert_desired(
+        &self,
+        id: &FunctionId,
+        replicas: &BTreeMap<String, u64>,
+        undo: Option<(&Decision, i64)>,
+    ) -> Result<(), StoreError> {
+        let undo = undo.map(|(d, event_id)| DesiredWith::Undo(d.clone(), event_id));
+        self.write_desired(id, replicas, undo).await.map(|_| ())
+    }
+
+    async fn write_desired(
+        &self,
+        id: &FunctionId,
+        replicas: &BTreeMap<String, u64>,
+        with: Option<DesiredWith>,
+    ) -> Result<Option<i64>, StoreError> {
         let id = id.clone();
         let placement = placement_json(replicas)?;
         let total = replicas
@@ -243,11 +320,24 @@ impl Store {
             .fold(0u64, |s, n| s.saturating_add(*n))
             .min(i64::MAX as u64) as i64;
         self.call(move |conn| {
-            conn.execute(
+            let tx = conn.transaction()?;
+            tx.execute(
                 "UPDATE functions SET desired_replicas = ?3, placement = ?4 WHERE namespace = ?1 AND name = ?2",
                 params![id.namespace, id.name, total, placement],
             )?;
-            Ok(())
+            let event_id = match with {
+                Some(DesiredWith::Record(d)) => {
+                    write_decision(&tx, &id, &d.datacenter, &d.state_json, Some(&d.event))?
+                }
+                Some(DesiredWith::Undo(d, event_id)) => {
+                    write_decision(&tx, &id, &d.datacenter, &d.previous_state_json, None)?;
+                    tx.execute("DELETE FROM scale_events WHERE id = ?1", params![event_id])?;
+                    None
+                }
+                None => None,
+            };
+            tx.commit()?;
+            Ok(event_id)
         })
         .await
     }
@@ -312,21 +402,7 @@ impl Store {
         let datacenter = datacenter.to_string();
         self.call(move |conn| {
             let tx = conn.transaction()?;
-            tx.execute(
-                "INSERT INTO autoscale_states (namespace, name, datacenter, state) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(namespace, name, datacenter) DO UPDATE SET state = excluded.state",
-                params![id.namespace, id.name, datacenter, state_json],
-            )?;
-            let event_id = match event {
-                Some(e) => {
-                    tx.execute(
-                        "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![e.at.to_rfc3339(), id.namespace, id.name, e.datacenter, e.json],
-                    )?;
-                    Some(tx.last_insert_rowid())
-                }
-                None => None,
-            };
+            let event_id = write_decision(&tx, &id, &datacenter, &state_json, event.as_ref())?;
             tx.commit()?;
             Ok(event_id)
         })

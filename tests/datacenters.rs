@@ -338,3 +338,94 @@ async fn placement_by_constraints_and_labels() {
     .await;
     assert_eq!(code, 400, "{body}");
 }
+
+/// The server is killed with SIGKILL while a decision's platform call hangs (lon's agent is
+/// stopped with SIGSTOP). After a restart the decision is there once, the reconciler applies
+/// it, and Alertmanager's retry of the unanswered webhook does not apply it again.
+#[tokio::test]
+async fn a_server_killed_mid_scale_neither_loses_nor_repeats_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let lon_port = free_port();
+    let lon = Agent::start("lon", lon_port, dir.path());
+    let token = dir.path().join("token");
+    // A platform timeout longer than the test waits: the call is still in flight at the kill.
+    let cfg = format!(
+        r#"reconcile_interval_ms = 300
+[[datacenters]]
+name = "stage"
+[[datacenters]]
+name = "lon"
+platform = "remote"
+url = "http://127.0.0.1:{lon_port}"
+token_file = "{}"
+timeout_ms = 60000
+"#,
+        token.display()
+    );
+    let data = dir.path().join("data");
+    let options = || Options {
+        config: Some(&cfg),
+        data_dir: Some(&data),
+        ..Default::default()
+    };
+    let mut s = Server::with(options());
+    assert_eq!(s.deploy(echo_function("busy")).await.status(), 202);
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            ready_in(&s, "busy", "lon").await == 1
+        })
+        .await
+    );
+    let alert = json!({"version": "4", "status": "firing", "receiver": "faastastic", "alerts": [{
+        "status": "firing", "fingerprint": "k1", "startsAt": "2026-01-01T00:00:00Z",
+        "labels": {"alertname": "Busy", "function_name": "busy", "datacenter": "lon"}}]});
+    let scaled_in_lon = |events: &Vec<Value>| {
+        events
+            .iter()
+            .filter(|e| e["datacenter"] == "lon" && e["outcome"] == "scaled")
+            .count()
+    };
+
+    let stop = |sig| unsafe { libc::kill(lon.0.id() as i32, sig) };
+    assert_eq!(stop(libc::SIGSTOP), 0);
+    let hung = tokio::spawn(s.system(Method::POST, "/system/alert").json(&alert).send());
+    let recorded = poll(Duration::from_secs(20), || async {
+        let events: Vec<Value> = s.get_json("/system/scale-events?function=busy").await;
+        scaled_in_lon(&events) == 1
+    })
+    .await;
+    assert!(
+        recorded,
+        "the decision was not stored before the platform call"
+    );
+    assert!(!hung.is_finished(), "the platform call was meant to hang");
+    s.kill();
+    assert_eq!(stop(libc::SIGCONT), 0);
+    let _ = hung.await;
+
+    let s = Server::with(options());
+    let converged = poll(Duration::from_secs(30), || async {
+        ready_in(&s, "busy", "lon").await == 2
+    })
+    .await;
+    assert!(
+        converged,
+        "lon never reached 2: {}",
+        s.status("busy").await.1
+    );
+    // Alertmanager never got an answer, so it sends the same alert again.
+    let r = s
+        .system(Method::POST, "/system/alert")
+        .json(&alert)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_ne!(answer["alerts"][0]["outcome"], "scaled", "{answer}");
+    let events: Vec<Value> = s.get_json("/system/scale-events?function=busy").await;
+    assert_eq!(scaled_in_lon(&events), 1, "{events:#?}");
+    let status = s.status("busy").await.1;
+    assert_eq!(status["datacenters"]["lon"]["replicas"], 2, "{status}");
+    assert_eq!(status["datacenters"]["stage"]["replicas"], 1, "{status}");
+}

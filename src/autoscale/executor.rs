@@ -18,7 +18,7 @@ use crate::config::AutoscaleConfig;
 use crate::fleet::{Fleet, FleetError};
 use crate::model::FunctionId;
 use crate::proxy::Activity;
-use crate::store::{EventRecord, Store, StoreError};
+use crate::store::{self, EventRecord, Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// One request to scale, from an alert or another source.
@@ -435,7 +435,7 @@ impl Autoscaler {
                     vec![],
                     evidence,
                 );
-                return self.finish(&key, &state, event, false).await;
+                return self.finish(&key, &state, event, false, false).await;
             }
         };
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
@@ -478,6 +478,7 @@ impl Autoscaler {
             Some(why) => format!("{why}; {}", decision.reason),
             None => decision.reason.clone(),
         };
+        let mut recorded = false;
         let (outcome, keep_state, retryable) = match decision.outcome {
             Outcome::NoChange => ("no_change", true, false),
             Outcome::Held => ("held", true, false),
@@ -487,12 +488,36 @@ impl Autoscaler {
             }
             Outcome::Scale => {
                 self.scale_limiter.until_ready().await;
+                // The decision is stored with the desired count it sets, before the platform
+                // is called: a crash from here on neither loses it nor lets it apply twice.
+                let ahead = self.event(
+                    &key,
+                    now,
+                    source,
+                    decision.from,
+                    decision.to,
+                    decision.recommended,
+                    direction,
+                    "scaled",
+                    reason.clone(),
+                    decision.clamps.clone(),
+                    evidence.clone(),
+                );
+                let ahead = store::Decision {
+                    datacenter: datacenter.to_string(),
+                    state_json: state_json(&next),
+                    previous_state_json: state_json(&state),
+                    event: event_record(&ahead),
+                };
                 match self
                     .fleet
-                    .scale_from(id, datacenter, decision.from, decision.to)
+                    .scale_from(id, datacenter, decision.from, decision.to, Some(&ahead))
                     .await
                 {
-                    Ok(()) => ("scaled", true, false),
+                    Ok(stored) => {
+                        recorded = stored;
+                        ("scaled", true, false)
+                    }
                     Err(FleetError::Conflict(why)) => {
                         reason.push_str(&format!("; superseded: {why}"));
                         ("superseded", false, false)
@@ -532,7 +557,7 @@ impl Autoscaler {
             decision.clamps,
             evidence,
         );
-        self.finish(&key, &state, event, retryable).await
+        self.finish(&key, &state, event, retryable, recorded).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -575,6 +600,7 @@ impl Autoscaler {
         state: &State,
         event: ScaleEvent,
         retryable: bool,
+        recorded: bool,
     ) -> SignalResult {
         let function_name = id.qualified();
         self.metrics
@@ -625,18 +651,19 @@ impl Autoscaler {
                 ),
             );
         }
-        let record = serde_json::to_string(&event).ok().map(|json| EventRecord {
-            at: event.time,
-            datacenter: event.datacenter.clone(),
-            json,
-        });
-        let state_json = serde_json::to_string(state).unwrap_or_else(|_| "{}".to_string());
-        if let Err(e) = self
-            .store
-            .record_decision(id, datacenter, state_json, record)
-            .await
-        {
-            tracing::error!(function = %id, error = %e, "cannot record a scale decision");
+        if !recorded {
+            if let Err(e) = self
+                .store
+                .record_decision(
+                    id,
+                    datacenter,
+                    state_json(state),
+                    Some(event_record(&event)),
+                )
+                .await
+            {
+                tracing::error!(function = %id, error = %e, "cannot record a scale decision");
+            }
         }
         SignalResult {
             function: function_name,
@@ -774,12 +801,7 @@ impl Autoscaler {
             clamps: Vec::new(),
             evidence: serde_json::json!({"override": outside}),
         };
-        let record = EventRecord {
-            at: event.time,
-            datacenter: event.datacenter.clone(),
-            json: serde_json::to_string(&event).unwrap_or_default(),
-        };
-        if let Err(e) = self.store.record_event(id, record).await {
+        if let Err(e) = self.store.record_event(id, event_record(&event)).await {
             tracing::error!(function = %id, error = %e, "cannot record a manual scale");
         }
         Ok(())
@@ -947,6 +969,19 @@ impl Autoscaler {
     }
 }
 
+/// A scale event as the store keeps it.
+fn event_record(event: &ScaleEvent) -> EventRecord {
+    EventRecord {
+        at: event.time,
+        datacenter: event.datacenter.clone(),
+        json: serde_json::to_string(event).unwrap_or_default(),
+    }
+}
+
+fn state_json(state: &State) -> String {
+    serde_json::to_string(state).unwrap_or_else(|_| "{}".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -970,6 +1005,10 @@ mod tests {
     struct FlakyPlatform {
         down: AtomicBool,
         replicas: std::sync::atomic::AtomicU64,
+        /// While set, a scale call says it has started and waits for `release`.
+        hold: AtomicBool,
+        started: tokio::sync::Notify,
+        release: tokio::sync::Notify,
     }
 
     #[async_trait]
@@ -985,6 +1024,10 @@ mod tests {
             Ok(())
         }
         async fn scale(&self, _: &FunctionId, n: u64) -> Result<(), PlatformError> {
+            if self.hold.load(Ordering::SeqCst) {
+                self.started.notify_one();
+                self.release.notified().await;
+            }
             if self.down.load(Ordering::SeqCst) {
                 Err(PlatformError::Failed("datacenter unreachable".into()))
             } else {
@@ -1132,10 +1175,13 @@ mod tests {
 
         // A decision made from a count that changed meanwhile (a manual scale) is not applied.
         let now_lon = replicas("lon").unwrap();
-        let stale = fleet.scale_from(&id, "lon", now_lon - 1, 5).await;
+        let stale = fleet.scale_from(&id, "lon", now_lon - 1, 5, None).await;
         assert!(matches!(stale, Err(FleetError::Conflict(_))), "{stale:?}");
         assert_eq!(replicas("lon"), Some(now_lon));
-        fleet.scale_from(&id, "lon", now_lon, 5).await.unwrap();
+        fleet
+            .scale_from(&id, "lon", now_lon, 5, None)
+            .await
+            .unwrap();
         assert_eq!(replicas("lon"), Some(5));
 
         // A manual scale across both with lon down: syd's part stays, the error names lon.
@@ -1146,5 +1192,93 @@ mod tests {
             other => panic!("expected a partial failure, got {other:?}"),
         }
         assert_eq!(replicas("syd"), Some(3), "6 spread over two: 3 each");
+    }
+
+    #[tokio::test]
+    async fn a_decision_is_stored_before_the_platform_call_and_undone_when_it_fails() {
+        let lon = Arc::new(FlakyPlatform::default());
+        let (dir, _fleet, id, scaler) = scaler_over(vec![("lon", lon.clone())]).await;
+        // A second connection sees what a restart after a crash would see.
+        let disk = Store::open(&dir.path().join("s.db")).unwrap();
+        let stored = || async {
+            let f = disk.load_functions("lon").await.unwrap();
+            let events = disk
+                .scale_events(store::EventFilter {
+                    name: None,
+                    namespace: None,
+                    datacenter: None,
+                    since: None,
+                    limit: 100,
+                })
+                .await
+                .unwrap();
+            let outcomes: Vec<String> = events
+                .iter()
+                .map(|(_, json)| {
+                    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+                    v["outcome"].as_str().unwrap().to_string()
+                })
+                .collect();
+            (f[0].desired_in("lon"), outcomes)
+        };
+        let firing = SignalRequest {
+            id: id.clone(),
+            datacenter: Some("lon".into()),
+            action: Action::StepUp,
+            dedupe_key: Some("a".into()),
+            source: "alert".into(),
+            evidence: serde_json::json!({}),
+        };
+
+        // Mid-call: the new count and its event are already on disk.
+        lon.hold.store(true, Ordering::SeqCst);
+        let pending = {
+            let (scaler, firing) = (scaler.clone(), firing.clone());
+            tokio::spawn(async move { scaler.apply_batch(vec![firing]).await })
+        };
+        lon.started.notified().await;
+        assert_eq!(stored().await, (Some(2), vec!["scaled".to_string()]));
+
+        // The call fails: the count, the engine state and the event are undone together, and
+        // the failure is what the audit trail keeps.
+        lon.down.store(true, Ordering::SeqCst);
+        lon.release.notify_one();
+        let failed = pending.await.unwrap();
+        assert_eq!(failed[0].outcome, "failed", "{failed:?}");
+        assert_eq!(stored().await, (Some(1), vec!["failed".to_string()]));
+
+        // A server restored from disk takes Alertmanager's retry for a new alert, not a
+        // duplicate of one already applied; once applied, it is a duplicate after a restart.
+        lon.hold.store(false, Ordering::SeqCst);
+        lon.down.store(false, Ordering::SeqCst);
+        let cfg = scaler.config().clone();
+        let restart = || async {
+            let lon = Datacenter::new("lon", lon.clone(), Duration::from_secs(5), 100);
+            let fleet = Fleet::restore(
+                disk.clone(),
+                vec![Arc::new(lon)],
+                "lon",
+                Placement::All,
+                "openfaas-fn",
+                64,
+            )
+            .await
+            .unwrap();
+            Autoscaler::restore(
+                Arc::new(fleet),
+                disk.clone(),
+                Arc::new(Metrics::new()),
+                Arc::new(Activity::default()),
+                None,
+                cfg.clone(),
+            )
+            .await
+            .unwrap()
+        };
+        let retried = restart().await.apply_batch(vec![firing.clone()]).await;
+        assert_eq!((retried[0].outcome, retried[0].to), ("scaled", Some(2)));
+        assert_eq!(stored().await.0, Some(2));
+        let again = restart().await.apply_batch(vec![firing]).await;
+        assert_ne!(again[0].outcome, "scaled", "{again:?}");
     }
 }
