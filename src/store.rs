@@ -20,6 +20,17 @@ pub enum StoreError {
     Join(String),
 }
 
+impl StoreError {
+    /// The data directory's disk (or the database's size limit) is full.
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
 /// A stored secret. The value never leaves the store except to be handed to a function.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecretRecord {

@@ -1,5 +1,6 @@
 //! Failure behaviour with real processes: replicas killed with SIGKILL, the server killed and
-//! restarted, redeploys under the same name, and bad input on every kind of route.
+//! restarted, redeploys under the same name, bad input on every kind of route, and a data
+//! directory that is full or read-only.
 
 mod common;
 
@@ -581,4 +582,182 @@ async fn repeated_scale_downs_under_load_fail_no_request() {
         failed, 0,
         "{failed} of {sent} requests failed across the scale-downs"
     );
+}
+
+/// A tmpfs the test mounts (this needs root), unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("faastastic-test")
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs and must run as root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn remount(&self, how: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{how}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {how} {}", self.0.display());
+    }
+
+    /// Fills the file system with one file; removing it frees the space again.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&chunk[..512]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+async fn send(req: reqwest::RequestBuilder) -> (u16, String) {
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The data directory's disk fills up: every change is refused with 507 naming the cause,
+/// nothing is half-applied, the server keeps serving, and it all works again once there is
+/// space (nothing stored before is lost, also across a restart).
+#[tokio::test]
+async fn a_full_disk_refuses_changes_clearly_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let disk = Tmpfs::mount(&data, "16m");
+    let options = || common::Options {
+        data_dir: Some(&data),
+        ..Default::default()
+    };
+    let mut s = Server::with(options());
+    assert_eq!(s.deploy(echo_function("kept")).await.status(), 202);
+    s.wait_available("kept", 1).await;
+    let secret = |s: &Server, name: &str| {
+        s.system(Method::POST, "/system/secrets")
+            .json(&json!({"name": name, "value": "v"}))
+    };
+    assert_eq!(send(secret(&s, "old")).await.0, 202);
+    let alert = json!({"version": "4", "status": "firing", "receiver": "faastastic", "alerts": [{
+        "status": "firing", "fingerprint": "d1", "startsAt": "2026-01-01T00:00:00Z",
+        "labels": {"alertname": "Busy", "function_name": "kept"}}]});
+
+    let filler = disk.fill();
+    let full = |(code, body): (u16, String), what: &str| {
+        assert_eq!(code, 507, "{what}: {body}");
+        assert!(body.contains("disk is full"), "{what}: {body}");
+    };
+    let deploy = s.deploy(echo_function("refused")).await;
+    full(
+        (deploy.status().as_u16(), deploy.text().await.unwrap()),
+        "deploy",
+    );
+    full(
+        send(
+            s.system(Method::POST, "/system/scale-function/kept")
+                .json(&json!({"serviceName": "kept", "replicas": 3})),
+        )
+        .await,
+        "scale",
+    );
+    full(send(secret(&s, "new")).await, "secret");
+    let (code, body) = send(s.system(Method::POST, "/system/alert").json(&alert)).await;
+    assert!(
+        code >= 500,
+        "Alertmanager must retry a decision it could not store: {code} {body}"
+    );
+    assert!(body.contains("disk is full"), "{body}");
+
+    // Nothing changed, and what was there still serves.
+    assert!(s.is_alive());
+    let functions: serde_json::Value = s.get_json("/system/functions").await;
+    let names: Vec<&str> = functions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["kept"]);
+    assert_eq!(s.status("kept").await.1["replicas"], 1);
+    let secrets: serde_json::Value = s.get_json("/system/secrets").await;
+    assert_eq!(secrets.as_array().unwrap().len(), 1, "{secrets}");
+    assert_eq!(s.invoke("kept", "still").await, (200, "still".into()));
+
+    // Space comes back: the same requests succeed, and survive a restart.
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(s.deploy(echo_function("refused")).await.status(), 202);
+    let (code, body) = send(s.system(Method::POST, "/system/alert").json(&alert)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(send(secret(&s, "new")).await.0, 202);
+    s.wait_available("kept", 2).await;
+    s.kill();
+    let s = Server::with(options());
+    s.wait_available("kept", 2).await;
+    s.wait_available("refused", 1).await;
+    let secrets: serde_json::Value = s.get_json("/system/secrets").await;
+    assert_eq!(secrets.as_array().unwrap().len(), 2, "{secrets}");
+}
+
+/// A data directory that cannot be written stops the start with its path and the cause,
+/// instead of a server that fails later.
+#[tokio::test]
+async fn a_read_only_data_directory_is_named_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("ro");
+    let disk = Tmpfs::mount(&mount, "16m");
+    let data = mount.join("data");
+    let mut s = Server::with(common::Options {
+        data_dir: Some(&data),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("kept")).await.status(), 202);
+    s.kill();
+    disk.remount("ro");
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "serve",
+            "--no-auth",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&data.display().to_string()) && stderr.contains("Read-only file system"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Writable again: the function stored before is still there.
+    disk.remount("rw");
+    let s = Server::with(common::Options {
+        data_dir: Some(&data),
+        ..Default::default()
+    });
+    s.wait_available("kept", 1).await;
 }

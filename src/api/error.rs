@@ -31,12 +31,16 @@ impl From<FleetError> for ApiError {
             FleetError::Invalid(_) => StatusCode::BAD_REQUEST,
             FleetError::NotFound(_) => StatusCode::NOT_FOUND,
             FleetError::Conflict(_) => StatusCode::CONFLICT,
+            FleetError::Store(e) if e.is_full() => StatusCode::INSUFFICIENT_STORAGE,
             FleetError::Store(_) | FleetError::Platform(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // Some datacenters failed: a gateway's upstream did.
             FleetError::Partial(_) => StatusCode::BAD_GATEWAY,
         };
         let message = match &e {
             FleetError::Invalid(errors) => format!("validation failed: {}", errors.join("; ")),
+            FleetError::Store(e) if e.is_full() => {
+                format!("{e}: nothing was stored; free space in the data directory and retry")
+            }
             other => other.to_string(),
         };
         ApiError::new(status, message)
