@@ -98,15 +98,7 @@ pub async fn send(
             .map_err(|_| UpstreamError::Timeout)?,
         None => fut.await,
     };
-    result.map_err(|e| {
-        let mut msg = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            msg = format!("{msg}: {s}");
-            source = s.source();
-        }
-        UpstreamError::Connect(msg)
-    })
+    result.map_err(|e| UpstreamError::Connect(crate::error_chain(&e)))
 }
 
 /// Counts a request as in flight on its replica until the response body is finished (or

@@ -135,3 +135,94 @@ async fn docker_deploy_invoke_scale_logs_redeploy_remove() {
     assert_eq!(s.status("ghost").await.0, 404);
     let _: Value = s.get_json("/system/functions").await;
 }
+
+/// The engine's API goes away (the socket faastastic talks to is cut; dockerd and the
+/// containers keep running): running replicas keep serving, changes are refused with an
+/// error naming the datacenter and change nothing, the webhook asks Alertmanager to retry,
+/// and once the engine answers again the same requests succeed.
+// Two workers: the engine link keeps forwarding while the test blocks on starting the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_engine_refuses_changes_and_recovers() {
+    require_docker();
+    let dc = format!("gone{}", std::process::id());
+    let image = Image(format!("faastastic-test/echo:{dc}"));
+    build_image(&image.0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut link = common::docker::EngineLink::start(&dir.path().join("engine.sock"));
+    let cfg = format!(
+        "reconcile_interval_ms = 300\n[[datacenters]]\nname = \"{dc}\"\nplatform = \"docker\"\npull = false\nsocket = \"{}\"\n",
+        link.path.display()
+    );
+    let s = Server::with(Options {
+        config: Some(&cfg),
+        ..Default::default()
+    });
+    let running = || containers(&[format!("com.faastastic.datacenter={dc}")]);
+    let f = json!({"service": "steady", "image": image.0, "envProcess": "cat"});
+    assert_eq!(s.deploy(f.clone()).await.status(), 202);
+    s.wait_available("steady", 1).await;
+
+    link.down();
+    assert_eq!(s.invoke("steady", "up").await, (200, "up".into()));
+    let r = s
+        .system(Method::POST, "/system/scale-function/steady")
+        .json(&json!({"serviceName": "steady", "replicas": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains(&dc) && text.contains("Connect"),
+        "the error names the datacenter and the cause: {text}"
+    );
+    let mut other = f.clone();
+    other["service"] = json!("later");
+    let r = s.deploy(other.clone()).await;
+    assert!(r.status().is_server_error(), "{}", r.status());
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("cannot look up image") && !text.contains("is not on this engine"),
+        "an engine that does not answer is not a missing image: {text}"
+    );
+    let alert = json!({"version": "4", "status": "firing", "receiver": "faastastic", "alerts": [{
+        "status": "firing", "fingerprint": "e1", "startsAt": "2026-01-01T00:00:00Z",
+        "labels": {"alertname": "Busy", "function_name": "steady"}}]});
+    let r = s
+        .system(Method::POST, "/system/alert")
+        .json(&alert)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_server_error(), "Alertmanager must retry");
+    // Nothing changed meanwhile, and the replica still serves.
+    assert_eq!(s.status("steady").await.1["replicas"], 1);
+    assert_eq!(s.status("later").await.0, 404);
+    assert_eq!(running().len(), 1);
+    assert_eq!(s.invoke("steady", "still").await, (200, "still".into()));
+
+    // The engine answers again: Alertmanager's retry and the deploy go through.
+    link.up();
+    let r = s
+        .system(Method::POST, "/system/alert")
+        .json(&alert)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(s.deploy(other).await.status(), 202);
+    assert!(
+        poll(Duration::from_secs(60), || async {
+            s.available("steady").await == 2 && s.available("later").await == 1
+        })
+        .await,
+        "never recovered: {} / {}",
+        s.status("steady").await.1,
+        s.status("later").await.1
+    );
+    assert_eq!(running().len(), 3);
+    for name in ["steady", "later"] {
+        assert_eq!(s.remove(name).await, 202);
+    }
+    assert!(running().is_empty());
+}

@@ -110,6 +110,11 @@ pub(super) fn failed(what: &str, e: impl std::fmt::Display) -> PlatformError {
     PlatformError::Failed(format!("docker: {what}: {e}"))
 }
 
+/// An engine call's error with its causes: "cannot connect" alone does not say why.
+pub(super) fn engine_failed(what: &str, e: bollard::errors::Error) -> PlatformError {
+    failed(what, crate::error_chain(&e))
+}
+
 /// `128Mi`, `1G`, `512k` or bytes.
 pub(super) fn parse_memory(text: &str) -> Option<i64> {
     let t = text.trim();
@@ -306,7 +311,7 @@ impl DockerPlatform {
                 ..Default::default()
             }))
             .await
-            .map_err(|e| failed("cannot list containers", e))?;
+            .map_err(|e| engine_failed("cannot list containers", e))?;
         Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
@@ -411,10 +416,10 @@ impl DockerPlatform {
                 body,
             )
             .await
-            .map_err(|e| failed(&format!("cannot create {name}"), e))?;
+            .map_err(|e| engine_failed(&format!("cannot create {name}"), e))?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
             self.remove_container(&created.id).await;
-            return Err(failed(&format!("cannot start {name}"), e));
+            return Err(engine_failed(&format!("cannot start {name}"), e));
         }
         let endpoint = Arc::new(Endpoint::new(
             name.clone(),
@@ -525,8 +530,12 @@ impl DockerPlatform {
     }
 
     async fn ensure_image(&self, image: &str) -> Result<(), PlatformError> {
-        if self.docker.inspect_image(image).await.is_ok() {
-            return Ok(());
+        match self.docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
+            Err(e) => return Err(engine_failed(&format!("cannot look up image {image:?}"), e)),
         }
         if !self.pull {
             return Err(PlatformError::Failed(format!(
@@ -547,7 +556,7 @@ impl DockerPlatform {
             .await;
         match pull.into_iter().find_map(Result::err) {
             None => Ok(()),
-            Some(e) => Err(failed(
+            Some(e) => Err(engine_failed(
                 &format!("image {image:?} is not on this engine and cannot be pulled"),
                 e,
             )),

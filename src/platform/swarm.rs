@@ -28,8 +28,9 @@ use bollard::Docker;
 use tokio::sync::watch;
 
 use super::docker::{
-    engine, failed, free_port, parse_cpu, parse_memory, replica_env, replica_labels, secrets_dir,
-    validate_image_and_resources, write_secrets, LABEL_DATACENTER, LABEL_GENERATION, SECRETS_PATH,
+    engine, engine_failed, failed, free_port, parse_cpu, parse_memory, replica_env, replica_labels,
+    secrets_dir, validate_image_and_resources, write_secrets, LABEL_DATACENTER, LABEL_GENERATION,
+    SECRETS_PATH,
 };
 use super::{
     Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts,
@@ -114,7 +115,7 @@ impl SwarmPlatform {
                 ..Default::default()
             }))
             .await
-            .map_err(|e| failed("cannot list services", e))?;
+            .map_err(|e| engine_failed("cannot list services", e))?;
         Ok(list
             .into_iter()
             .filter_map(|s| s.spec.and_then(|s| s.name))
@@ -202,7 +203,7 @@ impl SwarmPlatform {
             .docker
             .inspect_service(name, None::<InspectServiceOptions>)
             .await
-            .map_err(|e| failed(&format!("cannot inspect service {name}"), e))?;
+            .map_err(|e| engine_failed(&format!("cannot inspect service {name}"), e))?;
         let version = service
             .version
             .and_then(|v| v.index)
@@ -231,7 +232,7 @@ impl SwarmPlatform {
             )
             .await
             .map(|_| ())
-            .map_err(|e| failed(&format!("cannot update service {name}"), e))
+            .map_err(|e| engine_failed(&format!("cannot update service {name}"), e))
     }
 
     /// Lists every service's running tasks, health-checks new ones, and routes to the newest
@@ -392,7 +393,7 @@ impl Platform for SwarmHandle {
             p.docker
                 .create_service(spec, None)
                 .await
-                .map_err(|e| failed(&format!("cannot create service {name}"), e))?;
+                .map_err(|e| engine_failed(&format!("cannot create service {name}"), e))?;
         }
         let mut services = p.services.write().unwrap_or_else(|e| e.into_inner());
         let s = services.entry(id).or_insert_with(|| Service {
@@ -448,7 +449,7 @@ impl Platform for SwarmHandle {
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(()),
-            Err(e) => Err(failed(&format!("cannot remove service {name}"), e)),
+            Err(e) => Err(engine_failed(&format!("cannot remove service {name}"), e)),
         }
     }
 

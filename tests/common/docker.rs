@@ -87,3 +87,55 @@ impl Drop for Image {
         let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
     }
 }
+
+/// A Unix socket that forwards to the real engine's socket, and can be cut: while it is down,
+/// faastastic sees an engine that does not answer (connections refused, open ones closed),
+/// while the containers keep running. It forwards on the test's runtime, which needs a worker
+/// to spare while the test blocks (a multi-threaded runtime).
+pub struct EngineLink {
+    pub path: PathBuf,
+    serving: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EngineLink {
+    pub fn start(path: &Path) -> EngineLink {
+        let mut link = EngineLink {
+            path: path.to_path_buf(),
+            serving: None,
+        };
+        link.up();
+        link
+    }
+
+    pub fn up(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = tokio::net::UnixListener::bind(&self.path).unwrap();
+        self.serving = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    let Ok(mut engine) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                });
+            }
+        }));
+    }
+
+    /// Refuses new connections and closes the open ones (dropping the task aborts them all).
+    pub fn down(&mut self) {
+        if let Some(t) = self.serving.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for EngineLink {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
