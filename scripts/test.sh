@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need (Debian packages) and runs every check: formatting, clippy with
 # warnings as errors, and the whole test suite (unit tests and black-box tests that start the
-# real binary), then the benchmark suite's smoke run.
+# real binary), then the benchmark suite's smoke run and a bounded fuzz run of every target
+# (FUZZ_SECONDS per target, default 60; 0 leaves it out and says so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,3 +62,9 @@ cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
 # The benchmark suite with tiny loads, so that it cannot rot (its figures are not results).
 ./scripts/bench.sh smoke
+fuzz_secs="${FUZZ_SECONDS:-60}"
+if [[ "$fuzz_secs" == 0 ]]; then
+  echo "FUZZ_SECONDS=0: the fuzz run is left out"
+else
+  ./scripts/fuzz.sh "$fuzz_secs"
+fi

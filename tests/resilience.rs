@@ -7,37 +7,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{echo_function, poll, sample, Server};
+use common::{echo_function, poll, replica_pids, sample, Server};
 use reqwest::Method;
 use serde_json::json;
-
-/// PIDs of the watchdog processes whose parent is `parent`.
-fn replica_pids(parent: u32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command name (which is in parentheses): state, ppid, ...
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let ppid: u32 = rest
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("0")
-            .parse()
-            .unwrap_or(0);
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == parent && String::from_utf8_lossy(&cmdline).contains("watchdog") {
-            out.push(pid);
-        }
-    }
-    out
-}
 
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
