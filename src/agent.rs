@@ -281,17 +281,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.datacenter,
         listener.local_addr()?
     );
-    axum::serve(listener, router(agent))
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler can be installed");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
-        .await?;
+    crate::listener::serve(
+        listener,
+        router(agent),
+        crate::config::Config::default().limits.header_timeout,
+        crate::listener::shutdown_signal(),
+        crate::listener::DRAIN,
+    )
+    .await;
     platform.shutdown().await;
     Ok(())
 }

@@ -264,6 +264,9 @@ pub struct LimitsConfig {
     /// How long a buffered request body (`/system/*`, `/async-function/*`) may take to arrive
     /// in full, from the request head; 408 after it.
     pub body_timeout: Duration,
+    /// How long a client may take to send a request's head (line and headers); the
+    /// connection is closed after it, so a client that never finishes holds nothing.
+    pub header_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +318,7 @@ impl Default for Config {
                 max_replicas: 64,
                 max_alert_body_bytes: 8 * 1024 * 1024,
                 body_timeout: Duration::from_secs(30),
+                header_timeout: Duration::from_secs(30),
             },
             local: LocalConfig {
                 health_interval: Duration::from_millis(200),
@@ -486,6 +490,7 @@ impl Config {
                     max_alert_body_bytes: s
                         .positive("max_alert_body_bytes", d.max_alert_body_bytes),
                     body_timeout: s.millis("body_timeout_ms", d.body_timeout),
+                    header_timeout: s.millis("header_timeout_ms", d.header_timeout),
                 };
                 s.finish(&mut errors);
                 l

@@ -1,6 +1,5 @@
 //! `faastastic serve`: wires config, store, platform, fleet and the HTTP surface together.
 
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use crate::api::{self, AppState};
 use crate::autoscale::executor::Autoscaler;
 use crate::config::{Config, PlatformConfig};
 use crate::fleet::{Datacenter, Fleet};
+
 use crate::platform::local::LocalPlatform;
 use crate::platform::Platform;
 use crate::proxy::{Activity, Invoker};
@@ -80,16 +80,6 @@ fn auth(cfg: &Config) -> anyhow::Result<Arc<Auth>> {
         None => None,
     };
     Ok(Auth::basic(&creds, bearer.as_deref()))
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler can be installed");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// Everything `serve` runs, built from a config. Tests and benchmarks use it to drive the
@@ -234,7 +224,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
         println!("faastastic metrics on http://{}", listener.local_addr()?);
         let app = api::monitoring_router(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let header_timeout = cfg.limits.header_timeout;
+        tokio::spawn(crate::listener::serve(
+            listener,
+            app,
+            header_timeout,
+            std::future::pending(),
+            crate::listener::DRAIN,
+        ));
     }
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -243,24 +240,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     println!("faastastic listening on http://{}", listener.local_addr()?);
     let fleet = state.fleet.clone();
     let app = api::router(state, auth);
-    // Connections get 10 s to finish after SIGTERM; a followed log stream would otherwise keep
-    // the server up forever.
-    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
-    let serving = axum::serve(
+    crate::listener::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        cfg.limits.header_timeout,
+        crate::listener::shutdown_signal(),
+        crate::listener::DRAIN,
     )
-    .with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        let _ = stopping_tx.send(true);
-    });
-    tokio::select! {
-        result = serving => result?,
-        _ = async {
-            let _ = stopping.wait_for(|s| *s).await;
-            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-        } => tracing::warn!("connections still open 10 s after shutdown began; closing them"),
-    }
+    .await;
     tracing::info!("stopping replicas");
     fleet.shutdown().await;
     Ok(())

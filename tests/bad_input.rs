@@ -24,6 +24,8 @@ const ALERT_LIMIT: usize = 8192;
 const ASYNC_LIMIT: usize = 16384;
 /// `limits.body_timeout_ms` for these servers.
 const BODY_TIMEOUT: Duration = Duration::from_millis(1000);
+/// `limits.header_timeout_ms` for these servers.
+const HEADER_TIMEOUT: Duration = Duration::from_millis(1500);
 /// `proxy.upstream_timeout_secs` for these servers.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -33,8 +35,10 @@ const FUNCTION: &str = "keep";
 fn config() -> String {
     format!(
         "[limits]\nmax_system_body_bytes = {SYSTEM_LIMIT}\nmax_alert_body_bytes = {ALERT_LIMIT}\n\
-         max_async_body_bytes = {ASYNC_LIMIT}\nbody_timeout_ms = {}\n[proxy]\nupstream_timeout_secs = {}\n",
+         max_async_body_bytes = {ASYNC_LIMIT}\nbody_timeout_ms = {}\nheader_timeout_ms = {}\n\
+         [proxy]\nupstream_timeout_secs = {}\n",
         BODY_TIMEOUT.as_millis(),
+        HEADER_TIMEOUT.as_millis(),
         UPSTREAM_TIMEOUT.as_secs()
     )
 }
@@ -610,16 +614,37 @@ async fn stalled_and_dribbled_bodies_get_408_within_the_body_timeout() {
         "still serving"
     );
 
-    // A head that never ends holds only its own connection: others are served meanwhile.
+    // A head that never ends holds only its own connection (others are served meanwhile),
+    // and only until limits.header_timeout_ms: then the server closes it.
+    let started = Instant::now();
     let mut stalled = TcpStream::connect(&addr).await.unwrap();
     stalled
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let r = f.s.http.get(f.s.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    drop(stalled);
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(
+        HEADER_TIMEOUT + Duration::from_secs(10),
+        stalled.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection that never finished its head was still open after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() >= HEADER_TIMEOUT - Duration::from_millis(100),
+        "closed before the header timeout: {:?}",
+        started.elapsed()
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
     f.check("a stalled request head").await;
 }
 
