@@ -284,7 +284,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     crate::listener::serve(
         listener,
         router(agent),
-        crate::config::Config::default().limits.header_timeout,
+        (&crate::config::Config::default().limits).into(),
         crate::listener::shutdown_signal(),
         crate::listener::DRAIN,
     )

@@ -267,6 +267,8 @@ pub struct LimitsConfig {
     /// How long a client may take to send a request's head (line and headers); the
     /// connection is closed after it, so a client that never finishes holds nothing.
     pub header_timeout: Duration,
+    /// Open client connections at most; beyond it new ones wait to be accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +321,7 @@ impl Default for Config {
                 max_alert_body_bytes: 8 * 1024 * 1024,
                 body_timeout: Duration::from_secs(30),
                 header_timeout: Duration::from_secs(30),
+                max_connections: 10_000,
             },
             local: LocalConfig {
                 health_interval: Duration::from_millis(200),
@@ -491,6 +494,7 @@ impl Config {
                         .positive("max_alert_body_bytes", d.max_alert_body_bytes),
                     body_timeout: s.millis("body_timeout_ms", d.body_timeout),
                     header_timeout: s.millis("header_timeout_ms", d.header_timeout),
+                    max_connections: s.positive("max_connections", d.max_connections),
                 };
                 s.finish(&mut errors);
                 l

@@ -1,10 +1,12 @@
-//! The HTTP/1 and HTTP/2 accept loop shared by `serve` and `agent`: every connection gets a
-//! deadline for its request heads (a client that never finishes its headers is closed instead
-//! of holding a connection forever), the peer address for `ConnectInfo`, and graceful shutdown
-//! with a bounded drain.
+//! The HTTP/1 and HTTP/2 accept loop shared by `serve` and `agent`: a bound on open
+//! connections (at the bound the loop stops accepting, so new clients wait in the kernel's
+//! backlog instead of being refused), a deadline for every request head (a client that never
+//! finishes its headers is closed instead of holding a connection forever), the peer address
+//! for `ConnectInfo`, and graceful shutdown with a bounded drain.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -17,12 +19,28 @@ use tower::ServiceExt;
 /// How long open connections may take to finish after shutdown begins.
 pub const DRAIN: Duration = Duration::from_secs(10);
 
+/// How connections are limited.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+}
+
+impl From<&crate::config::LimitsConfig> for Limits {
+    fn from(l: &crate::config::LimitsConfig) -> Self {
+        Limits {
+            max_connections: l.max_connections,
+            header_timeout: l.header_timeout,
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then waits up to `drain` for open
 /// connections (a followed log stream would otherwise keep the process up forever).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
-    header_timeout: Duration,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
@@ -30,10 +48,15 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(limits.header_timeout);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -60,6 +83,7 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

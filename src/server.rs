@@ -224,11 +224,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
         println!("faastastic metrics on http://{}", listener.local_addr()?);
         let app = api::monitoring_router(state.clone());
-        let header_timeout = cfg.limits.header_timeout;
         tokio::spawn(crate::listener::serve(
             listener,
             app,
-            header_timeout,
+            (&cfg.limits).into(),
             std::future::pending(),
             crate::listener::DRAIN,
         ));
@@ -243,7 +242,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     crate::listener::serve(
         listener,
         app,
-        cfg.limits.header_timeout,
+        (&cfg.limits).into(),
         crate::listener::shutdown_signal(),
         crate::listener::DRAIN,
     )

@@ -866,3 +866,34 @@ async fn oversized_and_malformed_request_heads_are_refused() {
         f.check(what).await;
     }
 }
+
+/// At `limits.max_connections` the server stops accepting: a new client waits (it is not
+/// refused) until an open connection closes.
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_free_one() {
+    let s = Server::with(Options {
+        config: Some("[limits]\nmax_connections = 3\n"),
+        ..Default::default()
+    });
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(s.addr()).await.unwrap());
+    }
+    let healthz = || {
+        s.http
+            .get(s.url("/healthz"))
+            .timeout(Duration::from_millis(800))
+            .send()
+    };
+    let waiting = healthz().await;
+    assert!(
+        waiting.as_ref().is_err_and(|e| e.is_timeout()),
+        "a fourth connection was served: {waiting:?}"
+    );
+    held.pop();
+    let served = common::poll(Duration::from_secs(10), || async {
+        healthz().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(served, "a freed connection slot was not reused");
+}
