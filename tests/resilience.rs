@@ -733,3 +733,47 @@ async fn a_read_only_data_directory_is_named_at_start() {
     });
     s.wait_available("kept", 1).await;
 }
+
+/// A replica killed with SIGKILL under load: the only invocations that fail are those that
+/// were in flight on it (its forked request processes, counted just before the kill, plus
+/// two that may arrive between the count and the kill); the
+/// rest go to the other replicas, and a new replica takes its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_under_load_fails_only_its_requests_in_flight() {
+    let s = Server::start();
+    let mut f = echo_function("busy");
+    f["envProcess"] = json!("sh -c 'sleep 0.3; cat'");
+    assert_eq!(s.deploy(f).await.status(), 202);
+    assert_eq!(s.scale("busy", 3).await, 202);
+    s.wait_available("busy", 3).await;
+    let load = common::Load::start(&s, "busy", 40, Duration::from_secs(60));
+    let victim = replica_pids(s.pid())[0];
+    let busy = poll(Duration::from_secs(10), || async {
+        !common::child_pids(victim as u32).is_empty()
+    })
+    .await;
+    assert!(busy, "the load never reached replica {victim}");
+    let in_flight = common::child_pids(victim as u32).len() as u32;
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let replaced = poll(Duration::from_secs(30), || async {
+        let now = replica_pids(s.pid());
+        now.len() == 3 && !now.contains(&victim) && s.available("busy").await == 3
+    })
+    .await;
+    assert!(replaced, "no replica replaced the killed one");
+    // A little more load on the three, then stop.
+    let before = load.failed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failed = load.failed();
+    let sent = load.stop().await;
+    eprintln!("{failed} of {sent} failed; {in_flight} in flight on the killed replica");
+    assert_eq!(
+        failed, before,
+        "invocations failed after the replacement was ready"
+    );
+    // Allowance: up to two requests may reach the replica between the count and the kill.
+    assert!(
+        failed <= in_flight + 2,
+        "{failed} of {sent} invocations failed; {in_flight} were in flight on the killed replica"
+    );
+}

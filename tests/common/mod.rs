@@ -353,8 +353,8 @@ pub fn spawn_quiet(program: &str, args: &[String]) -> Proc {
     )
 }
 
-/// PIDs of the watchdog processes whose parent is `parent`.
-pub fn replica_pids(parent: u32) -> Vec<i32> {
+/// PIDs and command lines of the processes whose parent is `parent`.
+pub fn child_pids(parent: u32) -> Vec<(i32, String)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -373,12 +373,21 @@ pub fn replica_pids(parent: u32) -> Vec<i32> {
             .unwrap_or("0")
             .parse()
             .unwrap_or(0);
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == parent && String::from_utf8_lossy(&cmdline).contains("watchdog") {
-            out.push(pid);
+        if ppid == parent {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            out.push((pid, String::from_utf8_lossy(&cmdline).into_owned()));
         }
     }
     out
+}
+
+/// PIDs of the watchdog processes whose parent is `parent`.
+pub fn replica_pids(parent: u32) -> Vec<i32> {
+    child_pids(parent)
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains("watchdog"))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// A free loopback port (bound, then released).
