@@ -32,24 +32,9 @@ fn shipped_alertmanager_config(s: &Server) -> String {
     rendered
 }
 
-#[tokio::test]
-async fn load_raises_replicas_and_quiet_brings_them_back() {
-    let s = Server::with(Options {
-        auth: true,
-        config: Some(
-            "[autoscale]\nup_cooldown_secs = 1\ndown_cooldown_secs = 2\nstabilization_window_secs = 3\ntick_interval_ms = 250\n",
-        ),
-        ..Default::default()
-    });
-    let mut f = echo_function("hot");
-    f["labels"] =
-        serde_json::json!({"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25"});
-    assert_eq!(s.deploy(f).await.status(), 202);
-    s.wait_available("hot", 1).await;
-
-    // The OpenFaaS rule (step mode: it carries no value), with windows short enough for a test.
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.yml");
+/// The OpenFaaS rule (step mode: it carries no value), with windows short enough for a test.
+fn step_rule(dir: &std::path::Path) -> std::path::PathBuf {
+    let rules = dir.join("rules.yml");
     std::fs::write(
         &rules,
         r#"groups:
@@ -66,7 +51,12 @@ async fn load_raises_replicas_and_quiet_brings_them_back() {
 "#,
     )
     .unwrap();
-    let alertmanager = format!(
+    rules
+}
+
+/// A receiver for `s` with second-long group and repeat intervals.
+fn fast_alertmanager(s: &Server) -> String {
+    format!(
         r#"route:
   group_by: [alertname, service]
   group_wait: 1s
@@ -85,7 +75,27 @@ receivers:
 "#,
         url = s.url("/system/alert"),
         pw = s.data_dir.join("basic-auth-password").display()
-    );
+    )
+}
+
+#[tokio::test]
+async fn load_raises_replicas_and_quiet_brings_them_back() {
+    let s = Server::with(Options {
+        auth: true,
+        config: Some(
+            "[autoscale]\nup_cooldown_secs = 1\ndown_cooldown_secs = 2\nstabilization_window_secs = 3\ntick_interval_ms = 250\n",
+        ),
+        ..Default::default()
+    });
+    let mut f = echo_function("hot");
+    f["labels"] =
+        serde_json::json!({"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("hot", 1).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let rules = step_rule(dir.path());
+    let alertmanager = fast_alertmanager(&s);
     let _monitoring = Monitoring::start(&s, &[rules], Some(alertmanager), &[]).await;
 
     // Bounded load: 40 requests/s for at most 60 s, stopped as soon as replicas reach 3.
@@ -193,5 +203,61 @@ async fn an_alert_carrying_its_value_sizes_the_function_in_one_decision() {
     assert!(
         up["recommended"].as_u64().unwrap() >= 4,
         "the value asked for at least 4: {up:#}"
+    );
+}
+
+/// Alertmanager is down while the rule fires: nothing reaches faastastic and nothing scales.
+/// Once it is back, Prometheus re-sends the firing alert (every `--rules.alert.resend-delay`,
+/// one minute by default) and the function scales up then.
+#[tokio::test]
+async fn alerts_fired_while_alertmanager_is_down_scale_once_it_returns() {
+    let s = Server::with(Options {
+        auth: true,
+        config: Some("[autoscale]\nup_cooldown_secs = 1\n"),
+        ..Default::default()
+    });
+    let mut f = echo_function("hot");
+    f["labels"] =
+        serde_json::json!({"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("hot", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut monitoring = Monitoring::start(
+        &s,
+        &[step_rule(dir.path())],
+        Some(fast_alertmanager(&s)),
+        &["--rules.alert.resend-delay=1s"],
+    )
+    .await;
+    monitoring.kill_alertmanager();
+
+    let load = Load::start(&s, "hot", 40, Duration::from_secs(90));
+    let alerts = format!(
+        "http://127.0.0.1:{}/api/v1/alerts",
+        monitoring.prometheus_port
+    );
+    let firing = poll(Duration::from_secs(40), || async {
+        let body: Value = reqwest::get(&alerts).await.unwrap().json().await.unwrap();
+        body["data"]["alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["state"] == "firing"))
+    })
+    .await;
+    assert!(firing, "the rule never fired");
+    assert_eq!(
+        replicas(&s, "hot").await,
+        1,
+        "nothing can scale without Alertmanager"
+    );
+
+    monitoring.restart_alertmanager().await;
+    let rose = poll(Duration::from_secs(40), || async {
+        replicas(&s, "hot").await >= 2
+    })
+    .await;
+    let sent = load.stop().await;
+    assert!(
+        rose,
+        "no scale-up after Alertmanager returned ({sent} requests sent)"
     );
 }

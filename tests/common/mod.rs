@@ -478,6 +478,8 @@ pub struct Monitoring {
     pub prometheus_port: u16,
     pub alertmanager_port: u16,
     _procs: Vec<Proc>,
+    alertmanager: Option<Proc>,
+    alertmanager_args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -495,19 +497,19 @@ impl Monitoring {
         let (prometheus_port, alertmanager_port) = (free_port(), free_port());
         let mut procs = Vec::new();
         let mut alerting = String::new();
+        let mut alertmanager_args = Vec::new();
+        let mut alertmanager_proc = None;
         if let Some(config) = alertmanager {
             require_program("prometheus-alertmanager", "prometheus-alertmanager");
             let path = dir.path().join("alertmanager.yml");
             std::fs::write(&path, config).unwrap();
-            procs.push(spawn_quiet(
-                "prometheus-alertmanager",
-                &[
-                    format!("--config.file={}", path.display()),
-                    format!("--storage.path={}", dir.path().join("am").display()),
-                    format!("--web.listen-address=127.0.0.1:{alertmanager_port}"),
-                    "--cluster.listen-address=".to_string(),
-                ],
-            ));
+            alertmanager_args = vec![
+                format!("--config.file={}", path.display()),
+                format!("--storage.path={}", dir.path().join("am").display()),
+                format!("--web.listen-address=127.0.0.1:{alertmanager_port}"),
+                "--cluster.listen-address=".to_string(),
+            ];
+            alertmanager_proc = Some(spawn_quiet("prometheus-alertmanager", &alertmanager_args));
             alerting = format!(
                 "alerting:\n  alertmanagers:\n  - static_configs:\n    - targets: [\"127.0.0.1:{alertmanager_port}\"]\n"
             );
@@ -534,6 +536,8 @@ impl Monitoring {
             prometheus_port,
             alertmanager_port,
             _procs: procs,
+            alertmanager: alertmanager_proc,
+            alertmanager_args,
             _dir: dir,
         };
         let with_am = !alerting.is_empty();
@@ -545,6 +549,22 @@ impl Monitoring {
         .await;
         assert!(up, "Prometheus/Alertmanager did not become ready");
         m
+    }
+
+    /// Kills Alertmanager (SIGKILL); its notification log stays for a restart.
+    pub fn kill_alertmanager(&mut self) {
+        self.alertmanager = None;
+    }
+
+    /// Starts Alertmanager again with the same configuration and storage, and waits for it.
+    pub async fn restart_alertmanager(&mut self) {
+        self.alertmanager = Some(spawn_quiet(
+            "prometheus-alertmanager",
+            &self.alertmanager_args,
+        ));
+        let url = format!("http://127.0.0.1:{}/-/ready", self.alertmanager_port);
+        let up = poll(Duration::from_secs(30), || http_ok(&url)).await;
+        assert!(up, "Alertmanager did not come back");
     }
 }
 
