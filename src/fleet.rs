@@ -55,7 +55,7 @@ pub struct FunctionView {
     /// Totals across the datacenters in `datacenters`.
     pub replicas: ReplicaCounts,
     /// Per datacenter: desired (the control plane's) and ready (the platform's).
-    pub datacenters: Vec<(String, ReplicaCounts)>,
+    pub datacenters: Vec<(Arc<str>, ReplicaCounts)>,
 }
 
 /// A secret as clients send it: `rawValue` (base64 bytes) wins over `value` when non-empty.
@@ -71,6 +71,8 @@ pub struct SecretInput {
 /// a rate limit of its own so a slow datacenter never holds up the others.
 pub struct Datacenter {
     pub name: String,
+    /// The name again, shared by every function view instead of copied into each.
+    shared_name: Arc<str>,
     pub platform: Arc<dyn Platform>,
     timeout: Duration,
     limiter: DefaultDirectRateLimiter,
@@ -86,6 +88,7 @@ impl Datacenter {
         let rate = NonZeroU32::new(rate_per_sec.max(1)).expect("max(1) is non-zero");
         Datacenter {
             name: name.to_string(),
+            shared_name: name.into(),
             platform,
             timeout,
             limiter: RateLimiter::direct(Quota::per_second(rate)),
@@ -382,7 +385,8 @@ impl Fleet {
             .filter(|f| datacenter.is_none_or(|dc| f.replicas.contains_key(dc)))
             .map(|f| self.view(f, datacenter))
             .collect();
-        out.sort_by(|a, b| a.function.id.name.cmp(&b.function.id.name));
+        // Names are unique within a namespace: an unstable sort is exact (and allocates nothing).
+        out.sort_unstable_by(|a, b| a.function.id.name.cmp(&b.function.id.name));
         out
     }
 
@@ -392,6 +396,15 @@ impl Fleet {
             .values()
             .filter_map(|function| f(function))
             .collect()
+    }
+
+    /// How many functions are deployed, in every namespace.
+    pub fn count(&self) -> usize {
+        self.read_functions().len()
+    }
+
+    pub fn contains(&self, id: &FunctionId) -> bool {
+        self.read_functions().contains_key(id)
     }
 
     /// Every function in every namespace (for metrics).
@@ -431,19 +444,22 @@ impl Fleet {
 
     fn view(&self, f: &Arc<Function>, only: Option<&str>) -> FunctionView {
         let mut total = ReplicaCounts::default();
-        let mut per_dc = Vec::new();
+        let mut per_dc = Vec::with_capacity(f.replicas.len());
         for (dc, desired) in &f.replicas {
             if only.is_some_and(|o| o != dc) {
                 continue;
             }
-            let ready = self.ready_in(&f.id, dc);
+            let (name, ready) = match self.datacenter(dc) {
+                Some(d) => (d.shared_name.clone(), d.platform.replicas(&f.id).ready),
+                None => (Arc::from(dc.as_str()), 0),
+            };
             let counts = ReplicaCounts {
                 desired: *desired,
                 ready,
             };
             total.desired = total.desired.saturating_add(counts.desired);
             total.ready = total.ready.saturating_add(counts.ready);
-            per_dc.push((dc.clone(), counts));
+            per_dc.push((name, counts));
         }
         FunctionView {
             function: f.clone(),

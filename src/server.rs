@@ -201,6 +201,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         limits: cfg.limits.clone(),
         autoscaler,
         fleet_store: store,
+        statuses: Default::default(),
         webhook_limiter: governor::RateLimiter::direct(
             governor::Quota::per_second(webhook_rate).allow_burst(
                 webhook_rate.saturating_mul(NonZeroU32::new(2).expect("2 is non-zero")),

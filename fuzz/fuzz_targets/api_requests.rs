@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use base64::Engine as _;
 use chrono::{TimeZone, Utc};
 use faastastic::api::wire::{
-    parse_json, DeleteFunctionRequest, FunctionStatus, ScaleServiceRequest, SecretRequest,
+    parse_json, status_json, DeleteFunctionRequest, ScaleServiceRequest, SecretRequest,
 };
 use faastastic::autoscale::labels::{check_labels, policy_for};
 use faastastic::config::{AutoscaleConfig, Config};
@@ -137,15 +137,15 @@ fn deployment(data: &[u8]) {
                 ready: 0,
             },
             datacenters: vec![(
-                "stage".to_string(),
+                "stage".into(),
                 ReplicaCounts {
                     desired: min,
                     ready: 0,
                 },
             )],
         };
-        let status = FunctionStatus::new(&view, &HashMap::new());
-        let text = serde_json::to_string(&status).expect("status serialises");
+        let text =
+            String::from_utf8(status_json(&view, &HashMap::new(), None)).expect("status is UTF-8");
         let echoed: FunctionDeployment =
             serde_json::from_str(&text).expect("status reads as a deployment");
         let fields: serde_json::Value = serde_json::from_str(&text).expect("status is JSON");

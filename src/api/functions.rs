@@ -5,12 +5,11 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use http::StatusCode;
 use serde::Deserialize;
 
 use super::error::{ApiError, ApiResult};
-use super::wire::{parse_json, DeleteFunctionRequest, FunctionStatus, ScaleServiceRequest};
+use super::wire::{parse_json, status_json, DeleteFunctionRequest, ScaleServiceRequest};
 use super::{detached, AppState};
 use crate::model::{split_qualified, FunctionDeployment, FunctionId};
 
@@ -29,11 +28,19 @@ pub async fn list(
     let datacenter = s.fleet.resolve_datacenter(q.datacenter.as_deref())?;
     let views = s.fleet.list(&namespace, datacenter.as_deref());
     let counts = s.metrics.invocation_counts();
-    let body: Vec<FunctionStatus> = views
-        .iter()
-        .map(|v| FunctionStatus::new(v, &counts).with_pause(s.autoscaler.pause_of(&v.function.id)))
-        .collect();
-    Ok(Json(body).into_response())
+    let any_paused = !s.autoscaler.pauses().is_empty();
+    let body = s.statuses.list_json(&views, &counts, |id| {
+        any_paused.then(|| s.autoscaler.pause_of(id)).flatten()
+    });
+    // Removed functions' entries go once they outnumber the live ones noticeably.
+    if s.statuses.entries() > s.fleet.count() + 1024 {
+        s.statuses.retain(|id| s.fleet.contains(id));
+    }
+    Ok(json_response(body))
+}
+
+fn json_response(body: Vec<u8>) -> Response {
+    ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 pub async fn status(
@@ -45,10 +52,8 @@ pub async fn status(
     let datacenter = s.fleet.resolve_datacenter(q.datacenter.as_deref())?;
     let view = s.fleet.get_in(&id, datacenter.as_deref())?;
     let counts = s.metrics.invocation_counts();
-    Ok(
-        Json(FunctionStatus::new(&view, &counts).with_pause(s.autoscaler.pause_of(&id)))
-            .into_response(),
-    )
+    let pause = s.autoscaler.pause_of(&id);
+    Ok(json_response(status_json(&view, &counts, pause.as_ref())))
 }
 
 pub async fn deploy(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {

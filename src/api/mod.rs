@@ -44,6 +44,8 @@ pub struct AppState {
     pub limits: LimitsConfig,
     pub autoscaler: Arc<Autoscaler>,
     pub fleet_store: Store,
+    /// Function statuses' spec parts, serialized once per deployed version.
+    pub statuses: wire::StatusCache,
     pub webhook_limiter: governor::DefaultDirectRateLimiter,
 }
 

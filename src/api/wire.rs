@@ -2,13 +2,15 @@
 //! accepted everywhere), exact out (Go's `omitempty` rules, integer replica counts).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::error::ApiError;
 use crate::fleet::FunctionView;
-use crate::model::FunctionResources;
+use crate::model::{Function, FunctionId, FunctionResources};
+use crate::platform::ReplicaCounts;
 
 /// Parses a JSON object body, answering 400 with the parser's message and the path of the
 /// offending field (`labels.a: invalid type: integer ...`).
@@ -75,43 +77,69 @@ fn go_float<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
     }
 }
 
-/// `FunctionStatus`, as `GET /system/function/{name}` and the list return it.
+/// The part of a `FunctionStatus` (as `GET /system/function/{name}` and the list return it)
+/// that changes only with a redeploy: serialized once per deployed version
+/// ([`StatusCache`]), since a list of thousands of functions is mostly this.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct FunctionStatus<'a> {
-    pub name: &'a str,
-    pub image: &'a str,
-    pub namespace: &'a str,
+struct StatusSpec<'a> {
+    name: &'a str,
+    image: &'a str,
+    namespace: &'a str,
     #[serde(skip_serializing_if = "is_empty_str")]
-    pub env_process: &'a Option<String>,
+    env_process: &'a Option<String>,
     #[serde(skip_serializing_if = "is_empty_map")]
-    pub env_vars: &'a Option<BTreeMap<String, String>>,
+    env_vars: &'a Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "is_empty_vec")]
-    pub constraints: &'a Option<Vec<String>>,
+    constraints: &'a Option<Vec<String>>,
     #[serde(skip_serializing_if = "is_empty_vec")]
-    pub secrets: &'a Option<Vec<String>>,
+    secrets: &'a Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub labels: &'a Option<BTreeMap<String, String>>,
+    labels: &'a Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub annotations: &'a Option<BTreeMap<String, String>>,
+    annotations: &'a Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub limits: &'a Option<FunctionResources>,
+    limits: &'a Option<FunctionResources>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub requests: &'a Option<FunctionResources>,
+    requests: &'a Option<FunctionResources>,
     #[serde(skip_serializing_if = "is_false")]
-    pub read_only_root_filesystem: &'a Option<bool>,
+    read_only_root_filesystem: &'a Option<bool>,
+    created_at: String,
+}
+
+/// The part of a `FunctionStatus` that changes while it runs.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusLive<'a> {
     #[serde(skip_serializing_if = "is_zero_f64", serialize_with = "go_float")]
-    pub invocation_count: f64,
+    invocation_count: f64,
     #[serde(skip_serializing_if = "is_zero")]
-    pub replicas: u64,
+    replicas: u64,
     #[serde(skip_serializing_if = "is_zero")]
-    pub available_replicas: u64,
-    pub created_at: String,
+    available_replicas: u64,
     /// faastastic: each datacenter's share of the totals above (clients ignore it).
-    pub datacenters: BTreeMap<&'a str, DatacenterReplicas>,
+    datacenters: Datacenters<'a>,
     /// faastastic: present while autoscaling of the function is paused.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub autoscaling_paused: Option<crate::autoscale::executor::Pause>,
+    autoscaling_paused: Option<&'a crate::autoscale::executor::Pause>,
+}
+
+/// A view's per-datacenter counts as a JSON object (the view keeps them in name order).
+#[derive(Debug)]
+struct Datacenters<'a>(&'a [(Arc<str>, ReplicaCounts)]);
+
+impl Serialize for Datacenters<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(dc, c)| {
+            (
+                &**dc,
+                DatacenterReplicas {
+                    replicas: c.desired,
+                    available_replicas: c.ready,
+                },
+            )
+        }))
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -121,49 +149,127 @@ pub struct DatacenterReplicas {
     pub available_replicas: u64,
 }
 
-impl<'a> FunctionStatus<'a> {
-    pub fn new(view: &'a FunctionView, invocations: &HashMap<String, u64>) -> Self {
-        let f = &view.function;
-        let d = &f.deployment;
-        FunctionStatus {
-            name: &f.id.name,
-            image: d.image.as_deref().unwrap_or(""),
-            namespace: &f.id.namespace,
-            env_process: &d.env_process,
-            env_vars: &d.env_vars,
-            constraints: &d.constraints,
-            secrets: &d.secrets,
-            labels: &d.labels,
-            annotations: &d.annotations,
-            limits: &d.limits,
-            requests: &d.requests,
-            read_only_root_filesystem: &d.read_only_root_filesystem,
-            invocation_count: invocations.get(&f.id.qualified()).copied().unwrap_or(0) as f64,
-            replicas: view.replicas.desired,
-            available_replicas: view.replicas.ready,
-            created_at: f
-                .created_at
-                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-            datacenters: view
-                .datacenters
-                .iter()
-                .map(|(dc, c)| {
-                    (
-                        dc.as_str(),
-                        DatacenterReplicas {
-                            replicas: c.desired,
-                            available_replicas: c.ready,
-                        },
-                    )
-                })
-                .collect(),
-            autoscaling_paused: None,
+/// A function's spec fields as JSON: an object without its closing brace.
+fn spec_json(f: &Function) -> Box<str> {
+    let d = &f.deployment;
+    let spec = StatusSpec {
+        name: &f.id.name,
+        image: d.image.as_deref().unwrap_or(""),
+        namespace: &f.id.namespace,
+        env_process: &d.env_process,
+        env_vars: &d.env_vars,
+        constraints: &d.constraints,
+        secrets: &d.secrets,
+        labels: &d.labels,
+        annotations: &d.annotations,
+        limits: &d.limits,
+        requests: &d.requests,
+        read_only_root_filesystem: &d.read_only_root_filesystem,
+        created_at: f
+            .created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+    };
+    let mut text = serde_json::to_string(&spec).expect("a status serialises");
+    text.pop();
+    text.into_boxed_str()
+}
+
+/// Appends one `FunctionStatus` object: the cached spec, then the live counts.
+fn write_status(
+    out: &mut Vec<u8>,
+    spec: &str,
+    view: &FunctionView,
+    invocations: &HashMap<String, u64>,
+    pause: Option<&crate::autoscale::executor::Pause>,
+) {
+    let f = &view.function;
+    let live = StatusLive {
+        invocation_count: if invocations.is_empty() {
+            0.0
+        } else {
+            invocations.get(&f.id.qualified()).copied().unwrap_or(0) as f64
+        },
+        replicas: view.replicas.desired,
+        available_replicas: view.replicas.ready,
+        datacenters: Datacenters(&view.datacenters),
+        autoscaling_paused: pause,
+    };
+    out.extend_from_slice(spec.as_bytes());
+    let at = out.len();
+    serde_json::to_writer(&mut *out, &live).expect("a status serialises");
+    // `{"invocationCount":…}` continues the spec's object: its brace becomes a comma.
+    out[at] = b',';
+}
+
+/// One function's `FunctionStatus` as JSON, without a cache.
+pub fn status_json(
+    view: &FunctionView,
+    invocations: &HashMap<String, u64>,
+    pause: Option<&crate::autoscale::executor::Pause>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_status(
+        &mut out,
+        &spec_json(&view.function),
+        view,
+        invocations,
+        pause,
+    );
+    out
+}
+
+/// Serialized specs per deployed version of each function (a scale or redeploy makes a new
+/// `Arc<Function>`, which misses and is serialized again).
+#[derive(Default)]
+pub struct StatusCache(Mutex<HashMap<FunctionId, CachedSpec>>);
+
+/// The version of a function a spec was serialized from, and the spec.
+type CachedSpec = (Arc<Function>, Arc<str>);
+
+impl StatusCache {
+    fn spec(&self, f: &Arc<Function>) -> Arc<str> {
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached, spec)) = cache.get(&f.id) {
+            if Arc::ptr_eq(cached, f) {
+                return spec.clone();
+            }
         }
+        let spec: Arc<str> = spec_json(f).into();
+        cache.insert(f.id.clone(), (f.clone(), spec.clone()));
+        spec
     }
 
-    pub fn with_pause(mut self, pause: Option<crate::autoscale::executor::Pause>) -> Self {
-        self.autoscaling_paused = pause;
-        self
+    /// A JSON array of `FunctionStatus` objects, in the order given.
+    pub fn list_json(
+        &self,
+        views: &[FunctionView],
+        invocations: &HashMap<String, u64>,
+        pause_of: impl Fn(&FunctionId) -> Option<crate::autoscale::executor::Pause>,
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(views.len() * 512 + 2);
+        out.push(b'[');
+        for (i, view) in views.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let spec = self.spec(&view.function);
+            let pause = pause_of(&view.function.id);
+            write_status(&mut out, &spec, view, invocations, pause.as_ref());
+        }
+        out.push(b']');
+        out
+    }
+
+    /// Drops the entries of functions that no longer exist.
+    pub fn retain(&self, exists: impl Fn(&FunctionId) -> bool) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| exists(id));
+    }
+
+    pub fn entries(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -235,4 +341,65 @@ pub struct GatewayInfo {
     pub provider: ProviderInfo,
     pub version: VersionInfo,
     pub arch: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FunctionDeployment;
+
+    fn view(labels: &[(&str, &str)], ready: u64) -> FunctionView {
+        let function = Arc::new(Function {
+            id: FunctionId::new("f", "openfaas-fn"),
+            deployment: FunctionDeployment {
+                service: Some("f".into()),
+                image: Some("img".into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            replicas: [("lon".to_string(), 2)].into(),
+            created_at: chrono::DateTime::UNIX_EPOCH,
+        });
+        let counts = ReplicaCounts { desired: 2, ready };
+        FunctionView {
+            function,
+            replicas: counts,
+            datacenters: vec![("lon".into(), counts)],
+        }
+    }
+
+    #[test]
+    fn the_cached_list_matches_single_statuses_and_follows_a_redeploy() {
+        let cache = StatusCache::default();
+        let counts: HashMap<String, u64> = [("f.openfaas-fn".to_string(), 7)].into();
+        let first = view(&[("team", "a")], 1);
+        let list: serde_json::Value =
+            serde_json::from_slice(
+                &cache.list_json(std::slice::from_ref(&first), &counts, |_| None),
+            )
+            .unwrap();
+        let single: serde_json::Value =
+            serde_json::from_slice(&status_json(&first, &counts, None)).unwrap();
+        assert_eq!(list, serde_json::json!([single.clone()]));
+        assert_eq!(
+            single,
+            serde_json::json!({"name": "f", "image": "img", "namespace": "openfaas-fn",
+                "labels": {"team": "a"}, "createdAt": "1970-01-01T00:00:00Z",
+                "invocationCount": 7, "replicas": 2, "availableReplicas": 1,
+                "datacenters": {"lon": {"replicas": 2, "availableReplicas": 1}}})
+        );
+        // A redeploy is a new record: its spec is serialized again; live counts are never cached.
+        let second = view(&[("team", "b")], 2);
+        let list: serde_json::Value =
+            serde_json::from_slice(&cache.list_json(&[second], &HashMap::new(), |_| None)).unwrap();
+        assert_eq!(list[0]["labels"]["team"], "b");
+        assert_eq!(list[0]["availableReplicas"], 2);
+        assert!(list[0].get("invocationCount").is_none());
+        assert_eq!(cache.entries(), 1);
+    }
 }

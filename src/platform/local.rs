@@ -130,6 +130,9 @@ struct Generation {
     ready: Mutex<Vec<Arc<Endpoint>>>,
     endpoints: RwLock<Arc<EndpointSet>>,
     ready_tx: watch::Sender<u64>,
+    /// What `ready_tx` holds, readable without the channel's lock (the function list reads
+    /// it for every function in every datacenter).
+    ready_count: AtomicU64,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -146,7 +149,7 @@ enum ReplicaExit {
 
 impl Generation {
     fn ready_count(&self) -> u64 {
-        *self.ready_tx.borrow()
+        self.ready_count.load(Ordering::Acquire)
     }
 
     fn desired_count(&self) -> u64 {
@@ -169,6 +172,8 @@ impl Generation {
         }
         *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(EndpointSet::new(ready.clone()));
+        self.ready_count
+            .store(ready.len() as u64, Ordering::Release);
         self.ready_tx.send_replace(ready.len() as u64);
     }
 
@@ -204,6 +209,7 @@ impl Generation {
             ready.clear();
             *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) =
                 Arc::new(EndpointSet::default());
+            self.ready_count.store(0, Ordering::Release);
             self.ready_tx.send_replace(0);
         }
         self.cancel.cancel();
@@ -582,6 +588,7 @@ impl Platform for LocalPlatform {
             ready: Mutex::new(Vec::new()),
             endpoints: RwLock::new(Arc::new(EndpointSet::default())),
             ready_tx,
+            ready_count: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
