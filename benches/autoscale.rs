@@ -5,6 +5,12 @@
 //! excluded by a platform that only records counts).
 //!
 //! Run: `cargo bench --bench autoscale` (prints Markdown rows for BENCHMARKS.md).
+//!
+//! The allocator is the server's own (mimalloc), so allocations cost here what they cost in
+//! `faastastic serve`.
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
