@@ -153,16 +153,13 @@ async fn three_datacenters_one_control_plane() {
     assert!(body.contains("stage, lon, syd"), "{body}");
 
     // An alert labelled datacenter=lon scales only lon.
-    let alert = json!({"version": "4", "status": "firing", "receiver": "faastastic", "alerts": [{
-        "status": "firing", "fingerprint": "f1", "startsAt": "2026-01-01T00:00:00Z",
-        "labels": {"alertname": "Busy", "function_name": "hello", "datacenter": "lon",
-                   "scale_action": "to", "replicas": "3"}}]});
-    let r = s
-        .system(Method::POST, "/system/alert")
-        .json(&alert)
-        .send()
-        .await
-        .unwrap();
+    let alert = common::alert_payload(
+        "firing",
+        "f1",
+        json!({"alertname": "Busy", "function_name": "hello", "datacenter": "lon",
+               "scale_action": "to", "replicas": "3"}),
+    );
+    let r = s.post_alert(&alert).await;
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     assert_eq!(answer["alerts"][0]["outcome"], "scaled", "{answer}");
@@ -376,9 +373,11 @@ timeout_ms = 60000
         })
         .await
     );
-    let alert = json!({"version": "4", "status": "firing", "receiver": "faastastic", "alerts": [{
-        "status": "firing", "fingerprint": "k1", "startsAt": "2026-01-01T00:00:00Z",
-        "labels": {"alertname": "Busy", "function_name": "busy", "datacenter": "lon"}}]});
+    let alert = common::alert_payload(
+        "firing",
+        "k1",
+        json!({"alertname": "Busy", "function_name": "busy", "datacenter": "lon"}),
+    );
     let scaled_in_lon = |events: &Vec<Value>| {
         events
             .iter()
@@ -414,12 +413,7 @@ timeout_ms = 60000
         s.status("busy").await.1
     );
     // Alertmanager never got an answer, so it sends the same alert again.
-    let r = s
-        .system(Method::POST, "/system/alert")
-        .json(&alert)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_alert(&alert).await;
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     assert_ne!(answer["alerts"][0]["outcome"], "scaled", "{answer}");

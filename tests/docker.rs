@@ -185,15 +185,12 @@ async fn an_unreachable_engine_refuses_changes_and_recovers() {
         text.contains("cannot look up image") && !text.contains("is not on this engine"),
         "an engine that does not answer is not a missing image: {text}"
     );
-    let alert = json!({"version": "4", "status": "firing", "receiver": "faastastic", "alerts": [{
-        "status": "firing", "fingerprint": "e1", "startsAt": "2026-01-01T00:00:00Z",
-        "labels": {"alertname": "Busy", "function_name": "steady"}}]});
-    let r = s
-        .system(Method::POST, "/system/alert")
-        .json(&alert)
-        .send()
-        .await
-        .unwrap();
+    let alert = common::alert_payload(
+        "firing",
+        "e1",
+        json!({"alertname": "Busy", "function_name": "steady"}),
+    );
+    let r = s.post_alert(&alert).await;
     assert!(r.status().is_server_error(), "Alertmanager must retry");
     // Nothing changed meanwhile, and the replica still serves.
     assert_eq!(s.status("steady").await.1["replicas"], 1);
@@ -203,12 +200,7 @@ async fn an_unreachable_engine_refuses_changes_and_recovers() {
 
     // The engine answers again: Alertmanager's retry and the deploy go through.
     link.up();
-    let r = s
-        .system(Method::POST, "/system/alert")
-        .json(&alert)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_alert(&alert).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert_eq!(s.deploy(other).await.status(), 202);
     assert!(

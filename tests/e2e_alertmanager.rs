@@ -54,6 +54,15 @@ fn step_rule(dir: &std::path::Path) -> std::path::PathBuf {
     rules
 }
 
+/// Function `hot`: max 4, steps of 25 % of max (one replica), ready.
+async fn deploy_hot(s: &Server) {
+    let mut f = echo_function("hot");
+    f["labels"] =
+        serde_json::json!({"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("hot", 1).await;
+}
+
 /// A receiver for `s` with second-long group and repeat intervals.
 fn fast_alertmanager(s: &Server) -> String {
     format!(
@@ -87,11 +96,7 @@ async fn load_raises_replicas_and_quiet_brings_them_back() {
         ),
         ..Default::default()
     });
-    let mut f = echo_function("hot");
-    f["labels"] =
-        serde_json::json!({"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25"});
-    assert_eq!(s.deploy(f).await.status(), 202);
-    s.wait_available("hot", 1).await;
+    deploy_hot(&s).await;
 
     let dir = tempfile::tempdir().unwrap();
     let rules = step_rule(dir.path());
@@ -216,11 +221,7 @@ async fn alerts_fired_while_alertmanager_is_down_scale_once_it_returns() {
         config: Some("[autoscale]\nup_cooldown_secs = 1\n"),
         ..Default::default()
     });
-    let mut f = echo_function("hot");
-    f["labels"] =
-        serde_json::json!({"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25"});
-    assert_eq!(s.deploy(f).await.status(), 202);
-    s.wait_available("hot", 1).await;
+    deploy_hot(&s).await;
     let dir = tempfile::tempdir().unwrap();
     let mut monitoring = Monitoring::start(
         &s,

@@ -632,9 +632,11 @@ async fn a_full_disk_refuses_changes_clearly_and_loses_nothing() {
             .json(&json!({"name": name, "value": "v"}))
     };
     assert_eq!(send(secret(&s, "old")).await.0, 202);
-    let alert = json!({"version": "4", "status": "firing", "receiver": "faastastic", "alerts": [{
-        "status": "firing", "fingerprint": "d1", "startsAt": "2026-01-01T00:00:00Z",
-        "labels": {"alertname": "Busy", "function_name": "kept"}}]});
+    let alert = common::alert_payload(
+        "firing",
+        "d1",
+        json!({"alertname": "Busy", "function_name": "kept"}),
+    );
 
     let filler = disk.fill();
     let full = |(code, body): (u16, String), what: &str| {

@@ -62,16 +62,12 @@ async fn memory_and_descriptors_stay_flat_under_mixed_load() {
         round += 1;
         // An alert that fires, then resolves: scaled goes up and comes back down.
         let status = if round % 2 == 1 { "firing" } else { "resolved" };
-        let alert = json!({"version": "4", "status": status, "receiver": "faastastic",
-            "alerts": [{"status": status, "fingerprint": format!("s{}", round.div_ceil(2)),
-                "startsAt": "2026-01-01T00:00:00Z",
-                "labels": {"alertname": "Busy", "function_name": "scaled"}}]});
-        let r = s
-            .system(Method::POST, "/system/alert")
-            .json(&alert)
-            .send()
-            .await
-            .unwrap();
+        let alert = common::alert_payload(
+            status,
+            &format!("s{}", round.div_ceil(2)),
+            json!({"alertname": "Busy", "function_name": "scaled"}),
+        );
+        let r = s.post_alert(&alert).await;
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
         // A function that comes and goes, updated once in between.
         let churn = format!("churn{}", round % 3);

@@ -271,6 +271,15 @@ impl Server {
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
+    /// POSTs an Alertmanager webhook body to `/system/alert`.
+    pub async fn post_alert(&self, body: &Value) -> reqwest::Response {
+        self.system(reqwest::Method::POST, "/system/alert")
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(self.url("/metrics"))
@@ -388,6 +397,14 @@ pub fn replica_pids(parent: u32) -> Vec<i32> {
         .filter(|(_, cmdline)| cmdline.contains("watchdog"))
         .map(|(pid, _)| pid)
         .collect()
+}
+
+/// An Alertmanager (version 4) webhook body with one alert: `status` (`firing` or `resolved`),
+/// its fingerprint, a fixed start, and `labels` (which name the function).
+pub fn alert_payload(status: &str, fingerprint: &str, labels: Value) -> Value {
+    json!({"version": "4", "status": status, "receiver": "faastastic", "alerts": [{
+        "status": status, "fingerprint": fingerprint, "startsAt": "2026-01-01T00:00:00Z",
+        "labels": labels}]})
 }
 
 /// A free loopback port (bound, then released).
