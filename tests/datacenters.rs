@@ -55,26 +55,21 @@ impl Drop for Agent {
 }
 
 fn config(lon: u16, syd: u16, dir: &std::path::Path) -> String {
+    remote_config(&[("lon", lon), ("syd", syd)], 3000, dir)
+}
+
+/// `stage` on the local platform, then one remote datacenter per (name, agent port), each
+/// with the agents' token and a platform timeout of `timeout_ms`.
+fn remote_config(remotes: &[(&str, u16)], timeout_ms: u64, dir: &std::path::Path) -> String {
     let token = dir.join("token");
-    format!(
-        r#"reconcile_interval_ms = 300
-[[datacenters]]
-name = "stage"
-[[datacenters]]
-name = "lon"
-platform = "remote"
-url = "http://127.0.0.1:{lon}"
-token_file = "{token}"
-timeout_ms = 3000
-[[datacenters]]
-name = "syd"
-platform = "remote"
-url = "http://127.0.0.1:{syd}"
-token_file = "{token}"
-timeout_ms = 3000
-"#,
-        token = token.display()
-    )
+    let mut cfg = "reconcile_interval_ms = 300\n[[datacenters]]\nname = \"stage\"\n".to_string();
+    for (name, port) in remotes {
+        cfg.push_str(&format!(
+            "[[datacenters]]\nname = \"{name}\"\nplatform = \"remote\"\nurl = \"http://127.0.0.1:{port}\"\ntoken_file = \"{}\"\ntimeout_ms = {timeout_ms}\n",
+            token.display()
+        ));
+    }
+    cfg
 }
 
 /// `datacenters.DC.availableReplicas` of a function, 0 when absent.
@@ -344,21 +339,8 @@ async fn a_server_killed_mid_scale_neither_loses_nor_repeats_the_decision() {
     let dir = tempfile::tempdir().unwrap();
     let lon_port = free_port();
     let lon = Agent::start("lon", lon_port, dir.path());
-    let token = dir.path().join("token");
     // A platform timeout longer than the test waits: the call is still in flight at the kill.
-    let cfg = format!(
-        r#"reconcile_interval_ms = 300
-[[datacenters]]
-name = "stage"
-[[datacenters]]
-name = "lon"
-platform = "remote"
-url = "http://127.0.0.1:{lon_port}"
-token_file = "{}"
-timeout_ms = 60000
-"#,
-        token.display()
-    );
+    let cfg = remote_config(&[("lon", lon_port)], 60000, dir.path());
     let data = dir.path().join("data");
     let options = || Options {
         config: Some(&cfg),
