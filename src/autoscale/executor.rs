@@ -474,40 +474,42 @@ impl Autoscaler {
         };
         // A source that explains its recommendation (a query's value against its target)
         // says so first.
-        let mut reason = match evidence.get("why").and_then(|w| w.as_str()) {
+        let reason = match evidence.get("why").and_then(|w| w.as_str()) {
             Some(why) => format!("{why}; {}", decision.reason),
             None => decision.reason.clone(),
         };
+        // The event as it reads when the decision is executed; the arms below amend it.
+        let scales = decision.outcome == Outcome::Scale;
+        let mut event = self.event(
+            &key,
+            now,
+            source,
+            decision.from,
+            if scales { decision.to } else { decision.from },
+            decision.recommended,
+            direction,
+            "scaled",
+            reason,
+            decision.clamps,
+            evidence,
+        );
         let mut recorded = false;
         let (outcome, keep_state, retryable) = match decision.outcome {
             Outcome::NoChange => ("no_change", true, false),
             Outcome::Held => ("held", true, false),
             Outcome::Scale if dry_run => {
-                reason.push_str(" (dry run: not executed)");
+                event.reason.push_str(" (dry run: not executed)");
                 ("dry_run", false, false)
             }
             Outcome::Scale => {
                 self.scale_limiter.until_ready().await;
                 // The decision is stored with the desired count it sets, before the platform
                 // is called: a crash from here on neither loses it nor lets it apply twice.
-                let ahead = self.event(
-                    &key,
-                    now,
-                    source,
-                    decision.from,
-                    decision.to,
-                    decision.recommended,
-                    direction,
-                    "scaled",
-                    reason.clone(),
-                    decision.clamps.clone(),
-                    evidence.clone(),
-                );
                 let ahead = store::Decision {
                     datacenter: datacenter.to_string(),
                     state_json: state_json(&next),
                     previous_state_json: state_json(&state),
-                    event: event_record(&ahead),
+                    event: event_record(&event),
                 };
                 match self
                     .fleet
@@ -518,45 +520,29 @@ impl Autoscaler {
                         recorded = stored;
                         ("scaled", true, false)
                     }
-                    Err(FleetError::Conflict(why)) => {
-                        reason.push_str(&format!("; superseded: {why}"));
-                        ("superseded", false, false)
-                    }
                     Err(e) => {
-                        let retryable =
-                            !matches!(e, FleetError::NotFound(_) | FleetError::Invalid(_));
-                        reason.push_str(&format!("; failed: {e}"));
-                        ("failed", false, retryable)
+                        event.to = decision.from;
+                        match e {
+                            FleetError::Conflict(why) => {
+                                event.reason.push_str(&format!("; superseded: {why}"));
+                                ("superseded", false, false)
+                            }
+                            e => {
+                                let retryable =
+                                    !matches!(e, FleetError::NotFound(_) | FleetError::Invalid(_));
+                                event.reason.push_str(&format!("; failed: {e}"));
+                                ("failed", false, retryable)
+                            }
+                        }
                     }
                 }
             }
         };
+        event.outcome = outcome;
         if keep_state {
             *state = next;
         }
         self.set_stepping(&key, state.stepping_down);
-        let to = if outcome == "scaled" {
-            decision.to
-        } else {
-            decision.from
-        };
-        let event = self.event(
-            &key,
-            now,
-            source,
-            decision.from,
-            if outcome == "dry_run" {
-                decision.to
-            } else {
-                to
-            },
-            decision.recommended,
-            direction,
-            outcome,
-            reason,
-            decision.clamps,
-            evidence,
-        );
         self.finish(&key, &state, event, retryable, recorded).await
     }
 
