@@ -43,6 +43,10 @@ pub struct LocalPlatform {
 struct Inner {
     cfg: LocalConfig,
     exe: PathBuf,
+    /// Every replica's environment before its function's own variables: the passed-through
+    /// variables and `exec_timeout`. Kept once here rather than in every generation (at
+    /// 10,000 functions in 3 datacenters the copies took about 20 MB).
+    base_env: Vec<(String, String)>,
     run_dir: PathBuf,
     datacenter: String,
     metrics: Arc<Metrics>,
@@ -71,10 +75,19 @@ impl LocalPlatform {
             std::fs::remove_dir_all(&run_dir)?;
         }
         create_private_dir(&run_dir)?;
+        let mut base_env: Vec<(String, String)> = PASSTHROUGH_ENV
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        base_env.push((
+            "exec_timeout".into(),
+            format!("{}s", cfg.exec_timeout.as_secs_f64()),
+        ));
         Ok(LocalPlatform {
             inner: Arc::new(Inner {
                 cfg,
                 exe,
+                base_env,
                 run_dir,
                 datacenter: datacenter.to_string(),
                 metrics,
@@ -111,10 +124,10 @@ impl Entry {
     }
 }
 
-/// How to start one replica of a generation.
+/// What one generation's replicas add to the platform's base environment: the function's
+/// `envVars`, then `fprocess`.
 struct Launch {
-    exe: PathBuf,
-    env: Vec<(String, String)>,
+    env: Box<[(String, String)]>,
 }
 
 /// One deployed version of a function and its replicas.
@@ -323,15 +336,19 @@ impl Generation {
     }
 
     fn spawn(&self) -> std::io::Result<Child> {
-        let mut cmd = Command::new(&self.launch.exe);
+        let platform = &self.platform;
+        let mut cmd = Command::new(&platform.exe);
         cmd.arg("watchdog")
             .env_clear()
             .envs(
-                self.launch
-                    .env
+                platform
+                    .base_env
                     .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
+                    .chain(self.launch.env.iter())
+                    .map(|(k, v)| (k, v)),
             )
+            .env("secret_mount_path", self.dir.join("secrets"))
+            .env("faastastic_listen", "127.0.0.1:0")
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -542,28 +559,15 @@ impl Platform for LocalPlatform {
             .map_err(|e| PlatformError::Failed(format!("cannot prepare {}: {e}", dir.display())))?;
 
         let dep = &workload.deployment;
-        let mut env: Vec<(String, String)> = PASSTHROUGH_ENV
+        let mut env: Vec<(String, String)> = dep
+            .env_vars
             .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        env.push((
-            "exec_timeout".into(),
-            format!("{}s", inner.cfg.exec_timeout.as_secs_f64()),
-        ));
-        env.extend(
-            dep.env_vars
-                .iter()
-                .flatten()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
         if let Some(p) = fprocess(dep) {
             env.push(("fprocess".into(), p.to_string()));
         }
-        env.push((
-            "secret_mount_path".into(),
-            secrets_dir.display().to_string(),
-        ));
-        env.push(("faastastic_listen".into(), "127.0.0.1:0".into()));
 
         let logs = inner
             .read()
@@ -578,8 +582,7 @@ impl Platform for LocalPlatform {
             number,
             dir,
             launch: Launch {
-                exe: inner.exe.clone(),
-                env,
+                env: env.into_boxed_slice(),
             },
             logs: logs.clone(),
             platform: inner.clone(),
