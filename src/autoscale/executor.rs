@@ -146,10 +146,7 @@ pub struct Autoscaler {
     store: Store,
     metrics: Arc<Metrics>,
     cfg: AutoscaleConfig,
-    states: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<State>>>>,
-    /// Which deployment each state belongs to (its `createdAt`): a function deleted and
-    /// deployed again under the same name starts with a fresh state.
-    deployed_at: Mutex<HashMap<Key, DateTime<Utc>>>,
+    states: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Tracked>>>>,
     /// Functions in a gradual scale-down, which the ticker keeps stepping.
     stepping: Mutex<HashSet<Key>>,
     scale_limiter: DefaultDirectRateLimiter,
@@ -161,6 +158,15 @@ pub struct Autoscaler {
     observed: Mutex<RateWindow<(String, String)>>,
     /// Paused scopes (`*`: every function; else `name.namespace`) with since when and why.
     paused: Mutex<HashMap<String, Pause>>,
+}
+
+/// One function's engine state in one datacenter.
+#[derive(Default)]
+struct Tracked {
+    state: State,
+    /// Which deployment the state belongs to (its `createdAt`): a function deleted and
+    /// deployed again under the same name starts with a fresh state.
+    deployed_at: Option<DateTime<Utc>>,
 }
 
 /// A pause of autoscaling, as `/system/autoscaling` reports it.
@@ -203,7 +209,11 @@ impl Autoscaler {
                     if state.stepping_down {
                         stepping.insert(key.clone());
                     }
-                    states.insert(key, Arc::new(tokio::sync::Mutex::new(state)));
+                    let tracked = Tracked {
+                        state,
+                        deployed_at: None,
+                    };
+                    states.insert(key, Arc::new(tokio::sync::Mutex::new(tracked)));
                 }
                 Err(e) => {
                     tracing::warn!(function = %id, datacenter = %dc, error = %e, "ignoring unreadable autoscaler state")
@@ -232,7 +242,6 @@ impl Autoscaler {
             store,
             metrics,
             states: Mutex::new(states),
-            deployed_at: Mutex::new(HashMap::new()),
             stepping: Mutex::new(stepping),
             scale_limiter: RateLimiter::direct(Quota::per_second(per_sec)),
             activity,
@@ -243,7 +252,7 @@ impl Autoscaler {
         }))
     }
 
-    fn state_of(&self, key: &Key) -> Arc<tokio::sync::Mutex<State>> {
+    fn state_of(&self, key: &Key) -> Arc<tokio::sync::Mutex<Tracked>> {
         self.states
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -382,7 +391,7 @@ impl Autoscaler {
     ) -> SignalResult {
         let key: Key = (id.clone(), datacenter.to_string());
         let state_lock = self.state_of(&key);
-        let mut state = state_lock.lock().await;
+        let mut tracked = state_lock.lock().await;
         let (function, current) = match self.fleet.get(id) {
             Ok(v) => match v.function.desired_in(datacenter) {
                 Some(current) => (v.function, current),
@@ -405,14 +414,14 @@ impl Autoscaler {
             }
         };
         let created = function.created_at;
-        let previous = self
+        if tracked
             .deployed_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), created);
-        if previous.is_some_and(|p| p != created) {
-            *state = State::default();
+            .replace(created)
+            .is_some_and(|p| p != created)
+        {
+            tracked.state = State::default();
         }
+        let state = &mut tracked.state;
         let now = Utc::now();
         let (policy, dry_run) = match policy_for(&id.qualified(), &function.deployment, &self.cfg) {
             Ok(p) => p,
@@ -435,11 +444,11 @@ impl Autoscaler {
                     vec![],
                     evidence,
                 );
-                return self.finish(&key, &state, event, false, false).await;
+                return self.finish(&key, state, event, false, false).await;
             }
         };
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
-        let (mut decision, mut next) = decide(&policy, current, &state, input, now);
+        let (mut decision, mut next) = decide(&policy, current, state, input, now);
         // Paused: the decision is computed and explained, but nothing changes, not even the
         // engine's memory (no cooldown starts, no alert counts as applied).
         if let (Outcome::Scale, Some(pause)) = (decision.outcome, self.pause_of(id)) {
@@ -508,7 +517,7 @@ impl Autoscaler {
                 let ahead = store::Decision {
                     datacenter: datacenter.to_string(),
                     state_json: state_json(&next),
-                    previous_state_json: state_json(&state),
+                    previous_state_json: state_json(state),
                     event: event_record(&event),
                 };
                 match self
@@ -543,7 +552,7 @@ impl Autoscaler {
             *state = next;
         }
         self.set_stepping(&key, state.stepping_down);
-        self.finish(&key, &state, event, retryable, recorded).await
+        self.finish(&key, state, event, retryable, recorded).await
     }
 
     #[allow(clippy::too_many_arguments)]
