@@ -682,6 +682,35 @@ impl Store {
 mod tests {
     use super::*;
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_calls_wait_as_tasks_not_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let threads = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let calls = (0..300).map(|_| {
+            let (store, threads) = (store.clone(), threads.clone());
+            tokio::spawn(async move {
+                store
+                    .call(move |_| {
+                        threads.lock().unwrap().insert(std::thread::current().id());
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        Ok(())
+                    })
+                    .await
+            })
+        });
+        for call in futures::future::join_all(calls).await {
+            call.unwrap().unwrap();
+        }
+        // Blocking threads are reused once idle, so a bounded queue needs only a few; callers
+        // all waiting on threads would have needed one each.
+        let used = threads.lock().unwrap().len();
+        assert!(
+            used <= WAITING_THREADS + 2,
+            "{used} blocking threads ran 300 calls"
+        );
+    }
+
     #[tokio::test]
     async fn functions_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
