@@ -18,7 +18,7 @@ use tokio::sync::{watch, Mutex};
 use crate::config::Placement;
 use crate::model::{
     truncate_for_message, validate_dns_label, validate_secret_name, Function, FunctionDeployment,
-    FunctionId, Namespace, LABEL_DATACENTERS,
+    FunctionId, FunctionMap, Namespace, LABEL_DATACENTERS,
 };
 use crate::platform::{EndpointSet, Platform, PlatformError, ReplicaCounts, Workload};
 use crate::store::{Decision, SecretRecord, Store, StoreError};
@@ -163,7 +163,7 @@ pub struct Fleet {
     default_namespace: String,
     max_replicas: u64,
     /// Shared so that a view (status, list) costs a reference count, not a copy of the spec.
-    functions: RwLock<HashMap<FunctionId, Arc<Function>>>,
+    functions: RwLock<FunctionMap<Arc<Function>>>,
     namespaces: RwLock<BTreeMap<String, Namespace>>,
     /// The deployment each datacenter last accepted for each function (a hash of it), so the
     /// reconciler knows which ones missed an update.
@@ -235,7 +235,7 @@ impl Fleet {
             placement,
             default_namespace: default_namespace.to_string(),
             max_replicas,
-            functions: RwLock::new(HashMap::new()),
+            functions: RwLock::new(FunctionMap::default()),
             namespaces: RwLock::new(namespaces),
             applied: std::sync::Mutex::new(HashMap::new()),
             write: Mutex::new(()),
@@ -324,13 +324,11 @@ impl Fleet {
             .chain(self.datacenters.iter().filter(|d| d.name != self.home))
     }
 
-    fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FunctionId, Arc<Function>>> {
+    fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, FunctionMap<Arc<Function>>> {
         self.functions.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_functions(
-        &self,
-    ) -> std::sync::RwLockWriteGuard<'_, HashMap<FunctionId, Arc<Function>>> {
+    fn write_functions(&self) -> std::sync::RwLockWriteGuard<'_, FunctionMap<Arc<Function>>> {
         self.functions.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -450,7 +448,7 @@ impl Fleet {
                 continue;
             }
             let (name, ready) = match self.datacenter(dc) {
-                Some(d) => (d.shared_name.clone(), d.platform.replicas(&f.id).ready),
+                Some(d) => (d.shared_name.clone(), d.platform.ready_replicas(&f.id)),
                 None => (Arc::from(dc.as_str()), 0),
             };
             let counts = ReplicaCounts {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::error::ApiError;
 use crate::fleet::FunctionView;
-use crate::model::{Function, FunctionId, FunctionResources};
+use crate::model::{Function, FunctionId, FunctionMap, FunctionResources};
 use crate::platform::ReplicaCounts;
 
 /// Parses a JSON object body, answering 400 with the parser's message and the path of the
@@ -221,14 +221,13 @@ pub fn status_json(
 /// Serialized specs per deployed version of each function (a scale or redeploy makes a new
 /// `Arc<Function>`, which misses and is serialized again).
 #[derive(Default)]
-pub struct StatusCache(Mutex<HashMap<FunctionId, CachedSpec>>);
+pub struct StatusCache(Mutex<FunctionMap<CachedSpec>>);
 
 /// The version of a function a spec was serialized from, and the spec.
 type CachedSpec = (Arc<Function>, Arc<str>);
 
 impl StatusCache {
-    fn spec(&self, f: &Arc<Function>) -> Arc<str> {
-        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    fn spec(cache: &mut FunctionMap<CachedSpec>, f: &Arc<Function>) -> Arc<str> {
         if let Some((cached, spec)) = cache.get(&f.id) {
             if Arc::ptr_eq(cached, f) {
                 return spec.clone();
@@ -246,13 +245,14 @@ impl StatusCache {
         invocations: &HashMap<String, u64>,
         pause_of: impl Fn(&FunctionId) -> Option<crate::autoscale::executor::Pause>,
     ) -> Vec<u8> {
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(views.len() * 512 + 2);
         out.push(b'[');
         for (i, view) in views.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            let spec = self.spec(&view.function);
+            let spec = Self::spec(&mut cache, &view.function);
             let pause = pause_of(&view.function.id);
             write_status(&mut out, &spec, view, invocations, pause.as_ref());
         }

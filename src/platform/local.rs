@@ -6,7 +6,6 @@
 //! passes), then it is drained and stopped. Removing a function drops it from the routing table
 //! before anything else, so a redeploy under the same name can never reach an old replica.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -29,7 +28,7 @@ use super::{
     Workload,
 };
 use crate::config::LocalConfig;
-use crate::model::{FunctionDeployment, FunctionId};
+use crate::model::{FunctionDeployment, FunctionId, FunctionMap};
 use crate::telemetry::Metrics;
 
 /// Environment variables passed from the server to replicas; everything else is cleared so a
@@ -50,7 +49,7 @@ struct Inner {
     run_dir: PathBuf,
     datacenter: String,
     metrics: Arc<Metrics>,
-    functions: RwLock<HashMap<FunctionId, Entry>>,
+    functions: RwLock<FunctionMap<Entry>>,
     generations: AtomicU64,
 }
 
@@ -91,7 +90,7 @@ impl LocalPlatform {
                 run_dir,
                 datacenter: datacenter.to_string(),
                 metrics,
-                functions: RwLock::new(HashMap::new()),
+                functions: RwLock::new(FunctionMap::default()),
                 generations: AtomicU64::new(0),
             }),
         })
@@ -99,11 +98,11 @@ impl LocalPlatform {
 }
 
 impl Inner {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FunctionId, Entry>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, FunctionMap<Entry>> {
         self.functions.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<FunctionId, Entry>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, FunctionMap<Entry>> {
         self.functions.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -697,6 +696,14 @@ impl Platform for LocalPlatform {
             desired: entry.current.desired_count(),
             ready: entry.serving().ready_count(),
         }
+    }
+
+    fn ready_replicas(&self, id: &FunctionId) -> u64 {
+        // Without the desired count, which takes the generation's slot lock.
+        self.inner
+            .read()
+            .get(id)
+            .map_or(0, |entry| entry.serving().ready_count())
     }
 
     fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>> {

@@ -176,6 +176,12 @@ pub trait Platform: Send + Sync {
 
     fn replicas(&self, id: &FunctionId) -> ReplicaCounts;
 
+    /// Only the ready count of `replicas` (the function list reads it for every function in
+    /// every datacenter).
+    fn ready_replicas(&self, id: &FunctionId) -> u64 {
+        self.replicas(id).ready
+    }
+
     /// Every function this platform runs, with the replicas it was asked for: what the
     /// reconciler compares with the desired state.
     async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError>;
