@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -216,6 +217,7 @@ http {{ access_log off; keepalive_requests 1000000;
                           flush=True)
     finally:
         cleanup()
+        shutil.rmtree(work, ignore_errors=True)
 
     def med(rows, key):
         vals = [r[key] for r in rows if key in r]

@@ -186,6 +186,7 @@ platform = "swarm"
     finally:
         stop_all(procs, timeout=20)
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
 
     f_med, s_med = statistics.median(fan), statistics.median(single)
     ratio = f_med / s_med

@@ -17,6 +17,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,6 +199,7 @@ scrape_configs:
             })
     finally:
         stop_all(procs, timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
 
     def s(v):
         return "not reached" if v is None else f"{v:.1f} s"

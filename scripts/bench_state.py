@@ -21,6 +21,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -306,6 +307,7 @@ http {{ access_log off; keepalive_requests 1000000;
               flush=True)
     finally:
         stop_all(procs)
+        shutil.rmtree(work, ignore_errors=True)
     write(args.json, rows, **raw)
     for r in rows:
         print(json.dumps(r))
