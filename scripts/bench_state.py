@@ -198,6 +198,11 @@ interval_ms = 1000
         wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, "faastastic")
         idle_rss = proc_kib(server.pid, "VmRSS")
 
+        def stage_rss(stage):
+            """Records the server's RSS after a stage (raw rss_after_STAGE_kib), for printing."""
+            kib = raw[f"rss_after_{stage}_kib"] = proc_kib(server.pid, "VmRSS")
+            return f"(RSS {kib / 1024:.0f} MB)"
+
         # Cold start first, while the machine is quiet.
         cold, warm = cold_start(port, base, args.cold_rounds)
         raw["cold_start_s"], raw["warm_s"] = cold, warm
@@ -218,9 +223,8 @@ interval_ms = 1000
         if failures:
             sys.exit(f"{len(failures)} deploys failed, e.g. {failures[:3]}")
         raw["deploy_s"] = deploy_s
-        raw["rss_after_deploy_kib"] = proc_kib(server.pid, "VmRSS")
         print(f"deployed {len(names)} functions × 3 datacenters in {deploy_s:.1f} s "
-              f"(RSS {raw['rss_after_deploy_kib'] / 1024:.0f} MB)", flush=True)
+              f"{stage_rss('deploy')}", flush=True)
 
         # The list, against nginx serving the same bytes.
         times, body = timed_gets(port, "/system/functions", args.list_requests)
@@ -251,10 +255,8 @@ http {{ access_log off; keepalive_requests 1000000;
                         f"datacenters ({len(body) / 1e6:.1f} MB), p99 of {len(times)}",
                         ms(p99(times)), f"nginx, same bytes from a file: {ms(p99(static_times))}",
                         p99(times) / p99(static_times), "p99 < 50 ms", p99(times) < 0.050))
-        raw["rss_after_list_kib"] = proc_kib(server.pid, "VmRSS")
         print(f"list: p50 {ms(statistics.median(times))} p99 {ms(p99(times))}; "
-              f"nginx p99 {ms(p99(static_times))} (RSS {raw['rss_after_list_kib'] / 1024:.0f} MB)",
-              flush=True)
+              f"nginx p99 {ms(p99(static_times))} {stage_rss('list')}", flush=True)
 
         # Evaluation cycles of the internal query policy over every function.
         name = "faastastic_autoscaler_evaluation_duration_seconds"
@@ -271,9 +273,8 @@ http {{ access_log off; keepalive_requests 1000000;
         rows.append(row(PART, f"one evaluation cycle of a query policy over {len(names):,} × 3 "
                         f"(internal source, live server; every cycle ≤ {ms(bound)} bucket)",
                         f"mean {ms(mean)}", None, None, "< 50 ms", mean < 0.050))
-        raw["rss_after_cycles_kib"] = proc_kib(server.pid, "VmRSS")
-        print(f"evaluation cycle: mean {ms(mean)}, all ≤ {ms(bound)} "
-              f"(RSS {raw['rss_after_cycles_kib'] / 1024:.0f} MB)", flush=True)
+        print(f"evaluation cycle: mean {ms(mean)}, all ≤ {ms(bound)} {stage_rss('cycles')}",
+              flush=True)
 
         # One webhook payload of --alerts alerts, three rounds.
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
