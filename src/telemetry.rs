@@ -1,13 +1,17 @@
 //! Prometheus metrics (OpenFaaS gateway names and labels, plus faastastic's own) and tracing setup.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::fleet::FunctionView;
+
+const INVOCATION_TOTAL: &str = "gateway_function_invocation_total";
+const INVOCATION_TOTAL_HELP: &str =
+    "Function invocations, by function, HTTP status code and datacenter";
 
 pub struct Metrics {
     registry: Registry,
@@ -49,10 +53,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let invocation_total = IntCounterVec::new(
-            Opts::new(
-                "gateway_function_invocation_total",
-                "Function invocations, by function, HTTP status code and datacenter",
-            ),
+            Opts::new(INVOCATION_TOTAL, INVOCATION_TOTAL_HELP),
             &["function_name", "code", "datacenter"],
         )
         .expect("static metric definition is valid");
@@ -254,29 +255,79 @@ impl Metrics {
 
     /// Renders the text exposition, first refreshing the per-function gauges so that removed
     /// functions disappear.
+    /// The exposition text: the registry's metrics, a zero `code="200"` invocation series for
+    /// every function and datacenter that has none yet (so `rate()` counts a function's first
+    /// invocations, as a counter that starts at 0), and the replica gauges read from the fleet.
+    /// The zero series are written here rather than registered: at 10,000 functions in 3
+    /// datacenters, registering them kept about 20 MB and doubled the scrape's peak.
     pub fn render(&self, functions: &[FunctionView]) -> String {
-        for view in functions {
-            let name = view.function.id.qualified();
-            for datacenter in view.datacenters.iter().map(|(dc, _)| dc) {
-                // Present at 0 from deploy on, so the first scrape under load already gives
-                // rate() an increase (a series born under load needs two scrapes).
-                self.invocation_total
-                    .with_label_values(&[name.as_str(), "200", datacenter]);
-            }
-        }
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding into a Vec cannot fail");
-        let mut out = String::from_utf8(out).expect("Prometheus text format is UTF-8");
+        let (invocations, others): (Vec<_>, Vec<_>) = self
+            .registry
+            .gather()
+            .into_iter()
+            .partition(|family| family.name() == INVOCATION_TOTAL);
+        let per_function: usize = functions
+            .iter()
+            .map(|v| 110 + 240 * v.datacenters.len())
+            .sum();
+        let mut out = String::with_capacity(per_function + 64 * 1024);
+        let encoder = TextEncoder::new();
+        encoder
+            .encode_utf8(&others, &mut out)
+            .expect("text encoding into a String cannot fail");
+        render_invocations(&mut out, &encoder, &invocations, functions);
         render_replicas(&mut out, functions);
         out
     }
 }
 
-/// The per-function gauges, written straight from the fleet at each scrape: held in a
-/// registry they would cost a few hundred bytes per series for ever (90,000 series at 10,000
-/// functions in 3 datacenters) and be rebuilt at every scrape anyway.
+/// The invocation counter's family: its registered series, then a zero series for each
+/// function and datacenter without a `code="200"` one.
+fn render_invocations(
+    out: &mut String,
+    encoder: &TextEncoder,
+    registered: &[prometheus::proto::MetricFamily],
+    functions: &[FunctionView],
+) {
+    use std::fmt::Write as _;
+    let mut counted: std::collections::HashSet<(&str, &str)> = Default::default();
+    for metric in registered.iter().flat_map(|family| family.get_metric()) {
+        let label = |name: &str| {
+            metric
+                .get_label()
+                .iter()
+                .find(|pair| pair.name() == name)
+                .map_or("", |pair| pair.value())
+        };
+        if label("code") == "200" {
+            counted.insert((label("function_name"), label("datacenter")));
+        }
+    }
+    if registered.is_empty() {
+        let _ = write!(
+            out,
+            "# HELP {INVOCATION_TOTAL} {INVOCATION_TOTAL_HELP}\n# TYPE {INVOCATION_TOTAL} counter\n"
+        );
+    } else {
+        encoder
+            .encode_utf8(registered, out)
+            .expect("text encoding into a String cannot fail");
+    }
+    for view in functions {
+        let name = view.function.id.qualified();
+        for (datacenter, _) in &view.datacenters {
+            if !counted.contains(&(name.as_str(), &**datacenter)) {
+                let _ = writeln!(
+                    out,
+                    "{INVOCATION_TOTAL}{{code=\"200\",datacenter=\"{}\",function_name=\"{}\"}} 0",
+                    LabelValue(datacenter),
+                    LabelValue(&name),
+                );
+            }
+        }
+    }
+}
+
 fn render_replicas(out: &mut String, functions: &[FunctionView]) {
     use std::fmt::Write as _;
     out.push_str(
@@ -353,7 +404,71 @@ pub fn init_tracing_at(default_level: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::LabelValue;
+    use std::sync::Arc;
+
+    use super::{LabelValue, Metrics};
+    use crate::fleet::FunctionView;
+    use crate::model::{Function, FunctionId};
+    use crate::platform::ReplicaCounts;
+
+    fn view(name: &str, datacenters: &[&str]) -> FunctionView {
+        let function = Function {
+            id: FunctionId::new(name, "fn"),
+            deployment: Default::default(),
+            replicas: datacenters.iter().map(|dc| (dc.to_string(), 1)).collect(),
+            created_at: chrono::Utc::now(),
+        };
+        FunctionView {
+            function: Arc::new(function),
+            replicas: ReplicaCounts::default(),
+            datacenters: datacenters
+                .iter()
+                .map(|dc| (Arc::from(*dc), ReplicaCounts::default()))
+                .collect(),
+        }
+    }
+
+    fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn every_function_and_datacenter_has_an_invocation_series_from_zero() {
+        let metrics = Metrics::new();
+        let views = [view("a", &["lon", "syd"]), view("b", &["lon"])];
+        let text = metrics.render(&views);
+        let mut series = lines(&text, "gateway_function_invocation_total{");
+        series.sort();
+        assert_eq!(
+            series,
+            [
+                r#"gateway_function_invocation_total{code="200",datacenter="lon",function_name="a.fn"} 0"#,
+                r#"gateway_function_invocation_total{code="200",datacenter="lon",function_name="b.fn"} 0"#,
+                r#"gateway_function_invocation_total{code="200",datacenter="syd",function_name="a.fn"} 0"#,
+            ]
+        );
+        assert_eq!(lines(&text, "# TYPE gateway_function_invocation_total counter").len(), 1);
+
+        // Once invoked, the counted series replaces the zero one, in the same family.
+        metrics.invoked("a.fn", "200", "lon", 0.01);
+        metrics.invoked("a.fn", "502", "syd", 0.01);
+        let text = metrics.render(&views);
+        let family: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# HELP gateway_function_invocation_total "))
+            .take_while(|l| !l.starts_with("# HELP gateway_service_count"))
+            .collect();
+        assert_eq!(family.len(), 2 + 4, "{family:#?}");
+        for expected in [
+            r#"gateway_function_invocation_total{code="200",datacenter="lon",function_name="a.fn"} 1"#,
+            r#"gateway_function_invocation_total{code="502",datacenter="syd",function_name="a.fn"} 1"#,
+            r#"gateway_function_invocation_total{code="200",datacenter="syd",function_name="a.fn"} 0"#,
+            r#"gateway_function_invocation_total{code="200",datacenter="lon",function_name="b.fn"} 0"#,
+        ] {
+            assert!(family.contains(&expected), "{expected} not in {family:#?}");
+        }
+        assert_eq!(lines(&text, "# TYPE gateway_function_invocation_total").len(), 1);
+    }
 
     #[test]
     fn label_values_are_escaped() {
