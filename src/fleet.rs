@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -20,7 +20,7 @@ use crate::model::{
     truncate_for_message, validate_dns_label, validate_secret_name, Function, FunctionDeployment,
     FunctionId, FunctionMap, Namespace, LABEL_DATACENTERS,
 };
-use crate::platform::{EndpointSet, Platform, PlatformError, ReplicaCounts, Workload};
+use crate::platform::{EndpointSet, Platform, PlatformError, ReadyGauge, ReplicaCounts, Workload};
 use crate::store::{Decision, SecretRecord, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -163,13 +163,101 @@ pub struct Fleet {
     default_namespace: String,
     max_replicas: u64,
     /// Shared so that a view (status, list) costs a reference count, not a copy of the spec.
-    functions: RwLock<FunctionMap<Arc<Function>>>,
+    functions: RwLock<FunctionMap<Placed>>,
     namespaces: RwLock<BTreeMap<String, Namespace>>,
     /// The deployment each datacenter last accepted for each function (a hash of it), so the
     /// reconciler knows which ones missed an update.
     applied: std::sync::Mutex<HashMap<(FunctionId, String), u64>>,
     /// Serialises mutations so that store and platforms see them in one order.
     write: Mutex<()>,
+}
+
+/// A function in the fleet's map, with what a view of it needs per datacenter laid out next
+/// to it: the function list reads every function's counts in every datacenter, and following
+/// the record's datacenter keys and a lookup in each platform's own map cost most of its time
+/// (memory latency, at 10,000 functions).
+struct Placed {
+    function: Arc<Function>,
+    /// One per datacenter in `function.replicas`, in its order.
+    slots: Box<[Slot]>,
+}
+
+struct Slot {
+    /// The datacenter's shared name.
+    name: Arc<str>,
+    /// Its index in `Fleet::datacenters` (`None`: not configured, nothing runs there).
+    index: Option<usize>,
+    desired: u64,
+    /// The platform's ready gauge for the function, taken at the first read.
+    gauge: OnceLock<Option<Arc<dyn ReadyGauge>>>,
+}
+
+impl Placed {
+    fn new(function: Arc<Function>, datacenters: &[Arc<Datacenter>]) -> Self {
+        let slots = function
+            .replicas
+            .iter()
+            .map(|(dc, desired)| {
+                let index = datacenters.iter().position(|d| d.name == *dc);
+                Slot {
+                    name: index.map_or_else(
+                        || dc.as_str().into(),
+                        |i| datacenters[i].shared_name.clone(),
+                    ),
+                    index,
+                    desired: *desired,
+                    gauge: OnceLock::new(),
+                }
+            })
+            .collect();
+        Placed { function, slots }
+    }
+
+    /// The same function with other desired counts (and datacenters); gauges already taken
+    /// for datacenters it stays in are kept.
+    fn with_replicas(
+        &self,
+        replicas: BTreeMap<String, u64>,
+        datacenters: &[Arc<Datacenter>],
+    ) -> Self {
+        let mut function = Function::clone(&self.function);
+        function.replicas = replicas;
+        let mut placed = Placed::new(Arc::new(function), datacenters);
+        for slot in placed.slots.iter_mut() {
+            if let Some(old) = self
+                .slots
+                .iter()
+                .find(|old| old.index.is_some() && old.index == slot.index)
+            {
+                slot.gauge = old.gauge.clone();
+            }
+        }
+        placed
+    }
+
+    /// Ready replicas in one of its datacenters: from the platform's gauge while that is live,
+    /// else asked of the platform (one without gauges, or the function was removed there since).
+    fn ready(&self, slot: &Slot, datacenters: &[Arc<Datacenter>]) -> u64 {
+        let Some(datacenter) = slot.index.map(|i| &datacenters[i]) else {
+            return 0;
+        };
+        let id = &self.function.id;
+        let gauge = slot
+            .gauge
+            .get_or_init(|| datacenter.platform.ready_gauge(id));
+        gauge
+            .as_ref()
+            .and_then(|g| g.ready())
+            .unwrap_or_else(|| datacenter.platform.ready_replicas(id))
+    }
+}
+
+impl std::ops::Deref for Placed {
+    type Target = Arc<Function>;
+
+    fn deref(&self) -> &Arc<Function> {
+        &self.function
+    }
 }
 
 fn spec_hash(dep: &FunctionDeployment) -> u64 {
@@ -270,9 +358,7 @@ impl Fleet {
                     tracing::error!(function = %function.id, error = %e, "cannot restore function")
                 }
             }
-            fleet
-                .write_functions()
-                .insert(function.id.clone(), Arc::new(function));
+            fleet.put_function(function);
         }
         Ok(fleet)
     }
@@ -324,12 +410,32 @@ impl Fleet {
             .chain(self.datacenters.iter().filter(|d| d.name != self.home))
     }
 
-    fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, FunctionMap<Arc<Function>>> {
+    fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, FunctionMap<Placed>> {
         self.functions.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_functions(&self) -> std::sync::RwLockWriteGuard<'_, FunctionMap<Arc<Function>>> {
+    fn write_functions(&self) -> std::sync::RwLockWriteGuard<'_, FunctionMap<Placed>> {
         self.functions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The function's current record.
+    pub fn function(&self, id: &FunctionId) -> Option<Arc<Function>> {
+        self.read_functions().get(id).map(|f| f.function.clone())
+    }
+
+    /// Stores a new record of a function (its gauges are read afresh).
+    fn put_function(&self, function: Function) {
+        let placed = Placed::new(Arc::new(function), &self.datacenters);
+        self.write_functions()
+            .insert(placed.function.id.clone(), placed);
+    }
+
+    /// Changes the desired replicas per datacenter of a function in memory.
+    fn set_replicas(&self, id: &FunctionId, replicas: BTreeMap<String, u64>) {
+        let mut functions = self.write_functions();
+        if let Some(placed) = functions.get_mut(id) {
+            *placed = placed.with_replicas(replicas, &self.datacenters);
+        }
     }
 
     fn namespaces_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Namespace>> {
@@ -401,8 +507,11 @@ impl Fleet {
         self.read_functions().len()
     }
 
-    pub fn contains(&self, id: &FunctionId) -> bool {
-        self.read_functions().contains_key(id)
+    /// Whether `function` is the fleet's current version of that function.
+    pub fn is_current(&self, function: &Arc<Function>) -> bool {
+        self.read_functions()
+            .get(&function.id)
+            .is_some_and(|placed| Arc::ptr_eq(&placed.function, function))
     }
 
     /// Every function in every namespace (for metrics).
@@ -440,27 +549,23 @@ impl Fleet {
         Ok(self.view(f, datacenter))
     }
 
-    fn view(&self, f: &Arc<Function>, only: Option<&str>) -> FunctionView {
+    fn view(&self, f: &Placed, only: Option<&str>) -> FunctionView {
         let mut total = ReplicaCounts::default();
-        let mut per_dc = Vec::with_capacity(f.replicas.len());
-        for (dc, desired) in &f.replicas {
-            if only.is_some_and(|o| o != dc) {
+        let mut per_dc = Vec::with_capacity(f.slots.len());
+        for slot in &f.slots {
+            if only.is_some_and(|o| o != &*slot.name) {
                 continue;
             }
-            let (name, ready) = match self.datacenter(dc) {
-                Some(d) => (d.shared_name.clone(), d.platform.ready_replicas(&f.id)),
-                None => (Arc::from(dc.as_str()), 0),
-            };
             let counts = ReplicaCounts {
-                desired: *desired,
-                ready,
+                desired: slot.desired,
+                ready: f.ready(slot, &self.datacenters),
             };
             total.desired = total.desired.saturating_add(counts.desired);
             total.ready = total.ready.saturating_add(counts.ready);
-            per_dc.push((name, counts));
+            per_dc.push((slot.name.clone(), counts));
         }
         FunctionView {
-            function: f.clone(),
+            function: f.function.clone(),
             replicas: total,
             datacenters: per_dc,
         }
@@ -704,7 +809,7 @@ impl Fleet {
         let (id, placement) = self.check_deployment(&dep)?;
         let workload = self.workload(&id, &dep).await?;
         let initial = dep.initial_replicas();
-        let existing = self.read_functions().get(&id).cloned();
+        let existing = self.function(&id);
         let function = match &existing {
             Some(current) => {
                 let overlap: Vec<&String> = placement
@@ -755,8 +860,7 @@ impl Fleet {
             }
             return result.into_result("deploy").map(|_| id);
         }
-        self.write_functions()
-            .insert(id.clone(), Arc::new(function));
+        self.put_function(function);
         result.into_result("deploy").map(|_| id)
     }
 
@@ -766,7 +870,7 @@ impl Fleet {
     pub async fn update(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
         let _guard = self.write.lock().await;
         let (id, placement) = self.check_deployment(&dep)?;
-        let Some(current) = self.read_functions().get(&id).cloned() else {
+        let Some(current) = self.function(&id) else {
             return Err(not_found(&id));
         };
         let workload = self.workload(&id, &dep).await?;
@@ -803,8 +907,7 @@ impl Fleet {
         for dc in &dropped {
             self.applied_set(&id, dc, None);
         }
-        self.write_functions()
-            .insert(id.clone(), Arc::new(function));
+        self.put_function(function);
         result.into_result("update").map(|_| id)
     }
 
@@ -816,7 +919,7 @@ impl Fleet {
         datacenter: Option<&str>,
     ) -> Result<(), FleetError> {
         let _guard = self.write.lock().await;
-        let Some(current) = self.read_functions().get(id).cloned() else {
+        let Some(current) = self.function(id) else {
             return Err(not_found(id));
         };
         let keep: BTreeMap<String, u64> = match datacenter {
@@ -846,9 +949,7 @@ impl Fleet {
             self.write_functions().remove(id);
         } else {
             self.store.set_desired_replicas(id, &keep).await?;
-            if let Some(f) = self.write_functions().get_mut(id) {
-                Arc::make_mut(f).replicas = keep;
-            }
+            self.set_replicas(id, keep);
         }
         for dc in &removed {
             self.applied_set(id, dc, None);
@@ -979,9 +1080,7 @@ impl Fleet {
             return result.into_result("scale").map(|_| false);
         }
         // Datacenters that failed keep the new desired count: the reconciler converges them.
-        if let Some(f) = self.write_functions().get_mut(id) {
-            Arc::make_mut(f).replicas = target;
-        }
+        self.set_replicas(id, target);
         result.into_result("scale").map(|_| event_id.is_some())
     }
 
@@ -1016,12 +1115,12 @@ impl Fleet {
             .read_functions()
             .values()
             .filter(|f| f.replicas.contains_key(&d.name))
-            .cloned()
+            .map(|f| f.function.clone())
             .collect();
         for f in &desired {
             let _guard = self.write.lock().await;
             // Re-read under the lock: it may have changed or gone meanwhile.
-            let Some(f) = self.read_functions().get(&f.id).cloned() else {
+            let Some(f) = self.function(&f.id) else {
                 continue;
             };
             let Some(want) = f.desired_in(&d.name) else {

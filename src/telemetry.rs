@@ -447,7 +447,10 @@ mod tests {
                 r#"gateway_function_invocation_total{code="200",datacenter="syd",function_name="a.fn"} 0"#,
             ]
         );
-        assert_eq!(lines(&text, "# TYPE gateway_function_invocation_total counter").len(), 1);
+        assert_eq!(
+            lines(&text, "# TYPE gateway_function_invocation_total counter").len(),
+            1
+        );
 
         // Once invoked, the counted series replaces the zero one, in the same family.
         metrics.invoked("a.fn", "200", "lon", 0.01);
@@ -467,7 +470,10 @@ mod tests {
         ] {
             assert!(family.contains(&expected), "{expected} not in {family:#?}");
         }
-        assert_eq!(lines(&text, "# TYPE gateway_function_invocation_total").len(), 1);
+        assert_eq!(
+            lines(&text, "# TYPE gateway_function_invocation_total").len(),
+            1
+        );
     }
 
     #[test]

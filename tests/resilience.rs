@@ -467,6 +467,10 @@ async fn a_broken_update_leaves_the_old_version_serving() {
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < deadline {
         assert_eq!(s.invoke("roll", "").await, (200, "old\n".to_string()));
+        // Status and list count the generation that serves, not the one that never starts.
+        assert_eq!(s.status("roll").await.1["availableReplicas"], 1);
+        let list: serde_json::Value = s.get_json("/system/functions").await;
+        assert_eq!(list[0]["availableReplicas"], 1, "{list}");
     }
     // A good update takes over.
     let put = s
@@ -481,6 +485,28 @@ async fn a_broken_update_leaves_the_old_version_serving() {
     })
     .await;
     assert!(switched);
+    s.wait_available("roll", 1).await;
+    // Scaled, to zero, removed and deployed again: the counts follow each step.
+    assert_eq!(s.scale("roll", 3).await, 202);
+    s.wait_available("roll", 3).await;
+    assert_eq!(s.scale("roll", 0).await, 202);
+    s.wait_available("roll", 0).await;
+    let delete = s
+        .system(Method::DELETE, "/system/functions")
+        .json(&json!({"functionName":"roll"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 202);
+    assert_eq!(
+        s.deploy(json!({"service":"roll","image":"x","envProcess":"echo again"}))
+            .await
+            .status(),
+        202
+    );
+    s.wait_available("roll", 1).await;
+    let list: serde_json::Value = s.get_json("/system/functions").await;
+    assert_eq!(list[0]["availableReplicas"], 1, "{list}");
 }
 
 #[tokio::test]

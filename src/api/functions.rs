@@ -32,11 +32,19 @@ pub async fn list(
     let body = s.statuses.list_json(&views, &counts, |id| {
         any_paused.then(|| s.autoscaler.pause_of(id)).flatten()
     });
-    // Removed functions' entries go once they outnumber the live ones noticeably.
+    // Entries of removed functions and replaced versions go once they outnumber the live ones
+    // noticeably.
     if s.statuses.entries() > s.fleet.count() + 1024 {
-        s.statuses.retain(|id| s.fleet.contains(id));
+        s.statuses.retain(|f| s.fleet.is_current(f));
     }
     Ok(json_response(body))
+}
+
+/// The new version's status spec is serialized now rather than by the next list.
+fn prime_status(s: &AppState, id: &FunctionId) {
+    if let Some(function) = s.fleet.function(id) {
+        s.statuses.prime(&function);
+    }
 }
 
 fn json_response(body: Vec<u8>) -> Response {
@@ -61,6 +69,7 @@ pub async fn deploy(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<St
     let fleet = s.fleet.clone();
     let id = detached(async move { fleet.deploy(dep).await }).await??;
     tracing::info!(function = %id, "deployed");
+    prime_status(&s, &id);
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -69,6 +78,7 @@ pub async fn update(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<St
     let fleet = s.fleet.clone();
     let id = detached(async move { fleet.update(dep).await }).await??;
     tracing::info!(function = %id, "updated");
+    prime_status(&s, &id);
     Ok(StatusCode::ACCEPTED)
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::error::ApiError;
 use crate::fleet::FunctionView;
-use crate::model::{Function, FunctionId, FunctionMap, FunctionResources};
+use crate::model::{Function, FunctionId, FunctionResources};
 use crate::platform::ReplicaCounts;
 
 /// Parses a JSON object body, answering 400 with the parser's message and the path of the
@@ -218,24 +218,34 @@ pub fn status_json(
     out
 }
 
-/// Serialized specs per deployed version of each function (a scale or redeploy makes a new
-/// `Arc<Function>`, which misses and is serialized again).
+/// Serialized specs per deployed version of each function, keyed by the version's address
+/// (a scale or redeploy makes a new `Arc<Function>`, which misses and is serialized again). The
+/// entry holds the version, so its address cannot be reused while cached; a key is a number,
+/// so a lookup reads no name.
 #[derive(Default)]
-pub struct StatusCache(Mutex<FunctionMap<CachedSpec>>);
+pub struct StatusCache(Mutex<HashMap<usize, CachedSpec, foldhash::fast::RandomState>>);
 
 /// The version of a function a spec was serialized from, and the spec.
 type CachedSpec = (Arc<Function>, Arc<str>);
 
 impl StatusCache {
-    fn spec(cache: &mut FunctionMap<CachedSpec>, f: &Arc<Function>) -> Arc<str> {
-        if let Some((cached, spec)) = cache.get(&f.id) {
-            if Arc::ptr_eq(cached, f) {
-                return spec.clone();
-            }
+    fn spec(
+        cache: &mut HashMap<usize, CachedSpec, foldhash::fast::RandomState>,
+        f: &Arc<Function>,
+    ) -> Arc<str> {
+        let key = Arc::as_ptr(f) as usize;
+        if let Some((_, spec)) = cache.get(&key) {
+            return spec.clone();
         }
         let spec: Arc<str> = spec_json(f).into();
-        cache.insert(f.id.clone(), (f.clone(), spec.clone()));
+        cache.insert(key, (f.clone(), spec.clone()));
         spec
+    }
+
+    /// Serializes a new version's spec ahead of the first list (a deploy pays a few
+    /// microseconds for it; after 10,000 deploys the first list would pay for all of them).
+    pub fn prime(&self, f: &Arc<Function>) {
+        Self::spec(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()), f);
     }
 
     /// A JSON array of `FunctionStatus` objects, in the order given.
@@ -260,12 +270,12 @@ impl StatusCache {
         out
     }
 
-    /// Drops the entries of functions that no longer exist.
-    pub fn retain(&self, exists: impl Fn(&FunctionId) -> bool) {
+    /// Drops the entries of versions that are no longer current.
+    pub fn retain(&self, current: impl Fn(&Arc<Function>) -> bool) {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, _| exists(id));
+            .retain(|_, (function, _)| current(function));
     }
 
     pub fn entries(&self) -> usize {
@@ -395,11 +405,21 @@ mod tests {
         );
         // A redeploy is a new record: its spec is serialized again; live counts are never cached.
         let second = view(&[("team", "b")], 2);
-        let list: serde_json::Value =
-            serde_json::from_slice(&cache.list_json(&[second], &HashMap::new(), |_| None)).unwrap();
+        let list: serde_json::Value = serde_json::from_slice(&cache.list_json(
+            std::slice::from_ref(&second),
+            &HashMap::new(),
+            |_| None,
+        ))
+        .unwrap();
         assert_eq!(list[0]["labels"]["team"], "b");
         assert_eq!(list[0]["availableReplicas"], 2);
         assert!(list[0].get("invocationCount").is_none());
+        // The replaced version's entry stays until a sweep keeps only current versions.
+        assert_eq!(cache.entries(), 2);
+        cache.retain(|f| Arc::ptr_eq(f, &second.function));
         assert_eq!(cache.entries(), 1);
+        let again: serde_json::Value =
+            serde_json::from_slice(&cache.list_json(&[second], &HashMap::new(), |_| None)).unwrap();
+        assert_eq!(again, list);
     }
 }

@@ -9,8 +9,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -24,8 +24,8 @@ use tokio_util::task::TaskTracker;
 use super::logs::LogBuffer;
 use super::watchdog::{HEALTH_PATH, LISTENING_PREFIX};
 use super::{
-    Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts,
-    Workload,
+    Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReadyGauge,
+    ReplicaCounts, Workload,
 };
 use crate::config::LocalConfig;
 use crate::model::{FunctionDeployment, FunctionId, FunctionMap};
@@ -58,6 +58,67 @@ struct Entry {
     /// The generation being replaced during a rolling update.
     previous: Option<Arc<Generation>>,
     logs: Arc<LogBuffer>,
+    /// The serving generation's ready count, for `ready_gauge`; shared by every generation.
+    published: Arc<Published>,
+}
+
+/// A function's serving ready count, recomputed by its generations whenever theirs changes and
+/// by the platform whenever it swaps generations, so readers need no map lookup.
+struct Published {
+    ready: AtomicU64,
+    gone: AtomicBool,
+    /// The entry's current and previous generations (weak: generations hold this).
+    generations: Mutex<(Weak<Generation>, Option<Weak<Generation>>)>,
+}
+
+impl Published {
+    fn new() -> Arc<Self> {
+        Arc::new(Published {
+            ready: AtomicU64::new(0),
+            gone: AtomicBool::new(false),
+            generations: Mutex::new((Weak::new(), None)),
+        })
+    }
+
+    /// Records the entry's generations (called under the map's write lock) and republishes.
+    fn track(&self, entry: &Entry) {
+        let mut generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+        *generations = (
+            Arc::downgrade(&entry.current),
+            entry.previous.as_ref().map(Arc::downgrade),
+        );
+        self.publish(&generations);
+    }
+
+    /// Republishes after a generation's ready count changed.
+    fn refresh(&self) {
+        let generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+        self.publish(&generations);
+    }
+
+    /// The same rule as [`Entry::serving`], from the generations' own counts. Runs under the
+    /// lock, so the last writer read the latest counts.
+    fn publish(&self, (current, previous): &(Weak<Generation>, Option<Weak<Generation>>)) {
+        let count = |g: &Weak<Generation>| g.upgrade().map_or(0, |g| g.ready_count());
+        let current = count(current);
+        let ready = match previous {
+            Some(previous) if current == 0 => count(previous),
+            _ => current,
+        };
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    fn close(&self) {
+        self.gone.store(true, Ordering::Release);
+        self.ready.store(0, Ordering::Release);
+    }
+}
+
+impl ReadyGauge for Published {
+    fn ready(&self) -> Option<u64> {
+        let ready = self.ready.load(Ordering::Acquire);
+        (!self.gone.load(Ordering::Acquire)).then_some(ready)
+    }
 }
 
 impl LocalPlatform {
@@ -136,6 +197,7 @@ struct Generation {
     dir: PathBuf,
     launch: Launch,
     logs: Arc<LogBuffer>,
+    published: Arc<Published>,
     platform: Arc<Inner>,
     slots: Mutex<Vec<Slot>>,
     next_slot: AtomicU64,
@@ -186,6 +248,7 @@ impl Generation {
             Arc::new(EndpointSet::new(ready.clone()));
         self.ready_count
             .store(ready.len() as u64, Ordering::Release);
+        self.published.refresh();
         self.ready_tx.send_replace(ready.len() as u64);
     }
 
@@ -222,6 +285,7 @@ impl Generation {
             *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) =
                 Arc::new(EndpointSet::default());
             self.ready_count.store(0, Ordering::Release);
+            self.published.refresh();
             self.ready_tx.send_replace(0);
         }
         self.cancel.cancel();
@@ -568,12 +632,13 @@ impl Platform for LocalPlatform {
             env.push(("fprocess".into(), p.to_string()));
         }
 
-        let logs = inner
+        let (logs, published) = inner
             .read()
             .get(&id)
-            .map(|e| e.logs.clone())
+            .map(|e| (e.logs.clone(), e.published.clone()))
             .unwrap_or_else(|| {
-                Arc::new(LogBuffer::new(&id.name, &id.namespace, inner.cfg.log_lines))
+                let logs = LogBuffer::new(&id.name, &id.namespace, inner.cfg.log_lines);
+                (Arc::new(logs), Published::new())
             });
         let (ready_tx, _) = watch::channel(0);
         let generation = Arc::new(Generation {
@@ -584,6 +649,7 @@ impl Platform for LocalPlatform {
                 env: env.into_boxed_slice(),
             },
             logs: logs.clone(),
+            published: published.clone(),
             platform: inner.clone(),
             slots: Mutex::new(Vec::new()),
             next_slot: AtomicU64::new(0),
@@ -600,19 +666,19 @@ impl Platform for LocalPlatform {
             let mut map = inner.write();
             match map.get_mut(&id) {
                 None => {
-                    map.insert(
-                        id.clone(),
-                        Entry {
-                            current: generation.clone(),
-                            previous: None,
-                            logs,
-                        },
-                    );
+                    let entry = Entry {
+                        current: generation.clone(),
+                        previous: None,
+                        logs,
+                        published,
+                    };
+                    entry.published.track(&entry);
+                    map.insert(id.clone(), entry);
                     None
                 }
                 Some(entry) => {
                     let old = std::mem::replace(&mut entry.current, generation.clone());
-                    match entry.previous.take() {
+                    let replaced = match entry.previous.take() {
                         // A second update before the first became ready: the one serving
                         // stays, the never-ready one goes.
                         Some(serving) if old.ready_count() == 0 => {
@@ -629,7 +695,9 @@ impl Platform for LocalPlatform {
                             entry.previous = Some(old.clone());
                             Some(old)
                         }
-                    }
+                    };
+                    entry.published.track(entry);
+                    replaced
                 }
             }
         };
@@ -669,6 +737,7 @@ impl Platform for LocalPlatform {
     async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError> {
         let entry = self.inner.write().remove(id);
         if let Some(entry) = entry {
+            entry.published.close();
             entry.current.stop();
             if let Some(prev) = entry.previous {
                 prev.stop();
@@ -706,6 +775,11 @@ impl Platform for LocalPlatform {
             .map_or(0, |entry| entry.serving().ready_count())
     }
 
+    fn ready_gauge(&self, id: &FunctionId) -> Option<Arc<dyn ReadyGauge>> {
+        let published = self.inner.read().get(id)?.published.clone();
+        Some(published)
+    }
+
     fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>> {
         self.inner.serving(id).map(|g| g.endpoints())
     }
@@ -725,6 +799,7 @@ impl Platform for LocalPlatform {
         let entries: Vec<Entry> = self.inner.write().drain().map(|(_, e)| e).collect();
         let mut generations = Vec::new();
         for entry in entries {
+            entry.published.close();
             generations.push(entry.current);
             generations.extend(entry.previous);
         }
@@ -765,6 +840,7 @@ fn retire_when_ready(
                         .is_some_and(|p| Arc::ptr_eq(p, &old)) =>
                 {
                     entry.previous = None;
+                    entry.published.track(entry);
                     true
                 }
                 _ => false,

@@ -148,6 +148,13 @@ pub struct Workload {
     pub secrets: Vec<(String, Vec<u8>)>,
 }
 
+/// A function's ready replicas on one platform, kept current by the platform.
+pub trait ReadyGauge: Send + Sync {
+    /// The count now, or `None` once the function is no longer deployed there (ask the
+    /// platform again).
+    fn ready(&self) -> Option<u64>;
+}
+
 #[async_trait]
 pub trait Platform: Send + Sync {
     /// Short kind name shown in `/system/info` (`local`, `docker`, ...).
@@ -180,6 +187,13 @@ pub trait Platform: Send + Sync {
     /// every datacenter).
     fn ready_replicas(&self, id: &FunctionId) -> u64 {
         self.replicas(id).ready
+    }
+
+    /// A live reading of the function's ready replicas that stays valid while it is deployed
+    /// here, for callers that read every function's count (the function list) and would
+    /// otherwise look each one up. `None`: this platform has none; use `ready_replicas`.
+    fn ready_gauge(&self, _id: &FunctionId) -> Option<Arc<dyn ReadyGauge>> {
+        None
     }
 
     /// Every function this platform runs, with the replicas it was asked for: what the
