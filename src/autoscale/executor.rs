@@ -8,6 +8,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 
@@ -74,6 +75,11 @@ pub struct SignalResult {
 
 /// Outcomes from the most to the least telling, to sum up one signal applied in several
 /// datacenters.
+/// Decisions of one webhook payload in progress at once. Their store writes queue for one
+/// connection anyway; starting all of a 1,000-alert payload's (3,000 in three datacenters)
+/// at once only held every one's evidence and state copies at the same time.
+const CONCURRENT_DECISIONS: usize = 64;
+
 const OUTCOME_ORDER: [&str; 9] = [
     "failed",
     "scaled",
@@ -329,7 +335,7 @@ impl Autoscaler {
             by_part.insert(p, result);
         }
         let chosen: HashSet<usize> = winners.values().copied().collect();
-        let applied = futures::future::join_all(chosen.iter().map(|&p| {
+        let applied = futures::stream::iter(chosen.into_iter().map(|p| {
             let (i, dc, action) = &parts[p];
             let r = &requests[*i];
             async move {
@@ -350,6 +356,8 @@ impl Autoscaler {
                 )
             }
         }))
+        .buffer_unordered(CONCURRENT_DECISIONS)
+        .collect::<Vec<_>>()
         .await;
         by_part.extend(applied);
         let mut per_request: Vec<Vec<SignalResult>> = vec![Vec::new(); requests.len()];
