@@ -14,6 +14,7 @@ use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, CONTENT_TYPE};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -146,7 +147,7 @@ impl http_body::Body for GuardedBody {
 /// When each function was last invoked (read by the autoscaler for scale to zero).
 #[derive(Default)]
 pub struct Activity {
-    last: std::sync::Mutex<std::collections::HashMap<FunctionId, chrono::DateTime<chrono::Utc>>>,
+    last: std::sync::Mutex<crate::model::FunctionMap<chrono::DateTime<chrono::Utc>>>,
 }
 
 impl Activity {
@@ -307,13 +308,14 @@ impl Invoker {
         if let Some(token) = &endpoint.agent_token {
             req.headers_mut().insert(AGENT_TOKEN, token.clone());
         }
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(endpoint.addr.to_string())
-            .path_and_query(path_and_query)
-            .build()
-        {
-            Ok(uri) => uri,
+        let uri = match PathAndQuery::try_from(path_and_query) {
+            Ok(path_and_query) => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.authority = Some(endpoint.authority.clone());
+                parts.path_and_query = Some(path_and_query);
+                Uri::from_parts(parts).expect("a scheme, an authority and a path make a URI")
+            }
             Err(e) => {
                 return internal_error(
                     StatusCode::BAD_REQUEST,

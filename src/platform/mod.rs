@@ -54,6 +54,8 @@ pub struct Endpoint {
     /// Stable identity of the replica (never reused), e.g. `figlet-3-1`.
     pub instance: String,
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once rather than on every request.
+    pub authority: http::uri::Authority,
     /// Requests currently being proxied to this replica.
     pub in_flight: AtomicUsize,
     /// Prepended to the invocation's path (a remote datacenter's agent takes
@@ -68,6 +70,10 @@ impl Endpoint {
         Self {
             instance,
             addr,
+            authority: addr
+                .to_string()
+                .parse()
+                .expect("a socket address is a valid authority"),
             in_flight: AtomicUsize::new(0),
             path_prefix: String::new(),
             agent_token: None,
