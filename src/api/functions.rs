@@ -28,7 +28,7 @@ pub async fn list(
     let datacenter = s.fleet.resolve_datacenter(q.datacenter.as_deref())?;
     let views = s.fleet.list(&namespace, datacenter.as_deref());
     let counts = s.metrics.invocation_counts();
-    let any_paused = !s.autoscaler.pauses().is_empty();
+    let any_paused = s.autoscaler.any_paused();
     let body = s.statuses.list_json(&views, &counts, |id| {
         any_paused.then(|| s.autoscaler.pause_of(id)).flatten()
     });

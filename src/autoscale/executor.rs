@@ -819,6 +819,15 @@ impl Autoscaler {
             .cloned()
     }
 
+    /// Whether any pause is in force (the function list asks before looking each one up).
+    pub fn any_paused(&self) -> bool {
+        !self
+            .paused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
     pub fn pauses(&self) -> Vec<Pause> {
         let mut out: Vec<Pause> = self
             .paused
