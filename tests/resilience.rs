@@ -62,13 +62,7 @@ async fn redeploy_under_the_same_name_never_reaches_the_old_replica() {
         for _ in 0..20 {
             assert_eq!(s.invoke("app", "").await, (200, format!("{v}\n")));
         }
-        let del = s
-            .system(Method::DELETE, "/system/functions")
-            .json(&json!({"functionName":"app"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(del.status(), 202);
+        assert_eq!(s.remove("app").await, 202);
         // Right after the delete, before the old processes are even gone, nothing routes there.
         assert_eq!(s.invoke("app", "").await.0, 404);
         let gone = poll(Duration::from_secs(20), || async {
@@ -491,13 +485,7 @@ async fn a_broken_update_leaves_the_old_version_serving() {
     s.wait_available("roll", 3).await;
     assert_eq!(s.scale("roll", 0).await, 202);
     s.wait_available("roll", 0).await;
-    let delete = s
-        .system(Method::DELETE, "/system/functions")
-        .json(&json!({"functionName":"roll"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(delete.status(), 202);
+    assert_eq!(s.remove("roll").await, 202);
     assert_eq!(
         s.deploy(json!({"service":"roll","image":"x","envProcess":"echo again"}))
             .await
