@@ -285,6 +285,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         listener,
         router(agent),
         (&crate::config::Config::default().limits).into(),
+        crate::listener::Lanes::invocations(0, None),
         crate::listener::shutdown_signal(),
         crate::listener::DRAIN,
     )

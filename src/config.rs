@@ -240,6 +240,12 @@ pub struct ProxyConfig {
     pub max_idle_per_replica: usize,
     /// Requests that may wait at once for a starting replica; more get 503 at once.
     pub max_waiting_requests: usize,
+    /// Threads serving client connections, each with its own event loop and upstream
+    /// connections (0: one per core).
+    pub connection_threads: usize,
+    /// Serve plain invocations through the invoke lane (else every request goes through the
+    /// general HTTP server).
+    pub lane: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -307,6 +313,8 @@ impl Default for Config {
                 ready_timeout: Duration::from_secs(10),
                 max_idle_per_replica: 128,
                 max_waiting_requests: 1024,
+                connection_threads: 0,
+                lane: true,
             },
             async_invoke: AsyncConfig {
                 queue_capacity: 1024,
@@ -465,6 +473,19 @@ impl Config {
                         .positive("max_idle_per_replica", d.max_idle_per_replica),
                     max_waiting_requests: s
                         .positive("max_waiting_requests", d.max_waiting_requests),
+                    connection_threads: s.parsed(
+                        "connection_threads",
+                        d.connection_threads,
+                        |v: i64| {
+                            usize::try_from(v)
+                                .ok()
+                                .filter(|v| *v <= 1024)
+                                .ok_or_else(|| {
+                                    format!("must be 0 (one per core) to 1024 threads, got {v}")
+                                })
+                        },
+                    ),
+                    lane: s.get("lane", d.lane),
                 };
                 s.finish(&mut errors);
                 p

@@ -9,6 +9,7 @@ pub mod conformance;
 pub mod demo;
 pub mod fleet;
 pub mod grafana;
+pub mod lane;
 pub mod listener;
 pub mod model;
 pub mod platform;

@@ -3,17 +3,34 @@
 //! backlog instead of being refused), a deadline for every request head (a client that never
 //! finishes its headers is closed instead of holding a connection forever), the peer address
 //! for `ConnectInfo`, and graceful shutdown with a bounded drain.
+//!
+//! Connections can be served by connection threads: each runs a single-threaded event loop
+//! and takes accepted connections in turn, so one invocation's client connection, its
+//! upstream connection and their tasks stay on one thread, as in an event-driven proxy (no
+//! hand-off between threads, no work stealing, per request). Requests the listener's `inline`
+//! test rejects (the API) are handed to the shared runtime, so a long API call never stalls a
+//! thread's other connections.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
+
+use crate::lane::{Finished, Lane, Replay};
+use futures::future::Either;
+use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 /// How long open connections may take to finish after shutdown begins.
@@ -35,12 +52,184 @@ impl From<&crate::config::LimitsConfig> for Limits {
     }
 }
 
+/// Where a listener's connections are served.
+#[derive(Clone)]
+pub struct Lanes {
+    /// Connection threads; 0 serves every connection on the caller's runtime.
+    pub threads: usize,
+    /// Which request paths run on their connection's thread; the others run on the caller's
+    /// runtime. Unused without connection threads.
+    pub inline: fn(&str) -> bool,
+    /// Reads each connection's requests first, and hands the connection to the general
+    /// server when it meets one it does not serve.
+    pub lane: Option<Arc<Lane>>,
+}
+
+impl Lanes {
+    /// Every connection on the caller's runtime.
+    pub const SHARED: Lanes = Lanes {
+        threads: 0,
+        inline: |_| true,
+        lane: None,
+    };
+
+    /// `threads` connection threads (0: one per core) running the invocation paths
+    /// (`/function/...`) themselves, first through `lane` when there is one.
+    pub fn invocations(threads: usize, lane: Option<Arc<Lane>>) -> Lanes {
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Lanes {
+            threads,
+            inline: |path| path.starts_with("/function/"),
+            lane,
+        }
+    }
+}
+
+/// Builds the task that serves one accepted connection; run inside the runtime that is to
+/// drive it.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads each running a single-threaded runtime that serves the connections handed to it.
+/// Dropping this ends the threads once their queues are empty (their open connections are
+/// closed with their runtimes, after the listener's drain).
+struct ConnectionThreads {
+    queues: Vec<tokio::sync::mpsc::UnboundedSender<Job>>,
+    next: usize,
+}
+
+impl ConnectionThreads {
+    fn start(threads: usize) -> std::io::Result<ConnectionThreads> {
+        let mut queues = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+            std::thread::Builder::new()
+                .name(format!("connections-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async {
+                        while let Some(job) = rx.recv().await {
+                            job();
+                        }
+                    })
+                })?;
+            queues.push(tx);
+        }
+        Ok(ConnectionThreads { queues, next: 0 })
+    }
+
+    /// Hands `job` to the next thread in turn (or runs it here if that thread is gone).
+    fn hand(&mut self, job: Job) {
+        let queue = &self.queues[self.next];
+        self.next = (self.next + 1) % self.queues.len();
+        if let Err(returned) = queue.send(job) {
+            tracing::error!("a connection thread has stopped; serving on the shared runtime");
+            (returned.0)();
+        }
+    }
+}
+
+/// A request handed to the shared runtime; dropping it (the client went away) cancels the
+/// handler, as it would be cancelled had it run on the connection's thread.
+struct Handed(tokio::task::JoinHandle<Result<Response, Infallible>>);
+
+impl Future for Handed {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|joined| match joined {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::error!(error = %e, "a request handler failed");
+                Ok((StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response())
+            }
+        })
+    }
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What every connection is served with.
+#[derive(Clone)]
+struct Connections {
+    app: Router,
+    builder: Builder<TokioExecutor>,
+    lanes: Lanes,
+    /// The caller's runtime, for requests not run inline (with connection threads).
+    shared: tokio::runtime::Handle,
+    /// Cancelled when the listener stops accepting (lane connections close when idle).
+    stopping: CancellationToken,
+}
+
+impl Connections {
+    /// Spawns the task serving `stream` on the current runtime; it releases `slot` at the end.
+    fn spawn(
+        self,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        slot: OwnedSemaphorePermit,
+        watcher: Watcher,
+    ) {
+        tokio::spawn(async move {
+            match self.lanes.lane.clone() {
+                None => self.serve_http(stream, peer, watcher).await,
+                Some(lane) => match lane.serve(stream, peer, self.stopping.clone()).await {
+                    Finished::Closed => {}
+                    Finished::HandOff(stream, read) => {
+                        tracing::debug!(%peer, "connection handed from the invoke lane to the general server");
+                        self.serve_http(Replay::new(stream, read), peer, watcher)
+                            .await
+                    }
+                },
+            }
+            drop(slot);
+        });
+    }
+
+    /// Serves the rest of a connection with the general HTTP server.
+    async fn serve_http<I>(self, io: I, peer: SocketAddr, watcher: Watcher)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connections {
+            app,
+            builder,
+            lanes,
+            shared,
+            ..
+        } = self;
+        let handed = lanes.threads > 0;
+        let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            let req = req.map(axum::body::Body::new);
+            if !handed || (lanes.inline)(req.uri().path()) {
+                Either::Left(app.clone().oneshot(req))
+            } else {
+                Either::Right(Handed(shared.spawn(app.clone().oneshot(req))))
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then waits up to `drain` for open
 /// connections (a followed log stream would otherwise keep the process up forever).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: Limits,
+    lanes: Lanes,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
@@ -50,6 +239,26 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
     let graceful = GracefulShutdown::new();
+    let mut threads = match lanes.threads {
+        0 => None,
+        n => match ConnectionThreads::start(n) {
+            Ok(threads) => Some(threads),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start connection threads; serving on the shared runtime");
+                None
+            }
+        },
+    };
+    let connections = Connections {
+        app,
+        builder,
+        lanes: Lanes {
+            threads: threads.as_ref().map_or(0, |t| t.queues.len()),
+            ..lanes
+        },
+        shared: tokio::runtime::Handle::current(),
+        stopping: CancellationToken::new(),
+    };
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
@@ -70,29 +279,37 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            app.clone().oneshot(req.map(axum::body::Body::new))
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let connections = connections.clone();
+        let watcher = graceful.watcher();
+        let Some(threads) = threads.as_mut() else {
+            connections.spawn(stream, peer, slot, watcher);
+            continue;
+        };
+        // The stream moves to the thread's event loop (it is registered there).
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot hand a connection to a connection thread");
+                continue;
             }
-            drop(slot);
-        });
+        };
+        threads.hand(Box::new(move || {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => connections.spawn(stream, peer, slot, watcher),
+                Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a connection"),
+            }
+        }));
     }
     drop(listener);
+    connections.stopping.cancel();
+    drop(connections);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(drain) => {
             tracing::warn!("connections still open {drain:?} after shutdown began; closing them");
         }
     }
+    drop(threads);
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -67,6 +67,30 @@ pub fn http_client(connect_timeout: Duration, max_idle_per_host: usize) -> HttpC
         .build(connector)
 }
 
+/// A pooled client per thread: upstream connections opened on a connection thread are driven
+/// by that thread's event loop, next to the client connections that use them.
+pub struct Clients {
+    connect_timeout: Duration,
+    max_idle_per_host: usize,
+    per_thread: thread_local::ThreadLocal<HttpClient>,
+}
+
+impl Clients {
+    pub fn new(connect_timeout: Duration, max_idle_per_host: usize) -> Clients {
+        Clients {
+            connect_timeout,
+            max_idle_per_host,
+            per_thread: thread_local::ThreadLocal::new(),
+        }
+    }
+
+    /// This thread's client.
+    pub fn get(&self) -> &HttpClient {
+        self.per_thread
+            .get_or(|| http_client(self.connect_timeout, self.max_idle_per_host))
+    }
+}
+
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -104,10 +128,10 @@ pub async fn send(
 
 /// Counts a request as in flight on its replica until the response body is finished (or
 /// dropped), so a replica being removed can be drained.
-struct InFlight(Arc<Endpoint>);
+pub(crate) struct InFlight(Arc<Endpoint>);
 
 impl InFlight {
-    fn start(endpoint: Arc<Endpoint>) -> Self {
+    pub(crate) fn start(endpoint: Arc<Endpoint>) -> Self {
         endpoint.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(endpoint)
     }
@@ -171,14 +195,20 @@ impl Activity {
     }
 }
 
+/// Why a name does not resolve to a function.
+pub(crate) enum Unresolved {
+    Invalid,
+    Missing(FunctionId),
+}
+
 pub struct Invoker {
-    client: HttpClient,
-    activity: Arc<Activity>,
+    clients: Clients,
+    pub(crate) activity: Arc<Activity>,
     /// Bounds the requests held while a function starts (or scales from zero).
     waiting: tokio::sync::Semaphore,
-    fleet: Arc<Fleet>,
-    metrics: Arc<Metrics>,
-    cfg: ProxyConfig,
+    pub(crate) fleet: Arc<Fleet>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) cfg: ProxyConfig,
 }
 
 /// A plain-text error marked as coming from the platform, not from the function.
@@ -205,7 +235,7 @@ impl Invoker {
     ) -> Invoker {
         Invoker {
             activity,
-            client: http_client(cfg.connect_timeout, cfg.max_idle_per_replica),
+            clients: Clients::new(cfg.connect_timeout, cfg.max_idle_per_replica),
             waiting: tokio::sync::Semaphore::new(cfg.max_waiting_requests),
             fleet,
             metrics,
@@ -213,8 +243,34 @@ impl Invoker {
         }
     }
 
+    /// The answer to an invocation that outlived `proxy.upstream_timeout_secs`.
+    pub(crate) fn timeout_text(&self, id: &FunctionId) -> String {
+        format!(
+            "Timed out after {:?} waiting for: {id} (proxy.upstream_timeout_secs)",
+            self.cfg.upstream_timeout
+        )
+    }
+
     /// Resolves `name` or `name.namespace` to a deployed function, or the 400/404 answer.
     pub fn resolve(&self, raw: &str) -> Result<FunctionId, Box<Response>> {
+        match self.lookup(raw) {
+            Ok(id) => Ok(id),
+            Err(Unresolved::Invalid) => Err(Box::new(internal_error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "invalid function name {:?}: use name or name.namespace with letters, digits, '-' and '_'",
+                    crate::model::truncate_for_message(raw)
+                ),
+            ))),
+            Err(Unresolved::Missing(id)) => Err(Box::new(internal_error(
+                StatusCode::NOT_FOUND,
+                format!("function {id} not found"),
+            ))),
+        }
+    }
+
+    /// `name` or `name.namespace` as a deployed function's id.
+    pub(crate) fn lookup(&self, raw: &str) -> Result<FunctionId, Unresolved> {
         let (name, namespace) = split_qualified(raw);
         let valid = |s: &str| {
             !s.is_empty()
@@ -223,20 +279,11 @@ impl Invoker {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
         if !valid(name) || !namespace.is_none_or(valid) {
-            return Err(Box::new(internal_error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "invalid function name {:?}: use name or name.namespace with letters, digits, '-' and '_'",
-                    crate::model::truncate_for_message(raw)
-                ),
-            )));
+            return Err(Unresolved::Invalid);
         }
         let id = FunctionId::new(name, namespace.unwrap_or(self.fleet.default_namespace()));
         if self.fleet.desired_replicas(&id).is_none() {
-            return Err(Box::new(internal_error(
-                StatusCode::NOT_FOUND,
-                format!("function {id} not found"),
-            )));
+            return Err(Unresolved::Missing(id));
         }
         Ok(id)
     }
@@ -329,7 +376,14 @@ impl Invoker {
         let generated_call_id = add_forwarding_headers(req, &start_time);
         let outgoing = std::mem::take(req);
         let guard = InFlight::start(endpoint.clone());
-        match send(&self.client, uri, outgoing, Some(self.cfg.upstream_timeout)).await {
+        match send(
+            self.clients.get(),
+            uri,
+            outgoing,
+            Some(self.cfg.upstream_timeout),
+        )
+        .await
+        {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -370,13 +424,9 @@ impl Invoker {
                     }),
                 )
             }
-            Err(UpstreamError::Timeout) => internal_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "Timed out after {:?} waiting for: {id} (proxy.upstream_timeout_secs)",
-                    self.cfg.upstream_timeout
-                ),
-            ),
+            Err(UpstreamError::Timeout) => {
+                internal_error(StatusCode::GATEWAY_TIMEOUT, self.timeout_text(id))
+            }
             Err(UpstreamError::Connect(e)) => {
                 tracing::warn!(function = %id, replica = %endpoint.instance, error = %e, "upstream failed");
                 internal_error(

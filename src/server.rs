@@ -229,6 +229,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             listener,
             app,
             (&cfg.limits).into(),
+            crate::listener::Lanes::SHARED,
             std::future::pending(),
             crate::listener::DRAIN,
         ));
@@ -239,11 +240,18 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
     println!("faastastic listening on http://{}", listener.local_addr()?);
     let fleet = state.fleet.clone();
+    let lane = cfg.proxy.lane.then(|| {
+        Arc::new(crate::lane::Lane::new(
+            state.invoker.clone(),
+            cfg.limits.header_timeout,
+        ))
+    });
     let app = api::router(state, auth);
     crate::listener::serve(
         listener,
         app,
         (&cfg.limits).into(),
+        crate::listener::Lanes::invocations(cfg.proxy.connection_threads, lane),
         crate::listener::shutdown_signal(),
         crate::listener::DRAIN,
     )

@@ -13,7 +13,7 @@ use crate::proxy::{unix_nanos, CALL_ID, START_TIME};
 use crate::queue::AsyncJob;
 
 /// Splits `/function/NAME/rest` into (`NAME`, `/rest`), keeping a trailing slash.
-fn split_path<'a>(path: &'a str, prefix: &str) -> (&'a str, &'a str) {
+pub(crate) fn split_path<'a>(path: &'a str, prefix: &str) -> (&'a str, &'a str) {
     let rest = path.strip_prefix(prefix).unwrap_or("");
     match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
