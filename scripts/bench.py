@@ -3,7 +3,10 @@
 vs nginx as a keep-alive reverse proxy to the same replica, interleaved rounds in one run.
 
 Everything runs on loopback and stops by itself. Prints a Markdown table and writes JSON.
-Usage: scripts/bench.py [--seconds 10] [--rounds 3] [--conns 1,16,64,256] [--json FILE]
+Usage: scripts/bench.py [--seconds 10] [--rounds 3] [--conns 1,16,64,256] [--threads 1]
+                       [--json FILE]
+nginx runs one worker process (as in the reference baselines); faastastic likewise serves
+client connections on one connection thread unless --threads says otherwise.
 """
 import argparse
 import json
@@ -129,6 +132,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--conns", default="1,16,64,256")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="faastastic's proxy.connection_threads (nginx: worker_processes 1)")
     ap.add_argument("--json", default=os.path.join(ROOT, "target", "bench-invoke.json"))
     args = ap.parse_args()
     conns_list = [int(c) for c in args.conns.split(",")]
@@ -151,9 +156,12 @@ http {{ access_log off; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 "hello\\n"; }} }} }}
 """)
         port = free_port()
+        config = os.path.join(work, "faastastic.toml")
+        with open(config, "w") as f:
+            f.write(f"[proxy]\nconnection_threads = {args.threads}\n")
         server = subprocess.Popen(
             [BIN, "serve", "--no-auth", "--listen", f"127.0.0.1:{port}", "--data-dir",
-             os.path.join(work, "data")],
+             os.path.join(work, "data"), "--config", config],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "serve.log"), "w"),
             env={**os.environ, "RUST_LOG": "warn"})
         procs.append(server)
@@ -246,7 +254,8 @@ http {{ access_log off; keepalive_requests 1000000;
                          us(f["cpu_us_per_req"]), f"nginx {us(n['cpu_us_per_req'])}",
                          f["cpu_us_per_req"] / n["cpu_us_per_req"], "≤ nginx",
                          f["cpu_us_per_req"] <= n["cpu_us_per_req"]))
-    write(args.json, table, seconds=args.seconds, rounds=args.rounds, summary=summary,
+    write(args.json, table, seconds=args.seconds, rounds=args.rounds, threads=args.threads,
+          summary=summary,
           raw=results)
 
     print()

@@ -133,6 +133,9 @@ impl Lane {
         let mut from_replica = BytesMut::with_capacity(8 * 1024);
         let peer_text = peer.to_string();
         let mut first = true;
+        // Waited on whenever the connection is idle: registered once, not per request.
+        let stopping = shutdown.clone().cancelled_owned();
+        tokio::pin!(stopping);
         loop {
             // A complete request head (the header deadline runs from accept for the first
             // request, from its first byte for the next ones).
@@ -154,7 +157,7 @@ impl Lane {
                 let read = match deadline {
                     None => tokio::select! {
                         r = client.read_buf(&mut buf) => r,
-                        _ = shutdown.cancelled() => return Finished::Closed,
+                        _ = &mut stopping => return Finished::Closed,
                     },
                     Some(at) => {
                         match tokio::time::timeout_at(at.into(), client.read_buf(&mut buf)).await {
