@@ -34,6 +34,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_BODY: usize = 1024 * 1024;
 /// A pooled connection idle this long is checked for a close by the replica before reuse.
 const LOOK_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// Buffers grown beyond this are given back between requests.
+const SPARE_BUFFER: usize = 128 * 1024;
 /// Responses up to this size are relayed in one write with their head.
 const BUFFER_RESPONSE: usize = 64 * 1024;
 /// Request headers that describe one hop and are not forwarded (nor `Host`, `Content-Length`,
@@ -137,6 +139,16 @@ impl Lane {
         let stopping = shutdown.clone().cancelled_owned();
         tokio::pin!(stopping);
         loop {
+            // An idle connection does not keep what a large body or answer grew its buffers to.
+            if buf.is_empty() && buf.capacity() > SPARE_BUFFER {
+                buf = BytesMut::with_capacity(8 * 1024);
+            }
+            if from_replica.capacity() > SPARE_BUFFER {
+                from_replica = BytesMut::with_capacity(8 * 1024);
+            }
+            if answer.capacity() > SPARE_BUFFER {
+                answer = Vec::with_capacity(1024);
+            }
             // A complete request head (the header deadline runs from accept for the first
             // request, from its first byte for the next ones).
             let mut deadline =
