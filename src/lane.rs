@@ -38,21 +38,12 @@ const LOOK_AFTER_IDLE: Duration = Duration::from_secs(1);
 const SPARE_BUFFER: usize = 128 * 1024;
 /// Responses up to this size are relayed in one write with their head.
 const BUFFER_RESPONSE: usize = 64 * 1024;
-/// Request headers that describe one hop and are not forwarded (nor `Host`, `Content-Length`,
-/// `X-Start-Time`, which the lane writes itself).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
+/// Headers that describe one hop (`Host`, `Content-Length` and `X-Start-Time` are not
+/// forwarded either: the lane writes its own).
 fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+    crate::proxy::HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_str().eq_ignore_ascii_case(name))
 }
 
 /// What the caller does with a connection the lane has finished with.
@@ -202,16 +193,12 @@ impl Lane {
                 Ok(Err(_)) => return Finished::Closed,
                 Err(_) => {
                     // As the general path answers a body that stalls on its way to the replica.
-                    let name = plan.id.qualified();
-                    let metrics = &self.invoker.metrics;
-                    self.invoker.activity.touch(&plan.id);
-                    metrics
-                        .invocation_started
-                        .with_label_values(&[name.as_str()])
-                        .inc();
+                    let name = self.invoker.started(&plan.id);
                     let status = http::StatusCode::GATEWAY_TIMEOUT;
                     let seconds = started.elapsed().as_secs_f64();
-                    metrics.invoked(&name, status.as_str(), &plan.datacenter, seconds);
+                    self.invoker
+                        .metrics
+                        .invoked(&name, status.as_str(), &plan.datacenter, seconds);
                     let text = self.invoker.timeout_text(&plan.id);
                     write_internal_error(&mut client, status, &text, false).await;
                     return Finished::Closed;
@@ -404,14 +391,8 @@ impl Lane {
         answer: &mut Vec<u8>,
     ) -> bool {
         let started = Instant::now();
-        let function_name = plan.id.qualified();
         let invoker = &self.invoker;
-        invoker.activity.touch(&plan.id);
-        invoker
-            .metrics
-            .invocation_started
-            .with_label_values(&[function_name.as_str()])
-            .inc();
+        let function_name = invoker.started(&plan.id);
         let _in_flight = crate::proxy::InFlight::start(plan.endpoint.clone());
         let finish = |code: u16| {
             invoker.metrics.invoked(
@@ -435,7 +416,7 @@ impl Lane {
                         tracing::warn!(function = %plan.id, replica = %plan.endpoint.instance, error = %e, "upstream failed");
                         (
                             http::StatusCode::BAD_GATEWAY,
-                            format!("Can't reach service for: {}.", plan.id),
+                            Invoker::unreachable_text(&plan.id),
                         )
                     }
                 };
@@ -467,7 +448,7 @@ impl Lane {
                         return write_internal_error(
                             client,
                             http::StatusCode::BAD_GATEWAY,
-                            &format!("Can't reach service for: {}.", plan.id),
+                            &Invoker::unreachable_text(&plan.id),
                             plan.keep_alive,
                         )
                         .await;

@@ -46,7 +46,7 @@ pub const DATACENTER: HeaderName = HeaderName::from_static("x-faastastic-datacen
 const BUFFER_RESPONSE_BYTES: u64 = 64 * 1024;
 
 /// Headers that describe one hop's connection and must not be forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -243,6 +243,23 @@ impl Invoker {
         }
     }
 
+    /// Records an invocation's start (the activity clock and the started counter); returns
+    /// the function's label for the metrics that follow.
+    pub(crate) fn started(&self, id: &FunctionId) -> String {
+        let function_name = id.qualified();
+        self.activity.touch(id);
+        self.metrics
+            .invocation_started
+            .with_label_values(&[function_name.as_str()])
+            .inc();
+        function_name
+    }
+
+    /// The answer to an invocation whose replica could not be reached or broke off.
+    pub(crate) fn unreachable_text(id: &FunctionId) -> String {
+        format!("Can't reach service for: {id}.")
+    }
+
     /// The answer to an invocation that outlived `proxy.upstream_timeout_secs`.
     pub(crate) fn timeout_text(&self, id: &FunctionId) -> String {
         format!(
@@ -304,13 +321,8 @@ impl Invoker {
                 )
             }
         };
-        let function_name = id.qualified();
         let started = Instant::now();
-        self.activity.touch(id);
-        self.metrics
-            .invocation_started
-            .with_label_values(&[function_name.as_str()])
-            .inc();
+        let function_name = self.started(id);
         let (response, datacenter) = self.forward(id, pin.as_deref(), suffix, &mut req).await;
         let code = response.status();
         self.metrics.invoked(
@@ -410,10 +422,9 @@ impl Invoker {
                             drop(guard);
                             Response::from_parts(parts, Body::from(collected.to_bytes()))
                         }
-                        Ok(Err(_)) | Err(_) => internal_error(
-                            StatusCode::BAD_GATEWAY,
-                            format!("Can't reach service for: {id}."),
-                        ),
+                        Ok(Err(_)) | Err(_) => {
+                            internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id))
+                        }
                     };
                 }
                 Response::from_parts(
@@ -429,10 +440,7 @@ impl Invoker {
             }
             Err(UpstreamError::Connect(e)) => {
                 tracing::warn!(function = %id, replica = %endpoint.instance, error = %e, "upstream failed");
-                internal_error(
-                    StatusCode::BAD_GATEWAY,
-                    format!("Can't reach service for: {id}."),
-                )
+                internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id))
             }
         }
     }
