@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -23,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::FunctionId;
 use crate::platform::Endpoint;
-use crate::proxy::{Invoker, AGENT_TOKEN, CALL_ID, DATACENTER, START_TIME};
+use crate::proxy::{Invoker, AGENT_TOKEN, CALL_ID, DATACENTER, POOL_IDLE_TIMEOUT, START_TIME};
+use crate::telemetry::Invocation;
 
 /// Longest request or response head the lane reads; longer ones go to the general server
 /// (which answers 431) or fail the exchange.
@@ -62,13 +64,39 @@ type Idle = (TcpStream, Instant);
 #[derive(Default)]
 struct Pools {
     by_replica: foldhash::HashMap<usize, (Weak<Endpoint>, Vec<Idle>)>,
-    checkouts: u32,
 }
+
+impl Pools {
+    /// Closes the connections idle for `longer_than` or more, and forgets replicas that are
+    /// gone or have no connection left.
+    fn close_idle(&mut self, longer_than: Duration) {
+        self.by_replica.retain(|_, (replica, idle)| {
+            // Oldest first: connections are checked in at the end.
+            let stale = idle.partition_point(|(_, since)| since.elapsed() >= longer_than);
+            idle.drain(..stale);
+            replica.strong_count() > 0 && !idle.is_empty()
+        });
+    }
+}
+
+/// One function's invocation series and activity clock, kept per thread so that a request
+/// counts itself without looking them up by name.
+struct Meter {
+    started: prometheus::IntCounter,
+    activity: Arc<AtomicI64>,
+    /// By status code and datacenter: a function's answers use few of them.
+    answered: Vec<(u16, String, Invocation)>,
+}
+
+/// A thread's meters stop growing here (and start again): bounds memory for a caller
+/// touring many functions.
+const MAX_METERS: usize = 4096;
 
 pub struct Lane {
     invoker: Arc<Invoker>,
     header_timeout: Duration,
     pools: thread_local::ThreadLocal<RefCell<Pools>>,
+    meters: thread_local::ThreadLocal<RefCell<foldhash::HashMap<FunctionId, Meter>>>,
 }
 
 /// A request the lane serves, worked out from its head.
@@ -110,6 +138,7 @@ impl Lane {
             invoker,
             header_timeout,
             pools: thread_local::ThreadLocal::new(),
+            meters: thread_local::ThreadLocal::new(),
         }
     }
 
@@ -193,12 +222,9 @@ impl Lane {
                 Ok(Err(_)) => return Finished::Closed,
                 Err(_) => {
                     // As the general path answers a body that stalls on its way to the replica.
-                    let name = self.invoker.started(&plan.id);
+                    self.count_start(&plan.id);
                     let status = http::StatusCode::GATEWAY_TIMEOUT;
-                    let seconds = started.elapsed().as_secs_f64();
-                    self.invoker
-                        .metrics
-                        .invoked(&name, status.as_str(), &plan.datacenter, seconds);
+                    self.count_answer(&plan.id, status.as_u16(), &plan.datacenter, started);
                     let text = self.invoker.timeout_text(&plan.id);
                     write_internal_error(&mut client, status, &text, false).await;
                     return Finished::Closed;
@@ -391,17 +417,9 @@ impl Lane {
         answer: &mut Vec<u8>,
     ) -> bool {
         let started = Instant::now();
-        let invoker = &self.invoker;
-        let function_name = invoker.started(&plan.id);
+        self.count_start(&plan.id);
         let _in_flight = crate::proxy::InFlight::start(plan.endpoint.clone());
-        let finish = |code: u16| {
-            invoker.metrics.invoked(
-                &function_name,
-                itoa::Buffer::new().format(code),
-                &plan.datacenter,
-                started.elapsed().as_secs_f64(),
-            )
-        };
+        let finish = |code: u16| self.count_answer(&plan.id, code, &plan.datacenter, started);
 
         from_replica.clear();
         let (mut upstream, head) = match self.send(plan, request, from_replica).await {
@@ -441,7 +459,7 @@ impl Lane {
                     }
                     io::Result::Ok(())
                 };
-                match tokio::time::timeout(invoker.cfg.upstream_timeout, read).await {
+                match tokio::time::timeout(self.invoker.cfg.upstream_timeout, read).await {
                     Ok(Ok(())) => {}
                     _ => {
                         // The head promised a body that did not come: nothing was sent yet.
@@ -577,11 +595,7 @@ impl Lane {
             itoa::Buffer::new().format(plan.start_time).as_bytes(),
         );
         if !has_date {
-            header(
-                out,
-                b"date",
-                httpdate::fmt_http_date(SystemTime::now()).as_bytes(),
-            );
+            header(out, b"date", &http_date());
         }
         match head.framing {
             Framing::Length(n) => header(
@@ -598,15 +612,63 @@ impl Lane {
         out.extend_from_slice(b"\r\n");
     }
 
+    /// Counts an invocation of `id` as started and marks the function active, as
+    /// [`Invoker::started`] does.
+    fn count_start(&self, id: &FunctionId) {
+        let mut meters = self.meters.get_or_default().borrow_mut();
+        if !meters.contains_key(id) {
+            if meters.len() >= MAX_METERS {
+                meters.clear();
+            }
+            let metrics = &self.invoker.metrics;
+            let meter = Meter {
+                started: metrics
+                    .invocation_started
+                    .with_label_values(&[id.qualified().as_str()]),
+                activity: self.invoker.activity.clock(id),
+                answered: Vec::new(),
+            };
+            meters.insert(id.clone(), meter);
+        }
+        if let Some(meter) = meters.get(id) {
+            crate::proxy::stamp(&meter.activity);
+            meter.started.inc();
+        }
+    }
+
+    /// Counts an invocation of `id` started at `started`, answered with `code` on behalf of
+    /// `datacenter`.
+    fn count_answer(&self, id: &FunctionId, code: u16, datacenter: &str, started: Instant) {
+        let seconds = started.elapsed().as_secs_f64();
+        let mut meters = self.meters.get_or_default().borrow_mut();
+        let Some(meter) = meters.get_mut(id) else {
+            // Dropped between start and answer (the thread's meters were full): count it
+            // the long way.
+            let code = itoa::Buffer::new().format(code).to_owned();
+            let name = id.qualified();
+            self.invoker
+                .metrics
+                .invoked(&name, &code, datacenter, seconds);
+            return;
+        };
+        let known = meter
+            .answered
+            .iter()
+            .position(|(c, dc, _)| *c == code && dc == datacenter);
+        let at = known.unwrap_or_else(|| {
+            let series = self.invoker.metrics.invocation(
+                &id.qualified(),
+                itoa::Buffer::new().format(code),
+                datacenter,
+            );
+            meter.answered.push((code, datacenter.to_string(), series));
+            meter.answered.len() - 1
+        });
+        meter.answered[at].2.record(seconds);
+    }
+
     fn check_out(&self, endpoint: &Arc<Endpoint>) -> Option<TcpStream> {
         let mut pools = self.pools.get_or_default().borrow_mut();
-        pools.checkouts = pools.checkouts.wrapping_add(1);
-        if pools.checkouts.is_multiple_of(4096) {
-            // Forget the connections of replicas that are gone.
-            pools
-                .by_replica
-                .retain(|_, (replica, _)| replica.strong_count() > 0);
-        }
         let (replica, idle) = pools
             .by_replica
             .get_mut(&(Arc::as_ptr(endpoint) as usize))?;
@@ -620,6 +682,14 @@ impl Lane {
             }
         }
         None
+    }
+
+    /// Closes this thread's upstream connections idle longer than the general path keeps
+    /// them, and forgets the replicas that are gone.
+    pub fn sweep(&self) {
+        if let Some(pools) = self.pools.get() {
+            pools.borrow_mut().close_idle(POOL_IDLE_TIMEOUT);
+        }
     }
 
     fn check_in(&self, endpoint: &Arc<Endpoint>, stream: TcpStream) {
@@ -637,6 +707,29 @@ impl Lane {
             entry.1.push((stream, Instant::now()));
         }
     }
+}
+
+/// Now as an HTTP date, formatted once a second per thread.
+fn http_date() -> [u8; 29] {
+    thread_local! {
+        static LAST: std::cell::Cell<(u64, [u8; 29])> = const { std::cell::Cell::new((0, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.with(|last| {
+        let (at, text) = last.get();
+        if at == second && second != 0 {
+            return text;
+        }
+        let mut text = [b' '; 29];
+        let formatted = httpdate::fmt_http_date(now);
+        let n = formatted.len().min(29);
+        text[..n].copy_from_slice(&formatted.as_bytes()[..n]);
+        last.set((second, text));
+        text
+    })
 }
 
 /// Whether the replica has not closed (nor written unasked to) an idle connection.
@@ -686,11 +779,7 @@ async fn write_internal_error(
         b"content-length",
         itoa::Buffer::new().format(body.len()).as_bytes(),
     );
-    header(
-        &mut out,
-        b"date",
-        httpdate::fmt_http_date(SystemTime::now()).as_bytes(),
-    );
+    header(&mut out, b"date", &http_date());
     if !keep_alive {
         header(&mut out, b"connection", b"close");
     }
@@ -1055,6 +1144,59 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), closed)
             .await
             .expect("the close is seen");
+    }
+
+    #[tokio::test]
+    async fn sweeping_closes_long_idle_connections_and_forgets_gone_replicas() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let replica = |instance: &str| {
+            Arc::new(Endpoint {
+                instance: instance.to_string(),
+                addr,
+                authority: addr.to_string().parse().unwrap(),
+                in_flight: Default::default(),
+                path_prefix: String::new(),
+                agent_token: None,
+            })
+        };
+        let (kept, gone) = (replica("kept"), replica("gone"));
+        let mut pools = Pools::default();
+        for endpoint in [&kept, &gone] {
+            let mut idle = Vec::new();
+            for age in [Duration::from_secs(100), Duration::ZERO] {
+                let stream = TcpStream::connect(addr).await.unwrap();
+                let since = Instant::now().checked_sub(age).expect("up for over 100 s");
+                idle.push((stream, since));
+            }
+            let key = Arc::as_ptr(endpoint) as usize;
+            pools
+                .by_replica
+                .insert(key, (Arc::downgrade(endpoint), idle));
+        }
+        drop(gone);
+        pools.close_idle(Duration::from_secs(90));
+        let left: Vec<usize> = pools
+            .by_replica
+            .values()
+            .map(|(_, idle)| idle.len())
+            .collect();
+        assert_eq!(left, [1], "the fresh connection of the live replica only");
+        let (replica, idle) = &pools.by_replica[&(Arc::as_ptr(&kept) as usize)];
+        assert!(replica.upgrade().is_some());
+        assert!(idle[0].1.elapsed() < Duration::from_secs(90));
+        pools.close_idle(Duration::ZERO);
+        assert!(pools.by_replica.is_empty(), "an empty pool is forgotten");
+    }
+
+    #[test]
+    fn dates_are_http_dates_of_now() {
+        let date = http_date();
+        let text = std::str::from_utf8(&date).unwrap();
+        let parsed = httpdate::parse_http_date(text).unwrap();
+        let now = SystemTime::now();
+        let skew = now.duration_since(parsed).unwrap_or_default();
+        assert!(skew <= Duration::from_secs(2), "{text}");
     }
 
     #[test]

@@ -101,9 +101,10 @@ struct ConnectionThreads {
 }
 
 impl ConnectionThreads {
-    fn start(threads: usize) -> std::io::Result<ConnectionThreads> {
+    fn start(threads: usize, lane: Option<Arc<Lane>>) -> std::io::Result<ConnectionThreads> {
         let mut queues = Vec::with_capacity(threads);
         for i in 0..threads {
+            let lane = lane.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -112,6 +113,7 @@ impl ConnectionThreads {
                 .name(format!("connections-{i}"))
                 .spawn(move || {
                     runtime.block_on(async {
+                        tokio::spawn(housekeeping(lane));
                         while let Some(job) = rx.recv().await {
                             job();
                         }
@@ -129,6 +131,21 @@ impl ConnectionThreads {
         if let Err(returned) = queue.send(job) {
             tracing::error!("a connection thread has stopped; serving on the shared runtime");
             (returned.0)();
+        }
+    }
+}
+
+/// Runs on each connection thread: once a second, closes the thread's upstream connections
+/// idle too long. The ticking timer also keeps the thread's timer wheel holding a deadline at
+/// most a second away, so the per-request timeouts registered behind it (always later) do not
+/// need the runtime to wake itself with a system call, as it must when the wheel is empty.
+async fn housekeeping(lane: Option<Arc<Lane>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Some(lane) = &lane {
+            lane.sweep();
         }
     }
 }
@@ -241,7 +258,7 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let mut threads = match lanes.threads {
         0 => None,
-        n => match ConnectionThreads::start(n) {
+        n => match ConnectionThreads::start(n, lanes.lane.clone()) {
             Ok(threads) => Some(threads),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start connection threads; serving on the shared runtime");

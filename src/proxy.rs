@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -63,7 +63,7 @@ pub fn http_client(connect_timeout: Duration, max_idle_per_host: usize) -> HttpC
     connector.set_connect_timeout(Some(connect_timeout));
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(max_idle_per_host)
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .build(connector)
 }
 
@@ -171,28 +171,42 @@ impl http_body::Body for GuardedBody {
 /// When each function was last invoked (read by the autoscaler for scale to zero).
 #[derive(Default)]
 pub struct Activity {
-    last: std::sync::Mutex<crate::model::FunctionMap<chrono::DateTime<chrono::Utc>>>,
+    /// Unix milliseconds of each function's last invocation.
+    last: std::sync::Mutex<crate::model::FunctionMap<Arc<AtomicI64>>>,
 }
 
 impl Activity {
     pub fn touch(&self, id: &FunctionId) {
-        let now = chrono::Utc::now();
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        match last.get_mut(id) {
-            Some(t) => *t = now,
+        match last.get(id) {
+            Some(clock) => stamp(clock),
             None => {
-                last.insert(id.clone(), now);
+                let clock = Arc::new(AtomicI64::default());
+                stamp(&clock);
+                last.insert(id.clone(), clock);
             }
         }
     }
 
-    pub fn last(&self, id: &FunctionId) -> Option<chrono::DateTime<chrono::Utc>> {
-        self.last
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied()
+    /// `id`'s clock, to [`stamp`] on each invocation without looking it up again.
+    pub(crate) fn clock(&self, id: &FunctionId) -> Arc<AtomicI64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.entry(id.clone()).or_default().clone()
     }
+
+    pub fn last(&self, id: &FunctionId) -> Option<chrono::DateTime<chrono::Utc>> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let millis = last.get(id)?.load(Ordering::Relaxed);
+        // A clock handed out but not stamped yet has not seen an invocation.
+        (millis != 0)
+            .then(|| chrono::DateTime::from_timestamp_millis(millis))
+            .flatten()
+    }
+}
+
+/// Sets an activity clock to now.
+pub(crate) fn stamp(clock: &AtomicI64) {
+    clock.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
 }
 
 /// Why a name does not resolve to a function.
@@ -200,6 +214,9 @@ pub(crate) enum Unresolved {
     Invalid,
     Missing(FunctionId),
 }
+
+/// How long an upstream connection to a replica may wait unused before it is closed.
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub struct Invoker {
     clients: Clients,
@@ -518,4 +535,35 @@ fn add_forwarding_headers(
         }
     }
     generated
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_reads_the_last_invocation_through_either_way_of_marking_it() {
+        let activity = Activity::default();
+        let id = FunctionId::new("f", "ns");
+        assert_eq!(activity.last(&id), None);
+        let clock = activity.clock(&id);
+        assert_eq!(
+            activity.last(&id),
+            None,
+            "a clock not yet stamped saw nothing"
+        );
+        let before = chrono::Utc::now() - chrono::Duration::milliseconds(1);
+        stamp(&clock);
+        let stamped = activity.last(&id).expect("stamped");
+        assert!(stamped >= before && stamped <= chrono::Utc::now());
+        clock.store(0, Ordering::Relaxed);
+        activity.touch(&id);
+        assert!(
+            activity.last(&id).expect("touched") >= before,
+            "the same clock"
+        );
+        let other = FunctionId::new("g", "ns");
+        activity.touch(&other);
+        assert!(activity.last(&other).is_some());
+    }
 }

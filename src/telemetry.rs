@@ -6,6 +6,7 @@ use prometheus::{
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::fleet::FunctionView;
 
@@ -14,8 +15,25 @@ const INVOCATION_TOTAL_HELP: &str =
     "Function invocations, by function, HTTP status code and datacenter";
 
 /// Invocations per function, then datacenter (read on every invocation: a fast hasher).
-type Totals = HashMap<String, HashMap<String, AtomicU64, FastHash>, FastHash>;
+type Totals = HashMap<String, HashMap<String, Arc<AtomicU64>, FastHash>, FastHash>;
 type FastHash = foldhash::fast::RandomState;
+
+/// The series of one function, status code and datacenter (see [`Metrics::invocation`]).
+#[derive(Clone)]
+pub struct Invocation {
+    total: prometheus::IntCounter,
+    seconds: prometheus::Histogram,
+    count: Arc<AtomicU64>,
+}
+
+impl Invocation {
+    /// Counts one invocation that took `seconds`.
+    pub fn record(&self, seconds: f64) {
+        self.total.inc();
+        self.seconds.observe(seconds);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -192,20 +210,21 @@ impl Metrics {
     /// Counts one finished invocation of `function` (`name.namespace`) served by `datacenter`
     /// (or that it would have been) with status `code`.
     pub fn invoked(&self, function: &str, code: &str, datacenter: &str, seconds: f64) {
+        self.invocation(function, code, datacenter).record(seconds);
+    }
+
+    /// The series one kind of finished invocation is counted in, to keep and count in
+    /// without looking them up again.
+    pub fn invocation(&self, function: &str, code: &str, datacenter: &str) -> Invocation {
         let labels = [function, code, datacenter];
-        self.invocation_total.with_label_values(&labels).inc();
-        self.functions_seconds
-            .with_label_values(&labels)
-            .observe(seconds);
-        let counted = self
+        let known = self
             .totals
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(function)
             .and_then(|dcs| dcs.get(datacenter))
-            .map(|n| n.fetch_add(1, Ordering::Relaxed))
-            .is_some();
-        if !counted {
+            .cloned();
+        let count = known.unwrap_or_else(|| {
             self.totals
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
@@ -213,7 +232,12 @@ impl Metrics {
                 .or_default()
                 .entry(datacenter.to_string())
                 .or_default()
-                .fetch_add(1, Ordering::Relaxed);
+                .clone()
+        });
+        Invocation {
+            total: self.invocation_total.with_label_values(&labels),
+            seconds: self.functions_seconds.with_label_values(&labels),
+            count,
         }
     }
 

@@ -196,6 +196,8 @@ async fn pipelined_requests_and_hand_offs_answer_in_order(lane: bool) {
             .any(|l| l.contains(&peer) && l.contains("handed from the invoke lane"))
     };
 
+    let counted_before = invocation_counts(&s).await;
+
     // Invocations only: the lane serves them all, in order.
     let mut conn = TcpStream::connect(&addr).await.unwrap();
     let requests = "GET /function/web/big HTTP/1.1\r\nHost: gw.example\r\n\r\n\
@@ -212,7 +214,12 @@ async fn pipelined_requests_and_hand_offs_answer_in_order(lane: bool) {
     assert!(big.body.iter().all(|b| *b == b'x'));
     assert!(big.header("x-call-id").is_some_and(|v| v.len() == 36));
     assert!(big.header("x-start-time").is_some());
-    assert!(big.header("date").is_some());
+    let date = big.header("date").expect("a date header");
+    let date = httpdate::parse_http_date(date).expect("an HTTP date");
+    let skew = std::time::SystemTime::now()
+        .duration_since(date)
+        .unwrap_or_default();
+    assert!(skew < Duration::from_secs(60), "the date is now");
 
     let chunked = read_answer(&mut conn, &mut buf).await;
     assert_eq!(chunked.status, 200);
@@ -273,15 +280,43 @@ async fn pipelined_requests_and_hand_offs_answer_in_order(lane: bool) {
     let missing = s.http.get(s.url("/function/nope")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
     assert_eq!(missing.headers()["x-openfaas-internal"], "proxy");
-    let text = s.metrics().await;
-    assert!(
-        common::sample(
-            &text,
-            "gateway_function_invocation_total{code=\"200\",datacenter=\"home\",function_name=\"web.openfaas-fn\"}"
-        )
-        .is_some_and(|n| n >= 9.0),
-        "invocations are counted"
+    // Eight invocations answered 200 above, whichever path served them: each counted once
+    // in every series and in the function list.
+    let counted = invocation_counts(&s).await;
+    let delta: Vec<f64> = counted
+        .iter()
+        .zip(&counted_before)
+        .map(|(after, before)| after - before)
+        .collect();
+    assert_eq!(
+        delta, [8.0; 4],
+        "started, total, seconds, list: {counted:?}"
     );
+}
+
+/// `web`'s invocations as the started counter, the 200 counter, the 200 duration count and
+/// the function list's `invocationCount` give them.
+async fn invocation_counts(s: &Server) -> [f64; 4] {
+    let text = s.metrics().await;
+    let series = |name: &str, labels: &str| {
+        common::sample(&text, &format!("{name}{{{labels}}}")).unwrap_or(0.0)
+    };
+    let answered = r#"code="200",datacenter="home",function_name="web.openfaas-fn""#;
+    let list: serde_json::Value = s.get_json("/system/functions").await;
+    let listed = list
+        .as_array()
+        .and_then(|l| l.iter().find(|f| f["name"] == "web"))
+        .and_then(|f| f["invocationCount"].as_f64())
+        .unwrap_or(0.0);
+    [
+        series(
+            "gateway_function_invocation_started",
+            r#"function_name="web.openfaas-fn""#,
+        ),
+        series("gateway_function_invocation_total", answered),
+        series("gateway_functions_seconds_count", answered),
+        listed,
+    ]
 }
 
 /// A HEAD answer has a head only (its `Content-Length` describes the GET).
