@@ -344,13 +344,14 @@ fn cooldown_reason(
     )
 }
 
+/// Whole seconds bare, others to a tenth (rounded half up); from integers, as formatting a
+/// float to a precision costs more than the rest of a decision.
 fn secs_text(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s.fract() == 0.0 {
-        format!("{s:.0}s")
-    } else {
-        format!("{s:.1}s")
+    if d.subsec_nanos() == 0 {
+        return format!("{}s", d.as_secs());
     }
+    let tenths = d.as_nanos().saturating_add(50_000_000) / 100_000_000;
+    format!("{}.{}s", tenths / 10, tenths % 10)
 }
 
 /// The end of an active hold, if one is active at `now`.
@@ -751,6 +752,18 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_in_whole_seconds_or_tenths() {
+        let text = |ms: u64| secs_text(Duration::from_millis(ms));
+        assert_eq!(text(0), "0s");
+        assert_eq!(text(30_000), "30s");
+        assert_eq!(text(1_500), "1.5s");
+        assert_eq!(text(1_949), "1.9s");
+        assert_eq!(text(1_950), "2.0s");
+        assert_eq!(text(40), "0.0s");
+        assert_eq!(text(86_400_100), "86400.1s");
+    }
     use chrono::TimeZone;
 
     fn at(secs: i64) -> DateTime<Utc> {
