@@ -616,24 +616,26 @@ impl Lane {
     /// [`Invoker::started`] does.
     fn count_start(&self, id: &FunctionId) {
         let mut meters = self.meters.get_or_default().borrow_mut();
-        if !meters.contains_key(id) {
-            if meters.len() >= MAX_METERS {
-                meters.clear();
-            }
-            let metrics = &self.invoker.metrics;
-            let meter = Meter {
-                started: metrics
-                    .invocation_started
-                    .with_label_values(&[id.qualified().as_str()]),
-                activity: self.invoker.activity.clock(id),
-                answered: Vec::new(),
-            };
-            meters.insert(id.clone(), meter);
-        }
         if let Some(meter) = meters.get(id) {
             crate::proxy::stamp(&meter.activity);
             meter.started.inc();
+            return;
         }
+        if meters.len() >= MAX_METERS {
+            meters.clear();
+        }
+        let meter = Meter {
+            started: self
+                .invoker
+                .metrics
+                .invocation_started
+                .with_label_values(&[id.qualified().as_str()]),
+            activity: self.invoker.activity.clock(id),
+            answered: Vec::new(),
+        };
+        crate::proxy::stamp(&meter.activity);
+        meter.started.inc();
+        meters.insert(id.clone(), meter);
     }
 
     /// Counts an invocation of `id` started at `started`, answered with `code` on behalf of
