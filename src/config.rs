@@ -273,6 +273,9 @@ pub struct LimitsConfig {
     /// How long a client may take to send a request's head (line and headers); the
     /// connection is closed after it, so a client that never finishes holds nothing.
     pub header_timeout: Duration,
+    /// How long a keep-alive client connection may wait for its next request before it is
+    /// closed (the header deadline takes over once a byte of that request arrives).
+    pub idle_timeout: Duration,
     /// Open client connections at most; beyond it new ones wait to be accepted.
     pub max_connections: usize,
 }
@@ -329,6 +332,7 @@ impl Default for Config {
                 max_alert_body_bytes: 8 * 1024 * 1024,
                 body_timeout: Duration::from_secs(30),
                 header_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(60),
                 max_connections: 10_000,
             },
             local: LocalConfig {
@@ -515,6 +519,7 @@ impl Config {
                         .positive("max_alert_body_bytes", d.max_alert_body_bytes),
                     body_timeout: s.millis("body_timeout_ms", d.body_timeout),
                     header_timeout: s.millis("header_timeout_ms", d.header_timeout),
+                    idle_timeout: s.millis("idle_timeout_ms", d.idle_timeout),
                     max_connections: s.positive("max_connections", d.max_connections),
                 };
                 s.finish(&mut errors);

@@ -34,8 +34,6 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Largest request body the lane buffers; larger ones are streamed by the general server.
 const MAX_BODY: usize = 1024 * 1024;
-/// A pooled connection idle this long is checked for a close by the replica before reuse.
-const LOOK_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// Buffers grown beyond this are given back between requests.
 const SPARE_BUFFER: usize = 128 * 1024;
 /// Responses up to this size are relayed in one write with their head.
@@ -95,6 +93,7 @@ const MAX_METERS: usize = 4096;
 pub struct Lane {
     invoker: Arc<Invoker>,
     header_timeout: Duration,
+    idle_timeout: Duration,
     pools: thread_local::ThreadLocal<RefCell<Pools>>,
     meters: thread_local::ThreadLocal<RefCell<foldhash::HashMap<FunctionId, Meter>>>,
 }
@@ -130,13 +129,27 @@ enum Framing {
 enum Upstream {
     Timeout,
     Failed(String),
+    /// The answer broke the protocol.
+    Malformed(Malformed),
+}
+
+impl Plan {
+    fn answer_context(&self) -> AnswerContext<'_> {
+        AnswerContext {
+            keep_alive: self.keep_alive,
+            request_content_type: self.request_content_type.as_deref(),
+            generated_call_id: self.generated_call_id.as_ref(),
+            start_time: self.start_time,
+        }
+    }
 }
 
 impl Lane {
-    pub fn new(invoker: Arc<Invoker>, header_timeout: Duration) -> Lane {
+    pub fn new(invoker: Arc<Invoker>, header_timeout: Duration, idle_timeout: Duration) -> Lane {
         Lane {
             invoker,
             header_timeout,
+            idle_timeout,
             pools: thread_local::ThreadLocal::new(),
             meters: thread_local::ThreadLocal::new(),
         }
@@ -187,8 +200,12 @@ impl Lane {
                     }
                 }
                 let read = match deadline {
+                    // Between requests: until the idle timeout, or shutdown.
                     None => tokio::select! {
-                        r = client.read_buf(&mut buf) => r,
+                        r = tokio::time::timeout(self.idle_timeout, client.read_buf(&mut buf)) => match r {
+                            Ok(r) => r,
+                            Err(_) => return Finished::Closed,
+                        },
                         _ = &mut stopping => return Finished::Closed,
                     },
                     Some(at) => {
@@ -420,37 +437,31 @@ impl Lane {
         self.count_start(&plan.id);
         let _in_flight = crate::proxy::InFlight::start(plan.endpoint.clone());
         let finish = |code: u16| self.count_answer(&plan.id, code, &plan.datacenter, started);
-
         from_replica.clear();
         let (mut upstream, head) = match self.send(plan, request, from_replica).await {
             Ok(sent) => sent,
-            Err(e) => {
-                let (status, text) = match e {
-                    Upstream::Timeout => (
-                        http::StatusCode::GATEWAY_TIMEOUT,
-                        self.invoker.timeout_text(&plan.id),
-                    ),
-                    Upstream::Failed(e) => {
-                        tracing::warn!(function = %plan.id, replica = %plan.endpoint.instance, error = %e, "upstream failed");
-                        (
-                            http::StatusCode::BAD_GATEWAY,
-                            Invoker::unreachable_text(&plan.id),
-                        )
-                    }
-                };
-                finish(status.as_u16());
-                return write_internal_error(client, status, &text, plan.keep_alive).await;
-            }
+            Err(e) => return self.fail(plan, client, started, e).await,
         };
-        finish(head.status);
         answer.clear();
-        self.answer_head(plan, &head, answer);
+        answer_head(&plan.answer_context(), &head, answer);
         from_replica.advance(head.len);
 
-        let reusable = head.reusable;
-        let client_ok = match head.framing {
-            Framing::Empty => client.write_all(answer).await.is_ok(),
-            Framing::Length(n) if n <= BUFFER_RESPONSE => {
+        let mut end = match head.framing {
+            Framing::Empty => BodyEnd::Length(0),
+            Framing::Length(n) => BodyEnd::Length(n),
+            Framing::Chunked => BodyEnd::Chunked(Chunks::default()),
+            Framing::Close => {
+                finish(head.status);
+                let _ = client.write_all(answer).await;
+                let _ = client.write_all(from_replica).await;
+                let _ = tokio::io::copy(&mut upstream, client).await;
+                return false;
+            }
+        };
+        // A small sized body is read whole, so that head and body leave in one write and a
+        // body that never comes is a 502.
+        if let Framing::Length(n) = head.framing {
+            if n <= BUFFER_RESPONSE {
                 let read = async {
                     while from_replica.len() < n {
                         if upstream.read_buf(from_replica).await? == 0 {
@@ -461,43 +472,95 @@ impl Lane {
                 };
                 match tokio::time::timeout(self.invoker.cfg.upstream_timeout, read).await {
                     Ok(Ok(())) => {}
-                    _ => {
-                        // The head promised a body that did not come: nothing was sent yet.
-                        return write_internal_error(
-                            client,
-                            http::StatusCode::BAD_GATEWAY,
-                            &Invoker::unreachable_text(&plan.id),
-                            plan.keep_alive,
-                        )
-                        .await;
+                    Ok(Err(_)) => {
+                        return self
+                            .fail(
+                                plan,
+                                client,
+                                started,
+                                Upstream::Malformed(Malformed::Truncated),
+                            )
+                            .await
                     }
+                    Err(_) => return self.fail(plan, client, started, Upstream::Timeout).await,
                 }
-                answer.extend_from_slice(&from_replica[..n]);
-                from_replica.advance(n);
-                client.write_all(answer).await.is_ok()
             }
-            Framing::Length(n) => {
-                client.write_all(answer).await.is_ok()
-                    && relay_length(&mut upstream, client, from_replica, n).await
-            }
-            Framing::Chunked => {
-                client.write_all(answer).await.is_ok()
-                    && relay_chunked(&mut upstream, client, from_replica).await
-            }
-            Framing::Close => {
-                let _ = client.write_all(answer).await;
-                let _ = client.write_all(from_replica).await;
-                let _ = tokio::io::copy(&mut upstream, client).await;
-                return false;
+        }
+        // What has arrived of the body is checked before the head leaves: an answer that is
+        // already whole and breaks its framing is a 502.
+        let (used, done) = match end.feed(from_replica) {
+            Ok(progress) => progress,
+            Err(cause) => {
+                return self
+                    .fail(plan, client, started, Upstream::Malformed(cause))
+                    .await
             }
         };
-        if !client_ok {
+        finish(head.status);
+        answer.extend_from_slice(&from_replica[..used]);
+        from_replica.advance(used);
+        if client.write_all(answer).await.is_err() {
             return false;
         }
-        if reusable && from_replica.is_empty() {
+        if !done {
+            match relay_body(&mut upstream, client, from_replica, &mut end).await {
+                Ok(()) => {}
+                Err(Broken::Malformed(cause)) => {
+                    // The head has left: the client learns of it by the connection closing.
+                    self.refused(plan, cause);
+                    return false;
+                }
+                Err(Broken::Client | Broken::Upstream) => return false,
+            }
+        }
+        // Reused only when the answer ended exactly where its framing said.
+        if head.reusable && from_replica.is_empty() {
             self.check_in(&plan.endpoint, upstream);
         }
         true
+    }
+
+    /// Answers the client for an exchange that failed before any of the answer was sent.
+    async fn fail(
+        &self,
+        plan: &Plan,
+        client: &mut TcpStream,
+        started: Instant,
+        e: Upstream,
+    ) -> bool {
+        let (status, text) = match e {
+            Upstream::Timeout => (
+                http::StatusCode::GATEWAY_TIMEOUT,
+                self.invoker.timeout_text(&plan.id),
+            ),
+            Upstream::Failed(e) => {
+                tracing::warn!(function = %plan.id, replica = %plan.endpoint.instance, error = %e, "upstream failed");
+                (
+                    http::StatusCode::BAD_GATEWAY,
+                    Invoker::unreachable_text(&plan.id),
+                )
+            }
+            Upstream::Malformed(cause) => {
+                self.refused(plan, cause);
+                (
+                    http::StatusCode::BAD_GATEWAY,
+                    Invoker::unreachable_text(&plan.id),
+                )
+            }
+        };
+        self.count_answer(&plan.id, status.as_u16(), &plan.datacenter, started);
+        write_internal_error(client, status, &text, plan.keep_alive).await
+    }
+
+    /// Logs and counts an answer refused for breaking the protocol.
+    fn refused(&self, plan: &Plan, cause: Malformed) {
+        self.invoker.refused(
+            &plan.id,
+            &plan.datacenter,
+            &plan.endpoint,
+            cause.cause(),
+            &cause.to_string(),
+        );
     }
 
     /// Sends the request on a pooled connection (once more on a new one if the pooled one
@@ -510,6 +573,7 @@ impl Lane {
     ) -> Result<(TcpStream, ResponseHead), Upstream> {
         let cfg = &self.invoker.cfg;
         if let Some(mut pooled) = self.check_out(&plan.endpoint) {
+            // A write that fails means the replica had closed: it cannot have run the request.
             if pooled.write_all(request).await.is_ok() {
                 match tokio::time::timeout(
                     cfg.upstream_timeout,
@@ -519,10 +583,10 @@ impl Lane {
                 {
                     Err(_) => return Err(Upstream::Timeout),
                     Ok(Ok(head)) => return Ok((pooled, head)),
-                    // Closed by the replica while idle: nothing was answered, so try afresh
-                    // (unless the request may not be repeated: the replica may have run it).
-                    Ok(Err(_)) if from_replica.is_empty() && plan.repeatable => {}
-                    Ok(Err(e)) => return Err(Upstream::Failed(e.to_string())),
+                    // Closed by the replica before any byte of an answer: try afresh, unless
+                    // the request may not be repeated (the replica may have run it).
+                    Ok(Err(Upstream::Failed(_))) if from_replica.is_empty() && plan.repeatable => {}
+                    Ok(Err(e)) => return Err(e),
                 }
             }
             from_replica.clear();
@@ -548,68 +612,8 @@ impl Lane {
         {
             Err(_) => Err(Upstream::Timeout),
             Ok(Ok(head)) => Ok((fresh, head)),
-            Ok(Err(e)) => Err(Upstream::Failed(e.to_string())),
+            Ok(Err(e)) => Err(e),
         }
-    }
-
-    /// The client's answer head: the replica's status and headers (without hop-by-hop ones),
-    /// a default `Content-Type`, the call id and start time, `Date`, and the framing.
-    fn answer_head(&self, plan: &Plan, head: &ResponseHead, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(itoa::Buffer::new().format(head.status).as_bytes());
-        out.push(b' ');
-        let reason = http::StatusCode::from_u16(head.status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or("");
-        out.extend_from_slice(reason.as_bytes());
-        out.extend_from_slice(b"\r\n");
-        let mut has_content_type = false;
-        let mut has_date = false;
-        for (name, value) in head.headers() {
-            let replaced = name.eq_ignore_ascii_case(START_TIME.as_str())
-                || (plan.generated_call_id.is_some()
-                    && name.eq_ignore_ascii_case(CALL_ID.as_str()));
-            let framing =
-                name.eq_ignore_ascii_case("content-length") && head.framing != Framing::Empty;
-            if is_hop_by_hop(name) || replaced || framing {
-                continue;
-            }
-            has_content_type |= name.eq_ignore_ascii_case("content-type");
-            has_date |= name.eq_ignore_ascii_case("date");
-            header(out, name.as_bytes(), value);
-        }
-        if !has_content_type {
-            let default = plan
-                .request_content_type
-                .as_deref()
-                .unwrap_or(b"text/plain");
-            header(out, b"content-type", default);
-        }
-        if let Some(call_id) = &plan.generated_call_id {
-            header(out, CALL_ID.as_str().as_bytes(), call_id);
-        }
-        header(
-            out,
-            START_TIME.as_str().as_bytes(),
-            itoa::Buffer::new().format(plan.start_time).as_bytes(),
-        );
-        if !has_date {
-            header(out, b"date", &http_date());
-        }
-        match head.framing {
-            Framing::Length(n) => header(
-                out,
-                b"content-length",
-                itoa::Buffer::new().format(n).as_bytes(),
-            ),
-            Framing::Chunked => header(out, b"transfer-encoding", b"chunked"),
-            Framing::Close | Framing::Empty => {}
-        }
-        if !plan.keep_alive || head.framing == Framing::Close {
-            header(out, b"connection", b"close");
-        }
-        out.extend_from_slice(b"\r\n");
     }
 
     /// Counts an invocation of `id` as started and marks the function active, as
@@ -677,9 +681,10 @@ impl Lane {
         if replica.strong_count() == 0 {
             return None;
         }
-        while let Some((stream, since)) = idle.pop() {
-            // One that waited a while may have been closed by the replica meanwhile.
-            if since.elapsed() < LOOK_AFTER_IDLE || is_open(&stream) {
+        // Every idle connection is looked at: one the replica closed, or wrote to unasked
+        // (late bytes of an answer), is dropped.
+        while let Some((stream, _)) = idle.pop() {
+            if is_open(&stream) {
                 return Some(stream);
             }
         }
@@ -790,6 +795,70 @@ async fn write_internal_error(
     client.write_all(&out).await.is_ok() && keep_alive
 }
 
+/// Why the lane refused a replica's answer: it broke HTTP/1.1's framing or grammar (RFC
+/// 9112). The client gets a 502 (or, once the head has left, a closed connection), the
+/// upstream connection is closed, and [`Malformed::cause`] labels
+/// `faastastic_upstream_protocol_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    /// Not a valid status line and header section.
+    Head,
+    /// A head longer than the lane reads.
+    HeadTooLarge,
+    /// A status code below 100.
+    Status,
+    /// `101 Switching Protocols`, which the lane never asks for.
+    Upgrade,
+    /// A `Content-Length` that is not a plain decimal number, or two that differ.
+    ContentLength,
+    /// `Transfer-Encoding` other than one plain `chunked`, on an HTTP/1.0 answer, or beside a
+    /// `Content-Length`.
+    TransferEncoding,
+    /// A chunked body outside the grammar: sizes, line ends, extensions, trailers.
+    Chunked,
+    /// The answer ended before its framing said it would.
+    Truncated,
+}
+
+impl Malformed {
+    /// The metric label.
+    pub fn cause(self) -> &'static str {
+        match self {
+            Malformed::Head => "head",
+            Malformed::HeadTooLarge => "head_too_large",
+            Malformed::Status => "status",
+            Malformed::Upgrade => "upgrade",
+            Malformed::ContentLength => "content_length",
+            Malformed::TransferEncoding => "transfer_encoding",
+            Malformed::Chunked => "chunked",
+            Malformed::Truncated => "truncated",
+        }
+    }
+}
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Malformed::Head => "the replica's answer head is not valid HTTP/1.1",
+            Malformed::HeadTooLarge => "the replica's answer head is too large",
+            Malformed::Status => "the replica answered a status code below 100",
+            Malformed::Upgrade => "the replica switched protocols unasked",
+            Malformed::ContentLength => "the replica sent an invalid or conflicting Content-Length",
+            Malformed::TransferEncoding => {
+                "the replica sent a Transfer-Encoding other than one chunked on HTTP/1.1 without Content-Length"
+            }
+            Malformed::Chunked => "the replica's chunked body breaks the chunked grammar",
+            Malformed::Truncated => "the replica's answer ended before its framing did",
+        })
+    }
+}
+
+/// Chunk extension bytes a chunked answer may carry in all.
+const MAX_CHUNK_EXTENSIONS: usize = 4 * 1024;
+/// A chunked answer's trailer section at most: bytes, and fields.
+const MAX_TRAILER_BYTES: usize = 8 * 1024;
+const MAX_TRAILER_FIELDS: usize = 64;
+
 /// A replica's answer head: where it ends in the read buffer, its status, framing and the
 /// header positions.
 struct ResponseHead {
@@ -800,6 +869,9 @@ struct ResponseHead {
     reusable: bool,
     raw: Bytes,
     spans: Vec<(usize, usize, usize, usize)>,
+    /// Header names the answer's `Connection` header nominates (positions in `raw`): they
+    /// describe the hop and are not relayed.
+    nominated: Vec<(usize, usize)>,
 }
 
 impl ResponseHead {
@@ -809,197 +881,381 @@ impl ResponseHead {
             (name, &self.raw[vs..ve])
         })
     }
+
+    fn is_nominated(&self, name: &str) -> bool {
+        self.nominated
+            .iter()
+            .any(|&(s, e)| self.raw[s..e].eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
+/// What the client's answer head is made with, besides the replica's head.
+struct AnswerContext<'a> {
+    keep_alive: bool,
+    request_content_type: Option<&'a [u8]>,
+    generated_call_id: Option<&'a [u8; 36]>,
+    start_time: u64,
 }
 
 /// Reads until a final (non-1xx) answer head is complete in `buf`; interim answers are
-/// dropped. Fails on a closed connection, a malformed head, or an upgrade.
-async fn read_response_head(
-    upstream: &mut TcpStream,
+/// dropped.
+async fn read_response_head<R: AsyncRead + Unpin>(
+    upstream: &mut R,
     buf: &mut BytesMut,
     head_request: bool,
-) -> io::Result<ResponseHead> {
+) -> Result<ResponseHead, Upstream> {
     loop {
         if !buf.is_empty() {
-            if let Some(parsed) = parse_response_head(buf, head_request)? {
-                match parsed {
-                    Some(head) => return Ok(head),
-                    None => continue,
-                }
+            match parse_response_head(buf, head_request).map_err(Upstream::Malformed)? {
+                HeadParse::Final(head) => return Ok(head),
+                HeadParse::Interim => continue,
+                HeadParse::Partial => {}
             }
         }
         if buf.len() >= MAX_HEAD {
-            return Err(io::Error::other("the replica's answer head is too large"));
+            return Err(Upstream::Malformed(Malformed::HeadTooLarge));
         }
-        if upstream.read_buf(buf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+        match upstream.read_buf(buf).await {
+            // A close in the middle of a head is a cut answer; before any byte, a closed
+            // connection (which a pooled request may retry).
+            Ok(0) if !buf.is_empty() => return Err(Upstream::Malformed(Malformed::Truncated)),
+            Ok(0) => return Err(Upstream::Failed("closed before answering".into())),
+            Ok(_) => {}
+            Err(e) => return Err(Upstream::Failed(e.to_string())),
         }
     }
 }
 
-/// `Ok(None)` when more bytes are needed; `Ok(Some(None))` when an interim answer was
-/// consumed from `buf`.
-fn parse_response_head(
-    buf: &mut BytesMut,
-    head_request: bool,
-) -> io::Result<Option<Option<ResponseHead>>> {
+enum HeadParse {
+    /// More bytes are needed.
+    Partial,
+    /// An interim (1xx) answer was consumed from the buffer.
+    Interim,
+    Final(ResponseHead),
+}
+
+/// Parses the answer head at the start of `buf` (RFC 9112 §6.3 decides the framing).
+fn parse_response_head(buf: &mut BytesMut, head_request: bool) -> Result<HeadParse, Malformed> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf).map_err(io::Error::other)? {
-        httparse::Status::Partial => return Ok(None),
+    let len = match resp.parse(buf).map_err(|_| Malformed::Head)? {
+        httparse::Status::Partial => return Ok(HeadParse::Partial),
         httparse::Status::Complete(n) => n,
     };
-    let status = resp.code.unwrap_or(0);
-    if status == 101 {
-        return Err(io::Error::other("the replica switched protocols unasked"));
+    let status = resp.code.ok_or(Malformed::Head)?;
+    match status {
+        0..=99 => return Err(Malformed::Status),
+        101 => return Err(Malformed::Upgrade),
+        100..=199 => {
+            buf.advance(len);
+            return Ok(HeadParse::Interim);
+        }
+        _ => {}
     }
-    if (100..200).contains(&status) {
-        buf.advance(len);
-        return Ok(Some(None));
-    }
-    let mut length = None;
+    let http10 = resp.version == Some(0);
+    let mut length: Option<u64> = None;
     let mut chunked = false;
-    let mut close = resp.version == Some(0);
+    let mut close = http10;
     let base = buf.as_ptr() as usize;
     let mut spans = Vec::with_capacity(resp.headers.len());
+    let mut nominated = Vec::new();
     for h in resp.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| io::Error::other("the replica sent an invalid Content-Length"))?;
+            let n = plain_decimal(h.value).ok_or(Malformed::ContentLength)?;
             if length.is_some_and(|m| m != n) {
-                return Err(io::Error::other("the replica sent two Content-Lengths"));
+                return Err(Malformed::ContentLength);
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            // Only plain chunked is relayed: another coding would be lost with the header.
-            if !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(io::Error::other(
-                    "the replica used a transfer coding other than chunked",
-                ));
+            // One plain `chunked` only: another coding would be lost with the header, and a
+            // second header is a framing doubt.
+            if chunked || !h.value.eq_ignore_ascii_case(b"chunked") {
+                return Err(Malformed::TransferEncoding);
             }
             chunked = true;
         } else if name.eq_ignore_ascii_case("connection") {
-            close |= h
-                .value
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    let start = token.as_ptr() as usize - base;
+                    nominated.push((start, start + token.len()));
+                }
+            }
         }
         let ns = name.as_ptr() as usize - base;
         let vs = h.value.as_ptr() as usize - base;
         spans.push((ns, ns + name.len(), vs, vs + h.value.len()));
     }
-    let framing = if head_request || status == 204 || status == 304 {
+    if chunked && (http10 || length.is_some()) {
+        return Err(Malformed::TransferEncoding);
+    }
+    let bodiless = head_request || status == 204 || status == 304;
+    let framing = if bodiless {
         Framing::Empty
     } else if chunked {
         Framing::Chunked
     } else if let Some(n) = length {
-        Framing::Length(n)
+        Framing::Length(usize::try_from(n).map_err(|_| Malformed::ContentLength)?)
     } else {
         Framing::Close
     };
+    // A bodiless answer that announced a body may be followed by it: the connection is not
+    // trusted with another request.
+    let announced_body = chunked || length.is_some_and(|n| n > 0);
+    let reusable = !close && framing != Framing::Close && !(bodiless && announced_body);
     let raw = Bytes::copy_from_slice(&buf[..len]);
-    Ok(Some(Some(ResponseHead {
+    Ok(HeadParse::Final(ResponseHead {
         len,
         status,
         framing,
-        reusable: !close && framing != Framing::Close,
+        reusable,
         raw,
         spans,
-    })))
+        nominated,
+    }))
 }
 
-/// Relays exactly `n` body bytes (some may already be in `buf`).
-async fn relay_length(
-    upstream: &mut TcpStream,
-    client: &mut TcpStream,
-    buf: &mut BytesMut,
-    mut n: usize,
-) -> bool {
-    loop {
-        let take = buf.len().min(n);
-        if take > 0 {
-            if client.write_all(&buf[..take]).await.is_err() {
-                return false;
+/// `1*DIGIT` as a number (no sign, no spaces, no list).
+fn plain_decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Where a response body ends, fed the bytes as they arrive.
+enum BodyEnd {
+    Length(usize),
+    Chunked(Chunks),
+}
+
+impl BodyEnd {
+    /// How many bytes at the start of `buf` belong to the body, and whether it ended there.
+    fn feed(&mut self, buf: &[u8]) -> Result<(usize, bool), Malformed> {
+        match self {
+            BodyEnd::Length(left) => {
+                let take = buf.len().min(*left);
+                *left -= take;
+                Ok((take, *left == 0))
             }
-            buf.advance(take);
-            n -= take;
-        }
-        if n == 0 {
-            return true;
-        }
-        buf.reserve(16 * 1024);
-        match upstream.read_buf(buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(_) => {}
+            BodyEnd::Chunked(chunks) => chunks.feed(buf),
         }
     }
 }
 
-/// Relays a chunked body as it is, up to and including its last chunk and trailers.
-async fn relay_chunked(
-    upstream: &mut TcpStream,
-    client: &mut TcpStream,
+/// Why relaying a body stopped early.
+enum Broken {
+    Client,
+    Upstream,
+    Malformed(Malformed),
+}
+
+/// Relays the body's rest (some of it may already be in `buf`), checking its framing as it
+/// goes; what follows the body stays in `buf`.
+async fn relay_body<R, W>(
+    upstream: &mut R,
+    client: &mut W,
     buf: &mut BytesMut,
-) -> bool {
-    let mut chunks = Chunks::default();
+    end: &mut BodyEnd,
+) -> Result<(), Broken>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     loop {
-        let (used, done) = match chunks.feed(buf) {
-            Ok(progress) => progress,
-            Err(()) => return false,
-        };
+        let (used, done) = end.feed(buf).map_err(Broken::Malformed)?;
         if used > 0 {
-            if client.write_all(&buf[..used]).await.is_err() {
-                return false;
-            }
+            client
+                .write_all(&buf[..used])
+                .await
+                .map_err(|_| Broken::Client)?;
             buf.advance(used);
         }
         if done {
-            return true;
+            return Ok(());
         }
         buf.reserve(16 * 1024);
         match upstream.read_buf(buf).await {
-            Ok(0) | Err(_) => return false,
+            Ok(0) => return Err(Broken::Malformed(Malformed::Truncated)),
             Ok(_) => {}
+            Err(_) => return Err(Broken::Upstream),
         }
     }
 }
 
-/// Finds where a chunked body ends, byte by byte across reads.
+/// What the lane relays for a replica's whole answer.
+#[derive(Debug)]
+pub struct Relayed {
+    /// The bytes the client receives.
+    pub bytes: Vec<u8>,
+    /// The answer's status.
+    pub status: u16,
+    /// The upstream connection could carry another request.
+    pub reusable: bool,
+}
+
+/// What the lane makes of `answer`, a replica's whole answer to a request (a `HEAD` one when
+/// `head_request`), as the exchange relays it: the same head parsing, header filtering and
+/// framing checks. For tests and the differential fuzz target.
+pub fn relay_whole(answer: &[u8], head_request: bool) -> Result<Relayed, Malformed> {
+    let mut buf = BytesMut::from(answer);
+    let head = loop {
+        match parse_response_head(&mut buf, head_request)? {
+            HeadParse::Final(head) => break head,
+            HeadParse::Interim => {}
+            HeadParse::Partial if buf.len() >= MAX_HEAD => return Err(Malformed::HeadTooLarge),
+            HeadParse::Partial => return Err(Malformed::Truncated),
+        }
+    };
+    let mut bytes = Vec::new();
+    let context = AnswerContext {
+        keep_alive: true,
+        request_content_type: None,
+        generated_call_id: None,
+        start_time: 1,
+    };
+    answer_head(&context, &head, &mut bytes);
+    buf.advance(head.len);
+    let mut end = match head.framing {
+        Framing::Empty => BodyEnd::Length(0),
+        Framing::Length(n) => BodyEnd::Length(n),
+        Framing::Chunked => BodyEnd::Chunked(Chunks::default()),
+        Framing::Close => {
+            bytes.extend_from_slice(&buf);
+            return Ok(Relayed {
+                bytes,
+                status: head.status,
+                reusable: false,
+            });
+        }
+    };
+    let (used, done) = end.feed(&buf)?;
+    if !done {
+        return Err(Malformed::Truncated);
+    }
+    bytes.extend_from_slice(&buf[..used]);
+    Ok(Relayed {
+        bytes,
+        status: head.status,
+        reusable: head.reusable && used == buf.len(),
+    })
+}
+
+/// The client's answer head: the replica's status and headers (without hop-by-hop ones and
+/// those its `Connection` header nominates), a default `Content-Type`, the call id and start
+/// time, `Date`, and the framing.
+fn answer_head(context: &AnswerContext<'_>, head: &ResponseHead, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(head.status).as_bytes());
+    out.push(b' ');
+    let reason = http::StatusCode::from_u16(head.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_content_type = false;
+    let mut has_date = false;
+    for (name, value) in head.headers() {
+        let replaced = name.eq_ignore_ascii_case(START_TIME.as_str())
+            || (context.generated_call_id.is_some() && name.eq_ignore_ascii_case(CALL_ID.as_str()));
+        // The lane writes the framing itself; a 204 has none at all.
+        let framing = name.eq_ignore_ascii_case("content-length")
+            && (head.framing != Framing::Empty || head.status == 204);
+        if is_hop_by_hop(name) || replaced || framing || head.is_nominated(name) {
+            continue;
+        }
+        has_content_type |= name.eq_ignore_ascii_case("content-type");
+        has_date |= name.eq_ignore_ascii_case("date");
+        header(out, name.as_bytes(), value);
+    }
+    if !has_content_type {
+        let default = context.request_content_type.unwrap_or(b"text/plain");
+        header(out, b"content-type", default);
+    }
+    if let Some(call_id) = context.generated_call_id {
+        header(out, CALL_ID.as_str().as_bytes(), call_id);
+    }
+    header(
+        out,
+        START_TIME.as_str().as_bytes(),
+        itoa::Buffer::new().format(context.start_time).as_bytes(),
+    );
+    if !has_date {
+        header(out, b"date", &http_date());
+    }
+    match head.framing {
+        Framing::Length(n) => header(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(n).as_bytes(),
+        ),
+        Framing::Chunked => header(out, b"transfer-encoding", b"chunked"),
+        Framing::Close | Framing::Empty => {}
+    }
+    if !context.keep_alive || head.framing == Framing::Close {
+        header(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Finds where a chunked body ends, byte by byte across reads, and refuses anything outside
+/// RFC 9112 §7.1: sizes are 1 to 16 hex digits, every line ends in CRLF, extensions hold no
+/// control characters, trailer fields are `token ":" value`, and extensions and trailers are
+/// bounded.
 #[derive(Default, Debug)]
 struct Chunks {
     state: ChunkState,
     size: u64,
+    digits: u8,
+    extension_bytes: usize,
+    trailer_bytes: usize,
+    trailer_fields: usize,
 }
 
-#[derive(Default, Debug, PartialEq)]
+#[derive(Default, Debug, PartialEq, Clone, Copy)]
 enum ChunkState {
     #[default]
     Size,
+    /// Blanks after the size, before `;` or the line's end.
+    SizeBlank,
     /// Chunk extensions, up to the line's end.
     Extension,
     SizeLf,
     Data,
     DataCr,
     DataLf,
-    /// At the start of a trailer line (or of the final empty line).
+    /// At the start of a trailer field (or of the final empty line).
     TrailerStart,
-    Trailer,
+    TrailerName,
+    TrailerValue,
     TrailerLf,
     EndLf,
     Done,
 }
 
+/// `tchar` (RFC 9110 §5.6.2).
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A byte a field value or chunk extension may hold: visible, blank, or obs-text.
+fn is_value_byte(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
+}
+
 impl Chunks {
     /// Consumes bytes of `buf` up to the body's end; returns how many belong to the body and
-    /// whether it ended. Fails on a malformed body.
-    fn feed(&mut self, buf: &[u8]) -> Result<(usize, bool), ()> {
+    /// whether it ended.
+    fn feed(&mut self, buf: &[u8]) -> Result<(usize, bool), Malformed> {
         use ChunkState::*;
         let mut i = 0;
         while i < buf.len() {
             if self.state == Data {
-                let take = (buf.len() - i).min(self.size as usize);
+                let take = (buf.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
                 i += take;
                 self.size -= take as u64;
                 if self.size == 0 {
@@ -1009,25 +1265,58 @@ impl Chunks {
             }
             let b = buf[i];
             i += 1;
-            self.state = match (&self.state, b) {
-                (Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
-                    let digit = (b as char).to_digit(16).ok_or(())? as u64;
-                    self.size = self.size.checked_mul(16).ok_or(())? + digit;
+            if matches!(
+                self.state,
+                TrailerStart | TrailerName | TrailerValue | TrailerLf | EndLf
+            ) {
+                self.trailer_bytes += 1;
+                if self.trailer_bytes > MAX_TRAILER_BYTES {
+                    return Err(Malformed::Chunked);
+                }
+            }
+            self.state = match (self.state, b) {
+                (Size, _) if b.is_ascii_hexdigit() => {
+                    self.digits += 1;
+                    if self.digits > 16 {
+                        return Err(Malformed::Chunked);
+                    }
+                    let digit = (b as char).to_digit(16).ok_or(Malformed::Chunked)?;
+                    self.size = self.size * 16 + u64::from(digit);
                     Size
                 }
-                (Size, b';' | b' ' | b'\t') => Extension,
-                (Size | Extension, b'\r') => SizeLf,
-                (Extension, _) => Extension,
+                (Size, b' ' | b'\t') if self.digits > 0 => SizeBlank,
+                (SizeBlank, b' ' | b'\t') => SizeBlank,
+                (Size | SizeBlank, b';') if self.digits > 0 => Extension,
+                (Size | SizeBlank | Extension, b'\r') if self.digits > 0 => SizeLf,
+                (Extension, _) if is_value_byte(b) => {
+                    self.extension_bytes += 1;
+                    if self.extension_bytes > MAX_CHUNK_EXTENSIONS {
+                        return Err(Malformed::Chunked);
+                    }
+                    Extension
+                }
                 (SizeLf, b'\n') if self.size == 0 => TrailerStart,
                 (SizeLf, b'\n') => Data,
                 (DataCr, b'\r') => DataLf,
-                (DataLf, b'\n') => Size,
+                (DataLf, b'\n') => {
+                    self.digits = 0;
+                    Size
+                }
                 (TrailerStart, b'\r') => EndLf,
-                (Trailer, b'\r') => TrailerLf,
-                (TrailerStart | Trailer, _) => Trailer,
+                (TrailerStart, _) if is_token_byte(b) => {
+                    self.trailer_fields += 1;
+                    if self.trailer_fields > MAX_TRAILER_FIELDS {
+                        return Err(Malformed::Chunked);
+                    }
+                    TrailerName
+                }
+                (TrailerName, _) if is_token_byte(b) => TrailerName,
+                (TrailerName, b':') => TrailerValue,
+                (TrailerValue, b'\r') => TrailerLf,
+                (TrailerValue, _) if is_value_byte(b) => TrailerValue,
                 (TrailerLf, b'\n') => TrailerStart,
                 (EndLf, b'\n') => Done,
-                _ => return Err(()),
+                _ => return Err(Malformed::Chunked),
             };
             if self.state == Done {
                 return Ok((i, true));
@@ -1100,7 +1389,7 @@ impl AsyncWrite for Replay {
 mod tests {
     use super::*;
 
-    fn body_end(pieces: &[&[u8]]) -> Result<Option<usize>, ()> {
+    fn body_end(pieces: &[&[u8]]) -> Result<Option<usize>, Malformed> {
         let mut chunks = Chunks::default();
         let mut total = 0;
         for piece in pieces {
@@ -1203,41 +1492,199 @@ mod tests {
 
     #[test]
     fn a_malformed_chunked_body_is_refused() {
-        assert_eq!(body_end(&[b"zz\r\n"]), Err(()));
-        assert_eq!(body_end(&[b"3\r\nabcX\r\n"]), Err(()));
-        assert_eq!(body_end(&[b"ffffffffffffffffff\r\n"]), Err(()));
+        let refused = |body: &[u8]| {
+            assert_eq!(
+                body_end(&[body]),
+                Err(Malformed::Chunked),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            // Split anywhere, the verdict is the same.
+            for split in 1..body.len() {
+                let (a, b) = body.split_at(split);
+                assert_eq!(
+                    body_end(&[a, b]),
+                    Err(Malformed::Chunked),
+                    "split at {split}"
+                );
+            }
+        };
+        refused(b"zz\r\n");
+        refused(b"3\r\nabcX\r\n");
+        refused(b"11111111111111111\r\n");
+        // Line ends are CRLF, never a bare LF: in the size line, an extension, after data,
+        // in a trailer or at the end.
+        refused(b"2\nok\r\n0\r\n\r\n");
+        refused(b"2;x\nHTTP/1.1 200 OK\r\nok\r\n0\r\n\r\n");
+        refused(b"2\r\nok\n0\r\n\r\n");
+        refused(b"0\r\nx: y\nHTTP/1.1 200 OK\r\n\r\n");
+        refused(b"0\r\n\n");
+        refused(b"0\r\nx: y\r\r\n\r\n");
+        // A size is one or more hex digits: no empty line, no sign, no prefix, no blanks first.
+        refused(b"\r\n");
+        refused(b" 2\r\nok\r\n0\r\n\r\n");
+        refused(b"+2\r\nok\r\n0\r\n\r\n");
+        refused(b"0x2\r\nok\r\n0\r\n\r\n");
+        refused(b"2 3\r\nok\r\n0\r\n\r\n");
+        // Control characters in an extension, trailers that are not fields.
+        refused(b"2;a=\x00\r\nok\r\n0\r\n\r\n");
+        refused(b"0\r\n: no name\r\n\r\n");
+        refused(b"0\r\nname with space: v\r\n\r\n");
+        refused(b"0\r\nx:\x7f\r\n\r\n");
+        // Bounded extensions and trailers.
+        let mut long_extension = b"1;".to_vec();
+        long_extension.extend(std::iter::repeat_n(b'a', MAX_CHUNK_EXTENSIONS + 1));
+        long_extension.extend_from_slice(b"\r\n!\r\n0\r\n\r\n");
+        refused(&long_extension);
+        let mut many_trailers = b"0\r\n".to_vec();
+        for i in 0..=MAX_TRAILER_FIELDS {
+            many_trailers.extend_from_slice(format!("t{i}: v\r\n").as_bytes());
+        }
+        many_trailers.extend_from_slice(b"\r\n");
+        refused(&many_trailers);
+        let mut long_trailer = b"0\r\nt: ".to_vec();
+        long_trailer.extend(std::iter::repeat_n(b'v', MAX_TRAILER_BYTES));
+        long_trailer.extend_from_slice(b"\r\n\r\n");
+        refused(&long_trailer);
+    }
+
+    #[test]
+    fn a_well_formed_chunked_body_is_accepted_with_blanks_extensions_and_trailers() {
+        for body in [
+            &b"2 \t;name=\"quoted \xe9\"\r\nok\r\n0\r\n\r\n"[..],
+            b"0000\r\n\r\n",
+            b"A;x;y=z\r\n0123456789\r\n0;last\r\nExpires: never\r\nx-sum:\tabc\r\n\r\n",
+        ] {
+            assert_eq!(body_end(&[body]), Ok(Some(body.len())));
+        }
+    }
+
+    fn framing(head: &str, head_request: bool) -> Result<Option<(Framing, bool)>, Malformed> {
+        let mut buf = BytesMut::from(head.as_bytes());
+        Ok(match parse_response_head(&mut buf, head_request)? {
+            HeadParse::Final(h) => Some((h.framing, h.reusable)),
+            HeadParse::Interim => None,
+            HeadParse::Partial => panic!("a complete head"),
+        })
     }
 
     #[test]
     fn response_framing_follows_the_head() {
-        let framing = |head: &str, head_request: bool| {
-            let mut buf = BytesMut::from(head.as_bytes());
-            parse_response_head(&mut buf, head_request)
-                .unwrap()
-                .unwrap()
-                .map(|h| (h.framing, h.reusable))
-        };
         let ok = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
-        assert_eq!(framing(ok, false), Some((Framing::Length(5), true)));
-        assert_eq!(framing(ok, true), Some((Framing::Empty, true)));
+        assert_eq!(framing(ok, false), Ok(Some((Framing::Length(5), true))));
+        // A HEAD answer that announces a body may be followed by one: not reused.
+        assert_eq!(framing(ok, true), Ok(Some((Framing::Empty, false))));
+        let empty = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(framing(empty, true), Ok(Some((Framing::Empty, true))));
         let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-        assert_eq!(framing(chunked, false), Some((Framing::Chunked, true)));
+        assert_eq!(framing(chunked, false), Ok(Some((Framing::Chunked, true))));
         let unframed = "HTTP/1.1 200 OK\r\n\r\n";
-        assert_eq!(framing(unframed, false), Some((Framing::Close, false)));
+        assert_eq!(framing(unframed, false), Ok(Some((Framing::Close, false))));
         let closing = "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
-        assert_eq!(framing(closing, false), Some((Framing::Length(0), false)));
+        assert_eq!(
+            framing(closing, false),
+            Ok(Some((Framing::Length(0), false)))
+        );
         let old = "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n";
-        assert_eq!(framing(old, false), Some((Framing::Length(2), false)));
+        assert_eq!(framing(old, false), Ok(Some((Framing::Length(2), false))));
         assert_eq!(
             framing("HTTP/1.1 204 No Content\r\n\r\n", false),
-            Some((Framing::Empty, true))
+            Ok(Some((Framing::Empty, true)))
         );
-        assert_eq!(framing("HTTP/1.1 100 Continue\r\n\r\n", false), None);
-        let mut coded =
-            BytesMut::from("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n");
-        assert!(parse_response_head(&mut coded, false).is_err());
-        let mut two =
-            BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n");
-        assert!(parse_response_head(&mut two, false).is_err());
+        for announced in [
+            "HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(
+                framing(announced, false),
+                Ok(Some((Framing::Empty, false))),
+                "{announced}"
+            );
+        }
+        assert_eq!(framing("HTTP/1.1 100 Continue\r\n\r\n", false), Ok(None));
+        let identical = "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\n";
+        assert_eq!(
+            framing(identical, false),
+            Ok(Some((Framing::Length(1), true)))
+        );
+    }
+
+    #[test]
+    fn answers_that_break_the_framing_rules_are_refused() {
+        use Malformed::*;
+        for (head, cause) in [
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", TransferEncoding),
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n", TransferEncoding),
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n", TransferEncoding),
+            ("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", TransferEncoding),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", ContentLength),
+            ("HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\n", ContentLength),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\n", ContentLength),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 0x2\r\n\r\n", ContentLength),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n", ContentLength),
+            ("HTTP/1.1 099 Low\r\ncontent-length: 0\r\n\r\n", Status),
+            ("HTTP/1.1 000 Zero\r\n\r\n", Status),
+            ("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n", Upgrade),
+            ("HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n", Head),
+            ("HTTP/1.1 200 OK\r\nx : a\r\n\r\n", Head),
+            ("HTTP/1.1 200 OK\r\nx: \x00\r\n\r\n", Head),
+            ("HTTP/2 200 OK\r\n\r\n", Head),
+        ] {
+            assert_eq!(framing(head, false), Err(cause), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn the_relayed_head_drops_nominated_and_hop_headers_and_a_204_length() {
+        let relayed = |answer: &str, head_request: bool| {
+            let r = relay_whole(answer.as_bytes(), head_request).unwrap();
+            String::from_utf8(r.bytes).unwrap().to_ascii_lowercase()
+        };
+        let text = relayed(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 2\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        );
+        assert!(!text.contains("x-secret"), "{text}");
+        assert!(!text.contains("keep-alive"), "{text}");
+        assert!(text.contains("x-kept: 2\r\n"), "{text}");
+        assert!(text.ends_with("content-length: 2\r\n\r\nok"), "{text}");
+        let no_content = relayed(
+            "HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+            false,
+        );
+        assert!(!no_content.contains("content-length"), "{no_content}");
+        // A HEAD answer keeps the length it announces for the GET.
+        let head = relayed("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true);
+        assert!(head.contains("content-length: 5\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+    }
+
+    #[test]
+    fn bytes_after_an_answer_leave_its_connection_out_of_the_pool() {
+        let whole = |answer: &[u8], head_request: bool| relay_whole(answer, head_request).unwrap();
+        let planted = b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nPLANTED";
+        for (answer, head_request) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                false,
+            ),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", true),
+        ] {
+            assert!(whole(answer, head_request).reusable);
+            let mut more = answer.to_vec();
+            more.extend_from_slice(planted);
+            let relayed = whole(&more, head_request);
+            assert!(!relayed.reusable, "{:?}", String::from_utf8_lossy(&more));
+            assert!(
+                !relayed.bytes.windows(7).any(|w| w == b"PLANTED"),
+                "the planted bytes are not relayed"
+            );
+        }
     }
 }

@@ -15,9 +15,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
@@ -41,6 +42,7 @@ pub const DRAIN: Duration = Duration::from_secs(10);
 pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl From<&crate::config::LimitsConfig> for Limits {
@@ -48,6 +50,7 @@ impl From<&crate::config::LimitsConfig> for Limits {
         Limits {
             max_connections: l.max_connections,
             header_timeout: l.header_timeout,
+            idle_timeout: l.idle_timeout,
         }
     }
 }
@@ -184,6 +187,7 @@ struct Connections {
     shared: tokio::runtime::Handle,
     /// Cancelled when the listener stops accepting (lane connections close when idle).
     stopping: CancellationToken,
+    limits: Limits,
 }
 
 impl Connections {
@@ -218,11 +222,19 @@ impl Connections {
     {
         let Connections {
             app,
-            builder,
+            mut builder,
             lanes,
             shared,
+            limits,
             ..
         } = self;
+        let reads = Arc::new(AtomicU64::new(0));
+        builder.http1().timer(HeadTimer {
+            limits,
+            reads: reads.clone(),
+            first: Arc::new(AtomicBool::new(true)),
+        });
+        let io = CountedReads { io, reads };
         let handed = lanes.threads > 0;
         let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
@@ -275,6 +287,7 @@ pub async fn serve(
         },
         shared: tokio::runtime::Handle::current(),
         stopping: CancellationToken::new(),
+        limits,
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
@@ -327,6 +340,128 @@ pub async fn serve(
         }
     }
     drop(threads);
+}
+
+/// The general server's clock for request heads. hyper asks it for one deadline from the
+/// moment it waits for a request head, idle time included; this gives the first request
+/// `header_timeout` from then (accept), and each later one `idle_timeout` to begin and
+/// `header_timeout` from its first byte to finish its head, as the invoke lane does.
+#[derive(Clone)]
+struct HeadTimer {
+    limits: Limits,
+    /// Bytes read from the client so far (by [`CountedReads`]).
+    reads: Arc<AtomicU64>,
+    /// No head has been waited for yet on this connection.
+    first: Arc<AtomicBool>,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadSleep::fixed(Instant::now() + duration))
+    }
+
+    fn sleep_until(&self, _hyper_deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let now = Instant::now();
+        if self.first.swap(false, Ordering::Relaxed) {
+            return Box::pin(HeadSleep::fixed(now + self.limits.header_timeout));
+        }
+        Box::pin(HeadSleep {
+            sleep: Box::pin(tokio::time::sleep_until(
+                (now + self.limits.idle_timeout).into(),
+            )),
+            idle: Some((
+                self.reads.clone(),
+                self.reads.load(Ordering::Relaxed),
+                self.limits.header_timeout,
+            )),
+        })
+    }
+}
+
+/// A head deadline; while `idle` is set, the connection waits for a request's first byte, and
+/// the deadline moves to `header_timeout` after it once it comes.
+struct HeadSleep {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    idle: Option<(Arc<AtomicU64>, u64, Duration)>,
+}
+
+impl HeadSleep {
+    fn fixed(deadline: Instant) -> HeadSleep {
+        HeadSleep {
+            sleep: Box::pin(tokio::time::sleep_until(deadline.into())),
+            idle: None,
+        }
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // hyper polls this after every read that left the head incomplete.
+        if let Some((reads, at_start, header_timeout)) = &self.idle {
+            if reads.load(Ordering::Relaxed) != *at_start {
+                let deadline = Instant::now() + *header_timeout;
+                self.sleep.as_mut().reset(deadline.into());
+                self.idle = None;
+            }
+        }
+        self.sleep.as_mut().poll(cx)
+    }
+}
+
+/// Counts the bytes read from a client connection, for [`HeadTimer`].
+struct CountedReads<I> {
+    io: I,
+    reads: Arc<AtomicU64>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountedReads<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.reads.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedReads<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -91,8 +91,25 @@ impl Clients {
     }
 }
 
+/// Removes the headers that describe one hop: the fixed list, and those the message's
+/// `Connection` header nominates (RFC 9110 §7.6.1), except the framing and `Host`, which
+/// every hop writes itself.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in &HOP_BY_HOP {
+    let nominated: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .filter(|name| {
+            ![
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+                header::HOST,
+            ]
+            .contains(name)
+        })
+        .collect();
+    for name in nominated.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
 }
@@ -101,6 +118,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub enum UpstreamError {
     Connect(String),
     Timeout,
+    /// The replica's answer head broke HTTP/1.1 (the cause, as
+    /// `faastastic_upstream_protocol_errors_total` labels it, and the error).
+    Malformed(&'static str, String),
+}
+
+/// The protocol error in `e`'s causes, by the label the invoke lane gives it.
+fn malformed_cause(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return match () {
+                _ if h.is_parse_status() => Some("status"),
+                _ if h.is_parse_too_large() => Some("head_too_large"),
+                _ if h.is_parse() => Some("head"),
+                _ => None,
+            };
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// Sends `req` to `uri` (absolute), without hop-by-hop headers; the timeout covers the wait for
@@ -123,7 +160,10 @@ pub async fn send(
             .map_err(|_| UpstreamError::Timeout)?,
         None => fut.await,
     };
-    result.map_err(|e| UpstreamError::Connect(crate::error_chain(&e)))
+    result.map_err(|e| match malformed_cause(&e) {
+        Some(cause) => UpstreamError::Malformed(cause, crate::error_chain(&e)),
+        None => UpstreamError::Connect(crate::error_chain(&e)),
+    })
 }
 
 /// Counts a request as in flight on its replica until the response body is finished (or
@@ -367,12 +407,14 @@ impl Invoker {
             );
             return (response, datacenter);
         };
-        (self.send_to(id, &endpoint, suffix, req).await, datacenter)
+        let response = self.send_to(id, &datacenter, &endpoint, suffix, req).await;
+        (response, datacenter)
     }
 
     async fn send_to(
         &self,
         id: &FunctionId,
+        datacenter: &str,
         endpoint: &Arc<Endpoint>,
         suffix: &str,
         req: &mut Request<Body>,
@@ -381,6 +423,9 @@ impl Invoker {
             Some(q) => format!("{}{suffix}?{q}", endpoint.path_prefix),
             None => format!("{}{suffix}", endpoint.path_prefix),
         };
+        // Before the forwarding headers are added: a nominated `X-Forwarded-For` is the
+        // client's hop's, and the replica gets the real client address instead.
+        strip_hop_by_hop(req.headers_mut());
         if let Some(token) = &endpoint.agent_token {
             req.headers_mut().insert(AGENT_TOKEN, token.clone());
         }
@@ -439,8 +484,17 @@ impl Invoker {
                             drop(guard);
                             Response::from_parts(parts, Body::from(collected.to_bytes()))
                         }
-                        Ok(Err(_)) | Err(_) => {
+                        Ok(Err(e)) => {
+                            let cause = if e.is_incomplete_message() {
+                                "truncated"
+                            } else {
+                                "chunked"
+                            };
+                            self.refused(id, datacenter, endpoint, cause, &e.to_string());
                             internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id))
+                        }
+                        Err(_) => {
+                            internal_error(StatusCode::GATEWAY_TIMEOUT, self.timeout_text(id))
                         }
                     };
                 }
@@ -459,7 +513,33 @@ impl Invoker {
                 tracing::warn!(function = %id, replica = %endpoint.instance, error = %e, "upstream failed");
                 internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id))
             }
+            Err(UpstreamError::Malformed(cause, e)) => {
+                self.refused(id, datacenter, endpoint, cause, &e);
+                internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id))
+            }
         }
+    }
+
+    /// Logs and counts a replica answer refused for breaking the protocol.
+    pub(crate) fn refused(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+        endpoint: &Endpoint,
+        cause: &'static str,
+        error: &str,
+    ) {
+        tracing::warn!(
+            function = %id,
+            datacenter,
+            replica = %endpoint.instance,
+            cause,
+            "refused the replica's answer: {error}; the connection to it is closed"
+        );
+        self.metrics
+            .upstream_protocol_errors
+            .with_label_values(&[id.qualified().as_str(), datacenter, cause])
+            .inc();
     }
 
     /// A ready replica (home's first, or the pinned datacenter's) and its datacenter; when

@@ -244,6 +244,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Arc::new(crate::lane::Lane::new(
             state.invoker.clone(),
             cfg.limits.header_timeout,
+            cfg.limits.idle_timeout,
         ))
     });
     let app = api::router(state, auth);

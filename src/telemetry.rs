@@ -46,6 +46,9 @@ pub struct Metrics {
     pub invocation_started: IntCounterVec,
     /// `faastastic_replica_restarts_total{function_name,datacenter}`
     pub replica_restarts: IntCounterVec,
+    /// `faastastic_upstream_protocol_errors_total{function_name,datacenter,cause}`: replica
+    /// answers refused because they broke HTTP/1.1's framing or grammar.
+    pub upstream_protocol_errors: IntCounterVec,
     /// `faastastic_async_queue_depth`
     pub async_queue_depth: prometheus::IntGauge,
     /// `faastastic_scale_decisions_total{function_name,datacenter,direction,outcome}`
@@ -101,6 +104,14 @@ impl Metrics {
                 "Replicas restarted after they exited unexpectedly",
             ),
             &["function_name", "datacenter"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_protocol_errors = IntCounterVec::new(
+            Opts::new(
+                "faastastic_upstream_protocol_errors_total",
+                "Replica answers refused as malformed HTTP (answered 502, connection closed), by cause",
+            ),
+            &["function_name", "datacenter", "cause"],
         )
         .expect("static metric definition is valid");
         let async_queue_depth = prometheus::IntGauge::new(
@@ -182,6 +193,7 @@ impl Metrics {
             Box::new(functions_seconds.clone()),
             Box::new(invocation_started.clone()),
             Box::new(replica_restarts.clone()),
+            Box::new(upstream_protocol_errors.clone()),
             Box::new(async_queue_depth.clone()),
         ] {
             registry
@@ -194,6 +206,7 @@ impl Metrics {
             functions_seconds,
             invocation_started,
             replica_restarts,
+            upstream_protocol_errors,
             async_queue_depth,
             scale_decisions,
             waiting_requests,

@@ -394,7 +394,7 @@ async fn forward_http(w: &Watchdog, upstream: &Uri, req: Request) -> Response {
             StatusCode::GATEWAY_TIMEOUT,
             "function timed out".to_string(),
         ),
-        Err(proxy::UpstreamError::Connect(e)) => plain(
+        Err(proxy::UpstreamError::Connect(e) | proxy::UpstreamError::Malformed(_, e)) => plain(
             StatusCode::BAD_GATEWAY,
             format!("cannot reach function: {e}"),
         ),
