@@ -460,6 +460,25 @@ impl Invoker {
         {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
+                // What hyper's client lets through but the invoke lane refuses: an upgrade
+                // nobody asked for, and a length beside chunked framing (RFC 9112 §6.3: a
+                // sign of smuggling; relayed, the length would misframe the client's answer).
+                let refusal = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    Some(("upgrade", "the replica switched protocols unasked"))
+                } else if parts.headers.contains_key(header::TRANSFER_ENCODING)
+                    && parts.headers.contains_key(header::CONTENT_LENGTH)
+                {
+                    Some((
+                        "transfer_encoding",
+                        "the replica sent both Transfer-Encoding and Content-Length",
+                    ))
+                } else {
+                    None
+                };
+                if let Some((cause, text)) = refusal {
+                    self.refused(id, datacenter, endpoint, cause, text);
+                    return internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id));
+                }
                 strip_hop_by_hop(&mut parts.headers);
                 if !parts.headers.contains_key(CONTENT_TYPE) {
                     parts.headers.insert(
