@@ -296,13 +296,12 @@ async fn read_until_quiet(conn: &mut TcpStream, quiet: Duration) -> (Vec<u8>, bo
     }
 }
 
+/// Status, lower-cased headers, body, and the bytes after the answer.
+type Parsed = (u16, Vec<(String, String)>, Vec<u8>, Vec<u8>);
+
 /// One answer read strictly from `bytes`: status, lower-cased headers, body, and the bytes
 /// after it; `None` when the bytes hold no complete answer.
-fn parse_answer(
-    bytes: &[u8],
-    head_request: bool,
-    closed: bool,
-) -> Option<(u16, Vec<(String, String)>, Vec<u8>, Vec<u8>)> {
+fn parse_answer(bytes: &[u8], head_request: bool, closed: bool) -> Option<Parsed> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
     let httparse::Status::Complete(len) = resp.parse(bytes).ok()? else {
