@@ -853,6 +853,10 @@ impl std::fmt::Display for Malformed {
     }
 }
 
+/// Headers the lane may add to a replica's answer head (content type, call id, start time,
+/// date, framing, connection).
+const ADDED_HEADERS: usize = 6;
+
 /// Chunk extension bytes a chunked answer may carry in all.
 const MAX_CHUNK_EXTENSIONS: usize = 4 * 1024;
 /// A chunked answer's trailer section at most: bytes, and fields.
@@ -942,6 +946,11 @@ fn parse_response_head(buf: &mut BytesMut, head_request: bool) -> Result<HeadPar
         httparse::Status::Partial => return Ok(HeadParse::Partial),
         httparse::Status::Complete(n) => n,
     };
+    // The relayed head gets up to `ADDED_HEADERS` of the lane's own: it stays within what a
+    // client reads (hyper's limit is `MAX_HEADERS`).
+    if resp.headers.len() + ADDED_HEADERS > MAX_HEADERS {
+        return Err(Malformed::HeadTooLarge);
+    }
     let status = resp.code.ok_or(Malformed::Head)?;
     match status {
         0..=99 => return Err(Malformed::Status),
@@ -1095,6 +1104,8 @@ pub struct Relayed {
     pub status: u16,
     /// The upstream connection could carry another request.
     pub reusable: bool,
+    /// The body runs until the connection closes.
+    pub close_delimited: bool,
 }
 
 /// What the lane makes of `answer`, a replica's whole answer to a request (a `HEAD` one when
@@ -1129,6 +1140,7 @@ pub fn relay_whole(answer: &[u8], head_request: bool) -> Result<Relayed, Malform
                 bytes,
                 status: head.status,
                 reusable: false,
+                close_delimited: true,
             });
         }
     };
@@ -1141,6 +1153,7 @@ pub fn relay_whole(answer: &[u8], head_request: bool) -> Result<Relayed, Malform
         bytes,
         status: head.status,
         reusable: head.reusable && used == buf.len(),
+        close_delimited: false,
     })
 }
 
