@@ -441,13 +441,11 @@ fn check_answer(
     }
 }
 
-async fn hostile_replicas_never_reach_other_clients(lane: bool) {
-    let mode = if lane { "lane" } else { "general path" };
-    let (replica, port) = Replica::start().await;
-    // One connection thread, so that every client meets the same upstream pool.
+/// faastastic with `extra` config and one `remote` datacenter, `edge`, whose agent and only
+/// replica is the raw server on `port`; `evil` deployed there and answering.
+async fn serve_evil(extra: &str, port: u16) -> Server {
     let config = format!(
-        "[proxy]\nlane = {lane}\nconnection_threads = 1\nupstream_timeout_secs = 5\n\
-         [[datacenters]]\nname = \"edge\"\nplatform = \"remote\"\nurl = \"http://127.0.0.1:{port}\"\n"
+        "{extra}[[datacenters]]\nname = \"edge\"\nplatform = \"remote\"\nurl = \"http://127.0.0.1:{port}\"\n"
     );
     let s = Server::with(common::Options {
         config: Some(&config),
@@ -466,8 +464,20 @@ async fn hostile_replicas_never_reach_other_clients(lane: bool) {
                 .is_ok_and(|r| r.status() == 200)
         })
         .await,
-        "{mode}: the function answers"
+        "the function answers"
     );
+    s
+}
+
+async fn hostile_replicas_never_reach_other_clients(lane: bool) {
+    let mode = if lane { "lane" } else { "general path" };
+    let (replica, port) = Replica::start().await;
+    // One connection thread, so that every client meets the same upstream pool.
+    let s = serve_evil(
+        &format!("[proxy]\nlane = {lane}\nconnection_threads = 1\nupstream_timeout_secs = 5\n"),
+        port,
+    )
+    .await;
     let addr = s.addr();
     let quiet = Duration::from_millis(250);
 
@@ -601,30 +611,8 @@ async fn the_general_path_refuses_hostile_answers_the_same_way() {
 /// replica, and a nominated `X-Forwarded-For` gives way to the real client address.
 async fn nominated_request_headers_stay_on_their_hop(lane: bool) {
     let (replica, port) = Replica::start().await;
-    let config = format!(
-        "[proxy]\nlane = {lane}\n[[datacenters]]\nname = \"edge\"\nplatform = \"remote\"\nurl = \"http://127.0.0.1:{port}\"\n"
-    );
-    let s = Server::with(common::Options {
-        config: Some(&config),
-        ..Default::default()
-    });
-    assert_eq!(
-        s.deploy(json!({"service": "evil", "image": "any/evil"}))
-            .await
-            .status(),
-        202
-    );
+    let s = serve_evil(&format!("[proxy]\nlane = {lane}\n"), port).await;
     let addr = s.addr();
-    assert!(
-        poll(Duration::from_secs(15), || async {
-            s.http
-                .get(s.url("/function/evil/innocent"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await
-    );
     let mut conn = TcpStream::connect(&addr).await.unwrap();
     let local = conn.local_addr().unwrap().to_string();
     conn.write_all(
@@ -666,31 +654,14 @@ async fn nominated_request_headers_stay_on_their_hop_on_both_paths() {
 /// that starts a request keeps `header_timeout_ms` from its first byte.
 async fn idle_clients_are_closed(lane: bool) {
     let (_replica, port) = Replica::start().await;
-    let config = format!(
-        "[limits]\nidle_timeout_ms = 600\nheader_timeout_ms = 3000\n[proxy]\nlane = {lane}\n\
-         [[datacenters]]\nname = \"edge\"\nplatform = \"remote\"\nurl = \"http://127.0.0.1:{port}\"\n"
-    );
-    let s = Server::with(common::Options {
-        config: Some(&config),
-        ..Default::default()
-    });
-    assert_eq!(
-        s.deploy(json!({"service": "evil", "image": "any/evil"}))
-            .await
-            .status(),
-        202
-    );
+    let s = serve_evil(
+        &format!(
+            "[limits]\nidle_timeout_ms = 600\nheader_timeout_ms = 3000\n[proxy]\nlane = {lane}\n"
+        ),
+        port,
+    )
+    .await;
     let addr = s.addr();
-    assert!(
-        poll(Duration::from_secs(15), || async {
-            s.http
-                .get(s.url("/function/evil/innocent"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await
-    );
     // Idle after an answer: closed after the idle timeout, well before the header timeout.
     let mut idle = TcpStream::connect(&addr).await.unwrap();
     idle.write_all(request("GET", "innocent").as_bytes())
