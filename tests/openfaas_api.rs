@@ -651,3 +651,36 @@ async fn async_queue_bounds_the_bytes_it_holds() {
         "what fits is still accepted"
     );
 }
+
+/// The README's own start (`serve` without `--data-dir`) keeps its data directory relative to
+/// where it runs; a replica, which runs in its own directory, still finds its secrets.
+#[tokio::test]
+async fn secrets_are_readable_when_the_data_directory_is_relative() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::with(common::Options {
+        data_dir: Some(std::path::Path::new("faastastic-data")),
+        cwd: Some(dir.path()),
+        ..Default::default()
+    });
+    let r = s
+        .system(Method::POST, "/system/secrets")
+        .json(&json!({"name":"api-key","value":"s3cret"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let reader = json!({"service":"reader","image":"x",
+        "envProcess":"sh -c 'echo $secret_mount_path; cat $secret_mount_path/api-key'",
+        "secrets":["api-key"]});
+    assert_eq!(s.deploy(reader).await.status(), 202);
+    s.wait_available("reader", 1).await;
+    let (status, body) = s.invoke("reader", "").await;
+    assert_eq!(status, 200, "{body}");
+    let (path, value) = body.split_once('\n').unwrap();
+    assert!(
+        path.starts_with('/'),
+        "an absolute secret_mount_path: {path}"
+    );
+    assert!(path.starts_with(dir.path().to_str().unwrap()), "{path}");
+    assert_eq!(value, "s3cret");
+}

@@ -131,6 +131,9 @@ impl LocalPlatform {
         datacenter: &str,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<LocalPlatform> {
+        // Absolute: replicas run in their own directories, and the paths they are given
+        // (`secret_mount_path`) must lead to the same place from there.
+        let run_dir = std::path::absolute(&run_dir)?;
         if run_dir.exists() {
             std::fs::remove_dir_all(&run_dir)?;
         }

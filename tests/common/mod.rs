@@ -34,6 +34,8 @@ pub struct Options<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// A file to write the server's stderr to, instead of the test's stderr.
     pub stderr_log: Option<&'a Path>,
+    /// The server's working directory (a relative `data_dir` is taken from it).
+    pub cwd: Option<&'a Path>,
 }
 
 impl Server {
@@ -51,6 +53,11 @@ impl Server {
                 (Some(tmp), dir)
             }
         };
+        // Where the harness finds the data directory (the server may take it relative to `cwd`).
+        let local_dir = match opts.cwd {
+            Some(cwd) if data_dir.is_relative() => cwd.join(&data_dir),
+            _ => data_dir.clone(),
+        };
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .arg("--listen")
@@ -66,6 +73,9 @@ impl Server {
         if !opts.auth {
             cmd.arg("--no-auth");
         }
+        if let Some(dir) = opts.cwd {
+            cmd.current_dir(dir);
+        }
         for (key, value) in opts.env {
             cmd.env(key, value);
         }
@@ -73,7 +83,7 @@ impl Server {
             cmd.stderr(std::fs::File::create(path).expect("create the stderr log"));
         }
         if let Some(config) = opts.config {
-            let path = data_dir.with_extension("toml");
+            let path = std::path::absolute(local_dir.with_extension("toml")).unwrap();
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, config).unwrap();
             cmd.arg("--config").arg(&path);
@@ -103,7 +113,7 @@ impl Server {
         };
         let (user, password) = if opts.auth {
             let read = |f: &str| {
-                std::fs::read_to_string(data_dir.join(f))
+                std::fs::read_to_string(local_dir.join(f))
                     .ok()
                     .map(|s| s.trim().to_string())
             };
@@ -117,7 +127,7 @@ impl Server {
         Server {
             child,
             base,
-            data_dir,
+            data_dir: local_dir,
             _tmp: tmp,
             user,
             password,
