@@ -171,6 +171,8 @@ impl Lane {
         // Waited on whenever the connection is idle: registered once, not per request.
         let stopping = shutdown.clone().cancelled_owned();
         tokio::pin!(stopping);
+        let idle = tokio::time::sleep(self.idle_timeout);
+        tokio::pin!(idle);
         loop {
             // An idle connection does not keep what a large body or answer grew its buffers to.
             if buf.is_empty() && buf.capacity() > SPARE_BUFFER {
@@ -200,14 +202,25 @@ impl Lane {
                     }
                 }
                 let read = match deadline {
-                    // Between requests: until the idle timeout, or shutdown.
-                    None => tokio::select! {
-                        r = tokio::time::timeout(self.idle_timeout, client.read_buf(&mut buf)) => match r {
-                            Ok(r) => r,
-                            Err(_) => return Finished::Closed,
-                        },
-                        _ = &mut stopping => return Finished::Closed,
-                    },
+                    // Between requests: until the idle timeout, or shutdown. The idle timer
+                    // is armed once per connection and moved only when it fires early, so a
+                    // busy connection does not register a timer per request.
+                    None => {
+                        let idle_since = Instant::now();
+                        loop {
+                            tokio::select! {
+                                r = client.read_buf(&mut buf) => break r,
+                                _ = &mut idle => {
+                                    let due = idle_since + self.idle_timeout;
+                                    if Instant::now() >= due {
+                                        return Finished::Closed;
+                                    }
+                                    idle.as_mut().reset(due.into());
+                                }
+                                _ = &mut stopping => return Finished::Closed,
+                            }
+                        }
+                    }
                     Some(at) => {
                         match tokio::time::timeout_at(at.into(), client.read_buf(&mut buf)).await {
                             Ok(r) => r,
