@@ -708,7 +708,8 @@ async fn shadow_mode_leaves_no_trace_in_the_engine() {
     assert_eq!(replicas(&s, "shadow").await, 2);
 }
 
-/// A hold alert (`scale_action: hold`) keeps replicas from going down while it fires.
+/// A hold alert (`scale_action: hold`) keeps replicas from going down while it fires; it does
+/// not stop scale-ups.
 #[tokio::test]
 async fn a_hold_alert_keeps_replicas_up_until_it_resolves() {
     let s = Server::with(Options {
@@ -729,6 +730,12 @@ async fn a_hold_alert_keeps_replicas_up_until_it_resolves() {
         .unwrap()
         .contains("hold alert"));
     assert_eq!(replicas(&s, "batchy").await, 4);
+    // Scale-ups still happen during a hold (the README's Operating table and Autoscaling
+    // section say so both).
+    let up = firing("batchy", "u1", json!({}));
+    let (_, body) = alert(&s, &webhook(vec![up])).await;
+    assert_eq!(body["alerts"][0]["outcome"], "scaled", "{body}");
+    assert_eq!(replicas(&s, "batchy").await, 5);
     // The hold resolves: the next step-down goes through.
     let mut released = hold.clone();
     released["status"] = json!("resolved");
@@ -743,7 +750,7 @@ async fn a_hold_alert_keeps_replicas_up_until_it_resolves() {
     let down = firing("batchy", "d2", json!({"scale_action": "down"}));
     let (_, body) = alert(&s, &webhook(vec![down])).await;
     assert_eq!(body["alerts"][0]["outcome"], "scaled", "{body}");
-    assert!(replicas(&s, "batchy").await < 4);
+    assert!(replicas(&s, "batchy").await < 5);
 }
 
 /// A manual scale stays within the function's min and max unless it says `override`, and is
