@@ -702,12 +702,20 @@ impl Fleet {
                 }
             }
         }
-        errors.extend(crate::autoscale::labels::check_labels(dep));
+        // The deployment's own checks may have named a label already.
+        for e in crate::autoscale::labels::check_labels(dep) {
+            let label = e.split(':').next().unwrap_or_default();
+            if !errors.iter().any(|known| known.contains(label)) {
+                errors.push(e);
+            }
+        }
         for (label, n) in [
             (crate::model::LABEL_SCALE_MIN, dep.min_replicas()),
             (crate::model::LABEL_SCALE_INITIAL, dep.initial_replicas()),
         ] {
-            if n > self.max_replicas {
+            // The initial count is named only when the user set it (else it is min's).
+            let set = dep.label(label).is_some();
+            if set && n > self.max_replicas {
                 errors.push(format!(
                     "labels: {label} {n} is above this server's limit of {} replicas (limits.max_replicas)",
                     self.max_replicas

@@ -684,3 +684,48 @@ async fn secrets_are_readable_when_the_data_directory_is_relative() {
     assert!(path.starts_with(dir.path().to_str().unwrap()), "{path}");
     assert_eq!(value, "s3cret");
 }
+
+/// Scaling labels that contradict each other are refused at deploy, each complaint once, and
+/// only about what the user set.
+#[tokio::test]
+async fn contradicting_scaling_labels_are_refused_at_deploy_once_each() {
+    let s = Server::with(common::Options {
+        config: Some("[limits]\nmax_replicas = 3\n"),
+        ..Default::default()
+    });
+    let deploy = |labels: Value| {
+        let mut f = echo_function("bounds");
+        f["labels"] = labels;
+        s.deploy(f)
+    };
+    let r = deploy(json!({"com.openfaas.scale.min": "3", "com.openfaas.scale.max": "2"})).await;
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("com.openfaas.scale.min") && text.contains("com.openfaas.scale.max"),
+        "{text}"
+    );
+    let r = deploy(json!({"com.openfaas.scale.min": "abc"})).await;
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        text.matches("com.openfaas.scale.min").count(),
+        1,
+        "one complaint about min: {text}"
+    );
+    let r = deploy(json!({"com.openfaas.scale.min": "5"})).await;
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("limits.max_replicas"), "{text}");
+    assert!(
+        !text.contains("com.faastastic.scale.initial"),
+        "initial was not set: {text}"
+    );
+    // Nothing was deployed by the refusals; bare-number durations and yes/no flags are taken.
+    let r = deploy(
+        json!({"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "2",
+        "com.faastastic.scale.down-cooldown": "10", "com.faastastic.scale.resolved-to-min": "yes"}),
+    )
+    .await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+}

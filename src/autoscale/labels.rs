@@ -116,6 +116,15 @@ pub fn check_labels(dep: &FunctionDeployment) -> Vec<String> {
     read(LABEL_MAX_STEP_UP, &|v| parse_step_cap(v).map(|_| ()));
     read(LABEL_STALENESS_GUARD, &|v| parse_bool(v).map(|_| ()));
     read(LABEL_ZERO_DURATION, &|v| parse_duration(v).map(|_| ()));
+    // Bounds that contradict each other (a min of 0 means the default, as in OpenFaaS).
+    let bound = |key: &str| dep.label(key).and_then(|v| v.trim().parse::<u64>().ok());
+    if let (Some(min), Some(max)) = (bound(LABEL_SCALE_MIN), bound(LABEL_SCALE_MAX)) {
+        if min > max {
+            errors.push(format!(
+                "{LABEL_SCALE_MIN}: {min} is above {LABEL_SCALE_MAX} ({max})"
+            ));
+        }
+    }
     errors
 }
 
