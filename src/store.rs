@@ -504,15 +504,18 @@ impl Store {
     /// An event that concerns no single function (a metric source going down or coming back).
     pub async fn record_source_event(
         &self,
+        namespace: &str,
+        name: &str,
         datacenter: &str,
         at: DateTime<Utc>,
         json: String,
     ) -> Result<i64, StoreError> {
+        let (namespace, name) = (namespace.to_string(), name.to_string());
         let datacenter = datacenter.to_string();
         self.call(move |conn| {
             conn.execute(
-                "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, '', '', ?2, ?3)",
-                params![at.to_rfc3339(), datacenter, json],
+                "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![at.to_rfc3339(), namespace, name, datacenter, json],
             )?;
             Ok(conn.last_insert_rowid())
         })

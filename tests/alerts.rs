@@ -652,6 +652,18 @@ async fn pause_holds_decisions_survives_a_restart_and_resume_changes_nothing_els
     assert_eq!((code, &body["changed"]), (200, &json!(false)), "{body}");
     let (_, body) = alert(&s, &webhook(vec![firing("batch", "3", json!({}))])).await;
     assert_eq!(body["alerts"][0]["outcome"], "scaled", "{body}");
+    // The function's own trail shows when it was paused and resumed.
+    let trail = events(&s, "?function=batch").await;
+    let outcomes: Vec<&str> = trail
+        .iter()
+        .filter(|e| e["source"] == "operator")
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["resumed", "paused"], "{trail:#?}");
+    assert!(trail
+        .iter()
+        .filter(|e| e["source"] == "operator")
+        .all(|e| e["function"] == "batch" && e["namespace"] == "openfaas-fn"));
 
     // Pausing everything holds every function; resuming everything lifts it.
     let (code, _) = post_json(&s, "/system/autoscaling/pause", "").await;

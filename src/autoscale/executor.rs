@@ -687,12 +687,26 @@ impl Autoscaler {
         reason: String,
         evidence: serde_json::Value,
     ) {
+        self.record_event_about(None, source, outcome, reason, evidence)
+            .await
+    }
+
+    /// Records an event that is not a decision, about one function (so that
+    /// `scale-events?function=NAME` finds it) or about none.
+    async fn record_event_about(
+        &self,
+        function: Option<&FunctionId>,
+        source: &str,
+        outcome: &'static str,
+        reason: String,
+        evidence: serde_json::Value,
+    ) {
         tracing::warn!(source, outcome, "{reason}");
         let event = ScaleEvent {
             id: None,
             time: Utc::now(),
-            function: String::new(),
-            namespace: String::new(),
+            function: function.map(|f| f.name.clone()).unwrap_or_default(),
+            namespace: function.map(|f| f.namespace.clone()).unwrap_or_default(),
             datacenter: self.fleet.home().to_string(),
             source: source.to_string(),
             from: 0,
@@ -707,6 +721,8 @@ impl Autoscaler {
         if let Err(e) = self
             .store
             .record_source_event(
+                &event.namespace,
+                &event.function,
                 &event.datacenter,
                 event.time,
                 serde_json::to_string(&event).unwrap_or_default(),
@@ -879,7 +895,11 @@ impl Autoscaler {
             Some(r) => ("paused", format!("autoscaling of {what} paused: {r}")),
             None => ("resumed", format!("autoscaling of {what} resumed")),
         };
-        self.record_source_event(
+        let function = (scope != ALL)
+            .then(|| crate::model::split_qualified(scope))
+            .and_then(|(name, namespace)| Some(FunctionId::new(name, namespace?)));
+        self.record_event_about(
+            function.as_ref(),
             "operator",
             outcome,
             text,
