@@ -368,16 +368,33 @@ impl Invoker {
         let pin = match req.headers().get(DATACENTER).map(|v| v.to_str()) {
             None => None,
             Some(Ok(dc)) if self.fleet.datacenter(dc).is_some() => Some(dc.to_string()),
-            Some(_) => {
+            Some(value) => {
+                let value = value.map_or_else(
+                    |_| "(not text)".to_string(),
+                    |v| format!("{:?}", crate::model::truncate_for_message(v)),
+                );
                 return internal_error(
                     StatusCode::BAD_REQUEST,
                     format!(
-                        "{DATACENTER}: not one of {}",
+                        "{DATACENTER}: {value} is not one of {}",
                         self.fleet.datacenter_names().join(", ")
                     ),
-                )
+                );
             }
         };
+        // As /system/scale-function answers it: a datacenter the function is not in.
+        if let Some(dc) = &pin {
+            if self
+                .fleet
+                .placement_of(id)
+                .is_some_and(|placed| !placed.contains_key(dc))
+            {
+                return internal_error(
+                    StatusCode::NOT_FOUND,
+                    format!("function {id} is not in datacenter {dc}"),
+                );
+            }
+        }
         let started = Instant::now();
         let function_name = self.started(id);
         let (response, datacenter) = self.forward(id, pin.as_deref(), suffix, &mut req).await;

@@ -146,6 +146,7 @@ async fn three_datacenters_one_control_plane() {
     let (code, body) = invoke_in(&s, "hello", "mars").await;
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("stage, lon, syd"), "{body}");
+    assert!(body.contains("\"mars\""), "the value is repeated: {body}");
 
     // An alert labelled datacenter=lon scales only lon.
     let alert = common::alert_payload(
@@ -231,7 +232,10 @@ async fn three_datacenters_one_control_plane() {
     let status = s.status("later").await.1;
     let dcs: Vec<&String> = status["datacenters"].as_object().unwrap().keys().collect();
     assert_eq!(dcs, ["stage", "syd"]);
-    assert_eq!(invoke_in(&s, "later", "lon").await.0, 503);
+    // Pinned to a datacenter it is not in: a 404 naming it, as scale-function answers.
+    let (code, body) = invoke_in(&s, "later", "lon").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("not in datacenter lon"), "{body}");
 }
 
 #[tokio::test]
