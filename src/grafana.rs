@@ -83,6 +83,10 @@ impl Annotations {
             }
             None => None,
         };
+        // Every result's series at zero from the start, for rate() and absent().
+        for result in ["sent", "failed", "dropped"] {
+            metrics.annotations.with_label_values(&[result]);
+        }
         let url = format!("{}/api/annotations", base.trim_end_matches('/'));
         let client = reqwest::Client::builder().timeout(cfg.timeout).build()?;
         let (tx, mut rx) = mpsc::channel::<Annotation>(cfg.queue_capacity.max(1));

@@ -123,6 +123,12 @@ async fn every_scale_is_annotated_and_retried_when_grafana_fails() {
         config: Some(&cfg),
         ..Default::default()
     });
+    // Every result's series is there at zero before the first annotation.
+    let metrics = s.metrics().await;
+    for result in ["sent", "failed", "dropped"] {
+        let series = format!(r#"faastastic_grafana_annotations_total{{result="{result}"}}"#);
+        assert_eq!(sample(&metrics, &series), Some(0.0), "{series}");
+    }
     assert_eq!(s.deploy(echo_function("annotated")).await.status(), 202);
     let answer = fire(&s, "annotated", "a").await;
     assert_eq!(answer["alerts"][0]["outcome"], "scaled");

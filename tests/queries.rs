@@ -31,6 +31,14 @@ interval_ms = 200
         ),
         ..Default::default()
     });
+    // The policy's error series is there at zero before any read fails, for rate().
+    assert_eq!(
+        sample(
+            &s.metrics().await,
+            r#"faastastic_policy_source_errors_total{policy="own-rate"}"#
+        ),
+        Some(0.0)
+    );
     let mut f = echo_function("tracked");
     f["labels"] = json!({"com.openfaas.scale.max": "4"});
     assert_eq!(s.deploy(f).await.status(), 202);
@@ -313,6 +321,7 @@ async fn prometheus_over_tls_with_basic_auth() {
         .is_some_and(|n| n >= 1.0),
         "{metrics}"
     );
+
     let last = sample(
         &metrics,
         r#"faastastic_autoscaler_last_evaluation_timestamp_seconds{loop="query:tls"}"#,

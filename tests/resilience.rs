@@ -26,6 +26,9 @@ async fn killed_replica_is_restarted_and_counted() {
     let s = Server::start();
     assert_eq!(s.deploy(echo_function("sturdy")).await.status(), 202);
     s.wait_available("sturdy", 1).await;
+    // The series is there at zero before the first restart, for rate() and increase().
+    let restarts = r#"faastastic_replica_restarts_total{datacenter="home",function_name="sturdy.openfaas-fn"}"#;
+    assert_eq!(sample(&s.metrics().await, restarts), Some(0.0));
     let pids = replica_pids(s.pid());
     assert_eq!(pids.len(), 1, "one replica process: {pids:?}");
     unsafe { libc::kill(pids[0], libc::SIGKILL) };

@@ -133,6 +133,10 @@ pub fn spawn_all(
             }
         };
         tracing::info!(policy = %policy.name, "query policy: {source}, {}, every {:?}", policy.strategy, policy.interval);
+        // At zero from the start, so rate() and absent() work before the first failure.
+        metrics
+            .source_errors
+            .with_label_values(&[policy.name.as_str()]);
         let mut runner = Runner {
             policy: policy.clone(),
             prometheus: client,

@@ -608,6 +608,11 @@ impl Platform for LocalPlatform {
         let inner = &self.inner;
         let number = inner.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let id = workload.id.clone();
+        // The function's restart series at zero from its deploy, for rate() and increase().
+        inner
+            .metrics
+            .replica_restarts
+            .with_label_values(&[id.qualified().as_str(), inner.datacenter.as_str()]);
         let dir = inner
             .run_dir
             .join(&id.namespace)
