@@ -897,3 +897,36 @@ async fn connections_beyond_the_limit_wait_for_a_free_one() {
     .await;
     assert!(served, "a freed connection slot was not reused");
 }
+
+/// A classic function gets request headers as environment variables: a header too large for
+/// one is a 431 naming it, before any process starts, not the kernel's "argument list too
+/// long" as a 500.
+#[tokio::test]
+async fn a_header_too_large_for_a_classic_function_is_431() {
+    let s = Server::start();
+    assert_eq!(s.deploy(echo_function("classic")).await.status(), 202);
+    s.wait_available("classic", 1).await;
+    let big = "x".repeat(200 * 1024);
+    let r = s
+        .http
+        .post(s.url("/function/classic"))
+        .header("x-big", &big)
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("Http_X_Big"), "{text}");
+    // Headers that fit still reach the function.
+    let r = s
+        .http
+        .post(s.url("/function/classic"))
+        .header("x-fits", "x".repeat(64 * 1024))
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hi");
+}

@@ -257,12 +257,8 @@ fn header_env_name(name: &str) -> String {
     out
 }
 
-fn request_env(
-    headers: &HeaderMap,
-    method: &str,
-    uri: &Uri,
-    body_len: usize,
-) -> Vec<(String, String)> {
+/// The request as a classic process's environment, but for `Http_ContentLength`.
+fn request_env(headers: &HeaderMap, method: &str, uri: &Uri) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = headers
         .iter()
         .filter_map(|(k, v)| Some((header_env_name(k.as_str()), v.to_str().ok()?.to_string())))
@@ -272,12 +268,44 @@ fn request_env(
     if let Some(q) = uri.query() {
         env.push(("Http_Query".into(), q.to_string()));
     }
-    env.push(("Http_ContentLength".into(), body_len.to_string()));
     env
+}
+
+/// The longest `NAME=value` one environment variable may be (Linux's `MAX_ARG_STRLEN`, 32
+/// pages of 4 KiB, less its terminating NUL).
+const MAX_ENV_ENTRY: usize = 32 * 4096 - 1;
+/// The request variables a classic process gets, in all (the kernel's limit for arguments and
+/// environment together is larger on any usual stack size, and the server's own environment
+/// comes on top).
+const MAX_REQUEST_ENV: usize = 1024 * 1024;
+
+/// Why a request's headers cannot become a classic process's environment, if they cannot.
+fn env_too_large(env: &[(String, String)]) -> Option<String> {
+    if let Some((name, value)) = env
+        .iter()
+        .find(|(name, value)| name.len() + 1 + value.len() > MAX_ENV_ENTRY)
+    {
+        return Some(format!(
+            "{name} is {} bytes; a classic function gets each request header as an environment \
+             variable of at most {MAX_ENV_ENTRY} bytes",
+            value.len()
+        ));
+    }
+    let total: usize = env.iter().map(|(n, v)| n.len() + v.len() + 2).sum();
+    (total > MAX_REQUEST_ENV).then(|| {
+        format!(
+            "the request's headers make {total} bytes of environment; a classic function takes \
+             at most {MAX_REQUEST_ENV}"
+        )
+    })
 }
 
 async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    let mut env = request_env(&parts.headers, parts.method.as_str(), &parts.uri);
+    if let Some(why) = env_too_large(&env) {
+        return plain(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why);
+    }
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -287,15 +315,11 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
             )
         }
     };
+    env.push(("Http_ContentLength".into(), body.len().to_string()));
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_remove(LISTEN_ENV)
-        .envs(request_env(
-            &parts.headers,
-            parts.method.as_str(),
-            &parts.uri,
-            body.len(),
-        ))
+        .envs(env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -305,6 +329,12 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
     crate::platform::local::die_with_parent(&mut cmd, libc::SIGKILL);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
+        Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
+            return plain(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("the request's headers are too large to pass to the function process: {e}"),
+            );
+        }
         Err(e) => {
             eprintln!("cannot start {:?}: {e}", argv[0]);
             return plain(
