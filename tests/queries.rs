@@ -361,3 +361,57 @@ async fn prometheus_over_tls_with_basic_auth() {
         "a wrong password must be an outage"
     );
 }
+
+/// In shadow mode a periodic query recommends the same step at every evaluation (nothing
+/// changes); it is recorded once, not once per interval.
+#[tokio::test]
+async fn a_shadow_query_decision_is_recorded_once_until_it_changes() {
+    let s = Server::with(Options {
+        config: Some(
+            r#"
+[[autoscale.queries]]
+name = "pinned"
+strategy = "fixed"
+replicas = 3
+interval_ms = 100
+"#,
+        ),
+        ..Default::default()
+    });
+    let mut f = echo_function("shadowed");
+    f["labels"] = json!({"com.faastastic.scale.shadow": "true", "com.openfaas.scale.max": "5"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    let dry_runs = || async {
+        let events: Value = s
+            .get_json("/system/scale-events?function=shadowed&limit=100")
+            .await;
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["outcome"] == "dry_run")
+            .count()
+    };
+    assert!(
+        poll(Duration::from_secs(10), || async { dry_runs().await >= 1 }).await,
+        "the shadow decision is recorded"
+    );
+    // Ten more evaluations of the policy record nothing more.
+    let evaluations = || async {
+        sample(
+            &s.metrics().await,
+            r#"faastastic_autoscaler_evaluation_duration_seconds_count{loop="query:pinned"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let before = evaluations().await;
+    assert!(
+        poll(Duration::from_secs(20), || async {
+            evaluations().await >= before + 10.0
+        })
+        .await,
+        "the policy keeps evaluating"
+    );
+    assert_eq!(dry_runs().await, 1, "recorded once");
+    assert_eq!(replicas(&s, "shadowed").await, 1, "nothing changed");
+}

@@ -173,6 +173,9 @@ struct Tracked {
     /// Which deployment the state belongs to (its `createdAt`): a function deleted and
     /// deployed again under the same name starts with a fresh state.
     deployed_at: Option<DateTime<Utc>>,
+    /// The last shadow (dry-run) decision a periodic source recorded, as (from, to): the same
+    /// one again is not recorded (nor annotated) until the recommendation changes.
+    last_shadow: Option<(u64, u64)>,
 }
 
 /// A pause of autoscaling, as `/system/autoscaling` reports it.
@@ -218,6 +221,7 @@ impl Autoscaler {
                     let tracked = Tracked {
                         state,
                         deployed_at: None,
+                        last_shadow: None,
                     };
                     states.insert(key, Arc::new(tokio::sync::Mutex::new(tracked)));
                 }
@@ -480,10 +484,21 @@ impl Autoscaler {
         // A periodic input that changes nothing is not an event: only its state is kept (in
         // memory; the next recorded decision stores it).
         if quiet && decision.outcome != Outcome::Scale {
+            tracked.last_shadow = None;
+            let state = &mut tracked.state;
             *state = next;
             self.set_stepping(&key, state.stepping_down);
             return SignalResult::other(id.qualified(), "no_change", decision.reason);
         }
+        // In shadow mode nothing changes, so a periodic source would recommend the same step
+        // at every evaluation: it is recorded once, until the recommendation changes.
+        if quiet && dry_run {
+            let shadow = (decision.from, decision.to);
+            if tracked.last_shadow.replace(shadow) == Some(shadow) {
+                return SignalResult::other(id.qualified(), "dry_run", decision.reason);
+            }
+        }
+        let state = &mut tracked.state;
         let direction = match decision.to.cmp(&decision.from) {
             std::cmp::Ordering::Greater => "up",
             std::cmp::Ordering::Less => "down",
