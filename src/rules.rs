@@ -14,7 +14,9 @@ use serde::Deserialize;
 
 const LABEL: &str = "function_name";
 
+/// A rule file's top level holds `groups` and nothing else (as promtool reads it).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RuleFile {
     #[serde(default)]
     groups: Vec<Group>,
@@ -76,6 +78,12 @@ pub fn check_file(path: &Path) -> Vec<Finding> {
             return vec![finding(line, format!("not a rule file: {e}"))];
         }
     };
+    if parsed.groups.is_empty() {
+        return vec![finding(
+            1,
+            "not a rule file: no rule groups (a rule file is a top-level `groups:` list)".into(),
+        )];
+    }
     let mut findings = Vec::new();
     let mut cursor = 0; // line index to search from, so repeated names map in order
     let lines: Vec<&str> = text.lines().collect();

@@ -193,6 +193,22 @@ fn rules_check_names_file_and_line_of_each_problem() {
     );
 }
 
+/// Files that are not rule files (a misspelled `groups:`, a compose file) are findings, as
+/// promtool refuses them, never an `ok`.
+#[test]
+fn rules_check_refuses_files_that_are_not_rule_files() {
+    for file in [
+        "tests/fixtures/rules/misspelled_groups.yml",
+        "docker-compose.yml",
+    ] {
+        let (code, out) = rules_check(&[file]);
+        assert_eq!(code, 1, "{file}: {out}");
+        assert!(out.contains(&format!("{file}:")), "{out}");
+        assert!(out.contains("not a rule file"), "{out}");
+        assert!(!out.contains(": ok"), "{out}");
+    }
+}
+
 /// Runs `faastastic demo ARGS --out DIR`, which must succeed, and returns its output.
 fn run_demo(args: &[&str], out: &std::path::Path) -> String {
     let run = Command::new(common::BIN)
