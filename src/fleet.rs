@@ -268,15 +268,37 @@ fn spec_hash(dep: &FunctionDeployment) -> u64 {
 }
 
 /// A deployment without what only chooses datacenters, to compare two deployments' specs.
+/// The spec without where it runs (empty lists and maps as absent, so a spec deployed with
+/// no constraints compares equal to the same spec with a datacenter constraint).
 fn without_placement(dep: &FunctionDeployment) -> FunctionDeployment {
     let mut d = dep.clone();
-    d.constraints = d.constraints.map(|c| {
-        c.into_iter()
-            .filter(|c| datacenter_constraint(c).is_none())
-            .collect()
-    });
+    d.constraints = d
+        .constraints
+        .map(|c| {
+            c.into_iter()
+                .filter(|c| datacenter_constraint(c).is_none())
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty());
     if let Some(labels) = d.labels.as_mut() {
         labels.remove(LABEL_DATACENTERS);
+    }
+    d.labels = d.labels.filter(|l| !l.is_empty());
+    d
+}
+
+/// `dep` placed in exactly `datacenters`, written as one `datacenter==NAME` constraint each
+/// (which the placement reads as a union), so the listed constraints say where it runs.
+fn with_placement<'a>(
+    dep: &FunctionDeployment,
+    datacenters: impl Iterator<Item = &'a String>,
+) -> FunctionDeployment {
+    let mut d = without_placement(dep);
+    let mut constraints = d.constraints.take().unwrap_or_default();
+    constraints.extend(datacenters.map(|dc| format!("datacenter=={dc}")));
+    d.constraints = Some(constraints);
+    if d.labels.is_none() && dep.labels.is_some() {
+        d.labels = Some(Default::default());
     }
     d
 }
@@ -823,37 +845,44 @@ impl Fleet {
     pub async fn deploy(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
         // Checked under the lock, so a namespace deleted meanwhile cannot be deployed into.
         let _guard = self.write.lock().await;
-        let (id, placement) = self.check_deployment(&dep)?;
+        let (id, mut placement) = self.check_deployment(&dep)?;
         let workload = self.workload(&id, &dep).await?;
         let initial = dep.initial_replicas();
         let existing = self.function(&id);
         let function = match &existing {
             Some(current) => {
-                let overlap: Vec<&String> = placement
+                let placed = || {
+                    current
+                        .replicas
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let new: Vec<String> = placement
                     .iter()
-                    .filter(|dc| current.replicas.contains_key(*dc))
+                    .filter(|dc| !current.replicas.contains_key(*dc))
+                    .cloned()
                     .collect();
-                if !overlap.is_empty() {
+                if new.is_empty() {
                     return Err(FleetError::Conflict(format!(
                         "function {id} already exists in {}; update it with PUT /system/functions",
-                        current
-                            .replicas
-                            .keys()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        placed()
                     )));
                 }
                 if without_placement(&current.deployment) != without_placement(&dep) {
                     return Err(FleetError::Conflict(format!(
-                        "function {id} already exists (in {}) with a different spec; to add datacenters deploy the same spec, or update it with PUT /system/functions",
-                        current.replicas.keys().cloned().collect::<Vec<_>>().join(", ")
+                        "function {id} already exists (in {}) with a different spec; update it with PUT /system/functions \
+                         (a POST with the same spec and a datacenter constraint adds that datacenter)",
+                        placed()
                     )));
                 }
                 let mut f = Function::clone(current);
-                for dc in &placement {
+                for dc in &new {
                     f.replicas.insert(dc.clone(), initial);
                 }
+                f.deployment = with_placement(&current.deployment, f.replicas.keys());
+                placement = new;
                 f
             }
             None => Function {

@@ -274,7 +274,13 @@ async fn placement_by_constraints_and_labels() {
     assert_eq!(s.deploy(f.clone()).await.status(), 202);
     f["constraints"] = json!(["datacenter==syd"]);
     assert_eq!(s.deploy(f.clone()).await.status(), 202);
-    assert_eq!(placed(&s.status("per-dc").await.1), ["stage", "syd"]);
+    let status = s.status("per-dc").await.1;
+    assert_eq!(placed(&status), ["stage", "syd"]);
+    assert_eq!(
+        status["constraints"],
+        json!(["datacenter==stage", "datacenter==syd"]),
+        "the listed constraints say where it runs: {status}"
+    );
     assert_eq!(s.deploy(f.clone()).await.status(), 409, "already in syd");
     f["constraints"] = json!(["datacenter==lon"]);
     f["envVars"] = json!({"other": "spec"});
@@ -408,4 +414,30 @@ async fn a_server_killed_mid_scale_neither_loses_nor_repeats_the_decision() {
     let status = s.status("busy").await.1;
     assert_eq!(status["datacenters"]["lon"]["replicas"], 2, "{status}");
     assert_eq!(status["datacenters"]["stage"]["replicas"], 1, "{status}");
+}
+
+/// With `placement = "home"`, a function deployed with no constraint runs at home; the same
+/// spec with a datacenter constraint adds that datacenter.
+#[tokio::test]
+async fn a_datacenter_is_added_to_a_function_deployed_without_constraints() {
+    let s = Server::with(Options {
+        config: Some("datacenters = [\"stage\", \"lon\", \"syd\"]\nplacement = \"home\"\n"),
+        ..Default::default()
+    });
+    let f = echo_function("homebody");
+    assert_eq!(s.deploy(f.clone()).await.status(), 202);
+    let mut more = f.clone();
+    more["constraints"] = json!(["datacenter==syd"]);
+    let r = s.deploy(more).await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let status = s.status("homebody").await.1;
+    let dcs: Vec<&String> = status["datacenters"].as_object().unwrap().keys().collect();
+    assert_eq!(dcs, ["stage", "syd"], "{status}");
+    // A different spec is still a conflict, and its message points at PUT.
+    let mut other = f.clone();
+    other["constraints"] = json!(["datacenter==lon"]);
+    other["envVars"] = json!({"changed": "yes"});
+    let r = s.deploy(other).await;
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("PUT /system/functions"));
 }
