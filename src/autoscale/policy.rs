@@ -507,7 +507,7 @@ pub fn decide(
 
     // 1. The desired count, its reason and, for a gradual scale-down, the largest step allowed.
     let step_down = policy.step_down.size(max).max(1);
-    let (recommended, why, max_step_down) = match input {
+    let (recommended, mut why, max_step_down) = match input {
         Input::Signal {
             dedupe_key, action, ..
         } => {
@@ -679,6 +679,7 @@ pub fn decide(
             // Reaching min is never capped (as in Kubernetes HPA).
             let limit = current.saturating_add(cap.size(current)).max(min);
             if to > limit {
+                why = format!("{why}; capped at {limit} by the step limit (max-step-up {cap})");
                 to = limit;
                 clamps.push(Clamp::StepCap);
             }
@@ -1175,6 +1176,12 @@ mod tests {
                 "{cap:?} from {current}: {d:?}"
             );
             assert_eq!(d.clamps, vec![Clamp::StepCap]);
+            assert!(
+                d.reason
+                    .contains(&format!("capped at {want} by the step limit")),
+                "the reason names the cap: {}",
+                d.reason
+            );
         }
         // Reaching min is not capped; a scale-down is not capped.
         p.min = 6;
