@@ -454,6 +454,11 @@ impl Config {
                     user_file: s.get("user_file", d.user_file.clone()),
                     password_file: s.get("password_file", d.password_file.clone()),
                 };
+                if auth.user.is_some() && auth.user_file.is_some() {
+                    s.errors.push(
+                        "auth.user_file: set either auth.user or auth.user_file, not both".into(),
+                    );
+                }
                 s.finish(&mut errors);
                 auth
             },
@@ -1491,6 +1496,15 @@ strategy = "threshold"
         ] {
             assert!(joined.contains(needle), "{needle} missing in {joined}");
         }
+    }
+
+    #[test]
+    fn a_user_and_a_user_file_together_are_refused() {
+        let errors = Config::parse("[auth]\nuser = \"admin\"\nuser_file = \"/run/u\"\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(errors.contains("auth.user_file: set either"), "{errors}");
+        assert!(Config::parse("[auth]\nuser_file = \"/run/u\"\n").is_ok());
     }
 
     #[test]
