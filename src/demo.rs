@@ -214,6 +214,9 @@ fn demo_config(data_dir: PathBuf, alerts: bool) -> Config {
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let tmp = std::env::temp_dir().join(format!("faastastic-demo-{}", std::process::id()));
     let cfg = demo_config(tmp.join("data"), opts.alerts.is_some());
+    // The server's data and the alerting programs' files go when the demo ends, however it
+    // ends; only the timeline stays (in `tmp` when no --out is given).
+    let _cleanup = RemoveOnDrop(vec![tmp.join("data"), tmp.join("alerting")]);
     match &opts.alerts {
         None => println!("faastastic demo: three datacenters (stage, lon, syd) on the embedded local platform, an internal query policy (10 invocations/s per replica), nothing else installed"),
         Some(_) => println!("faastastic demo: three datacenters (stage, lon, syd) on the embedded local platform, scaled by real Prometheus and Alertmanager with the shipped rule and route (5 invocations/s per replica)"),
@@ -290,6 +293,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         "demo passed: {LOADED} went 1 → 4 replicas under load and back down when it stopped; stage and syd stayed at 1"
     );
     Ok(())
+}
+
+/// Directories removed when dropped.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("cannot remove {}: {e}", dir.display());
+                }
+            }
+        }
+    }
 }
 
 /// Replicas and ready replicas per datacenter.

@@ -105,7 +105,9 @@ enum Command {
         /// Longest the load runs, in seconds.
         #[arg(long, default_value_t = 60)]
         max_load_secs: u64,
-        /// Directory for timeline.json and timeline.csv.
+        /// Directory for timeline.json, timeline.csv and timeline.svg (default: a
+        /// faastastic-demo-PID directory in the system's temporary directory, which keeps only
+        /// them after the run).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Scale through real Prometheus and Alertmanager (started by the demo with the shipped
