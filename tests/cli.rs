@@ -97,6 +97,16 @@ fn demo_scales_up_under_load_and_back_down() {
     let stdout = run_demo(&["--max-load-secs", "40"], out.path());
     assert!(stdout.contains("Hello, world!"), "{stdout}");
     assert!(stdout.contains("demo passed"), "{stdout}");
+    // Its server's data directory is gone once it ends; the timeline stays.
+    let data = stdout
+        .split("(data in ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("the demo names its data directory");
+    assert!(
+        !std::path::Path::new(data).exists(),
+        "{data} is left behind"
+    );
     for dc in ["stage", "lon", "syd"] {
         assert!(
             stdout.contains(&format!("invoked in {dc}: Hello, world!")),
