@@ -93,8 +93,12 @@ impl Alert {
         };
         match text.trim().parse::<f64>() {
             Ok(v) if v.is_finite() && v >= 0.0 => Ok(Some(v)),
-            _ => Err(format!(
+            // Only `value` is templated from the rule's result; the target is a fixed number.
+            _ if key == "value" => Err(format!(
                 "{key} {text:?} is not a finite number >= 0 (write {key}: \"{{{{ $value }}}}\" for the observed value)"
+            )),
+            _ => Err(format!(
+                "{key} {text:?} is not a finite number >= 0 (the load one replica carries, in the value's unit, e.g. {key}: \"5\")"
             )),
         }
     }
@@ -251,6 +255,12 @@ mod tests {
                 "{e}"
             );
         }
+        // The advice fits the key: a template for the value, a number for the target.
+        let e = action(alert(&[("value", "3"), ("target_per_replica", "x")], &[])).unwrap_err();
+        assert!(e.starts_with("target_per_replica \"x\""), "{e}");
+        assert!(!e.contains("$value"), "{e}");
+        let e = action(alert(&[("value", "lots")], &[])).unwrap_err();
+        assert!(e.contains("{{ $value }}"), "{e}");
         // A resolved alert's value does not matter.
         let mut resolved = alert(&[("value", "NaN")], &[]);
         resolved.status = Some("resolved".into());
