@@ -1001,7 +1001,12 @@ fn parse_response_head(buf: &mut BytesMut, head_request: bool) -> Result<HeadPar
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                } else if !token.is_empty()
+                    && !token.eq_ignore_ascii_case(b"keep-alive")
+                    // The framing is the lane's to write, whatever the hop says.
+                    && !token.eq_ignore_ascii_case(b"content-length")
+                    && !token.eq_ignore_ascii_case(b"transfer-encoding")
+                {
                     let start = token.as_ptr() as usize - base;
                     nominated.push((start, start + token.len()));
                 }
@@ -1680,8 +1685,14 @@ mod tests {
             false,
         );
         assert!(!no_content.contains("content-length"), "{no_content}");
-        // A HEAD answer keeps the length it announces for the GET.
+        // A HEAD answer keeps the length it announces for the GET, even when the hop's
+        // `Connection` names it.
         let head = relayed("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true);
+        assert!(head.contains("content-length: 5\r\n"), "{head}");
+        let head = relayed(
+            "HTTP/1.1 200 OK\r\nconnection: content-length\r\ncontent-length: 5\r\n\r\n",
+            true,
+        );
         assert!(head.contains("content-length: 5\r\n"), "{head}");
         assert!(head.ends_with("\r\n\r\n"), "{head}");
     }

@@ -234,7 +234,11 @@ impl Connections {
             reads: reads.clone(),
             first: Arc::new(AtomicBool::new(true)),
         });
-        let io = CountedReads { io, reads };
+        let io = CountedReads {
+            io,
+            reads,
+            first_byte: Some(Box::pin(tokio::time::sleep(limits.header_timeout))),
+        };
         let handed = lanes.threads > 0;
         let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
@@ -412,10 +416,13 @@ impl Future for HeadSleep {
     }
 }
 
-/// Counts the bytes read from a client connection, for [`HeadTimer`].
+/// Counts the bytes read from a client connection, for [`HeadTimer`]; and closes a connection
+/// whose first byte does not come within the header timeout (hyper's own timer starts only
+/// once the protocol is known, which waits for bytes).
 struct CountedReads<I> {
     io: I,
     reads: Arc<AtomicU64>,
+    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountedReads<I> {
@@ -429,6 +436,17 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountedReads<I> {
         let read = buf.filled().len() - before;
         if read > 0 {
             self.reads.fetch_add(read as u64, Ordering::Relaxed);
+            self.first_byte = None;
+        }
+        if polled.is_pending() {
+            if let Some(deadline) = self.first_byte.as_mut() {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no request within the header timeout",
+                    )));
+                }
+            }
         }
         polled
     }

@@ -123,6 +123,46 @@ pub enum UpstreamError {
     Malformed(&'static str, String),
 }
 
+/// Why an answer head hyper's client accepted is refused as the invoke lane refuses it, as
+/// (cause, text).
+fn refusal_of(parts: &http::response::Parts) -> Option<(&'static str, &'static str)> {
+    let codings: Vec<&HeaderValue> = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    let lengths: Vec<&HeaderValue> = parts
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    let plain_length = |v: &&HeaderValue| {
+        !v.is_empty() && v.len() <= 19 && v.as_bytes().iter().all(u8::is_ascii_digit)
+    };
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        Some(("upgrade", "the replica switched protocols unasked"))
+    } else if !codings.is_empty()
+        && (codings.len() > 1 || !codings[0].as_bytes().eq_ignore_ascii_case(b"chunked"))
+    {
+        Some((
+            "transfer_encoding",
+            "the replica used a transfer coding other than one chunked",
+        ))
+    } else if !codings.is_empty() && !lengths.is_empty() {
+        Some((
+            "transfer_encoding",
+            "the replica sent both Transfer-Encoding and Content-Length",
+        ))
+    } else if !lengths.iter().all(plain_length) || lengths.windows(2).any(|w| w[0] != w[1]) {
+        Some((
+            "content_length",
+            "the replica sent an invalid or conflicting Content-Length",
+        ))
+    } else {
+        None
+    }
+}
+
 /// The protocol error in `e`'s causes, by the label the invoke lane gives it.
 fn malformed_cause(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     let mut source = Some(e);
@@ -478,20 +518,11 @@ impl Invoker {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 // What hyper's client lets through but the invoke lane refuses: an upgrade
-                // nobody asked for, and a length beside chunked framing (RFC 9112 §6.3: a
-                // sign of smuggling; relayed, the length would misframe the client's answer).
-                let refusal = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                    Some(("upgrade", "the replica switched protocols unasked"))
-                } else if parts.headers.contains_key(header::TRANSFER_ENCODING)
-                    && parts.headers.contains_key(header::CONTENT_LENGTH)
-                {
-                    Some((
-                        "transfer_encoding",
-                        "the replica sent both Transfer-Encoding and Content-Length",
-                    ))
-                } else {
-                    None
-                };
+                // nobody asked for, a transfer coding other than one plain chunked (its
+                // header goes with the hop, so the client would get coded bytes unmarked), a
+                // length beside chunked framing (RFC 9112 §6.3: a sign of smuggling) and a
+                // length that is not one plain number (relayed as it came).
+                let refusal = refusal_of(&parts);
                 if let Some((cause, text)) = refusal {
                     self.refused(id, datacenter, endpoint, cause, text);
                     return internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id));
@@ -521,12 +552,13 @@ impl Invoker {
                             Response::from_parts(parts, Body::from(collected.to_bytes()))
                         }
                         Ok(Err(e)) => {
-                            let cause = if e.is_incomplete_message() {
-                                "truncated"
+                            // A sized body can only be cut short; anything else is the
+                            // connection failing.
+                            if e.is_incomplete_message() {
+                                self.refused(id, datacenter, endpoint, "truncated", &e.to_string());
                             } else {
-                                "chunked"
-                            };
-                            self.refused(id, datacenter, endpoint, cause, &e.to_string());
+                                tracing::warn!(function = %id, replica = %endpoint.instance, error = %e, "upstream failed");
+                            }
                             internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id))
                         }
                         Err(_) => {

@@ -89,6 +89,8 @@ fn cases() -> Vec<Case> {
         case("lf-in-trailer", "GET", vec![write(&format!("{chunked}2\r\nok\r\n0\r\nx: y\n{PLANTED}\r\n\r\n"))], Nothing),
         case("empty-size-line", "GET", vec![write(&format!("{chunked}\r\n{PLANTED}"))], Nothing),
         case("oversized-chunk", "GET", vec![write(&format!("{chunked}fffffffffffffffffff\r\nok\r\n0\r\n\r\n"))], Nothing),
+        case("coded-chunked", "GET", vec![write(&format!("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n7\r\nPLANTED\r\n0\r\n\r\n"))], Nothing),
+        case("length-list", "GET", vec![write("HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok")], Nothing),
         case("signed-length", "GET", vec![write("HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok")], Nothing),
         case("two-lengths", "GET", vec![write("HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok!")], Nothing),
         case("chunked-and-length", "GET", vec![write(&format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 40\r\n\r\n2\r\nok\r\n0\r\n\r\n{PLANTED}"))], ok.clone()),
@@ -662,6 +664,13 @@ async fn idle_clients_are_closed(lane: bool) {
     )
     .await;
     let addr = s.addr();
+    // A client that connects and sends nothing is closed after the header timeout.
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    let (bytes, closed) = read_until_quiet(&mut silent, Duration::from_secs(10)).await;
+    assert!(
+        bytes.is_empty() && closed,
+        "lane={lane}: a silent connection is closed"
+    );
     // Idle after an answer: closed after the idle timeout, well before the header timeout.
     let mut idle = TcpStream::connect(&addr).await.unwrap();
     idle.write_all(request("GET", "innocent").as_bytes())
