@@ -727,7 +727,8 @@ impl Fleet {
         // The deployment's own checks may have named a label already.
         for e in crate::autoscale::labels::check_labels(dep) {
             let label = e.split(':').next().unwrap_or_default();
-            if !errors.iter().any(|known| known.contains(label)) {
+            let named = format!("labels: {label} ");
+            if !errors.iter().any(|known| known.starts_with(&named)) {
                 errors.push(e);
             }
         }

@@ -286,8 +286,8 @@ fn env_too_large(env: &[(String, String)]) -> Option<String> {
         .find(|(name, value)| name.len() + 1 + value.len() > MAX_ENV_ENTRY)
     {
         return Some(format!(
-            "{name} is {} bytes; a classic function gets each request header as an environment \
-             variable of at most {MAX_ENV_ENTRY} bytes",
+            "{name} is {} bytes; a classic function gets the request's headers, path and query as \
+             environment variables of at most {MAX_ENV_ENTRY} bytes each",
             value.len()
         ));
     }
