@@ -134,6 +134,8 @@ struct Replica {
     deployed: Mutex<bool>,
     /// Requests received per case.
     received: Mutex<HashMap<String, usize>>,
+    /// Cases whose steps have all been carried out (late bytes written, closes done).
+    finished: Mutex<HashMap<String, usize>>,
     /// Headers of the requests received per case, lower-cased.
     seen_headers: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
@@ -196,8 +198,9 @@ impl Replica {
                 Some(c) => c.steps.clone(),
                 None => vec![write(INNOCENT)],
             };
+            let mut ok = true;
             for step in steps {
-                let ok = match step {
+                ok = match step {
                     Step::Write(bytes) => conn.write_all(&bytes).await.is_ok(),
                     Step::Trickle(bytes) => {
                         let mut ok = true;
@@ -214,10 +217,24 @@ impl Replica {
                     Step::Close => false,
                 };
                 if !ok {
-                    return;
+                    break;
                 }
             }
+            *self.finished.lock().unwrap().entry(name).or_default() += 1;
+            if !ok {
+                return;
+            }
         }
+    }
+
+    /// How many times `case`'s steps have been carried out.
+    fn finished(&self, case: &str) -> usize {
+        self.finished
+            .lock()
+            .unwrap()
+            .get(case)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn agent(&self, method: &str, path: &str) -> String {
@@ -300,6 +317,24 @@ async fn read_until_quiet(conn: &mut TcpStream, quiet: Duration) -> (Vec<u8>, bo
 
 /// Status, lower-cased headers, body, and the bytes after the answer.
 type Parsed = (u16, Vec<(String, String)>, Vec<u8>, Vec<u8>);
+
+/// Reads until `conn` holds a complete answer (or closes), then whatever follows it within a
+/// short quiet period; and whether it closed.
+async fn read_answer(conn: &mut TcpStream, head_request: bool) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while parse_answer(&out, head_request, false).is_none() {
+        match tokio::time::timeout_at(deadline, conn.read(&mut chunk)).await {
+            Err(_) => return (out, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let (more, closed) = read_until_quiet(conn, Duration::from_millis(150)).await;
+    out.extend_from_slice(&more);
+    (out, closed)
+}
 
 /// One answer read strictly from `bytes`: status, lower-cased headers, body, and the bytes
 /// after it; `None` when the bytes hold no complete answer.
@@ -481,10 +516,9 @@ async fn hostile_replicas_never_reach_other_clients(lane: bool) {
     )
     .await;
     let addr = s.addr();
-    let quiet = Duration::from_millis(250);
-
     for case in cases() {
         let head_request = case.method == "HEAD";
+        let finished_before = replica.finished(case.name);
         let before = replica
             .received
             .lock()
@@ -498,7 +532,18 @@ async fn hostile_replicas_never_reach_other_clients(lane: bool) {
             .write_all(request(case.method, case.name).as_bytes())
             .await
             .unwrap();
-        let (bytes, closed) = read_until_quiet(&mut first, quiet).await;
+        let (bytes, closed) = read_answer(&mut first, head_request).await;
+        // Everything the replica does for the case (late bytes, a close) has happened before
+        // anyone asks again.
+        assert!(
+            poll(Duration::from_secs(10), || async {
+                replica.finished(case.name) > finished_before
+            })
+            .await,
+            "{mode} {}: the replica carried the case out",
+            case.name
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let rest = check_answer(
             mode,
             &case,
@@ -518,7 +563,7 @@ async fn hostile_replicas_never_reach_other_clients(lane: bool) {
         if !closed {
             let again = request("POST", "innocent");
             if first.write_all(again.as_bytes()).await.is_ok() {
-                let (bytes, closed) = read_until_quiet(&mut first, quiet).await;
+                let (bytes, closed) = read_answer(&mut first, false).await;
                 let innocent = Case {
                     good: Good::Answer(200, "innocent"),
                     ..case.clone()
@@ -550,7 +595,7 @@ async fn hostile_replicas_never_reach_other_clients(lane: bool) {
                 .write_all(request(method, "innocent").as_bytes())
                 .await
                 .unwrap();
-            let (bytes, closed) = read_until_quiet(&mut innocent, quiet).await;
+            let (bytes, closed) = read_answer(&mut innocent, false).await;
             let text = String::from_utf8_lossy(&bytes);
             assert!(
                 !contains(&bytes, "PLANTED"),
