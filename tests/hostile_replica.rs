@@ -275,16 +275,7 @@ async fn read_request(
         if let Ok(httparse::Status::Complete(len)) = req.parse(buf) {
             let method = req.method?.to_string();
             let path = req.path?.to_string();
-            let headers: Vec<(String, String)> = req
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_ascii_lowercase(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect();
+            let headers = common::lower_headers(req.headers);
             let body_len = headers
                 .iter()
                 .find(|(n, _)| n == "content-length")
@@ -345,16 +336,7 @@ fn parse_answer(bytes: &[u8], head_request: bool, closed: bool) -> Option<Parsed
         return None;
     };
     let status = resp.code?;
-    let headers: Vec<(String, String)> = resp
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_ascii_lowercase(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
+    let headers = common::lower_headers(resp.headers);
     let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
     let rest = &bytes[len..];
     if head_request || status == 204 || status == 304 {

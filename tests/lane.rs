@@ -90,16 +90,7 @@ async fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Answer {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
         if let httparse::Status::Complete(len) = resp.parse(buf).unwrap() {
-            let headers: Vec<(String, String)> = resp
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_ascii_lowercase(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect();
+            let headers = common::lower_headers(resp.headers);
             break (len, resp.code.unwrap(), headers);
         }
         fill(stream, buf).await;

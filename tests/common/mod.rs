@@ -331,6 +331,19 @@ pub fn echo_function(name: &str) -> Value {
     json!({"service": name, "image": "local/echo", "envProcess": "cat", "labels": {}, "annotations": {}})
 }
 
+/// Parsed headers as (lower-cased name, value as text) pairs.
+pub fn lower_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Reads a metric sample value from Prometheus text, by exact series text.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
