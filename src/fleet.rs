@@ -267,9 +267,9 @@ fn spec_hash(dep: &FunctionDeployment) -> u64 {
     h.finish()
 }
 
-/// A deployment without what only chooses datacenters, to compare two deployments' specs.
-/// The spec without where it runs (empty lists and maps as absent, so a spec deployed with
-/// no constraints compares equal to the same spec with a datacenter constraint).
+/// A deployment without what only chooses datacenters, to compare two deployments' specs
+/// (empty lists and maps as absent, so a spec deployed with no constraints compares equal to
+/// the same spec with a datacenter constraint).
 fn without_placement(dep: &FunctionDeployment) -> FunctionDeployment {
     let mut d = dep.clone();
     d.constraints = d

@@ -459,17 +459,13 @@ impl Lane {
         answer_head(&plan.answer_context(), &head, answer);
         from_replica.advance(head.len);
 
-        let mut end = match head.framing {
-            Framing::Empty => BodyEnd::Length(0),
-            Framing::Length(n) => BodyEnd::Length(n),
-            Framing::Chunked => BodyEnd::Chunked(Chunks::default()),
-            Framing::Close => {
-                finish(head.status);
-                let _ = client.write_all(answer).await;
-                let _ = client.write_all(from_replica).await;
-                let _ = tokio::io::copy(&mut upstream, client).await;
-                return false;
-            }
+        // Until the close: relayed as it comes, and the client connection closes after it.
+        let Some(mut end) = BodyEnd::of(head.framing) else {
+            finish(head.status);
+            let _ = client.write_all(answer).await;
+            let _ = client.write_all(from_replica).await;
+            let _ = tokio::io::copy(&mut upstream, client).await;
+            return false;
         };
         // A small sized body is read whole, so that head and body leave in one write and a
         // body that never comes is a 502.
@@ -1046,7 +1042,7 @@ fn parse_response_head(buf: &mut BytesMut, head_request: bool) -> Result<HeadPar
 }
 
 /// `1*DIGIT` as a number (no sign, no spaces, no list).
-fn plain_decimal(value: &[u8]) -> Option<u64> {
+pub(crate) fn plain_decimal(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -1060,6 +1056,16 @@ enum BodyEnd {
 }
 
 impl BodyEnd {
+    /// The end of a body framed so; `None` when it runs until the close.
+    fn of(framing: Framing) -> Option<BodyEnd> {
+        match framing {
+            Framing::Empty => Some(BodyEnd::Length(0)),
+            Framing::Length(n) => Some(BodyEnd::Length(n)),
+            Framing::Chunked => Some(BodyEnd::Chunked(Chunks::default())),
+            Framing::Close => None,
+        }
+    }
+
     /// How many bytes at the start of `buf` belong to the body, and whether it ended there.
     fn feed(&mut self, buf: &[u8]) -> Result<(usize, bool), Malformed> {
         match self {
@@ -1148,19 +1154,14 @@ pub fn relay_whole(answer: &[u8], head_request: bool) -> Result<Relayed, Malform
     };
     answer_head(&context, &head, &mut bytes);
     buf.advance(head.len);
-    let mut end = match head.framing {
-        Framing::Empty => BodyEnd::Length(0),
-        Framing::Length(n) => BodyEnd::Length(n),
-        Framing::Chunked => BodyEnd::Chunked(Chunks::default()),
-        Framing::Close => {
-            bytes.extend_from_slice(&buf);
-            return Ok(Relayed {
-                bytes,
-                status: head.status,
-                reusable: false,
-                close_delimited: true,
-            });
-        }
+    let Some(mut end) = BodyEnd::of(head.framing) else {
+        bytes.extend_from_slice(&buf);
+        return Ok(Relayed {
+            bytes,
+            status: head.status,
+            reusable: false,
+            close_delimited: true,
+        });
     };
     let (used, done) = end.feed(&buf)?;
     if !done {

@@ -232,7 +232,7 @@ impl Connections {
         builder.http1().timer(HeadTimer {
             limits,
             reads: reads.clone(),
-            first: Arc::new(AtomicBool::new(true)),
+            first: AtomicBool::new(true),
         });
         let io = CountedReads {
             io,
@@ -350,13 +350,12 @@ pub async fn serve(
 /// moment it waits for a request head, idle time included; this gives the first request
 /// `header_timeout` from then (accept), and each later one `idle_timeout` to begin and
 /// `header_timeout` from its first byte to finish its head, as the invoke lane does.
-#[derive(Clone)]
 struct HeadTimer {
     limits: Limits,
     /// Bytes read from the client so far (by [`CountedReads`]).
     reads: Arc<AtomicU64>,
     /// No head has been waited for yet on this connection.
-    first: Arc<AtomicBool>,
+    first: AtomicBool,
 }
 
 impl hyper::rt::Timer for HeadTimer {

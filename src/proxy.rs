@@ -136,9 +136,6 @@ fn refusal_of(parts: &http::response::Parts) -> Option<(&'static str, &'static s
         .get_all(header::CONTENT_LENGTH)
         .iter()
         .collect();
-    let plain_length = |v: &&HeaderValue| {
-        !v.is_empty() && v.len() <= 19 && v.as_bytes().iter().all(u8::is_ascii_digit)
-    };
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         Some(("upgrade", "the replica switched protocols unasked"))
     } else if !codings.is_empty()
@@ -153,7 +150,11 @@ fn refusal_of(parts: &http::response::Parts) -> Option<(&'static str, &'static s
             "transfer_encoding",
             "the replica sent both Transfer-Encoding and Content-Length",
         ))
-    } else if !lengths.iter().all(plain_length) || lengths.windows(2).any(|w| w[0] != w[1]) {
+    } else if !lengths
+        .iter()
+        .all(|v| crate::lane::plain_decimal(v.as_bytes()).is_some())
+        || lengths.windows(2).any(|w| w[0] != w[1])
+    {
         Some((
             "content_length",
             "the replica sent an invalid or conflicting Content-Length",
@@ -180,8 +181,8 @@ fn malformed_cause(e: &(dyn std::error::Error + 'static)) -> Option<&'static str
     None
 }
 
-/// Sends `req` to `uri` (absolute), without hop-by-hop headers; the timeout covers the wait for
-/// the response head.
+/// Sends `req` to `uri` (absolute); the caller has removed its hop-by-hop headers
+/// ([`strip_hop_by_hop`]). The timeout covers the wait for the response head.
 pub async fn send(
     client: &HttpClient,
     uri: Uri,
@@ -191,7 +192,6 @@ pub async fn send(
     let (mut parts, body) = req.into_parts();
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
     let fut = client.request(Request::from_parts(parts, body));
     let result = match timeout {

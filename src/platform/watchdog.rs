@@ -399,7 +399,8 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
     response
 }
 
-async fn forward_http(w: &Watchdog, upstream: &Uri, req: Request) -> Response {
+async fn forward_http(w: &Watchdog, upstream: &Uri, mut req: Request) -> Response {
+    proxy::strip_hop_by_hop(req.headers_mut());
     let path_and_query = req
         .uri()
         .path_and_query()
