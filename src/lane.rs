@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -173,6 +173,8 @@ impl Lane {
         tokio::pin!(stopping);
         let idle = tokio::time::sleep(self.idle_timeout);
         tokio::pin!(idle);
+        // When the last exchange on this connection ended: the start of its idle time.
+        let mut idle_since = Instant::now();
         loop {
             // An idle connection does not keep what a large body or answer grew its buffers to.
             if buf.is_empty() && buf.capacity() > SPARE_BUFFER {
@@ -205,22 +207,19 @@ impl Lane {
                     // Between requests: until the idle timeout, or shutdown. The idle timer
                     // is armed once per connection and moved only when it fires early, so a
                     // busy connection does not register a timer per request.
-                    None => {
-                        let idle_since = Instant::now();
-                        loop {
-                            tokio::select! {
-                                r = client.read_buf(&mut buf) => break r,
-                                _ = &mut idle => {
-                                    let due = idle_since + self.idle_timeout;
-                                    if Instant::now() >= due {
-                                        return Finished::Closed;
-                                    }
-                                    idle.as_mut().reset(due.into());
+                    None => loop {
+                        tokio::select! {
+                            r = client.read_buf(&mut buf) => break r,
+                            _ = &mut idle => {
+                                let due = idle_since + self.idle_timeout;
+                                if Instant::now() >= due {
+                                    return Finished::Closed;
                                 }
-                                _ = &mut stopping => return Finished::Closed,
+                                idle.as_mut().reset(due.into());
                             }
+                            _ = &mut stopping => return Finished::Closed,
                         }
-                    }
+                    },
                     Some(at) => {
                         match tokio::time::timeout_at(at.into(), client.read_buf(&mut buf)).await {
                             Ok(r) => r,
@@ -238,6 +237,7 @@ impl Lane {
             buf.advance(plan.head_len);
             // The body, within the time the general path gives a request to reach its
             // replica and be answered.
+            let whole = buf.len() >= plan.body_len;
             let body = async {
                 while buf.len() < plan.body_len {
                     if client.read_buf(&mut buf).await? == 0 {
@@ -247,12 +247,19 @@ impl Lane {
                 io::Result::Ok(())
             };
             let started = Instant::now();
-            match tokio::time::timeout(self.invoker.cfg.upstream_timeout, body).await {
+            // No timer when the body came with the head (the usual case).
+            let read = if whole {
+                Ok(Ok(()))
+            } else {
+                let due = started + self.invoker.cfg.upstream_timeout;
+                tokio::time::timeout_at(due.into(), body).await
+            };
+            match read {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Finished::Closed,
                 Err(_) => {
                     // As the general path answers a body that stalls on its way to the replica.
-                    self.count_start(&plan.id);
+                    self.count_start(&plan.id, plan.start_time);
                     let status = http::StatusCode::GATEWAY_TIMEOUT;
                     self.count_answer(&plan.id, status.as_u16(), &plan.datacenter, started);
                     let text = self.invoker.timeout_text(&plan.id);
@@ -263,18 +270,22 @@ impl Lane {
             upstream_head.extend_from_slice(&buf[..plan.body_len]);
             buf.advance(plan.body_len);
 
-            let keep = self
+            let ended = self
                 .exchange(
                     &plan,
+                    started,
                     &upstream_head,
                     &mut client,
                     &mut from_replica,
                     &mut answer,
                 )
                 .await;
-            if !keep || !plan.keep_alive || shutdown.is_cancelled() {
-                let _ = client.shutdown().await;
-                return Finished::Closed;
+            match ended {
+                Some(at) if plan.keep_alive && !shutdown.is_cancelled() => idle_since = at,
+                _ => {
+                    let _ = client.shutdown().await;
+                    return Finished::Closed;
+                }
             }
         }
     }
@@ -436,22 +447,22 @@ impl Lane {
         })
     }
 
-    /// Forwards `request` (head and body) and relays the answer to `client`; false when the
-    /// client connection must close.
+    /// Forwards `request` (head and body) and relays the answer to `client`; the moment the
+    /// exchange ended, or `None` when the client connection must close.
     async fn exchange(
         &self,
         plan: &Plan,
+        started: Instant,
         request: &[u8],
         client: &mut TcpStream,
         from_replica: &mut BytesMut,
         answer: &mut Vec<u8>,
-    ) -> bool {
-        let started = Instant::now();
-        self.count_start(&plan.id);
+    ) -> Option<Instant> {
+        self.count_start(&plan.id, plan.start_time);
         let _in_flight = crate::proxy::InFlight::start(plan.endpoint.clone());
         let finish = |code: u16| self.count_answer(&plan.id, code, &plan.datacenter, started);
         from_replica.clear();
-        let (mut upstream, head) = match self.send(plan, request, from_replica).await {
+        let (mut upstream, head) = match self.send(plan, started, request, from_replica).await {
             Ok(sent) => sent,
             Err(e) => return self.fail(plan, client, started, e).await,
         };
@@ -465,12 +476,12 @@ impl Lane {
             let _ = client.write_all(answer).await;
             let _ = client.write_all(from_replica).await;
             let _ = tokio::io::copy(&mut upstream, client).await;
-            return false;
+            return None;
         };
         // A small sized body is read whole, so that head and body leave in one write and a
         // body that never comes is a 502.
         if let Framing::Length(n) = head.framing {
-            if n <= BUFFER_RESPONSE {
+            if n <= BUFFER_RESPONSE && from_replica.len() < n {
                 let read = async {
                     while from_replica.len() < n {
                         if upstream.read_buf(from_replica).await? == 0 {
@@ -505,38 +516,37 @@ impl Lane {
                     .await
             }
         };
-        finish(head.status);
+        let mut ended = finish(head.status);
         answer.extend_from_slice(&from_replica[..used]);
         from_replica.advance(used);
-        if client.write_all(answer).await.is_err() {
-            return false;
-        }
+        client.write_all(answer).await.ok()?;
         if !done {
             match relay_body(&mut upstream, client, from_replica, &mut end).await {
-                Ok(()) => {}
+                Ok(()) => ended = Instant::now(),
                 Err(Broken::Malformed(cause)) => {
                     // The head has left: the client learns of it by the connection closing.
                     self.refused(plan, cause);
-                    return false;
+                    return None;
                 }
-                Err(Broken::Client | Broken::Upstream) => return false,
+                Err(Broken::Client | Broken::Upstream) => return None,
             }
         }
         // Reused only when the answer ended exactly where its framing said.
         if head.reusable && from_replica.is_empty() {
-            self.check_in(&plan.endpoint, upstream);
+            self.check_in(&plan.endpoint, upstream, ended);
         }
-        true
+        Some(ended)
     }
 
-    /// Answers the client for an exchange that failed before any of the answer was sent.
+    /// Answers the client for an exchange that failed before any of the answer was sent;
+    /// when it ended, or `None` when the client connection must close.
     async fn fail(
         &self,
         plan: &Plan,
         client: &mut TcpStream,
         started: Instant,
         e: Upstream,
-    ) -> bool {
+    ) -> Option<Instant> {
         let (status, text) = match e {
             Upstream::Timeout => (
                 http::StatusCode::GATEWAY_TIMEOUT,
@@ -557,8 +567,10 @@ impl Lane {
                 )
             }
         };
-        self.count_answer(&plan.id, status.as_u16(), &plan.datacenter, started);
-        write_internal_error(client, status, &text, plan.keep_alive).await
+        let ended = self.count_answer(&plan.id, status.as_u16(), &plan.datacenter, started);
+        write_internal_error(client, status, &text, plan.keep_alive)
+            .await
+            .then_some(ended)
     }
 
     /// Logs and counts an answer refused for breaking the protocol.
@@ -577,15 +589,18 @@ impl Lane {
     async fn send(
         &self,
         plan: &Plan,
+        started: Instant,
         request: &[u8],
         from_replica: &mut BytesMut,
     ) -> Result<(TcpStream, ResponseHead), Upstream> {
         let cfg = &self.invoker.cfg;
+        // The answer's head is due within the upstream timeout of the request's start.
+        let due = tokio::time::Instant::from(started + cfg.upstream_timeout);
         if let Some(mut pooled) = self.check_out(&plan.endpoint) {
             // A write that fails means the replica had closed: it cannot have run the request.
             if pooled.write_all(request).await.is_ok() {
-                match tokio::time::timeout(
-                    cfg.upstream_timeout,
+                match tokio::time::timeout_at(
+                    due,
                     read_response_head(&mut pooled, from_replica, plan.head_request),
                 )
                 .await
@@ -613,8 +628,8 @@ impl Lane {
             .write_all(request)
             .await
             .map_err(|e| Upstream::Failed(e.to_string()))?;
-        match tokio::time::timeout(
-            cfg.upstream_timeout,
+        match tokio::time::timeout_at(
+            due,
             read_response_head(&mut fresh, from_replica, plan.head_request),
         )
         .await
@@ -627,10 +642,11 @@ impl Lane {
 
     /// Counts an invocation of `id` as started and marks the function active, as
     /// [`Invoker::started`] does.
-    fn count_start(&self, id: &FunctionId) {
+    fn count_start(&self, id: &FunctionId, unix_nanos: u64) {
+        let millis = (unix_nanos / 1_000_000) as i64;
         let mut meters = self.meters.get_or_default().borrow_mut();
         if let Some(meter) = meters.get(id) {
-            crate::proxy::stamp(&meter.activity);
+            meter.activity.store(millis, Ordering::Relaxed);
             meter.started.inc();
             return;
         }
@@ -646,15 +662,22 @@ impl Lane {
             activity: self.invoker.activity.clock(id),
             answered: Vec::new(),
         };
-        crate::proxy::stamp(&meter.activity);
+        meter.activity.store(millis, Ordering::Relaxed);
         meter.started.inc();
         meters.insert(id.clone(), meter);
     }
 
     /// Counts an invocation of `id` started at `started`, answered with `code` on behalf of
-    /// `datacenter`.
-    fn count_answer(&self, id: &FunctionId, code: u16, datacenter: &str, started: Instant) {
-        let seconds = started.elapsed().as_secs_f64();
+    /// `datacenter`; returns the moment of the answer.
+    fn count_answer(
+        &self,
+        id: &FunctionId,
+        code: u16,
+        datacenter: &str,
+        started: Instant,
+    ) -> Instant {
+        let now = Instant::now();
+        let seconds = now.saturating_duration_since(started).as_secs_f64();
         let mut meters = self.meters.get_or_default().borrow_mut();
         let Some(meter) = meters.get_mut(id) else {
             // Dropped between start and answer (the thread's meters were full): count it
@@ -664,7 +687,7 @@ impl Lane {
             self.invoker
                 .metrics
                 .invoked(&name, &code, datacenter, seconds);
-            return;
+            return now;
         };
         let known = meter
             .answered
@@ -680,6 +703,7 @@ impl Lane {
             meter.answered.len() - 1
         });
         meter.answered[at].2.record(seconds);
+        now
     }
 
     fn check_out(&self, endpoint: &Arc<Endpoint>) -> Option<TcpStream> {
@@ -708,7 +732,7 @@ impl Lane {
         }
     }
 
-    fn check_in(&self, endpoint: &Arc<Endpoint>, stream: TcpStream) {
+    fn check_in(&self, endpoint: &Arc<Endpoint>, stream: TcpStream, now: Instant) {
         let max = self.invoker.cfg.max_idle_per_replica;
         let mut pools = self.pools.get_or_default().borrow_mut();
         let entry = pools
@@ -720,7 +744,7 @@ impl Lane {
             *entry = (Arc::downgrade(endpoint), Vec::new());
         }
         if entry.1.len() < max {
-            entry.1.push((stream, Instant::now()));
+            entry.1.push((stream, now));
         }
     }
 }
