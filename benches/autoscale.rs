@@ -263,6 +263,7 @@ async fn evaluation() {
             Placement::All,
             "openfaas-fn",
             64,
+            Default::default(),
         )
         .await
         .unwrap(),

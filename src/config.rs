@@ -193,6 +193,34 @@ pub struct AutoscaleConfig {
     pub hold_ttl: Duration,
 }
 
+impl Default for AutoscaleConfig {
+    fn default() -> Self {
+        AutoscaleConfig {
+            default_min: 1,
+            default_max: 5,
+            default_factor: 10,
+            up_cooldown: Duration::from_secs(5),
+            down_cooldown: Duration::from_secs(30),
+            stabilization_window: Duration::from_secs(60),
+            resolved_to_min: false,
+            dry_run: false,
+            tick_interval: Duration::from_secs(1),
+            alert_bearer_token_file: None,
+            webhook_rate_per_sec: 50,
+            scale_rate_per_sec: 100,
+            zero_idle: Duration::from_secs(15 * 60),
+            alert_mode: Default::default(),
+            target_per_replica: None,
+            max_step_up: None,
+            staleness_guard: true,
+            staleness_window: Duration::from_secs(10),
+            hold_ttl: Duration::from_secs(300),
+            policies: Vec::new(),
+            queries: Vec::new(),
+        }
+    }
+}
+
 /// One `[[autoscale.policies]]` entry: any key left out keeps the value from before.
 #[derive(Debug, Clone)]
 pub struct PolicyOverride {
@@ -343,29 +371,7 @@ impl Default for Config {
                 drain_timeout: Duration::from_secs(10),
                 log_lines: 1000,
             },
-            autoscale: AutoscaleConfig {
-                default_min: 1,
-                default_max: 5,
-                default_factor: 10,
-                up_cooldown: Duration::from_secs(5),
-                down_cooldown: Duration::from_secs(30),
-                stabilization_window: Duration::from_secs(60),
-                resolved_to_min: false,
-                dry_run: false,
-                tick_interval: Duration::from_secs(1),
-                alert_bearer_token_file: None,
-                webhook_rate_per_sec: 50,
-                scale_rate_per_sec: 100,
-                zero_idle: Duration::from_secs(15 * 60),
-                alert_mode: Default::default(),
-                target_per_replica: None,
-                max_step_up: None,
-                staleness_guard: true,
-                staleness_window: Duration::from_secs(10),
-                hold_ttl: Duration::from_secs(300),
-                policies: Vec::new(),
-                queries: Vec::new(),
-            },
+            autoscale: AutoscaleConfig::default(),
             prometheus: PrometheusConfig {
                 url: None,
                 timeout: Duration::from_secs(2),

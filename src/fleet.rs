@@ -15,7 +15,7 @@ use chrono::Utc;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{watch, Mutex};
 
-use crate::config::Placement;
+use crate::config::{AutoscaleConfig, Placement};
 use crate::model::{
     truncate_for_message, validate_dns_label, validate_secret_name, Function, FunctionDeployment,
     FunctionId, FunctionMap, Namespace, LABEL_DATACENTERS,
@@ -162,6 +162,9 @@ pub struct Fleet {
     placement: Placement,
     default_namespace: String,
     max_replicas: u64,
+    /// The autoscale defaults and policies: a function's min (its initial count, what an
+    /// update raises it to) comes from them as the engine reads it.
+    autoscale: Arc<AutoscaleConfig>,
     /// Shared so that a view (status, list) costs a reference count, not a copy of the spec.
     functions: RwLock<FunctionMap<Placed>>,
     namespaces: RwLock<BTreeMap<String, Namespace>>,
@@ -326,6 +329,7 @@ impl Fleet {
         placement: Placement,
         default_namespace: &str,
         max_replicas: u64,
+        autoscale: Arc<AutoscaleConfig>,
     ) -> Result<Fleet, FleetError> {
         let mut namespaces: BTreeMap<String, Namespace> = store
             .load_namespaces()
@@ -345,6 +349,7 @@ impl Fleet {
             placement,
             default_namespace: default_namespace.to_string(),
             max_replicas,
+            autoscale,
             functions: RwLock::new(FunctionMap::default()),
             namespaces: RwLock::new(namespaces),
             applied: std::sync::Mutex::new(HashMap::new()),
@@ -494,12 +499,6 @@ impl Fleet {
     /// Desired replicas per datacenter.
     pub fn placement_of(&self, id: &FunctionId) -> Option<BTreeMap<String, u64>> {
         self.read_functions().get(id).map(|f| f.replicas.clone())
-    }
-
-    pub fn min_replicas(&self, id: &FunctionId) -> Option<u64> {
-        self.read_functions()
-            .get(id)
-            .map(|f| f.deployment.min_replicas())
     }
 
     /// The functions of a namespace; with `datacenter`, only those placed there, counted there.
@@ -848,7 +847,7 @@ impl Fleet {
         let _guard = self.write.lock().await;
         let (id, mut placement) = self.check_deployment(&dep)?;
         let workload = self.workload(&id, &dep).await?;
-        let initial = dep.initial_replicas();
+        let initial = crate::autoscale::labels::initial_for(&id, &dep, &self.autoscale);
         let existing = self.function(&id);
         let function = match &existing {
             Some(current) => {
@@ -921,7 +920,7 @@ impl Fleet {
             return Err(not_found(&id));
         };
         let workload = self.workload(&id, &dep).await?;
-        let min = dep.min_replicas();
+        let min = crate::autoscale::labels::min_for(&id, &dep, &self.autoscale);
         let replicas: BTreeMap<String, u64> = placement
             .iter()
             .map(|dc| (dc.clone(), current.desired_in(dc).unwrap_or(min).max(min)))

@@ -2,10 +2,11 @@
 //! connections. Replicas come fresh from the platform on every request, never from a cache keyed
 //! by name, so a redeployed function is never routed to its old replica.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -298,11 +299,29 @@ pub(crate) enum Unresolved {
 /// How long an upstream connection to a replica may wait unused before it is closed.
 pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// What brings a function at zero replicas back for a held invocation: the autoscaler, which
+/// decides it like any other replica change and audits it.
+#[async_trait::async_trait]
+pub trait Wake: Send + Sync {
+    /// Asks for replicas of `id` in `datacenter` because `waiting` requests (the invocation
+    /// `call_id` among them) wait for one; `Err` says why none will come.
+    async fn wake(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+        waiting: u64,
+        call_id: Option<&str>,
+    ) -> Result<(), String>;
+}
+
 pub struct Invoker {
     clients: Clients,
     pub(crate) activity: Arc<Activity>,
     /// Bounds the requests held while a function starts (or scales from zero).
     waiting: tokio::sync::Semaphore,
+    /// Requests held per function, for the wake's audit.
+    held: Mutex<HashMap<FunctionId, u64>>,
+    waker: Arc<dyn Wake>,
     pub(crate) fleet: Arc<Fleet>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) cfg: ProxyConfig,
@@ -328,12 +347,15 @@ impl Invoker {
         fleet: Arc<Fleet>,
         metrics: Arc<Metrics>,
         activity: Arc<Activity>,
+        waker: Arc<dyn Wake>,
         cfg: ProxyConfig,
     ) -> Invoker {
         Invoker {
             activity,
             clients: Clients::new(cfg.connect_timeout, cfg.max_idle_per_replica),
             waiting: tokio::sync::Semaphore::new(cfg.max_waiting_requests),
+            held: Mutex::default(),
+            waker,
             fleet,
             metrics,
             cfg,
@@ -456,13 +478,25 @@ impl Invoker {
         suffix: &str,
         req: &mut Request<Body>,
     ) -> (Response, String) {
-        let (datacenter, endpoint) = self.ready_endpoint(id, pin).await;
-        let Some(endpoint) = endpoint else {
-            let response = internal_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("No endpoints available for: {id}."),
-            );
-            return (response, datacenter);
+        let (datacenter, endpoint) = match self.fleet.endpoints(id, pin) {
+            Some((dc, set)) => match set.pick() {
+                Some(e) => (dc, Ok(e)),
+                None => self.ready_endpoint(id, pin, req).await,
+            },
+            None => self.ready_endpoint(id, pin, req).await,
+        };
+        let endpoint = match endpoint {
+            Ok(e) => e,
+            Err(why) => {
+                let text = match why {
+                    Some(why) => format!("No endpoints available for: {id}: {why}"),
+                    None => format!("No endpoints available for: {id}."),
+                };
+                return (
+                    internal_error(StatusCode::SERVICE_UNAVAILABLE, text),
+                    datacenter,
+                );
+            }
         };
         let response = self.send_to(id, &datacenter, &endpoint, suffix, req).await;
         (response, datacenter)
@@ -610,35 +644,40 @@ impl Invoker {
             .inc();
     }
 
-    /// A ready replica (home's first, or the pinned datacenter's) and its datacenter; when
-    /// none is ready, waits up to `ready_timeout` for one, first scaling a function at zero
-    /// replicas up to its minimum in the datacenter it waits in.
+    /// When no replica is ready (home's, or the pinned datacenter's): waits up to
+    /// `ready_timeout` for one, first asking the autoscaler to wake a function at zero
+    /// replicas in the datacenter it waits in. `Err` carries why no replica will come, when
+    /// that is known.
     async fn ready_endpoint(
         &self,
         id: &FunctionId,
         pin: Option<&str>,
-    ) -> (String, Option<Arc<Endpoint>>) {
-        if let Some((dc, set)) = self.fleet.endpoints(id, pin) {
-            if let Some(e) = set.pick() {
-                return (dc, Some(e));
-            }
-        }
+        req: &mut Request<Body>,
+    ) -> (String, Result<Arc<Endpoint>, Option<String>>) {
         let Some((dc, watch)) = self.fleet.wake_target(id, pin) else {
             let dc = pin.unwrap_or(self.fleet.home()).to_string();
-            return (dc, None);
+            return (dc, Err(None));
         };
         let Ok(_permit) = self.waiting.try_acquire() else {
             tracing::warn!(function = %id, "too many requests waiting for a replica (proxy.max_waiting_requests)");
-            return (dc, None);
+            return (dc, Err(None));
         };
+        let _held = Held::start(&self.held, id);
         if self.fleet.desired_replicas(id) == Some(0) {
-            let min = self.fleet.min_replicas(id).unwrap_or(1);
-            if let Err(e) = self.fleet.scale(id, Some(&dc), min).await {
-                tracing::warn!(function = %id, datacenter = %dc, error = %e, "scale from zero failed");
+            // The wake is audited under this invocation's call id: it gets one now if it has
+            // none (and is answered with it, as if forwarding had made it).
+            let call_id = ensure_call_id(req);
+            let waiting = self
+                .held
+                .lock()
+                .map_or(1, |h| h.get(id).copied().unwrap_or(1));
+            if let Err(why) = self.waker.wake(id, &dc, waiting, call_id.as_deref()).await {
+                tracing::warn!(function = %id, datacenter = %dc, "not woken from zero: {why}");
+                return (dc, Err(Some(why)));
             }
         }
         let Some(mut ready) = watch.or_else(|| self.fleet.wake_target(id, Some(&dc))?.1) else {
-            return (dc, None);
+            return (dc, Err(None));
         };
         self.metrics.waiting_requests.inc();
         let _ = tokio::time::timeout(self.cfg.ready_timeout, ready.wait_for(|n| *n > 0)).await;
@@ -647,8 +686,52 @@ impl Invoker {
             .fleet
             .endpoints(id, Some(&dc))
             .and_then(|(_, set)| set.pick());
-        (dc, endpoint)
+        (dc, endpoint.ok_or(None))
     }
+}
+
+/// One request held for a replica of a function, counted while it lives.
+struct Held<'a> {
+    held: &'a Mutex<HashMap<FunctionId, u64>>,
+    id: &'a FunctionId,
+}
+
+impl<'a> Held<'a> {
+    fn start(held: &'a Mutex<HashMap<FunctionId, u64>>, id: &'a FunctionId) -> Self {
+        if let Ok(mut h) = held.lock() {
+            *h.entry(id.clone()).or_default() += 1;
+        }
+        Held { held, id }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut h) = self.held.lock() {
+            if let Some(n) = h.get_mut(self.id) {
+                *n -= 1;
+                if *n == 0 {
+                    h.remove(self.id);
+                }
+            }
+        }
+    }
+}
+
+/// A call id generated before forwarding, which the answer carries back.
+#[derive(Clone)]
+struct GeneratedCallId(HeaderValue);
+
+/// The request's `X-Call-Id`, given one when it has none.
+fn ensure_call_id(req: &mut Request<Body>) -> Option<String> {
+    if let Some(id) = req.headers().get(CALL_ID) {
+        return id.to_str().ok().map(str::to_string);
+    }
+    let text = uuid::Uuid::new_v4().to_string();
+    let id = HeaderValue::from_str(&text).expect("a UUID is a valid header value");
+    req.headers_mut().insert(CALL_ID, id.clone());
+    req.extensions_mut().insert(GeneratedCallId(id));
+    Some(text)
 }
 
 /// Adds `X-Call-Id` (when absent; returns the generated value), `X-Start-Time`,
@@ -662,9 +745,13 @@ fn add_forwarding_headers(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| *addr);
     let host = req.headers().get(header::HOST).cloned();
+    let early = req
+        .extensions()
+        .get::<GeneratedCallId>()
+        .map(|g| g.0.clone());
     let headers = req.headers_mut();
     let generated = if headers.contains_key(CALL_ID) {
-        None
+        early
     } else {
         let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
             .expect("a UUID is a valid header value");

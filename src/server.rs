@@ -157,15 +157,27 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
             cfg.placement,
             &cfg.default_namespace,
             cfg.limits.max_replicas,
+            Arc::new(cfg.autoscale.clone()),
         )
         .await?,
     );
     fleet.spawn_reconciler(cfg.reconcile_interval);
     let activity = Arc::new(Activity::default());
+    let autoscaler = Autoscaler::restore(
+        fleet.clone(),
+        store.clone(),
+        metrics.clone(),
+        activity.clone(),
+        crate::grafana::Annotations::start(&cfg.grafana, metrics.clone())?,
+        cfg.autoscale.clone(),
+    )
+    .await?;
+    // Waking a function from zero is the autoscaler's decision, like every replica change.
     let invoker = Arc::new(Invoker::new(
         fleet.clone(),
         metrics.clone(),
-        activity.clone(),
+        activity,
+        autoscaler.clone(),
         cfg.proxy.clone(),
     ));
     let queue = Arc::new(AsyncQueue::start(
@@ -173,15 +185,6 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         metrics.clone(),
         &cfg.async_invoke,
     ));
-    let autoscaler = Autoscaler::restore(
-        fleet.clone(),
-        store.clone(),
-        metrics.clone(),
-        activity,
-        crate::grafana::Annotations::start(&cfg.grafana, metrics.clone())?,
-        cfg.autoscale.clone(),
-    )
-    .await?;
     autoscaler.spawn_ticker();
     crate::autoscale::query::spawn_all(
         &cfg.autoscale.queries,

@@ -815,3 +815,84 @@ async fn manual_scale_obeys_min_and_max_unless_overridden() {
     );
     assert_eq!(trail.iter().filter(|e| e["source"] == "manual").count(), 3);
 }
+
+/// One definition of min: `[autoscale] default_min` and a matching `[[autoscale.policies]]`
+/// entry set the count a function starts with and the count it wakes to, as the engine reads
+/// them; a wake from zero is an audited decision naming the invocation that woke it, and a
+/// pause holds it.
+#[tokio::test]
+async fn the_configured_min_applies_at_deploy_and_wake_and_every_wake_is_audited() {
+    let s = Server::with(Options {
+        config: Some(
+            "[autoscale]\ndefault_min = 2\n[[autoscale.policies]]\nmatch = \"pol-*\"\nmin = 3\n",
+        ),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("plain")).await.status(), 202);
+    assert_eq!(s.deploy(echo_function("pol-a")).await.status(), 202);
+    let mut labelled = echo_function("pol-b");
+    labelled["labels"] = json!({"com.openfaas.scale.min": "4"});
+    assert_eq!(s.deploy(labelled).await.status(), 202);
+    assert_eq!(replicas(&s, "plain").await, 2, "default_min at deploy");
+    assert_eq!(replicas(&s, "pol-a").await, 3, "the policy's min at deploy");
+    assert_eq!(replicas(&s, "pol-b").await, 4, "the label over the policy");
+
+    for name in ["dormant", "asleep"] {
+        let mut f = echo_function(name);
+        f["labels"] = json!({"com.faastastic.scale.initial": "0"});
+        assert_eq!(s.deploy(f).await.status(), 202);
+        assert_eq!(replicas(&s, name).await, 0);
+    }
+    let woken = s
+        .http
+        .post(s.url("/function/dormant"))
+        .header("X-Call-Id", "call-that-woke-it")
+        .body("wake")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(woken.status(), 200);
+    assert_eq!(woken.text().await.unwrap(), "wake");
+    assert_eq!(replicas(&s, "dormant").await, 2, "woken to default_min");
+    let ev = events(&s, "?function=dormant").await;
+    assert_eq!(ev.len(), 1, "{ev:#?}");
+    assert_eq!(ev[0]["source"], "wake", "{ev:#?}");
+    assert_eq!(
+        (ev[0]["from"].as_u64(), ev[0]["to"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(ev[0]["outcome"], "scaled");
+    assert_eq!(ev[0]["evidence"]["call_id"], "call-that-woke-it", "{ev:#?}");
+    assert!(
+        ev[0]["evidence"]["waiting"].as_u64().unwrap() >= 1,
+        "{ev:#?}"
+    );
+    assert!(
+        ev[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("woken from zero"),
+        "{ev:#?}"
+    );
+
+    // A pause holds the wake: the invocation is answered at once with why, nothing starts.
+    let (code, _) = post_json(
+        &s,
+        "/system/autoscaling/pause",
+        r#"{"function": "asleep", "reason": "maintenance"}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (code, text) = s.invoke("asleep", "wake").await;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("autoscaling paused"), "{text}");
+    assert_eq!(replicas(&s, "asleep").await, 0);
+    post_json(
+        &s,
+        "/system/autoscaling/resume",
+        r#"{"function": "asleep"}"#,
+    )
+    .await;
+    assert_eq!(s.invoke("asleep", "now").await, (200, "now".to_string()));
+    assert_eq!(replicas(&s, "asleep").await, 2);
+}

@@ -460,6 +460,9 @@ impl Autoscaler {
             }
         };
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
+        // Shadow mode is for trying scaling rules: a function at zero is still woken, or its
+        // invocations would go unanswered.
+        let dry_run = dry_run && !matches!(input, Input::Wake { .. });
         let (mut decision, mut next) = decide(&policy, current, state, input, now);
         // Paused: the decision is computed and explained, but nothing changes, not even the
         // engine's memory (no cooldown starts, no alert counts as applied).
@@ -781,6 +784,22 @@ impl Autoscaler {
             .retain(|(f, _), _| f != id);
     }
 
+    /// Brings a function at zero replicas in `datacenter` to its min for a held invocation
+    /// (`call_id`), as an audited engine decision: source `wake`, the call id and the number
+    /// of requests waiting in its evidence. A pause holds it.
+    pub async fn wake(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+        waiting: u64,
+        call_id: Option<&str>,
+    ) -> SignalResult {
+        let evidence = serde_json::json!({"call_id": call_id, "waiting": waiting});
+        let input = Input::Wake { waiting };
+        self.apply(id, datacenter, input, "wake", evidence, true)
+            .await
+    }
+
     /// `POST /system/scale-function`: a manual scale, in one datacenter or as a total spread
     /// over the function's datacenters. It must stay within the function's min and max (per
     /// datacenter; 0, scale to zero, is always allowed) unless `override_bounds`, and it is
@@ -1029,6 +1048,30 @@ fn state_json(state: &State) -> String {
     serde_json::to_string(state).unwrap_or_else(|_| "{}".to_string())
 }
 
+#[async_trait::async_trait]
+impl crate::proxy::Wake for Autoscaler {
+    async fn wake(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+        waiting: u64,
+        call_id: Option<&str>,
+    ) -> Result<(), String> {
+        let result = Autoscaler::wake(self, id, datacenter, waiting, call_id).await;
+        // Held (paused), failed, or lost to a concurrent change: what counts is whether
+        // replicas are now asked for.
+        let asked = self
+            .fleet
+            .get(id)
+            .ok()
+            .and_then(|v| v.function.desired_in(datacenter));
+        match asked {
+            Some(0) | None => Err(result.reason),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1127,6 +1170,7 @@ mod tests {
                 Placement::All,
                 "openfaas-fn",
                 64,
+                Default::default(),
             )
             .await
             .unwrap(),
@@ -1308,6 +1352,7 @@ mod tests {
                 Placement::All,
                 "openfaas-fn",
                 64,
+                Default::default(),
             )
             .await
             .unwrap();

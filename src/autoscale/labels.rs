@@ -2,7 +2,7 @@
 //! `com.openfaas.scale.min|max|factor` as in OpenFaaS, plus `com.faastastic.scale.*` keys.
 
 use crate::config::AutoscaleConfig;
-use crate::model::{parse_duration, FunctionDeployment, LABEL_SCALE_MIN};
+use crate::model::{parse_duration, FunctionDeployment, FunctionId, LABEL_SCALE_MIN};
 
 use super::policy::{AlertMode, Policy, Step, StepCap};
 
@@ -126,6 +126,22 @@ pub fn check_labels(dep: &FunctionDeployment) -> Vec<String> {
         }
     }
     errors
+}
+
+/// A function's min replicas, the one definition that deploy, update, wake and the engine
+/// share: the labels over the matching `[[autoscale.policies]]` over `[autoscale]`. Labels
+/// that do not parse are refused at deploy; should a stored one not, `com.openfaas.scale.min`
+/// alone decides (else 1).
+pub fn min_for(id: &FunctionId, dep: &FunctionDeployment, cfg: &AutoscaleConfig) -> u64 {
+    policy_for(&id.qualified(), dep, cfg).map_or_else(|_| dep.min_replicas(), |(p, _)| p.min)
+}
+
+/// The replicas a new deployment starts with in each datacenter: the
+/// `com.faastastic.scale.initial` label (0 allowed: deployed dormant), else [`min_for`].
+pub fn initial_for(id: &FunctionId, dep: &FunctionDeployment, cfg: &AutoscaleConfig) -> u64 {
+    dep.label(crate::model::LABEL_SCALE_INITIAL)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| min_for(id, dep, cfg))
 }
 
 /// The policy for one function (`function` is `name.namespace`) and whether it is in dry-run

@@ -243,6 +243,9 @@ pub enum Input<'a> {
     Tick,
     /// Periodic check of a function that has had no invocation for `idle_for`.
     Idle { idle_for: Duration },
+    /// An invocation found the function at zero replicas; `waiting` requests (this one
+    /// included) are held until a replica is ready.
+    Wake { waiting: u64 },
 }
 
 /// What the engine remembers about one function between decisions. Serialisable so that
@@ -505,6 +508,32 @@ pub fn decide(
         return (d, next);
     }
 
+    // Waking from zero brings the function to its min (at least one replica) at once: a held
+    // invocation must not wait out a cooldown or a window, and the wake starts no cooldown,
+    // so that the load behind it can scale further straight away. Only a hold of scale-down
+    // is irrelevant here; a pause still holds it (see the executor).
+    if let Input::Wake { waiting } = input {
+        if current > 0 {
+            let reason = format!("already running {current} replicas");
+            return (Decision::unchanged(current, current, reason), next);
+        }
+        let to = min.max(1).min(max.max(1));
+        next.stepping_down = false;
+        let held_text = match waiting {
+            1 => "1 request waiting".to_string(),
+            n => format!("{n} requests waiting"),
+        };
+        let d = Decision {
+            from: 0,
+            to,
+            recommended: to,
+            outcome: Outcome::Scale,
+            clamps: Vec::new(),
+            reason: format!("woken from zero by an invocation ({held_text}): 0 -> {to}"),
+        };
+        return (d, next);
+    }
+
     // 1. The desired count, its reason and, for a gradual scale-down, the largest step allowed.
     let step_down = policy.step_down.size(max).max(1);
     let (recommended, mut why, max_step_down) = match input {
@@ -582,7 +611,7 @@ pub fn decide(
                 }
             }
         }
-        Input::Idle { .. } => unreachable!("handled above"),
+        Input::Idle { .. } | Input::Wake { .. } => unreachable!("handled above"),
         Input::Tick => {
             if !next.stepping_down || current <= min {
                 next.stepping_down = false;
@@ -1013,6 +1042,49 @@ mod tests {
         let (_, s2) = decide(&on, 1, &s, signal(Action::StepUp), at(10));
         let (d, _) = decide(&on, 3, &s2, idle(1000), at(11));
         assert_eq!(d.outcome, Outcome::Held);
+    }
+
+    #[test]
+    fn a_wake_brings_min_at_once_through_cooldowns_and_starts_none() {
+        let p = Policy {
+            up_cooldown: Duration::from_secs(600),
+            down_cooldown: Duration::from_secs(600),
+            stabilization_window: Duration::from_secs(600),
+            ..openfaas(10, 3, 20)
+        };
+        // Just scaled down to zero: every cooldown is running.
+        let state = State {
+            last_scale_down: Some(at(0)),
+            last_scale_up: Some(at(0)),
+            ..State::default()
+        };
+        let (d, next) = decide(&p, 0, &state, Input::Wake { waiting: 4 }, at(1));
+        assert_eq!((d.outcome, d.from, d.to), (Outcome::Scale, 0, 3));
+        assert!(d.reason.contains("4 requests waiting"), "{}", d.reason);
+        assert_eq!(
+            next.last_scale_up, state.last_scale_up,
+            "no cooldown starts"
+        );
+        // An alert right after a wake is not held by an up-cooldown the wake started.
+        let scaled_to_zero = State {
+            last_scale_down: Some(at(0)),
+            ..State::default()
+        };
+        let (_, woken) = decide(&p, 0, &scaled_to_zero, Input::Wake { waiting: 1 }, at(1));
+        let (d, _) = decide(&p, 3, &woken, signal(Action::StepUp), at(2));
+        assert_eq!(d.outcome, Outcome::Scale, "{}", d.reason);
+        // Already running: nothing to do.
+        let (d, _) = decide(&p, 2, &state, Input::Wake { waiting: 1 }, at(1));
+        assert_eq!((d.outcome, d.to), (Outcome::NoChange, 2));
+        // A min of 0 still wakes one replica; a max below min does not cap it under one.
+        let (d, _) = decide(
+            &openfaas(0, 0, 20),
+            0,
+            &state,
+            Input::Wake { waiting: 1 },
+            at(1),
+        );
+        assert_eq!(d.to, 1);
     }
 
     #[test]
