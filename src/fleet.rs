@@ -20,7 +20,9 @@ use crate::model::{
     truncate_for_message, validate_dns_label, validate_secret_name, Function, FunctionDeployment,
     FunctionId, FunctionMap, Namespace, LABEL_DATACENTERS,
 };
-use crate::platform::{EndpointSet, Platform, PlatformError, ReadyGauge, ReplicaCounts, Workload};
+use crate::platform::{
+    EndpointSet, Platform, PlatformError, ReadyGauge, ReplicaCounts, Rollout, Workload,
+};
 use crate::store::{Decision, SecretRecord, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -561,6 +563,17 @@ impl Fleet {
 
     pub fn get(&self, id: &FunctionId) -> Result<FunctionView, FleetError> {
         self.get_in(id, None)
+    }
+
+    /// The updates of a viewed function that wait for their new version, per datacenter.
+    pub fn rollouts(&self, view: &FunctionView) -> Vec<(Arc<str>, Rollout)> {
+        view.datacenters
+            .iter()
+            .filter_map(|(dc, _)| {
+                let rollout = self.datacenter(dc)?.platform.rollout(&view.function.id)?;
+                Some((dc.clone(), rollout))
+            })
+            .collect()
     }
 
     /// A function; with `datacenter`, counted there only (not found when not placed there).

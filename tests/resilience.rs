@@ -469,6 +469,22 @@ async fn a_broken_update_leaves_the_old_version_serving() {
         let list: serde_json::Value = s.get_json("/system/functions").await;
         assert_eq!(list[0]["availableReplicas"], 1, "{list}");
     }
+    // The status says the new version is not ready, and why (its replica's last failure).
+    let update = |st: serde_json::Value| {
+        let dcs = st["datacenters"].as_object().cloned().unwrap_or_default();
+        dcs.values().next().map(|dc| dc["update"].clone())
+    };
+    let explained = poll(Duration::from_secs(10), || async {
+        let u = update(s.status("roll").await.1).unwrap_or_default();
+        u["ready"] == false
+            && u["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("restarting"))
+    })
+    .await;
+    let st = s.status("roll").await.1;
+    assert!(explained, "{st}");
+    assert_eq!(update(st.clone()).unwrap()["replicas"], 1, "{st}");
     // A good update takes over.
     let put = s
         .system(Method::PUT, "/system/functions")
@@ -483,6 +499,8 @@ async fn a_broken_update_leaves_the_old_version_serving() {
     .await;
     assert!(switched);
     s.wait_available("roll", 1).await;
+    let st = s.status("roll").await.1;
+    assert_eq!(update(st.clone()), Some(serde_json::Value::Null), "{st}");
     // Scaled, to zero, removed and deployed again: the counts follow each step.
     assert_eq!(s.scale("roll", 3).await, 202);
     s.wait_available("roll", 3).await;

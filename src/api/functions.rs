@@ -61,7 +61,13 @@ pub async fn status(
     let view = s.fleet.get_in(&id, datacenter.as_deref())?;
     let counts = s.metrics.invocation_counts();
     let pause = s.autoscaler.pause_of(&id);
-    Ok(json_response(status_json(&view, &counts, pause.as_ref())))
+    let rollouts = s.fleet.rollouts(&view);
+    Ok(json_response(status_json(
+        &view,
+        &counts,
+        pause.as_ref(),
+        &rollouts,
+    )))
 }
 
 pub async fn deploy(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<StatusCode> {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::error::ApiError;
 use crate::fleet::FunctionView;
 use crate::model::{Function, FunctionId, FunctionResources};
-use crate::platform::ReplicaCounts;
+use crate::platform::{ReplicaCounts, Rollout};
 
 /// Parses a JSON object body, answering 400 with the parser's message and the path of the
 /// offending field (`labels.a: invalid type: integer ...`).
@@ -124,9 +124,10 @@ struct StatusLive<'a> {
     autoscaling_paused: Option<&'a crate::autoscale::executor::Pause>,
 }
 
-/// A view's per-datacenter counts as a JSON object (the view keeps them in name order).
+/// A view's per-datacenter counts as a JSON object (the view keeps them in name order), with
+/// each datacenter's stalled update, if any.
 #[derive(Debug)]
-struct Datacenters<'a>(&'a [(Arc<str>, ReplicaCounts)]);
+struct Datacenters<'a>(&'a [(Arc<str>, ReplicaCounts)], &'a [(Arc<str>, Rollout)]);
 
 impl Serialize for Datacenters<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -136,6 +137,7 @@ impl Serialize for Datacenters<'_> {
                 DatacenterReplicas {
                     replicas: c.desired,
                     available_replicas: c.ready,
+                    update: self.1.iter().find(|(d, _)| d == dc).map(|(_, r)| r),
                 },
             )
         }))
@@ -144,9 +146,12 @@ impl Serialize for Datacenters<'_> {
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DatacenterReplicas {
-    pub replicas: u64,
-    pub available_replicas: u64,
+struct DatacenterReplicas<'a> {
+    replicas: u64,
+    available_replicas: u64,
+    /// An update whose new version is not ready yet (the counts above are the old one's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    update: Option<&'a Rollout>,
 }
 
 /// A function's spec fields as JSON: an object without its closing brace.
@@ -181,6 +186,7 @@ fn write_status(
     view: &FunctionView,
     invocations: &HashMap<String, u64>,
     pause: Option<&crate::autoscale::executor::Pause>,
+    rollouts: &[(Arc<str>, Rollout)],
 ) {
     let f = &view.function;
     let live = StatusLive {
@@ -191,7 +197,7 @@ fn write_status(
         },
         replicas: view.replicas.desired,
         available_replicas: view.replicas.ready,
-        datacenters: Datacenters(&view.datacenters),
+        datacenters: Datacenters(&view.datacenters, rollouts),
         autoscaling_paused: pause,
     };
     out.extend_from_slice(spec.as_bytes());
@@ -201,11 +207,13 @@ fn write_status(
     out[at] = b',';
 }
 
-/// One function's `FunctionStatus` as JSON, without a cache.
+/// One function's `FunctionStatus` as JSON, without a cache, with the datacenters' stalled
+/// updates.
 pub fn status_json(
     view: &FunctionView,
     invocations: &HashMap<String, u64>,
     pause: Option<&crate::autoscale::executor::Pause>,
+    rollouts: &[(Arc<str>, Rollout)],
 ) -> Vec<u8> {
     let mut out = Vec::new();
     write_status(
@@ -214,6 +222,7 @@ pub fn status_json(
         view,
         invocations,
         pause,
+        rollouts,
     );
     out
 }
@@ -264,7 +273,7 @@ impl StatusCache {
             }
             let spec = Self::spec(&mut cache, &view.function);
             let pause = pause_of(&view.function.id);
-            write_status(&mut out, &spec, view, invocations, pause.as_ref());
+            write_status(&mut out, &spec, view, invocations, pause.as_ref(), &[]);
         }
         out.push(b']');
         out
@@ -394,7 +403,7 @@ mod tests {
             )
             .unwrap();
         let single: serde_json::Value =
-            serde_json::from_slice(&status_json(&first, &counts, None)).unwrap();
+            serde_json::from_slice(&status_json(&first, &counts, None, &[])).unwrap();
         assert_eq!(list, serde_json::json!([single.clone()]));
         assert_eq!(
             single,

@@ -25,7 +25,7 @@ use super::logs::LogBuffer;
 use super::watchdog::{HEALTH_PATH, LISTENING_PREFIX};
 use super::{
     Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReadyGauge,
-    ReplicaCounts, Workload,
+    ReplicaCounts, Rollout, Workload,
 };
 use crate::config::LocalConfig;
 use crate::model::{FunctionDeployment, FunctionId, FunctionMap};
@@ -210,6 +210,8 @@ struct Generation {
     /// What `ready_tx` holds, readable without the channel's lock (the function list reads
     /// it for every function in every datacenter).
     ready_count: AtomicU64,
+    /// The last replica failure, until a replica is ready again: why an update stalls.
+    problem: Mutex<Option<String>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -246,6 +248,7 @@ impl Generation {
         ready.retain(|e| e.instance != instance);
         if let Some(e) = endpoint {
             ready.push(e);
+            *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(EndpointSet::new(ready.clone()));
@@ -329,6 +332,7 @@ impl Generation {
                         backoff.as_millis()
                     );
                     tracing::warn!(function = %self.id, "{msg}");
+                    *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
                     self.logs.push(&instance, msg);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -665,6 +669,7 @@ impl Platform for LocalPlatform {
             endpoints: RwLock::new(Arc::new(EndpointSet::default())),
             ready_tx,
             ready_count: AtomicU64::new(0),
+            problem: Mutex::new(None),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -773,6 +778,26 @@ impl Platform for LocalPlatform {
             desired: entry.current.desired_count(),
             ready: entry.serving().ready_count(),
         }
+    }
+
+    fn rollout(&self, id: &FunctionId) -> Option<Rollout> {
+        let map = self.inner.read();
+        let entry = map.get(id)?;
+        let new = &entry.current;
+        if entry.previous.is_none() || new.ready_count() > 0 {
+            return None;
+        }
+        let reason = new
+            .problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Some(Rollout {
+            ready: false,
+            ready_replicas: 0,
+            replicas: new.desired_count(),
+            reason,
+        })
     }
 
     fn ready_replicas(&self, id: &FunctionId) -> u64 {

@@ -146,6 +146,20 @@ impl ReplicaCounts {
     }
 }
 
+/// An update that has not taken over yet: the previous version still serves while the new
+/// one has no ready replica.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// Always false while reported: the new version is not serving.
+    pub ready: bool,
+    pub ready_replicas: u64,
+    pub replicas: u64,
+    /// Why, when the platform knows: the new version's last replica failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// What a platform needs to run a function: its deployment and the values of its secrets.
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -188,6 +202,11 @@ pub trait Platform: Send + Sync {
     async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError>;
 
     fn replicas(&self, id: &FunctionId) -> ReplicaCounts;
+
+    /// An update of `id` still waiting for its new version's first ready replica, if any.
+    fn rollout(&self, _id: &FunctionId) -> Option<Rollout> {
+        None
+    }
 
     /// Only the ready count of `replicas` (the function list reads it for every function in
     /// every datacenter).
