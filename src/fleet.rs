@@ -157,6 +157,15 @@ impl FanOut {
     }
 }
 
+/// What a scale does with its new desired count when every platform call fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// An engine decision: undone with its event, for its source to retry.
+    Undo,
+    /// An operator's count: kept, for the reconciler to converge.
+    Keep,
+}
+
 pub struct Fleet {
     store: Store,
     datacenters: Vec<Arc<Datacenter>>,
@@ -1020,14 +1029,16 @@ impl Fleet {
     }
 
     /// Sets the desired replica count (0 allowed: scale to zero): in one datacenter, or,
-    /// without one, as a total spread over the function's datacenters (home first).
+    /// without one, as a total spread over the function's datacenters (home first). Outside
+    /// tests every replica change is an engine decision ([`Fleet::scale_from`]).
+    #[cfg(test)]
     pub async fn scale(
         &self,
         id: &FunctionId,
         datacenter: Option<&str>,
         replicas: u64,
     ) -> Result<(), FleetError> {
-        self.scale_checked(id, datacenter, None, replicas, None)
+        self.scale_checked(id, datacenter, None, replicas, None, OnFailure::Undo)
             .await
             .map(|_| ())
     }
@@ -1039,6 +1050,10 @@ impl Fleet {
     /// `decision` is stored with the new desired count, before any platform call, and undone
     /// with it when every platform call fails. Returns whether it was stored (`false` when
     /// nothing had to change).
+    ///
+    /// `OnFailure::Keep` (an operator's count) keeps the new desired count even when the
+    /// datacenter's platform call fails, for the reconciler to converge: a `Partial` error
+    /// says so.
     pub async fn scale_from(
         &self,
         id: &FunctionId,
@@ -1046,9 +1061,71 @@ impl Fleet {
         expected: u64,
         replicas: u64,
         decision: Option<&Decision>,
+        on_failure: OnFailure,
     ) -> Result<bool, FleetError> {
-        self.scale_checked(id, Some(datacenter), Some(expected), replicas, decision)
-            .await
+        self.scale_checked(
+            id,
+            Some(datacenter),
+            Some(expected),
+            replicas,
+            decision,
+            on_failure,
+        )
+        .await
+    }
+
+    /// How a manual scale to `total` replicas would spread over the function's datacenters
+    /// (only `datacenter`, when given), checked against the server's limit and each
+    /// platform's: a count that cannot run is refused before anything changes.
+    pub fn shares_of(
+        &self,
+        id: &FunctionId,
+        datacenter: Option<&str>,
+        total: u64,
+    ) -> Result<BTreeMap<String, u64>, FleetError> {
+        let (shares, deployment) = {
+            let functions = self.read_functions();
+            let placed = functions.get(id).ok_or_else(|| not_found(id))?;
+            let f = &placed.function;
+            let shares = match datacenter {
+                Some(dc) if f.replicas.contains_key(dc) => [(dc.to_string(), total)].into(),
+                Some(dc) => {
+                    return Err(FleetError::NotFound(format!(
+                        "function {id} is not in datacenter {dc}"
+                    )))
+                }
+                None => self.spread(total, &f.replicas),
+            };
+            (shares, f.deployment.clone())
+        };
+        self.check_counts(&deployment, &shares)?;
+        Ok(shares)
+    }
+
+    /// Refuses counts above the server's limit or that a datacenter's platform cannot run.
+    fn check_counts(
+        &self,
+        deployment: &FunctionDeployment,
+        target: &BTreeMap<String, u64>,
+    ) -> Result<(), FleetError> {
+        let mut errors = Vec::new();
+        for (dc, n) in target {
+            if *n > self.max_replicas {
+                errors.push(format!(
+                    "replicas: {n} in {dc} is above this server's limit of {} per datacenter (limits.max_replicas)",
+                    self.max_replicas
+                ));
+            } else if let Some(d) = self.datacenter(dc) {
+                if let Err(e) = d.platform.validate_scale(deployment, *n) {
+                    errors.push(e);
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(FleetError::Invalid(errors))
+        }
     }
 
     /// `total` spread over `dcs` in preference order: equal shares, the remainder to the first.
@@ -1074,6 +1151,7 @@ impl Fleet {
         expected: Option<u64>,
         replicas: u64,
         decision: Option<&Decision>,
+        on_failure: OnFailure,
     ) -> Result<bool, FleetError> {
         let _guard = self.write.lock().await;
         let Some((current, deployment)) = self
@@ -1101,22 +1179,7 @@ impl Fleet {
             }
             None => self.spread(replicas, &current),
         };
-        let mut errors = Vec::new();
-        for (dc, n) in &target {
-            if *n > self.max_replicas {
-                errors.push(format!(
-                    "replicas: {n} in {dc} is above this server's limit of {} per datacenter (limits.max_replicas)",
-                    self.max_replicas
-                ));
-            } else if let Some(d) = self.datacenter(dc) {
-                if let Err(e) = d.platform.validate_scale(&deployment, *n) {
-                    errors.push(e);
-                }
-            }
-        }
-        if !errors.is_empty() {
-            return Err(FleetError::Invalid(errors));
-        }
+        self.check_counts(&deployment, &target)?;
         let changed: Vec<(String, u64)> = target
             .iter()
             .filter(|(dc, n)| current.get(*dc) != Some(*n))
@@ -1134,6 +1197,14 @@ impl Fleet {
             })
             .await;
         if result.all_failed() {
+            if on_failure == OnFailure::Keep {
+                let why = result.into_result("scale").err().map(|e| e.to_string());
+                self.set_replicas(id, target);
+                return Err(FleetError::Partial(format!(
+                    "{}; the new count is kept and the reconciler retries it",
+                    why.unwrap_or_default()
+                )));
+            }
             let undo = decision.zip(event_id);
             self.store.revert_desired(id, &current, undo).await?;
             return result.into_result("scale").map(|_| false);

@@ -814,6 +814,27 @@ async fn manual_scale_obeys_min_and_max_unless_overridden() {
         "{trail:#?}"
     );
     assert_eq!(trail.iter().filter(|e| e["source"] == "manual").count(), 3);
+    // A pause stops autoscaling, not the operator.
+    let (code, _) = post_json(
+        &s,
+        "/system/autoscaling/pause",
+        r#"{"function": "bounded"}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        post(json!({"serviceName": "bounded", "replicas": 2}))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(replicas(&s, "bounded").await, 2);
+    let trail = events(&s, "?function=bounded").await;
+    assert_eq!(
+        (&trail[0]["source"], &trail[0]["outcome"]),
+        (&json!("manual"), &json!("scaled")),
+        "{trail:#?}"
+    );
 }
 
 /// One definition of min: `[autoscale] default_min` and a matching `[[autoscale.policies]]`

@@ -16,8 +16,9 @@ use super::labels::policy_for;
 use super::policy::{decide, Action, Clamp, Input, Outcome, State};
 use super::rates::RateWindow;
 use crate::config::AutoscaleConfig;
-use crate::fleet::{Fleet, FleetError};
+use crate::fleet::{Fleet, FleetError, OnFailure};
 use crate::model::FunctionId;
+use crate::platform::PlatformError;
 use crate::proxy::Activity;
 use crate::store::{self, EventRecord, Store, StoreError};
 use crate::telemetry::Metrics;
@@ -401,6 +402,24 @@ impl Autoscaler {
         evidence: serde_json::Value,
         quiet: bool,
     ) -> SignalResult {
+        let mut failure = None;
+        self.apply_noting(id, datacenter, input, source, evidence, quiet, &mut failure)
+            .await
+    }
+
+    /// [`Self::apply`], leaving the error of a failed platform or store call in `failure`
+    /// for callers that answer with its kind (a full disk is a 507).
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_noting(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+        input: Input<'_>,
+        source: &str,
+        evidence: serde_json::Value,
+        quiet: bool,
+        failure: &mut Option<FleetError>,
+    ) -> SignalResult {
         let key: Key = (id.clone(), datacenter.to_string());
         let state_lock = self.state_of(&key);
         let mut tracked = state_lock.lock().await;
@@ -461,12 +480,15 @@ impl Autoscaler {
         };
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
         // Shadow mode is for trying scaling rules: a function at zero is still woken, or its
-        // invocations would go unanswered.
-        let dry_run = dry_run && !matches!(input, Input::Wake { .. });
+        // invocations would go unanswered, and an operator's manual scale is carried out.
+        let manual = matches!(input, Input::Manual { .. });
+        let dry_run = dry_run && !manual && !matches!(input, Input::Wake { .. });
         let (mut decision, mut next) = decide(&policy, current, state, input, now);
         // Paused: the decision is computed and explained, but nothing changes, not even the
-        // engine's memory (no cooldown starts, no alert counts as applied).
-        if let (Outcome::Scale, Some(pause)) = (decision.outcome, self.pause_of(id)) {
+        // engine's memory (no cooldown starts, no alert counts as applied). A pause stops
+        // autoscaling, not the operator.
+        let pause = self.pause_of(id).filter(|_| !manual);
+        if let (Outcome::Scale, Some(pause)) = (decision.outcome, pause) {
             decision.outcome = Outcome::Held;
             decision.clamps.push(Clamp::Paused);
             decision.reason = format!(
@@ -548,12 +570,31 @@ impl Autoscaler {
                 };
                 match self
                     .fleet
-                    .scale_from(id, datacenter, decision.from, decision.to, Some(&ahead))
+                    .scale_from(
+                        id,
+                        datacenter,
+                        decision.from,
+                        decision.to,
+                        Some(&ahead),
+                        if manual {
+                            OnFailure::Keep
+                        } else {
+                            OnFailure::Undo
+                        },
+                    )
                     .await
                 {
                     Ok(stored) => {
                         recorded = stored;
                         ("scaled", true, false)
+                    }
+                    // An operator's count, kept although the platform call failed: the
+                    // decision stands (stored with its event), the reconciler converges it,
+                    // and the answer says the platform failed.
+                    Err(FleetError::Partial(why)) if manual => {
+                        recorded = true;
+                        event.reason.push_str(&format!("; {why}"));
+                        ("scaled", true, true)
                     }
                     Err(e) => {
                         event.to = decision.from;
@@ -566,6 +607,7 @@ impl Autoscaler {
                                 let retryable =
                                     !matches!(e, FleetError::NotFound(_) | FleetError::Invalid(_));
                                 event.reason.push_str(&format!("; failed: {e}"));
+                                *failure = Some(e);
                                 ("failed", false, retryable)
                             }
                         }
@@ -829,35 +871,55 @@ impl Autoscaler {
                 "replicas: {replicas} is outside {min}..{max}{per}, the function's min and max; send \"override\": true to scale outside them"
             )]));
         }
-        self.fleet.scale(id, datacenter, replicas).await?;
-        let mut reason = format!("manual scale: {from} -> {replicas}");
-        if outside {
-            reason.push_str(&format!(" (override: outside min..max {min}..{max})"));
+        // Each datacenter's share is a decision of its own, recorded as such; a share that
+        // cannot run is refused before any of them is made.
+        let shares = self.fleet.shares_of(id, datacenter, replicas)?;
+        let evidence = serde_json::json!({
+            "override": outside,
+            "requested": replicas,
+            "datacenter": datacenter.unwrap_or("*"),
+            "from": from,
+        });
+        let (mut failed, mut conflict, mut store_error) = (Vec::new(), false, None);
+        let mut done = 0;
+        for (dc, n) in &shares {
+            let input = Input::Manual {
+                replicas: *n,
+                override_bounds,
+            };
+            let mut failure = None;
+            let result = self
+                .apply_noting(
+                    id,
+                    dc,
+                    input,
+                    "manual",
+                    evidence.clone(),
+                    false,
+                    &mut failure,
+                )
+                .await;
+            if let Some(FleetError::Store(e)) = failure {
+                store_error.get_or_insert(e);
+            }
+            match result.outcome {
+                "scaled" | "no_change" if !result.retryable => done += 1,
+                outcome => {
+                    conflict |= outcome == "superseded";
+                    failed.push(format!("{dc}: {}", result.reason));
+                }
+            }
         }
-        let event = ScaleEvent {
-            id: None,
-            time: Utc::now(),
-            function: id.name.clone(),
-            namespace: id.namespace.clone(),
-            datacenter: datacenter.unwrap_or("*").to_string(),
-            source: "manual".to_string(),
-            from,
-            to: replicas,
-            recommended: replicas,
-            direction: match replicas.cmp(&from) {
-                std::cmp::Ordering::Greater => "up",
-                std::cmp::Ordering::Less => "down",
-                std::cmp::Ordering::Equal => "none",
-            },
-            outcome: "scaled",
-            reason,
-            clamps: Vec::new(),
-            evidence: serde_json::json!({"override": outside}),
-        };
-        if let Err(e) = self.store.record_event(id, event_record(&event)).await {
-            tracing::error!(function = %id, error = %e, "cannot record a manual scale");
+        let why = failed.join("; ");
+        if let (Some(e), 0) = (store_error, done) {
+            return Err(FleetError::Store(e));
         }
-        Ok(())
+        match (failed.is_empty(), done) {
+            (true, _) => Ok(()),
+            (false, 0) if conflict => Err(FleetError::Conflict(why)),
+            (false, 0) => Err(FleetError::Platform(PlatformError::Failed(why))),
+            (false, _) => Err(FleetError::Partial(why)),
+        }
     }
 
     /// The pause that holds a function, if any (a pause of all wins).
@@ -1266,23 +1328,50 @@ mod tests {
 
         // A decision made from a count that changed meanwhile (a manual scale) is not applied.
         let now_lon = replicas("lon").unwrap();
-        let stale = fleet.scale_from(&id, "lon", now_lon - 1, 5, None).await;
+        let stale = fleet
+            .scale_from(&id, "lon", now_lon - 1, 5, None, OnFailure::Undo)
+            .await;
         assert!(matches!(stale, Err(FleetError::Conflict(_))), "{stale:?}");
         assert_eq!(replicas("lon"), Some(now_lon));
         fleet
-            .scale_from(&id, "lon", now_lon, 5, None)
+            .scale_from(&id, "lon", now_lon, 5, None, OnFailure::Undo)
             .await
             .unwrap();
         assert_eq!(replicas("lon"), Some(5));
 
-        // A manual scale across both with lon down: syd's part stays, the error names lon.
+        // A manual scale across both with lon down: syd's part stays, the error names lon,
+        // and each datacenter's share is an event of its own.
         lon.down.store(true, Ordering::SeqCst);
-        let partial = fleet.scale(&id, None, 6).await;
+        let partial = scaler.manual_scale(&id, None, 6, true).await;
         match partial {
             Err(FleetError::Partial(msg)) => assert!(msg.contains("lon"), "{msg}"),
             other => panic!("expected a partial failure, got {other:?}"),
         }
         assert_eq!(replicas("syd"), Some(3), "6 spread over two: 3 each");
+        let trail = scaler
+            .store
+            .scale_events(store::EventFilter {
+                name: None,
+                namespace: None,
+                datacenter: None,
+                since: None,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        let manual: Vec<(String, String)> = trail
+            .iter()
+            .map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).unwrap())
+            .filter(|e| e["source"] == "manual")
+            .map(|e| (e["datacenter"].to_string(), e["outcome"].to_string()))
+            .collect();
+        assert_eq!(manual.len(), 2, "{manual:?}");
+        // lon's share is kept for the reconciler, as an operator's count should be.
+        assert_eq!(replicas("lon"), Some(3));
+        for (dc, outcome) in [("syd", "scaled"), ("lon", "scaled")] {
+            let pair = (format!("{dc:?}"), format!("{outcome:?}"));
+            assert!(manual.contains(&pair), "{manual:?}");
+        }
     }
 
     #[tokio::test]

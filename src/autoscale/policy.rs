@@ -246,6 +246,12 @@ pub enum Input<'a> {
     /// An invocation found the function at zero replicas; `waiting` requests (this one
     /// included) are held until a replica is ready.
     Wake { waiting: u64 },
+    /// An operator asks for `replicas` (`POST /system/scale-function`); `override_bounds`
+    /// lets it leave min..max. The request's bounds were checked before it got here.
+    Manual {
+        replicas: u64,
+        override_bounds: bool,
+    },
 }
 
 /// What the engine remembers about one function between decisions. Serialisable so that
@@ -534,6 +540,46 @@ pub fn decide(
         return (d, next);
     }
 
+    // An operator's count is carried out as asked: no cooldown, window, hold or step cap
+    // stands in its way, and it leaves the engine's memory as it was (no cooldown starts).
+    // Only min..max bounds it, unless overridden; zero is always allowed.
+    if let Input::Manual {
+        replicas,
+        override_bounds,
+    } = input
+    {
+        let to = match (override_bounds, replicas) {
+            (true, _) | (_, 0) => replicas,
+            _ => replicas.clamp(min, max),
+        };
+        if to < replicas {
+            clamps.push(Clamp::Max);
+        } else if to > replicas {
+            clamps.push(Clamp::Min);
+        }
+        let outside = to != 0 && !(min..=max).contains(&to);
+        let note = if outside {
+            format!(" (override: outside min..max {min}..{max})")
+        } else {
+            String::new()
+        };
+        let reason = format!("manual scale: {current} -> {to}{note}");
+        if to == current {
+            let mut d = Decision::unchanged(current, replicas, reason);
+            d.clamps = clamps;
+            return (d, next);
+        }
+        let d = Decision {
+            from: current,
+            to,
+            recommended: replicas,
+            outcome: Outcome::Scale,
+            clamps,
+            reason,
+        };
+        return (d, next);
+    }
+
     // 1. The desired count, its reason and, for a gradual scale-down, the largest step allowed.
     let step_down = policy.step_down.size(max).max(1);
     let (recommended, mut why, max_step_down) = match input {
@@ -611,7 +657,9 @@ pub fn decide(
                 }
             }
         }
-        Input::Idle { .. } | Input::Wake { .. } => unreachable!("handled above"),
+        Input::Idle { .. } | Input::Wake { .. } | Input::Manual { .. } => {
+            unreachable!("handled above")
+        }
         Input::Tick => {
             if !next.stepping_down || current <= min {
                 next.stepping_down = false;
@@ -1085,6 +1133,43 @@ mod tests {
             at(1),
         );
         assert_eq!(d.to, 1);
+    }
+
+    #[test]
+    fn a_manual_count_is_carried_out_through_cooldowns_within_its_bounds() {
+        let p = Policy {
+            up_cooldown: Duration::from_secs(600),
+            down_cooldown: Duration::from_secs(600),
+            ..openfaas(5, 2, 20)
+        };
+        let state = State {
+            last_scale_up: Some(at(0)),
+            hold_until: Some(at(1000)),
+            ..State::default()
+        };
+        let manual = |replicas, override_bounds| Input::Manual {
+            replicas,
+            override_bounds,
+        };
+        // Cooldowns and a hold do not stand in an operator's way, and nothing starts.
+        let (d, next) = decide(&p, 3, &state, manual(4, false), at(1));
+        assert_eq!((d.outcome, d.to), (Outcome::Scale, 4));
+        assert_eq!(d.reason, "manual scale: 3 -> 4");
+        assert_eq!(next.last_scale_up, state.last_scale_up);
+        let (d, _) = decide(&p, 3, &state, manual(1, false), at(1));
+        assert_eq!((d.outcome, d.to), (Outcome::Scale, 2), "bounded by min");
+        assert_eq!(d.clamps, vec![Clamp::Min]);
+        let (d, _) = decide(&p, 3, &state, manual(0, false), at(1));
+        assert_eq!(d.to, 0, "zero is always allowed");
+        let (d, _) = decide(&p, 3, &state, manual(9, true), at(1));
+        assert_eq!(d.to, 9);
+        assert!(
+            d.reason.contains("override: outside min..max 2..5"),
+            "{}",
+            d.reason
+        );
+        let (d, _) = decide(&p, 3, &state, manual(3, false), at(1));
+        assert_eq!(d.outcome, Outcome::NoChange);
     }
 
     #[test]
