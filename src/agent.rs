@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use base64::Engine;
 
 use crate::config::LocalConfig;
-use crate::model::{split_qualified, validate_dns_label, FunctionId};
+use crate::model::{validate_dns_label, FunctionId};
 use crate::platform::local::LocalPlatform;
 use crate::platform::remote::wire::{AgentFunction, ApplyRequest, ScaleRequest};
 use crate::platform::{Platform, Workload};
@@ -199,7 +199,15 @@ async fn invoke(State(a): State<Arc<Agent>>, req: Request) -> Response {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let (name, namespace) = split_qualified(qualified);
+    let (name, namespace) = match crate::model::function_ref(qualified, None) {
+        Ok(parts) => parts,
+        Err(why) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid function reference: {why} (use name or name.namespace)"),
+            )
+        }
+    };
     let id = FunctionId::new(name, namespace.unwrap_or(crate::model::DEFAULT_NAMESPACE));
     let Some(endpoint) = a.platform.endpoints(&id).and_then(|set| set.pick()) else {
         return error(

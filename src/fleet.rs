@@ -485,6 +485,19 @@ impl Fleet {
     }
 
     /// The namespace a request means: the one given (if non-empty) or the default. It must exist.
+    /// A function reference as every `/system/*` route reads it ([`crate::model::function_ref`]),
+    /// in an existing namespace (the default when none is named). The function need not exist.
+    pub fn resolve_function(
+        &self,
+        raw: &str,
+        namespace: Option<&str>,
+    ) -> Result<FunctionId, FleetError> {
+        let (name, namespace) =
+            crate::model::function_ref(raw, namespace).map_err(FleetError::invalid)?;
+        let namespace = self.resolve_namespace(namespace)?;
+        Ok(FunctionId::new(name, namespace))
+    }
+
     pub fn resolve_namespace(&self, given: Option<&str>) -> Result<String, FleetError> {
         let ns = match given {
             Some(ns) if !ns.is_empty() => ns,

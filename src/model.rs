@@ -61,6 +61,23 @@ pub fn split_qualified(raw: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// How every route reads a function reference (`/function/*`, `/async-function/*` and the
+/// `/system/*` routes alike): `name` or `name.namespace`, an explicit namespace (query or
+/// body), when given, winning over the suffix; name and namespace DNS-1123 labels. Returns
+/// the name and the namespace, if any was named.
+pub fn function_ref<'a>(
+    raw: &'a str,
+    namespace: Option<&'a str>,
+) -> Result<(&'a str, Option<&'a str>), String> {
+    let (name, suffix) = split_qualified(raw);
+    validate_dns_label("name", name)?;
+    let namespace = namespace.filter(|n| !n.is_empty()).or(suffix);
+    if let Some(ns) = namespace {
+        validate_dns_label("namespace", ns)?;
+    }
+    Ok((name, namespace))
+}
+
 /// Checks a function or namespace name against the DNS-1123 label rule
 /// (`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`, at most 63 characters).
 pub fn validate_dns_label(what: &str, value: &str) -> Result<(), String> {

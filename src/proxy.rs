@@ -25,7 +25,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::ProxyConfig;
 use crate::fleet::Fleet;
-use crate::model::{split_qualified, FunctionId};
+use crate::model::{function_ref, FunctionId};
 use crate::platform::Endpoint;
 use crate::telemetry::Metrics;
 
@@ -292,7 +292,7 @@ pub(crate) fn stamp(clock: &AtomicI64) {
 
 /// Why a name does not resolve to a function.
 pub(crate) enum Unresolved {
-    Invalid,
+    Invalid(String),
     Missing(FunctionId),
 }
 
@@ -391,12 +391,9 @@ impl Invoker {
     pub fn resolve(&self, raw: &str) -> Result<FunctionId, Box<Response>> {
         match self.lookup(raw) {
             Ok(id) => Ok(id),
-            Err(Unresolved::Invalid) => Err(Box::new(internal_error(
+            Err(Unresolved::Invalid(why)) => Err(Box::new(internal_error(
                 StatusCode::BAD_REQUEST,
-                format!(
-                    "invalid function name {:?}: use name or name.namespace with letters, digits, '-' and '_'",
-                    crate::model::truncate_for_message(raw)
-                ),
+                format!("invalid function reference: {why} (use name or name.namespace)"),
             ))),
             Err(Unresolved::Missing(id)) => Err(Box::new(internal_error(
                 StatusCode::NOT_FOUND,
@@ -407,16 +404,9 @@ impl Invoker {
 
     /// `name` or `name.namespace` as a deployed function's id.
     pub(crate) fn lookup(&self, raw: &str) -> Result<FunctionId, Unresolved> {
-        let (name, namespace) = split_qualified(raw);
-        let valid = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 253
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        };
-        if !valid(name) || !namespace.is_none_or(valid) {
-            return Err(Unresolved::Invalid);
-        }
+        // The same rule as the /system/* routes'; the namespace need not exist (an unknown
+        // one finds no function).
+        let (name, namespace) = function_ref(raw, None).map_err(Unresolved::Invalid)?;
         let id = FunctionId::new(name, namespace.unwrap_or(self.fleet.default_namespace()));
         if self.fleet.desired_replicas(&id).is_none() {
             return Err(Unresolved::Missing(id));

@@ -729,3 +729,69 @@ async fn contradicting_scaling_labels_are_refused_at_deploy_once_each() {
     .await;
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
 }
+
+/// One rule for a function reference on every route: `name` or `name.namespace`, both
+/// DNS-1123 labels. A name that breaks it is a 400 naming the rule everywhere (invoking
+/// `Upper` or `under_score` used to be a 404, as if such a function could exist); a valid
+/// name that is not deployed is a 404 everywhere.
+#[tokio::test]
+async fn every_route_reads_a_function_reference_by_one_rule() {
+    let s = Server::start();
+    assert_eq!(s.deploy(echo_function("known")).await.status(), 202);
+    let routes = |name: &str| {
+        vec![
+            (Method::POST, format!("/function/{name}"), Value::Null),
+            (Method::POST, format!("/async-function/{name}"), Value::Null),
+            (Method::GET, format!("/system/function/{name}"), Value::Null),
+            (
+                Method::POST,
+                format!("/system/scale-function/{name}"),
+                json!({"serviceName": name, "replicas": 1}),
+            ),
+            (
+                Method::GET,
+                format!("/system/logs?name={name}"),
+                Value::Null,
+            ),
+            (
+                Method::POST,
+                "/system/autoscaling/pause".to_string(),
+                json!({"function": name}),
+            ),
+        ]
+    };
+    for bad in ["Upper", "under_score", "a.b.c", "-edge"] {
+        for (method, path, body) in routes(bad) {
+            let mut req = s.system(method.clone(), &path);
+            if !body.is_null() {
+                req = req.json(&body);
+            }
+            let r = req.send().await.unwrap();
+            let code = r.status().as_u16();
+            let text = r.text().await.unwrap();
+            assert_eq!(code, 400, "{method} {path}: {text}");
+            assert!(
+                text.contains("lower case alphanumeric characters or '-'"),
+                "{method} {path}: {text}"
+            );
+        }
+        let r = s
+            .system(Method::GET, &format!("/system/scale-events?function={bad}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "scale-events filter {bad}");
+    }
+    for (method, path, body) in routes("missing") {
+        let mut req = s.system(method.clone(), &path);
+        if !body.is_null() {
+            req = req.json(&body);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 404, "{method} {path}");
+    }
+    assert_eq!(
+        s.invoke("known.openfaas-fn", "hi").await,
+        (200, "hi".to_string())
+    );
+}

@@ -15,7 +15,6 @@ use super::error::ApiResult;
 use super::wire::parse_json;
 use super::{detached, AppState};
 use crate::autoscale::executor::ALL;
-use crate::model::{split_qualified, FunctionId};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -38,14 +37,7 @@ fn scope(s: &AppState, req: &PauseRequest) -> ApiResult<String> {
     let Some(raw) = req.function.as_deref().filter(|f| !f.is_empty()) else {
         return Ok(ALL.to_string());
     };
-    let (name, suffix) = split_qualified(raw);
-    let namespace = s.fleet.resolve_namespace(
-        req.namespace
-            .as_deref()
-            .filter(|n| !n.is_empty())
-            .or(suffix),
-    )?;
-    let id = FunctionId::new(name, namespace);
+    let id = s.fleet.resolve_function(raw, req.namespace.as_deref())?;
     s.fleet.get(&id)?;
     Ok(id.qualified())
 }

@@ -10,7 +10,7 @@ use http::header::CONTENT_TYPE;
 
 use super::error::{ApiError, ApiResult};
 use super::AppState;
-use crate::model::split_qualified;
+use crate::model::function_ref;
 use crate::store::EventFilter;
 
 const MAX_LIMIT: u32 = 1000;
@@ -20,12 +20,14 @@ pub async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
-    let (name, suffix) = match get("function") {
+    // The function filter reads as every route reads a function reference.
+    let (name, namespace) = match get("function") {
         Some(f) => {
-            let (n, ns) = split_qualified(f);
+            let (n, ns) = function_ref(f, get("namespace"))
+                .map_err(|e| ApiError::bad_request(format!("function: {e}")))?;
             (Some(n.to_string()), ns.map(str::to_string))
         }
-        None => (None, None),
+        None => (None, get("namespace").map(str::to_string)),
     };
     let limit = match get("limit") {
         None => 100,
@@ -51,7 +53,7 @@ pub async fn list(
     };
     let filter = EventFilter {
         name,
-        namespace: get("namespace").map(str::to_string).or(suffix),
+        namespace,
         datacenter: get("datacenter").map(str::to_string),
         since,
         limit,

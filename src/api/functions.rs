@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::error::{ApiError, ApiResult};
 use super::wire::{parse_json, status_json, DeleteFunctionRequest, ScaleServiceRequest};
 use super::{detached, AppState};
-use crate::model::{split_qualified, FunctionDeployment, FunctionId};
+use crate::model::{FunctionDeployment, FunctionId};
 
 #[derive(Debug, Default, Deserialize)]
 pub struct NamespaceQuery {
@@ -144,12 +144,5 @@ pub async fn scale(
 
 /// `name` may carry a `.namespace` suffix; an explicit namespace wins over it.
 fn function_id(s: &AppState, raw: &str, namespace: Option<&str>) -> Result<FunctionId, ApiError> {
-    let (name, suffix) = split_qualified(raw);
-    let namespace = match namespace.filter(|n| !n.is_empty()) {
-        Some(ns) => Some(ns),
-        None => suffix,
-    };
-    crate::model::validate_dns_label("name", name).map_err(ApiError::bad_request)?;
-    let namespace = s.fleet.resolve_namespace(namespace)?;
-    Ok(FunctionId::new(name, namespace))
+    Ok(s.fleet.resolve_function(raw, namespace)?)
 }

@@ -13,7 +13,6 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use super::error::{ApiError, ApiResult};
 use super::AppState;
-use crate::model::{split_qualified, validate_dns_label, FunctionId};
 use crate::platform::{LogMessage, LogQuery};
 
 fn unparseable(what: &str, value: &str) -> ApiError {
@@ -66,15 +65,9 @@ pub async fn logs(
         return Err(ApiError::bad_request("name: is required (?name=FUNCTION)"));
     }
     let query = parse_query(&q)?;
-    let (name, suffix) = split_qualified(raw);
-    validate_dns_label("name", name).map_err(ApiError::bad_request)?;
-    let namespace = q
-        .get("namespace")
-        .map(String::as_str)
-        .filter(|n| !n.is_empty())
-        .or(suffix);
-    let namespace = s.fleet.resolve_namespace(namespace)?;
-    let id = FunctionId::new(name, namespace);
+    let id = s
+        .fleet
+        .resolve_function(raw, q.get("namespace").map(String::as_str))?;
     let datacenter = s
         .fleet
         .resolve_datacenter(q.get("datacenter").map(String::as_str))?;
