@@ -59,6 +59,8 @@ fi
 
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
+# Modules depend on each other one way only.
+python3 scripts/check_cycles.py
 cargo test --all-targets
 # The benchmark suite with tiny loads, so that it cannot rot (its figures are not results).
 ./scripts/bench.sh smoke

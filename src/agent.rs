@@ -194,11 +194,7 @@ async fn invoke(State(a): State<Arc<Agent>>, req: Request) -> Response {
         return error(StatusCode::UNAUTHORIZED, "the agent token is required");
     }
     let path = req.uri().path().to_string();
-    let rest = path.strip_prefix("/function/").unwrap_or_default();
-    let (qualified, suffix) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
+    let (qualified, suffix) = crate::proxy::split_path(&path, "/function/");
     let (name, namespace) = match crate::model::function_ref(qualified, None) {
         Ok(parts) => parts,
         Err(why) => {

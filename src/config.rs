@@ -31,7 +31,7 @@ pub struct Config {
     pub local: LocalConfig,
     pub autoscale: AutoscaleConfig,
     pub prometheus: PrometheusConfig,
-    pub grafana: crate::grafana::GrafanaConfig,
+    pub grafana: GrafanaConfig,
     /// Where functions run, in order; exactly one is home.
     pub datacenters: Vec<DatacenterConfig>,
     /// Where a function that names no datacenter goes.
@@ -144,6 +144,36 @@ pub struct QueryPolicy {
     /// The result label that names the datacenter; a series without it is shared equally by
     /// the function's datacenters.
     pub datacenter_label: String,
+}
+
+/// Where scale decisions are annotated (`[grafana]`).
+#[derive(Debug, Clone)]
+pub struct GrafanaConfig {
+    /// Grafana's base URL; `None` turns annotations off.
+    pub url: Option<String>,
+    /// File holding a service-account token, sent as `Authorization: Bearer`.
+    pub token_file: Option<PathBuf>,
+    /// Only annotate this dashboard (else the annotation is organisation-wide).
+    pub dashboard_uid: Option<String>,
+    pub queue_capacity: usize,
+    pub rate_per_sec: u32,
+    /// Attempts per annotation before it is dropped (5xx, 429 and network errors are retried).
+    pub max_attempts: u32,
+    pub timeout: Duration,
+}
+
+impl Default for GrafanaConfig {
+    fn default() -> Self {
+        GrafanaConfig {
+            url: None,
+            token_file: None,
+            dashboard_uid: None,
+            queue_capacity: 1000,
+            rate_per_sec: 20,
+            max_attempts: 5,
+            timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Defaults for every function's scaling policy (labels override them per function) and the
@@ -381,7 +411,7 @@ impl Default for Config {
                 ca_file: None,
                 insecure_skip_verify: false,
             },
-            grafana: crate::grafana::GrafanaConfig::default(),
+            grafana: GrafanaConfig::default(),
             datacenters: vec![DatacenterConfig::local(DEFAULT_DATACENTER, true)],
             placement: Placement::All,
             reconcile_interval: Duration::from_secs(5),
@@ -581,12 +611,12 @@ impl Config {
                     policies: s.policies("policies"),
                     queries: s.queries("queries"),
                     alert_mode: s.parsed("alert_mode", d.alert_mode, |v: String| {
-                        crate::autoscale::labels::parse_alert_mode(&v)
+                        crate::autoscale::policy::parse_alert_mode(&v)
                     }),
                     target_per_replica: s.parsed(
                         "target_per_replica",
                         d.target_per_replica,
-                        |v: f64| crate::autoscale::labels::parse_target(&v.to_string()).map(Some),
+                        |v: f64| crate::autoscale::policy::parse_target(&v.to_string()).map(Some),
                     ),
                     max_step_up: s.parsed("max_step_up", d.max_step_up, |v: toml::Value| {
                         step_cap_value(v).map(Some)
@@ -644,7 +674,7 @@ impl Config {
                 let mut s = root.section("grafana");
                 let d = &defaults.grafana;
                 let g =
-                    crate::grafana::GrafanaConfig {
+                    GrafanaConfig {
                         url: s.parsed("url", d.url.clone(), |v: String| match reqwest::Url::parse(
                             &v,
                         ) {
@@ -723,12 +753,12 @@ fn count_or_percent(v: toml::Value) -> Result<String, String> {
 
 /// A step: a count or a percentage of max.
 fn step_value(v: toml::Value) -> Result<crate::autoscale::policy::Step, String> {
-    crate::autoscale::labels::parse_step(&count_or_percent(v)?)
+    crate::autoscale::policy::parse_step(&count_or_percent(v)?)
 }
 
 /// A step cap: a count or a percentage of the current replicas.
 fn step_cap_value(v: toml::Value) -> Result<crate::autoscale::policy::StepCap, String> {
-    crate::autoscale::labels::parse_step_cap(&count_or_percent(v)?)
+    crate::autoscale::policy::parse_step_cap(&count_or_percent(v)?)
 }
 
 /// One TOML table being read key by key. Each accessor removes its key, records an error naming
@@ -1034,11 +1064,11 @@ impl Section {
                 zero_idle: opt_secs(&mut s, "zero_idle_secs"),
                 alert_mode: s.table.contains_key("alert_mode").then(|| {
                     s.parsed("alert_mode", Default::default(), |v: String| {
-                        crate::autoscale::labels::parse_alert_mode(&v)
+                        crate::autoscale::policy::parse_alert_mode(&v)
                     })
                 }),
                 target_per_replica: s.parsed("target_per_replica", None, |v: f64| {
-                    crate::autoscale::labels::parse_target(&v.to_string()).map(Some)
+                    crate::autoscale::policy::parse_target(&v.to_string()).map(Some)
                 }),
                 max_step_up: s.parsed("max_step_up", None, |v: toml::Value| {
                     step_cap_value(v).map(Some)

@@ -3,7 +3,6 @@
 //! the way of scaling (a full queue drops the annotation and counts it).
 
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,36 +11,8 @@ use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::config::GrafanaConfig;
 use crate::telemetry::Metrics;
-
-#[derive(Debug, Clone)]
-pub struct GrafanaConfig {
-    /// Grafana's base URL; `None` turns annotations off.
-    pub url: Option<String>,
-    /// File holding a service-account token, sent as `Authorization: Bearer`.
-    pub token_file: Option<PathBuf>,
-    /// Only annotate this dashboard (else the annotation is organisation-wide).
-    pub dashboard_uid: Option<String>,
-    pub queue_capacity: usize,
-    pub rate_per_sec: u32,
-    /// Attempts per annotation before it is dropped (5xx, 429 and network errors are retried).
-    pub max_attempts: u32,
-    pub timeout: Duration,
-}
-
-impl Default for GrafanaConfig {
-    fn default() -> Self {
-        GrafanaConfig {
-            url: None,
-            token_file: None,
-            dashboard_uid: None,
-            queue_capacity: 1000,
-            rate_per_sec: 20,
-            max_attempts: 5,
-            timeout: Duration::from_secs(5),
-        }
-    }
-}
 
 /// The body Grafana's annotations API takes.
 #[derive(Debug, Clone, Serialize)]

@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::FunctionId;
 use crate::platform::Endpoint;
-use crate::proxy::{Invoker, AGENT_TOKEN, CALL_ID, DATACENTER, POOL_IDLE_TIMEOUT, START_TIME};
+use crate::proxy::{
+    plain_decimal, Invoker, AGENT_TOKEN, CALL_ID, DATACENTER, POOL_IDLE_TIMEOUT, START_TIME,
+};
 use crate::telemetry::Invocation;
 
 /// Longest request or response head the lane reads; longer ones go to the general server
@@ -303,10 +305,7 @@ impl Lane {
         let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
             return Parsed::HandOff;
         };
-        if !crate::api::invoke::METHODS
-            .iter()
-            .any(|m| m.as_str() == method)
-        {
+        if !crate::proxy::METHODS.iter().any(|m| m.as_str() == method) {
             return Parsed::HandOff;
         }
         let (path, query) = match target.split_once('?') {
@@ -364,7 +363,7 @@ impl Lane {
                 has_forwarded_host = true;
             }
         }
-        let (raw_name, suffix) = crate::api::invoke::split_path(path, "/function/");
+        let (raw_name, suffix) = crate::proxy::split_path(path, "/function/");
         let Ok(id) = self.invoker.lookup(raw_name) else {
             return Parsed::HandOff;
         };
@@ -1063,14 +1062,6 @@ fn parse_response_head(buf: &mut BytesMut, head_request: bool) -> Result<HeadPar
         spans,
         nominated,
     }))
-}
-
-/// `1*DIGIT` as a number (no sign, no spaces, no list).
-pub(crate) fn plain_decimal(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// Where a response body ends, fed the bytes as they arrive.

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, CONTENT_TYPE};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Request, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -153,7 +153,7 @@ fn refusal_of(parts: &http::response::Parts) -> Option<(&'static str, &'static s
         ))
     } else if !lengths
         .iter()
-        .all(|v| crate::lane::plain_decimal(v.as_bytes()).is_some())
+        .all(|v| plain_decimal(v.as_bytes()).is_some())
         || lengths.windows(2).any(|w| w[0] != w[1])
     {
         Some((
@@ -294,6 +294,34 @@ pub(crate) fn stamp(clock: &AtomicI64) {
 pub(crate) enum Unresolved {
     Invalid(String),
     Missing(FunctionId),
+}
+
+/// Splits `/function/NAME/rest` into (`NAME`, `/rest`), keeping a trailing slash.
+pub fn split_path<'a>(path: &'a str, prefix: &str) -> (&'a str, &'a str) {
+    let rest = path.strip_prefix(prefix).unwrap_or("");
+    match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    }
+}
+
+/// The methods a synchronous invocation passes through to the function; others get 405.
+pub const METHODS: &[Method] = &[
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+    Method::HEAD,
+];
+
+/// `1*DIGIT` as a number (no sign, no spaces, no list).
+pub fn plain_decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// How long an upstream connection to a replica may wait unused before it is closed.

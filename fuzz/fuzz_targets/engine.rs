@@ -142,7 +142,7 @@ enum CapSpec {
 }
 
 impl CapSpec {
-    /// As `labels::parse_step_cap` accepts them: a positive count, or 1 % to 10000 %.
+    /// As `policy::parse_step_cap` accepts them: a positive count, or 1 % to 10000 %.
     fn get(self) -> StepCap {
         match self {
             CapSpec::Count(c) => StepCap::Count(c.get().max(1)),

@@ -9,28 +9,9 @@ use http::{Method, StatusCode};
 
 use super::error::ApiError;
 use super::AppState;
+use crate::proxy::{split_path, METHODS};
 use crate::proxy::{unix_nanos, CALL_ID, START_TIME};
 use crate::queue::AsyncJob;
-
-/// Splits `/function/NAME/rest` into (`NAME`, `/rest`), keeping a trailing slash.
-pub(crate) fn split_path<'a>(path: &'a str, prefix: &str) -> (&'a str, &'a str) {
-    let rest = path.strip_prefix(prefix).unwrap_or("");
-    match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    }
-}
-
-/// The methods a synchronous invocation passes through to the function; others get 405.
-pub const METHODS: &[Method] = &[
-    Method::GET,
-    Method::POST,
-    Method::PUT,
-    Method::PATCH,
-    Method::DELETE,
-    Method::OPTIONS,
-    Method::HEAD,
-];
 
 pub async fn sync(State(s): State<Arc<AppState>>, req: Request) -> Response {
     if !METHODS.contains(req.method()) {

@@ -313,7 +313,7 @@ fn alert_routes(limits: &LimitsConfig, timeout: Duration) -> Routes {
 /// Synchronous invocation: open, as in OpenFaaS; the body streams to the function (bounded by
 /// `proxy.upstream_timeout_secs`).
 fn invoke_routes() -> Routes {
-    let sync = || Methods::any(invoke::METHODS, BodyKind::Raw, invoke::sync);
+    let sync = || Methods::any(crate::proxy::METHODS, BodyKind::Raw, invoke::sync);
     Routes::new(Access::Open)
         .route("/function/{name}", sync())
         .route("/function/{name}/", sync())
@@ -436,7 +436,7 @@ mod tests {
         let methods: Vec<&str> = deploy.methods.iter().map(|m| m.method.as_str()).collect();
         assert_eq!(methods, ["GET", "HEAD", "POST", "PUT", "DELETE"]);
         let invoke = table.iter().find(|r| r.path == "/function/{name}").unwrap();
-        assert_eq!(invoke.methods.len(), invoke::METHODS.len());
+        assert_eq!(invoke.methods.len(), crate::proxy::METHODS.len());
         assert_eq!(invoke.body_limit, None);
     }
 }

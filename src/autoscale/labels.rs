@@ -4,7 +4,8 @@
 use crate::config::AutoscaleConfig;
 use crate::model::{parse_duration, FunctionDeployment, FunctionId, LABEL_SCALE_MIN};
 
-use super::policy::{AlertMode, Policy, Step, StepCap};
+use super::policy::{parse_alert_mode, parse_step, parse_step_cap, parse_target};
+use super::policy::{Policy, Step};
 
 pub const LABEL_SCALE_MAX: &str = "com.openfaas.scale.max";
 pub const LABEL_SCALE_FACTOR: &str = "com.openfaas.scale.factor";
@@ -23,53 +24,6 @@ pub const LABEL_MAX_STEP_UP: &str = "com.faastastic.scale.max-step-up";
 pub const LABEL_STALENESS_GUARD: &str = "com.faastastic.scale.staleness-guard";
 pub const LABEL_ZERO: &str = "com.openfaas.scale.zero";
 pub const LABEL_ZERO_DURATION: &str = "com.openfaas.scale.zero-duration";
-
-/// `3` (replicas) or `25%` (of max).
-pub fn parse_step(text: &str) -> Result<Step, String> {
-    let t = text.trim();
-    if let Some(pct) = t.strip_suffix('%') {
-        return match pct.trim().parse::<u64>() {
-            Ok(p) if (1..=100).contains(&p) => Ok(Step::PercentOfMax(p)),
-            _ => Err(format!("{text:?} is not a percentage from 1% to 100%")),
-        };
-    }
-    t.parse::<u64>()
-        .map(Step::Count)
-        .map_err(|_| format!("{text:?} is not a replica count or a percentage such as 25%"))
-}
-
-/// `4` (replicas) or `100%` (of the current replicas).
-pub fn parse_step_cap(text: &str) -> Result<StepCap, String> {
-    let t = text.trim();
-    if let Some(pct) = t.strip_suffix('%') {
-        return match pct.trim().parse::<u64>() {
-            Ok(p) if (1..=10_000).contains(&p) => Ok(StepCap::Percent(p)),
-            _ => Err(format!("{text:?} is not a percentage from 1% to 10000%")),
-        };
-    }
-    match t.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(StepCap::Count(n)),
-        _ => Err(format!(
-            "{text:?} is not a positive replica count or a percentage such as 100%"
-        )),
-    }
-}
-
-pub fn parse_alert_mode(text: &str) -> Result<AlertMode, String> {
-    match text.trim() {
-        "proportional" => Ok(AlertMode::Proportional),
-        "step" => Ok(AlertMode::Step),
-        other => Err(format!("{other:?} is not proportional or step")),
-    }
-}
-
-/// A per-replica target: a finite number above zero.
-pub fn parse_target(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{text:?} is not a number above zero")),
-    }
-}
 
 fn parse_bool(text: &str) -> Result<bool, String> {
     match text.trim() {

@@ -827,6 +827,55 @@ pub fn decide(
     (d, next)
 }
 
+// Text forms of the engine's settings, shared by labels and the configuration file.
+
+/// `3` (replicas) or `25%` (of max).
+pub fn parse_step(text: &str) -> Result<Step, String> {
+    let t = text.trim();
+    if let Some(pct) = t.strip_suffix('%') {
+        return match pct.trim().parse::<u64>() {
+            Ok(p) if (1..=100).contains(&p) => Ok(Step::PercentOfMax(p)),
+            _ => Err(format!("{text:?} is not a percentage from 1% to 100%")),
+        };
+    }
+    t.parse::<u64>()
+        .map(Step::Count)
+        .map_err(|_| format!("{text:?} is not a replica count or a percentage such as 25%"))
+}
+
+/// `4` (replicas) or `100%` (of the current replicas).
+pub fn parse_step_cap(text: &str) -> Result<StepCap, String> {
+    let t = text.trim();
+    if let Some(pct) = t.strip_suffix('%') {
+        return match pct.trim().parse::<u64>() {
+            Ok(p) if (1..=10_000).contains(&p) => Ok(StepCap::Percent(p)),
+            _ => Err(format!("{text:?} is not a percentage from 1% to 10000%")),
+        };
+    }
+    match t.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(StepCap::Count(n)),
+        _ => Err(format!(
+            "{text:?} is not a positive replica count or a percentage such as 100%"
+        )),
+    }
+}
+
+pub fn parse_alert_mode(text: &str) -> Result<AlertMode, String> {
+    match text.trim() {
+        "proportional" => Ok(AlertMode::Proportional),
+        "step" => Ok(AlertMode::Step),
+        other => Err(format!("{other:?} is not proportional or step")),
+    }
+}
+
+/// A per-replica target: a finite number above zero.
+pub fn parse_target(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a number above zero")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::logs::LogBuffer;
-use super::watchdog::{HEALTH_PATH, LISTENING_PREFIX};
+use super::watchdog::{die_with_parent, HEALTH_PATH, LISTENING_PREFIX};
 use super::{
     Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReadyGauge,
     ReplicaCounts, Rollout, Workload,
@@ -426,21 +426,6 @@ impl Generation {
             .kill_on_drop(true);
         die_with_parent(&mut cmd, libc::SIGTERM);
         cmd.spawn()
-    }
-}
-
-/// Asks the kernel to send `signal` to the child when its parent dies, so a crashed server
-/// leaves no orphaned replicas holding ports. The watchdog gets SIGTERM, on which it stops its
-/// function's whole process group.
-pub(crate) fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 

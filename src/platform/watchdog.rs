@@ -132,7 +132,7 @@ pub async fn run() -> anyhow::Result<()> {
                 .stdin(Stdio::null())
                 .process_group(0)
                 .kill_on_drop(true);
-            crate::platform::local::die_with_parent(&mut cmd, libc::SIGTERM);
+            die_with_parent(&mut cmd, libc::SIGTERM);
             let mut child = cmd
                 .spawn()
                 .with_context(|| format!("cannot start {:?}", argv[0]))?;
@@ -326,7 +326,7 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
         .kill_on_drop(true);
     // Its own process group, so a timeout or a dropped request stops whatever it started.
     cmd.process_group(0);
-    crate::platform::local::die_with_parent(&mut cmd, libc::SIGKILL);
+    die_with_parent(&mut cmd, libc::SIGKILL);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
@@ -444,6 +444,21 @@ impl Drop for GroupKiller {
 
 fn plain(status: StatusCode, text: String) -> Response {
     (status, format!("{}\n", text.trim_end())).into_response()
+}
+
+/// Asks the kernel to send `signal` to the child when its parent dies, so a crashed server
+/// leaves no orphaned replicas holding ports (a replica's watchdog gets SIGTERM, on which it
+/// stops its function's whole process group) and a dead watchdog no orphaned function.
+pub(crate) fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]
