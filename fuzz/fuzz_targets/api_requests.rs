@@ -144,8 +144,8 @@ fn deployment(data: &[u8]) {
                 },
             )],
         };
-        let text =
-            String::from_utf8(status_json(&view, &HashMap::new(), None, &[])).expect("status is UTF-8");
+        let text = String::from_utf8(status_json(&view, &HashMap::new(), None, &[]))
+            .expect("status is UTF-8");
         let echoed: FunctionDeployment =
             serde_json::from_str(&text).expect("status reads as a deployment");
         let fields: serde_json::Value = serde_json::from_str(&text).expect("status is JSON");

@@ -107,7 +107,11 @@ fn hyper_reads(answers: &[&[u8]], methods: &[Method]) -> Vec<Result<Read, String
                         Ok(n) => seen.extend_from_slice(&chunk[..n]),
                     }
                 }
-                let end = seen.windows(4).position(|w| w == b"\r\n\r\n").expect("found") + 4;
+                let end = seen
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("found")
+                    + 4;
                 seen.drain(..end);
                 if replica_side.write_all(&answer).await.is_err() {
                     return;
@@ -137,7 +141,10 @@ fn hyper_reads(answers: &[&[u8]], methods: &[Method]) -> Vec<Result<Read, String
                 .body(Empty::<Bytes>::new())
                 .expect("a valid request");
             let read = async {
-                let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let status = response.status().as_u16();
                 let headers = response.headers().clone();
                 let mut body = Vec::new();
@@ -180,7 +187,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let head_request = pick & 1 == 1;
-    let method = if head_request { Method::HEAD } else { Method::GET };
+    let method = if head_request {
+        Method::HEAD
+    } else {
+        Method::GET
+    };
     let lane = faastastic::lane::relay_whole(answer, head_request);
     let direct = hyper_reads(&[answer], std::slice::from_ref(&method))
         .into_iter()
@@ -231,7 +242,10 @@ fuzz_target!(|data: &[u8]| {
     probe.extend_from_slice(SENTINEL);
     if let Ok(more) = faastastic::lane::relay_whole(&probe, head_request) {
         if !more.close_delimited {
-            assert!(!more.reusable, "bytes after an answer keep its connection out of the pool");
+            assert!(
+                !more.reusable,
+                "bytes after an answer keep its connection out of the pool"
+            );
         }
     }
 });
