@@ -115,6 +115,14 @@ fn cases() -> Vec<Case> {
         // Until the close.
         case("close-delimited", "GET", vec![write("HTTP/1.1 200 OK\r\n\r\nok"), Step::Close], ok.clone()),
     ];
+    // What the replica says of the call: its own call id and start time are replaced by the
+    // invocation's, anything else is relayed (see the contract's parity table).
+    all.push(case(
+        "answer-headers",
+        "GET",
+        vec![write("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-call-id: from-replica\r\nx-start-time: 1\r\nx-extra: kept\r\n\r\nok")],
+        Answer(200, "ok"),
+    ));
     all.push(Case {
         absent: &["x-secret", "keep-alive"],
         ..case(
@@ -736,4 +744,195 @@ async fn idle_clients_are_closed(lane: bool) {
 async fn idle_keep_alive_clients_are_closed_on_both_paths() {
     idle_clients_are_closed(true).await;
     idle_clients_are_closed(false).await;
+}
+
+/// The values of `name` among `headers`.
+fn find<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// The invoke contract, both ways, as a table: for each request the replica receives the same
+/// headers from the lane as from the general path, and the client gets the same answer
+/// headers. Values that differ by nature are normalised: a generated call id, the start time,
+/// the client's port in `X-Forwarded-For`, the date.
+#[tokio::test]
+async fn the_lane_and_the_general_path_forward_and_answer_the_same_headers() {
+    let (replica, port) = Replica::start().await;
+    let rows: &[(&str, &str, &str, &str)] = &[
+        // (row, method, case, extra request headers)
+        ("plain", "GET", "innocent", ""),
+        (
+            "call id given",
+            "GET",
+            "innocent",
+            "x-call-id: given-by-client\r\n",
+        ),
+        (
+            "forwarded given",
+            "GET",
+            "innocent",
+            "x-forwarded-for: 10.1.2.3\r\nx-forwarded-host: first.example\r\n",
+        ),
+        ("start time given", "GET", "innocent", "x-start-time: 5\r\n"),
+        (
+            "content type",
+            "POST",
+            "innocent",
+            "content-type: application/json\r\n",
+        ),
+        (
+            "nominated",
+            "GET",
+            "innocent",
+            "connection: x-hop\r\nx-hop: 1\r\nx-kept: 1\r\n",
+        ),
+        (
+            "hop-by-hop",
+            "GET",
+            "innocent",
+            "keep-alive: timeout=5\r\nproxy-authorization: basic x\r\nte: trailers\r\n",
+        ),
+        (
+            "agent token from the client",
+            "GET",
+            "innocent",
+            "x-faastastic-agent-token: forged\r\n",
+        ),
+        (
+            "replica's own call id and start time",
+            "GET",
+            "answer-headers",
+            "",
+        ),
+        (
+            "replica's own call id, client's kept",
+            "GET",
+            "answer-headers",
+            "x-call-id: given-by-client\r\n",
+        ),
+    ];
+    let normalise = |headers: Vec<(String, String)>, generated: bool| {
+        let mut out: Vec<(String, String)> = headers
+            .into_iter()
+            .filter(|(n, _)| n != "date")
+            .map(|(n, v)| {
+                let v = match n.as_str() {
+                    "x-call-id" if generated && v.len() == 36 => "<generated>".to_string(),
+                    "x-start-time" => "<time>".to_string(),
+                    "x-forwarded-for" if v.starts_with("127.0.0.1:") => {
+                        "127.0.0.1:<port>".to_string()
+                    }
+                    _ => v,
+                };
+                (n, v)
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let mut seen_by_mode = Vec::new();
+    for lane in [true, false] {
+        let s = serve_evil(&format!("[proxy]\nlane = {lane}\n"), port).await;
+        let addr = s.addr();
+        let mut table = Vec::new();
+        for (i, (row, method, case, extra)) in rows.iter().enumerate() {
+            // A path of the row's own, so that the replica keeps each row's request apart.
+            let path = if *case == "innocent" {
+                format!("row{i}/innocent")
+            } else {
+                format!("row{i}/{case}")
+            };
+            let body = if *method == "POST" {
+                "content-length: 2\r\n\r\n{}"
+            } else {
+                "\r\n"
+            };
+            let mut conn = TcpStream::connect(&addr).await.unwrap();
+            conn.write_all(
+                format!(
+                    "{method} /function/evil/{path} HTTP/1.1\r\nhost: gw.example\r\n{extra}{body}"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let (bytes, closed) = read_answer(&mut conn, false).await;
+            let (status, answer, _, _) = parse_answer(&bytes, false, closed).unwrap_or_else(|| {
+                panic!("lane={lane} {row}: {:?}", String::from_utf8_lossy(&bytes))
+            });
+            assert_eq!(
+                status,
+                200,
+                "lane={lane} {row}: {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+            let generated = !extra.contains("x-call-id");
+            let sent = replica.seen_headers.lock().unwrap()[*case].clone();
+            table.push((
+                *row,
+                normalise(sent, generated),
+                normalise(answer, generated),
+            ));
+        }
+        seen_by_mode.push(table);
+    }
+    let (lane, general) = (&seen_by_mode[0], &seen_by_mode[1]);
+    for ((row, sent_lane, answer_lane), (_, sent_general, answer_general)) in
+        lane.iter().zip(general)
+    {
+        assert_eq!(
+            sent_lane, sent_general,
+            "{row}: what the replica receives (lane, general)"
+        );
+        assert_eq!(
+            answer_lane, answer_general,
+            "{row}: what the client gets (lane, general)"
+        );
+    }
+    // And the contract itself, on one path (the other is the same).
+    let row = |name: &str| lane.iter().find(|(r, _, _)| *r == name).unwrap();
+    let (_, sent, answer) = row("plain");
+    assert_eq!(find(sent, "x-call-id"), ["<generated>"]);
+    assert_eq!(
+        find(answer, "x-call-id"),
+        ["<generated>"],
+        "a generated call id is answered"
+    );
+    assert_eq!(find(sent, "x-forwarded-for"), ["127.0.0.1:<port>"]);
+    assert_eq!(find(sent, "x-forwarded-host"), ["gw.example"]);
+    assert_eq!(find(answer, "content-type"), ["text/plain"]);
+    assert_eq!(find(answer, "x-start-time"), ["<time>"]);
+    let (_, sent, answer) = row("call id given");
+    assert_eq!(find(sent, "x-call-id"), ["given-by-client"]);
+    assert!(find(answer, "x-call-id").is_empty(), "{answer:?}");
+    let (_, sent, _) = row("forwarded given");
+    assert_eq!(find(sent, "x-forwarded-for"), ["10.1.2.3"]);
+    assert_eq!(find(sent, "x-forwarded-host"), ["first.example"]);
+    let (_, sent, answer) = row("content type");
+    assert_eq!(find(sent, "content-type"), ["application/json"]);
+    assert_eq!(find(answer, "content-type"), ["application/json"]);
+    let (_, sent, _) = row("nominated");
+    assert!(find(sent, "x-hop").is_empty() && find(sent, "connection").is_empty());
+    assert_eq!(find(sent, "x-kept"), ["1"]);
+    let (_, sent, _) = row("hop-by-hop");
+    for hop in ["keep-alive", "proxy-authorization", "te"] {
+        assert!(find(sent, hop).is_empty(), "{hop}: {sent:?}");
+    }
+    let (_, _, answer) = row("replica's own call id and start time");
+    assert_eq!(
+        find(answer, "x-call-id"),
+        ["<generated>"],
+        "the invocation's, not the replica's"
+    );
+    assert_eq!(find(answer, "x-extra"), ["kept"]);
+    let (_, _, answer) = row("replica's own call id, client's kept");
+    assert_eq!(
+        find(answer, "x-call-id"),
+        ["from-replica"],
+        "a call id the client gave is not answered over the replica's"
+    );
 }
