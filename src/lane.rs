@@ -24,9 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::FunctionId;
 use crate::platform::Endpoint;
-use crate::proxy::{
-    plain_decimal, Invoker, AGENT_TOKEN, CALL_ID, DATACENTER, POOL_IDLE_TIMEOUT, START_TIME,
-};
+use crate::proxy::{plain_decimal, Contract, Invoker, RequestFacts, DATACENTER, POOL_IDLE_TIMEOUT};
 use crate::telemetry::Invocation;
 
 /// Longest request or response head the lane reads; longer ones go to the general server
@@ -139,9 +137,11 @@ impl Plan {
     fn answer_context(&self) -> AnswerContext<'_> {
         AnswerContext {
             keep_alive: self.keep_alive,
-            request_content_type: self.request_content_type.as_deref(),
-            generated_call_id: self.generated_call_id.as_ref(),
-            start_time: self.start_time,
+            contract: Contract::answering(
+                self.generated_call_id,
+                self.start_time,
+                self.request_content_type.as_deref(),
+            ),
         }
     }
 }
@@ -317,12 +317,9 @@ impl Lane {
         }
         let mut keep_alive = true;
         let mut body_len = None;
-        let mut host = None;
-        let mut content_type = None;
-        let mut has_call_id = false;
-        let mut has_forwarded_for = false;
-        let mut has_forwarded_host = false;
+        let mut facts = RequestFacts::default();
         for h in req.headers.iter() {
+            RequestFacts::note(&mut facts, h.name, h.value);
             let name = h.name;
             if name.eq_ignore_ascii_case("content-length") {
                 let Some(n) = std::str::from_utf8(h.value)
@@ -351,16 +348,6 @@ impl Lane {
                 || name.eq_ignore_ascii_case(DATACENTER.as_str())
             {
                 return Parsed::HandOff;
-            } else if name.eq_ignore_ascii_case("host") {
-                host = Some(h.value);
-            } else if name.eq_ignore_ascii_case("content-type") {
-                content_type = Some(h.value);
-            } else if name.eq_ignore_ascii_case(CALL_ID.as_str()) {
-                has_call_id = true;
-            } else if name.eq_ignore_ascii_case("x-forwarded-for") {
-                has_forwarded_for = true;
-            } else if name.eq_ignore_ascii_case("x-forwarded-host") {
-                has_forwarded_host = true;
             }
         }
         let (raw_name, suffix) = crate::proxy::split_path(path, "/function/");
@@ -376,12 +363,15 @@ impl Lane {
             return Parsed::HandOff;
         };
 
-        let start_time = crate::proxy::unix_nanos().min(u64::MAX as u128) as u64;
-        let generated_call_id = (!has_call_id).then(|| {
-            let mut id = [0u8; 36];
-            uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
-            id
-        });
+        let contract = Contract::new(
+            &facts,
+            Some(peer.as_bytes()),
+            endpoint
+                .agent_token
+                .as_ref()
+                .map(http::HeaderValue::as_bytes),
+            None,
+        );
         out.extend_from_slice(method.as_bytes());
         out.push(b' ');
         out.extend_from_slice(endpoint.path_prefix.as_bytes());
@@ -396,33 +386,14 @@ impl Lane {
         for h in req.headers.iter() {
             let name = h.name;
             if is_hop_by_hop(name)
-                || name.eq_ignore_ascii_case("host")
                 || name.eq_ignore_ascii_case("content-length")
-                || name.eq_ignore_ascii_case(START_TIME.as_str())
-                || (endpoint.agent_token.is_some()
-                    && name.eq_ignore_ascii_case(AGENT_TOKEN.as_str()))
+                || contract.drops_request_header(name)
             {
                 continue;
             }
             header(out, name.as_bytes(), h.value);
         }
-        if let Some(call_id) = &generated_call_id {
-            header(out, CALL_ID.as_str().as_bytes(), call_id);
-        }
-        header(
-            out,
-            START_TIME.as_str().as_bytes(),
-            itoa::Buffer::new().format(start_time).as_bytes(),
-        );
-        if !has_forwarded_for {
-            header(out, b"x-forwarded-for", peer.as_bytes());
-        }
-        if let (false, Some(host)) = (has_forwarded_host, host) {
-            header(out, b"x-forwarded-host", host);
-        }
-        if let Some(token) = &endpoint.agent_token {
-            header(out, AGENT_TOKEN.as_str().as_bytes(), token.as_bytes());
-        }
+        contract.request_headers(|name, value| header(out, name.as_bytes(), value));
         if let Some(n) = body_len {
             header(
                 out,
@@ -431,6 +402,9 @@ impl Lane {
             );
         }
         out.extend_from_slice(b"\r\n");
+        // The answer's part of the contract outlives the request's buffer.
+        let (generated_call_id, start_time) = (contract.generated_call_id, contract.start_time);
+        let request_content_type = contract.request_content_type.map(<[u8]>::to_vec);
         Parsed::Serve(Plan {
             head_len,
             body_len: body_len.unwrap_or(0),
@@ -440,7 +414,7 @@ impl Lane {
             id,
             datacenter,
             endpoint,
-            request_content_type: content_type.map(<[u8]>::to_vec),
+            request_content_type,
             generated_call_id,
             start_time,
         })
@@ -928,9 +902,8 @@ impl ResponseHead {
 /// What the client's answer head is made with, besides the replica's head.
 struct AnswerContext<'a> {
     keep_alive: bool,
-    request_content_type: Option<&'a [u8]>,
-    generated_call_id: Option<&'a [u8; 36]>,
-    start_time: u64,
+    /// The answer's part of the invoke contract.
+    contract: Contract<'a>,
 }
 
 /// Reads until a final (non-1xx) answer head is complete in `buf`; interim answers are
@@ -1163,9 +1136,7 @@ pub fn relay_whole(answer: &[u8], head_request: bool) -> Result<Relayed, Malform
     let mut bytes = Vec::new();
     let context = AnswerContext {
         keep_alive: true,
-        request_content_type: None,
-        generated_call_id: None,
-        start_time: 1,
+        contract: Contract::answering(None, 1, None),
     };
     answer_head(&context, &head, &mut bytes);
     buf.advance(head.len);
@@ -1207,8 +1178,7 @@ fn answer_head(context: &AnswerContext<'_>, head: &ResponseHead, out: &mut Vec<u
     let mut has_content_type = false;
     let mut has_date = false;
     for (name, value) in head.headers() {
-        let replaced = name.eq_ignore_ascii_case(START_TIME.as_str())
-            || (context.generated_call_id.is_some() && name.eq_ignore_ascii_case(CALL_ID.as_str()));
+        let replaced = context.contract.replaces_answer_header(name);
         // The lane writes the framing itself; a 204 has none at all.
         let framing = name.eq_ignore_ascii_case("content-length")
             && (head.framing != Framing::Empty || head.status == 204);
@@ -1219,18 +1189,11 @@ fn answer_head(context: &AnswerContext<'_>, head: &ResponseHead, out: &mut Vec<u
         has_date |= name.eq_ignore_ascii_case("date");
         header(out, name.as_bytes(), value);
     }
-    if !has_content_type {
-        let default = context.request_content_type.unwrap_or(b"text/plain");
-        header(out, b"content-type", default);
-    }
-    if let Some(call_id) = context.generated_call_id {
-        header(out, CALL_ID.as_str().as_bytes(), call_id);
-    }
-    header(
-        out,
-        START_TIME.as_str().as_bytes(),
-        itoa::Buffer::new().format(context.start_time).as_bytes(),
-    );
+    context
+        .contract
+        .answer_headers(has_content_type, |name, value| {
+            header(out, name.as_bytes(), value)
+        });
     if !has_date {
         header(out, b"date", &http_date());
     }

@@ -324,6 +324,151 @@ pub fn plain_decimal(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
+/// The invoke contract: what faastastic adds to an invocation on its way to a replica and on
+/// its way back, decided once per request from the request's own headers. The lane renders it
+/// into bytes and the general path into a `HeaderMap`; `tests/hostile_replica.rs` holds both
+/// to one table. Hop-by-hop and connection-nominated headers are every hop's to drop and are
+/// not part of it.
+pub struct Contract<'a> {
+    /// `X-Call-Id` made here because the request had none; the answer carries it too.
+    pub generated_call_id: Option<[u8; 36]>,
+    /// `X-Start-Time` (Unix nanoseconds), both ways.
+    pub start_time: u64,
+    /// `X-Forwarded-For`: the client's address, when the request names none.
+    pub forwarded_for: Option<&'a [u8]>,
+    /// `X-Forwarded-Host`: the request's `Host`, when the request names none.
+    pub forwarded_host: Option<&'a [u8]>,
+    /// `X-Faastastic-Agent-Token` for a remote datacenter's agent; one the client sent is
+    /// dropped.
+    pub agent_token: Option<&'a [u8]>,
+    /// The request's `Content-Type`, the answer's when the replica gives none.
+    pub request_content_type: Option<&'a [u8]>,
+}
+
+/// What a request's headers say for its [`Contract`].
+#[derive(Default)]
+pub struct RequestFacts<'a> {
+    pub has_call_id: bool,
+    pub has_forwarded_for: bool,
+    pub has_forwarded_host: bool,
+    pub host: Option<&'a [u8]>,
+    pub content_type: Option<&'a [u8]>,
+}
+
+impl RequestFacts<'_> {
+    /// Takes note of one request header.
+    pub fn note<'h>(facts: &mut RequestFacts<'h>, name: &str, value: &'h [u8]) {
+        if name.eq_ignore_ascii_case(CALL_ID.as_str()) {
+            facts.has_call_id = true;
+        } else if name.eq_ignore_ascii_case(FORWARDED_FOR.as_str()) {
+            facts.has_forwarded_for = true;
+        } else if name.eq_ignore_ascii_case(FORWARDED_HOST.as_str()) {
+            facts.has_forwarded_host = true;
+        } else if name.eq_ignore_ascii_case("host") {
+            facts.host = Some(value);
+        } else if name.eq_ignore_ascii_case("content-type") {
+            facts.content_type = Some(value);
+        }
+    }
+}
+
+impl<'a> Contract<'a> {
+    /// The contract for a request with `facts`, from `client` (if known), to a replica reached with
+    /// `agent_token` (if any); `generated_call_id` is a call id given to the request earlier
+    /// (while it waited for a replica), if any.
+    pub fn new(
+        facts: &RequestFacts<'a>,
+        client: Option<&'a [u8]>,
+        agent_token: Option<&'a [u8]>,
+        generated_call_id: Option<[u8; 36]>,
+    ) -> Self {
+        let generated_call_id = generated_call_id.or_else(|| {
+            (!facts.has_call_id).then(|| {
+                let mut id = [0u8; 36];
+                uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
+                id
+            })
+        });
+        Contract {
+            generated_call_id,
+            start_time: unix_nanos().min(u64::MAX as u128) as u64,
+            forwarded_for: client.filter(|_| !facts.has_forwarded_for),
+            forwarded_host: facts.host.filter(|_| !facts.has_forwarded_host),
+            agent_token,
+            request_content_type: facts.content_type,
+        }
+    }
+
+    /// The answer's part of a contract decided earlier (the request's buffer is gone).
+    pub fn answering(
+        generated_call_id: Option<[u8; 36]>,
+        start_time: u64,
+        request_content_type: Option<&'a [u8]>,
+    ) -> Self {
+        Contract {
+            generated_call_id,
+            start_time,
+            forwarded_for: None,
+            forwarded_host: None,
+            agent_token: None,
+            request_content_type,
+        }
+    }
+
+    /// Whether a header of the client's request stays behind (besides hop-by-hop and
+    /// nominated ones): the start time is the contract's, the host the replica's, and an agent
+    /// token is ours to send. (`Content-Length` is the framing's: each path writes its own.)
+    pub fn drops_request_header(&self, name: &str) -> bool {
+        name.eq_ignore_ascii_case("x-start-time")
+            || name.eq_ignore_ascii_case("host")
+            || (self.agent_token.is_some() && name.eq_ignore_ascii_case("x-faastastic-agent-token"))
+            || (self.generated_call_id.is_some() && name.eq_ignore_ascii_case("x-call-id"))
+    }
+
+    /// The headers added on the way to the replica.
+    pub fn request_headers(&self, mut add: impl FnMut(&'static str, &[u8])) {
+        if let Some(id) = &self.generated_call_id {
+            add("x-call-id", id);
+        }
+        add(
+            "x-start-time",
+            itoa::Buffer::new().format(self.start_time).as_bytes(),
+        );
+        if let Some(client) = self.forwarded_for {
+            add("x-forwarded-for", client);
+        }
+        if let Some(host) = self.forwarded_host {
+            add("x-forwarded-host", host);
+        }
+        if let Some(token) = self.agent_token {
+            add("x-faastastic-agent-token", token);
+        }
+    }
+
+    /// Whether a header of the replica's answer gives way to the contract's own.
+    pub fn replaces_answer_header(&self, name: &str) -> bool {
+        name.eq_ignore_ascii_case("x-start-time")
+            || (self.generated_call_id.is_some() && name.eq_ignore_ascii_case("x-call-id"))
+    }
+
+    /// The headers added to the answer; a `Content-Type` only when the answer has none.
+    pub fn answer_headers(&self, has_content_type: bool, mut add: impl FnMut(&'static str, &[u8])) {
+        if !has_content_type {
+            add(
+                "content-type",
+                self.request_content_type.unwrap_or(b"text/plain"),
+            );
+        }
+        if let Some(id) = &self.generated_call_id {
+            add("x-call-id", id);
+        }
+        add(
+            "x-start-time",
+            itoa::Buffer::new().format(self.start_time).as_bytes(),
+        );
+    }
+}
+
 /// How long an upstream connection to a replica may wait unused before it is closed.
 pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -532,12 +677,9 @@ impl Invoker {
             Some(q) => format!("{}{suffix}?{q}", endpoint.path_prefix),
             None => format!("{}{suffix}", endpoint.path_prefix),
         };
-        // Before the forwarding headers are added: a nominated `X-Forwarded-For` is the
+        // Before the contract reads the request: a nominated `X-Forwarded-For` is the
         // client's hop's, and the replica gets the real client address instead.
         strip_hop_by_hop(req.headers_mut());
-        if let Some(token) = &endpoint.agent_token {
-            req.headers_mut().insert(AGENT_TOKEN, token.clone());
-        }
         let uri = match PathAndQuery::try_from(path_and_query) {
             Ok(path_and_query) => {
                 let mut parts = http::uri::Parts::default();
@@ -554,9 +696,31 @@ impl Invoker {
             }
         };
 
-        let request_content_type = req.headers().get(CONTENT_TYPE).cloned();
-        let start_time = HeaderValue::from(unix_nanos().min(u64::MAX as u128) as u64);
-        let generated_call_id = add_forwarding_headers(req, &start_time);
+        // The invoke contract, from the request's headers as they came; they stay here, and
+        // the replica gets those the contract keeps plus its own.
+        let incoming = std::mem::take(req.headers_mut());
+        let mut facts = RequestFacts::default();
+        for (name, value) in &incoming {
+            RequestFacts::note(&mut facts, name.as_str(), value.as_bytes());
+        }
+        let client = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.to_string());
+        let early = req.extensions().get::<GeneratedCallId>().map(|g| g.0);
+        let contract = Contract::new(
+            &facts,
+            client.as_deref().map(str::as_bytes),
+            endpoint.agent_token.as_ref().map(HeaderValue::as_bytes),
+            early,
+        );
+        let headers = req.headers_mut();
+        for (name, value) in &incoming {
+            if !contract.drops_request_header(name.as_str()) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        contract.request_headers(|name, value| set_header(headers, name, value));
         let outgoing = std::mem::take(req);
         let guard = InFlight::start(endpoint.clone());
         match send(
@@ -580,17 +744,15 @@ impl Invoker {
                     return internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id));
                 }
                 strip_hop_by_hop(&mut parts.headers);
-                if !parts.headers.contains_key(CONTENT_TYPE) {
-                    parts.headers.insert(
-                        CONTENT_TYPE,
-                        request_content_type
-                            .unwrap_or_else(|| HeaderValue::from_static("text/plain")),
-                    );
+                for name in [START_TIME, CALL_ID] {
+                    if contract.replaces_answer_header(name.as_str()) {
+                        parts.headers.remove(name);
+                    }
                 }
-                if let Some(call_id) = generated_call_id {
-                    parts.headers.insert(CALL_ID, call_id);
-                }
-                parts.headers.insert(START_TIME, start_time);
+                let has_content_type = parts.headers.contains_key(CONTENT_TYPE);
+                contract.answer_headers(has_content_type, |name, value| {
+                    set_header(&mut parts.headers, name, value)
+                });
                 let small = parts
                     .headers
                     .get(header::CONTENT_LENGTH)
@@ -737,57 +899,29 @@ impl Drop for Held<'_> {
 }
 
 /// A call id generated before forwarding, which the answer carries back.
-#[derive(Clone)]
-struct GeneratedCallId(HeaderValue);
+#[derive(Clone, Copy)]
+struct GeneratedCallId([u8; 36]);
 
 /// The request's `X-Call-Id`, given one when it has none.
 fn ensure_call_id(req: &mut Request<Body>) -> Option<String> {
     if let Some(id) = req.headers().get(CALL_ID) {
         return id.to_str().ok().map(str::to_string);
     }
-    let text = uuid::Uuid::new_v4().to_string();
-    let id = HeaderValue::from_str(&text).expect("a UUID is a valid header value");
-    req.headers_mut().insert(CALL_ID, id.clone());
+    let mut id = [0u8; 36];
+    uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
+    let text = String::from_utf8_lossy(&id).into_owned();
+    let value = HeaderValue::from_str(&text).expect("a UUID is a valid header value");
+    req.headers_mut().insert(CALL_ID, value);
     req.extensions_mut().insert(GeneratedCallId(id));
     Some(text)
 }
 
-/// Adds `X-Call-Id` (when absent; returns the generated value), `X-Start-Time`,
-/// `X-Forwarded-For` and `X-Forwarded-Host` (each only when absent).
-fn add_forwarding_headers(
-    req: &mut Request<Body>,
-    start_time: &HeaderValue,
-) -> Option<HeaderValue> {
-    let client = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| *addr);
-    let host = req.headers().get(header::HOST).cloned();
-    let early = req
-        .extensions()
-        .get::<GeneratedCallId>()
-        .map(|g| g.0.clone());
-    let headers = req.headers_mut();
-    let generated = if headers.contains_key(CALL_ID) {
-        early
-    } else {
-        let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-            .expect("a UUID is a valid header value");
-        headers.insert(CALL_ID, id.clone());
-        Some(id)
-    };
-    headers.insert(START_TIME, start_time.clone());
-    if !headers.contains_key(FORWARDED_FOR) {
-        if let Some(addr) = client.and_then(|a| HeaderValue::from_str(&a.to_string()).ok()) {
-            headers.insert(FORWARDED_FOR, addr);
-        }
+/// Sets one of the contract's headers (its names are static, its values already header-safe:
+/// they come from the request's own headers, a UUID, a number or an address).
+fn set_header(headers: &mut HeaderMap, name: &'static str, value: &[u8]) {
+    if let Ok(value) = HeaderValue::from_bytes(value) {
+        headers.insert(HeaderName::from_static(name), value);
     }
-    if !headers.contains_key(FORWARDED_HOST) {
-        if let Some(host) = host {
-            headers.insert(FORWARDED_HOST, host);
-        }
-    }
-    generated
 }
 
 #[cfg(test)]

@@ -403,12 +403,22 @@ impl Autoscaler {
         quiet: bool,
     ) -> SignalResult {
         let mut failure = None;
-        self.apply_noting(id, datacenter, input, source, evidence, quiet, &mut failure)
-            .await
+        self.apply_noting(
+            id,
+            datacenter,
+            input,
+            source,
+            evidence,
+            quiet,
+            OnFailure::Undo,
+            &mut failure,
+        )
+        .await
     }
 
-    /// [`Self::apply`], leaving the error of a failed platform or store call in `failure`
-    /// for callers that answer with its kind (a full disk is a 507).
+    /// [`Self::apply`], with what a failed platform call does to the decision, leaving the
+    /// error of a failed platform or store call in `failure` for callers that answer with its
+    /// kind (a full disk is a 507).
     #[allow(clippy::too_many_arguments)]
     async fn apply_noting(
         &self,
@@ -418,6 +428,7 @@ impl Autoscaler {
         source: &str,
         evidence: serde_json::Value,
         quiet: bool,
+        on_failure: OnFailure,
         failure: &mut Option<FleetError>,
     ) -> SignalResult {
         let key: Key = (id.clone(), datacenter.to_string());
@@ -576,11 +587,7 @@ impl Autoscaler {
                         decision.from,
                         decision.to,
                         Some(&ahead),
-                        if manual {
-                            OnFailure::Keep
-                        } else {
-                            OnFailure::Undo
-                        },
+                        on_failure,
                     )
                     .await
                 {
@@ -591,7 +598,7 @@ impl Autoscaler {
                     // An operator's count, kept although the platform call failed: the
                     // decision stands (stored with its event), the reconciler converges it,
                     // and the answer says the platform failed.
-                    Err(FleetError::Partial(why)) if manual => {
+                    Err(FleetError::Partial(why)) if on_failure == OnFailure::Keep => {
                         recorded = true;
                         event.reason.push_str(&format!("; {why}"));
                         ("scaled", true, true)
@@ -826,6 +833,29 @@ impl Autoscaler {
             .retain(|(f, _), _| f != id);
     }
 
+    /// One datacenter's share of a manual scale, as an engine decision.
+    #[allow(clippy::too_many_arguments)]
+    async fn manual_share(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+        replicas: u64,
+        override_bounds: bool,
+        evidence: &serde_json::Value,
+        on_failure: OnFailure,
+        failure: &mut Option<FleetError>,
+    ) -> SignalResult {
+        let input = Input::Manual {
+            replicas,
+            override_bounds,
+        };
+        let evidence = evidence.clone();
+        self.apply_noting(
+            id, datacenter, input, "manual", evidence, false, on_failure, failure,
+        )
+        .await
+    }
+
     /// Brings a function at zero replicas in `datacenter` to its min for a held invocation
     /// (`call_id`), as an audited engine decision: source `wake`, the call id and the number
     /// of requests waiting in its evidence. A pause holds it.
@@ -880,37 +910,59 @@ impl Autoscaler {
             "datacenter": datacenter.unwrap_or("*"),
             "from": from,
         });
-        let (mut failed, mut conflict, mut store_error) = (Vec::new(), false, None);
-        let mut done = 0;
+        // As any change across datacenters: when every datacenter's platform fails, nothing
+        // changes; when some succeed, the shares that failed are decided again and kept for
+        // the reconciler, so the total the operator asked for is what the fleet converges to.
+        let mut failed: Vec<(String, Option<u64>, String)> = Vec::new();
+        let (mut conflict, mut store_error, mut done) = (false, None, 0);
         for (dc, n) in &shares {
-            let input = Input::Manual {
-                replicas: *n,
-                override_bounds,
-            };
             let mut failure = None;
             let result = self
-                .apply_noting(
+                .manual_share(
                     id,
                     dc,
-                    input,
-                    "manual",
-                    evidence.clone(),
-                    false,
+                    *n,
+                    override_bounds,
+                    &evidence,
+                    OnFailure::Undo,
                     &mut failure,
                 )
                 .await;
-            if let Some(FleetError::Store(e)) = failure {
-                store_error.get_or_insert(e);
-            }
-            match result.outcome {
-                "scaled" | "no_change" if !result.retryable => done += 1,
-                outcome => {
+            match (result.outcome, failure) {
+                ("scaled" | "no_change", _) => done += 1,
+                (outcome, failure) => {
                     conflict |= outcome == "superseded";
-                    failed.push(format!("{dc}: {}", result.reason));
+                    let platform = matches!(failure, Some(FleetError::Platform(_)));
+                    if let Some(FleetError::Store(e)) = failure {
+                        store_error.get_or_insert(e);
+                    }
+                    let reason = format!("{dc}: {}", result.reason);
+                    failed.push((dc.clone(), platform.then_some(*n), reason));
                 }
             }
         }
-        let why = failed.join("; ");
+        if done > 0 {
+            for (dc, n, _) in &failed {
+                if let Some(n) = n {
+                    let mut failure = None;
+                    self.manual_share(
+                        id,
+                        dc,
+                        *n,
+                        override_bounds,
+                        &evidence,
+                        OnFailure::Keep,
+                        &mut failure,
+                    )
+                    .await;
+                }
+            }
+        }
+        let why = failed
+            .iter()
+            .map(|(_, _, reason)| reason.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
         if let (Some(e), 0) = (store_error, done) {
             return Err(FleetError::Store(e));
         }
@@ -1365,10 +1417,11 @@ mod tests {
             .filter(|e| e["source"] == "manual")
             .map(|e| (e["datacenter"].to_string(), e["outcome"].to_string()))
             .collect();
-        assert_eq!(manual.len(), 2, "{manual:?}");
-        // lon's share is kept for the reconciler, as an operator's count should be.
+        // lon's failed decision is undone, then, since syd's went through, decided again and
+        // kept for the reconciler: the fleet converges to the total the operator asked for.
+        assert_eq!(manual.len(), 3, "{manual:?}");
         assert_eq!(replicas("lon"), Some(3));
-        for (dc, outcome) in [("syd", "scaled"), ("lon", "scaled")] {
+        for (dc, outcome) in [("syd", "scaled"), ("lon", "failed"), ("lon", "scaled")] {
             let pair = (format!("{dc:?}"), format!("{outcome:?}"));
             assert!(manual.contains(&pair), "{manual:?}");
         }
