@@ -215,8 +215,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let tmp = std::env::temp_dir().join(format!("faastastic-demo-{}", std::process::id()));
     let cfg = demo_config(tmp.join("data"), opts.alerts.is_some());
     // The server's data and the alerting programs' files go when the demo ends, however it
-    // ends; only the timeline stays (in `tmp` when no --out is given).
-    let _cleanup = RemoveOnDrop(vec![tmp.join("data"), tmp.join("alerting")]);
+    // ends; only the timeline stays (in `tmp` when no --out is given, else `tmp` goes too).
+    let mut remove = vec![tmp.join("data"), tmp.join("alerting")];
+    if opts.out.is_some() {
+        remove.push(tmp.clone());
+    }
+    let _cleanup = RemoveOnDrop(remove);
     match &opts.alerts {
         None => println!("faastastic demo: three datacenters (stage, lon, syd) on the embedded local platform, an internal query policy (10 invocations/s per replica), nothing else installed"),
         Some(_) => println!("faastastic demo: three datacenters (stage, lon, syd) on the embedded local platform, scaled by real Prometheus and Alertmanager with the shipped rule and route (5 invocations/s per replica)"),

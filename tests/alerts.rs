@@ -664,6 +664,14 @@ async fn pause_holds_decisions_survives_a_restart_and_resume_changes_nothing_els
         .iter()
         .filter(|e| e["source"] == "operator")
         .all(|e| e["function"] == "batch" && e["namespace"] == "openfaas-fn"));
+    // They change nothing, and say so with the replicas the function had (1 then).
+    assert!(
+        trail
+            .iter()
+            .filter(|e| e["source"] == "operator")
+            .all(|e| e["from"] == 1 && e["to"] == 1),
+        "{trail:#?}"
+    );
 
     // Pausing everything holds every function; resuming everything lifts it.
     let (code, _) = post_json(&s, "/system/autoscaling/pause", "").await;

@@ -107,6 +107,9 @@ fn demo_scales_up_under_load_and_back_down() {
         !std::path::Path::new(data).exists(),
         "{data} is left behind"
     );
+    // With --out the timeline is elsewhere, so the temporary directory goes too.
+    let tmp = std::path::Path::new(data).parent().unwrap();
+    assert!(!tmp.exists(), "{} is left behind", tmp.display());
     for dc in ["stage", "lon", "syd"] {
         assert!(
             stdout.contains(&format!("invoked in {dc}: Hello, world!")),

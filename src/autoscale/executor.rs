@@ -769,6 +769,10 @@ impl Autoscaler {
         evidence: serde_json::Value,
     ) {
         tracing::warn!(source, outcome, "{reason}");
+        // Nothing changes: a function's event reads its replicas as they stand.
+        let replicas = function
+            .and_then(|f| self.fleet.desired_replicas(f))
+            .unwrap_or(0);
         let event = ScaleEvent {
             id: None,
             time: Utc::now(),
@@ -776,9 +780,9 @@ impl Autoscaler {
             namespace: function.map(|f| f.namespace.clone()).unwrap_or_default(),
             datacenter: self.fleet.home().to_string(),
             source: source.to_string(),
-            from: 0,
-            to: 0,
-            recommended: 0,
+            from: replicas,
+            to: replicas,
+            recommended: replicas,
             direction: "none",
             outcome,
             reason,
