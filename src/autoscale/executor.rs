@@ -1270,6 +1270,21 @@ mod tests {
 
     /// A store, a fleet over `platforms` (the first is home) with function `f` deployed, and
     /// an autoscaler without an up cooldown.
+    /// Every scale event `store` holds, newest first.
+    async fn stored_events(store: &Store) -> Vec<serde_json::Value> {
+        let filter = store::EventFilter {
+            name: None,
+            namespace: None,
+            datacenter: None,
+            since: None,
+            limit: 100,
+        };
+        let rows = store.scale_events(filter).await.unwrap();
+        rows.iter()
+            .map(|(_, json)| serde_json::from_str(json).unwrap())
+            .collect()
+    }
+
     async fn scaler_over(
         platforms: Vec<(&str, Arc<FlakyPlatform>)>,
     ) -> (tempfile::TempDir, Arc<Fleet>, FunctionId, Arc<Autoscaler>) {
@@ -1404,20 +1419,9 @@ mod tests {
             other => panic!("expected a partial failure, got {other:?}"),
         }
         assert_eq!(replicas("syd"), Some(3), "6 spread over two: 3 each");
-        let trail = scaler
-            .store
-            .scale_events(store::EventFilter {
-                name: None,
-                namespace: None,
-                datacenter: None,
-                since: None,
-                limit: 100,
-            })
+        let manual: Vec<(String, String)> = stored_events(&scaler.store)
             .await
-            .unwrap();
-        let manual: Vec<(String, String)> = trail
-            .iter()
-            .map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).unwrap())
+            .into_iter()
             .filter(|e| e["source"] == "manual")
             .map(|e| (e["datacenter"].to_string(), e["outcome"].to_string()))
             .collect();
@@ -1439,22 +1443,10 @@ mod tests {
         let disk = Store::open(&dir.path().join("s.db")).unwrap();
         let stored = || async {
             let f = disk.load_functions("lon").await.unwrap();
-            let events = disk
-                .scale_events(store::EventFilter {
-                    name: None,
-                    namespace: None,
-                    datacenter: None,
-                    since: None,
-                    limit: 100,
-                })
+            let outcomes: Vec<String> = stored_events(&disk)
                 .await
-                .unwrap();
-            let outcomes: Vec<String> = events
                 .iter()
-                .map(|(_, json)| {
-                    let v: serde_json::Value = serde_json::from_str(json).unwrap();
-                    v["outcome"].as_str().unwrap().to_string()
-                })
+                .map(|e| e["outcome"].as_str().unwrap().to_string())
                 .collect();
             (f[0].desired_in("lon"), outcomes)
         };
