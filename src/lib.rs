@@ -4,9 +4,8 @@
 pub mod agent;
 pub mod api;
 pub mod autoscale;
+pub mod cli;
 pub mod config;
-pub mod conformance;
-pub mod demo;
 pub mod fleet;
 pub mod grafana;
 pub mod lane;
@@ -15,7 +14,6 @@ pub mod model;
 pub mod platform;
 pub mod proxy;
 pub mod queue;
-pub mod rules;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -227,7 +227,8 @@ fn simulate(
     start: u64,
     json: bool,
 ) -> Result<(), String> {
-    use faastastic::autoscale::{labels::policy_for, simulate};
+    use faastastic::autoscale::labels::policy_for;
+    use faastastic::cli::simulate;
     let cfg = match config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -332,22 +333,24 @@ fn main() -> ExitCode {
             alertmanager_bin,
         } => {
             telemetry::init_tracing_at("warn");
-            runtime.block_on(faastastic::demo::run(faastastic::demo::DemoOptions {
-                rate,
-                max_load: std::time::Duration::from_secs(max_load_secs),
-                out,
-                alerts: prometheus.then_some(faastastic::demo::AlertPath {
-                    prometheus: prometheus_bin,
-                    alertmanager: alertmanager_bin,
-                }),
-            }))
+            runtime.block_on(faastastic::cli::demo::run(
+                faastastic::cli::demo::DemoOptions {
+                    rate,
+                    max_load: std::time::Duration::from_secs(max_load_secs),
+                    out,
+                    alerts: prometheus.then_some(faastastic::cli::demo::AlertPath {
+                        prometheus: prometheus_bin,
+                        alertmanager: alertmanager_bin,
+                    }),
+                },
+            ))
         }
         Command::Rules {
             command: RulesCommand::Check { files },
         } => {
             let mut problems = 0;
             for file in &files {
-                let findings = faastastic::rules::check_file(file);
+                let findings = faastastic::cli::rules::check_file(file);
                 if findings.is_empty() {
                     println!("{}: ok", file.display());
                 }
@@ -382,7 +385,7 @@ fn main() -> ExitCode {
                 },
                 None => password,
             };
-            let opts = faastastic::conformance::Options {
+            let opts = faastastic::cli::conformance::Options {
                 gateway,
                 user,
                 password,
@@ -390,7 +393,7 @@ fn main() -> ExitCode {
                 image,
                 ready_timeout: std::time::Duration::from_secs(ready_timeout_secs),
             };
-            let report = match runtime.block_on(faastastic::conformance::run(opts)) {
+            let report = match runtime.block_on(faastastic::cli::conformance::run(opts)) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("conformance: {e:#}");

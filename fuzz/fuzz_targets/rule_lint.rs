@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use faastastic::rules::check_file;
+use faastastic::cli::rules::check_file;
 use libfuzzer_sys::fuzz_target;
 
 /// The linter reads a file: one scratch file per fuzzing process, rewritten for every input.

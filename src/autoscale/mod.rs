@@ -7,5 +7,4 @@ pub mod labels;
 pub mod policy;
 pub mod query;
 pub mod rates;
-pub mod simulate;
 pub mod strategy;

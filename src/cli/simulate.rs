@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::policy::{decide, Action, Input, Outcome, Policy, State};
+use crate::autoscale::policy::{decide, Action, Input, Outcome, Policy, State};
 
 /// One line of the input: when (`at`, RFC 3339, or `t`, seconds from the first line) and what.
 #[derive(Debug, Deserialize)]

@@ -47,8 +47,8 @@ impl Drop for Child {
     }
 }
 
-const SHIPPED_RULES: &str = include_str!("../rules/faastastic.rules.yml");
-const SHIPPED_ROUTE: &str = include_str!("../rules/alertmanager.yml");
+const SHIPPED_RULES: &str = include_str!("../../rules/faastastic.rules.yml");
+const SHIPPED_ROUTE: &str = include_str!("../../rules/alertmanager.yml");
 
 /// Starts Alertmanager (the shipped route, delivering to `base`) and Prometheus (scraping
 /// `base` every second, the shipped rules), and waits until Prometheus has scraped once.
