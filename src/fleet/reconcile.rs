@@ -1,0 +1,100 @@
+//! The reconciler: each datacenter converges to the desired state.
+
+use super::*;
+
+impl Fleet {
+    /// One pass of the reconciler: every datacenter converges to the desired state. Functions
+    /// a datacenter missed (it was down) are applied, wrong counts scaled, leftovers removed.
+    /// A datacenter that does not answer is skipped until the next pass.
+    pub async fn reconcile(&self) {
+        futures::future::join_all(self.datacenters.iter().map(|d| self.reconcile_in(d))).await;
+    }
+
+    pub(super) async fn reconcile_in(&self, d: &Arc<Datacenter>) {
+        let actual = match d.call(d.platform.functions()).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::debug!(datacenter = %d.name, error = %e, "reconciler: datacenter unavailable");
+                return;
+            }
+        };
+        let actual: HashMap<FunctionId, u64> = actual.into_iter().collect();
+        let desired: Vec<Arc<Function>> = self
+            .read_functions()
+            .values()
+            .filter(|f| f.replicas.contains_key(&d.name))
+            .map(|f| f.function.clone())
+            .collect();
+        for f in &desired {
+            let _guard = self.write.lock().await;
+            // Re-read under the lock: it may have changed or gone meanwhile.
+            let Some(f) = self.function(&f.id) else {
+                continue;
+            };
+            let Some(want) = f.desired_in(&d.name) else {
+                continue;
+            };
+            let applied = self
+                .applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(f.id.clone(), d.name.clone()))
+                .copied();
+            let result = if !actual.contains_key(&f.id) || applied != Some(spec_hash(&f.deployment))
+            {
+                match self.workload(&f.id, &f.deployment).await {
+                    Ok(w) => {
+                        let r = self.apply_in(&w, &[(d.name.clone(), want)]).await;
+                        r.into_result("apply")
+                    }
+                    Err(e) => Err(e),
+                }
+            } else if actual.get(&f.id) != Some(&want) {
+                d.call(d.platform.scale(&f.id, want))
+                    .await
+                    .map_err(FleetError::from)
+            } else {
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(function = %f.id, datacenter = %d.name, replicas = want, "reconciled")
+                }
+                Err(e) => {
+                    tracing::warn!(function = %f.id, datacenter = %d.name, error = %e, "reconciler: cannot converge")
+                }
+            }
+        }
+        for id in actual.keys() {
+            let _guard = self.write.lock().await;
+            let placed = self
+                .read_functions()
+                .get(id)
+                .is_some_and(|f| f.replicas.contains_key(&d.name));
+            if !placed {
+                match d.call(d.platform.remove(id)).await {
+                    Ok(()) => {
+                        tracing::info!(function = %id, datacenter = %d.name, "reconciler removed a leftover function")
+                    }
+                    Err(e) => {
+                        tracing::warn!(function = %id, datacenter = %d.name, error = %e, "reconciler: cannot remove a leftover function")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the reconciler every `interval` until the process ends.
+    pub fn spawn_reconciler(self: &Arc<Self>, interval: Duration) {
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                fleet.reconcile().await;
+            }
+        });
+    }
+}
