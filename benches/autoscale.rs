@@ -255,6 +255,9 @@ async fn evaluation() {
             ))
         })
         .collect();
+    // The fleet and the engine read the same settings, as in the server.
+    let mut cfg = Config::default().autoscale;
+    cfg.scale_rate_per_sec = 1_000_000;
     let fleet = Arc::new(
         Fleet::restore(
             store.clone(),
@@ -263,7 +266,7 @@ async fn evaluation() {
             Placement::All,
             "openfaas-fn",
             64,
-            Default::default(),
+            Arc::new(cfg.clone()),
         )
         .await
         .unwrap(),
@@ -280,8 +283,6 @@ async fn evaluation() {
             .await
             .unwrap();
     }
-    let mut cfg = Config::default().autoscale;
-    cfg.scale_rate_per_sec = 1_000_000;
     let autoscaler = Autoscaler::restore(
         fleet.clone(),
         store,

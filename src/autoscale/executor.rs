@@ -465,8 +465,9 @@ impl Autoscaler {
         }
         let state = &mut tracked.state;
         let now = Utc::now();
-        let (policy, dry_run) = match policy_for(&id.qualified(), &function.deployment, &self.cfg) {
-            Ok(p) => p,
+        let policy = self.policy_of(id, &function.deployment);
+        let (policy, dry_run) = match policy.as_ref() {
+            Ok((p, dry_run)) => (p, *dry_run),
             Err(errors) => {
                 let reason = format!("held: invalid scaling labels: {}", errors.join("; "));
                 // Periodic sources would record this every evaluation: answer only.
@@ -494,7 +495,7 @@ impl Autoscaler {
         // invocations would go unanswered, and an operator's manual scale is carried out.
         let manual = matches!(input, Input::Manual { .. });
         let dry_run = dry_run && !manual && !matches!(input, Input::Wake { .. });
-        let (mut decision, mut next) = decide(&policy, current, state, input, now);
+        let (mut decision, mut next) = decide(policy, current, state, input, now);
         // Paused: the decision is computed and explained, but nothing changes, not even the
         // engine's memory (no cooldown starts, no alert counts as applied). A pause stops
         // autoscaling, not the operator.
@@ -837,6 +838,18 @@ impl Autoscaler {
             .retain(|(f, _), _| f != id);
     }
 
+    /// A function's policy as the fleet worked it out when its spec was stored (worked out
+    /// here only for a function removed meanwhile).
+    fn policy_of(
+        &self,
+        id: &FunctionId,
+        deployment: &crate::model::FunctionDeployment,
+    ) -> Arc<crate::fleet::PolicyOf> {
+        self.fleet
+            .policy(id)
+            .unwrap_or_else(|| Arc::new(policy_for(&id.qualified(), deployment, &self.cfg)))
+    }
+
     /// One datacenter's share of a manual scale, as an engine decision.
     #[allow(clippy::too_many_arguments)]
     async fn manual_share(
@@ -888,8 +901,11 @@ impl Autoscaler {
         override_bounds: bool,
     ) -> Result<(), FleetError> {
         let view = self.fleet.get_in(id, datacenter)?;
-        let (policy, _) = policy_for(&id.qualified(), &view.function.deployment, &self.cfg)
-            .map_err(FleetError::Invalid)?;
+        let policy = self.policy_of(id, &view.function.deployment);
+        let (policy, _) = policy
+            .as_ref()
+            .as_ref()
+            .map_err(|errors| FleetError::Invalid(errors.clone()))?;
         let k = view.datacenters.len().max(1) as u64;
         let (min, max) = (policy.min.saturating_mul(k), policy.max.saturating_mul(k));
         let outside = replicas != 0 && !(min..=max).contains(&replicas);
@@ -1118,7 +1134,8 @@ impl Autoscaler {
             if f.desired_total() == 0 {
                 continue;
             }
-            let Ok((policy, _)) = policy_for(&f.id.qualified(), &f.deployment, &self.cfg) else {
+            let policy = self.policy_of(&f.id, &f.deployment);
+            let Ok((policy, _)) = policy.as_ref() else {
                 continue;
             };
             let Some(after) = policy.scale_to_zero_after else {
@@ -1288,6 +1305,11 @@ mod tests {
     async fn scaler_over(
         platforms: Vec<(&str, Arc<FlakyPlatform>)>,
     ) -> (tempfile::TempDir, Arc<Fleet>, FunctionId, Arc<Autoscaler>) {
+        // The fleet and the engine read the same settings, as in the server.
+        let cfg = AutoscaleConfig {
+            up_cooldown: Duration::ZERO,
+            ..Config::default().autoscale
+        };
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
         let home = platforms[0].0.to_string();
@@ -1303,7 +1325,7 @@ mod tests {
                 Placement::All,
                 "openfaas-fn",
                 64,
-                Default::default(),
+                Arc::new(cfg.clone()),
             )
             .await
             .unwrap(),
@@ -1322,10 +1344,7 @@ mod tests {
             Arc::new(Metrics::new()),
             Arc::new(Activity::default()),
             None,
-            AutoscaleConfig {
-                up_cooldown: Duration::ZERO,
-                ..Config::default().autoscale
-            },
+            cfg,
         )
         .await
         .unwrap();
@@ -1436,6 +1455,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_policy_is_worked_out_once_per_stored_spec() {
+        let lon = Arc::new(FlakyPlatform::default());
+        let (_dir, fleet, id, scaler) = scaler_over(vec![("lon", lon)]).await;
+        let first = fleet.policy(&id).unwrap();
+        scaler.manual_scale(&id, None, 3, true).await.unwrap();
+        let tick = scaler
+            .apply(&id, "lon", Input::Tick, "tick", serde_json::json!({}), true)
+            .await;
+        assert_eq!(tick.outcome, "no_change");
+        assert!(
+            Arc::ptr_eq(&first, &fleet.policy(&id).unwrap()),
+            "scales and decisions read the stored policy"
+        );
+        fleet
+            .update(FunctionDeployment {
+                service: Some("f".into()),
+                image: Some("i".into()),
+                labels: Some([("com.openfaas.scale.max".to_string(), "7".to_string())].into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let updated = fleet.policy(&id).unwrap();
+        assert!(!Arc::ptr_eq(&first, &updated), "a new spec, a new policy");
+        assert_eq!(updated.as_ref().as_ref().unwrap().0.max, 7);
+    }
+
+    #[tokio::test]
     async fn a_decision_is_stored_before_the_platform_call_and_undone_when_it_fails() {
         let lon = Arc::new(FlakyPlatform::default());
         let (dir, _fleet, id, scaler) = scaler_over(vec![("lon", lon.clone())]).await;
@@ -1490,7 +1537,7 @@ mod tests {
                 Placement::All,
                 "openfaas-fn",
                 64,
-                Default::default(),
+                Arc::new(cfg.clone()),
             )
             .await
             .unwrap();

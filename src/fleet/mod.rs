@@ -24,6 +24,7 @@ use chrono::Utc;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{watch, Mutex};
 
+use crate::autoscale::policy::Policy;
 use crate::config::{AutoscaleConfig, Placement};
 use crate::model::{
     truncate_for_message, validate_dns_label, validate_secret_name, Function, FunctionDeployment,
@@ -203,7 +204,14 @@ struct Placed {
     function: Arc<Function>,
     /// One per datacenter in `function.replicas`, in its order.
     slots: Box<[Slot]>,
+    /// Its scaling policy, worked out from its labels and the autoscale settings when this
+    /// version of its spec was stored: decisions do not parse labels again.
+    policy: Arc<PolicyOf>,
 }
+
+/// A function's scaling policy and whether it is in shadow mode, or what is wrong with its
+/// labels.
+pub type PolicyOf = Result<(Policy, bool), Vec<String>>;
 
 struct Slot {
     /// The datacenter's shared name.
@@ -216,7 +224,11 @@ struct Slot {
 }
 
 impl Placed {
-    fn new(function: Arc<Function>, datacenters: &[Arc<Datacenter>]) -> Self {
+    fn new(
+        function: Arc<Function>,
+        datacenters: &[Arc<Datacenter>],
+        policy: Arc<PolicyOf>,
+    ) -> Self {
         let slots = function
             .replicas
             .iter()
@@ -233,7 +245,11 @@ impl Placed {
                 }
             })
             .collect();
-        Placed { function, slots }
+        Placed {
+            function,
+            slots,
+            policy,
+        }
     }
 
     /// The same function with other desired counts (and datacenters); gauges already taken
@@ -245,7 +261,7 @@ impl Placed {
     ) -> Self {
         let mut function = Function::clone(&self.function);
         function.replicas = replicas;
-        let mut placed = Placed::new(Arc::new(function), datacenters);
+        let mut placed = Placed::new(Arc::new(function), datacenters, self.policy.clone());
         for slot in placed.slots.iter_mut() {
             if let Some(old) = self
                 .slots
@@ -465,6 +481,11 @@ impl Fleet {
         self.functions.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The scaling policy of a deployed function, as worked out when its spec was stored.
+    pub fn policy(&self, id: &FunctionId) -> Option<Arc<PolicyOf>> {
+        self.read_functions().get(id).map(|f| f.policy.clone())
+    }
+
     /// The function's current record.
     pub fn function(&self, id: &FunctionId) -> Option<Arc<Function>> {
         self.read_functions().get(id).map(|f| f.function.clone())
@@ -472,7 +493,12 @@ impl Fleet {
 
     /// Stores a new record of a function (its gauges are read afresh).
     fn put_function(&self, function: Function) {
-        let placed = Placed::new(Arc::new(function), &self.datacenters);
+        let policy = crate::autoscale::labels::policy_for(
+            &function.id.qualified(),
+            &function.deployment,
+            &self.autoscale,
+        );
+        let placed = Placed::new(Arc::new(function), &self.datacenters, Arc::new(policy));
         self.write_functions()
             .insert(placed.function.id.clone(), placed);
     }
