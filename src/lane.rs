@@ -211,6 +211,9 @@ impl Lane {
                     // busy connection does not register a timer per request.
                     None => loop {
                         tokio::select! {
+                            // A request already waiting wins over a timer that ran out.
+                            biased;
+                            _ = &mut stopping => return Finished::Closed,
                             r = client.read_buf(&mut buf) => break r,
                             _ = &mut idle => {
                                 let due = idle_since + self.idle_timeout;
@@ -219,7 +222,6 @@ impl Lane {
                                 }
                                 idle.as_mut().reset(due.into());
                             }
-                            _ = &mut stopping => return Finished::Closed,
                         }
                     },
                     Some(at) => {
@@ -272,7 +274,7 @@ impl Lane {
             upstream_head.extend_from_slice(&buf[..plan.body_len]);
             buf.advance(plan.body_len);
 
-            let ended = self
+            let keep = self
                 .exchange(
                     &plan,
                     started,
@@ -282,13 +284,12 @@ impl Lane {
                     &mut answer,
                 )
                 .await;
-            match ended {
-                Some(at) if plan.keep_alive && !shutdown.is_cancelled() => idle_since = at,
-                _ => {
-                    let _ = client.shutdown().await;
-                    return Finished::Closed;
-                }
+            if !keep || !plan.keep_alive || shutdown.is_cancelled() {
+                let _ = client.shutdown().await;
+                return Finished::Closed;
             }
+            // Idle from here, once the whole answer has left.
+            idle_since = Instant::now();
         }
     }
 
@@ -420,8 +421,8 @@ impl Lane {
         })
     }
 
-    /// Forwards `request` (head and body) and relays the answer to `client`; the moment the
-    /// exchange ended, or `None` when the client connection must close.
+    /// Forwards `request` (head and body) and relays the answer to `client`; false when the
+    /// client connection must close.
     async fn exchange(
         &self,
         plan: &Plan,
@@ -430,7 +431,7 @@ impl Lane {
         client: &mut TcpStream,
         from_replica: &mut BytesMut,
         answer: &mut Vec<u8>,
-    ) -> Option<Instant> {
+    ) -> bool {
         self.count_start(&plan.id, plan.start_time);
         let _in_flight = crate::proxy::InFlight::start(plan.endpoint.clone());
         let finish = |code: u16| self.count_answer(&plan.id, code, &plan.datacenter, started);
@@ -449,7 +450,7 @@ impl Lane {
             let _ = client.write_all(answer).await;
             let _ = client.write_all(from_replica).await;
             let _ = tokio::io::copy(&mut upstream, client).await;
-            return None;
+            return false;
         };
         // A small sized body is read whole, so that head and body leave in one write and a
         // body that never comes is a 502.
@@ -492,34 +493,36 @@ impl Lane {
         let mut ended = finish(head.status);
         answer.extend_from_slice(&from_replica[..used]);
         from_replica.advance(used);
-        client.write_all(answer).await.ok()?;
+        if client.write_all(answer).await.is_err() {
+            return false;
+        }
         if !done {
             match relay_body(&mut upstream, client, from_replica, &mut end).await {
                 Ok(()) => ended = Instant::now(),
                 Err(Broken::Malformed(cause)) => {
                     // The head has left: the client learns of it by the connection closing.
                     self.refused(plan, cause);
-                    return None;
+                    return false;
                 }
-                Err(Broken::Client | Broken::Upstream) => return None,
+                Err(Broken::Client | Broken::Upstream) => return false,
             }
         }
         // Reused only when the answer ended exactly where its framing said.
         if head.reusable && from_replica.is_empty() {
             self.check_in(&plan.endpoint, upstream, ended);
         }
-        Some(ended)
+        true
     }
 
     /// Answers the client for an exchange that failed before any of the answer was sent;
-    /// when it ended, or `None` when the client connection must close.
+    /// false when the client connection must close.
     async fn fail(
         &self,
         plan: &Plan,
         client: &mut TcpStream,
         started: Instant,
         e: Upstream,
-    ) -> Option<Instant> {
+    ) -> bool {
         let (status, text) = match e {
             Upstream::Timeout => (
                 http::StatusCode::GATEWAY_TIMEOUT,
@@ -540,10 +543,8 @@ impl Lane {
                 )
             }
         };
-        let ended = self.count_answer(&plan.id, status.as_u16(), &plan.datacenter, started);
-        write_internal_error(client, status, &text, plan.keep_alive)
-            .await
-            .then_some(ended)
+        self.count_answer(&plan.id, status.as_u16(), &plan.datacenter, started);
+        write_internal_error(client, status, &text, plan.keep_alive).await
     }
 
     /// Logs and counts an answer refused for breaking the protocol.

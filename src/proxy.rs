@@ -641,6 +641,10 @@ impl Invoker {
         suffix: &str,
         req: &mut Request<Body>,
     ) -> (Response, String) {
+        // First of all: the hop headers are this hop's, whatever reads the request next (a
+        // wake's audit reads its call id, the contract its forwarding headers; a nominated
+        // `X-Forwarded-For` gives way to the real client address).
+        strip_hop_by_hop(req.headers_mut());
         let (datacenter, endpoint) = match self.fleet.endpoints(id, pin) {
             Some((dc, set)) => match set.pick() {
                 Some(e) => (dc, Ok(e)),
@@ -677,9 +681,6 @@ impl Invoker {
             Some(q) => format!("{}{suffix}?{q}", endpoint.path_prefix),
             None => format!("{}{suffix}", endpoint.path_prefix),
         };
-        // Before the contract reads the request: a nominated `X-Forwarded-For` is the
-        // client's hop's, and the replica gets the real client address instead.
-        strip_hop_by_hop(req.headers_mut());
         let uri = match PathAndQuery::try_from(path_and_query) {
             Ok(path_and_query) => {
                 let mut parts = http::uri::Parts::default();

@@ -925,3 +925,61 @@ async fn the_configured_min_applies_at_deploy_and_wake_and_every_wake_is_audited
     assert_eq!(s.invoke("asleep", "now").await, (200, "now".to_string()));
     assert_eq!(replicas(&s, "asleep").await, 2);
 }
+
+/// The count a function starts with may come from the configuration: it is checked as a
+/// label's would be (the server's limit, each platform's rules), and `default_min = 0` does
+/// not deploy functions dormant. A function whose stored labels a later configuration refuses
+/// is still woken, to its labels' min.
+#[tokio::test]
+async fn the_configured_min_is_checked_at_deploy_and_a_refused_policy_still_wakes() {
+    let s = Server::with(Options {
+        config: Some("[autoscale]\ndefault_min = 2\n"),
+        ..Default::default()
+    });
+    let mut fixed = echo_function("fixed");
+    fixed["envVars"] = json!({"mode": "http", "upstream_url": "http://127.0.0.1:5999"});
+    let r = s.deploy(fixed).await;
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("names a fixed port"), "{text}");
+    drop(s);
+    let s = Server::with(Options {
+        config: Some("[autoscale]\ndefault_min = 2\n[limits]\nmax_replicas = 1\n"),
+        ..Default::default()
+    });
+    let r = s.deploy(echo_function("over")).await;
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("limits.max_replicas"), "{text}");
+    drop(s);
+    let s = Server::with(Options {
+        config: Some("[autoscale]\ndefault_min = 0\n"),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("one")).await.status(), 202);
+    assert_eq!(
+        replicas(&s, "one").await,
+        1,
+        "only the label deploys dormant"
+    );
+    drop(s);
+
+    // Deployed dormant with min 3; then a policy entry caps it at 2, which its labels break.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = Server::with(Options {
+        data_dir: Some(&data),
+        ..Default::default()
+    });
+    let mut f = echo_function("capped");
+    f["labels"] = json!({"com.openfaas.scale.min": "3", "com.faastastic.scale.initial": "0"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.kill();
+    let s = Server::with(Options {
+        data_dir: Some(&data),
+        config: Some("[[autoscale.policies]]\nmatch = \"capped.*\"\nmax = 2\n"),
+        ..Default::default()
+    });
+    assert_eq!(s.invoke("capped", "up").await, (200, "up".to_string()));
+    assert_eq!(replicas(&s, "capped").await, 3);
+}

@@ -13,7 +13,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 
 use super::labels::policy_for;
-use super::policy::{decide, Action, Clamp, Input, Outcome, State};
+use super::policy::{decide, Action, Clamp, Input, Outcome, Policy, State};
 use super::rates::RateWindow;
 use crate::config::AutoscaleConfig;
 use crate::fleet::{Fleet, FleetError, OnFailure};
@@ -466,8 +466,20 @@ impl Autoscaler {
         let state = &mut tracked.state;
         let now = Utc::now();
         let policy = self.policy_of(id, &function.deployment);
+        // A function whose stored labels the current settings refuse (the configuration
+        // changed since its deploy) is still woken, to its labels' min: its invocations must
+        // be answered. Every other input is held and says why.
+        let fallback;
         let (policy, dry_run) = match policy.as_ref() {
             Ok((p, dry_run)) => (p, *dry_run),
+            Err(_) if matches!(input, Input::Wake { .. }) => {
+                fallback = Policy {
+                    min: function.deployment.min_replicas(),
+                    max: self.fleet.max_replicas(),
+                    ..Policy::default()
+                };
+                (&fallback, false)
+            }
             Err(errors) => {
                 let reason = format!("held: invalid scaling labels: {}", errors.join("; "));
                 // Periodic sources would record this every evaluation: answer only.
@@ -935,6 +947,9 @@ impl Autoscaler {
         // the reconciler, so the total the operator asked for is what the fleet converges to.
         let mut failed: Vec<(String, Option<u64>, String)> = Vec::new();
         let (mut conflict, mut store_error, mut done) = (false, None, 0);
+        // A share refused as not found or invalid (the function or datacenter went meanwhile)
+        // keeps that kind, as the request's own checks answer it.
+        let (mut not_found, mut invalid) = (false, false);
         for (dc, n) in &shares {
             let mut failure = None;
             let result = self
@@ -952,7 +967,13 @@ impl Autoscaler {
                 ("scaled" | "no_change", _) => done += 1,
                 (outcome, failure) => {
                     conflict |= outcome == "superseded";
-                    let platform = matches!(failure, Some(FleetError::Platform(_)));
+                    not_found |= outcome == "unknown_function"
+                        || matches!(failure, Some(FleetError::NotFound(_)));
+                    invalid |= matches!(failure, Some(FleetError::Invalid(_)));
+                    let platform = matches!(
+                        failure,
+                        Some(FleetError::Platform(_) | FleetError::Partial(_))
+                    );
                     if let Some(FleetError::Store(e)) = failure {
                         store_error.get_or_insert(e);
                     }
@@ -989,6 +1010,8 @@ impl Autoscaler {
         match (failed.is_empty(), done) {
             (true, _) => Ok(()),
             (false, 0) if conflict => Err(FleetError::Conflict(why)),
+            (false, 0) if not_found => Err(FleetError::NotFound(why)),
+            (false, 0) if invalid => Err(FleetError::Invalid(vec![why])),
             (false, 0) => Err(FleetError::Platform(PlatformError::Failed(why))),
             (false, _) => Err(FleetError::Partial(why)),
         }

@@ -91,11 +91,12 @@ pub fn min_for(id: &FunctionId, dep: &FunctionDeployment, cfg: &AutoscaleConfig)
 }
 
 /// The replicas a new deployment starts with in each datacenter: the
-/// `com.faastastic.scale.initial` label (0 allowed: deployed dormant), else [`min_for`].
+/// `com.faastastic.scale.initial` label (0 allowed: deployed dormant), else [`min_for`], at
+/// least 1 (only the label deploys a function dormant, even with `default_min = 0`).
 pub fn initial_for(id: &FunctionId, dep: &FunctionDeployment, cfg: &AutoscaleConfig) -> u64 {
     dep.label(crate::model::LABEL_SCALE_INITIAL)
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or_else(|| min_for(id, dep, cfg))
+        .unwrap_or_else(|| min_for(id, dep, cfg).max(1))
 }
 
 /// The policy for one function (`function` is `name.namespace`) and whether it is in dry-run

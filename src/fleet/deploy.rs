@@ -117,13 +117,32 @@ impl Fleet {
             return Err(FleetError::Invalid(errors));
         }
         let name = dep.service.clone().unwrap_or_default();
-        Ok((
-            FunctionId::new(
-                name,
-                namespace.expect("namespace resolved when there are no errors"),
-            ),
-            placement,
-        ))
+        let id = FunctionId::new(
+            name,
+            namespace.expect("namespace resolved when there are no errors"),
+        );
+        // The count it starts with may come from the configuration (`default_min`, a policy
+        // entry's `min`): it must run, as a count from the labels must.
+        let initial = crate::autoscale::labels::initial_for(&id, dep, &self.autoscale);
+        if initial > self.max_replicas {
+            errors.push(format!(
+                "the function would start with {initial} replicas (its min), above this server's limit of {} (limits.max_replicas)",
+                self.max_replicas
+            ));
+        }
+        for dc in &placement {
+            if let Some(d) = self.datacenter(dc) {
+                if let Err(e) = d.platform.validate_scale(dep, initial) {
+                    if !errors.contains(&e) {
+                        errors.push(e);
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(FleetError::Invalid(errors));
+        }
+        Ok((id, placement))
     }
 
     /// Reads the secrets a deployment names; a missing one is a 400 naming it.
