@@ -211,7 +211,8 @@ impl Lane {
                     // busy connection does not register a timer per request.
                     None => loop {
                         tokio::select! {
-                            // A request already waiting wins over a timer that ran out.
+                            // Shutdown first; then a request already waiting wins over a
+                            // timer that ran out.
                             biased;
                             _ = &mut stopping => return Finished::Closed,
                             r = client.read_buf(&mut buf) => break r,
