@@ -321,7 +321,7 @@ impl Lane {
         let mut body_len = None;
         let mut facts = RequestFacts::default();
         for h in req.headers.iter() {
-            RequestFacts::note(&mut facts, h.name, h.value);
+            facts.note(h.name, h.value);
             let name = h.name;
             if name.eq_ignore_ascii_case("content-length") {
                 let Some(n) = std::str::from_utf8(h.value)

@@ -355,19 +355,19 @@ pub struct RequestFacts<'a> {
     pub content_type: Option<&'a [u8]>,
 }
 
-impl RequestFacts<'_> {
+impl<'a> RequestFacts<'a> {
     /// Takes note of one request header.
-    pub fn note<'h>(facts: &mut RequestFacts<'h>, name: &str, value: &'h [u8]) {
+    pub fn note(&mut self, name: &str, value: &'a [u8]) {
         if name.eq_ignore_ascii_case(CALL_ID.as_str()) {
-            facts.has_call_id = true;
+            self.has_call_id = true;
         } else if name.eq_ignore_ascii_case(FORWARDED_FOR.as_str()) {
-            facts.has_forwarded_for = true;
+            self.has_forwarded_for = true;
         } else if name.eq_ignore_ascii_case(FORWARDED_HOST.as_str()) {
-            facts.has_forwarded_host = true;
+            self.has_forwarded_host = true;
         } else if name.eq_ignore_ascii_case("host") {
-            facts.host = Some(value);
+            self.host = Some(value);
         } else if name.eq_ignore_ascii_case("content-type") {
-            facts.content_type = Some(value);
+            self.content_type = Some(value);
         }
     }
 }
@@ -702,7 +702,7 @@ impl Invoker {
         let incoming = std::mem::take(req.headers_mut());
         let mut facts = RequestFacts::default();
         for (name, value) in &incoming {
-            RequestFacts::note(&mut facts, name.as_str(), value.as_bytes());
+            facts.note(name.as_str(), value.as_bytes());
         }
         let client = req
             .extensions()

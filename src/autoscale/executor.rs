@@ -885,22 +885,6 @@ impl Autoscaler {
         .await
     }
 
-    /// Brings a function at zero replicas in `datacenter` to its min for a held invocation
-    /// (`call_id`), as an audited engine decision: source `wake`, the call id and the number
-    /// of requests waiting in its evidence. A pause holds it.
-    pub async fn wake(
-        &self,
-        id: &FunctionId,
-        datacenter: &str,
-        waiting: u64,
-        call_id: Option<&str>,
-    ) -> SignalResult {
-        let evidence = serde_json::json!({"call_id": call_id, "waiting": waiting});
-        let input = Input::Wake { waiting };
-        self.apply(id, datacenter, input, "wake", evidence, true)
-            .await
-    }
-
     /// `POST /system/scale-function`: a manual scale, in one datacenter or as a total spread
     /// over the function's datacenters. It must stay within the function's min and max (per
     /// datacenter; 0, scale to zero, is always allowed) unless `override_bounds`, and it is
@@ -1207,6 +1191,9 @@ fn state_json(state: &State) -> String {
 }
 
 #[async_trait::async_trait]
+/// A wake brings a function at zero replicas in `datacenter` to its min for a held
+/// invocation (`call_id`), as an audited engine decision: source `wake`, the call id and the
+/// number of requests waiting in its evidence. A pause holds it.
 impl crate::proxy::Wake for Autoscaler {
     async fn wake(
         &self,
@@ -1215,7 +1202,11 @@ impl crate::proxy::Wake for Autoscaler {
         waiting: u64,
         call_id: Option<&str>,
     ) -> Result<(), String> {
-        let result = Autoscaler::wake(self, id, datacenter, waiting, call_id).await;
+        let evidence = serde_json::json!({"call_id": call_id, "waiting": waiting});
+        let input = Input::Wake { waiting };
+        let result = self
+            .apply(id, datacenter, input, "wake", evidence, true)
+            .await;
         // Held (paused), failed, or lost to a concurrent change: what counts is whether
         // replicas are now asked for.
         let asked = self
