@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use chrono::{TimeZone, Utc};
+use faastastic::autoscale::clock::SystemClock;
 use faastastic::autoscale::executor::Autoscaler;
 use faastastic::autoscale::policy::{decide, Action, Input, Policy, State, Step};
 use faastastic::autoscale::query::{apply_values, Values};
@@ -290,6 +291,7 @@ async fn evaluation() {
         Arc::new(Activity::default()),
         None,
         cfg,
+        Arc::new(SystemClock),
     )
     .await
     .unwrap();

@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::api::auth::{resolve_credentials, Auth, CredentialSource};
 use crate::api::{self, AppState};
+use crate::autoscale::clock::SystemClock;
 use crate::autoscale::executor::Autoscaler;
 use crate::config::{Config, PlatformConfig};
 use crate::fleet::{Datacenter, Fleet};
@@ -170,6 +171,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         activity.clone(),
         crate::grafana::Annotations::start(&cfg.grafana, metrics.clone())?,
         cfg.autoscale.clone(),
+        Arc::new(SystemClock),
     )
     .await?;
     // Waking a function from zero is the autoscaler's decision, like every replica change.

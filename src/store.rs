@@ -522,6 +522,19 @@ impl Store {
         .await
     }
 
+    /// Replaces the text of a stored event (a decision whose outcome is known only after it
+    /// was stored).
+    pub async fn amend_event(&self, id: i64, json: String) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE scale_events SET event = ?2 WHERE id = ?1",
+                params![id, json],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Scale events, newest first, as (id, JSON text).
     pub async fn scale_events(
         &self,

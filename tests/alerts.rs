@@ -105,7 +105,9 @@ async fn openfaas_payload_steps_up_and_explains_it() {
     let ev = events(&s, "?function=figlet").await;
     assert_eq!(ev.len(), 2, "{ev:?}");
     assert_eq!(ev[0]["outcome"], "held", "newest first");
+    assert_eq!(ev[0]["reason_code"], "duplicate");
     assert_eq!(ev[1]["outcome"], "scaled");
+    assert_eq!(ev[1]["reason_code"], "step_up");
     assert_eq!(ev[1]["direction"], "up");
     assert_eq!(ev[1]["datacenter"], "home");
     assert_eq!(ev[1]["evidence"]["fingerprint"], "0123456789abcdef");
@@ -486,6 +488,7 @@ async fn idle_functions_that_opt_in_scale_to_zero_and_wake_on_invocation() {
         (Some(1), Some(0))
     );
     assert!(ev[0]["reason"].as_str().unwrap().contains("no invocation"));
+    assert_eq!(ev[0]["reason_code"], "scale_to_zero");
     // The next invocation is held until a replica is ready, then served.
     assert_eq!(
         s.invoke("sleepy", "wake up").await,
@@ -567,6 +570,7 @@ async fn an_alert_with_its_value_is_sized_and_a_stale_one_is_held() {
     assert_eq!(replicas(&s, "gone").await, 1);
     let held = events(&s, "?function=gone").await;
     assert_eq!(held[0]["clamps"], json!(["max", "load_gone"]), "{held:#?}");
+    assert_eq!(held[0]["reason_code"], "load_gone");
 
     // A value that is not a number is named, and changes nothing.
     let (code, body) = alert(&s, &webhook(vec![sized("gone", "ccc", "+Inf")])).await;

@@ -118,7 +118,7 @@ fuzz_target!(|data: &[u8]| {
                     dedupe_key: signal.dedupe_key.as_deref(),
                     observed_rate: None,
                 };
-                let (d, next) = decide(policy, current, &State::default(), input.clone(), now());
+                let (d, next) = decide(policy, current, &State::default(), input, now());
                 assert_eq!(d.from, current);
                 if d.outcome == Outcome::Scale {
                     assert!(d.to >= policy.min && d.to <= max, "{policy:?} {d:?}");
@@ -126,7 +126,8 @@ fuzz_target!(|data: &[u8]| {
                 } else {
                     assert_eq!(d.to, current);
                 }
-                serde_json::to_vec(&d).expect("decision serialises");
+                assert!(!d.reason.to_string().is_empty(), "{d:?}");
+                assert!(!d.reason.code().is_empty(), "{d:?}");
                 serde_json::to_string(&next).expect("state serialises");
                 let later = now() + chrono::Duration::seconds(1);
                 let (again, _) = decide(policy, d.to, &next, input, later);

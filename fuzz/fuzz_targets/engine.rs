@@ -358,13 +358,16 @@ fuzz_target!(|scenario: Scenario| {
             Event::Idle(span, apply) => {
                 let idle_for = span.get();
                 let input = Input::Idle { idle_for };
-                let (d, next) = decide(policy, current, &state, input.clone(), now);
+                let (d, next) = decide(policy, current, &state, input, now);
                 assert_eq!(
                     decide(policy, current, &state, input, now),
                     (d.clone(), next.clone())
                 );
                 assert_eq!(d.from, current);
-                serde_json::to_string(&d).expect("decision serialises");
+                assert!(
+                    !d.reason.to_string().is_empty() && !d.reason.code().is_empty(),
+                    "{d:?}"
+                );
                 if d.outcome == Outcome::Scale {
                     assert_eq!(d.to, 0, "idle scales only to zero: {d:?}");
                     let after = policy.scale_to_zero_after.expect("scale to zero is off");
@@ -404,13 +407,16 @@ fuzz_target!(|scenario: Scenario| {
             },
             None => Input::Tick,
         };
-        let (d, next) = decide(policy, current, &state, input.clone(), now);
+        let (d, next) = decide(policy, current, &state, input, now);
         // Deterministic.
         assert_eq!(
-            decide(policy, current, &state, input.clone(), now),
+            decide(policy, current, &state, input, now),
             (d.clone(), next.clone())
         );
-        serde_json::to_string(&d).expect("decision serialises");
+        assert!(
+            !d.reason.to_string().is_empty() && !d.reason.code().is_empty(),
+            "{d:?}"
+        );
         assert_eq!(d.from, current);
 
         // The engine prunes its memory by the current policy before deciding.

@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::wire::parse_object;
 use super::AppState;
 use crate::autoscale::alertmanager::Webhook;
-use crate::autoscale::executor::{SignalRequest, SignalResult};
+use crate::autoscale::executor::{SignalRequest, SignalResult, Verdict};
 use crate::model::{validate_dns_label, FunctionId};
 
 #[derive(Serialize)]
@@ -62,16 +62,20 @@ pub async fn receive(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
                 } else {
                     "resolved explicit action: nothing to undo"
                 };
-                results[i] = Some(SignalResult::other(function, "ignored", reason.to_string()));
+                results[i] = Some(SignalResult::other(
+                    function,
+                    Verdict::Ignored,
+                    reason.to_string(),
+                ));
                 continue;
             }
             Err(e) => {
-                results[i] = Some(SignalResult::other(function, "invalid", e));
+                results[i] = Some(SignalResult::other(function, Verdict::Invalid, e));
                 continue;
             }
         };
         if let Err(e) = validate_dns_label("function_name", &signal.name) {
-            results[i] = Some(SignalResult::other(function, "invalid", e));
+            results[i] = Some(SignalResult::other(function, Verdict::Invalid, e));
             continue;
         }
         let namespace = match s.fleet.resolve_namespace(signal.namespace.as_deref()) {
@@ -79,7 +83,7 @@ pub async fn receive(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
             Err(e) => {
                 results[i] = Some(SignalResult::other(
                     function,
-                    "unknown_function",
+                    Verdict::UnknownFunction,
                     e.to_string(),
                 ));
                 continue;
@@ -88,7 +92,11 @@ pub async fn receive(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         let datacenter = match s.fleet.resolve_datacenter(signal.datacenter.as_deref()) {
             Ok(dc) => dc,
             Err(e) => {
-                results[i] = Some(SignalResult::other(function, "invalid", e.to_string()));
+                results[i] = Some(SignalResult::other(
+                    function,
+                    Verdict::Invalid,
+                    e.to_string(),
+                ));
                 continue;
             }
         };

@@ -12,11 +12,12 @@ use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 
+use super::clock::Clock;
 use super::labels::policy_for;
-use super::policy::{decide, Action, Clamp, Input, Outcome, Policy, State};
+use super::policy::{decide, Action, Clamp, Input, Outcome, Policy, Rule, State};
 use super::rates::RateWindow;
 use crate::config::AutoscaleConfig;
-use crate::fleet::{Fleet, FleetError, OnFailure};
+use crate::fleet::{Fleet, FleetError, OnFailure, Scaled};
 use crate::model::FunctionId;
 use crate::platform::PlatformError;
 use crate::proxy::Activity;
@@ -51,8 +52,11 @@ pub struct ScaleEvent {
     pub to: u64,
     pub recommended: u64,
     pub direction: &'static str,
-    pub outcome: &'static str,
+    pub outcome: Verdict,
     pub reason: String,
+    /// The reason in one machine-readable word: the rule that held a change back, or what
+    /// asked for it (`Reason::code`); for an event that is no decision, its outcome.
+    pub reason_code: &'static str,
     pub clamps: Vec<Clamp>,
     pub evidence: serde_json::Value,
 }
@@ -63,7 +67,7 @@ pub struct SignalResult {
     pub function: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datacenter: Option<String>,
-    pub outcome: &'static str,
+    pub outcome: Verdict,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,24 +78,89 @@ pub struct SignalResult {
     pub retryable: bool,
 }
 
-/// Outcomes from the most to the least telling, to sum up one signal applied in several
-/// datacenters.
+/// What became of a signal or what an event records. Decisions' outcomes are declared from the
+/// most to the least telling, which sums up one signal applied in several datacenters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// A platform call failed; the sender should retry.
+    Failed,
+    Scaled,
+    /// Shadow mode: recorded, not executed.
+    DryRun,
+    Held,
+    /// Another change won (a newer one, or a stronger signal in the same batch).
+    Superseded,
+    NoChange,
+    UnknownFunction,
+    Invalid,
+    Ignored,
+    // Events that are not decisions.
+    Paused,
+    Resumed,
+    SourceUnavailable,
+    SourceRecovered,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Failed => "failed",
+            Verdict::Scaled => "scaled",
+            Verdict::DryRun => "dry_run",
+            Verdict::Held => "held",
+            Verdict::Superseded => "superseded",
+            Verdict::NoChange => "no_change",
+            Verdict::UnknownFunction => "unknown_function",
+            Verdict::Invalid => "invalid",
+            Verdict::Ignored => "ignored",
+            Verdict::Paused => "paused",
+            Verdict::Resumed => "resumed",
+            Verdict::SourceUnavailable => "source_unavailable",
+            Verdict::SourceRecovered => "source_recovered",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Decisions of one webhook payload in progress at once. Their store writes queue for one
 /// connection anyway; starting all of a 1,000-alert payload's (3,000 in three datacenters)
 /// at once only held every one's evidence and state copies at the same time.
 const CONCURRENT_DECISIONS: usize = 64;
 
-const OUTCOME_ORDER: [&str; 9] = [
-    "failed",
-    "scaled",
-    "dry_run",
-    "held",
-    "superseded",
-    "no_change",
-    "unknown_function",
-    "invalid",
-    "ignored",
-];
+impl ScaleEvent {
+    /// An event about `id` in `datacenter` that changes nothing (yet): at `replicas`.
+    fn about(
+        id: &FunctionId,
+        datacenter: &str,
+        time: DateTime<Utc>,
+        source: &str,
+        replicas: u64,
+    ) -> ScaleEvent {
+        ScaleEvent {
+            id: None,
+            time,
+            function: id.name.clone(),
+            namespace: id.namespace.clone(),
+            datacenter: datacenter.to_string(),
+            source: source.to_string(),
+            from: replicas,
+            to: replicas,
+            recommended: replicas,
+            direction: "none",
+            outcome: Verdict::NoChange,
+            reason: String::new(),
+            reason_code: "",
+            clamps: Vec::new(),
+            evidence: serde_json::Value::Null,
+        }
+    }
+}
 
 impl SignalResult {
     fn in_datacenter(mut self, dc: &str) -> Self {
@@ -105,12 +174,11 @@ impl SignalResult {
         if results.len() == 1 {
             return results.remove(0);
         }
-        let rank = |o: &str| OUTCOME_ORDER.iter().position(|x| *x == o).unwrap_or(99);
         let outcome = results
             .iter()
             .map(|r| r.outcome)
-            .min_by_key(|o| rank(o))
-            .unwrap_or("no_change");
+            .min()
+            .unwrap_or(Verdict::NoChange);
         let sum = |get: fn(&SignalResult) -> Option<u64>| {
             results
                 .iter()
@@ -132,7 +200,7 @@ impl SignalResult {
         }
     }
 
-    pub fn other(function: String, outcome: &'static str, reason: String) -> Self {
+    pub fn other(function: String, outcome: Verdict, reason: String) -> Self {
         SignalResult {
             function,
             datacenter: None,
@@ -165,6 +233,7 @@ pub struct Autoscaler {
     observed: Mutex<RateWindow<(String, String)>>,
     /// Paused scopes (`*`: every function; else `name.namespace`) with since when and why.
     paused: Mutex<HashMap<String, Pause>>,
+    clock: Arc<dyn Clock>,
 }
 
 /// One function's engine state in one datacenter.
@@ -209,6 +278,7 @@ impl Autoscaler {
         activity: Arc<Activity>,
         annotations: Option<Arc<crate::grafana::Annotations>>,
         cfg: AutoscaleConfig,
+        clock: Arc<dyn Clock>,
     ) -> Result<Arc<Autoscaler>, StoreError> {
         let mut states = HashMap::new();
         let mut stepping = HashSet::new();
@@ -256,7 +326,8 @@ impl Autoscaler {
             stepping: Mutex::new(stepping),
             scale_limiter: RateLimiter::direct(Quota::per_second(per_sec)),
             activity,
-            started_at: Utc::now(),
+            started_at: clock.now(),
+            clock,
             annotations,
             observed: Mutex::new(RateWindow::new(cfg.staleness_window)),
             cfg,
@@ -373,7 +444,7 @@ impl Autoscaler {
                     let w = winners[&(requests[*i].id.clone(), dc.clone())];
                     SignalResult::other(
                         requests[*i].id.qualified(),
-                        "superseded",
+                        Verdict::Superseded,
                         format!(
                             "alert #{} for the same function in this batch wins (up beats down)",
                             parts[w].0
@@ -441,7 +512,7 @@ impl Autoscaler {
                     self.forget_key(&key);
                     return SignalResult::other(
                         id.qualified(),
-                        "unknown_function",
+                        Verdict::UnknownFunction,
                         format!("function {id} is not in datacenter {datacenter}"),
                     );
                 }
@@ -450,7 +521,7 @@ impl Autoscaler {
                 self.forget(id);
                 return SignalResult::other(
                     id.qualified(),
-                    "unknown_function",
+                    Verdict::UnknownFunction,
                     format!("function {id} is not deployed"),
                 );
             }
@@ -464,7 +535,7 @@ impl Autoscaler {
             tracked.state = State::default();
         }
         let state = &mut tracked.state;
-        let now = Utc::now();
+        let now = self.clock.now();
         let policy = self.policy_of(id, &function.deployment);
         // A function whose stored labels the current settings refuse (the configuration
         // changed since its deploy) is still woken, to its labels' min: its invocations must
@@ -484,21 +555,13 @@ impl Autoscaler {
                 let reason = format!("held: invalid scaling labels: {}", errors.join("; "));
                 // Periodic sources would record this every evaluation: answer only.
                 if quiet || matches!(input, Input::Tick | Input::Idle { .. }) {
-                    return SignalResult::other(id.qualified(), "held", reason);
+                    return SignalResult::other(id.qualified(), Verdict::Held, reason);
                 }
-                let event = self.event(
-                    &key,
-                    now,
-                    source,
-                    current,
-                    current,
-                    current,
-                    "none",
-                    "held",
-                    reason,
-                    vec![],
-                    evidence,
-                );
+                let mut event = ScaleEvent::about(&key.0, datacenter, now, source, current);
+                event.outcome = Verdict::Held;
+                event.reason = reason;
+                event.reason_code = "invalid_labels";
+                event.evidence = evidence;
                 return self.finish(&key, state, event, false, false).await;
             }
         };
@@ -515,19 +578,11 @@ impl Autoscaler {
         if let (Outcome::Scale, Some(pause)) = (decision.outcome, pause) {
             decision.outcome = Outcome::Held;
             decision.clamps.push(Clamp::Paused);
-            decision.reason = format!(
-                "{}; held: autoscaling paused ({}) since {} ({})",
-                decision.reason,
-                if pause.scope == ALL {
-                    "all functions"
-                } else {
-                    "this function"
-                },
-                pause
-                    .since
-                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                pause.reason
-            );
+            decision.reason.rule = Rule::Paused {
+                all: pause.scope == ALL,
+                since: pause.since,
+                why: pause.reason,
+            };
             next = state.clone();
         }
         // A periodic input that changes nothing is not an event: only its state is kept (in
@@ -537,50 +592,47 @@ impl Autoscaler {
             let state = &mut tracked.state;
             *state = next;
             self.set_stepping(&key, state.stepping_down);
-            return SignalResult::other(id.qualified(), "no_change", decision.reason);
+            let reason = decision.reason.to_string();
+            return SignalResult::other(id.qualified(), Verdict::NoChange, reason);
         }
         // In shadow mode nothing changes, so a periodic source would recommend the same step
         // at every evaluation: it is recorded once, until the recommendation changes.
         if quiet && dry_run {
             let shadow = (decision.from, decision.to);
             if tracked.last_shadow.replace(shadow) == Some(shadow) {
-                return SignalResult::other(id.qualified(), "dry_run", decision.reason);
+                let reason = decision.reason.to_string();
+                return SignalResult::other(id.qualified(), Verdict::DryRun, reason);
             }
         }
         let state = &mut tracked.state;
-        let direction = match decision.to.cmp(&decision.from) {
+        // The event as it reads when the decision is executed; the arms below amend it.
+        let mut event = ScaleEvent::about(&key.0, datacenter, now, source, decision.from);
+        event.direction = match decision.to.cmp(&decision.from) {
             std::cmp::Ordering::Greater => "up",
             std::cmp::Ordering::Less => "down",
             std::cmp::Ordering::Equal => "none",
         };
+        if decision.outcome == Outcome::Scale {
+            event.to = decision.to;
+        }
+        event.recommended = decision.recommended;
+        event.outcome = Verdict::Scaled;
         // A source that explains its recommendation (a query's value against its target)
         // says so first.
-        let reason = match evidence.get("why").and_then(|w| w.as_str()) {
+        event.reason = match evidence.get("why").and_then(|w| w.as_str()) {
             Some(why) => format!("{why}; {}", decision.reason),
-            None => decision.reason.clone(),
+            None => decision.reason.to_string(),
         };
-        // The event as it reads when the decision is executed; the arms below amend it.
-        let scales = decision.outcome == Outcome::Scale;
-        let mut event = self.event(
-            &key,
-            now,
-            source,
-            decision.from,
-            if scales { decision.to } else { decision.from },
-            decision.recommended,
-            direction,
-            "scaled",
-            reason,
-            decision.clamps,
-            evidence,
-        );
+        event.reason_code = decision.reason.code();
+        event.clamps = decision.clamps;
+        event.evidence = evidence;
         let mut recorded = false;
         let (outcome, keep_state, retryable) = match decision.outcome {
-            Outcome::NoChange => ("no_change", true, false),
-            Outcome::Held => ("held", true, false),
+            Outcome::NoChange => (Verdict::NoChange, true, false),
+            Outcome::Held => (Verdict::Held, true, false),
             Outcome::Scale if dry_run => {
                 event.reason.push_str(" (dry run: not executed)");
-                ("dry_run", false, false)
+                (Verdict::DryRun, false, false)
             }
             Outcome::Scale => {
                 self.scale_limiter.until_ready().await;
@@ -604,31 +656,38 @@ impl Autoscaler {
                     )
                     .await
                 {
-                    Ok(stored) => {
-                        recorded = stored;
-                        ("scaled", true, false)
+                    Ok(Scaled::Unchanged) => (Verdict::Scaled, true, false),
+                    Ok(Scaled::Applied { event: stored }) => {
+                        recorded = stored.is_some();
+                        (Verdict::Scaled, true, false)
                     }
                     // An operator's count, kept although the platform call failed: the
-                    // decision stands (stored with its event), the reconciler converges it,
-                    // and the answer says the platform failed.
-                    Err(FleetError::Partial(why)) if on_failure == OnFailure::Keep => {
-                        recorded = true;
+                    // decision stands (its stored event now says why), the reconciler
+                    // converges it, and the answer says the platform failed.
+                    Ok(Scaled::Kept { event: stored, why }) => {
                         event.reason.push_str(&format!("; {why}"));
-                        ("scaled", true, true)
+                        if let Some(stored) = stored {
+                            recorded = true;
+                            let json = event_record(&event).json;
+                            if let Err(e) = self.store.amend_event(stored, json).await {
+                                tracing::error!(function = %id, error = %e, "cannot amend a scale event");
+                            }
+                        }
+                        (Verdict::Scaled, true, true)
                     }
                     Err(e) => {
                         event.to = decision.from;
                         match e {
                             FleetError::Conflict(why) => {
                                 event.reason.push_str(&format!("; superseded: {why}"));
-                                ("superseded", false, false)
+                                (Verdict::Superseded, false, false)
                             }
                             e => {
                                 let retryable =
                                     !matches!(e, FleetError::NotFound(_) | FleetError::Invalid(_));
                                 event.reason.push_str(&format!("; failed: {e}"));
                                 *failure = Some(e);
-                                ("failed", false, retryable)
+                                (Verdict::Failed, false, retryable)
                             }
                         }
                     }
@@ -641,39 +700,6 @@ impl Autoscaler {
         }
         self.set_stepping(&key, state.stepping_down);
         self.finish(&key, state, event, retryable, recorded).await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn event(
-        &self,
-        (id, datacenter): &Key,
-        time: DateTime<Utc>,
-        source: &str,
-        from: u64,
-        to: u64,
-        recommended: u64,
-        direction: &'static str,
-        outcome: &'static str,
-        reason: String,
-        clamps: Vec<Clamp>,
-        evidence: serde_json::Value,
-    ) -> ScaleEvent {
-        ScaleEvent {
-            id: None,
-            time,
-            function: id.name.clone(),
-            namespace: id.namespace.clone(),
-            datacenter: datacenter.clone(),
-            source: source.to_string(),
-            from,
-            to,
-            recommended,
-            direction,
-            outcome,
-            reason,
-            clamps,
-            evidence,
-        }
     }
 
     /// Stores the state and the event together, counts and logs it.
@@ -692,7 +718,7 @@ impl Autoscaler {
                 function_name.as_str(),
                 &event.datacenter,
                 event.direction,
-                event.outcome,
+                event.outcome.as_str(),
             ])
             .inc();
         tracing::info!(
@@ -701,13 +727,14 @@ impl Autoscaler {
             source = %event.source,
             from = event.from,
             to = event.to,
-            outcome = event.outcome,
+            outcome = event.outcome.as_str(),
+            reason_code = event.reason_code,
             "{}",
             event.reason
         );
         // Executed decisions are annotated; shadow-mode ones too, marked as what would happen.
-        let shadow = event.outcome == "dry_run";
-        if let (Some(a), "scaled" | "dry_run") = (&self.annotations, event.outcome) {
+        let shadow = event.outcome == Verdict::DryRun;
+        if let (Some(a), Verdict::Scaled | Verdict::DryRun) = (&self.annotations, event.outcome) {
             let mut tags = vec![
                 "faastastic".to_string(),
                 format!("scale-{}", event.direction),
@@ -763,7 +790,7 @@ impl Autoscaler {
     pub async fn record_source_event(
         &self,
         source: &str,
-        outcome: &'static str,
+        outcome: Verdict,
         reason: String,
         evidence: serde_json::Value,
     ) {
@@ -777,31 +804,23 @@ impl Autoscaler {
         &self,
         function: Option<&FunctionId>,
         source: &str,
-        outcome: &'static str,
+        outcome: Verdict,
         reason: String,
         evidence: serde_json::Value,
     ) {
-        tracing::warn!(source, outcome, "{reason}");
+        tracing::warn!(source, outcome = outcome.as_str(), "{reason}");
         // Nothing changes: a function's event reads its replicas as they stand.
         let replicas = function
             .and_then(|f| self.fleet.desired_replicas(f))
             .unwrap_or(0);
-        let event = ScaleEvent {
-            id: None,
-            time: Utc::now(),
-            function: function.map(|f| f.name.clone()).unwrap_or_default(),
-            namespace: function.map(|f| f.namespace.clone()).unwrap_or_default(),
-            datacenter: self.fleet.home().to_string(),
-            source: source.to_string(),
-            from: replicas,
-            to: replicas,
-            recommended: replicas,
-            direction: "none",
-            outcome,
-            reason,
-            clamps: Vec::new(),
-            evidence,
-        };
+        let nobody = FunctionId::new(String::new(), String::new());
+        let about = function.unwrap_or(&nobody);
+        let now = self.clock.now();
+        let mut event = ScaleEvent::about(about, self.fleet.home(), now, source, replicas);
+        event.outcome = outcome;
+        event.reason = reason;
+        event.reason_code = outcome.as_str();
+        event.evidence = evidence;
         if let Err(e) = self
             .store
             .record_source_event(
@@ -948,10 +967,10 @@ impl Autoscaler {
                 )
                 .await;
             match (result.outcome, failure) {
-                ("scaled" | "no_change", _) => done += 1,
+                (Verdict::Scaled | Verdict::NoChange, _) => done += 1,
                 (outcome, failure) => {
-                    conflict |= outcome == "superseded";
-                    not_found |= outcome == "unknown_function"
+                    conflict |= outcome == Verdict::Superseded;
+                    not_found |= outcome == Verdict::UnknownFunction
                         || matches!(failure, Some(FleetError::NotFound(_)));
                     invalid |= matches!(failure, Some(FleetError::Invalid(_)));
                     let platform = matches!(
@@ -1035,7 +1054,7 @@ impl Autoscaler {
     /// `name.namespace`), stored so it survives a restart, and recorded as an event. Returns
     /// whether anything changed.
     pub async fn set_pause(&self, scope: &str, reason: Option<String>) -> Result<bool, StoreError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let changed = self
             .store
             .set_pause(scope, reason.clone().map(|r| (now, r)))
@@ -1067,8 +1086,11 @@ impl Autoscaler {
             scope.to_string()
         };
         let (outcome, text) = match &reason {
-            Some(r) => ("paused", format!("autoscaling of {what} paused: {r}")),
-            None => ("resumed", format!("autoscaling of {what} resumed")),
+            Some(r) => (
+                Verdict::Paused,
+                format!("autoscaling of {what} paused: {r}"),
+            ),
+            None => (Verdict::Resumed, format!("autoscaling of {what} resumed")),
         };
         let function = (scope != ALL)
             .then(|| crate::model::split_qualified(scope))
@@ -1134,7 +1156,7 @@ impl Autoscaler {
     /// Functions that opted in to scale to zero and have been idle long enough go to zero, in
     /// each datacenter that still runs replicas.
     async fn scale_idle_to_zero(&self) {
-        let now = Utc::now();
+        let now = self.clock.now();
         let mut idle = Vec::new();
         for view in self.fleet.all() {
             let f = &view.function;
@@ -1229,6 +1251,7 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
+    use crate::autoscale::clock::{ManualClock, SystemClock};
     use crate::config::{Config, Placement};
     use crate::fleet::Datacenter;
     use crate::model::FunctionDeployment;
@@ -1319,50 +1342,211 @@ mod tests {
     async fn scaler_over(
         platforms: Vec<(&str, Arc<FlakyPlatform>)>,
     ) -> (tempfile::TempDir, Arc<Fleet>, FunctionId, Arc<Autoscaler>) {
-        // The fleet and the engine read the same settings, as in the server.
         let cfg = AutoscaleConfig {
             up_cooldown: Duration::ZERO,
             ..Config::default().autoscale
         };
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
-        let home = platforms[0].0.to_string();
-        let datacenters = platforms
-            .into_iter()
-            .map(|(name, p)| Arc::new(Datacenter::new(name, p, Duration::from_secs(5), 100)))
-            .collect();
-        let fleet = Arc::new(
-            Fleet::restore(
+        let t = Timeline::new(platforms, cfg, Arc::new(SystemClock), Default::default()).await;
+        (t.dir, t.fleet, t.id, t.scaler)
+    }
+
+    /// A fleet over `platforms` (the first is home) with function `f` deployed with `labels`,
+    /// and an autoscaler on `clock`.
+    struct Timeline {
+        dir: tempfile::TempDir,
+        store: Store,
+        fleet: Arc<Fleet>,
+        id: FunctionId,
+        scaler: Arc<Autoscaler>,
+        activity: Arc<Activity>,
+    }
+
+    impl Timeline {
+        async fn new(
+            platforms: Vec<(&str, Arc<FlakyPlatform>)>,
+            cfg: AutoscaleConfig,
+            clock: Arc<dyn Clock>,
+            labels: std::collections::BTreeMap<String, String>,
+        ) -> Timeline {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("s.db")).unwrap();
+            let home = platforms[0].0.to_string();
+            let datacenters = platforms
+                .into_iter()
+                .map(|(name, p)| Arc::new(Datacenter::new(name, p, Duration::from_secs(5), 100)))
+                .collect();
+            // The fleet and the engine read the same settings, as in the server.
+            let fleet = Arc::new(
+                Fleet::restore(
+                    store.clone(),
+                    datacenters,
+                    &home,
+                    Placement::All,
+                    "openfaas-fn",
+                    64,
+                    Arc::new(cfg.clone()),
+                )
+                .await
+                .unwrap(),
+            );
+            let id = fleet
+                .deploy(FunctionDeployment {
+                    service: Some("f".into()),
+                    image: Some("i".into()),
+                    labels: Some(labels),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let activity = Arc::new(Activity::default());
+            let scaler = Autoscaler::restore(
+                fleet.clone(),
                 store.clone(),
-                datacenters,
-                &home,
-                Placement::All,
-                "openfaas-fn",
-                64,
-                Arc::new(cfg.clone()),
+                Arc::new(Metrics::new()),
+                activity.clone(),
+                None,
+                cfg,
+                clock,
             )
             .await
-            .unwrap(),
+            .unwrap();
+            Timeline {
+                dir,
+                store,
+                fleet,
+                id,
+                scaler,
+                activity,
+            }
+        }
+
+        fn replicas(&self) -> u64 {
+            self.fleet.desired_replicas(&self.id).unwrap()
+        }
+
+        async fn signal(&self, action: Action, key: &str) -> SignalResult {
+            let request = SignalRequest {
+                id: self.id.clone(),
+                datacenter: None,
+                action,
+                dedupe_key: Some(key.to_string()),
+                source: "alert".into(),
+                evidence: serde_json::json!({}),
+            };
+            self.scaler.apply_batch(vec![request]).await.remove(0)
+        }
+
+        /// The newest stored event's (source, outcome, reason code).
+        async fn last_event(&self) -> (String, String, String) {
+            let e = &stored_events(&self.store).await[0];
+            let text = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (text("source"), text("outcome"), text("reason_code"))
+        }
+    }
+
+    /// The executor's own timeline, on a clock the test moves: cooldowns, a hold and its
+    /// expiry, scale to zero after the idle time, and a wake, each an event with its reason
+    /// code, and none of it waiting on real time.
+    #[tokio::test]
+    async fn the_executor_follows_its_clock_through_cooldowns_holds_idle_and_wake() {
+        let clock = Arc::new(ManualClock::at(Utc::now()));
+        let cfg = AutoscaleConfig {
+            up_cooldown: Duration::from_secs(5),
+            down_cooldown: Duration::from_secs(30),
+            stabilization_window: Duration::ZERO,
+            hold_ttl: Duration::from_secs(120),
+            ..Config::default().autoscale
+        };
+        let labels = std::collections::BTreeMap::from([
+            ("com.openfaas.scale.max".to_string(), "10".to_string()),
+            ("com.openfaas.scale.factor".to_string(), "10".to_string()),
+            ("com.openfaas.scale.zero".to_string(), "true".to_string()),
+            (
+                "com.openfaas.scale.zero-duration".to_string(),
+                "10m".to_string(),
+            ),
+        ]);
+        let t = Timeline::new(
+            vec![("lon", Arc::new(FlakyPlatform::default()))],
+            cfg,
+            clock.clone(),
+            labels,
+        )
+        .await;
+        let sec = Duration::from_secs;
+
+        let up = t.signal(Action::StepUp, "a").await;
+        assert_eq!((up.outcome, t.replicas()), (Verdict::Scaled, 2), "{up:?}");
+        assert_eq!(t.last_event().await.2, "step_up");
+        // One second later the up cooldown holds a new alert; five seconds on it does not.
+        clock.advance(sec(1));
+        let held = t.signal(Action::StepUp, "b").await;
+        assert_eq!((held.outcome, t.replicas()), (Verdict::Held, 2), "{held:?}");
+        assert!(
+            held.reason.contains("up cooldown 5s not over (1s"),
+            "{}",
+            held.reason
         );
-        let id = fleet
-            .deploy(FunctionDeployment {
-                service: Some("f".into()),
-                image: Some("i".into()),
-                ..Default::default()
-            })
+        assert_eq!(
+            t.last_event().await,
+            ("alert".into(), "held".into(), "up_cooldown".into())
+        );
+        clock.advance(sec(4));
+        let up = t.signal(Action::StepUp, "c").await;
+        assert_eq!((up.outcome, t.replicas()), (Verdict::Scaled, 3), "{up:?}");
+
+        // A hold keeps the count through a resolve until its time to live runs out.
+        clock.advance(sec(60));
+        t.signal(Action::Hold, "h").await;
+        let resolved = t.signal(Action::Resolved, "r1").await;
+        assert_eq!((resolved.outcome, t.replicas()), (Verdict::Held, 3));
+        assert_eq!(t.last_event().await.2, "hold");
+        clock.advance(sec(121));
+        let resolved = t.signal(Action::Resolved, "r2").await;
+        assert_eq!(
+            (resolved.outcome, t.replicas()),
+            (Verdict::Scaled, 2),
+            "{resolved:?}"
+        );
+        assert_eq!(t.last_event().await.2, "resolved");
+
+        // Idle: last invoked now; ten minutes of the clock later, not a second of real time,
+        // the idle check takes it to zero.
+        let now_ms = t.scaler.clock.now().timestamp_millis();
+        t.activity.clock(&t.id).store(now_ms, Ordering::Relaxed);
+        clock.advance(sec(9 * 60));
+        t.scaler.scale_idle_to_zero().await;
+        assert_eq!(t.replicas(), 2, "idle for 9 minutes of 10");
+        clock.advance(sec(60));
+        t.scaler.scale_idle_to_zero().await;
+        assert_eq!(t.replicas(), 0);
+        assert_eq!(
+            t.last_event().await,
+            ("idle".into(), "scaled".into(), "scale_to_zero".into())
+        );
+
+        // An invocation wakes it, at once, as an audited decision.
+        crate::proxy::Wake::wake(&*t.scaler, &t.id, "lon", 3, Some("call-1"))
             .await
             .unwrap();
-        let scaler = Autoscaler::restore(
-            fleet.clone(),
-            store,
-            Arc::new(Metrics::new()),
-            Arc::new(Activity::default()),
-            None,
-            cfg,
-        )
-        .await
-        .unwrap();
-        (dir, fleet, id, scaler)
+        assert_eq!(t.replicas(), 1);
+        let e = &stored_events(&t.store).await[0];
+        assert_eq!(
+            (
+                &e["source"],
+                &e["reason_code"],
+                &e["evidence"]["call_id"],
+                &e["evidence"]["waiting"]
+            ),
+            (
+                &serde_json::json!("wake"),
+                &serde_json::json!("wake"),
+                &serde_json::json!("call-1"),
+                &serde_json::json!(3)
+            ),
+            "{e}"
+        );
+        let _ = &t.dir;
     }
 
     #[tokio::test]
@@ -1385,7 +1569,7 @@ mod tests {
         let replicas = |dc: &str| fleet.get(&id).unwrap().function.desired_in(dc);
         lon.down.store(true, Ordering::SeqCst);
         let failed = scaler.apply_batch(vec![firing("a", Some("lon"))]).await;
-        assert_eq!(failed[0].outcome, "failed");
+        assert_eq!(failed[0].outcome, Verdict::Failed);
         assert!(failed[0].retryable);
         assert!(
             failed[0].reason.contains("datacenter unreachable"),
@@ -1397,7 +1581,10 @@ mod tests {
         // held by a cooldown that the failed attempt never started.
         lon.down.store(false, Ordering::SeqCst);
         let retried = scaler.apply_batch(vec![firing("a", Some("lon"))]).await;
-        assert_eq!((retried[0].outcome, retried[0].to), ("scaled", Some(2)));
+        assert_eq!(
+            (retried[0].outcome, retried[0].to),
+            (Verdict::Scaled, Some(2))
+        );
         assert!(!retried[0].retryable);
         assert_eq!(
             replicas("syd"),
@@ -1409,7 +1596,7 @@ mod tests {
         // answer asks for a retry; the retry scales lon and is a duplicate in syd.
         lon.down.store(true, Ordering::SeqCst);
         let mixed = scaler.apply_batch(vec![firing("b", None)]).await;
-        assert_eq!(mixed[0].outcome, "failed", "{mixed:?}");
+        assert_eq!(mixed[0].outcome, Verdict::Failed, "{mixed:?}");
         assert!(mixed[0].retryable);
         assert!(
             mixed[0].reason.contains("syd: firing"),
@@ -1452,12 +1639,24 @@ mod tests {
             other => panic!("expected a partial failure, got {other:?}"),
         }
         assert_eq!(replicas("syd"), Some(3), "6 spread over two: 3 each");
-        let manual: Vec<(String, String)> = stored_events(&scaler.store)
-            .await
-            .into_iter()
+        let events = stored_events(&scaler.store).await;
+        let manual: Vec<(String, String)> = events
+            .iter()
             .filter(|e| e["source"] == "manual")
             .map(|e| (e["datacenter"].to_string(), e["outcome"].to_string()))
             .collect();
+        // The kept share's stored event says that the platform failed and what happens next.
+        let kept = &events[0];
+        assert_eq!(
+            (&kept["datacenter"], &kept["outcome"]),
+            (&"lon".into(), &"scaled".into())
+        );
+        let reason = kept["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("datacenter unreachable")
+                && reason.contains("the reconciler retries it"),
+            "{reason}"
+        );
         // lon's failed decision is undone, then, since syd's went through, decided again and
         // kept for the reconciler: the fleet converges to the total the operator asked for.
         assert_eq!(manual.len(), 3, "{manual:?}");
@@ -1477,7 +1676,7 @@ mod tests {
         let tick = scaler
             .apply(&id, "lon", Input::Tick, "tick", serde_json::json!({}), true)
             .await;
-        assert_eq!(tick.outcome, "no_change");
+        assert_eq!(tick.outcome, Verdict::NoChange);
         assert!(
             Arc::ptr_eq(&first, &fleet.policy(&id).unwrap()),
             "scales and decisions read the stored policy"
@@ -1534,7 +1733,7 @@ mod tests {
         lon.down.store(true, Ordering::SeqCst);
         lon.release.notify_one();
         let failed = pending.await.unwrap();
-        assert_eq!(failed[0].outcome, "failed", "{failed:?}");
+        assert_eq!(failed[0].outcome, Verdict::Failed, "{failed:?}");
         assert_eq!(stored().await, (Some(1), vec!["failed".to_string()]));
 
         // A server restored from disk takes Alertmanager's retry for a new alert, not a
@@ -1562,14 +1761,18 @@ mod tests {
                 Arc::new(Activity::default()),
                 None,
                 cfg.clone(),
+                Arc::new(crate::autoscale::clock::SystemClock),
             )
             .await
             .unwrap()
         };
         let retried = restart().await.apply_batch(vec![firing.clone()]).await;
-        assert_eq!((retried[0].outcome, retried[0].to), ("scaled", Some(2)));
+        assert_eq!(
+            (retried[0].outcome, retried[0].to),
+            (Verdict::Scaled, Some(2))
+        );
         assert_eq!(stored().await.0, Some(2));
         let again = restart().await.apply_batch(vec![firing]).await;
-        assert_ne!(again[0].outcome, "scaled", "{again:?}");
+        assert_ne!(again[0].outcome, Verdict::Scaled, "{again:?}");
     }
 }

@@ -2,6 +2,7 @@
 //! which the executor applies through the fleet and records as scale events.
 
 pub mod alertmanager;
+pub mod clock;
 pub mod executor;
 pub mod labels;
 pub mod policy;

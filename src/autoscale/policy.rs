@@ -12,10 +12,15 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+pub mod reason;
+
+pub use reason::{Ask, Reason, Rule, StepMode};
 
 /// How far one step moves.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -229,7 +234,7 @@ pub enum Action {
 }
 
 /// One input to the engine.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Input<'a> {
     Signal {
         action: Action,
@@ -301,7 +306,7 @@ pub enum Outcome {
     NoChange,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub from: u64,
     pub to: u64,
@@ -309,21 +314,7 @@ pub struct Decision {
     pub recommended: u64,
     pub outcome: Outcome,
     pub clamps: Vec<Clamp>,
-    pub reason: String,
-}
-
-impl Decision {
-    /// Nothing changes and no rule held anything back.
-    fn unchanged(current: u64, recommended: u64, reason: String) -> Decision {
-        Decision {
-            from: current,
-            to: current,
-            recommended,
-            outcome: Outcome::NoChange,
-            clamps: Vec::new(),
-            reason,
-        }
-    }
+    pub reason: Reason,
 }
 
 fn since(now: DateTime<Utc>, then: Option<DateTime<Utc>>) -> Option<Duration> {
@@ -339,55 +330,19 @@ fn in_cooldown(
     since(now, last).filter(|elapsed| *elapsed < cooldown)
 }
 
-fn cooldown_reason(
-    why: &str,
-    which: &str,
-    cooldown: Duration,
-    elapsed: Duration,
-    since_what: &str,
-) -> String {
-    format!(
-        "{why}; held: {which} cooldown {} not over ({} since the last {since_what})",
-        secs_text(cooldown),
-        secs_text(elapsed)
-    )
-}
-
-/// Whole seconds bare, others to a tenth (rounded half up); from integers, as formatting a
-/// float to a precision costs more than the rest of a decision.
-fn secs_text(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        return format!("{}s", d.as_secs());
-    }
-    let tenths = d.as_nanos().saturating_add(50_000_000) / 100_000_000;
-    format!("{}.{}s", tenths / 10, tenths % 10)
-}
-
 /// The end of an active hold, if one is active at `now`.
 fn active_hold(state: &State, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     state.hold_until.filter(|until| *until > now)
 }
 
-fn hold_reason(why: &str, until: DateTime<Utc>) -> String {
-    format!(
-        "{why}; held: a hold alert forbids scale-down until it resolves (at the latest {})",
-        until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    )
-}
-
-/// One OpenFaaS step up from `current`, and its reason (`note` says why step mode applies).
-fn step_up(policy: &Policy, current: u64, max: u64, note: &str) -> (u64, String) {
+/// One OpenFaaS step up from `current`, and what it asks (`why` says why step mode applies).
+fn step_up(policy: &Policy, current: u64, max: u64, why: StepMode) -> (u64, Ask) {
     let step = policy.step_up.size(max);
     if step == 0 {
-        (
-            policy.min,
-            format!("firing, but the step is 0: OpenFaaS sets min{note}"),
-        )
+        (policy.min, Ask::StepZero { why })
     } else {
-        (
-            current.saturating_add(step),
-            format!("firing: step up by {step} ({}){note}", policy.step_up),
-        )
+        let of = policy.step_up;
+        (current.saturating_add(step), Ask::StepUp { step, of, why })
     }
 }
 
@@ -413,16 +368,36 @@ pub fn proportional(value: f64, target: f64) -> u64 {
     }
 }
 
-/// A measured value as a reason shows it: whole numbers bare, others to two decimals.
-fn number(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
-    }
+/// What the first stage hands on: the raw recommendation and what asked for it.
+struct Recommendation {
+    to: u64,
+    ask: Ask,
+    /// The input can only lower the count (a resolve, a step down, a tick).
+    lowers: bool,
+    /// For a gradual scale-down, the largest step one decision may take.
+    gradual: Option<u64>,
 }
 
+/// One decision in progress: its fixed inputs and the clamps recorded so far. Each stage
+/// either hands its result on or ends the decision (`Break`).
+struct Run<'a> {
+    policy: &'a Policy,
+    current: u64,
+    state: &'a State,
+    now: DateTime<Utc>,
+    min: u64,
+    max: u64,
+    clamps: Vec<Clamp>,
+}
+
+type Stage<T> = ControlFlow<Decision, T>;
+
 /// Decides what to do with one input. Pure: the same arguments always give the same result.
+///
+/// The stages, in order: [`Run::recommend`] (what the input asks for), [`Run::bound`] (the
+/// zero rule, min and max, the staleness guard), [`Run::settle`] (hold, cooldowns, the
+/// stabilization window, the step limits) and [`Run::commit`]. Inputs with their own rules
+/// (hold and release, idle, wake, manual) end in the first stage.
 pub fn decide(
     policy: &Policy,
     current: u64,
@@ -430,6 +405,25 @@ pub fn decide(
     input: Input<'_>,
     now: DateTime<Utc>,
 ) -> (Decision, State) {
+    let mut next = remembered(policy, state, now);
+    let mut run = Run {
+        policy,
+        current,
+        state,
+        now,
+        min: policy.min,
+        max: policy.max.max(policy.min),
+        clamps: Vec::new(),
+    };
+    let decision = match run.stages(&mut next, input) {
+        ControlFlow::Break(d) | ControlFlow::Continue(d) => d,
+    };
+    (decision, next)
+}
+
+/// The memory a decision starts from: recommendations and applied alerts pruned to their
+/// windows, a hold that ran out dropped.
+fn remembered(policy: &Policy, state: &State, now: DateTime<Utc>) -> State {
     let mut next = state.clone();
     let window = policy.stabilization_window;
     next.recommendations
@@ -437,346 +431,353 @@ pub fn decide(
     let dedupe_window = policy.up_cooldown.max(policy.down_cooldown);
     next.applied
         .retain(|(_, at)| since(now, Some(*at)).is_some_and(|age| age <= dedupe_window));
-
     if active_hold(&next, now).is_none() {
         next.hold_until = None;
     }
-    let (min, max) = (policy.min, policy.max.max(policy.min));
-    let mut clamps = Vec::new();
-    if let Input::Signal {
-        action: action @ (Action::Hold | Action::Release),
-        ..
-    } = input
-    {
-        let reason = if action == Action::Hold {
-            // Saturating: `policy simulate` replays times up to the end of chrono's range.
-            let until = now
-                .checked_add_signed(
-                    chrono::Duration::from_std(policy.hold_ttl)
-                        .unwrap_or(chrono::Duration::seconds(300)),
-                )
-                .unwrap_or(DateTime::<Utc>::MAX_UTC);
-            next.hold_until = Some(until);
-            format!(
-                "hold: no scale-down until the alert resolves (or {} without a delivery)",
-                secs_text(policy.hold_ttl)
-            )
-        } else {
-            next.hold_until = None;
-            "hold released".to_string()
-        };
-        return (Decision::unchanged(current, current, reason), next);
-    }
-    let held = |to: u64, recommended: u64, clamps: Vec<Clamp>, reason: String| Decision {
-        from: current,
-        to,
-        recommended,
-        outcome: Outcome::Held,
-        clamps,
-        reason,
-    };
+    next
+}
 
-    // Scale to zero is opt-in and bypasses min; it still waits out the down cooldown.
-    if let Input::Idle { idle_for } = input {
-        let nothing = |reason: String| Decision::unchanged(current, current, reason);
-        let Some(after) = policy.scale_to_zero_after else {
-            return (nothing("scale to zero is off".to_string()), next);
+impl Run<'_> {
+    fn stages(&mut self, next: &mut State, input: Input<'_>) -> Stage<Decision> {
+        let rec = self.recommend(next, input)?;
+        let to = self.bound(next, &rec, input)?;
+        let (to, capped) = self.settle(next, &rec, to)?;
+        ControlFlow::Continue(self.commit(next, input, rec, to, capped))
+    }
+
+    /// A decision that leaves the count as it is.
+    fn stay(&mut self, recommended: u64, outcome: Outcome, reason: Reason) -> Decision {
+        Decision {
+            from: self.current,
+            to: self.current,
+            recommended,
+            outcome,
+            clamps: std::mem::take(&mut self.clamps),
+            reason,
+        }
+    }
+
+    /// A rule holds back a change the input recommended.
+    fn held(&mut self, to: u64, recommended: u64, clamp: Clamp, reason: Reason) -> Decision {
+        self.clamps.push(clamp);
+        let mut d = self.stay(recommended, Outcome::Held, reason);
+        d.to = to;
+        d
+    }
+
+    fn change(&mut self, to: u64, recommended: u64, ask: Ask) -> Decision {
+        let from = self.current;
+        Decision {
+            from,
+            to,
+            recommended,
+            outcome: Outcome::Scale,
+            clamps: std::mem::take(&mut self.clamps),
+            reason: Reason::new(ask, Rule::Change { from, to }),
+        }
+    }
+
+    /// Stage 1: the desired count and what asked for it. Inputs with rules of their own end
+    /// here; so does a retry of an alert already applied.
+    fn recommend(&mut self, next: &mut State, input: Input<'_>) -> Stage<Recommendation> {
+        let (policy, current, min, max) = (self.policy, self.current, self.min, self.max);
+        let step_down = policy.step_down.size(max).max(1);
+        let only = |ask| Reason::new(ask, Rule::Ask);
+        let rec = |to, ask| Recommendation {
+            to,
+            ask,
+            lowers: false,
+            gradual: None,
+        };
+        let action = match input {
+            Input::Idle { idle_for } => return ControlFlow::Break(self.idle(next, idle_for)),
+            Input::Wake { waiting } => return ControlFlow::Break(self.wake(next, waiting)),
+            Input::Manual {
+                replicas,
+                override_bounds,
+            } => return ControlFlow::Break(self.manual(replicas, override_bounds)),
+            Input::Tick => {
+                if !next.stepping_down || current <= min {
+                    next.stepping_down = false;
+                    let reason = only(Ask::NothingToDo);
+                    return ControlFlow::Break(self.stay(current, Outcome::NoChange, reason));
+                }
+                return ControlFlow::Continue(Recommendation {
+                    to: min,
+                    ask: Ask::NoLongerFiring {
+                        step: step_down,
+                        min,
+                    },
+                    lowers: true,
+                    gradual: Some(step_down),
+                });
+            }
+            Input::Signal {
+                action, dedupe_key, ..
+            } => {
+                let applied = dedupe_key
+                    .and_then(|key| next.applied.iter().find(|(k, _)| k == key))
+                    .map(|(_, at)| *at);
+                // Holds are not retried alerts: a repeated delivery renews the hold.
+                if let (Some(at), false) =
+                    (applied, matches!(action, Action::Hold | Action::Release))
+                {
+                    let reason = only(Ask::Duplicate { at });
+                    let d = self.held(current, current, Clamp::Duplicate, reason);
+                    return ControlFlow::Break(d);
+                }
+                action
+            }
+        };
+        ControlFlow::Continue(match action {
+            Action::Hold => {
+                // Saturating: `policy simulate` replays times up to the end of chrono's range.
+                let until = self
+                    .now
+                    .checked_add_signed(
+                        chrono::Duration::from_std(policy.hold_ttl)
+                            .unwrap_or(chrono::Duration::seconds(300)),
+                    )
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                next.hold_until = Some(until);
+                let reason = only(Ask::HoldSet {
+                    ttl: policy.hold_ttl,
+                });
+                return ControlFlow::Break(self.stay(current, Outcome::NoChange, reason));
+            }
+            Action::Release => {
+                next.hold_until = None;
+                let reason = only(Ask::HoldReleased);
+                return ControlFlow::Break(self.stay(current, Outcome::NoChange, reason));
+            }
+            Action::StepUp => {
+                next.stepping_down = false;
+                let (to, ask) = step_up(policy, current, max, StepMode::Plain);
+                rec(to, ask)
+            }
+            Action::Sized { value, .. } => {
+                next.stepping_down = false;
+                match (policy.alert_mode, target_of(policy, action)) {
+                    (AlertMode::Proportional, Some(target)) => {
+                        let to = proportional(value, target);
+                        rec(to, Ask::Proportional { value, target, to })
+                    }
+                    (AlertMode::Step, _) => {
+                        let (to, ask) = step_up(policy, current, max, StepMode::AlertModeStep);
+                        rec(to, ask)
+                    }
+                    (AlertMode::Proportional, None) => {
+                        let (to, ask) = step_up(policy, current, max, StepMode::NoTarget);
+                        rec(to, ask)
+                    }
+                }
+            }
+            Action::StepDown => Recommendation {
+                lowers: true,
+                ..rec(
+                    current.saturating_sub(step_down),
+                    Ask::StepDown { step: step_down },
+                )
+            },
+            Action::To(n) => rec(n, Ask::AskedFor { replicas: n }),
+            Action::Resolved if policy.resolved_to_min => {
+                next.stepping_down = false;
+                Recommendation {
+                    lowers: true,
+                    ..rec(min, Ask::ResolvedToMin)
+                }
+            }
+            Action::Resolved => {
+                next.stepping_down = true;
+                Recommendation {
+                    to: min,
+                    ask: Ask::Resolved {
+                        step: step_down,
+                        min,
+                    },
+                    lowers: true,
+                    gradual: Some(step_down),
+                }
+            }
+        })
+    }
+
+    /// Scale to zero is opt-in and bypasses min; it still waits out the down cooldown and
+    /// gives way to a hold.
+    fn idle(&mut self, next: &mut State, idle_for: Duration) -> Decision {
+        let current = self.current;
+        let Some(after) = self.policy.scale_to_zero_after else {
+            let reason = Reason::new(Ask::ScaleToZeroOff, Rule::Ask);
+            return self.stay(current, Outcome::NoChange, reason);
         };
         if current == 0 || idle_for < after {
-            return (nothing(format!("idle for {}", secs_text(idle_for))), next);
+            let reason = Reason::new(Ask::Idle { idle_for }, Rule::Ask);
+            return self.stay(current, Outcome::NoChange, reason);
         }
-        let why = format!(
-            "no invocation for {} (scale to zero after {})",
-            secs_text(idle_for),
-            secs_text(after)
-        );
-        if let Some(until) = active_hold(&next, now) {
-            return (
-                held(current, 0, vec![Clamp::Hold], hold_reason(&why, until)),
-                next,
+        let ask = Ask::ScaleToZero { idle_for, after };
+        if let Some(until) = active_hold(next, self.now) {
+            return self.held(
+                current,
+                0,
+                Clamp::Hold,
+                Reason::new(ask, Rule::Hold { until }),
             );
         }
-        let last_scale = state.last_scale_down.max(state.last_scale_up);
-        if let Some(elapsed) = in_cooldown(now, last_scale, policy.down_cooldown) {
-            let reason = cooldown_reason(&why, "down", policy.down_cooldown, elapsed, "scale");
-            return (held(current, 0, vec![Clamp::DownCooldown], reason), next);
+        let last_scale = self.state.last_scale_down.max(self.state.last_scale_up);
+        let cooldown = self.policy.down_cooldown;
+        if let Some(elapsed) = in_cooldown(self.now, last_scale, cooldown) {
+            let rule = Rule::DownCooldown { cooldown, elapsed };
+            return self.held(current, 0, Clamp::DownCooldown, Reason::new(ask, rule));
         }
         next.stepping_down = false;
-        next.last_scale_down = Some(now);
-        let d = Decision {
-            from: current,
-            to: 0,
-            recommended: 0,
-            outcome: Outcome::Scale,
-            clamps: Vec::new(),
-            reason: format!("{why}: {current} -> 0"),
-        };
-        return (d, next);
+        next.last_scale_down = Some(self.now);
+        self.change(0, 0, ask)
     }
 
-    // Waking from zero brings the function to its min (at least one replica) at once: a held
-    // invocation must not wait out a cooldown or a window, and the wake starts no cooldown,
-    // so that the load behind it can scale further straight away. Only a hold of scale-down
-    // is irrelevant here; a pause still holds it (see the executor).
-    if let Input::Wake { waiting } = input {
+    /// Waking from zero brings the function to its min (at least one replica) at once: a held
+    /// invocation must not wait out a cooldown or a window, and the wake starts no cooldown,
+    /// so that the load behind it can scale further straight away. Only a hold of scale-down
+    /// is irrelevant here; a pause still holds it (see the executor).
+    fn wake(&mut self, next: &mut State, waiting: u64) -> Decision {
+        let current = self.current;
         if current > 0 {
-            let reason = format!("already running {current} replicas");
-            return (Decision::unchanged(current, current, reason), next);
+            let reason = Reason::new(Ask::AlreadyRunning { current }, Rule::Ask);
+            return self.stay(current, Outcome::NoChange, reason);
         }
-        let to = min.max(1).min(max.max(1));
+        let to = self.min.max(1).min(self.max.max(1));
         next.stepping_down = false;
-        let held_text = match waiting {
-            1 => "1 request waiting".to_string(),
-            n => format!("{n} requests waiting"),
-        };
-        let d = Decision {
-            from: 0,
-            to,
-            recommended: to,
-            outcome: Outcome::Scale,
-            clamps: Vec::new(),
-            reason: format!("woken from zero by an invocation ({held_text}): 0 -> {to}"),
-        };
-        return (d, next);
+        self.change(to, to, Ask::Wake { waiting })
     }
 
-    // An operator's count is carried out as asked: no cooldown, window, hold or step cap
-    // stands in its way, and it leaves the engine's memory as it was (no cooldown starts).
-    // Only min..max bounds it, unless overridden; zero is always allowed.
-    if let Input::Manual {
-        replicas,
-        override_bounds,
-    } = input
-    {
+    /// An operator's count is carried out as asked: no cooldown, window, hold or step cap
+    /// stands in its way, and it leaves the engine's memory as it was (no cooldown starts).
+    /// Only min..max bounds it, unless overridden; zero is always allowed.
+    fn manual(&mut self, replicas: u64, override_bounds: bool) -> Decision {
+        let (min, max, current) = (self.min, self.max, self.current);
         let to = match (override_bounds, replicas) {
             (true, _) | (_, 0) => replicas,
             _ => replicas.clamp(min, max),
         };
         if to < replicas {
-            clamps.push(Clamp::Max);
+            self.clamps.push(Clamp::Max);
         } else if to > replicas {
-            clamps.push(Clamp::Min);
+            self.clamps.push(Clamp::Min);
         }
-        let outside = to != 0 && !(min..=max).contains(&to);
-        let note = if outside {
-            format!(" (override: outside min..max {min}..{max})")
-        } else {
-            String::new()
-        };
-        let reason = format!("manual scale: {current} -> {to}{note}");
+        let outside = (to != 0 && !(min..=max).contains(&to)).then_some((min, max));
+        let mut d = self.change(to, replicas, Ask::Manual { outside });
         if to == current {
-            let mut d = Decision::unchanged(current, replicas, reason);
-            d.clamps = clamps;
-            return (d, next);
+            d.outcome = Outcome::NoChange;
         }
-        let d = Decision {
-            from: current,
-            to,
-            recommended: replicas,
-            outcome: Outcome::Scale,
-            clamps,
-            reason,
-        };
-        return (d, next);
+        d
     }
 
-    // 1. The desired count, its reason and, for a gradual scale-down, the largest step allowed.
-    let step_down = policy.step_down.size(max).max(1);
-    let (recommended, mut why, max_step_down) = match input {
-        Input::Signal {
-            dedupe_key, action, ..
-        } => {
-            if let Some(key) = dedupe_key {
-                if let Some((_, at)) = next.applied.iter().find(|(k, _)| k == key) {
-                    let d = held(
-                        current,
-                        current,
-                        vec![Clamp::Duplicate],
-                        format!(
-                            "duplicate of an alert already applied at {} (same fingerprint and start); ignored",
-                            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                        ),
-                    );
-                    return (d, next);
-                }
-            }
-            match action {
-                Action::StepUp => {
-                    next.stepping_down = false;
-                    let (to, why) = step_up(policy, current, max, "");
-                    (to, why, None)
-                }
-                Action::Sized { value, .. } => {
-                    next.stepping_down = false;
-                    let (to, why) = match (policy.alert_mode, target_of(policy, action)) {
-                        (AlertMode::Proportional, Some(target)) => {
-                            let to = proportional(value, target);
-                            (
-                                to,
-                                format!(
-                                    "firing at {} against {} per replica: ceil({} / {}) = {to}",
-                                    number(value),
-                                    number(target),
-                                    number(value),
-                                    number(target)
-                                ),
-                            )
-                        }
-                        (AlertMode::Step, _) => step_up(policy, current, max, " (alert_mode step)"),
-                        (AlertMode::Proportional, None) => step_up(
-                            policy,
-                            current,
-                            max,
-                            " (no target_per_replica to size the alert's value against)",
-                        ),
-                    };
-                    (to, why, None)
-                }
-                Action::StepDown => (
-                    current.saturating_sub(step_down),
-                    format!("step down by {step_down}"),
-                    None,
-                ),
-                Action::To(n) => (n, format!("asked for {n} replicas"), None),
-                Action::Hold | Action::Release => unreachable!("handled above"),
-                Action::Resolved if policy.resolved_to_min => {
-                    next.stepping_down = false;
-                    (
-                        min,
-                        "resolved: back to min (resolved_to_min)".to_string(),
-                        None,
-                    )
-                }
-                Action::Resolved => {
-                    next.stepping_down = true;
-                    (
-                        min,
-                        format!("resolved: stepping down by {step_down} towards min {min}"),
-                        Some(step_down),
-                    )
-                }
-            }
-        }
-        Input::Idle { .. } | Input::Wake { .. } | Input::Manual { .. } => {
-            unreachable!("handled above")
-        }
-        Input::Tick => {
-            if !next.stepping_down || current <= min {
-                next.stepping_down = false;
-                let d = Decision::unchanged(current, current, "nothing to do".to_string());
-                return (d, next);
-            }
-            (
-                min,
-                format!("no longer firing: stepping down by {step_down} towards min {min}"),
-                Some(step_down),
-            )
-        }
-    };
-
-    // A function at zero (scaled to zero, or deployed dormant) stays there until something
-    // asks for replicas: min is no reason to wake it, and a scale-down never raises a count.
-    let lowers = matches!(
-        input,
-        Input::Tick
-            | Input::Signal {
-                action: Action::Resolved | Action::StepDown,
-                ..
-            }
-    );
-    if current == 0 && (recommended == 0 || lowers) {
-        next.stepping_down = false;
-        let reason = format!(
-            "{why}; at zero replicas, which only an invocation or a demand for replicas changes"
-        );
-        return (Decision::unchanged(0, recommended, reason), next);
-    }
-
-    // 2. Clamp into [min, max]; the clamped count is what the window remembers.
-    let mut to = recommended;
-    if to < min {
-        to = min;
-        clamps.push(Clamp::Min);
-    }
-    if to > max {
-        to = max;
-        clamps.push(Clamp::Max);
-    }
-    // The staleness guard: an alert asking for more when faastastic's own counters show the
-    // current replicas already carry the load is held, and is not remembered by the window.
-    if let Input::Signal {
-        action: action @ (Action::StepUp | Action::Sized { .. }),
-        observed_rate: Some(rate),
-        ..
-    } = input
-    {
-        if let Some(target) = target_of(policy, action).filter(|_| policy.staleness_guard) {
-            let supported = proportional(rate, target);
-            if to > current && supported <= current && rate.is_finite() {
-                clamps.push(Clamp::LoadGone);
-                let reason = format!(
-                    "{why}; held: load already gone: faastastic measures {}/s now, which {current} replica(s) at {} each carry",
-                    number(rate),
-                    number(target)
-                );
-                return (held(current, recommended, clamps, reason), next);
-            }
-        }
-    }
-    next.recommendations.push_back((now, to));
-
-    if to == current {
-        if current <= min {
+    /// Stage 2: a function at zero stays there unless replicas are asked for; the count is
+    /// clamped into min..max (and remembered by the window), unless the staleness guard finds
+    /// that faastastic's own counters no longer show the load an alert reports.
+    fn bound(&mut self, next: &mut State, rec: &Recommendation, input: Input<'_>) -> Stage<u64> {
+        let (current, min, max) = (self.current, self.min, self.max);
+        let recommended = rec.to;
+        // Min is no reason to wake a function at zero, and a scale-down never raises a count.
+        if current == 0 && (recommended == 0 || rec.lowers) {
             next.stepping_down = false;
+            let reason = Reason::new(rec.ask.clone(), Rule::AtZero);
+            return ControlFlow::Break(self.stay(recommended, Outcome::NoChange, reason));
         }
-        let reason = format!("{why}; already at {current} (min {min}, max {max})");
-        let d = Decision {
-            from: current,
-            to,
-            recommended,
-            outcome: if clamps.is_empty() {
+        let mut to = recommended;
+        if to < min {
+            to = min;
+            self.clamps.push(Clamp::Min);
+        }
+        if to > max {
+            to = max;
+            self.clamps.push(Clamp::Max);
+        }
+        // An alert asking for more when the current replicas already carry the load is held,
+        // and is not remembered by the window.
+        if let Input::Signal {
+            action: action @ (Action::StepUp | Action::Sized { .. }),
+            observed_rate: Some(rate),
+            ..
+        } = input
+        {
+            let guard = self.policy.staleness_guard;
+            if let Some(target) = target_of(self.policy, action).filter(|_| guard) {
+                let supported = proportional(rate, target);
+                if to > current && supported <= current && rate.is_finite() {
+                    let rule = Rule::LoadGone {
+                        rate,
+                        current,
+                        target,
+                    };
+                    let reason = Reason::new(rec.ask.clone(), rule);
+                    let d = self.held(current, recommended, Clamp::LoadGone, reason);
+                    return ControlFlow::Break(d);
+                }
+            }
+        }
+        next.recommendations.push_back((self.now, to));
+        if to == current {
+            if current <= min {
+                next.stepping_down = false;
+            }
+            let rule = Rule::Already { current, min, max };
+            let outcome = if self.clamps.is_empty() {
                 Outcome::NoChange
             } else {
                 Outcome::Held
-            },
-            clamps,
-            reason,
-        };
-        return (d, next);
+            };
+            let reason = Reason::new(rec.ask.clone(), rule);
+            return ControlFlow::Break(self.stay(recommended, outcome, reason));
+        }
+        ControlFlow::Continue(to)
     }
 
-    // 3. Cooldowns, the stabilization window and the step limit.
-    if to > current {
-        if let Some(elapsed) = in_cooldown(now, state.last_scale_up, policy.up_cooldown) {
-            clamps.push(Clamp::UpCooldown);
-            let reason = cooldown_reason(&why, "up", policy.up_cooldown, elapsed, "scale-up");
-            return (held(current, recommended, clamps, reason), next);
-        }
-        if let Some(cap) = policy.max_step_up {
-            // Reaching min is never capped (as in Kubernetes HPA).
-            let limit = current.saturating_add(cap.size(current)).max(min);
-            if to > limit {
-                why = format!("{why}; capped at {limit} by the step limit (max-step-up {cap})");
-                to = limit;
-                clamps.push(Clamp::StepCap);
+    /// Stage 3: a scale-up waits out the up cooldown and is cut to the step limit; a
+    /// scale-down gives way to a hold, waits out the down cooldown, never goes below the
+    /// window's highest recommendation and, when gradual, moves one step.
+    fn settle(
+        &mut self,
+        next: &State,
+        rec: &Recommendation,
+        mut to: u64,
+    ) -> Stage<(u64, Option<(u64, StepCap)>)> {
+        let (policy, current, now) = (self.policy, self.current, self.now);
+        let recommended = rec.to;
+        let hold_back = |run: &mut Self, clamp, rule| {
+            let reason = Reason::new(rec.ask.clone(), rule);
+            ControlFlow::Break(run.held(current, recommended, clamp, reason))
+        };
+        if to > current {
+            let cooldown = policy.up_cooldown;
+            if let Some(elapsed) = in_cooldown(now, self.state.last_scale_up, cooldown) {
+                let rule = Rule::UpCooldown { cooldown, elapsed };
+                return hold_back(self, Clamp::UpCooldown, rule);
             }
+            if let Some(cap) = policy.max_step_up {
+                // Reaching min is never capped (as in Kubernetes HPA).
+                let limit = current.saturating_add(cap.size(current)).max(self.min);
+                if to > limit {
+                    self.clamps.push(Clamp::StepCap);
+                    return ControlFlow::Continue((limit, Some((limit, cap))));
+                }
+            }
+            return ControlFlow::Continue((to, None));
         }
-    } else {
-        if let Some(until) = active_hold(&next, now) {
-            clamps.push(Clamp::Hold);
-            return (
-                held(current, recommended, clamps, hold_reason(&why, until)),
-                next,
+        if let Some(until) = active_hold(next, now) {
+            return hold_back(self, Clamp::Hold, Rule::Hold { until });
+        }
+        let last_scale = self.state.last_scale_down.max(self.state.last_scale_up);
+        let cooldown = policy.down_cooldown;
+        if let Some(elapsed) = in_cooldown(now, last_scale, cooldown) {
+            return hold_back(
+                self,
+                Clamp::DownCooldown,
+                Rule::DownCooldown { cooldown, elapsed },
             );
-        }
-        let last_scale = state.last_scale_down.max(state.last_scale_up);
-        if let Some(elapsed) = in_cooldown(now, last_scale, policy.down_cooldown) {
-            clamps.push(Clamp::DownCooldown);
-            let reason = cooldown_reason(&why, "down", policy.down_cooldown, elapsed, "scale");
-            return (held(current, recommended, clamps, reason), next);
         }
         // Remembered under the policy of the time: a max lowered since (a redeploy with other
         // labels) bounds them too, so the window never keeps the count above the current max.
+        let max = self.max;
         let highest = next
             .recommendations
             .iter()
@@ -784,47 +785,52 @@ pub fn decide(
             .max()
             .unwrap_or(to);
         if highest > to {
-            clamps.push(Clamp::Stabilization);
             if highest >= current {
-                let reason = format!(
-                    "{why}; held: {highest} replicas were recommended within the {} stabilization window",
-                    secs_text(window)
+                let window = policy.stabilization_window;
+                return hold_back(
+                    self,
+                    Clamp::Stabilization,
+                    Rule::Stabilization { highest, window },
                 );
-                return (held(current, recommended, clamps, reason), next);
             }
+            self.clamps.push(Clamp::Stabilization);
             to = highest;
         }
-        if let Some(step) = max_step_down {
+        if let Some(step) = rec.gradual {
             // Gradual within bounds; above max the clamp applies at once.
             to = to.max(current.saturating_sub(step)).min(max);
         }
+        ControlFlow::Continue((to, None))
     }
 
-    // 4. Scale.
-    if let Input::Signal {
-        dedupe_key: Some(key),
-        ..
-    } = input
-    {
-        next.applied.push_back((key.to_string(), now));
-    }
-    if to > current {
-        next.last_scale_up = Some(now);
-    } else {
-        next.last_scale_down = Some(now);
-        if to <= min {
-            next.stepping_down = false;
+    /// Stage 4: the change, and what the engine remembers of it.
+    fn commit(
+        &mut self,
+        next: &mut State,
+        input: Input<'_>,
+        rec: Recommendation,
+        to: u64,
+        capped: Option<(u64, StepCap)>,
+    ) -> Decision {
+        if let Input::Signal {
+            dedupe_key: Some(key),
+            ..
+        } = input
+        {
+            next.applied.push_back((key.to_string(), self.now));
         }
+        if to > self.current {
+            next.last_scale_up = Some(self.now);
+        } else {
+            next.last_scale_down = Some(self.now);
+            if to <= self.min {
+                next.stepping_down = false;
+            }
+        }
+        let mut d = self.change(to, rec.to, rec.ask);
+        d.reason.capped = capped;
+        d
     }
-    let d = Decision {
-        from: current,
-        to,
-        recommended,
-        outcome: Outcome::Scale,
-        reason: format!("{why}: {current} -> {to}"),
-        clamps,
-    };
-    (d, next)
 }
 
 // Text forms of the engine's settings, shared by labels and the configuration file.
@@ -880,17 +886,6 @@ pub fn parse_target(text: &str) -> Result<f64, String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn durations_read_in_whole_seconds_or_tenths() {
-        let text = |ms: u64| secs_text(Duration::from_millis(ms));
-        assert_eq!(text(0), "0s");
-        assert_eq!(text(30_000), "30s");
-        assert_eq!(text(1_500), "1.5s");
-        assert_eq!(text(1_949), "1.9s");
-        assert_eq!(text(1_950), "2.0s");
-        assert_eq!(text(40), "0.0s");
-        assert_eq!(text(86_400_100), "86400.1s");
-    }
     use chrono::TimeZone;
 
     fn at(secs: i64) -> DateTime<Utc> {
@@ -931,7 +926,7 @@ mod tests {
             signal(Action::StepDown),
             Input::Tick,
         ] {
-            let (d, _) = decide(&p, 0, &State::default(), input.clone(), at(0));
+            let (d, _) = decide(&p, 0, &State::default(), input, at(0));
             assert_eq!(
                 (d.outcome, d.to),
                 (Outcome::NoChange, 0),
@@ -962,7 +957,7 @@ mod tests {
             ..State::default()
         };
         for input in [signal(Action::To(1)), signal(Action::StepUp)] {
-            let (d, _) = decide(&p, 20, &state, input.clone(), at(30));
+            let (d, _) = decide(&p, 20, &state, input, at(30));
             assert_eq!((d.outcome, d.to), (Outcome::Scale, 9), "{input:?}: {d:?}");
         }
         // Within the bounds the window still holds a scale-down.
@@ -1046,7 +1041,7 @@ mod tests {
         let mut current = start;
         let mut state = State::default();
         for (t, input, want) in steps {
-            let (d, next) = decide(policy, current, &state, input.clone(), at(*t));
+            let (d, next) = decide(policy, current, &state, *input, at(*t));
             assert_eq!(d.to, *want, "at {t}s {input:?}: {d:?}");
             if d.outcome == Outcome::Scale {
                 current = d.to;
@@ -1104,9 +1099,9 @@ mod tests {
             dedupe_key: key,
             observed_rate: None,
         };
-        let (d, s) = decide(&p, 1, &State::default(), firing.clone(), at(0));
+        let (d, s) = decide(&p, 1, &State::default(), firing, at(0));
         assert_eq!((d.outcome, d.to), (Outcome::Scale, 3));
-        let (d, s) = decide(&p, 3, &s, firing.clone(), at(1));
+        let (d, s) = decide(&p, 3, &s, firing, at(1));
         assert_eq!(d.outcome, Outcome::Held);
         assert_eq!(d.clamps, vec![Clamp::Duplicate]);
         // After the cooldowns, the same alert repeated by Alertmanager steps again.
@@ -1134,7 +1129,11 @@ mod tests {
             (Outcome::Scale, 0),
             "below min: zero is opt-in"
         );
-        assert!(d.reason.contains("no invocation"), "{}", d.reason);
+        assert!(
+            d.reason.to_string().contains("no invocation"),
+            "{}",
+            d.reason
+        );
         // Right after a scale-up the down cooldown still applies.
         let (_, s2) = decide(&on, 1, &s, signal(Action::StepUp), at(10));
         let (d, _) = decide(&on, 3, &s2, idle(1000), at(11));
@@ -1157,7 +1156,11 @@ mod tests {
         };
         let (d, next) = decide(&p, 0, &state, Input::Wake { waiting: 4 }, at(1));
         assert_eq!((d.outcome, d.from, d.to), (Outcome::Scale, 0, 3));
-        assert!(d.reason.contains("4 requests waiting"), "{}", d.reason);
+        assert!(
+            d.reason.to_string().contains("4 requests waiting"),
+            "{}",
+            d.reason
+        );
         assert_eq!(
             next.last_scale_up, state.last_scale_up,
             "no cooldown starts"
@@ -1203,7 +1206,7 @@ mod tests {
         // Cooldowns and a hold do not stand in an operator's way, and nothing starts.
         let (d, next) = decide(&p, 3, &state, manual(4, false), at(1));
         assert_eq!((d.outcome, d.to), (Outcome::Scale, 4));
-        assert_eq!(d.reason, "manual scale: 3 -> 4");
+        assert_eq!(d.reason.to_string(), "manual scale: 3 -> 4");
         assert_eq!(next.last_scale_up, state.last_scale_up);
         let (d, _) = decide(&p, 3, &state, manual(1, false), at(1));
         assert_eq!((d.outcome, d.to), (Outcome::Scale, 2), "bounded by min");
@@ -1213,7 +1216,9 @@ mod tests {
         let (d, _) = decide(&p, 3, &state, manual(9, true), at(1));
         assert_eq!(d.to, 9);
         assert!(
-            d.reason.contains("override: outside min..max 2..5"),
+            d.reason
+                .to_string()
+                .contains("override: outside min..max 2..5"),
             "{}",
             d.reason
         );
@@ -1248,7 +1253,11 @@ mod tests {
         let (d, _) = decide(&p, 9, &State::default(), signal(Action::To(50)), at(0));
         assert_eq!((d.to, d.recommended), (10, 50));
         assert_eq!(d.clamps, vec![Clamp::Max]);
-        assert!(d.reason.contains("asked for 50"), "{}", d.reason);
+        assert!(
+            d.reason.to_string().contains("asked for 50"),
+            "{}",
+            d.reason
+        );
         let (d, _) = decide(&p, 1, &State::default(), signal(Action::To(0)), at(0));
         assert_eq!(d.outcome, Outcome::Held);
         assert_eq!(d.clamps, vec![Clamp::Min]);
@@ -1297,7 +1306,7 @@ mod tests {
                 (want, outcome),
                 "{current} {value} {target:?}: {d:?}"
             );
-            assert!(d.reason.contains("per replica"), "{}", d.reason);
+            assert!(d.reason.to_string().contains("per replica"), "{}", d.reason);
         }
         let (d, _) = decide(&p, 1, &State::default(), sized(500.0, None, None), at(0));
         assert_eq!(
@@ -1312,7 +1321,11 @@ mod tests {
         p.target_per_replica = None;
         let (d, _) = decide(&p, 1, &State::default(), sized(40.0, None, None), at(0));
         assert_eq!(d.to, 2, "10% of max 10 = 1 step: {d:?}");
-        assert!(d.reason.contains("no target_per_replica"), "{}", d.reason);
+        assert!(
+            d.reason.to_string().contains("no target_per_replica"),
+            "{}",
+            d.reason
+        );
         let p = Policy {
             alert_mode: AlertMode::Step,
             ..proportional_policy()
@@ -1325,7 +1338,11 @@ mod tests {
             at(0),
         );
         assert_eq!(d.to, 2, "{d:?}");
-        assert!(d.reason.contains("alert_mode step"), "{}", d.reason);
+        assert!(
+            d.reason.to_string().contains("alert_mode step"),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]
@@ -1384,6 +1401,7 @@ mod tests {
             assert_eq!(d.clamps, vec![Clamp::StepCap]);
             assert!(
                 d.reason
+                    .to_string()
                     .contains(&format!("capped at {want} by the step limit")),
                 "the reason names the cap: {}",
                 d.reason
@@ -1411,7 +1429,11 @@ mod tests {
         );
         assert_eq!((d.outcome, d.to), (Outcome::Held, 1), "{d:?}");
         assert_eq!(d.clamps, vec![Clamp::LoadGone]);
-        assert!(d.reason.contains("load already gone"), "{}", d.reason);
+        assert!(
+            d.reason.to_string().contains("load already gone"),
+            "{}",
+            d.reason
+        );
         assert!(
             s.recommendations.is_empty(),
             "a stale alert is not remembered by the window"
@@ -1485,7 +1507,7 @@ mod tests {
             (Outcome::NoChange, 5),
             "a hold scales nothing"
         );
-        assert!(d.reason.starts_with("hold"), "{}", d.reason);
+        assert!(d.reason.to_string().starts_with("hold"), "{}", d.reason);
         for input in [
             signal(Action::StepDown),
             signal(Action::To(2)),
@@ -1498,7 +1520,7 @@ mod tests {
                 scale_to_zero_after: Some(Duration::from_secs(60)),
                 ..p.clone()
             };
-            let (d, _) = decide(&p, 5, &s, input.clone(), at(10));
+            let (d, _) = decide(&p, 5, &s, input, at(10));
             assert_eq!((d.outcome, d.to), (Outcome::Held, 5), "{input:?}: {d:?}");
             assert_eq!(d.clamps.last(), Some(&Clamp::Hold), "{d:?}");
         }
@@ -1635,9 +1657,9 @@ mod properties {
                     Some(a) => Input::Signal { action: a, dedupe_key: key_text.as_deref(), observed_rate: observed },
                     None => Input::Tick,
                 };
-                let (d, next) = decide(&p, current, &state, input.clone(), now);
+                let (d, next) = decide(&p, current, &state, input, now);
                 // Deterministic.
-                let (again, again_state) = decide(&p, current, &state, input.clone(), now);
+                let (again, again_state) = decide(&p, current, &state, input, now);
                 prop_assert_eq!(&d, &again);
                 prop_assert_eq!(&next, &again_state);
                 prop_assert_eq!(d.from, current);

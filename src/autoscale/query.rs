@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::executor::Autoscaler;
+use super::executor::{Autoscaler, Verdict};
 use super::labels::policy_for;
 use super::policy::{Action, Input};
 use super::rates::RateWindow;
@@ -260,7 +260,7 @@ impl Runner {
                     self.autoscaler
                         .record_source_event(
                             &source,
-                            "source_recovered",
+                            Verdict::SourceRecovered,
                             format!("{source}: the metric source answers again; scaling resumes"),
                             json!({}),
                         )
@@ -286,7 +286,7 @@ impl Runner {
                     self.autoscaler
                         .record_source_event(
                             &source,
-                            "source_unavailable",
+                            Verdict::SourceUnavailable,
                             reason,
                             json!({"error": e}),
                         )

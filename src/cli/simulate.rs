@@ -43,6 +43,8 @@ pub struct Row {
     pub to: u64,
     pub outcome: Outcome,
     pub reason: String,
+    /// The reason in one machine-readable word, as scale events carry it.
+    pub reason_code: &'static str,
 }
 
 enum Parsed {
@@ -230,7 +232,8 @@ impl Replay<'_> {
                     d.from
                 },
                 outcome: d.outcome,
-                reason: d.reason,
+                reason: d.reason.to_string(),
+                reason_code: d.reason.code(),
             });
         }
         if d.outcome == Outcome::Scale {

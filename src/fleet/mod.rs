@@ -14,6 +14,8 @@ mod namespaces;
 mod reconcile;
 mod scale;
 
+pub use scale::Scaled;
+
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock, RwLock};

@@ -3,6 +3,18 @@
 
 use super::*;
 
+/// What a replica change did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scaled {
+    /// The count was already what was asked: nothing stored, nothing called.
+    Unchanged,
+    /// The new count is stored, with the decision's event (`event`, its id) if one came.
+    Applied { event: Option<i64> },
+    /// `OnFailure::Keep`: the platform call failed (`why`) and the new count is kept for the
+    /// reconciler, with the decision's event.
+    Kept { event: Option<i64>, why: String },
+}
+
 impl Fleet {
     /// Sets the desired replica count (0 allowed: scale to zero): in one datacenter, or,
     /// without one, as a total spread over the function's datacenters (home first). Outside
@@ -24,11 +36,10 @@ impl Fleet {
     /// a `Conflict`.
     ///
     /// `decision` is stored with the new desired count, before any platform call, and undone
-    /// with it when every platform call fails. Returns whether it was stored (`false` when
-    /// nothing had to change).
+    /// with it when every platform call fails.
     ///
     /// `OnFailure::Keep` (an operator's count) keeps the new desired count even when the
-    /// datacenter's platform call fails, for the reconciler to converge: a `Partial` error
+    /// datacenter's platform call fails, for the reconciler to converge: [`Scaled::Kept`]
     /// says so.
     pub async fn scale_from(
         &self,
@@ -38,7 +49,7 @@ impl Fleet {
         replicas: u64,
         decision: Option<&Decision>,
         on_failure: OnFailure,
-    ) -> Result<bool, FleetError> {
+    ) -> Result<Scaled, FleetError> {
         self.scale_checked(
             id,
             Some(datacenter),
@@ -128,7 +139,7 @@ impl Fleet {
         replicas: u64,
         decision: Option<&Decision>,
         on_failure: OnFailure,
-    ) -> Result<bool, FleetError> {
+    ) -> Result<Scaled, FleetError> {
         let _guard = self.write.lock().await;
         let Some((current, deployment)) = self
             .read_functions()
@@ -162,7 +173,7 @@ impl Fleet {
             .map(|(dc, n)| (dc.clone(), *n))
             .collect();
         if changed.is_empty() {
-            return Ok(false);
+            return Ok(Scaled::Unchanged);
         }
         let event_id = self.store.set_desired_with(id, &target, decision).await?;
         let dcs: Vec<String> = changed.iter().map(|(dc, _)| dc.clone()).collect();
@@ -176,17 +187,25 @@ impl Fleet {
             if on_failure == OnFailure::Keep {
                 let why = result.into_result("scale").err().map(|e| e.to_string());
                 self.set_replicas(id, target);
-                return Err(FleetError::Partial(format!(
+                let why = format!(
                     "{}; the new count is kept and the reconciler retries it",
                     why.unwrap_or_default()
-                )));
+                );
+                return Ok(Scaled::Kept {
+                    event: event_id,
+                    why,
+                });
             }
             let undo = decision.zip(event_id);
             self.store.revert_desired(id, &current, undo).await?;
-            return result.into_result("scale").map(|_| false);
+            return result
+                .into_result("scale")
+                .map(|_| Scaled::Applied { event: None });
         }
         // Datacenters that failed keep the new desired count: the reconciler converges them.
         self.set_replicas(id, target);
-        result.into_result("scale").map(|_| event_id.is_some())
+        result
+            .into_result("scale")
+            .map(|_| Scaled::Applied { event: event_id })
     }
 }
