@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+use crate::autoscale::policy::patch::{Kind, PolicyPatch, Source, Steps};
 use crate::model::{validate_dns_label, DEFAULT_NAMESPACE};
 
 /// Which `/system/info` shape to answer with: the gateway's (clients talk to us directly) or the
@@ -176,23 +177,16 @@ impl Default for GrafanaConfig {
     }
 }
 
-/// Defaults for every function's scaling policy (labels override them per function) and the
-/// webhook receiver's settings.
+/// The scaling settings every function starts from (labels override them per function), the
+/// per-function overrides, and the webhook receiver's and the engine loop's settings.
 #[derive(Debug, Clone)]
 pub struct AutoscaleConfig {
-    /// Replicas when `com.openfaas.scale.min` is absent (OpenFaaS: 1).
-    pub default_min: u64,
-    /// Replicas when `com.openfaas.scale.max` is absent (OpenFaaS: 5).
-    pub default_max: u64,
-    /// Step as a percentage of max when `com.openfaas.scale.factor` is absent (OpenFaaS: 10).
-    pub default_factor: u64,
-    pub up_cooldown: Duration,
-    pub down_cooldown: Duration,
-    pub stabilization_window: Duration,
-    /// Reproduce OpenFaaS exactly: a resolved alert sets min at once.
-    pub resolved_to_min: bool,
-    /// Record decisions without executing them.
-    pub dry_run: bool,
+    /// `[autoscale]`'s scaling settings (`default_min`, `up_cooldown_secs`, ...); what it
+    /// leaves out takes the built-in default (`PolicyPatch::resolve`).
+    pub defaults: PolicyPatch,
+    /// Per-function overrides, matched by glob on `name.namespace`; every match applies, in
+    /// order, and function labels override them all.
+    pub policies: Vec<PolicyOverride>,
     /// How often a gradual scale-down takes its next step.
     pub tick_interval: Duration,
     /// Also accept `Authorization: Bearer <token>` on `/system/alert` (token read from this file).
@@ -201,76 +195,44 @@ pub struct AutoscaleConfig {
     pub webhook_rate_per_sec: u32,
     /// Platform scale calls per second across all functions.
     pub scale_rate_per_sec: u32,
-    /// Idle time before scale to zero, for functions that opt in without naming one
-    /// (`com.openfaas.scale.zero=true`).
-    pub zero_idle: Duration,
-    /// Per-function overrides, matched by glob on `name.namespace`; every match applies, in
-    /// order, and function labels override them all.
-    pub policies: Vec<PolicyOverride>,
     /// Metric-driven policies evaluated by the server itself.
     pub queries: Vec<QueryPolicy>,
-    /// How firing alerts that carry a value are sized.
-    pub alert_mode: crate::autoscale::policy::AlertMode,
-    /// Load one replica carries, in the alert value's unit (alerts may carry their own).
-    pub target_per_replica: Option<f64>,
-    /// Cap on one scale-up (count or percentage of current); `None`: no cap.
-    pub max_step_up: Option<crate::autoscale::policy::StepCap>,
-    /// Hold alert scale-ups that faastastic's own invocation counters no longer support.
-    pub staleness_guard: bool,
-    /// The window those counters are read over.
+    /// The window faastastic's own invocation counters are read over (staleness guard).
     pub staleness_window: Duration,
-    /// How long a hold alert holds after its last delivery when no resolve arrives.
-    pub hold_ttl: Duration,
+}
+
+impl AutoscaleConfig {
+    /// The policy of a function that no `[[autoscale.policies]]` entry or label changes.
+    pub fn base_policy(&self) -> crate::autoscale::policy::Policy {
+        self.defaults.resolve().map(|(p, _)| p).unwrap_or_else(|_| {
+            PolicyPatch::default()
+                .resolve()
+                .expect("built-in defaults agree")
+                .0
+        })
+    }
 }
 
 impl Default for AutoscaleConfig {
     fn default() -> Self {
         AutoscaleConfig {
-            default_min: 1,
-            default_max: 5,
-            default_factor: 10,
-            up_cooldown: Duration::from_secs(5),
-            down_cooldown: Duration::from_secs(30),
-            stabilization_window: Duration::from_secs(60),
-            resolved_to_min: false,
-            dry_run: false,
+            defaults: PolicyPatch::default(),
+            policies: Vec::new(),
             tick_interval: Duration::from_secs(1),
             alert_bearer_token_file: None,
             webhook_rate_per_sec: 50,
             scale_rate_per_sec: 100,
-            zero_idle: Duration::from_secs(15 * 60),
-            alert_mode: Default::default(),
-            target_per_replica: None,
-            max_step_up: None,
-            staleness_guard: true,
-            staleness_window: Duration::from_secs(10),
-            hold_ttl: Duration::from_secs(300),
-            policies: Vec::new(),
             queries: Vec::new(),
+            staleness_window: Duration::from_secs(10),
         }
     }
 }
 
-/// One `[[autoscale.policies]]` entry: any key left out keeps the value from before.
+/// One `[[autoscale.policies]]` entry: any setting left out keeps the value from before.
 #[derive(Debug, Clone)]
 pub struct PolicyOverride {
     pub pattern: glob::Pattern,
-    pub min: Option<u64>,
-    pub max: Option<u64>,
-    pub factor: Option<u64>,
-    pub step_up: Option<crate::autoscale::policy::Step>,
-    pub step_down: Option<crate::autoscale::policy::Step>,
-    pub up_cooldown: Option<Duration>,
-    pub down_cooldown: Option<Duration>,
-    pub stabilization_window: Option<Duration>,
-    pub resolved_to_min: Option<bool>,
-    pub dry_run: Option<bool>,
-    pub scale_to_zero: Option<bool>,
-    pub zero_idle: Option<Duration>,
-    pub alert_mode: Option<crate::autoscale::policy::AlertMode>,
-    pub target_per_replica: Option<f64>,
-    pub max_step_up: Option<crate::autoscale::policy::StepCap>,
-    pub staleness_guard: Option<bool>,
+    pub patch: PolicyPatch,
 }
 
 #[derive(Debug, Clone)]
@@ -584,20 +546,7 @@ impl Config {
                 let mut s = root.section("autoscale");
                 let d = &defaults.autoscale;
                 let a = AutoscaleConfig {
-                    default_min: s.count("default_min", d.default_min),
-                    default_max: s.positive("default_max", d.default_max as usize) as u64,
-                    default_factor: s.parsed("default_factor", d.default_factor, |v: i64| {
-                        u64::try_from(v)
-                            .ok()
-                            .filter(|v| (1..=100).contains(v))
-                            .ok_or_else(|| format!("must be a percentage from 1 to 100, got {v}"))
-                    }),
-                    up_cooldown: s.secs_or_zero("up_cooldown_secs", d.up_cooldown),
-                    down_cooldown: s.secs_or_zero("down_cooldown_secs", d.down_cooldown),
-                    stabilization_window: s
-                        .secs_or_zero("stabilization_window_secs", d.stabilization_window),
-                    resolved_to_min: s.get("resolved_to_min", d.resolved_to_min),
-                    dry_run: s.get("dry_run", d.dry_run),
+                    defaults: PolicyPatch::read(&mut s, true),
                     tick_interval: s.millis("tick_interval_ms", d.tick_interval),
                     alert_bearer_token_file: s
                         .get("alert_bearer_token_file", d.alert_bearer_token_file.clone()),
@@ -607,29 +556,19 @@ impl Config {
                     scale_rate_per_sec: s
                         .positive("scale_rate_per_sec", d.scale_rate_per_sec as usize)
                         .min(u32::MAX as usize) as u32,
-                    zero_idle: s.secs("zero_idle_secs", d.zero_idle),
                     policies: s.policies("policies"),
                     queries: s.queries("queries"),
-                    alert_mode: s.parsed("alert_mode", d.alert_mode, |v: String| {
-                        crate::autoscale::policy::parse_alert_mode(&v)
-                    }),
-                    target_per_replica: s.parsed(
-                        "target_per_replica",
-                        d.target_per_replica,
-                        |v: f64| crate::autoscale::policy::parse_target(&v.to_string()).map(Some),
-                    ),
-                    max_step_up: s.parsed("max_step_up", d.max_step_up, |v: toml::Value| {
-                        step_cap_value(v).map(Some)
-                    }),
-                    staleness_guard: s.get("staleness_guard", d.staleness_guard),
                     staleness_window: s.secs("staleness_window_secs", d.staleness_window),
-                    hold_ttl: s.secs("hold_ttl_secs", d.hold_ttl),
                 };
-                if a.default_min > a.default_max {
-                    s.errors.push(format!(
-                        "autoscale.default_min: {} is above autoscale.default_max {}",
-                        a.default_min, a.default_max
-                    ));
+                if let Err(e) = a.defaults.resolve() {
+                    s.errors.push(format!("autoscale.default_min: {e}"));
+                }
+                for (i, o) in a.policies.iter().enumerate() {
+                    if let Err(e) = o.patch.clone().over(&a.defaults).resolve() {
+                        s.errors.push(format!(
+                            "autoscale.policies[{i}].min: {e}, with this entry over [autoscale]"
+                        ));
+                    }
                 }
                 s.finish(&mut errors);
                 a
@@ -739,28 +678,6 @@ impl Config {
     }
 }
 
-/// A count (`2`) or a percentage (`"25%"`) as TOML writes it, as text for the label parsers.
-fn count_or_percent(v: toml::Value) -> Result<String, String> {
-    match v {
-        toml::Value::Integer(n) => Ok(n.to_string()),
-        toml::Value::String(t) => Ok(t),
-        other => Err(format!(
-            "must be a count or a percentage, got {}",
-            other.type_str()
-        )),
-    }
-}
-
-/// A step: a count or a percentage of max.
-fn step_value(v: toml::Value) -> Result<crate::autoscale::policy::Step, String> {
-    crate::autoscale::policy::parse_step(&count_or_percent(v)?)
-}
-
-/// A step cap: a count or a percentage of the current replicas.
-fn step_cap_value(v: toml::Value) -> Result<crate::autoscale::policy::StepCap, String> {
-    crate::autoscale::policy::parse_step_cap(&count_or_percent(v)?)
-}
-
 /// One TOML table being read key by key. Each accessor removes its key, records an error naming
 /// the full key when the value is wrong and falls back to the default, so parsing continues and
 /// every error is reported; whatever is left at the end is an unknown key.
@@ -856,16 +773,6 @@ impl Section {
     fn count(&mut self, key: &str, default: u64) -> u64 {
         self.parsed(key, default, |v: i64| {
             u64::try_from(v).map_err(|_| format!("must be zero or more, got {v}"))
-        })
-    }
-
-    fn secs_or_zero(&mut self, key: &str, default: Duration) -> Duration {
-        self.parsed(key, default, |v: f64| {
-            if v.is_finite() && (0.0..1e9).contains(&v) {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(format!("must be zero or more seconds, got {v}"))
-            }
         })
     }
 
@@ -1030,64 +937,11 @@ impl Section {
                         .map_err(|e| format!("{v:?} is not a glob: {e}"))
                 }),
             };
-            let opt_u64 = |s: &mut Section, key: &str| -> Option<u64> {
-                s.table.contains_key(key).then(|| s.count(key, 0))
-            };
-            let opt_secs = |s: &mut Section, key: &str| -> Option<Duration> {
-                s.table
-                    .contains_key(key)
-                    .then(|| s.secs_or_zero(key, Duration::ZERO))
-            };
-            let opt_step = |s: &mut Section, key: &str| {
-                if !s.table.contains_key(key) {
-                    return None;
-                }
-                s.parsed(key, None, |v: toml::Value| step_value(v).map(Some))
-            };
-            let opt_bool = |s: &mut Section, key: &str| -> Option<bool> {
-                s.table.contains_key(key).then(|| s.get(key, false))
-            };
             let o = PolicyOverride {
                 pattern: pattern
                     .unwrap_or_else(|| glob::Pattern::new("").expect("empty glob is valid")),
-                min: opt_u64(&mut s, "min"),
-                max: opt_u64(&mut s, "max"),
-                factor: opt_u64(&mut s, "factor"),
-                step_up: opt_step(&mut s, "step_up"),
-                step_down: opt_step(&mut s, "step_down"),
-                up_cooldown: opt_secs(&mut s, "up_cooldown_secs"),
-                down_cooldown: opt_secs(&mut s, "down_cooldown_secs"),
-                stabilization_window: opt_secs(&mut s, "stabilization_window_secs"),
-                resolved_to_min: opt_bool(&mut s, "resolved_to_min"),
-                dry_run: opt_bool(&mut s, "dry_run"),
-                scale_to_zero: opt_bool(&mut s, "scale_to_zero"),
-                zero_idle: opt_secs(&mut s, "zero_idle_secs"),
-                alert_mode: s.table.contains_key("alert_mode").then(|| {
-                    s.parsed("alert_mode", Default::default(), |v: String| {
-                        crate::autoscale::policy::parse_alert_mode(&v)
-                    })
-                }),
-                target_per_replica: s.parsed("target_per_replica", None, |v: f64| {
-                    crate::autoscale::policy::parse_target(&v.to_string()).map(Some)
-                }),
-                max_step_up: s.parsed("max_step_up", None, |v: toml::Value| {
-                    step_cap_value(v).map(Some)
-                }),
-                staleness_guard: opt_bool(&mut s, "staleness_guard"),
+                patch: PolicyPatch::read(&mut s, false),
             };
-            if let Some(f) = o.factor {
-                if !(1..=100).contains(&f) {
-                    s.errors.push(format!(
-                        "{name}.factor: must be a percentage from 1 to 100, got {f}"
-                    ));
-                }
-            }
-            if let (Some(min), Some(max)) = (o.min, o.max) {
-                if min > max {
-                    s.errors
-                        .push(format!("{name}.min: {min} is above {name}.max {max}"));
-                }
-            }
             s.finish(&mut self.errors);
             out.push(o);
         }
@@ -1172,8 +1026,11 @@ impl Section {
                     if !(upper.is_finite() && lower.is_finite() && lower < upper) {
                         s.errors.push(format!("{at}.upper/lower: both are required with strategy = \"threshold\", lower below upper"));
                     }
-                    let step =
-                        s.parsed("step", crate::autoscale::policy::Step::Count(1), step_value);
+                    let step = s.parsed(
+                        "step",
+                        crate::autoscale::policy::Step::Count(1),
+                        Steps::from_toml,
+                    );
                     Strategy::Threshold { upper, lower, step }
                 }
                 "fixed" => {
@@ -1234,6 +1091,15 @@ impl Section {
             };
             errors.push(format!("{full}: unknown key"));
         }
+    }
+}
+
+impl Source for Section {
+    fn take<T>(&mut self, key: &str, read: fn(toml::Value) -> Result<T, String>) -> Option<T> {
+        if !self.table.contains_key(key) {
+            return None;
+        }
+        self.parsed(key, None, |v: toml::Value| read(v).map(Some))
     }
 }
 
@@ -1328,13 +1194,13 @@ down_cooldown_secs = 0
         .unwrap();
         let p = &cfg.autoscale.policies[0];
         assert!(p.pattern.matches("api-users.openfaas-fn"));
-        assert_eq!(p.max, Some(10));
+        assert_eq!(p.patch.max, Some(10));
         assert_eq!(
-            p.step_up,
+            p.patch.step_up,
             Some(crate::autoscale::policy::Step::PercentOfMax(50))
         );
-        assert_eq!(p.down_cooldown, Some(Duration::ZERO));
-        assert_eq!(p.min, None);
+        assert_eq!(p.patch.down_cooldown, Some(Duration::ZERO));
+        assert_eq!(p.patch.min, None);
         let errors = Config::parse(
             "[[autoscale.policies]]\nmax = 3\nmin = 5\nfactor = 0\nstep_up = \"x\"\nwhat = 1\n",
         )
@@ -1455,16 +1321,16 @@ staleness_guard = true
         )
         .unwrap();
         let a = &cfg.autoscale;
-        assert_eq!(a.alert_mode, AlertMode::Step);
-        assert_eq!(a.target_per_replica, Some(5.0));
-        assert_eq!(a.max_step_up, Some(StepCap::Percent(100)));
-        assert!(!a.staleness_guard);
+        assert_eq!(a.defaults.alert_mode, Some(AlertMode::Step));
+        assert_eq!(a.defaults.target_per_replica, Some(5.0));
+        assert_eq!(a.defaults.max_step_up, Some(StepCap::Percent(100)));
+        assert_eq!(a.defaults.staleness_guard, Some(false));
         assert_eq!(a.staleness_window, Duration::from_secs(20));
         let o = &a.policies[0];
-        assert_eq!(o.alert_mode, Some(AlertMode::Proportional));
-        assert_eq!(o.target_per_replica, Some(2.5));
-        assert_eq!(o.max_step_up, Some(StepCap::Count(4)));
-        assert_eq!(o.staleness_guard, Some(true));
+        assert_eq!(o.patch.alert_mode, Some(AlertMode::Proportional));
+        assert_eq!(o.patch.target_per_replica, Some(2.5));
+        assert_eq!(o.patch.max_step_up, Some(StepCap::Count(4)));
+        assert_eq!(o.patch.staleness_guard, Some(true));
         let errors = Config::parse(
             "[autoscale]\nalert_mode = \"fast\"\ntarget_per_replica = 0\nmax_step_up = \"0%\"\n[[autoscale.policies]]\nmatch = \"*\"\nmax_step_up = 0\ntarget_per_replica = -1\n",
         )

@@ -45,9 +45,11 @@ fuzz_target!(|data: &[u8]| {
     );
     assert!(cfg.datacenters.iter().any(|d| d.name == cfg.home()));
     let a = &cfg.autoscale;
-    assert!(a.default_min <= a.default_max);
-    assert!((1..=100).contains(&a.default_factor));
-    assert!(a
+    // Accepted settings always make a policy.
+    let (base, _) = a.defaults.resolve().expect("accepted defaults resolve");
+    assert!(base.min <= base.max);
+    assert!(a.defaults.factor.is_none_or(|f| (1..=100).contains(&f)));
+    assert!(base
         .target_per_replica
         .is_none_or(|t| t.is_finite() && t > 0.0));
     assert!(cfg.limits.max_replicas > 0);
@@ -111,7 +113,7 @@ fuzz_target!(|data: &[u8]| {
                     desired: desired_n,
                     ready,
                 };
-                match desired(&q.strategy, replicas, value, a.default_max) {
+                match desired(&q.strategy, replicas, value, base.max) {
                     Want::Replicas(_, why) | Want::Hold(why) => assert!(!why.is_empty()),
                 }
             }

@@ -1342,10 +1342,8 @@ mod tests {
     async fn scaler_over(
         platforms: Vec<(&str, Arc<FlakyPlatform>)>,
     ) -> (tempfile::TempDir, Arc<Fleet>, FunctionId, Arc<Autoscaler>) {
-        let cfg = AutoscaleConfig {
-            up_cooldown: Duration::ZERO,
-            ..Config::default().autoscale
-        };
+        let mut cfg = Config::default().autoscale;
+        cfg.defaults.up_cooldown = Some(Duration::ZERO);
         let t = Timeline::new(platforms, cfg, Arc::new(SystemClock), Default::default()).await;
         (t.dir, t.fleet, t.id, t.scaler)
     }
@@ -1450,13 +1448,12 @@ mod tests {
     #[tokio::test]
     async fn the_executor_follows_its_clock_through_cooldowns_holds_idle_and_wake() {
         let clock = Arc::new(ManualClock::at(Utc::now()));
-        let cfg = AutoscaleConfig {
-            up_cooldown: Duration::from_secs(5),
-            down_cooldown: Duration::from_secs(30),
-            stabilization_window: Duration::ZERO,
-            hold_ttl: Duration::from_secs(120),
-            ..Config::default().autoscale
-        };
+        let mut cfg = Config::default().autoscale;
+        let d = &mut cfg.defaults;
+        d.up_cooldown = Some(Duration::from_secs(5));
+        d.down_cooldown = Some(Duration::from_secs(30));
+        d.stabilization_window = Some(Duration::ZERO);
+        d.hold_ttl = Some(Duration::from_secs(120));
         let labels = std::collections::BTreeMap::from([
             ("com.openfaas.scale.max".to_string(), "10".to_string()),
             ("com.openfaas.scale.factor".to_string(), "10".to_string()),

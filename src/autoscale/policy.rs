@@ -18,6 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub mod patch;
 pub mod reason;
 
 pub use reason::{Ask, Reason, Rule, StepMode};

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::executor::{Autoscaler, Verdict};
-use super::labels::policy_for;
 use super::policy::{Action, Input};
 use super::rates::RateWindow;
 use super::strategy::{desired, Strategy, Want};
@@ -219,7 +218,7 @@ impl Runner {
             .map(|(name, _)| name.as_str())
             .collect();
         self.fleet
-            .scan(|f| {
+            .scan(|f, _| {
                 let name = f.id.qualified();
                 // Never invoked and at zero everywhere: it reads 0 at 0 replicas, which
                 // changes nothing (not worth a value per datacenter at 10,000 functions).
@@ -330,7 +329,7 @@ pub async fn apply_values(
     autoscaler: &Autoscaler,
 ) {
     let strategy = &policy.strategy;
-    let cfg = autoscaler.config();
+    let base_max = autoscaler.config().base_policy().max;
     // A value for the whole function is shared equally by its datacenters, unless it is
     // already an average per replica (or compared with thresholds as it is).
     let shared = matches!(
@@ -344,19 +343,17 @@ pub async fn apply_values(
                 dc: &str,
                 share_of: usize,
                 current: u64,
-                deployment: &crate::model::FunctionDeployment| {
+                function_policy: &crate::fleet::PolicyOf| {
         let v = values.get(id)?;
         let value = match v.by_datacenter.get(dc) {
             Some(v) => *v,
             None if shared => v.total? / share_of as f64,
             None => v.total?,
         };
-        // Only threshold steps in percent need the function's max.
-        let max = match strategy {
-            Strategy::Threshold { .. } => policy_for(&id.qualified(), deployment, cfg)
-                .map(|(p, _)| p.max)
-                .unwrap_or(cfg.default_max),
-            _ => cfg.default_max,
+        // Only threshold steps in percent need the function's max: its stored policy's.
+        let max = match (strategy, function_policy) {
+            (Strategy::Threshold { .. }, Ok((p, _))) => p.max,
+            _ => base_max,
         };
         let replicas = crate::platform::ReplicaCounts {
             desired: current,
@@ -372,18 +369,12 @@ pub async fn apply_values(
     apply_all(policy, fleet, autoscaler, want).await;
 }
 
-/// Feeds `want(function, datacenter, datacenters it runs in, current replicas there,
-/// deployment)` to the executor for every function the policy matches, in each of its
+/// Feeds `want(function, datacenter, datacenters it runs in, current replicas there, its
+/// policy)` to the executor for every function the policy matches, in each of its
 /// datacenters. The functions are read in place; only the changes are collected.
 async fn apply_all<F>(policy: &QueryPolicy, fleet: &Fleet, autoscaler: &Autoscaler, want: F)
 where
-    F: Fn(
-        &FunctionId,
-        &str,
-        usize,
-        u64,
-        &crate::model::FunctionDeployment,
-    ) -> Option<(u64, String, f64)>,
+    F: Fn(&FunctionId, &str, usize, u64, &crate::fleet::PolicyOf) -> Option<(u64, String, f64)>,
 {
     let source = source_name(policy);
     let query = match &policy.source {
@@ -391,13 +382,13 @@ where
         QuerySource::Internal { .. } => "internal invocation rate",
     };
     let mut work = Vec::new();
-    fleet.scan(|f| {
+    fleet.scan(|f, function_policy| {
         if !policy.pattern.matches(&f.id.qualified()) {
             return None::<()>;
         }
         for (dc, current) in &f.replicas {
             if let Some((n, why, value)) =
-                want(&f.id, dc, f.replicas.len(), *current, &f.deployment)
+                want(&f.id, dc, f.replicas.len(), *current, function_policy)
             {
                 work.push((
                     f.id.clone(),

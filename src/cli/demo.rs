@@ -185,9 +185,9 @@ fn demo_config(data_dir: PathBuf, alerts: bool) -> Config {
         .map(|(i, dc)| crate::config::DatacenterConfig::local(dc, i == 0))
         .collect();
     let a = &mut cfg.autoscale;
-    a.up_cooldown = Duration::from_secs(1);
-    a.down_cooldown = Duration::from_secs(2);
-    a.stabilization_window = Duration::from_secs(4);
+    a.defaults.up_cooldown = Some(Duration::from_secs(1));
+    a.defaults.down_cooldown = Some(Duration::from_secs(2));
+    a.defaults.stabilization_window = Some(Duration::from_secs(4));
     a.tick_interval = Duration::from_millis(250);
     if alerts {
         return cfg;

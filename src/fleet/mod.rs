@@ -585,11 +585,12 @@ impl Fleet {
             .collect()
     }
 
-    /// Visits every function under the read lock (no copies), collecting what `f` returns.
-    pub fn scan<T>(&self, mut f: impl FnMut(&Function) -> Option<T>) -> Vec<T> {
+    /// Visits every function with its policy under the read lock (no copies), collecting
+    /// what `f` returns. `f` must not call back into the fleet.
+    pub fn scan<T>(&self, mut f: impl FnMut(&Function, &PolicyOf) -> Option<T>) -> Vec<T> {
         self.read_functions()
             .values()
-            .filter_map(|function| f(function))
+            .filter_map(|placed| f(&placed.function, &placed.policy))
             .collect()
     }
 
