@@ -25,9 +25,7 @@ use faastastic::autoscale::strategy::Strategy;
 use faastastic::config::{Config, Placement, QueryPolicy, QuerySource};
 use faastastic::fleet::{Datacenter, Fleet};
 use faastastic::model::{FunctionDeployment, FunctionId};
-use faastastic::platform::{
-    EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts, Workload,
-};
+use faastastic::platform::fake::FakePlatform;
 use faastastic::proxy::Activity;
 use faastastic::store::Store;
 use faastastic::telemetry::Metrics;
@@ -204,43 +202,13 @@ async fn webhook() {
     app.state.fleet.shutdown().await;
 }
 
-/// A platform that runs nothing: counts only, so the benchmark measures the control plane.
-#[derive(Default)]
-struct Counting;
-
-#[async_trait::async_trait]
-impl Platform for Counting {
-    fn kind(&self) -> &'static str {
-        "counting"
-    }
-    fn validate(&self, _: &FunctionDeployment) -> Result<(), String> {
-        Ok(())
-    }
-    async fn apply(&self, _: Workload, _: u64) -> Result<(), PlatformError> {
-        Ok(())
-    }
-    async fn scale(&self, _: &FunctionId, _: u64) -> Result<(), PlatformError> {
-        Ok(())
-    }
-    async fn remove(&self, _: &FunctionId) -> Result<(), PlatformError> {
-        Ok(())
-    }
-    async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
-        Ok(Vec::new())
-    }
-    fn replicas(&self, _: &FunctionId) -> ReplicaCounts {
-        ReplicaCounts::default()
-    }
-    fn endpoints(&self, _: &FunctionId) -> Option<Arc<EndpointSet>> {
-        None
-    }
-    fn watch_ready(&self, _: &FunctionId) -> Option<tokio::sync::watch::Receiver<u64>> {
-        None
-    }
-    fn logs(&self, _: &FunctionId, _: &LogQuery) -> Option<LogSubscription> {
-        None
-    }
-    async fn shutdown(&self) {}
+/// A platform that runs nothing and never readies a replica, so the benchmark measures the
+/// control plane.
+fn counting() -> Arc<FakePlatform> {
+    let p = FakePlatform::new();
+    p.never_ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    p
 }
 
 async fn evaluation() {
@@ -251,7 +219,7 @@ async fn evaluation() {
         .map(|dc| {
             Arc::new(Datacenter::new(
                 dc,
-                Arc::new(Counting),
+                counting(),
                 Duration::from_secs(5),
                 1_000_000,
             ))

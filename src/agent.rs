@@ -116,14 +116,14 @@ async fn list(State(a): State<Arc<Agent>>, req: Request) -> Response {
     if !a.authorized(req.headers(), true) {
         return error(StatusCode::UNAUTHORIZED, "a bearer token is required");
     }
-    let functions = match a.platform.functions().await {
+    let functions = match a.platform.list().await {
         Ok(f) => f,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let body: Vec<AgentFunction> = functions
         .into_iter()
         .map(|(id, desired)| AgentFunction {
-            ready: a.platform.replicas(&id).ready,
+            ready: a.platform.table().replicas(&id).ready,
             namespace: id.namespace,
             name: id.name,
             desired,
@@ -205,7 +205,7 @@ async fn invoke(State(a): State<Arc<Agent>>, req: Request) -> Response {
         }
     };
     let id = FunctionId::new(name, namespace.unwrap_or(crate::model::DEFAULT_NAMESPACE));
-    let Some(endpoint) = a.platform.endpoints(&id).and_then(|set| set.pick()) else {
+    let Some(endpoint) = a.platform.table().endpoints(&id).and_then(|set| set.pick()) else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("No endpoints available for: {id}."),

@@ -30,6 +30,10 @@ pub struct Config {
     pub async_invoke: AsyncConfig,
     pub limits: LimitsConfig,
     pub local: LocalConfig,
+    /// `[docker]`: how datacenters with `platform = "docker"` run replicas.
+    pub docker: ContainerConfig,
+    /// `[swarm]`: how datacenters with `platform = "swarm"` run replicas.
+    pub swarm: ContainerConfig,
     pub autoscale: AutoscaleConfig,
     pub prometheus: PrometheusConfig,
     pub grafana: GrafanaConfig,
@@ -39,6 +43,8 @@ pub struct Config {
     pub placement: Placement,
     /// How often desired and actual state are compared in every datacenter.
     pub reconcile_interval: Duration,
+    /// What the file says that still works but should change (logged at start).
+    pub warnings: Vec<String>,
 }
 
 /// The datacenter of a server configured with none.
@@ -300,6 +306,33 @@ pub struct LimitsConfig {
     pub max_connections: usize,
 }
 
+/// How a container platform (`[docker]`, `[swarm]`) runs replicas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerConfig {
+    /// How often a starting replica's health endpoint is probed.
+    pub health_interval: Duration,
+    /// A replica not healthy by then is left out of routing (and logged).
+    pub startup_timeout: Duration,
+    /// Default `exec_timeout` for the watchdog in each container.
+    pub exec_timeout: Duration,
+    /// How long a replica being removed may finish its in-flight requests.
+    pub drain_timeout: Duration,
+    /// Log lines kept per function for `/system/logs` (docker).
+    pub log_lines: usize,
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        ContainerConfig {
+            health_interval: Duration::from_millis(200),
+            startup_timeout: Duration::from_secs(30),
+            exec_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            log_lines: 1000,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
     /// How often a replica's health endpoint is probed.
@@ -377,6 +410,9 @@ impl Default for Config {
             datacenters: vec![DatacenterConfig::local(DEFAULT_DATACENTER, true)],
             placement: Placement::All,
             reconcile_interval: Duration::from_secs(5),
+            docker: ContainerConfig::default(),
+            swarm: ContainerConfig::default(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -425,10 +461,17 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, Vec<String>> {
         let table: toml::Table = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
         let mut defaults = Config::default();
+        // Which of `[local]`'s keys the file sets: the container platforms read them until
+        // their own sections existed.
+        let local_keys: Vec<String> = table
+            .get("local")
+            .and_then(|v| v.as_table())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
         let mut root = Section::new("", table);
         let mut errors = Vec::new();
 
-        let cfg = Config {
+        let mut cfg = Config {
             listen: root.socket_addr("listen", defaults.listen),
             data_dir: root.get("data_dir", defaults.data_dir.clone()),
             role: root.parsed("role", defaults.role, |v: String| match v.as_str() {
@@ -645,6 +688,10 @@ impl Config {
                 }
             }),
             reconcile_interval: root.millis("reconcile_interval_ms", defaults.reconcile_interval),
+            // Read below, once the datacenters are known.
+            docker: ContainerConfig::default(),
+            swarm: ContainerConfig::default(),
+            warnings: Vec::new(),
         };
         for (i, q) in cfg.autoscale.queries.iter().enumerate() {
             if matches!(q.source, QuerySource::Prometheus { .. }) && cfg.prometheus.url.is_none() {
@@ -667,6 +714,17 @@ impl Config {
                     "autoscale.queries: the name {:?} is used twice",
                     pair[0]
                 ));
+            }
+        }
+        for kind in ["docker", "swarm"] {
+            let used = cfg.datacenters.iter().any(|d| d.platform.kind() == kind);
+            let mut s = root.section(kind);
+            let (c, warnings) = s.containers(kind, &cfg.local, &local_keys, used);
+            s.finish(&mut errors);
+            cfg.warnings.extend(warnings);
+            match kind {
+                "docker" => cfg.docker = c,
+                _ => cfg.swarm = c,
             }
         }
         root.finish(&mut errors);
@@ -1067,6 +1125,82 @@ impl Section {
         out
     }
 
+    /// `[docker]` or `[swarm]` (`kind`). A key it leaves out that `[local]` sets (`local_keys`)
+    /// is read from `[local]`, as before these sections existed, with a warning naming the new
+    /// key when a datacenter of this kind exists.
+    fn containers(
+        &mut self,
+        kind: &str,
+        local: &LocalConfig,
+        local_keys: &[String],
+        used: bool,
+    ) -> (ContainerConfig, Vec<String>) {
+        let d = ContainerConfig::default();
+        let mut warnings = Vec::new();
+        let mut inherit = |key: &str, own: bool| {
+            let from_local = !own && local_keys.iter().any(|k| k == key);
+            if from_local && used {
+                warnings.push(format!(
+                    "local.{key} also applies to the {kind} datacenters, as it did before [{kind}] existed; set {kind}.{key} instead"
+                ));
+            }
+            from_local
+        };
+        let mut pick =
+            |s: &mut Self, key: &str, from_local: Duration, default: Duration, millis: bool| {
+                let own = s.table.contains_key(key);
+                if inherit(key, own) {
+                    return from_local;
+                }
+                if millis {
+                    s.millis(key, default)
+                } else {
+                    s.secs(key, default)
+                }
+            };
+        let health_interval = pick(
+            self,
+            "health_interval_ms",
+            local.health_interval,
+            d.health_interval,
+            true,
+        );
+        let startup_timeout = pick(
+            self,
+            "startup_timeout_secs",
+            local.startup_timeout,
+            d.startup_timeout,
+            false,
+        );
+        let exec_timeout = pick(
+            self,
+            "exec_timeout_secs",
+            local.exec_timeout,
+            d.exec_timeout,
+            false,
+        );
+        let drain_timeout = pick(
+            self,
+            "drain_timeout_secs",
+            local.drain_timeout,
+            d.drain_timeout,
+            false,
+        );
+        let own = self.table.contains_key("log_lines");
+        let log_lines = match inherit("log_lines", own) {
+            true => local.log_lines,
+            false => self.positive("log_lines", d.log_lines),
+        };
+        let c = ContainerConfig {
+            health_interval,
+            startup_timeout,
+            exec_timeout,
+            drain_timeout,
+            log_lines,
+        };
+        (c, warnings)
+    }
+
     /// A nested table; a missing one reads as empty (all defaults).
     fn section(&mut self, key: &str) -> Section {
         let full = self.key(key);
@@ -1177,6 +1311,38 @@ log_lines = "many"
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
         }
         assert_eq!(errors.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn container_platforms_have_their_own_sections_and_read_old_keys_with_a_warning() {
+        let cfg = Config::parse(
+            "[local]\nstartup_timeout_secs = 90\nexec_timeout_secs = 20\n[docker]\nexec_timeout_secs = 5\n[swarm]\ndrain_timeout_secs = 3\n[[datacenters]]\nname = \"d\"\nplatform = \"docker\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.docker.exec_timeout,
+            Duration::from_secs(5),
+            "its own key wins"
+        );
+        assert_eq!(
+            cfg.docker.startup_timeout,
+            Duration::from_secs(90),
+            "an old key is still read"
+        );
+        assert_eq!(cfg.swarm.drain_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.local.exec_timeout, Duration::from_secs(20));
+        assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+        assert!(
+            cfg.warnings[0].contains("set docker.startup_timeout_secs instead"),
+            "{:?}",
+            cfg.warnings
+        );
+        // No swarm datacenter: nothing to warn about for it.
+        assert!(!cfg.warnings.iter().any(|w| w.contains("swarm")));
+        let errors = Config::parse("[docker]\nlog_lines = 0\nwhat = 1\n").unwrap_err();
+        let joined = errors.join("\n");
+        assert!(joined.contains("docker.log_lines"), "{joined}");
+        assert!(joined.contains("docker.what: unknown key"), "{joined}");
     }
 
     #[test]

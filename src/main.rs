@@ -292,6 +292,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
                 Ok(mut cfg) => {
+                    for warning in &cfg.warnings {
+                        tracing::warn!("{warning}");
+                    }
                     if let Some(listen) = listen {
                         cfg.listen = listen;
                     }

@@ -111,7 +111,7 @@ async fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec
                         socket.as_deref(),
                         *pull,
                         &dc.name,
-                        cfg.local.clone(),
+                        cfg.docker.clone(),
                         cfg.data_dir.join("run").join(&dc.name),
                     )
                     .await
@@ -122,7 +122,7 @@ async fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec
                 crate::platform::swarm::SwarmPlatform::connect(
                     socket.as_deref(),
                     &dc.name,
-                    cfg.local.clone(),
+                    cfg.swarm.clone(),
                     cfg.data_dir.join("run").join(&dc.name),
                 )
                 .await

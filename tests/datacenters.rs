@@ -5,54 +5,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{echo_function, free_port, poll, Options, Server, BIN};
+use common::{echo_function, free_port, poll, Agent, Options, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
-
-const TOKEN: &str = "agent-token-for-tests";
-
-/// A running agent; killed (with its replicas) when dropped.
-struct Agent(Child);
-
-impl Agent {
-    fn start(datacenter: &str, port: u16, dir: &std::path::Path) -> Agent {
-        let token_file = dir.join("token");
-        std::fs::write(&token_file, TOKEN).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["agent", "--datacenter", datacenter, "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--data-dir")
-            .arg(dir.join(datacenter))
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the agent");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("listening on"), "agent said {line:?}");
-        Agent(child)
-    }
-
-    /// SIGKILL, as a crashed machine; its replicas die with it.
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn config(lon: u16, syd: u16, dir: &std::path::Path) -> String {
     remote_config(&[("lon", lon), ("syd", syd)], 3000, dir)

@@ -1245,82 +1245,18 @@ impl crate::proxy::Wake for Autoscaler {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use async_trait::async_trait;
-    use tokio::sync::watch;
+    use std::sync::atomic::Ordering;
 
     use super::*;
     use crate::autoscale::clock::{ManualClock, SystemClock};
     use crate::config::{Config, Placement};
     use crate::fleet::Datacenter;
     use crate::model::FunctionDeployment;
-    use crate::platform::{
-        EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts, Workload,
-    };
     use std::time::Duration;
 
-    /// A platform whose scale calls fail while `down` is set: fault injection for the
-    /// executor's retry contract.
-    /// Replicas are ready as soon as they are asked for.
-    #[derive(Default)]
-    struct FlakyPlatform {
-        down: AtomicBool,
-        replicas: std::sync::atomic::AtomicU64,
-        /// While set, a scale call says it has started and waits for `release`.
-        hold: AtomicBool,
-        started: tokio::sync::Notify,
-        release: tokio::sync::Notify,
-    }
-
-    #[async_trait]
-    impl Platform for FlakyPlatform {
-        fn kind(&self) -> &'static str {
-            "flaky"
-        }
-        fn validate(&self, _: &FunctionDeployment) -> Result<(), String> {
-            Ok(())
-        }
-        async fn apply(&self, _: Workload, n: u64) -> Result<(), PlatformError> {
-            self.replicas.store(n, Ordering::SeqCst);
-            Ok(())
-        }
-        async fn scale(&self, _: &FunctionId, n: u64) -> Result<(), PlatformError> {
-            if self.hold.load(Ordering::SeqCst) {
-                self.started.notify_one();
-                self.release.notified().await;
-            }
-            if self.down.load(Ordering::SeqCst) {
-                Err(PlatformError::Failed("datacenter unreachable".into()))
-            } else {
-                self.replicas.store(n, Ordering::SeqCst);
-                Ok(())
-            }
-        }
-        async fn remove(&self, _: &FunctionId) -> Result<(), PlatformError> {
-            Ok(())
-        }
-        async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
-            Ok(Vec::new())
-        }
-        fn replicas(&self, _: &FunctionId) -> ReplicaCounts {
-            let n = self.replicas.load(Ordering::SeqCst);
-            ReplicaCounts {
-                desired: n,
-                ready: n,
-            }
-        }
-        fn endpoints(&self, _: &FunctionId) -> Option<Arc<EndpointSet>> {
-            None
-        }
-        fn watch_ready(&self, _: &FunctionId) -> Option<watch::Receiver<u64>> {
-            None
-        }
-        fn logs(&self, _: &FunctionId, _: &LogQuery) -> Option<LogSubscription> {
-            None
-        }
-        async fn shutdown(&self) {}
-    }
+    /// Fault injection for the executor's retry contract: the fake platform fails while
+    /// `down` is set.
+    type FlakyPlatform = crate::platform::fake::FakePlatform;
 
     /// A store, a fleet over `platforms` (the first is home) with function `f` deployed, and
     /// an autoscaler without an up cooldown.

@@ -285,11 +285,11 @@ impl Placed {
         let id = &self.function.id;
         let gauge = slot
             .gauge
-            .get_or_init(|| datacenter.platform.ready_gauge(id));
+            .get_or_init(|| datacenter.platform.table().ready_gauge(id));
         gauge
             .as_ref()
             .and_then(|g| g.ready())
-            .unwrap_or_else(|| datacenter.platform.ready_replicas(id))
+            .unwrap_or_else(|| datacenter.platform.table().replicas(id).ready)
     }
 }
 
@@ -617,7 +617,7 @@ impl Fleet {
     /// Ready replicas of a function in one datacenter, as its platform sees them now.
     pub fn ready_in(&self, id: &FunctionId, datacenter: &str) -> u64 {
         self.datacenter(datacenter)
-            .map(|d| d.platform.replicas(id).ready)
+            .map(|d| d.platform.table().replicas(id).ready)
             .unwrap_or(0)
     }
 
@@ -630,7 +630,11 @@ impl Fleet {
         view.datacenters
             .iter()
             .filter_map(|(dc, _)| {
-                let rollout = self.datacenter(dc)?.platform.rollout(&view.function.id)?;
+                let rollout = self
+                    .datacenter(dc)?
+                    .platform
+                    .table()
+                    .rollout(&view.function.id)?;
                 Some((dc.clone(), rollout))
             })
             .collect()
@@ -682,7 +686,11 @@ impl Fleet {
         pin: Option<&str>,
     ) -> Option<(String, Arc<EndpointSet>)> {
         self.find_placed(id, pin, |dc| {
-            let set = dc.platform.endpoints(id).filter(|s| !s.is_empty())?;
+            let set = dc
+                .platform
+                .table()
+                .endpoints(id)
+                .filter(|s| !s.is_empty())?;
             Some((dc.name.clone(), set))
         })
     }
@@ -695,7 +703,7 @@ impl Fleet {
         pin: Option<&str>,
     ) -> Option<(String, Option<watch::Receiver<u64>>)> {
         self.find_placed(id, pin, |dc| {
-            Some((dc.name.clone(), dc.platform.watch_ready(id)))
+            Some((dc.name.clone(), Some(dc.platform.table().watch_ready(id))))
         })
     }
 

@@ -11,7 +11,7 @@ impl Fleet {
     }
 
     pub(super) async fn reconcile_in(&self, d: &Arc<Datacenter>) {
-        let actual = match d.call(d.platform.functions()).await {
+        let actual = match d.call(d.platform.list()).await {
             Ok(list) => list,
             Err(e) => {
                 tracing::debug!(datacenter = %d.name, error = %e, "reconciler: datacenter unavailable");

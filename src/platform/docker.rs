@@ -19,14 +19,11 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures::StreamExt;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::Mutex;
 
 use super::logs::LogBuffer;
-use super::{
-    Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts,
-    Workload,
-};
-use crate::config::LocalConfig;
+use super::{Endpoint, LogQuery, LogSubscription, Platform, PlatformError, ReadyTable, Workload};
+use crate::config::ContainerConfig;
 use crate::model::{FunctionDeployment, FunctionId, FunctionResources};
 
 pub(super) const LABEL_FUNCTION: &str = "com.faastastic.function";
@@ -63,43 +60,30 @@ struct Function {
     /// Oldest first; the last is the newest. An older one is kept until a newer one serves.
     generations: Vec<Generation>,
     desired: u64,
-    endpoints: Arc<EndpointSet>,
-    ready_tx: watch::Sender<u64>,
     logs: Arc<LogBuffer>,
 }
 
 impl Function {
-    /// Serves from the newest generation with a ready replica.
-    fn refresh(&mut self) {
-        let ready = self
-            .generations
+    /// The newest generation's ready replicas that has any: where requests go.
+    fn serving(&self) -> Vec<Arc<Endpoint>> {
+        self.generations
             .iter()
             .rev()
             .map(Generation::ready)
             .find(|r| !r.is_empty())
-            .unwrap_or_default();
-        self.ready_tx.send_replace(ready.len() as u64);
-        self.endpoints = Arc::new(EndpointSet::new(ready));
+            .unwrap_or_default()
     }
-}
-
-/// What readers need of a function, published after every change.
-#[derive(Clone)]
-struct Snapshot {
-    counts: ReplicaCounts,
-    endpoints: Arc<EndpointSet>,
-    ready: watch::Receiver<u64>,
-    logs: Arc<LogBuffer>,
 }
 
 pub struct DockerPlatform {
     docker: Docker,
     datacenter: String,
-    cfg: LocalConfig,
+    cfg: ContainerConfig,
     run_dir: PathBuf,
     functions: RwLock<HashMap<FunctionId, Arc<Mutex<Function>>>>,
     /// Read without the function's lock (the invoke path).
-    snapshot: RwLock<HashMap<FunctionId, Snapshot>>,
+    table: ReadyTable,
+    logs: RwLock<HashMap<FunctionId, Arc<LogBuffer>>>,
     generations: AtomicU64,
     http: reqwest::Client,
     /// Pull images the engine does not have.
@@ -273,7 +257,7 @@ impl DockerPlatform {
         socket: Option<&str>,
         pull: bool,
         datacenter: &str,
-        cfg: LocalConfig,
+        cfg: ContainerConfig,
         run_dir: PathBuf,
     ) -> anyhow::Result<Arc<DockerPlatform>> {
         let docker = engine(socket, &run_dir).await?;
@@ -283,7 +267,8 @@ impl DockerPlatform {
             cfg,
             run_dir,
             functions: RwLock::new(HashMap::new()),
-            snapshot: RwLock::new(HashMap::new()),
+            table: ReadyTable::default(),
+            logs: RwLock::new(HashMap::new()),
             generations: AtomicU64::new(0),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
@@ -331,29 +316,11 @@ impl DockerPlatform {
         }
     }
 
+    /// Publishes the function's desired count and serving replicas into the table.
     fn publish(&self, id: &FunctionId, f: &mut Function) {
-        f.refresh();
-        let snapshot = Snapshot {
-            counts: ReplicaCounts {
-                desired: f.desired,
-                ready: f.endpoints.len() as u64,
-            },
-            endpoints: f.endpoints.clone(),
-            ready: f.ready_tx.subscribe(),
-            logs: f.logs.clone(),
-        };
-        self.snapshot
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), snapshot);
-    }
-
-    fn snapshot(&self, id: &FunctionId) -> Option<Snapshot> {
-        self.snapshot
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        let row = self.table.row(id);
+        row.set_desired(f.desired);
+        row.set_ready(f.serving());
     }
 
     fn entry(&self, id: &FunctionId) -> Option<Arc<Mutex<Function>>> {
@@ -589,12 +556,15 @@ impl Platform for DockerHandle {
             functions
                 .entry(id.clone())
                 .or_insert_with(|| {
+                    let logs = Arc::new(LogBuffer::new(&id.name, &id.namespace, p.cfg.log_lines));
+                    p.logs
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.clone(), logs.clone());
                     Arc::new(Mutex::new(Function {
                         generations: Vec::new(),
                         desired: 0,
-                        endpoints: Arc::new(EndpointSet::default()),
-                        ready_tx: watch::channel(0).0,
-                        logs: Arc::new(LogBuffer::new(&id.name, &id.namespace, p.cfg.log_lines)),
+                        logs,
                     }))
                 })
                 .clone()
@@ -670,13 +640,10 @@ impl Platform for DockerHandle {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        p.snapshot
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        p.table.remove(id);
+        p.logs.write().unwrap_or_else(|e| e.into_inner()).remove(id);
         if let Some(entry) = entry {
             let mut f = entry.lock().await;
-            f.ready_tx.send_replace(0);
             let generations: Vec<Generation> = f.generations.drain(..).collect();
             drop(f);
             for g in generations {
@@ -690,31 +657,22 @@ impl Platform for DockerHandle {
         Ok(())
     }
 
-    async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
-        Ok(self
-            .0
-            .snapshot
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(id, s)| (id.clone(), s.counts.desired))
-            .collect())
+    async fn healthcheck(&self) -> Result<(), PlatformError> {
+        self.0
+            .docker
+            .ping()
+            .await
+            .map(|_| ())
+            .map_err(|e| engine_failed("the engine does not answer", e))
     }
 
-    fn replicas(&self, id: &FunctionId) -> ReplicaCounts {
-        self.0.snapshot(id).map(|s| s.counts).unwrap_or_default()
-    }
-
-    fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>> {
-        self.0.snapshot(id).map(|s| s.endpoints)
-    }
-
-    fn watch_ready(&self, id: &FunctionId) -> Option<watch::Receiver<u64>> {
-        self.0.snapshot(id).map(|s| s.ready)
+    fn table(&self) -> &ReadyTable {
+        &self.0.table
     }
 
     fn logs(&self, id: &FunctionId, query: &LogQuery) -> Option<LogSubscription> {
-        self.0.snapshot(id).map(|s| s.logs.subscribe(query))
+        let logs = self.0.logs.read().unwrap_or_else(|e| e.into_inner());
+        logs.get(id).map(|l| l.subscribe(query))
     }
 
     async fn shutdown(&self) {

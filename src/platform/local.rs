@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,10 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::logs::LogBuffer;
+use super::table::Row;
 use super::watchdog::{die_with_parent, HEALTH_PATH, LISTENING_PREFIX};
 use super::{
-    Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReadyGauge,
-    ReplicaCounts, Rollout, Workload,
+    Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReadyTable, Rollout,
+    Workload,
 };
 use crate::config::LocalConfig;
 use crate::model::{FunctionDeployment, FunctionId, FunctionMap};
@@ -50,6 +51,7 @@ struct Inner {
     datacenter: String,
     metrics: Arc<Metrics>,
     functions: RwLock<FunctionMap<Entry>>,
+    table: ReadyTable,
     generations: AtomicU64,
 }
 
@@ -58,24 +60,22 @@ struct Entry {
     /// The generation being replaced during a rolling update.
     previous: Option<Arc<Generation>>,
     logs: Arc<LogBuffer>,
-    /// The serving generation's ready count, for `ready_gauge`; shared by every generation.
+    /// Publishes the serving generation into the table; shared by every generation.
     published: Arc<Published>,
 }
 
-/// A function's serving ready count, recomputed by its generations whenever theirs changes and
-/// by the platform whenever it swaps generations, so readers need no map lookup.
+/// Publishes a function's serving generation into its table row: recomputed by its
+/// generations whenever theirs changes and by the platform whenever it swaps generations.
 struct Published {
-    ready: AtomicU64,
-    gone: AtomicBool,
+    row: Arc<Row>,
     /// The entry's current and previous generations (weak: generations hold this).
     generations: Mutex<(Weak<Generation>, Option<Weak<Generation>>)>,
 }
 
 impl Published {
-    fn new() -> Arc<Self> {
+    fn new(row: Arc<Row>) -> Arc<Self> {
         Arc::new(Published {
-            ready: AtomicU64::new(0),
-            gone: AtomicBool::new(false),
+            row,
             generations: Mutex::new((Weak::new(), None)),
         })
     }
@@ -90,34 +90,40 @@ impl Published {
         self.publish(&generations);
     }
 
-    /// Republishes after a generation's ready count changed.
+    /// Republishes after a generation's ready count, desired count or problem changed.
     fn refresh(&self) {
         let generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
         self.publish(&generations);
     }
 
-    /// The same rule as [`Entry::serving`], from the generations' own counts. Runs under the
-    /// lock, so the last writer read the latest counts.
+    /// Requests go to the current generation once it has a ready replica, else to the one it
+    /// replaces. Runs under the lock, so the last writer read the latest counts.
     fn publish(&self, (current, previous): &(Weak<Generation>, Option<Weak<Generation>>)) {
-        let count = |g: &Weak<Generation>| g.upgrade().map_or(0, |g| g.ready_count());
-        let current = count(current);
-        let ready = match previous {
-            Some(previous) if current == 0 => count(previous),
-            _ => current,
+        let Some(current) = current.upgrade() else {
+            return;
         };
-        self.ready.store(ready, Ordering::Release);
-    }
-
-    fn close(&self) {
-        self.gone.store(true, Ordering::Release);
-        self.ready.store(0, Ordering::Release);
-    }
-}
-
-impl ReadyGauge for Published {
-    fn ready(&self) -> Option<u64> {
-        let ready = self.ready.load(Ordering::Acquire);
-        (!self.gone.load(Ordering::Acquire)).then_some(ready)
+        let previous = previous.as_ref().and_then(Weak::upgrade);
+        let serving = match &previous {
+            Some(previous) if current.ready_count() == 0 => previous,
+            _ => &current,
+        };
+        self.row.set_desired(current.desired_count());
+        self.row
+            .set_endpoints(serving.endpoints(), serving.ready_count());
+        // An update whose new version has no ready replica yet, with its last failure.
+        let stalled = previous.is_some() && current.ready_count() == 0;
+        self.row.set_rollout(stalled.then(|| {
+            Rollout {
+                ready: false,
+                ready_replicas: 0,
+                replicas: current.desired_count(),
+                reason: current
+                    .problem
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            }
+        }));
     }
 }
 
@@ -155,6 +161,7 @@ impl LocalPlatform {
                 datacenter: datacenter.to_string(),
                 metrics,
                 functions: RwLock::new(FunctionMap::default()),
+                table: ReadyTable::default(),
                 generations: AtomicU64::new(0),
             }),
         })
@@ -168,22 +175,6 @@ impl Inner {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, FunctionMap<Entry>> {
         self.functions.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The generation requests go to: the current one once it has a ready replica, else the one
-    /// it replaces (if any).
-    fn serving(&self, id: &FunctionId) -> Option<Arc<Generation>> {
-        self.read().get(id).map(|e| e.serving().clone())
-    }
-}
-
-impl Entry {
-    /// The current generation once it has a ready replica, else the one it replaces.
-    fn serving(&self) -> &Arc<Generation> {
-        match &self.previous {
-            Some(prev) if self.current.ready_count() == 0 => prev,
-            _ => &self.current,
-        }
     }
 }
 
@@ -203,6 +194,8 @@ struct Generation {
     published: Arc<Published>,
     platform: Arc<Inner>,
     slots: Mutex<Vec<Slot>>,
+    /// How many slots there are, readable without their lock.
+    desired: AtomicU64,
     next_slot: AtomicU64,
     ready: Mutex<Vec<Arc<Endpoint>>>,
     endpoints: RwLock<Arc<EndpointSet>>,
@@ -232,7 +225,7 @@ impl Generation {
     }
 
     fn desired_count(&self) -> u64 {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+        self.desired.load(Ordering::Acquire)
     }
 
     fn endpoints(&self) -> Arc<EndpointSet> {
@@ -280,11 +273,15 @@ impl Generation {
             self.set_ready(&slot.instance, None);
             slot.cancel.cancel();
         }
+        self.desired.store(slots.len() as u64, Ordering::Release);
+        drop(slots);
+        self.published.refresh();
     }
 
     /// Stops every replica and, once they are gone, removes the generation's files.
     fn stop(self: &Arc<Self>) {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.desired.store(0, Ordering::Release);
         {
             let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
             ready.clear();
@@ -333,6 +330,7 @@ impl Generation {
                     );
                     tracing::warn!(function = %self.id, "{msg}");
                     *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+                    self.published.refresh();
                     self.logs.push(&instance, msg);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -635,7 +633,7 @@ impl Platform for LocalPlatform {
             .map(|e| (e.logs.clone(), e.published.clone()))
             .unwrap_or_else(|| {
                 let logs = LogBuffer::new(&id.name, &id.namespace, inner.cfg.log_lines);
-                (Arc::new(logs), Published::new())
+                (Arc::new(logs), Published::new(inner.table.row(&id)))
             });
         let (ready_tx, _) = watch::channel(0);
         let generation = Arc::new(Generation {
@@ -649,6 +647,7 @@ impl Platform for LocalPlatform {
             published: published.clone(),
             platform: inner.clone(),
             slots: Mutex::new(Vec::new()),
+            desired: AtomicU64::new(0),
             next_slot: AtomicU64::new(0),
             ready: Mutex::new(Vec::new()),
             endpoints: RwLock::new(Arc::new(EndpointSet::default())),
@@ -734,8 +733,8 @@ impl Platform for LocalPlatform {
 
     async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError> {
         let entry = self.inner.write().remove(id);
+        self.inner.table.remove(id);
         if let Some(entry) = entry {
-            entry.published.close();
             entry.current.stop();
             if let Some(prev) = entry.previous {
                 prev.stop();
@@ -744,69 +743,12 @@ impl Platform for LocalPlatform {
         Ok(())
     }
 
-    async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
-        Ok(self
-            .inner
-            .read()
-            .iter()
-            .map(|(id, e)| (id.clone(), e.current.desired_count()))
-            .collect())
+    async fn healthcheck(&self) -> Result<(), PlatformError> {
+        Ok(())
     }
 
-    fn replicas(&self, id: &FunctionId) -> ReplicaCounts {
-        // One lookup: the function list reads this for every function in every datacenter.
-        let map = self.inner.read();
-        let Some(entry) = map.get(id) else {
-            return ReplicaCounts::default();
-        };
-        ReplicaCounts {
-            desired: entry.current.desired_count(),
-            ready: entry.serving().ready_count(),
-        }
-    }
-
-    fn rollout(&self, id: &FunctionId) -> Option<Rollout> {
-        let map = self.inner.read();
-        let entry = map.get(id)?;
-        let new = &entry.current;
-        if entry.previous.is_none() || new.ready_count() > 0 {
-            return None;
-        }
-        let reason = new
-            .problem
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        Some(Rollout {
-            ready: false,
-            ready_replicas: 0,
-            replicas: new.desired_count(),
-            reason,
-        })
-    }
-
-    fn ready_replicas(&self, id: &FunctionId) -> u64 {
-        // Without the desired count, which takes the generation's slot lock.
-        self.inner
-            .read()
-            .get(id)
-            .map_or(0, |entry| entry.serving().ready_count())
-    }
-
-    fn ready_gauge(&self, id: &FunctionId) -> Option<Arc<dyn ReadyGauge>> {
-        let published = self.inner.read().get(id)?.published.clone();
-        Some(published)
-    }
-
-    fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>> {
-        self.inner.serving(id).map(|g| g.endpoints())
-    }
-
-    fn watch_ready(&self, id: &FunctionId) -> Option<watch::Receiver<u64>> {
-        self.inner
-            .read()
-            .get(id)
-            .map(|e| e.current.ready_tx.subscribe())
+    fn table(&self) -> &ReadyTable {
+        &self.inner.table
     }
 
     fn logs(&self, id: &FunctionId, query: &LogQuery) -> Option<LogSubscription> {
@@ -815,9 +757,9 @@ impl Platform for LocalPlatform {
 
     async fn shutdown(&self) {
         let entries: Vec<Entry> = self.inner.write().drain().map(|(_, e)| e).collect();
+        self.inner.table.clear();
         let mut generations = Vec::new();
         for entry in entries {
-            entry.published.close();
             generations.push(entry.current);
             generations.extend(entry.previous);
         }

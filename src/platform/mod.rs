@@ -1,11 +1,14 @@
 //! Platform adapters: each kind of datacenter (local processes, Docker, Swarm, remote agents)
 //! implements [`Platform`]. The control plane only ever talks to this trait.
 
+pub mod compliance;
 pub mod docker;
+pub mod fake;
 pub mod local;
 pub mod logs;
 pub mod remote;
 pub mod swarm;
+pub mod table;
 pub mod watchdog;
 
 use std::net::SocketAddr;
@@ -13,10 +16,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::watch;
 
 use crate::model::{FunctionDeployment, FunctionId};
 pub use logs::{LogMessage, LogQuery, LogSubscription};
+pub use table::ReadyTable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
@@ -175,6 +178,9 @@ pub trait ReadyGauge: Send + Sync {
     fn ready(&self) -> Option<u64>;
 }
 
+/// What the control plane asks of a platform. Replica state (counts, endpoints, readiness, a
+/// stalled update) is not asked of it: the platform publishes it into its [`ReadyTable`],
+/// which serves it the same way for every platform.
 #[async_trait]
 pub trait Platform: Send + Sync {
     /// Short kind name shown in `/system/info` (`local`, `docker`, ...).
@@ -198,41 +204,27 @@ pub trait Platform: Send + Sync {
     /// Changes the replica count of a deployed function.
     async fn scale(&self, id: &FunctionId, replicas: u64) -> Result<(), PlatformError>;
 
-    /// Stops every replica; once this returns no request is routed to them.
+    /// Stops every replica; once this returns no request is routed to them. Removing a
+    /// function the platform does not run succeeds.
     async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError>;
-
-    fn replicas(&self, id: &FunctionId) -> ReplicaCounts;
-
-    /// An update of `id` still waiting for its new version's first ready replica, if any.
-    fn rollout(&self, _id: &FunctionId) -> Option<Rollout> {
-        None
-    }
-
-    /// Only the ready count of `replicas` (the function list reads it for every function in
-    /// every datacenter).
-    fn ready_replicas(&self, id: &FunctionId) -> u64 {
-        self.replicas(id).ready
-    }
-
-    /// A live reading of the function's ready replicas that stays valid while it is deployed
-    /// here, for callers that read every function's count (the function list) and would
-    /// otherwise look each one up. `None`: this platform has none; use `ready_replicas`.
-    fn ready_gauge(&self, _id: &FunctionId) -> Option<Arc<dyn ReadyGauge>> {
-        None
-    }
 
     /// Every function this platform runs, with the replicas it was asked for: what the
     /// reconciler compares with the desired state.
-    async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError>;
+    async fn list(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
+        Ok(self.table().desired())
+    }
 
-    /// The current ready replicas, fresh from the platform (never cached by name).
-    fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>>;
+    /// Whether the platform can take changes now (its engine or agent answers).
+    async fn healthcheck(&self) -> Result<(), PlatformError>;
 
-    /// Watches the ready-replica count, to wait for a starting function.
-    fn watch_ready(&self, id: &FunctionId) -> Option<watch::Receiver<u64>>;
+    /// The table this platform publishes its functions' replicas into.
+    fn table(&self) -> &ReadyTable;
 
-    /// Buffered log lines plus, when following, new ones as they arrive.
-    fn logs(&self, id: &FunctionId, query: &LogQuery) -> Option<LogSubscription>;
+    /// Buffered log lines plus, when following, new ones as they arrive; `None`: this
+    /// platform keeps no logs of the function here.
+    fn logs(&self, _id: &FunctionId, _query: &LogQuery) -> Option<LogSubscription> {
+        None
+    }
 
     /// Stops everything this platform started (on shutdown).
     async fn shutdown(&self);

@@ -4,21 +4,16 @@
 //! synchronous trait methods never wait on the network. Invocations for the datacenter go
 //! through the agent, which picks one of its replicas.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
-use super::{
-    Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts,
-    Workload,
-};
+use super::{Endpoint, EndpointSet, Platform, PlatformError, ReadyTable, Workload};
 use crate::model::{FunctionDeployment, FunctionId};
 
 /// How often the agent's state is read.
@@ -51,18 +46,12 @@ pub mod wire {
     }
 }
 
-struct Known {
-    counts: ReplicaCounts,
-    endpoints: Arc<EndpointSet>,
-    ready_tx: watch::Sender<u64>,
-}
-
 pub struct RemotePlatform {
     base: String,
     addr: SocketAddr,
     token: Option<String>,
     http: reqwest::Client,
-    known: RwLock<HashMap<FunctionId, Known>>,
+    table: ReadyTable,
     /// Set when the last read of the agent failed (logged once per outage).
     down: std::sync::atomic::AtomicBool,
 }
@@ -102,7 +91,7 @@ impl RemotePlatform {
                 .timeout(timeout)
                 .connect_timeout(Duration::from_secs(2))
                 .build()?,
-            known: RwLock::new(HashMap::new()),
+            table: ReadyTable::default(),
             down: std::sync::atomic::AtomicBool::new(false),
         });
         spawn_poller(Arc::downgrade(&platform));
@@ -152,33 +141,19 @@ impl RemotePlatform {
             .json()
             .await
             .map_err(|e| PlatformError::Failed(format!("agent {}: bad answer: {e}", self.base)))?;
-        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for f in &list {
             let id = FunctionId::new(&f.name, &f.namespace);
-            let counts = ReplicaCounts {
-                desired: f.desired,
-                ready: f.ready,
-            };
-            let entry = known.entry(id.clone()).or_insert_with(|| Known {
-                counts: ReplicaCounts::default(),
-                endpoints: Arc::new(EndpointSet::default()),
-                ready_tx: watch::channel(0).0,
-            });
-            if entry.counts != counts || entry.endpoints.is_empty() != (f.ready == 0) {
-                entry.endpoints = Arc::new(self.endpoint_set(&id, f.ready));
+            let row = self.table.row(&id);
+            // The agent's endpoint is kept while the counts stand, so that its in-flight
+            // count survives a poll.
+            if row.counts().ready != f.ready {
+                row.set_endpoints(Arc::new(self.endpoint_set(&id, f.ready)), f.ready);
             }
-            entry.counts = counts;
-            entry.ready_tx.send_replace(f.ready);
-            seen.push(id);
+            row.set_desired(f.desired);
+            seen.insert(id);
         }
-        known.retain(|id, k| {
-            let keep = seen.contains(id);
-            if !keep {
-                k.ready_tx.send_replace(0);
-            }
-            keep
-        });
+        self.table.retain(|id| seen.contains(id));
         Ok(list)
     }
 
@@ -267,18 +242,11 @@ impl Platform for RemotePlatform {
     async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError> {
         self.send(self.request(reqwest::Method::DELETE, self.url(Some(id), "")))
             .await?;
-        if let Some(k) = self
-            .known
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-        {
-            k.ready_tx.send_replace(0);
-        }
+        self.table.remove(id);
         Ok(())
     }
 
-    async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
+    async fn list(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
         Ok(self
             .refresh()
             .await?
@@ -287,36 +255,12 @@ impl Platform for RemotePlatform {
             .collect())
     }
 
-    fn replicas(&self, id: &FunctionId) -> ReplicaCounts {
-        self.known
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .map(|k| k.counts)
-            .unwrap_or_default()
+    async fn healthcheck(&self) -> Result<(), PlatformError> {
+        self.refresh().await.map(|_| ())
     }
 
-    fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>> {
-        self.known
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .map(|k| k.endpoints.clone())
-    }
-
-    fn watch_ready(&self, id: &FunctionId) -> Option<watch::Receiver<u64>> {
-        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-        let entry = known.entry(id.clone()).or_insert_with(|| Known {
-            counts: ReplicaCounts::default(),
-            endpoints: Arc::new(EndpointSet::default()),
-            ready_tx: watch::channel(0).0,
-        });
-        Some(entry.ready_tx.subscribe())
-    }
-
-    /// Logs stay on the agent's machine (`GET /system/logs` answers 404 for this datacenter).
-    fn logs(&self, _id: &FunctionId, _query: &LogQuery) -> Option<LogSubscription> {
-        None
+    fn table(&self) -> &ReadyTable {
+        &self.table
     }
 
     /// The agent keeps running its replicas when the control plane stops.

@@ -25,18 +25,14 @@ use bollard::query_parameters::{
     InspectServiceOptions, ListServicesOptions, ListTasksOptions, UpdateServiceOptions,
 };
 use bollard::Docker;
-use tokio::sync::watch;
 
 use super::docker::{
     engine, engine_failed, failed, free_port, parse_cpu, parse_memory, replica_env, replica_labels,
     secrets_dir, validate_image_and_resources, write_secrets, LABEL_DATACENTER, LABEL_GENERATION,
     SECRETS_PATH,
 };
-use super::{
-    Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReplicaCounts,
-    Workload,
-};
-use crate::config::LocalConfig;
+use super::{Endpoint, Platform, PlatformError, ReadyTable, Workload};
+use crate::config::ContainerConfig;
 use crate::model::{FunctionDeployment, FunctionId};
 
 /// How often tasks are listed and new ones health-checked.
@@ -48,12 +44,9 @@ const MAX_SLOT: i64 = 254;
 
 struct Service {
     name: String,
-    desired: u64,
     /// The newest generation and the port of every generation still running.
     generation: u64,
     ports: HashMap<u64, u16>,
-    endpoints: Arc<EndpointSet>,
-    ready_tx: watch::Sender<u64>,
     /// Tasks that answered their health check, with their endpoint (kept, so in-flight
     /// counts survive a refresh).
     healthy: HashMap<String, Arc<Endpoint>>,
@@ -62,9 +55,10 @@ struct Service {
 pub struct SwarmPlatform {
     docker: Docker,
     datacenter: String,
-    cfg: LocalConfig,
+    cfg: ContainerConfig,
     run_dir: PathBuf,
     services: RwLock<HashMap<FunctionId, Service>>,
+    table: ReadyTable,
     generations: AtomicU64,
     http: reqwest::Client,
 }
@@ -79,7 +73,7 @@ impl SwarmPlatform {
     pub async fn connect(
         socket: Option<&str>,
         datacenter: &str,
-        cfg: LocalConfig,
+        cfg: ContainerConfig,
         run_dir: PathBuf,
     ) -> anyhow::Result<Arc<SwarmPlatform>> {
         let docker = engine(socket, &run_dir).await?;
@@ -92,6 +86,7 @@ impl SwarmPlatform {
             cfg,
             run_dir,
             services: RwLock::new(HashMap::new()),
+            table: ReadyTable::default(),
             generations: AtomicU64::new(0),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(1))
@@ -341,8 +336,7 @@ impl SwarmPlatform {
                 }
                 None => Vec::new(),
             };
-            s.ready_tx.send_replace(endpoints.len() as u64);
-            s.endpoints = Arc::new(EndpointSet::new(endpoints));
+            self.table.row(&id).set_ready(endpoints);
         }
     }
 }
@@ -396,16 +390,13 @@ impl Platform for SwarmHandle {
                 .map_err(|e| engine_failed(&format!("cannot create service {name}"), e))?;
         }
         let mut services = p.services.write().unwrap_or_else(|e| e.into_inner());
+        p.table.row(&id).set_desired(replicas);
         let s = services.entry(id).or_insert_with(|| Service {
             name,
-            desired: 0,
             generation: 0,
             ports: HashMap::new(),
-            endpoints: Arc::new(EndpointSet::default()),
-            ready_tx: watch::channel(0).0,
             healthy: HashMap::new(),
         });
-        s.desired = replicas;
         s.generation = generation;
         s.ports.insert(generation, port);
         Ok(())
@@ -422,27 +413,17 @@ impl Platform for SwarmHandle {
             ..Default::default()
         });
         p.update(&name, spec, version).await?;
-        if let Some(s) = p
-            .services
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(id)
-        {
-            s.desired = replicas;
-        }
+        p.table.row(id).set_desired(replicas);
         Ok(())
     }
 
     async fn remove(&self, id: &FunctionId) -> Result<(), PlatformError> {
         let p = &self.0;
-        if let Some(s) = p
-            .services
+        p.services
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-        {
-            s.ready_tx.send_replace(0);
-        }
+            .remove(id);
+        p.table.remove(id);
         let name = service_name(&p.datacenter, id);
         match p.docker.delete_service(&name).await {
             Ok(()) => Ok(()),
@@ -453,51 +434,18 @@ impl Platform for SwarmHandle {
         }
     }
 
-    async fn functions(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
-        Ok(self
-            .0
-            .services
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(id, s)| (id.clone(), s.desired))
-            .collect())
-    }
-
-    fn replicas(&self, id: &FunctionId) -> ReplicaCounts {
+    /// The engine answers and is a swarm manager.
+    async fn healthcheck(&self) -> Result<(), PlatformError> {
         self.0
-            .services
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .map(|s| ReplicaCounts {
-                desired: s.desired,
-                ready: s.endpoints.len() as u64,
-            })
-            .unwrap_or_default()
+            .docker
+            .list_services(None::<ListServicesOptions>)
+            .await
+            .map(|_| ())
+            .map_err(|e| engine_failed("cannot list services", e))
     }
 
-    fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>> {
-        self.0
-            .services
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .map(|s| s.endpoints.clone())
-    }
-
-    fn watch_ready(&self, id: &FunctionId) -> Option<watch::Receiver<u64>> {
-        self.0
-            .services
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .map(|s| s.ready_tx.subscribe())
-    }
-
-    /// Service logs are read with `docker service logs` on a manager.
-    fn logs(&self, _id: &FunctionId, _query: &LogQuery) -> Option<LogSubscription> {
-        None
+    fn table(&self) -> &ReadyTable {
+        &self.0.table
     }
 
     async fn shutdown(&self) {

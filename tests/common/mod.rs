@@ -618,3 +618,45 @@ pub fn repo_file(path: &str) -> PathBuf {
 pub fn concrete_path(pattern: &str, name: &str) -> String {
     pattern.replace("{name}", name).replace("{*path}", "x/y")
 }
+
+/// The bearer token the test agents are started with.
+pub const TOKEN: &str = "agent-token-for-tests";
+
+/// A running agent; killed (with its replicas) when dropped.
+pub struct Agent(pub Child);
+
+impl Agent {
+    pub fn start(datacenter: &str, port: u16, dir: &std::path::Path) -> Agent {
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, TOKEN).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["agent", "--datacenter", datacenter, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--data-dir")
+            .arg(dir.join(datacenter))
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the agent");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening on"), "agent said {line:?}");
+        Agent(child)
+    }
+
+    /// SIGKILL, as a crashed machine; its replicas die with it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,256 @@
+//! The ready-replica table: what every adapter knows of its functions' replicas, in one shape.
+//! An adapter publishes into it (the desired count, the ready endpoints, a stalled update);
+//! the control plane and the invoke path read counts, endpoints, readiness and a ready gauge
+//! from it, the same way whatever the platform.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::watch;
+
+use super::{Endpoint, EndpointSet, ReadyGauge, ReplicaCounts, Rollout};
+use crate::model::{FunctionId, FunctionMap};
+
+/// One function's row.
+pub struct Row {
+    desired: AtomicU64,
+    /// The serving endpoints' count, readable without a lock (the function list reads it for
+    /// every function in every datacenter).
+    ready: AtomicU64,
+    /// Set once the function is removed: gauges held elsewhere read `None` from then on.
+    gone: AtomicBool,
+    endpoints: RwLock<Arc<EndpointSet>>,
+    ready_tx: watch::Sender<u64>,
+    rollout: Mutex<Option<Rollout>>,
+}
+
+impl Row {
+    fn new() -> Row {
+        Row {
+            desired: AtomicU64::new(0),
+            ready: AtomicU64::new(0),
+            gone: AtomicBool::new(false),
+            endpoints: RwLock::new(Arc::new(EndpointSet::default())),
+            ready_tx: watch::channel(0).0,
+            rollout: Mutex::new(None),
+        }
+    }
+
+    fn endpoints(&self) -> Arc<EndpointSet> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the serving endpoints (a new snapshot: a replica left out is never picked
+    /// again) and tells whoever waits for readiness.
+    pub fn set_ready(&self, endpoints: Vec<Arc<Endpoint>>) {
+        let n = endpoints.len() as u64;
+        self.set_endpoints(Arc::new(EndpointSet::new(endpoints)), n);
+    }
+
+    /// [`Row::set_ready`] for a platform whose endpoints stand for more replicas than one
+    /// each (a remote datacenter's agent stands for all of its replicas).
+    pub fn set_endpoints(&self, endpoints: Arc<EndpointSet>, ready: u64) {
+        *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = endpoints;
+        self.ready.store(ready, Ordering::Release);
+        self.ready_tx.send_replace(ready);
+    }
+
+    pub fn counts(&self) -> ReplicaCounts {
+        ReplicaCounts {
+            desired: self.desired.load(Ordering::Acquire),
+            ready: self.ready.load(Ordering::Acquire),
+        }
+    }
+
+    pub fn set_desired(&self, desired: u64) {
+        self.desired.store(desired, Ordering::Release);
+    }
+
+    /// An update waiting for its new version's first ready replica; `None` once it serves.
+    pub fn set_rollout(&self, rollout: Option<Rollout>) {
+        *self.rollout.lock().unwrap_or_else(|p| p.into_inner()) = rollout;
+    }
+
+    fn close(&self) {
+        self.gone.store(true, Ordering::Release);
+        self.set_ready(Vec::new());
+        self.set_desired(0);
+        self.set_rollout(None);
+    }
+}
+
+impl ReadyGauge for Row {
+    fn ready(&self) -> Option<u64> {
+        let ready = self.ready.load(Ordering::Acquire);
+        (!self.gone.load(Ordering::Acquire)).then_some(ready)
+    }
+}
+
+/// Every function's row on one platform.
+#[derive(Default)]
+pub struct ReadyTable {
+    rows: RwLock<FunctionMap<Arc<Row>>>,
+}
+
+impl ReadyTable {
+    fn get(&self, id: &FunctionId) -> Option<Arc<Row>> {
+        self.rows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// The function's row, made (empty) if it has none: an adapter publishes through it.
+    pub fn row(&self, id: &FunctionId) -> Arc<Row> {
+        if let Some(row) = self.get(id) {
+            return row;
+        }
+        self.rows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(Row::new()))
+            .clone()
+    }
+
+    /// Forgets a function: its endpoints are gone at once, waiters see 0 ready, gauges read
+    /// `None`.
+    pub fn remove(&self, id: &FunctionId) {
+        let row = self
+            .rows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(row) = row {
+            row.close();
+        }
+    }
+
+    /// Forgets every function (an adapter's shutdown).
+    pub fn clear(&self) {
+        let rows: Vec<Arc<Row>> = self
+            .rows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, row)| row)
+            .collect();
+        for row in rows {
+            row.close();
+        }
+    }
+
+    /// Forgets every function `keep` refuses.
+    pub fn retain(&self, keep: impl Fn(&FunctionId) -> bool) {
+        let mut gone = Vec::new();
+        self.rows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, row| {
+                let kept = keep(id);
+                if !kept {
+                    gone.push(row.clone());
+                }
+                kept
+            });
+        for row in gone {
+            row.close();
+        }
+    }
+
+    /// Desired and ready counts; zeros for a function this platform does not run.
+    pub fn replicas(&self, id: &FunctionId) -> ReplicaCounts {
+        self.rows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|row| row.counts())
+            .unwrap_or_default()
+    }
+
+    /// The ready replicas requests may go to.
+    pub fn endpoints(&self, id: &FunctionId) -> Option<Arc<EndpointSet>> {
+        self.rows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|row| row.endpoints())
+    }
+
+    /// Watches the ready count, to wait for a starting function. A function not published
+    /// yet gets its row now, so that a wait can begin before the adapter first hears of it.
+    pub fn watch_ready(&self, id: &FunctionId) -> watch::Receiver<u64> {
+        self.row(id).ready_tx.subscribe()
+    }
+
+    /// A live reading of the ready count that stays valid while the function is here.
+    pub fn ready_gauge(&self, id: &FunctionId) -> Option<Arc<dyn ReadyGauge>> {
+        self.get(id).map(|row| row as Arc<dyn ReadyGauge>)
+    }
+
+    /// An update of `id` still waiting for its new version's first ready replica, if any.
+    pub fn rollout(&self, id: &FunctionId) -> Option<Rollout> {
+        let row = self.get(id)?;
+        let rollout = row.rollout.lock().unwrap_or_else(|p| p.into_inner());
+        rollout.clone()
+    }
+
+    /// Every function with its desired count.
+    pub fn desired(&self) -> Vec<(FunctionId, u64)> {
+        self.rows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, row)| (id.clone(), row.desired.load(Ordering::Acquire)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(i: u16) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            format!("r{i}"),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i)),
+        ))
+    }
+
+    #[test]
+    fn a_row_serves_counts_endpoints_readiness_and_a_gauge_until_removed() {
+        let table = ReadyTable::default();
+        let id = FunctionId::new("f", "ns");
+        assert_eq!(table.replicas(&id), ReplicaCounts::default());
+        assert!(table.endpoints(&id).is_none());
+        let mut waiting = table.watch_ready(&id);
+        let row = table.row(&id);
+        row.set_desired(2);
+        row.set_ready(vec![endpoint(1), endpoint(2)]);
+        assert_eq!(*waiting.borrow_and_update(), 2);
+        assert_eq!(
+            table.replicas(&id),
+            ReplicaCounts {
+                desired: 2,
+                ready: 2
+            }
+        );
+        assert_eq!(table.endpoints(&id).unwrap().len(), 2);
+        let gauge = table.ready_gauge(&id).unwrap();
+        assert_eq!(gauge.ready(), Some(2));
+        assert_eq!(table.desired(), vec![(id.clone(), 2)]);
+        table.remove(&id);
+        assert_eq!(*waiting.borrow_and_update(), 0);
+        assert_eq!(
+            gauge.ready(),
+            None,
+            "a gauge held elsewhere sees the removal"
+        );
+        assert!(table.endpoints(&id).is_none());
+        assert!(table.desired().is_empty());
+    }
+}
