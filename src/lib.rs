@@ -6,6 +6,7 @@ pub mod api;
 pub mod autoscale;
 pub mod cli;
 pub mod config;
+pub mod events;
 pub mod fleet;
 pub mod grafana;
 pub mod lane;

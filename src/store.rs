@@ -501,6 +501,22 @@ impl Store {
         .await
     }
 
+    /// Records an event that is no engine decision (see [`crate::events::ScaleEvent`]).
+    pub async fn record_change(
+        &self,
+        event: &crate::events::ScaleEvent,
+    ) -> Result<i64, StoreError> {
+        let json = serde_json::to_string(event).unwrap_or_default();
+        self.record_source_event(
+            &event.namespace,
+            &event.function,
+            &event.datacenter,
+            event.time,
+            json,
+        )
+        .await
+    }
+
     /// An event that concerns no single function (a metric source going down or coming back).
     pub async fn record_source_event(
         &self,

@@ -17,6 +17,7 @@ use super::labels::policy_for;
 use super::policy::{decide, Action, Clamp, Input, Outcome, Policy, Rule, State};
 use super::rates::RateWindow;
 use crate::config::AutoscaleConfig;
+pub use crate::events::{ScaleEvent, Verdict};
 use crate::fleet::{Fleet, FleetError, OnFailure, Scaled};
 use crate::model::FunctionId;
 use crate::platform::PlatformError;
@@ -38,29 +39,6 @@ pub struct SignalRequest {
     pub evidence: serde_json::Value,
 }
 
-/// A decision as recorded and served by `/system/scale-events`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ScaleEvent {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub id: Option<i64>,
-    pub time: DateTime<Utc>,
-    pub function: String,
-    pub namespace: String,
-    pub datacenter: String,
-    pub source: String,
-    pub from: u64,
-    pub to: u64,
-    pub recommended: u64,
-    pub direction: &'static str,
-    pub outcome: Verdict,
-    pub reason: String,
-    /// The reason in one machine-readable word: the rule that held a change back, or what
-    /// asked for it (`Reason::code`); for an event that is no decision, its outcome.
-    pub reason_code: &'static str,
-    pub clamps: Vec<Clamp>,
-    pub evidence: serde_json::Value,
-}
-
 /// The answer for one signal, as the webhook reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct SignalResult {
@@ -78,89 +56,10 @@ pub struct SignalResult {
     pub retryable: bool,
 }
 
-/// What became of a signal or what an event records. Decisions' outcomes are declared from the
-/// most to the least telling, which sums up one signal applied in several datacenters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    /// A platform call failed; the sender should retry.
-    Failed,
-    Scaled,
-    /// Shadow mode: recorded, not executed.
-    DryRun,
-    Held,
-    /// Another change won (a newer one, or a stronger signal in the same batch).
-    Superseded,
-    NoChange,
-    UnknownFunction,
-    Invalid,
-    Ignored,
-    // Events that are not decisions.
-    Paused,
-    Resumed,
-    SourceUnavailable,
-    SourceRecovered,
-}
-
-impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Failed => "failed",
-            Verdict::Scaled => "scaled",
-            Verdict::DryRun => "dry_run",
-            Verdict::Held => "held",
-            Verdict::Superseded => "superseded",
-            Verdict::NoChange => "no_change",
-            Verdict::UnknownFunction => "unknown_function",
-            Verdict::Invalid => "invalid",
-            Verdict::Ignored => "ignored",
-            Verdict::Paused => "paused",
-            Verdict::Resumed => "resumed",
-            Verdict::SourceUnavailable => "source_unavailable",
-            Verdict::SourceRecovered => "source_recovered",
-        }
-    }
-}
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Decisions of one webhook payload in progress at once. Their store writes queue for one
 /// connection anyway; starting all of a 1,000-alert payload's (3,000 in three datacenters)
 /// at once only held every one's evidence and state copies at the same time.
 const CONCURRENT_DECISIONS: usize = 64;
-
-impl ScaleEvent {
-    /// An event about `id` in `datacenter` that changes nothing (yet): at `replicas`.
-    fn about(
-        id: &FunctionId,
-        datacenter: &str,
-        time: DateTime<Utc>,
-        source: &str,
-        replicas: u64,
-    ) -> ScaleEvent {
-        ScaleEvent {
-            id: None,
-            time,
-            function: id.name.clone(),
-            namespace: id.namespace.clone(),
-            datacenter: datacenter.to_string(),
-            source: source.to_string(),
-            from: replicas,
-            to: replicas,
-            recommended: replicas,
-            direction: "none",
-            outcome: Verdict::NoChange,
-            reason: String::new(),
-            reason_code: "",
-            clamps: Vec::new(),
-            evidence: serde_json::Value::Null,
-        }
-    }
-}
 
 impl SignalResult {
     fn in_datacenter(mut self, dc: &str) -> Self {

@@ -1,6 +1,7 @@
 //! Deploy, update and remove: placement, checks, and the fan-out to each datacenter.
 
 use super::*;
+use crate::events::ScaleEvent;
 
 impl Fleet {
     /// Where a deployment goes: `com.faastastic.datacenters` and `datacenter==NAME` choose,
@@ -333,7 +334,31 @@ impl Fleet {
         for dc in &dropped {
             self.applied_set(&id, dc, None);
         }
+        // A count the new spec's min raised is a change of its own, audited as one.
+        let raised: Vec<(String, u64, u64)> = function
+            .replicas
+            .iter()
+            .filter_map(|(dc, n)| {
+                let before = current.desired_in(dc)?;
+                (before < *n).then(|| (dc.clone(), before, *n))
+            })
+            .collect();
         self.put_function(function);
+        for (dc, from, to) in raised {
+            let event = ScaleEvent::change(
+                &id,
+                &dc,
+                chrono::Utc::now(),
+                "update",
+                (from, to),
+                format!("the updated spec's min is {min}: {from} -> {to}"),
+                "min_raised",
+                serde_json::json!({"min": min}),
+            );
+            if let Err(e) = self.store.record_change(&event).await {
+                tracing::error!(function = %id, error = %e, "cannot record a scale event");
+            }
+        }
         result.into_result("update").map(|_| id)
     }
 

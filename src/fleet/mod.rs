@@ -28,6 +28,7 @@ use tokio::sync::{watch, Mutex};
 
 use crate::autoscale::policy::Policy;
 use crate::config::{AutoscaleConfig, Placement};
+use crate::events::ScaleEvent;
 use crate::model::{
     truncate_for_message, validate_dns_label, validate_secret_name, Function, FunctionDeployment,
     FunctionId, FunctionMap, Namespace, LABEL_DATACENTERS,
@@ -405,7 +406,29 @@ impl Fleet {
                 let n = function.replicas.remove(&dc).unwrap_or(0);
                 tracing::warn!(function = %function.id, datacenter = %dc, "datacenter no longer configured; its replicas move to {home}");
                 let at_home = function.replicas.entry(home.to_string()).or_insert(0);
-                *at_home = (*at_home).max(n);
+                let from = *at_home;
+                *at_home = from.max(n);
+                let event = ScaleEvent::change(
+                    &function.id,
+                    home,
+                    chrono::Utc::now(),
+                    "restore",
+                    (from, *at_home),
+                    format!(
+                        "datacenter {dc} is no longer configured: its {n} replicas move to {home}: {from} -> {}",
+                        *at_home
+                    ),
+                    "datacenter_gone",
+                    serde_json::json!({"datacenter": dc, "replicas": n}),
+                );
+                // Stored, so that the move is made (and recorded) once.
+                let stored = fleet
+                    .store
+                    .set_desired_replicas(&function.id, &function.replicas)
+                    .await;
+                if let Err(e) = stored.and(fleet.store.record_change(&event).await.map(|_| ())) {
+                    tracing::error!(function = %function.id, error = %e, "cannot record the move home");
+                }
             }
             match fleet.workload(&function.id, &function.deployment).await {
                 Ok(w) => {
@@ -770,7 +793,6 @@ fn name_prefix(name: &str) -> u128 {
 
 #[cfg(test)]
 mod tests {
-    use super::name_prefix;
     use proptest::prelude::*;
 
     proptest! {
@@ -779,6 +801,114 @@ mod tests {
             let by_prefix = name_prefix(&a).cmp(&name_prefix(&b)).then_with(|| a.cmp(&b));
             prop_assert_eq!(by_prefix, a.cmp(&b));
         }
+    }
+
+    use super::*;
+    use crate::platform::fake::FakePlatform;
+    use crate::store::EventFilter;
+
+    async fn fleet_over(store: &Store, dcs: &[&str]) -> Fleet {
+        let datacenters = dcs
+            .iter()
+            .map(|dc| {
+                Arc::new(Datacenter::new(
+                    dc,
+                    FakePlatform::new(),
+                    Duration::from_secs(5),
+                    100,
+                ))
+            })
+            .collect();
+        Fleet::restore(
+            store.clone(),
+            datacenters,
+            dcs[0],
+            Placement::All,
+            "openfaas-fn",
+            64,
+            Arc::new(AutoscaleConfig::default()),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn deployment(min: &str) -> FunctionDeployment {
+        FunctionDeployment {
+            service: Some("f".into()),
+            image: Some("i".into()),
+            labels: Some([("com.openfaas.scale.min".to_string(), min.to_string())].into()),
+            ..Default::default()
+        }
+    }
+
+    /// (source, reason_code, datacenter, from, to) of every stored event, newest first.
+    async fn events(store: &Store) -> Vec<(String, String, String, u64, u64)> {
+        let filter = EventFilter {
+            name: None,
+            namespace: None,
+            datacenter: None,
+            since: None,
+            limit: 100,
+        };
+        let rows = store.scale_events(filter).await.unwrap();
+        rows.iter()
+            .map(|(_, json)| {
+                let e: serde_json::Value = serde_json::from_str(json).unwrap();
+                let text = |k: &str| e[k].as_str().unwrap().to_string();
+                let n = |k: &str| e[k].as_u64().unwrap();
+                (
+                    text("source"),
+                    text("reason_code"),
+                    text("datacenter"),
+                    n("from"),
+                    n("to"),
+                )
+            })
+            .collect()
+    }
+
+    /// Counts change outside the engine in two places; each change is an audited event.
+    #[tokio::test]
+    async fn an_update_raising_min_and_a_datacenter_leaving_are_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let fleet = fleet_over(&store, &["home", "far"]).await;
+        let id = fleet.deploy(deployment("1")).await.unwrap();
+        fleet.update(deployment("3")).await.unwrap();
+        assert_eq!(fleet.get(&id).unwrap().function.desired_in("far"), Some(3));
+        let mut seen = events(&store).await;
+        seen.sort();
+        let raised = |dc: &str| {
+            (
+                "update".to_string(),
+                "min_raised".to_string(),
+                dc.to_string(),
+                1,
+                3,
+            )
+        };
+        assert_eq!(seen, vec![raised("far"), raised("home")]);
+
+        // `far` leaves the configuration: its replicas move home once, recorded once.
+        fleet.scale(&id, Some("far"), 5).await.unwrap();
+        drop(fleet);
+        let fleet = fleet_over(&store, &["home"]).await;
+        assert_eq!(fleet.get(&id).unwrap().function.desired_in("home"), Some(5));
+        let moved = (
+            "restore".to_string(),
+            "datacenter_gone".to_string(),
+            "home".to_string(),
+            3,
+            5,
+        );
+        assert_eq!(events(&store).await[0], moved);
+        drop(fleet);
+        let _again = fleet_over(&store, &["home"]).await;
+        let count = events(&store).await.iter().filter(|e| **e == moved).count();
+        assert_eq!(
+            count, 1,
+            "the move is stored: a second restart moves nothing"
+        );
     }
 
     #[test]
