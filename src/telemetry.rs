@@ -57,6 +57,9 @@ pub struct Metrics {
     pub waiting_requests: prometheus::IntGauge,
     /// `faastastic_policy_source_up{policy}`: 1 when a query policy's last read worked.
     pub source_up: IntGaugeVec,
+    /// `faastastic_datacenter_up{datacenter}`: 1 when the datacenter's platform answered the
+    /// reconciler's last healthcheck; set from the fleet at each scrape.
+    pub datacenter_up: IntGaugeVec,
     /// `faastastic_policy_source_errors_total{policy}`: failed reads.
     pub source_errors: IntCounterVec,
     /// `faastastic_autoscaler_last_evaluation_timestamp_seconds{loop}`: when each autoscaler
@@ -140,6 +143,14 @@ impl Metrics {
             &["policy"],
         )
         .expect("static metric definition is valid");
+        let datacenter_up = IntGaugeVec::new(
+            Opts::new(
+                "faastastic_datacenter_up",
+                "1 when the datacenter's platform answered the reconciler's last healthcheck (0 when not, -1 before the first)",
+            ),
+            &["datacenter"],
+        )
+        .expect("static metric definition is valid");
         let source_errors = IntCounterVec::new(
             Opts::new(
                 "faastastic_policy_source_errors_total",
@@ -185,6 +196,7 @@ impl Metrics {
             Box::new(annotations.clone()),
             Box::new(annotations_queued.clone()),
             Box::new(source_up.clone()),
+            Box::new(datacenter_up.clone()),
             Box::new(source_errors.clone()),
             Box::new(last_evaluation.clone()),
             Box::new(evaluation_duration.clone()),
@@ -211,6 +223,7 @@ impl Metrics {
             scale_decisions,
             waiting_requests,
             source_up,
+            datacenter_up,
             source_errors,
             last_evaluation,
             evaluation_duration,

@@ -160,6 +160,26 @@ async fn three_datacenters_one_control_plane() {
     for dc in ["stage", "lon"] {
         assert_eq!(invoke_in(&s, "later", dc).await.0, 200, "later in {dc}");
     }
+    // The reconciler's healthcheck says which datacenter is down.
+    let up = |dc: &'static str| {
+        let s = &s;
+        async move {
+            common::sample(
+                &s.metrics().await,
+                &format!("faastastic_datacenter_up{{datacenter=\"{dc}\"}}"),
+            )
+        }
+    };
+    assert!(
+        poll(Duration::from_secs(10), || async {
+            up("syd").await == Some(0.0)
+        })
+        .await,
+        "syd never reported down: {:?}",
+        up("syd").await
+    );
+    assert_eq!(up("lon").await, Some(1.0));
+    assert_eq!(up("stage").await, Some(1.0));
 
     // syd comes back empty: the reconciler deploys both functions there at their counts.
     let _syd = Agent::start("syd", syd_port, dir.path());

@@ -59,6 +59,12 @@ pub async fn healthz() -> &'static str {
 }
 
 pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    for d in s.fleet.datacenters() {
+        s.metrics
+            .datacenter_up
+            .with_label_values(&[d.name.as_str()])
+            .set(d.up());
+    }
     let text = s.metrics.render(&s.fleet.all());
     (
         [(

@@ -91,6 +91,9 @@ pub struct Datacenter {
     pub platform: Arc<dyn Platform>,
     timeout: Duration,
     limiter: DefaultDirectRateLimiter,
+    /// The platform's last healthcheck (the reconciler asks at every pass): 1 answered, 0 did
+    /// not, -1 not asked yet.
+    up: std::sync::atomic::AtomicI64,
 }
 
 impl Datacenter {
@@ -107,7 +110,23 @@ impl Datacenter {
             platform,
             timeout,
             limiter: RateLimiter::direct(Quota::per_second(rate)),
+            up: std::sync::atomic::AtomicI64::new(-1),
         }
+    }
+
+    /// 1 when the platform answered its last healthcheck, 0 when not, -1 before the first.
+    pub fn up(&self) -> i64 {
+        self.up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Asks the platform whether it can take changes, and remembers the answer.
+    pub async fn healthcheck(&self) -> Result<(), PlatformError> {
+        let result = self.call(self.platform.healthcheck()).await;
+        self.up.store(
+            i64::from(result.is_ok()),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        result
     }
 
     /// One platform call, rate-limited and bounded by this datacenter's timeout.

@@ -11,6 +11,10 @@ impl Fleet {
     }
 
     pub(super) async fn reconcile_in(&self, d: &Arc<Datacenter>) {
+        if let Err(e) = d.healthcheck().await {
+            tracing::debug!(datacenter = %d.name, error = %e, "reconciler: datacenter unhealthy");
+            return;
+        }
         let actual = match d.call(d.platform.list()).await {
             Ok(list) => list,
             Err(e) => {
