@@ -551,6 +551,22 @@ impl Store {
         .await
     }
 
+    /// The newest `limit` events of every function, parsed (for tests).
+    #[cfg(test)]
+    pub async fn events_json(&self, limit: u32) -> Vec<serde_json::Value> {
+        let filter = EventFilter {
+            name: None,
+            namespace: None,
+            datacenter: None,
+            since: None,
+            limit,
+        };
+        let rows = self.scale_events(filter).await.unwrap();
+        rows.iter()
+            .map(|(_, json)| serde_json::from_str(json).unwrap())
+            .collect()
+    }
+
     /// Scale events, newest first, as (id, JSON text).
     pub async fn scale_events(
         &self,

@@ -1157,21 +1157,9 @@ mod tests {
     /// `down` is set.
     type FlakyPlatform = crate::platform::fake::FakePlatform;
 
-    /// A store, a fleet over `platforms` (the first is home) with function `f` deployed, and
-    /// an autoscaler without an up cooldown.
     /// Every scale event `store` holds, newest first.
     async fn stored_events(store: &Store) -> Vec<serde_json::Value> {
-        let filter = store::EventFilter {
-            name: None,
-            namespace: None,
-            datacenter: None,
-            since: None,
-            limit: 100,
-        };
-        let rows = store.scale_events(filter).await.unwrap();
-        rows.iter()
-            .map(|(_, json)| serde_json::from_str(json).unwrap())
-            .collect()
+        store.events_json(100).await
     }
 
     async fn scaler_over(

@@ -824,7 +824,6 @@ mod tests {
 
     use super::*;
     use crate::platform::fake::FakePlatform;
-    use crate::store::EventFilter;
 
     async fn fleet_over(store: &Store, dcs: &[&str]) -> Fleet {
         let datacenters = dcs
@@ -862,25 +861,20 @@ mod tests {
 
     /// (source, reason_code, datacenter, from, to) of every stored event, newest first.
     async fn events(store: &Store) -> Vec<(String, String, String, u64, u64)> {
-        let filter = EventFilter {
-            name: None,
-            namespace: None,
-            datacenter: None,
-            since: None,
-            limit: 100,
-        };
-        let rows = store.scale_events(filter).await.unwrap();
-        rows.iter()
-            .map(|(_, json)| {
-                let e: serde_json::Value = serde_json::from_str(json).unwrap();
-                let text = |k: &str| e[k].as_str().unwrap().to_string();
-                let n = |k: &str| e[k].as_u64().unwrap();
+        let text = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap().to_string();
+        let n = |e: &serde_json::Value, k: &str| e[k].as_u64().unwrap();
+        store
+            .events_json(100)
+            .await
+            .iter()
+            .map(|e| {
+                let source = text(e, "source");
                 (
-                    text("source"),
-                    text("reason_code"),
-                    text("datacenter"),
-                    n("from"),
-                    n("to"),
+                    source,
+                    text(e, "reason_code"),
+                    text(e, "datacenter"),
+                    n(e, "from"),
+                    n(e, "to"),
                 )
             })
             .collect()
