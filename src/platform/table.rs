@@ -4,14 +4,18 @@
 //! from it, the same way whatever the platform.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, RwLock};
 
 use tokio::sync::watch;
 
 use super::{Endpoint, EndpointSet, ReadyGauge, ReplicaCounts, Rollout};
 use crate::model::{FunctionId, FunctionMap};
 
-/// One function's row.
+/// The endpoints of a function with none ready, shared by every such row.
+static NO_ENDPOINTS: LazyLock<Arc<EndpointSet>> = LazyLock::new(Default::default);
+
+/// One function's row. Kept small: a server holds one per function and datacenter (30,000
+/// at 10,000 functions in three), so the readiness channel is made only when someone waits.
 pub struct Row {
     desired: AtomicU64,
     /// The serving endpoints' count, readable without a lock (the function list reads it for
@@ -20,8 +24,10 @@ pub struct Row {
     /// Set once the function is removed: gauges held elsewhere read `None` from then on.
     gone: AtomicBool,
     endpoints: RwLock<Arc<EndpointSet>>,
-    ready_tx: watch::Sender<u64>,
-    rollout: Mutex<Option<Rollout>>,
+    /// Made by the first [`ReadyTable::watch_ready`], under the endpoints' lock, which every
+    /// publication holds while it sends: a waiter misses no change.
+    ready_tx: OnceLock<watch::Sender<u64>>,
+    rollout: Mutex<Option<Box<Rollout>>>,
 }
 
 impl Row {
@@ -30,8 +36,8 @@ impl Row {
             desired: AtomicU64::new(0),
             ready: AtomicU64::new(0),
             gone: AtomicBool::new(false),
-            endpoints: RwLock::new(Arc::new(EndpointSet::default())),
-            ready_tx: watch::channel(0).0,
+            endpoints: RwLock::new(NO_ENDPOINTS.clone()),
+            ready_tx: OnceLock::new(),
             rollout: Mutex::new(None),
         }
     }
@@ -47,15 +53,29 @@ impl Row {
     /// again) and tells whoever waits for readiness.
     pub fn set_ready(&self, endpoints: Vec<Arc<Endpoint>>) {
         let n = endpoints.len() as u64;
-        self.set_endpoints(Arc::new(EndpointSet::new(endpoints)), n);
+        let set = match n {
+            0 => NO_ENDPOINTS.clone(),
+            _ => Arc::new(EndpointSet::new(endpoints)),
+        };
+        self.set_endpoints(set, n);
     }
 
     /// [`Row::set_ready`] for a platform whose endpoints stand for more replicas than one
     /// each (a remote datacenter's agent stands for all of its replicas).
     pub fn set_endpoints(&self, endpoints: Arc<EndpointSet>, ready: u64) {
-        *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = endpoints;
+        let mut current = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
+        *current = endpoints;
         self.ready.store(ready, Ordering::Release);
-        self.ready_tx.send_replace(ready);
+        if let Some(tx) = self.ready_tx.get() {
+            tx.send_replace(ready);
+        }
+    }
+
+    fn watch(&self) -> watch::Receiver<u64> {
+        let _publishing = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
+        self.ready_tx
+            .get_or_init(|| watch::channel(self.ready.load(Ordering::Acquire)).0)
+            .subscribe()
     }
 
     pub fn counts(&self) -> ReplicaCounts {
@@ -71,7 +91,7 @@ impl Row {
 
     /// An update waiting for its new version's first ready replica; `None` once it serves.
     pub fn set_rollout(&self, rollout: Option<Rollout>) {
-        *self.rollout.lock().unwrap_or_else(|p| p.into_inner()) = rollout;
+        *self.rollout.lock().unwrap_or_else(|p| p.into_inner()) = rollout.map(Box::new);
     }
 
     fn close(&self) {
@@ -184,7 +204,7 @@ impl ReadyTable {
     /// Watches the ready count, to wait for a starting function. A function not published
     /// yet gets its row now, so that a wait can begin before the adapter first hears of it.
     pub fn watch_ready(&self, id: &FunctionId) -> watch::Receiver<u64> {
-        self.row(id).ready_tx.subscribe()
+        self.row(id).watch()
     }
 
     /// A live reading of the ready count that stays valid while the function is here.
@@ -196,7 +216,7 @@ impl ReadyTable {
     pub fn rollout(&self, id: &FunctionId) -> Option<Rollout> {
         let row = self.get(id)?;
         let rollout = row.rollout.lock().unwrap_or_else(|p| p.into_inner());
-        rollout.clone()
+        rollout.as_deref().cloned()
     }
 
     /// Every function with its desired count.
