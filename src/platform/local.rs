@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -199,9 +199,10 @@ struct Generation {
     next_slot: AtomicU64,
     ready: Mutex<Vec<Arc<Endpoint>>>,
     endpoints: RwLock<Arc<EndpointSet>>,
-    ready_tx: watch::Sender<u64>,
-    /// What `ready_tx` holds, readable without the channel's lock (the function list reads
-    /// it for every function in every datacenter).
+    /// Woken whenever `ready_count` changes (an update waits on it for its first replica).
+    /// A `Notify`, not a watch channel: a server holds 30,000 generations at 10,000
+    /// functions in three datacenters, and a channel each took about 9 MB.
+    ready_changed: Notify,
     ready_count: AtomicU64,
     /// The last replica failure, until a replica is ready again: why an update stalls.
     problem: Mutex<Option<String>>,
@@ -248,7 +249,7 @@ impl Generation {
         self.ready_count
             .store(ready.len() as u64, Ordering::Release);
         self.published.refresh();
-        self.ready_tx.send_replace(ready.len() as u64);
+        self.ready_changed.notify_waiters();
     }
 
     fn scale(self: &Arc<Self>, replicas: u64) {
@@ -289,7 +290,7 @@ impl Generation {
                 Arc::new(EndpointSet::default());
             self.ready_count.store(0, Ordering::Release);
             self.published.refresh();
-            self.ready_tx.send_replace(0);
+            self.ready_changed.notify_waiters();
         }
         self.cancel.cancel();
         self.tasks.close();
@@ -635,7 +636,6 @@ impl Platform for LocalPlatform {
                 let logs = LogBuffer::new(&id.name, &id.namespace, inner.cfg.log_lines);
                 (Arc::new(logs), Published::new(inner.table.row(&id)))
             });
-        let (ready_tx, _) = watch::channel(0);
         let generation = Arc::new(Generation {
             id: id.clone(),
             number,
@@ -651,7 +651,7 @@ impl Platform for LocalPlatform {
             next_slot: AtomicU64::new(0),
             ready: Mutex::new(Vec::new()),
             endpoints: RwLock::new(Arc::new(EndpointSet::default())),
-            ready_tx,
+            ready_changed: Notify::new(),
             ready_count: AtomicU64::new(0),
             problem: Mutex::new(None),
             cancel: CancellationToken::new(),
@@ -781,11 +781,18 @@ fn retire_when_ready(
     new: Arc<Generation>,
     replicas: u64,
 ) {
-    let mut ready = new.ready_tx.subscribe();
     tokio::spawn(async move {
-        if replicas > 0 {
+        // At zero replicas there is nothing to wait for.
+        while replicas > 0 && new.ready_count() == 0 {
+            // Registered before the count is read again, so a change in between is not missed.
+            let changed = new.ready_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if new.ready_count() > 0 {
+                break;
+            }
             tokio::select! {
-                _ = ready.wait_for(|n| *n > 0) => {}
+                _ = changed => {}
                 // Replaced or removed before it was ever ready: nothing to retire here.
                 _ = new.cancel.cancelled() => return,
             }
