@@ -603,7 +603,11 @@ impl Config {
                     queries: s.queries("queries"),
                     staleness_window: s.secs("staleness_window_secs", d.staleness_window),
                 };
-                if let Err(e) = a.defaults.resolve() {
+                if a.defaults.max == Some(0) {
+                    s.errors.push(
+                        "autoscale.default_max: must be a positive integer, got 0".to_string(),
+                    );
+                } else if let Err(e) = a.defaults.resolve() {
                     s.errors.push(format!("autoscale.default_min: {e}"));
                 }
                 for (i, o) in a.policies.iter().enumerate() {
@@ -716,10 +720,19 @@ impl Config {
                 ));
             }
         }
-        for kind in ["docker", "swarm"] {
+        // Swarm runs its own health checks and keeps no logs: only the watchdog's timeout
+        // and the drain apply to it.
+        let all = &[
+            "health_interval_ms",
+            "startup_timeout_secs",
+            "exec_timeout_secs",
+            "drain_timeout_secs",
+            "log_lines",
+        ][..];
+        for (kind, keys) in [("docker", all), ("swarm", &all[2..4])] {
             let used = cfg.datacenters.iter().any(|d| d.platform.kind() == kind);
             let mut s = root.section(kind);
-            let (c, warnings) = s.containers(kind, &cfg.local, &local_keys, used);
+            let (c, warnings) = s.containers(kind, keys, &cfg.local, &local_keys, used);
             s.finish(&mut errors);
             cfg.warnings.extend(warnings);
             match kind {
@@ -1125,12 +1138,14 @@ impl Section {
         out
     }
 
-    /// `[docker]` or `[swarm]` (`kind`). A key it leaves out that `[local]` sets (`local_keys`)
-    /// is read from `[local]`, as before these sections existed, with a warning naming the new
-    /// key when a datacenter of this kind exists.
+    /// `[docker]` or `[swarm]` (`kind`), which take `keys` (others are unknown keys). A key
+    /// it leaves out that `[local]` sets (`local_keys`) is read from `[local]`, as before these
+    /// sections existed, with a warning naming the new key when a datacenter of this kind
+    /// exists.
     fn containers(
         &mut self,
         kind: &str,
+        keys: &[&str],
         local: &LocalConfig,
         local_keys: &[String],
         used: bool,
@@ -1138,7 +1153,7 @@ impl Section {
         let d = ContainerConfig::default();
         let mut warnings = Vec::new();
         let mut inherit = |key: &str, own: bool| {
-            let from_local = !own && local_keys.iter().any(|k| k == key);
+            let from_local = !own && local_keys.iter().any(|k| k == key) && keys.contains(&key);
             if from_local && used {
                 warnings.push(format!(
                     "local.{key} also applies to the {kind} datacenters, as it did before [{kind}] existed; set {kind}.{key} instead"
@@ -1151,6 +1166,9 @@ impl Section {
                 let own = s.table.contains_key(key);
                 if inherit(key, own) {
                     return from_local;
+                }
+                if !keys.contains(&key) {
+                    return default;
                 }
                 if millis {
                     s.millis(key, default)
@@ -1189,7 +1207,8 @@ impl Section {
         let own = self.table.contains_key("log_lines");
         let log_lines = match inherit("log_lines", own) {
             true => local.log_lines,
-            false => self.positive("log_lines", d.log_lines),
+            false if keys.contains(&"log_lines") => self.positive("log_lines", d.log_lines),
+            false => d.log_lines,
         };
         let c = ContainerConfig {
             health_interval,
@@ -1343,6 +1362,32 @@ log_lines = "many"
         let joined = errors.join("\n");
         assert!(joined.contains("docker.log_lines"), "{joined}");
         assert!(joined.contains("docker.what: unknown key"), "{joined}");
+        // Swarm takes only the keys it uses, and inherits only those.
+        let errors = Config::parse("[swarm]\nstartup_timeout_secs = 5\n").unwrap_err();
+        assert!(
+            errors
+                .join("\n")
+                .contains("swarm.startup_timeout_secs: unknown key"),
+            "{errors:?}"
+        );
+        let cfg = Config::parse(
+            "[local]\nstartup_timeout_secs = 90\ndrain_timeout_secs = 4\n[[datacenters]]\nname = \"s\"\nplatform = \"swarm\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.swarm.drain_timeout, Duration::from_secs(4));
+        assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+        assert!(
+            cfg.warnings[0].contains("swarm.drain_timeout_secs"),
+            "{:?}",
+            cfg.warnings
+        );
+        let errors = Config::parse("[autoscale]\ndefault_max = 0\n").unwrap_err();
+        assert!(
+            errors
+                .join("\n")
+                .contains("autoscale.default_max: must be a positive integer"),
+            "{errors:?}"
+        );
     }
 
     #[test]

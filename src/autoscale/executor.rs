@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use super::clock::Clock;
 use super::labels::policy_for;
-use super::policy::{decide, Action, Clamp, Input, Outcome, Policy, Rule, State};
+use super::policy::reason::Paused;
+use super::policy::{decide, Action, Clamp, Input, Outcome, Policy, State};
 use super::rates::RateWindow;
 use crate::config::AutoscaleConfig;
 pub use crate::events::{ScaleEvent, Verdict};
@@ -477,11 +478,11 @@ impl Autoscaler {
         if let (Outcome::Scale, Some(pause)) = (decision.outcome, pause) {
             decision.outcome = Outcome::Held;
             decision.clamps.push(Clamp::Paused);
-            decision.reason.rule = Rule::Paused {
+            decision.reason.paused = Some(Paused {
                 all: pause.scope == ALL,
                 since: pause.since,
                 why: pause.reason,
-            };
+            });
             next = state.clone();
         }
         // A periodic input that changes nothing is not an event: only its state is kept (in

@@ -721,7 +721,14 @@ impl Run<'_> {
             if current <= min {
                 next.stepping_down = false;
             }
-            let rule = Rule::Already { current, min, max };
+            // Held by a bound when the input asked for another count.
+            let held_by = self.clamps.last().copied();
+            let rule = Rule::Already {
+                current,
+                min,
+                max,
+                held_by,
+            };
             let outcome = if self.clamps.is_empty() {
                 Outcome::NoChange
             } else {

@@ -440,12 +440,18 @@ impl Fleet {
                     "datacenter_gone",
                     serde_json::json!({"datacenter": dc, "replicas": n}),
                 );
-                // Stored, so that the move is made (and recorded) once.
+                // Stored, so that the move is made (and recorded) once; recorded when the
+                // count at home changes.
                 let stored = fleet
                     .store
                     .set_desired_replicas(&function.id, &function.replicas)
                     .await;
-                if let Err(e) = stored.and(fleet.store.record_change(&event).await.map(|_| ())) {
+                let recorded = match stored {
+                    Ok(()) if event.from == event.to => Ok(()),
+                    Ok(()) => fleet.store.record_change(&event).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = recorded {
                     tracing::error!(function = %function.id, error = %e, "cannot record the move home");
                 }
             }
@@ -772,8 +778,7 @@ impl Fleet {
         datacenter: Option<&str>,
         query: &crate::platform::LogQuery,
     ) -> Option<crate::platform::LogSubscription> {
-        let (dc, _) = self.wake_target(id, datacenter)?;
-        self.datacenter(&dc)?.platform.logs(id, query)
+        self.find_placed(id, datacenter, |dc| dc.platform.logs(id, query))
     }
 
     /// Stops every platform (on shutdown).

@@ -153,7 +153,9 @@ impl RemotePlatform {
             row.set_desired(f.desired);
             seen.insert(id);
         }
-        self.table.retain(|id| seen.contains(id));
+        // A row a request waits on stays: the agent may not list the function yet.
+        self.table
+            .retain(|id, row| seen.contains(id) || row.awaited());
         Ok(list)
     }
 
@@ -255,8 +257,10 @@ impl Platform for RemotePlatform {
             .collect())
     }
 
+    /// The agent's own health endpoint (its function list is read by `list` and the poller).
     async fn healthcheck(&self) -> Result<(), PlatformError> {
-        self.refresh().await.map(|_| ())
+        let url = format!("{}/healthz", self.base);
+        self.send(self.http.get(url)).await.map(|_| ())
     }
 
     fn table(&self) -> &ReadyTable {

@@ -23,6 +23,9 @@ pub struct Row {
     ready: AtomicU64,
     /// Set once the function is removed: gauges held elsewhere read `None` from then on.
     gone: AtomicBool,
+    /// Set once the adapter published a desired count: a row made only for a waiter is not
+    /// a function the platform runs.
+    published: AtomicBool,
     endpoints: RwLock<Arc<EndpointSet>>,
     /// Made by the first [`ReadyTable::watch_ready`], under the endpoints' lock, which every
     /// publication holds while it sends: a waiter misses no change.
@@ -36,6 +39,7 @@ impl Row {
             desired: AtomicU64::new(0),
             ready: AtomicU64::new(0),
             gone: AtomicBool::new(false),
+            published: AtomicBool::new(false),
             endpoints: RwLock::new(NO_ENDPOINTS.clone()),
             ready_tx: OnceLock::new(),
             rollout: Mutex::new(None),
@@ -87,6 +91,14 @@ impl Row {
 
     pub fn set_desired(&self, desired: u64) {
         self.desired.store(desired, Ordering::Release);
+        self.published.store(true, Ordering::Release);
+    }
+
+    /// Whether a request is waiting for this function's readiness.
+    pub fn awaited(&self) -> bool {
+        self.ready_tx
+            .get()
+            .is_some_and(|tx| tx.receiver_count() > 0)
     }
 
     /// An update waiting for its new version's first ready replica; `None` once it serves.
@@ -165,13 +177,13 @@ impl ReadyTable {
     }
 
     /// Forgets every function `keep` refuses.
-    pub fn retain(&self, keep: impl Fn(&FunctionId) -> bool) {
+    pub fn retain(&self, keep: impl Fn(&FunctionId, &Row) -> bool) {
         let mut gone = Vec::new();
         self.rows
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|id, row| {
-                let kept = keep(id);
+                let kept = keep(id, row);
                 if !kept {
                     gone.push(row.clone());
                 }
@@ -219,12 +231,13 @@ impl ReadyTable {
         rollout.as_deref().cloned()
     }
 
-    /// Every function with its desired count.
+    /// Every function the platform published, with its desired count.
     pub fn desired(&self) -> Vec<(FunctionId, u64)> {
         self.rows
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
+            .filter(|(_, row)| row.published.load(Ordering::Acquire))
             .map(|(id, row)| (id.clone(), row.desired.load(Ordering::Acquire)))
             .collect()
     }

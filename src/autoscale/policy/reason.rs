@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{Step, StepCap};
+use super::{Clamp, Step, StepCap};
 
 /// What an input asked for, before any rule applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,8 +102,14 @@ pub enum Rule {
     Ask,
     /// The count goes (or stays, for an operator's count) from `from` to `to`.
     Change { from: u64, to: u64 },
-    /// Already at the bounded recommendation.
-    Already { current: u64, min: u64, max: u64 },
+    /// Already at the bounded recommendation; `held_by` is the bound that made it so when
+    /// the input asked for another count (a held decision).
+    Already {
+        current: u64,
+        min: u64,
+        max: u64,
+        held_by: Option<Clamp>,
+    },
     /// At zero, which only an invocation or a demand for replicas changes.
     AtZero,
     /// The staleness guard: faastastic's own counters show the load gone.
@@ -124,12 +130,15 @@ pub enum Rule {
     Hold { until: DateTime<Utc> },
     /// A higher count was recommended within the stabilization window.
     Stabilization { highest: u64, window: Duration },
-    /// Autoscaling is paused (for every function when `all`).
-    Paused {
-        all: bool,
-        since: DateTime<Utc>,
-        why: String,
-    },
+}
+
+/// A pause that held a change the engine decided (see the executor).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paused {
+    /// Every function's autoscaling is paused, not only this one's.
+    pub all: bool,
+    pub since: DateTime<Utc>,
+    pub why: String,
 }
 
 /// A decision's reason: what was asked, the scale-up cap that cut it (count, cap) if any, and
@@ -139,6 +148,8 @@ pub struct Reason {
     pub ask: Ask,
     pub capped: Option<(u64, StepCap)>,
     pub rule: Rule,
+    /// Set when a pause held the change this reason explains.
+    pub paused: Option<Paused>,
 }
 
 impl Reason {
@@ -147,20 +158,31 @@ impl Reason {
             ask,
             capped: None,
             rule,
+            paused: None,
         }
     }
 
     /// The machine-readable reason: the rule that held a change back, or else what asked for
     /// the change. Stable names, listed in the README.
     pub fn code(&self) -> &'static str {
+        if self.paused.is_some() {
+            return "paused";
+        }
         match &self.rule {
+            Rule::Already {
+                held_by: Some(Clamp::Max),
+                ..
+            } => "max",
+            Rule::Already {
+                held_by: Some(Clamp::Min),
+                ..
+            } => "min",
             Rule::AtZero => "at_zero",
             Rule::LoadGone { .. } => "load_gone",
             Rule::UpCooldown { .. } => "up_cooldown",
             Rule::DownCooldown { .. } => "down_cooldown",
             Rule::Hold { .. } => "hold",
             Rule::Stabilization { .. } => "stabilization",
-            Rule::Paused { .. } => "paused",
             Rule::Ask | Rule::Change { .. } | Rule::Already { .. } => match self.ask {
                 Ask::HoldSet { .. } => "hold_set",
                 Ask::HoldReleased => "hold_released",
@@ -294,9 +316,9 @@ impl fmt::Display for Reason {
         match &self.rule {
             Rule::Ask => {}
             Rule::Change { from, to } => write!(f, ": {from} -> {to}")?,
-            Rule::Already { current, min, max } => {
-                write!(f, "; already at {current} (min {min}, max {max})")?
-            }
+            Rule::Already {
+                current, min, max, ..
+            } => write!(f, "; already at {current} (min {min}, max {max})")?,
             Rule::AtZero => f.write_str(
                 "; at zero replicas, which only an invocation or a demand for replicas changes",
             )?,
@@ -332,22 +354,24 @@ impl fmt::Display for Reason {
                 "; held: {highest} replicas were recommended within the {} stabilization window",
                 Secs(*window)
             )?,
-            Rule::Paused { all, since, why } => write!(
-                f,
-                "; held: autoscaling paused ({}) since {} ({why})",
-                if *all {
-                    "all functions"
-                } else {
-                    "this function"
-                },
-                at(since)
-            )?,
         }
         if let Ask::Manual {
             outside: Some((min, max)),
         } = self.ask
         {
             write!(f, " (override: outside min..max {min}..{max})")?;
+        }
+        if let Some(Paused { all, since, why }) = &self.paused {
+            let scope = if *all {
+                "all functions"
+            } else {
+                "this function"
+            };
+            write!(
+                f,
+                "; held: autoscaling paused ({scope}) since {} ({why})",
+                at(since)
+            )?;
         }
         Ok(())
     }
@@ -402,5 +426,42 @@ mod tests {
             "manual scale: 1 -> 9 (override: outside min..max 1..4)"
         );
         assert_eq!(manual.code(), "manual");
+    }
+
+    #[test]
+    fn a_pause_follows_the_whole_reason_and_a_bound_names_itself() {
+        use chrono::TimeZone;
+        let mut paused = Reason::new(
+            Ask::StepUp {
+                step: 1,
+                of: Step::PercentOfMax(10),
+                why: StepMode::Plain,
+            },
+            Rule::Change { from: 1, to: 2 },
+        );
+        paused.paused = Some(Paused {
+            all: false,
+            since: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
+            why: "batch window".into(),
+        });
+        assert_eq!(
+            paused.to_string(),
+            "firing: step up by 1 (10% of max): 1 -> 2; held: autoscaling paused (this function) since 2023-11-14T22:13:20Z (batch window)"
+        );
+        assert_eq!(paused.code(), "paused");
+        let at_max = Reason::new(
+            Ask::AskedFor { replicas: 9 },
+            Rule::Already {
+                current: 5,
+                min: 1,
+                max: 5,
+                held_by: Some(Clamp::Max),
+            },
+        );
+        assert_eq!(at_max.code(), "max");
+        assert_eq!(
+            at_max.to_string(),
+            "asked for 9 replicas; already at 5 (min 1, max 5)"
+        );
     }
 }
