@@ -78,6 +78,47 @@ interval_ms = 200
     );
 }
 
+/// On the default 10 s window, a step load after idle seconds is measured at its own rate, so
+/// the policy asks for the count it needs at once instead of climbing a replica per
+/// evaluation as the window fills.
+#[tokio::test]
+async fn a_step_load_on_the_default_window_is_met_in_at_most_two_decisions() {
+    let s = Server::with(Options {
+        config: Some(
+            r#"
+[autoscale]
+up_cooldown_secs = 0
+[[autoscale.queries]]
+name = "own-rate"
+source = "internal"
+target = 10
+interval_ms = 500
+"#,
+        ),
+        ..Default::default()
+    });
+    let mut f = echo_function("stepped");
+    f["labels"] = json!({"com.openfaas.scale.max": "4"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("stepped", 1).await;
+    // Idle for longer than the window's first evaluations, then about 80/s (8 replicas' worth:
+    // max 4 is asked for at the latest by the second evaluation that sees the load).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let load = Load::start(&s, "stepped", 80, Duration::from_secs(60));
+    let up = poll(Duration::from_secs(20), || async {
+        replicas(&s, "stepped").await == 4
+    })
+    .await;
+    load.stop().await;
+    assert!(up, "about 80/s at a target of 10 needs 4 (max)");
+    let events: Vec<Value> = s.get_json("/system/scale-events?function=stepped").await;
+    let ups: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["direction"] == "up" && e["outcome"] == "scaled")
+        .collect();
+    assert!(ups.len() <= 2, "{} scale-ups: {ups:#?}", ups.len());
+}
+
 fn prometheus(config: &std::path::Path, data: &std::path::Path, port: u16) -> common::Proc {
     common::spawn_quiet(
         "prometheus",

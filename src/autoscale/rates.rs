@@ -42,15 +42,31 @@ impl<K: Hash + Eq> RateWindow<K> {
 
     /// Invocations per second of `key` across the samples; `None` until two samples exist. A
     /// function never invoked reads as 0.
+    ///
+    /// A load that began inside the window is measured over the part it covers: the samples
+    /// before its first invocation are left out, so that idle seconds before a step do not
+    /// average it down (a step of 60/s two seconds into a 10 s window reads 60/s, not 12/s).
+    /// A load that stops is still measured over the whole window, so a scale-down waits for
+    /// the window to empty.
     pub fn rate(&self, key: &K) -> Option<f64> {
-        let span = self.span().as_secs_f64();
-        if span <= 0.0 {
+        if self.span().is_zero() {
             return None;
         }
         let count = |sample: &HashMap<K, u64>| sample.get(key).copied().unwrap_or(0);
+        let (last_at, last) = self.samples.back().map(|(t, s)| (*t, count(s)))?;
         let first = count(&self.samples.front()?.1);
-        let last = count(&self.samples.back()?.1);
-        Some(last.saturating_sub(first) as f64 / span)
+        // The last sample still at the first one's count: where the load began.
+        let since = self
+            .samples
+            .iter()
+            .take_while(|(_, s)| count(s) == first)
+            .last()
+            .map(|(t, _)| *t)?;
+        let span = match last_at.duration_since(since) {
+            d if last == first || d.is_zero() => self.span(),
+            d => d,
+        };
+        Some(last.saturating_sub(first) as f64 / span.as_secs_f64())
     }
 
     /// The keys of the latest sample: everything invoked through faastastic since the start.
@@ -97,5 +113,29 @@ mod tests {
         assert!(w.span() <= Duration::from_secs(11));
         assert_eq!(w.rate(&other), Some(0.0));
         assert!(w.seen(&f) && !w.seen(&other) && !w.seen(&idle));
+    }
+
+    /// A step after idle seconds reads at its own rate, not averaged with them; a load that
+    /// stops reads over the whole window.
+    #[test]
+    fn a_load_that_began_inside_the_window_is_measured_over_its_own_span() {
+        let t0 = Instant::now();
+        let f = "f.fn".to_string();
+        let mut w = RateWindow::new(Duration::from_secs(10));
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Idle for 8 s (samples every 500 ms), then 60/s.
+        for i in 0..=16 {
+            w.push(ms(i * 500), counts(0));
+        }
+        w.push(ms(8_500), counts(30));
+        assert_eq!(w.rate(&f), Some(60.0), "one interval into the step");
+        w.push(ms(9_000), counts(60));
+        assert_eq!(w.rate(&f), Some(60.0));
+        // The load stops: the rate falls as the window empties, not at once.
+        for i in 19..=24 {
+            w.push(ms(i * 500), counts(60));
+        }
+        let after = w.rate(&f).unwrap();
+        assert!(after > 0.0 && after < 60.0, "{after}");
     }
 }
