@@ -281,6 +281,7 @@ async fn evaluation() {
         fallback_replicas: None,
         function_label: "function_name".into(),
         datacenter_label: "datacenter".into(),
+        short_window: None,
     };
     // Every function in every datacenter at its target (hold), and 1 % of them (in syd)
     // changing load each cycle: 40/s (scale up) or back (held by the down cooldown).
@@ -301,7 +302,7 @@ async fn evaluation() {
     for round in 0..rounds + 2 {
         let v = values(round);
         let start = Instant::now();
-        apply_values(&policy, &v, &fleet, &autoscaler).await;
+        apply_values(&policy, Some(&v), None, &fleet, &autoscaler).await;
         if round >= 2 {
             times.push(start.elapsed());
         }

@@ -151,6 +151,28 @@ pub struct QueryPolicy {
     /// The result label that names the datacenter; a series without it is shared equally by
     /// the function's datacenters.
     pub datacenter_label: String,
+    /// The short window over faastastic's own invocation counters that starts a burst (see
+    /// `autoscale::policy::Track`); `None`: off.
+    pub short_window: Option<Duration>,
+}
+
+/// The short window a target policy gets unless it sets `short_window_secs`.
+pub const SHORT_WINDOW: Duration = Duration::from_secs(2);
+
+impl QueryPolicy {
+    /// Whether the policy's value is invocations per second, the unit faastastic's own
+    /// counters read: the internal source, or a query taking `rate()` or `irate()` of
+    /// `gateway_function_invocation_total`. Only a target strategy on such a value gets a
+    /// short window by default.
+    pub fn reads_invocation_rate(source: &QuerySource) -> bool {
+        match source {
+            QuerySource::Internal { .. } => true,
+            QuerySource::Prometheus { query } => {
+                let q: String = query.chars().filter(|c| !c.is_whitespace()).collect();
+                q.contains("gateway_function_invocation_total") && q.contains("rate(")
+            }
+        }
+    }
 }
 
 /// Where scale decisions are annotated (`[grafana]`).
@@ -1131,7 +1153,31 @@ impl Section {
                     .then(|| s.count("fallback_replicas", 0)),
                 function_label: s.get("function_label", "function_name".to_string()),
                 datacenter_label: s.get("datacenter_label", "datacenter".to_string()),
+                short_window: None,
             };
+            let tracks_totals = matches!(
+                q.strategy,
+                Strategy::Target {
+                    per_replica: false,
+                    ..
+                }
+            );
+            let by_default = (tracks_totals && QueryPolicy::reads_invocation_rate(&q.source))
+                .then_some(SHORT_WINDOW);
+            let short_window = s.parsed("short_window_secs", by_default, |v: f64| {
+                if v == 0.0 {
+                    Ok(None)
+                } else if !tracks_totals {
+                    Err("only a target strategy on a total (not per_replica) takes a short window: it reads invocations per second from faastastic's own counters".to_string())
+                } else if v.is_finite() && (1.0..=3600.0).contains(&v) {
+                    Ok(Some(Duration::from_secs_f64(v)))
+                } else {
+                    Err(format!(
+                        "must be 0 (off) or from 1 to 3600 seconds, got {v}"
+                    ))
+                }
+            });
+            let q = QueryPolicy { short_window, ..q };
             s.finish(&mut self.errors);
             out.push(q);
         }
@@ -1608,6 +1654,96 @@ strategy = "threshold"
             "used twice",
         ] {
             assert!(joined.contains(needle), "{needle} missing in {joined}");
+        }
+    }
+
+    /// A target on an invocation rate gets the short window by default; other queries and
+    /// strategies do not, and asking for one where it cannot apply names the key.
+    #[test]
+    fn the_short_window_is_on_for_invocation_rates() {
+        let cfg = Config::parse(
+            r#"
+[prometheus]
+url = "http://127.0.0.1:9090"
+[[autoscale.queries]]
+name = "rps"
+query = 'sum by (function_name) (rate (gateway_function_invocation_total[1m]))'
+target = 5
+[[autoscale.queries]]
+name = "cpu"
+match = "cpu-*"
+query = 'avg by (function_name) (container_cpu)'
+target = 0.5
+[[autoscale.queries]]
+name = "cpu-fast"
+match = "fast-*"
+query = 'sum by (function_name) (irate(gateway_function_invocation_total[5s]))'
+target = 0.5
+short_window_secs = 0
+[[autoscale.queries]]
+name = "own"
+match = "own-*"
+source = "internal"
+target = 10
+short_window_secs = 3.5
+[[autoscale.queries]]
+name = "steps"
+match = "steps-*"
+source = "internal"
+strategy = "threshold"
+upper = 10
+lower = 1
+"#,
+        )
+        .unwrap();
+        let windows: Vec<Option<Duration>> = cfg
+            .autoscale
+            .queries
+            .iter()
+            .map(|q| q.short_window)
+            .collect();
+        assert_eq!(
+            windows,
+            [
+                Some(SHORT_WINDOW),
+                None,
+                None,
+                Some(Duration::from_millis(3500)),
+                None
+            ]
+        );
+        let errors = Config::parse(
+            r#"
+[[autoscale.queries]]
+name = "steps"
+source = "internal"
+strategy = "threshold"
+upper = 10
+lower = 1
+short_window_secs = 2
+[[autoscale.queries]]
+name = "avg"
+match = "avg-*"
+source = "internal"
+target = 10
+per_replica = true
+short_window_secs = 2
+[[autoscale.queries]]
+name = "tiny"
+match = "tiny-*"
+source = "internal"
+target = 10
+short_window_secs = 0.2
+"#,
+        )
+        .unwrap_err()
+        .join("\n");
+        for needle in [
+            "autoscale.queries[0].short_window_secs: only a target strategy",
+            "autoscale.queries[1].short_window_secs: only a target strategy",
+            "autoscale.queries[2].short_window_secs: must be 0 (off) or from 1 to 3600 seconds, got 0.2",
+        ] {
+            assert!(errors.contains(needle), "{needle} missing in {errors}");
         }
     }
 

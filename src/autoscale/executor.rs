@@ -162,7 +162,7 @@ pub const ALL: &str = "*";
 
 fn rank(action: Action) -> u8 {
     match action {
-        Action::StepUp | Action::Sized { .. } | Action::To(_) => 2,
+        Action::StepUp | Action::Sized { .. } | Action::To(_) | Action::Track(_) => 2,
         // Holds are not scale signals: they never compete (see `apply_batch`).
         Action::Hold | Action::Release => 0,
         Action::StepDown | Action::Resolved => 1,
@@ -1007,9 +1007,10 @@ impl Autoscaler {
     }
 
     /// The function's invocation rate in one datacenter as faastastic measured it, for an
-    /// alert asking for more: known only once the counters cover half the window and the
-    /// function has been invoked through faastastic at all (traffic that bypasses it must not
-    /// look like no traffic).
+    /// alert asking for more: known only once the counters cover half the window (a load
+    /// running since before the first sample: the whole window) and the function has been
+    /// invoked through faastastic at all (traffic that bypasses it must not look like no
+    /// traffic).
     fn observed_rate(&self, id: &FunctionId, datacenter: &str, action: Action) -> Option<f64> {
         if !matches!(action, Action::StepUp | Action::Sized { .. }) {
             return None;

@@ -9,3 +9,5 @@ pub mod policy;
 pub mod query;
 pub mod rates;
 pub mod strategy;
+#[cfg(test)]
+mod timeline_tests;

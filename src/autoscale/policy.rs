@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub mod patch;
 pub mod reason;
 
-pub use reason::{Ask, Reason, Rule, StepMode};
+pub use reason::{Ask, Reason, Rule, StepMode, Window};
 
 /// How far one step moves.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -225,6 +225,8 @@ pub enum Action {
     StepDown,
     /// An explicit replica count.
     To(u64),
+    /// A target-tracking reading of the load (query policies): see [`Track`].
+    Track(Track),
     /// The alert that asked for more stopped firing.
     Resolved,
     /// A hold alert fires: no scale-down (and no scale-up from it) until it resolves or
@@ -233,6 +235,32 @@ pub enum Action {
     /// The hold alert resolved.
     Release,
 }
+
+/// What a target-tracking policy read: the count its own window asks for and the count the
+/// short window over faastastic's own counters asks for.
+///
+/// The short window drives scale-ups only in a burst (as Knative's panic mode): one starts when
+/// its load is at least [`BURST_FACTOR`] times what the running replicas carry, and lasts while
+/// it keeps asking for more replicas than run, until it has not for [`BURST_GRACE`]. Outside a
+/// burst the policy's window decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Track {
+    /// The count the policy's window asks for (its query, or the internal rate over
+    /// `window_secs`); `None` when it was not read this time or is within its tolerance of
+    /// the running count.
+    pub stable: Option<u64>,
+    /// The short window's load in replicas' worth (its rate over the target, unrounded: it
+    /// asks for the next whole count); `None` when the policy has none or it asks for no more
+    /// than runs.
+    pub short: Option<f64>,
+}
+
+/// How many times the running count the short window must ask for to start a burst.
+pub const BURST_FACTOR: u64 = 2;
+
+/// How long a burst outlasts the short window's last ask for more: four readings, so that one
+/// noisy reading under the load does not end it.
+pub const BURST_GRACE: Duration = Duration::from_secs(2);
 
 /// One input to the engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -266,7 +294,10 @@ pub enum Input<'a> {
 pub struct State {
     pub last_scale_up: Option<DateTime<Utc>>,
     pub last_scale_down: Option<DateTime<Utc>>,
-    /// (when, recommended replicas after clamping), oldest first, pruned to the window.
+    /// (when, recommended replicas after clamping), oldest first, pruned to the window. Only
+    /// what the window's highest can still come from is kept: a recommendation no higher
+    /// than a later one is dropped, so the counts fall from oldest to newest and a steady
+    /// count is one entry however often it is read.
     pub recommendations: VecDeque<(DateTime<Utc>, u64)>,
     /// Alert retries already applied: (dedupe key, when).
     pub applied: VecDeque<(String, DateTime<Utc>)>,
@@ -275,6 +306,9 @@ pub struct State {
     /// A hold forbids scale-down until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_until: Option<DateTime<Utc>>,
+    /// A target-tracking burst lasts until then (see [`Track`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_until: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,6 +411,9 @@ struct Recommendation {
     lowers: bool,
     /// For a gradual scale-down, the largest step one decision may take.
     gradual: Option<u64>,
+    /// A count measured from the load (target tracking), not a step from the running count:
+    /// it does not compound, so the up cooldown does not hold it.
+    measured: bool,
 }
 
 /// One decision in progress: its fixed inputs and the clamps recorded so far. Each stage
@@ -389,6 +426,9 @@ struct Run<'a> {
     min: u64,
     max: u64,
     clamps: Vec<Clamp>,
+    /// A measured scale-up made inside the up cooldown: (cooldown, time since the last
+    /// scale-up), for the reason.
+    inside_up_cooldown: Option<(Duration, Duration)>,
 }
 
 type Stage<T> = ControlFlow<Decision, T>;
@@ -415,11 +455,20 @@ pub fn decide(
         min: policy.min,
         max: policy.max.max(policy.min),
         clamps: Vec::new(),
+        inside_up_cooldown: None,
     };
     let decision = match run.stages(&mut next, input) {
         ControlFlow::Break(d) | ControlFlow::Continue(d) => d,
     };
     (decision, next)
+}
+
+/// Adds a recommendation to the window's memory, dropping those it outlasts and outranks.
+fn remember(window: &mut VecDeque<(DateTime<Utc>, u64)>, now: DateTime<Utc>, to: u64) {
+    while window.back().is_some_and(|(_, r)| *r <= to) {
+        window.pop_back();
+    }
+    window.push_back((now, to));
 }
 
 /// The memory a decision starts from: recommendations and applied alerts pruned to their
@@ -435,6 +484,7 @@ fn remembered(policy: &Policy, state: &State, now: DateTime<Utc>) -> State {
     if active_hold(&next, now).is_none() {
         next.hold_until = None;
     }
+    next.burst_until = next.burst_until.filter(|until| *until >= now);
     next
 }
 
@@ -489,6 +539,7 @@ impl Run<'_> {
             ask,
             lowers: false,
             gradual: None,
+            measured: false,
         };
         let action = match input {
             Input::Idle { idle_for } => return ControlFlow::Break(self.idle(next, idle_for)),
@@ -504,13 +555,15 @@ impl Run<'_> {
                     return ControlFlow::Break(self.stay(current, Outcome::NoChange, reason));
                 }
                 return ControlFlow::Continue(Recommendation {
-                    to: min,
-                    ask: Ask::NoLongerFiring {
-                        step: step_down,
-                        min,
-                    },
                     lowers: true,
                     gradual: Some(step_down),
+                    ..rec(
+                        min,
+                        Ask::NoLongerFiring {
+                            step: step_down,
+                            min,
+                        },
+                    )
                 });
             }
             Input::Signal {
@@ -581,6 +634,22 @@ impl Run<'_> {
                 )
             },
             Action::To(n) => rec(n, Ask::AskedFor { replicas: n }),
+            Action::Track(track) => {
+                let (window, to) = self.track(next, track);
+                let ask = Ask::Track {
+                    replicas: to,
+                    window,
+                };
+                let burst = matches!(window, Window::BurstStart | Window::Burst);
+                if window == Window::BelowBurst || track.stable.is_none() && !burst {
+                    let reason = only(ask);
+                    return ControlFlow::Break(self.stay(to, Outcome::NoChange, reason));
+                }
+                Recommendation {
+                    measured: true,
+                    ..rec(to, ask)
+                }
+            }
             Action::Resolved if policy.resolved_to_min => {
                 next.stepping_down = false;
                 Recommendation {
@@ -591,16 +660,46 @@ impl Run<'_> {
             Action::Resolved => {
                 next.stepping_down = true;
                 Recommendation {
-                    to: min,
-                    ask: Ask::Resolved {
-                        step: step_down,
-                        min,
-                    },
                     lowers: true,
                     gradual: Some(step_down),
+                    ..rec(
+                        min,
+                        Ask::Resolved {
+                            step: step_down,
+                            min,
+                        },
+                    )
                 }
             }
         })
+    }
+
+    /// Which window a target-tracking reading follows, and its count; starts, continues or
+    /// ends a burst.
+    fn track(&self, next: &mut State, Track { stable, short }: Track) -> (Window, u64) {
+        let current = self.current;
+        // The short window counts only when it asks for more than runs and than the policy's
+        // window asks for; a burst starts on its load, unrounded, so that a load just over
+        // what one replica carries does not start one.
+        let load = short.filter(|l| l.is_finite() && *l >= 0.0);
+        let more = load
+            .map(|l| proportional(l, 1.0))
+            .filter(|n| *n > current && Some(*n) > stable);
+        let starts = load.filter(|l| *l >= current.max(1).saturating_mul(BURST_FACTOR) as f64);
+        let under_way = next.burst_until.is_some();
+        let burst = more.is_some() && (starts.is_some() || under_way);
+        if burst {
+            next.burst_until = self.now.checked_add_signed(
+                chrono::Duration::from_std(BURST_GRACE).expect("a small duration"),
+            );
+        }
+        match (more, stable) {
+            (Some(n), _) if burst && !under_way => (Window::BurstStart, n),
+            (Some(n), _) if burst => (Window::Burst, n),
+            (_, Some(n)) => (Window::Policy, n),
+            (Some(n), None) => (Window::BelowBurst, n),
+            (None, None) => (Window::Policy, current),
+        }
     }
 
     /// Scale to zero is opt-in and bypasses min; it still waits out the down cooldown and
@@ -716,7 +815,7 @@ impl Run<'_> {
                 }
             }
         }
-        next.recommendations.push_back((self.now, to));
+        remember(&mut next.recommendations, self.now, to);
         if to == current {
             if current <= min {
                 next.stepping_down = false;
@@ -758,8 +857,11 @@ impl Run<'_> {
         if to > current {
             let cooldown = policy.up_cooldown;
             if let Some(elapsed) = in_cooldown(now, self.state.last_scale_up, cooldown) {
-                let rule = Rule::UpCooldown { cooldown, elapsed };
-                return hold_back(self, Clamp::UpCooldown, rule);
+                if !rec.measured {
+                    let rule = Rule::UpCooldown { cooldown, elapsed };
+                    return hold_back(self, Clamp::UpCooldown, rule);
+                }
+                self.inside_up_cooldown = Some((cooldown, elapsed));
             }
             if let Some(cap) = policy.max_step_up {
                 // Reaching min is never capped (as in Kubernetes HPA).
@@ -837,6 +939,7 @@ impl Run<'_> {
         }
         let mut d = self.change(to, rec.to, rec.ask);
         d.reason.capped = capped;
+        d.reason.inside_up_cooldown = self.inside_up_cooldown;
         d
     }
 }
@@ -1255,6 +1358,119 @@ mod tests {
         );
     }
 
+    fn track(stable: Option<u64>, short: Option<f64>) -> Input<'static> {
+        signal(Action::Track(Track { stable, short }))
+    }
+
+    /// The shipped defaults: 5 s up cooldown, 30 s down cooldown, 60 s window; max 10.
+    fn defaults() -> Policy {
+        let (p, _) = patch::PolicyPatch::default().resolve().unwrap();
+        Policy { max: 10, ..p }
+    }
+
+    /// One decision of a timeline, with its reason's text and code.
+    fn step(
+        p: &Policy,
+        current: &mut u64,
+        state: &mut State,
+        t: i64,
+        input: Input<'_>,
+    ) -> Decision {
+        let (d, next) = decide(p, *current, state, input, at(t));
+        if d.outcome == Outcome::Scale {
+            *current = d.to;
+        }
+        *state = next;
+        d
+    }
+
+    #[test]
+    fn a_burst_starts_at_twice_the_running_load_and_lasts_while_the_short_window_asks_for_more() {
+        let p = defaults();
+        let (mut current, mut state) = (1, State::default());
+        let in_burst = |state: &State, t: i64| state.burst_until.is_some_and(|u| u >= at(t));
+        // Just under twice what one replica carries: no burst, nothing from the policy's
+        // window this time.
+        let d = step(&p, &mut current, &mut state, 0, track(None, Some(1.9)));
+        assert_eq!(
+            (d.outcome, current, d.reason.code()),
+            (Outcome::NoChange, 1, "below_burst")
+        );
+        assert!(state.burst_until.is_none());
+        // Twice: a burst, to the short window's count, the policy's window notwithstanding.
+        let d = step(&p, &mut current, &mut state, 10, track(Some(1), Some(2.4)));
+        assert_eq!((current, d.reason.code()), (3, "burst"));
+        assert_eq!(
+            state.burst_until,
+            Some(at(10) + chrono::Duration::seconds(2))
+        );
+        assert_eq!(
+            d.reason.to_string(),
+            "burst: the short window asks for 3 replicas, at least twice as many as run: 1 -> 3"
+        );
+        // Under way: more is enough (4.2 < 2 × 3), inside the up cooldown, which says so.
+        let d = step(&p, &mut current, &mut state, 11, track(None, Some(4.2)));
+        assert_eq!((current, d.reason.code()), (5, "burst"));
+        assert_eq!(
+            d.reason.to_string(),
+            "burst: the short window still asks for more, 5 replicas: 3 -> 5 (1s into the 5s up cooldown, which holds steps, not a count measured from the load)"
+        );
+        // A reading that asks for no more does not end it at once, and a lower count from
+        // the policy's window waits for the down cooldown.
+        let d = step(&p, &mut current, &mut state, 12, track(Some(4), Some(4.5)));
+        assert_eq!((current, d.reason.code()), (5, "down_cooldown"));
+        let d = step(&p, &mut current, &mut state, 13, track(None, Some(5.5)));
+        assert_eq!((current, d.reason.code()), (6, "burst"));
+        assert!(in_burst(&state, 15));
+        // Two seconds without an ask for more end it: a later rise under twice the running
+        // load is no burst, and the policy's window decides.
+        let d = step(&p, &mut current, &mut state, 16, track(None, Some(8.0)));
+        assert_eq!((current, d.reason.code()), (6, "below_burst"));
+        assert!(!in_burst(&state, 16));
+        let d = step(&p, &mut current, &mut state, 17, track(Some(7), Some(8.0)));
+        assert_eq!((current, d.reason.code()), (7, "target"));
+        assert_eq!(
+            d.reason.to_string(),
+            "the policy's window asks for 7 replicas: 6 -> 7 (4s into the 5s up cooldown, which holds steps, not a count measured from the load)"
+        );
+        // Clamped by max like any count; a burst at max stays a burst.
+        let d = step(&p, &mut current, &mut state, 30, track(None, Some(40.0)));
+        assert_eq!((current, d.clamps.clone()), (10, vec![Clamp::Max]));
+        assert!(in_burst(&state, 31));
+        // Nonsense from a source is no reading.
+        for bad in [f64::NAN, f64::INFINITY, -3.0] {
+            let (d, next) = decide(&p, 2, &State::default(), track(None, Some(bad)), at(9));
+            assert_eq!(
+                (d.outcome, next.burst_until),
+                (Outcome::NoChange, None),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_up_cooldown_holds_steps_and_explicit_counts_but_not_a_measured_count() {
+        let p = defaults();
+        let (mut current, mut state) = (1, State::default());
+        step(&p, &mut current, &mut state, 0, track(Some(3), None));
+        assert_eq!(current, 3);
+        let d = step(&p, &mut current, &mut state, 1, signal(Action::StepUp));
+        assert_eq!((current, d.reason.code()), (3, "up_cooldown"));
+        let d = step(&p, &mut current, &mut state, 2, signal(Action::To(8)));
+        assert_eq!((current, d.reason.code()), (3, "up_cooldown"));
+        let d = step(&p, &mut current, &mut state, 3, track(Some(4), None));
+        assert_eq!((current, d.reason.code()), (4, "target"));
+        // Past the cooldown, nothing to say.
+        let d = step(&p, &mut current, &mut state, 30, track(Some(5), None));
+        assert_eq!(current, 5);
+        assert_eq!(d.reason.inside_up_cooldown, None);
+        // A scale-down is still held by the window of what was asked.
+        let d = step(&p, &mut current, &mut state, 70, track(Some(2), None));
+        assert_eq!((current, d.reason.code()), (5, "stabilization"));
+        let d = step(&p, &mut current, &mut state, 91, track(Some(2), None));
+        assert_eq!((current, d.reason.code()), (2, "target"));
+    }
+
     #[test]
     fn clamps_are_reported() {
         let p = gradual();
@@ -1569,6 +1785,8 @@ mod properties {
                 .prop_map(|(value, target)| Action::Sized { value, target }),
             Just(Action::Hold),
             Just(Action::Release),
+            (prop::option::of(0u64..40), prop::option::of(0.0f64..80.0))
+                .prop_map(|(stable, short)| Action::Track(Track { stable, short })),
         ]
     }
 
@@ -1686,8 +1904,19 @@ mod properties {
                                 prop_assert!(proportional(rate, t) > current, "{:?} {:?} rate {}", p, d, rate);
                             }
                         }
-                        // No scale-up inside the up cooldown.
-                        if let Some((t, _, _)) = applied.iter().rev().find(|(_, f, to)| to > f) {
+                        if let Some(Action::Track(Track { stable, short })) = action {
+                            // A measured count: to what one of the windows asked for, the
+                            // short one only in a burst.
+                            let short_n = short.map(|l| proportional(l, 1.0));
+                            let burst = next.burst_until == now.checked_add_signed(chrono::Duration::from_std(BURST_GRACE).unwrap());
+                            let asked = stable.max(short_n.filter(|_| burst)).unwrap_or(0);
+                            prop_assert!(d.to <= asked.max(p.min), "{:?} {:?}", d, action);
+                            let under_way = state.burst_until.is_some_and(|u| u >= now);
+                            if !under_way && d.to > stable.map_or(p.min, |n| n.clamp(p.min, p.max.max(p.min))) {
+                                prop_assert!(short.unwrap() >= 2.0 * current.max(1) as f64, "{:?}", d);
+                            }
+                        } else if let Some((t, _, _)) = applied.iter().rev().find(|(_, f, to)| to > f) {
+                            // No other scale-up inside the up cooldown.
                             prop_assert!((now - *t).to_std().unwrap() >= p.up_cooldown);
                         }
                     } else {
@@ -1722,7 +1951,10 @@ mod properties {
                     prop_assert_eq!(d.to, current);
                 }
                 let hold_signal = matches!(action, Some(Action::Hold | Action::Release));
-                if action.is_some() && !hold_signal && !d.clamps.contains(&Clamp::Duplicate) && !d.clamps.contains(&Clamp::LoadGone) {
+                // A tracking reading that neither window acts on is not a recommendation.
+                let unread = matches!(action, Some(Action::Track(Track { stable: None, .. })))
+                    && !matches!(d.reason.ask, Ask::Track { window: Window::Burst | Window::BurstStart, .. });
+                if action.is_some() && !hold_signal && !unread && !d.clamps.contains(&Clamp::Duplicate) && !d.clamps.contains(&Clamp::LoadGone) {
                     recs.push((now, d.recommended.clamp(p.min, p.max.max(p.min))));
                 }
                 state = next;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::executor::{Autoscaler, Verdict};
-use super::policy::{Action, Input};
+use super::policy::{Action, Input, Track, BURST_FACTOR};
 use super::rates::RateWindow;
 use super::strategy::{desired, Strategy, Want};
 use crate::config::{PrometheusConfig, QueryPolicy, QuerySource};
@@ -44,6 +44,10 @@ impl FunctionValues {
 /// Failed reads in a row before `fallback_replicas` applies.
 const FALLBACK_AFTER_FAILURES: u32 = 3;
 
+/// How often a policy with a short window samples faastastic's counters and reads it (the
+/// policy's own source is still read every `interval`).
+pub const SHORT_TICK: Duration = Duration::from_millis(500);
+
 struct Runner {
     policy: QueryPolicy,
     prometheus: Option<prometheus_http_query::Client>,
@@ -51,8 +55,15 @@ struct Runner {
     fleet: Arc<Fleet>,
     autoscaler: Arc<Autoscaler>,
     metrics: Arc<Metrics>,
-    /// Internal source: samples of faastastic's own counters covering the window.
+    /// Internal source: samples of faastastic's own counters covering its window, taken at
+    /// every read.
     samples: RateWindow<(String, String)>,
+    /// Short window: samples of the same counters taken at every tick.
+    recent: RateWindow<(String, String)>,
+    /// When the policy's source was last read.
+    last_read: Option<Instant>,
+    /// How often the loop runs: the interval, or the short window's tick when shorter.
+    tick: Duration,
     failures: u32,
     up: bool,
 }
@@ -136,6 +147,17 @@ pub fn spawn_all(
         metrics
             .source_errors
             .with_label_values(&[policy.name.as_str()]);
+        let own = match policy.source {
+            QuerySource::Internal { window } => window,
+            QuerySource::Prometheus { .. } => Duration::ZERO,
+        };
+        let tick = match policy.short_window {
+            Some(_) => policy.interval.min(SHORT_TICK),
+            None => policy.interval,
+        };
+        if let Some(short) = policy.short_window {
+            tracing::info!(policy = %policy.name, "query policy: a burst starts when faastastic's own counters over the last {}s ask for at least {BURST_FACTOR}x the running replicas (read every {tick:?})", short.as_secs_f64());
+        }
         let mut runner = Runner {
             policy: policy.clone(),
             prometheus: client,
@@ -143,15 +165,15 @@ pub fn spawn_all(
             fleet: fleet.clone(),
             autoscaler: autoscaler.clone(),
             metrics: metrics.clone(),
-            samples: RateWindow::new(match policy.source {
-                QuerySource::Internal { window } => window,
-                QuerySource::Prometheus { .. } => Duration::ZERO,
-            }),
+            samples: RateWindow::new(own),
+            recent: RateWindow::new(policy.short_window.unwrap_or_default()),
+            last_read: None,
+            tick,
             failures: 0,
             up: true,
         };
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(runner.policy.interval);
+            let mut interval = tokio::time::interval(runner.tick);
             // A slow source skips ticks rather than piling evaluations up.
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
@@ -195,7 +217,7 @@ impl Runner {
                 }
                 Ok(out)
             }
-            QuerySource::Internal { .. } => Ok(self.internal_rates()),
+            QuerySource::Internal { .. } => Ok(own_rates(&self.fleet, &self.samples)),
         }
     }
 
@@ -203,48 +225,78 @@ impl Runner {
         let (name, namespace) = split_qualified(label);
         FunctionId::new(name, namespace.unwrap_or(self.fleet.default_namespace()))
     }
+}
 
-    /// Invocations per second in each datacenter over the window, from faastastic's own
-    /// counters; a function never invoked reads as 0, and every function reads NaN (no data)
-    /// until two samples exist.
-    fn internal_rates(&mut self) -> Values {
-        self.samples.push(
-            Instant::now(),
-            self.metrics.invocation_counts_by_datacenter(),
-        );
-        let samples = &self.samples;
-        let invoked: std::collections::HashSet<&str> = samples
-            .latest_keys()
-            .map(|(name, _)| name.as_str())
-            .collect();
-        self.fleet
-            .scan(|f, _| {
-                let name = f.id.qualified();
-                // Never invoked and at zero everywhere: it reads 0 at 0 replicas, which
-                // changes nothing (not worth a value per datacenter at 10,000 functions).
-                if f.replicas.values().all(|n| *n == 0) && !invoked.contains(name.as_str()) {
-                    return None;
-                }
-                let mut v = FunctionValues::default();
-                for dc in f.replicas.keys() {
-                    let rate = samples
-                        .rate(&(name.clone(), dc.clone()))
-                        .unwrap_or(f64::NAN);
-                    v.set(Some(dc.clone()), rate);
-                }
-                Some((f.id.clone(), v))
-            })
-            .into_iter()
-            .collect()
-    }
+/// Invocations per second in each datacenter over the window of `samples`, from faastastic's
+/// own counters; a function never invoked reads as 0, and every function reads NaN (no data)
+/// until two samples exist.
+fn own_rates(fleet: &Fleet, samples: &RateWindow<(String, String)>) -> Values {
+    let invoked: std::collections::HashSet<&str> = samples
+        .latest_keys()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    fleet
+        .scan(|f, _| {
+            let name = f.id.qualified();
+            // Never invoked and at zero everywhere: it reads 0 at 0 replicas, which
+            // changes nothing (not worth a value per datacenter at 10,000 functions).
+            if f.replicas.values().all(|n| *n == 0) && !invoked.contains(name.as_str()) {
+                return None;
+            }
+            let mut v = FunctionValues::default();
+            for dc in f.replicas.keys() {
+                let rate = samples
+                    .rate(&(name.clone(), dc.clone()))
+                    .unwrap_or(f64::NAN);
+                v.set(Some(dc.clone()), rate);
+            }
+            Some((f.id.clone(), v))
+        })
+        .into_iter()
+        .collect()
+}
 
+impl Runner {
+    /// One turn of the loop: samples the counters; every `interval`, reads the source and
+    /// evaluates it with the short window; in between, the short window alone.
     async fn evaluate(&mut self) {
         let started = Instant::now();
-        self.evaluate_once().await;
+        // Half a tick early counts as due, so that timer jitter does not skip a read.
+        let due = self
+            .last_read
+            .is_none_or(|at| started.duration_since(at) + self.tick / 2 >= self.policy.interval);
+        let own = matches!(self.policy.source, QuerySource::Internal { .. });
+        let counts = (self.policy.short_window.is_some() || own && due)
+            .then(|| self.metrics.invocation_counts_by_datacenter());
+        let short = match (self.policy.short_window, counts.clone()) {
+            (Some(_), Some(counts)) => {
+                self.recent.push(started, counts);
+                Some(own_rates(&self.fleet, &self.recent))
+            }
+            _ => None,
+        };
+        if let (true, Some(counts)) = (own && due, counts) {
+            self.samples.push(started, counts);
+        }
+        if !due {
+            if let Some(short) = &short {
+                apply_values(
+                    &self.policy,
+                    None,
+                    Some(short),
+                    &self.fleet,
+                    &self.autoscaler,
+                )
+                .await;
+            }
+            return;
+        }
+        self.last_read = Some(started);
+        self.read_and_apply(short.as_ref()).await;
         self.metrics.evaluated(&source_name(&self.policy), started);
     }
 
-    async fn evaluate_once(&mut self) {
+    async fn read_and_apply(&mut self, short: Option<&Values>) {
         let values = self.read().await;
         let source = source_name(&self.policy);
         let values = match values {
@@ -298,11 +350,13 @@ impl Runner {
                             &self.fleet,
                             &self.autoscaler,
                             |_, _, _, _, _| {
-                                Some((
-                                    fallback,
-                                    format!("source unavailable: fallback_replicas {fallback}"),
-                                    f64::NAN,
-                                ))
+                                Some(Proposal {
+                                    action: Action::To(fallback),
+                                    why: format!(
+                                        "source unavailable: fallback_replicas {fallback}"
+                                    ),
+                                    evidence: json!({"value": f64::NAN}),
+                                })
                             },
                         )
                         .await;
@@ -311,7 +365,14 @@ impl Runner {
                 return;
             }
         };
-        apply_values(&self.policy, &values, &self.fleet, &self.autoscaler).await;
+        apply_values(
+            &self.policy,
+            Some(&values),
+            short,
+            &self.fleet,
+            &self.autoscaler,
+        )
+        .await;
     }
 }
 
@@ -320,11 +381,89 @@ fn source_name(policy: &QueryPolicy) -> String {
     format!("query:{}", policy.name)
 }
 
-/// One evaluation of a policy from values already read: each matching function's value in
-/// each of its datacenters goes through the strategy, and changes go to the executor.
+/// What a policy read for one function in one datacenter: its source's value (when read this
+/// time) and the short window's.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading {
+    pub value: Option<f64>,
+    pub short_value: Option<f64>,
+    pub short_window: Option<Duration>,
+}
+
+/// What a reading gives the engine.
+#[derive(Debug, Clone)]
+pub struct Proposal {
+    pub action: Action,
+    /// The values against the strategy, in words.
+    pub why: String,
+    pub evidence: serde_json::Value,
+}
+
+impl Reading {
+    /// The engine's input for this reading (a target strategy tracks, the others ask for a
+    /// count); `None` when there is nothing to decide: no value, or a strategy that holds
+    /// (between thresholds) and a short window that asks for no more than runs.
+    ///
+    /// A target within its tolerance asks for the running count, so that the stabilization
+    /// window remembers the load that count carries.
+    pub fn action(
+        &self,
+        strategy: &Strategy,
+        replicas: crate::platform::ReplicaCounts,
+        max: u64,
+    ) -> Option<Proposal> {
+        let current = replicas.desired;
+        let tracking = matches!(strategy, Strategy::Target { .. });
+        let (stable, mut why) = match self.value.map(|v| desired(strategy, replicas, v, max)) {
+            // Zero stays zero (the engine would say so): not worth a decision per function.
+            Some(Want::Replicas(0, why)) if current == 0 => (None, why),
+            Some(Want::Replicas(n, why)) => (Some(n), why),
+            Some(Want::Hold(why)) if tracking && current > 0 => (Some(current), why),
+            Some(Want::Hold(why)) => (None, why),
+            None => (None, String::new()),
+        };
+        let window = self.short_window.unwrap_or_default().as_secs_f64();
+        let short = match (strategy, self.short_value) {
+            (Strategy::Target { target, .. }, Some(v)) => {
+                match desired(strategy, replicas, v, max) {
+                    Want::Replicas(n, short_why) if n > current => {
+                        if !why.is_empty() {
+                            why.push_str("; ");
+                        }
+                        why.push_str(&format!("over the last {window}s: {short_why}"));
+                        Some(v.max(0.0) / target)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let action = match (tracking, stable, short) {
+            (_, None, None) => return None,
+            (true, stable, short) => Action::Track(Track { stable, short }),
+            (false, Some(n), _) => Action::To(n),
+            (false, None, Some(_)) => return None,
+        };
+        let mut evidence = json!({"value": self.value.unwrap_or(f64::NAN)});
+        if let Some(v) = self.short_value.filter(|_| short.is_some()) {
+            evidence["short_value"] = json!(v);
+            evidence["short_window_secs"] = json!(window);
+        }
+        Some(Proposal {
+            action,
+            why,
+            evidence,
+        })
+    }
+}
+
+/// One evaluation of a policy from values already read (`stable`: its source, when read this
+/// time; `short`: its short window): each matching function's value in each of its
+/// datacenters goes through the strategy, and changes go to the executor.
 pub async fn apply_values(
     policy: &QueryPolicy,
-    values: &Values,
+    stable: Option<&Values>,
+    short: Option<&Values>,
     fleet: &Fleet,
     autoscaler: &Autoscaler,
 ) {
@@ -339,17 +478,19 @@ pub async fn apply_values(
             ..
         }
     );
+    let value_in = |values: Option<&Values>, id: &FunctionId, dc: &str, share_of: usize| {
+        let v = values?.get(id)?;
+        match v.by_datacenter.get(dc) {
+            Some(v) => Some(*v),
+            None if shared => Some(v.total? / share_of as f64),
+            None => v.total,
+        }
+    };
     let want = |id: &FunctionId,
                 dc: &str,
                 share_of: usize,
                 current: u64,
                 function_policy: &crate::fleet::PolicyOf| {
-        let v = values.get(id)?;
-        let value = match v.by_datacenter.get(dc) {
-            Some(v) => *v,
-            None if shared => v.total? / share_of as f64,
-            None => v.total?,
-        };
         // Only threshold steps in percent need the function's max: its stored policy's.
         let max = match (strategy, function_policy) {
             (Strategy::Threshold { .. }, Ok((p, _))) => p.max,
@@ -359,22 +500,22 @@ pub async fn apply_values(
             desired: current,
             ready: fleet.ready_in(id, dc),
         };
-        match desired(strategy, replicas, value, max) {
-            // Zero stays zero (the engine would say so): not worth a decision per function.
-            Want::Replicas(0, _) if current == 0 => None,
-            Want::Replicas(n, why) => Some((n, why, value)),
-            Want::Hold(_) => None,
-        }
+        let read = Reading {
+            value: value_in(stable, id, dc, share_of),
+            short_value: value_in(short, id, dc, share_of),
+            short_window: policy.short_window,
+        };
+        read.action(strategy, replicas, max)
     };
     apply_all(policy, fleet, autoscaler, want).await;
 }
 
 /// Feeds `want(function, datacenter, datacenters it runs in, current replicas there, its
 /// policy)` to the executor for every function the policy matches, in each of its
-/// datacenters. The functions are read in place; only the changes are collected.
+/// datacenters. The functions are read in place; only the proposals are collected.
 async fn apply_all<F>(policy: &QueryPolicy, fleet: &Fleet, autoscaler: &Autoscaler, want: F)
 where
-    F: Fn(&FunctionId, &str, usize, u64, &crate::fleet::PolicyOf) -> Option<(u64, String, f64)>,
+    F: Fn(&FunctionId, &str, usize, u64, &crate::fleet::PolicyOf) -> Option<Proposal>,
 {
     let source = source_name(policy);
     let query = match &policy.source {
@@ -387,24 +528,21 @@ where
             return None::<()>;
         }
         for (dc, current) in &f.replicas {
-            if let Some((n, why, value)) =
-                want(&f.id, dc, f.replicas.len(), *current, function_policy)
-            {
-                work.push((
-                    f.id.clone(),
-                    dc.clone(),
-                    n,
-                    json!({"policy": policy.name, "query": query, "value": value, "why": why}),
-                ));
+            if let Some(p) = want(&f.id, dc, f.replicas.len(), *current, function_policy) {
+                let mut evidence = p.evidence;
+                evidence["policy"] = json!(policy.name);
+                evidence["query"] = json!(query);
+                evidence["why"] = json!(p.why);
+                work.push((f.id.clone(), dc.clone(), p.action, evidence));
             }
         }
         None
     });
-    futures::future::join_all(work.into_iter().map(|(id, dc, n, evidence)| {
+    futures::future::join_all(work.into_iter().map(|(id, dc, action, evidence)| {
         let source = source.clone();
         async move {
             let input = Input::Signal {
-                action: Action::To(n),
+                action,
                 dedupe_key: None,
                 observed_rate: None,
             };

@@ -40,33 +40,58 @@ impl<K: Hash + Eq> RateWindow<K> {
         }
     }
 
-    /// Invocations per second of `key` across the samples; `None` until two samples exist. A
-    /// function never invoked reads as 0.
-    ///
-    /// A load that began inside the window is measured over the part it covers: the samples
-    /// before its first invocation are left out, so that idle seconds before a step do not
-    /// average it down (a step of 60/s two seconds into a 10 s window reads 60/s, not 12/s).
-    /// A load that stops is still measured over the whole window, so a scale-down waits for
-    /// the window to empty.
+    /// Invocations per second of `key` over the window; `None` until two samples exist. A
+    /// function never invoked reads as 0. See [`Self::rate_over`].
     pub fn rate(&self, key: &K) -> Option<f64> {
-        if self.span().is_zero() {
+        self.rate_over(key, self.window)
+    }
+
+    /// Invocations per second of `key` over the last `window` (at most the one the samples
+    /// are kept for; the samples that cover it, from the latest one taken at or before its
+    /// start); `None` until two samples exist, and while a load that was already running at
+    /// the first sample is covered for less than the window (after a start, the rate of a
+    /// running load is not known until the window has passed).
+    ///
+    /// A load that began inside the window is measured over the part it covers, so that idle
+    /// seconds before a step do not average it down (a step of 60/s two seconds into a 10 s
+    /// window reads 60/s, not 12/s): once two samples show it, from the first of them (the
+    /// interval it began in is left out, as where in it the load began is unknown); with only
+    /// one, from the last idle sample (a lower bound). A load that stops is still measured
+    /// from where it began, so its rate falls as the window empties rather than at once.
+    pub fn rate_over(&self, key: &K, window: Duration) -> Option<f64> {
+        let (last_at, _) = self.samples.back()?;
+        let skip = self
+            .samples
+            .iter()
+            .rposition(|(t, _)| last_at.duration_since(*t) >= window)
+            .unwrap_or(0);
+        let samples = self.samples.range(skip..);
+        if samples.len() < 2 {
             return None;
         }
         let count = |sample: &HashMap<K, u64>| sample.get(key).copied().unwrap_or(0);
-        let (last_at, last) = self.samples.back().map(|(t, s)| (*t, count(s)))?;
-        let first = count(&self.samples.front()?.1);
-        // The last sample still at the first one's count: where the load began.
-        let since = self
-            .samples
-            .iter()
-            .take_while(|(_, s)| count(s) == first)
-            .last()
-            .map(|(t, _)| *t)?;
-        let span = match last_at.duration_since(since) {
-            d if last == first || d.is_zero() => self.span(),
-            d => d,
+        let points: Vec<(Instant, u64)> = samples.map(|(t, s)| (*t, count(s))).collect();
+        let (first_at, first) = points[0];
+        let (last_at, last) = points[points.len() - 1];
+        if last_at == first_at {
+            return None;
+        }
+        // The last sample still at the first one's count, and the first one past it: where
+        // the load began, when it began after the first sample (never invoked before it, or
+        // idle between two samples).
+        let idle = points.iter().take_while(|(_, n)| *n == first).count() - 1;
+        let began_inside = idle > 0 || first == 0;
+        let (from_at, from) = match points.get(idle + 1) {
+            // Two samples or more since the load began: measured from the first of them.
+            Some(&(at, n)) if began_inside && at < last_at => (at, n),
+            // One: from the last idle sample.
+            Some(_) if began_inside => points[idle],
+            // Running before the first sample: over the whole window, once covered.
+            Some(_) if last_at.duration_since(first_at) < window.min(self.window) => return None,
+            // No invocation at all, or a load that covers the window.
+            _ => (first_at, first),
         };
-        Some(last.saturating_sub(first) as f64 / span.as_secs_f64())
+        Some(last.saturating_sub(from) as f64 / last_at.duration_since(from_at).as_secs_f64())
     }
 
     /// The keys of the latest sample: everything invoked through faastastic since the start.
@@ -137,5 +162,31 @@ mod tests {
         }
         let after = w.rate(&f).unwrap();
         assert!(after > 0.0 && after < 60.0, "{after}");
+    }
+
+    /// A load already running when sampling starts has no rate until the samples cover the
+    /// window; a shorter window over the same samples reads the recent part only.
+    #[test]
+    fn a_running_load_waits_for_the_window_and_a_short_window_reads_the_recent_part() {
+        let t0 = Instant::now();
+        let f = "f.fn".to_string();
+        let mut w = RateWindow::new(Duration::from_secs(10));
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        // 20/s for 12 s (running before the first sample), then 60/s.
+        for i in 0..=12 {
+            w.push(s(i), counts(1000 + 20 * i));
+            let expected = (i >= 10).then_some(20.0);
+            assert_eq!(w.rate(&f), expected, "at {i} s");
+        }
+        for i in 13..=14 {
+            w.push(s(i), counts(1240 + 60 * (i - 12)));
+        }
+        assert_eq!(w.rate_over(&f, Duration::from_secs(2)), Some(60.0));
+        assert_eq!(w.rate(&f), Some((20.0 * 8.0 + 120.0) / 10.0));
+        // Never invoked before the first sample: the load began inside, and is read at once.
+        let mut fresh = RateWindow::new(Duration::from_secs(10));
+        fresh.push(s(0), counts(0));
+        fresh.push(s(1), counts(40));
+        assert_eq!(fresh.rate(&f), Some(40.0));
     }
 }

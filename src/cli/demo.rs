@@ -185,7 +185,8 @@ fn demo_config(data_dir: PathBuf, alerts: bool) -> Config {
         .map(|(i, dc)| crate::config::DatacenterConfig::local(dc, i == 0))
         .collect();
     let a = &mut cfg.autoscale;
-    a.defaults.up_cooldown = Some(Duration::from_secs(1));
+    // The way up is the shipped defaults' (a target and nothing else on the query policy
+    // below); the way down is shortened, so that the demo ends within a minute.
     a.defaults.down_cooldown = Some(Duration::from_secs(2));
     a.defaults.stabilization_window = Some(Duration::from_secs(4));
     a.tick_interval = Duration::from_millis(250);
@@ -195,7 +196,7 @@ fn demo_config(data_dir: PathBuf, alerts: bool) -> Config {
     a.queries.push(QueryPolicy {
         name: "demo-rate".to_string(),
         source: QuerySource::Internal {
-            window: Duration::from_secs(3),
+            window: Duration::from_secs(10),
         },
         pattern: glob::Pattern::new("*").expect("* is a valid glob"),
         strategy: crate::autoscale::strategy::Strategy::Target {
@@ -203,10 +204,11 @@ fn demo_config(data_dir: PathBuf, alerts: bool) -> Config {
             per_replica: false,
             tolerance: 0.1,
         },
-        interval: Duration::from_millis(500),
+        interval: Duration::from_secs(2),
         fallback_replicas: None,
         function_label: "function_name".to_string(),
         datacenter_label: "datacenter".to_string(),
+        short_window: Some(crate::config::SHORT_WINDOW),
     });
     cfg
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::autoscale::policy::{decide, Action, Input, Outcome, Policy, State};
+use crate::autoscale::policy::{decide, Action, Input, Outcome, Policy, State, Track};
 
 /// One line of the input: when (`at`, RFC 3339, or `t`, seconds from the first line) and what.
 #[derive(Debug, Deserialize)]
@@ -17,10 +17,14 @@ struct Line {
     at: Option<DateTime<Utc>>,
     #[serde(default)]
     t: Option<f64>,
-    /// `firing`/`step_up`, `resolved`, `step_down`, `to`, or `tick`.
+    /// `firing`/`step_up`, `resolved`, `step_down`, `to`, `track`, or `tick`.
     action: String,
+    /// `to`: the count; `track`: the count the policy's window asks for.
     #[serde(default)]
     replicas: Option<u64>,
+    /// `track`: the short window's load in replicas' worth (its rate over the target).
+    #[serde(default)]
+    short: Option<f64>,
     /// Dedupe key (an alert's fingerprint and start), to replay retries.
     #[serde(default)]
     key: Option<String>,
@@ -87,6 +91,7 @@ fn parse_line(
         ("value", line.value),
         ("target", line.target),
         ("observed", line.observed),
+        ("short", line.short),
     ] {
         if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
             return Err(format!("line {n}: {field} must be a finite number >= 0"));
@@ -116,10 +121,22 @@ fn parse_line(
                 .ok_or_else(|| format!("line {n}: action \"to\" needs replicas"))?;
             Parsed::Signal(Action::To(n), key, None)
         }
+        "track" => {
+            if line.replicas.is_none() && line.short.is_none() {
+                return Err(format!(
+                    "line {n}: action \"track\" needs replicas (the policy's window) or short (the short window)"
+                ));
+            }
+            let track = Track {
+                stable: line.replicas,
+                short: line.short,
+            };
+            Parsed::Signal(Action::Track(track), key, None)
+        }
         "tick" => Parsed::Tick,
         other => {
             return Err(format!(
-                "line {n}: action {other:?} is not one of firing, resolved, step_down, to, hold, release, tick"
+                "line {n}: action {other:?} is not one of firing, resolved, step_down, to, track, hold, release, tick"
             ))
         }
     };
@@ -179,6 +196,11 @@ pub fn simulate(
                     Action::Sized { value, .. } => format!("firing at {value}"),
                     Action::StepDown => "step_down".to_string(),
                     Action::To(n) => format!("to {n}"),
+                    Action::Track(t) => format!(
+                        "track {}{}",
+                        t.stable.map_or("-".to_string(), |n| n.to_string()),
+                        t.short.map_or(String::new(), |l| format!(" (short {l})"))
+                    ),
                     Action::Resolved => "resolved".to_string(),
                     Action::Hold => "hold".to_string(),
                     Action::Release => "release".to_string(),
@@ -375,5 +397,35 @@ mod tests {
         assert_eq!((rows[0].input.as_str(), rows[0].to), ("firing at 12", 3));
         assert_eq!(rows[1].outcome, Outcome::Held, "{rows:?}");
         assert!(rows[1].reason.contains("load already gone"), "{rows:?}");
+    }
+
+    /// A target policy's readings replay with their burst: twice the running load starts one,
+    /// and a reading needs a window's count or a short load.
+    #[test]
+    fn replays_target_readings_and_their_burst() {
+        let series = r#"
+{"t": 0, "action": "track", "short": 1.5}
+{"t": 1, "action": "track", "replicas": 1, "short": 2.5}
+{"t": 1.5, "action": "track", "short": 3.6}
+{"t": 2, "action": "track"}
+"#;
+        let errors = simulate(&policy(), 1, series, Duration::from_secs(1)).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("line 5: action \"track\" needs"),
+            "{errors:?}"
+        );
+        let series = series.replace("{\"t\": 2, \"action\": \"track\"}", "");
+        let rows = simulate(&policy(), 1, &series, Duration::from_secs(1)).unwrap();
+        let path: Vec<(&str, u64)> = rows.iter().map(|r| (r.input.as_str(), r.to)).collect();
+        assert_eq!(
+            path,
+            [
+                ("track - (short 1.5)", 1),
+                ("track 1 (short 2.5)", 3),
+                ("track - (short 3.6)", 4)
+            ]
+        );
+        assert!(rows[1].reason.starts_with("burst: "), "{rows:?}");
     }
 }

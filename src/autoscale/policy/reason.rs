@@ -68,6 +68,11 @@ pub enum Ask {
     AskedFor {
         replicas: u64,
     },
+    /// A target-tracking reading asks for `replicas`, by the reading of `window`.
+    Track {
+        replicas: u64,
+        window: Window,
+    },
     /// Resolved, with `resolved_to_min`.
     ResolvedToMin,
     /// Resolved: stepping down gradually.
@@ -93,6 +98,20 @@ pub enum StepMode {
     AlertModeStep,
     /// It carried a value but no target is known to size it against.
     NoTarget,
+}
+
+/// Which window a target-tracking decision followed (see `policy::Track`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// The policy's own window: its query, or the internal rate over `window_secs`.
+    Policy,
+    /// The short window started a burst: it asked for at least twice the running count.
+    BurstStart,
+    /// A burst under way: the short window still asks for more than runs.
+    Burst,
+    /// The short window asked for more, but less than twice the running count: no burst,
+    /// and the policy's window had nothing to say this time.
+    BelowBurst,
 }
 
 /// The rule that settled the decision.
@@ -150,6 +169,9 @@ pub struct Reason {
     pub rule: Rule,
     /// Set when a pause held the change this reason explains.
     pub paused: Option<Paused>,
+    /// A measured count scaled up inside the up cooldown (which holds only steps): (the
+    /// cooldown, time since the last scale-up).
+    pub inside_up_cooldown: Option<(Duration, Duration)>,
 }
 
 impl Reason {
@@ -159,6 +181,7 @@ impl Reason {
             capped: None,
             rule,
             paused: None,
+            inside_up_cooldown: None,
         }
     }
 
@@ -197,6 +220,18 @@ impl Reason {
                 Ask::Proportional { .. } => "proportional",
                 Ask::StepDown { .. } => "step_down",
                 Ask::AskedFor { .. } => "asked_for",
+                Ask::Track {
+                    window: Window::Policy,
+                    ..
+                } => "target",
+                Ask::Track {
+                    window: Window::BurstStart | Window::Burst,
+                    ..
+                } => "burst",
+                Ask::Track {
+                    window: Window::BelowBurst,
+                    ..
+                } => "below_burst",
                 Ask::ResolvedToMin => "resolved_to_min",
                 Ask::Resolved { .. } => "resolved",
                 Ask::NothingToDo => "nothing_to_do",
@@ -291,6 +326,21 @@ impl fmt::Display for Ask {
             }
             Ask::StepDown { step } => write!(f, "step down by {step}"),
             Ask::AskedFor { replicas } => write!(f, "asked for {replicas} replicas"),
+            Ask::Track { replicas, window } => match window {
+                Window::Policy => write!(f, "the policy's window asks for {replicas} replicas"),
+                Window::BurstStart => write!(
+                    f,
+                    "burst: the short window asks for {replicas} replicas, at least twice as many as run"
+                ),
+                Window::Burst => write!(
+                    f,
+                    "burst: the short window still asks for more, {replicas} replicas"
+                ),
+                Window::BelowBurst => write!(
+                    f,
+                    "the short window asks for {replicas} replicas, under twice as many as run: no burst"
+                ),
+            },
             Ask::ResolvedToMin => f.write_str("resolved: back to min (resolved_to_min)"),
             Ask::Resolved { step, min } => {
                 write!(f, "resolved: stepping down by {step} towards min {min}")
@@ -354,6 +404,14 @@ impl fmt::Display for Reason {
                 "; held: {highest} replicas were recommended within the {} stabilization window",
                 Secs(*window)
             )?,
+        }
+        if let Some((cooldown, elapsed)) = self.inside_up_cooldown {
+            write!(
+                f,
+                " ({} into the {} up cooldown, which holds steps, not a count measured from the load)",
+                Secs(elapsed),
+                Secs(cooldown)
+            )?;
         }
         if let Ask::Manual {
             outside: Some((min, max)),
