@@ -20,7 +20,7 @@ use chrono::{TimeZone, Utc};
 use faastastic::autoscale::clock::SystemClock;
 use faastastic::autoscale::executor::Autoscaler;
 use faastastic::autoscale::policy::{decide, Action, Input, Policy, State, Step};
-use faastastic::autoscale::query::{apply_values, Values};
+use faastastic::autoscale::query::{apply_values, Enough, Values};
 use faastastic::autoscale::strategy::Strategy;
 use faastastic::config::{Config, Placement, QueryPolicy, QuerySource};
 use faastastic::fleet::{Datacenter, Fleet};
@@ -299,10 +299,11 @@ async fn evaluation() {
     };
     let rounds = if smoke() { 2 } else { 20 };
     let mut times = Vec::new();
+    let mut enough = Enough::default();
     for round in 0..rounds + 2 {
         let v = values(round);
         let start = Instant::now();
-        apply_values(&policy, Some(&v), None, &fleet, &autoscaler).await;
+        apply_values(&policy, Some(&v), None, &mut enough, &fleet, &autoscaler).await;
         if round >= 2 {
             times.push(start.elapsed());
         }

@@ -6,9 +6,15 @@ loaded side by side in one run against one real Prometheus and one real Alertman
   (`irate` over the last two scrapes, target 5/s per replica);
 * alert path, step mode: the shipped rule and Alertmanager config, OpenFaaS step mode
   (`com.faastastic.scale.alert-mode=step`, factor 25 % of max 4 = +1 per delivery);
-* alert path, proportional: the same rule and config, sized from the alert's value.
+* alert path, proportional: the same rule and config, sized from the alert's value;
+* defaults, internal source: a policy that sets only `source = "internal"` and `target = 10`;
+* defaults, Prometheus: a policy that sets only
+  `sum by (function_name) (rate(gateway_function_invocation_total[1m]))` and `target = 10`
+  (both: 10 s / 1 m windows read every 2 s, the 2 s short window every 500 ms, 5 s up
+  cooldown).
 
-Each function gets 40 invocations/s (8x the rule's threshold of 5/s). Prometheus scrapes and
+Each function gets 40 invocations/s (8x the rule's threshold of 5/s; 4 replicas' worth at the
+defaults' target of 10). Prometheus scrapes and
 evaluates every second; everything else is as shipped (rules/faastastic.rules.yml,
 rules/alertmanager.yml). Bounded: the load stops at 4 replicas or after --timeout seconds.
 Usage: scripts/bench_reaction.py [--timeout 150] [--json FILE] [--query-only]
@@ -36,6 +42,8 @@ FUNCTIONS = {
     "alert-step": {"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25",
                    "com.faastastic.scale.alert-mode": "step"},
     "alert-proportional": {"com.openfaas.scale.max": "4"},
+    "defaults-internal": {"com.openfaas.scale.max": "4"},
+    "defaults-prometheus": {"com.openfaas.scale.max": "4"},
 }
 
 
@@ -87,6 +95,16 @@ match = "query-path.*"
 query = 'sum by (function_name) (irate(gateway_function_invocation_total[5s]))'
 target = 5
 interval_ms = 500
+[[autoscale.queries]]
+name = "defaults-internal"
+match = "defaults-internal.*"
+source = "internal"
+target = 10
+[[autoscale.queries]]
+name = "defaults-prometheus"
+match = "defaults-prometheus.*"
+query = 'sum by (function_name) (rate(gateway_function_invocation_total[1m]))'
+target = 10
 """)
         server = subprocess.Popen(
             [BIN, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
@@ -209,6 +227,14 @@ scrape_configs:
     q = by.get("query-path", {}).get("to_4_s")
     table.append(row("reaction", "query path: load start → 4 ready replicas", s(q), None, None,
                      "≤ 3 s", q is not None and q <= 3))
+    for name, what in (("defaults-internal", "internal source"),
+                       ("defaults-prometheus", "Prometheus rate()[1m]")):
+        r = by[name]
+        last, n = r["last_decision_s"], r["decisions"]
+        ok = r["to_4_s"] is not None and last is not None and last <= 2 and n <= 2
+        table.append(row("reaction", f"defaults, {what}: load start → last scale-up "
+                         f"({n} decision(s); 4 ready at {s(r['to_4_s'])})", s(last),
+                         None, None, "≤ 2 s, ≤ 2 decisions", ok))
     if "alert-proportional" in by:
         pr, st = by["alert-proportional"]["to_4_s"], by["alert-step"]["to_4_s"]
         table.append(row("reaction", "alert path, alert-sized: load start → 4 ready replicas "

@@ -740,6 +740,11 @@ impl Autoscaler {
         &self.cfg
     }
 
+    /// Now, on the autoscaler's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
     fn set_stepping(&self, key: &Key, on: bool) {
         let mut stepping = self.stepping.lock().unwrap_or_else(|p| p.into_inner());
         if on {

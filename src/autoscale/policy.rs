@@ -253,6 +253,13 @@ pub struct Track {
     /// asks for the next whole count); `None` when the policy has none or it asks for no more
     /// than runs.
     pub short: Option<f64>,
+    /// The last time the policy's window found the running count enough (within its
+    /// tolerance), and that count. Such readings are not sent one by one (a policy over
+    /// thousands of steady functions would make a decision for each, every interval); the
+    /// next reading that is sent carries the last of them, and the stabilization window
+    /// remembers it as a recommendation of that count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enough_at: Option<(DateTime<Utc>, u64)>,
 }
 
 /// How many times the running count the short window must ask for to start a burst.
@@ -463,12 +470,15 @@ pub fn decide(
     (decision, next)
 }
 
-/// Adds a recommendation to the window's memory, dropping those it outlasts and outranks.
-fn remember(window: &mut VecDeque<(DateTime<Utc>, u64)>, now: DateTime<Utc>, to: u64) {
-    while window.back().is_some_and(|(_, r)| *r <= to) {
-        window.pop_back();
+/// Adds a recommendation made at `at` to the window's memory (oldest first, counts falling),
+/// dropping those it outlasts and outranks; one outlasted and outranked itself is not kept.
+fn remember(window: &mut VecDeque<(DateTime<Utc>, u64)>, at: DateTime<Utc>, to: u64) {
+    if window.iter().any(|(t, r)| *t >= at && *r >= to) {
+        return;
     }
-    window.push_back((now, to));
+    window.retain(|(t, r)| *t > at || *r > to);
+    let place = window.partition_point(|(t, _)| *t <= at);
+    window.insert(place, (at, to));
 }
 
 /// The memory a decision starts from: recommendations and applied alerts pruned to their
@@ -635,6 +645,12 @@ impl Run<'_> {
             },
             Action::To(n) => rec(n, Ask::AskedFor { replicas: n }),
             Action::Track(track) => {
+                if let Some((at, n)) = track.enough_at {
+                    let window = policy.stabilization_window;
+                    if since(self.now, Some(at)).is_some_and(|age| age <= window) {
+                        remember(&mut next.recommendations, at, n);
+                    }
+                }
                 let (window, to) = self.track(next, track);
                 let ask = Ask::Track {
                     replicas: to,
@@ -676,7 +692,7 @@ impl Run<'_> {
 
     /// Which window a target-tracking reading follows, and its count; starts, continues or
     /// ends a burst.
-    fn track(&self, next: &mut State, Track { stable, short }: Track) -> (Window, u64) {
+    fn track(&self, next: &mut State, Track { stable, short, .. }: Track) -> (Window, u64) {
         let current = self.current;
         // The short window counts only when it asks for more than runs and than the policy's
         // window asks for; a burst starts on its load, unrounded, so that a load just over
@@ -1359,7 +1375,11 @@ mod tests {
     }
 
     fn track(stable: Option<u64>, short: Option<f64>) -> Input<'static> {
-        signal(Action::Track(Track { stable, short }))
+        signal(Action::Track(Track {
+            stable,
+            short,
+            enough_at: None,
+        }))
     }
 
     /// The shipped defaults: 5 s up cooldown, 30 s down cooldown, 60 s window; max 10.
@@ -1785,8 +1805,20 @@ mod properties {
                 .prop_map(|(value, target)| Action::Sized { value, target }),
             Just(Action::Hold),
             Just(Action::Release),
-            (prop::option::of(0u64..40), prop::option::of(0.0f64..80.0))
-                .prop_map(|(stable, short)| Action::Track(Track { stable, short })),
+            (
+                prop::option::of(0u64..40),
+                prop::option::of(0.0f64..80.0),
+                // (seconds before the input, count): moved to the input's time below.
+                prop::option::of((0i64..120, 0u64..40)),
+            )
+                .prop_map(|(stable, short, enough)| Action::Track(Track {
+                    stable,
+                    short,
+                    enough_at: enough.map(|(back, n)| (
+                        DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(back),
+                        n
+                    )),
+                })),
         ]
     }
 
@@ -1871,6 +1903,13 @@ mod properties {
             let mut hold_until: Option<DateTime<Utc>> = None;
             for (gap, action, key, observed) in seq {
                 now += chrono::Duration::seconds(gap as i64);
+                let action = match action {
+                    Some(Action::Track(mut t)) => {
+                        t.enough_at = t.enough_at.map(|(back, n)| (now - (back - DateTime::<Utc>::UNIX_EPOCH), n));
+                        Some(Action::Track(t))
+                    }
+                    other => other,
+                };
                 match action {
                     Some(Action::Hold) => {
                         hold_until = Some(now + chrono::Duration::from_std(p.hold_ttl).unwrap())
@@ -1904,7 +1943,7 @@ mod properties {
                                 prop_assert!(proportional(rate, t) > current, "{:?} {:?} rate {}", p, d, rate);
                             }
                         }
-                        if let Some(Action::Track(Track { stable, short })) = action {
+                        if let Some(Action::Track(Track { stable, short, .. })) = action {
                             // A measured count: to what one of the windows asked for, the
                             // short one only in a burst.
                             let short_n = short.map(|l| proportional(l, 1.0));
@@ -1954,6 +1993,11 @@ mod properties {
                 // A tracking reading that neither window acts on is not a recommendation.
                 let unread = matches!(action, Some(Action::Track(Track { stable: None, .. })))
                     && !matches!(d.reason.ask, Ask::Track { window: Window::Burst | Window::BurstStart, .. });
+                if let Some(Action::Track(Track { enough_at: Some((at, n)), .. })) = action {
+                    if !d.clamps.contains(&Clamp::Duplicate) && (now - at).to_std().unwrap() <= p.stabilization_window {
+                        recs.push((at, n.clamp(p.min, p.max.max(p.min))));
+                    }
+                }
                 if action.is_some() && !hold_signal && !unread && !d.clamps.contains(&Clamp::Duplicate) && !d.clamps.contains(&Clamp::LoadGone) {
                     recs.push((now, d.recommended.clamp(p.min, p.max.max(p.min))));
                 }

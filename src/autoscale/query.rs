@@ -19,6 +19,7 @@ use crate::error_chain;
 use crate::fleet::Fleet;
 use crate::model::{split_qualified, FunctionId};
 use crate::telemetry::Metrics;
+use chrono::{DateTime, Utc};
 
 /// A query result: per function, a value for the whole function and/or per datacenter.
 pub type Values = HashMap<FunctionId, FunctionValues>;
@@ -64,6 +65,8 @@ struct Runner {
     last_read: Option<Instant>,
     /// How often the loop runs: the interval, or the short window's tick when shorter.
     tick: Duration,
+    /// When the policy's window last found each function's running count enough.
+    enough: Enough,
     failures: u32,
     up: bool,
 }
@@ -169,6 +172,7 @@ pub fn spawn_all(
             recent: RateWindow::new(policy.short_window.unwrap_or_default()),
             last_read: None,
             tick,
+            enough: Enough::default(),
             failures: 0,
             up: true,
         };
@@ -284,6 +288,7 @@ impl Runner {
                     &self.policy,
                     None,
                     Some(short),
+                    &mut self.enough,
                     &self.fleet,
                     &self.autoscaler,
                 )
@@ -356,6 +361,7 @@ impl Runner {
                                         "source unavailable: fallback_replicas {fallback}"
                                     ),
                                     evidence: json!({"value": f64::NAN}),
+                                    enough: false,
                                 })
                             },
                         )
@@ -369,6 +375,7 @@ impl Runner {
             &self.policy,
             Some(&values),
             short,
+            &mut self.enough,
             &self.fleet,
             &self.autoscaler,
         )
@@ -388,40 +395,54 @@ pub struct Reading {
     pub value: Option<f64>,
     pub short_value: Option<f64>,
     pub short_window: Option<Duration>,
+    /// When the policy's window last found the running count enough, and that count (see
+    /// `Track::enough_at`).
+    pub enough_at: Option<(DateTime<Utc>, u64)>,
+    /// Now, on the autoscaler's clock.
+    pub now: DateTime<Utc>,
 }
 
 /// What a reading gives the engine.
+#[derive(Debug, Clone)]
+pub enum Read {
+    /// Nothing to decide: no value, or a threshold between its bounds.
+    Nothing,
+    /// The policy's window finds the running count enough (within the target's tolerance)
+    /// and the short window asks for no more: remembered by the caller, not sent.
+    Enough,
+    /// An input for the engine.
+    Propose(Proposal),
+}
+
 #[derive(Debug, Clone)]
 pub struct Proposal {
     pub action: Action,
     /// The values against the strategy, in words.
     pub why: String,
     pub evidence: serde_json::Value,
+    /// The policy's window found the running count enough (the short window asks for more).
+    pub enough: bool,
 }
 
 impl Reading {
-    /// The engine's input for this reading (a target strategy tracks, the others ask for a
-    /// count); `None` when there is nothing to decide: no value, or a strategy that holds
-    /// (between thresholds) and a short window that asks for no more than runs.
-    ///
-    /// A target within its tolerance asks for the running count, so that the stabilization
-    /// window remembers the load that count carries.
+    /// The engine's input for this reading: a target strategy tracks (`Track`), the others
+    /// ask for a count.
     pub fn action(
         &self,
         strategy: &Strategy,
         replicas: crate::platform::ReplicaCounts,
         max: u64,
-    ) -> Option<Proposal> {
+    ) -> Read {
         let current = replicas.desired;
         let tracking = matches!(strategy, Strategy::Target { .. });
-        let (stable, mut why) = match self.value.map(|v| desired(strategy, replicas, v, max)) {
-            // Zero stays zero (the engine would say so): not worth a decision per function.
-            Some(Want::Replicas(0, why)) if current == 0 => (None, why),
-            Some(Want::Replicas(n, why)) => (Some(n), why),
-            Some(Want::Hold(why)) if tracking && current > 0 => (Some(current), why),
-            Some(Want::Hold(why)) => (None, why),
-            None => (None, String::new()),
-        };
+        let (stable, enough, mut why) =
+            match self.value.map(|v| desired(strategy, replicas, v, max)) {
+                // Zero stays zero (the engine would say so): not worth a decision per function.
+                Some(Want::Replicas(0, why)) if current == 0 => (None, false, why),
+                Some(Want::Replicas(n, why)) => (Some(n), false, why),
+                Some(Want::Hold(why)) => (None, tracking && current > 0, why),
+                None => (None, false, String::new()),
+            };
         let window = self.short_window.unwrap_or_default().as_secs_f64();
         let short = match (strategy, self.short_value) {
             (Strategy::Target { target, .. }, Some(v)) => {
@@ -438,32 +459,96 @@ impl Reading {
             }
             _ => None,
         };
+        let enough_at = match enough {
+            true => Some((self.now, current)),
+            false => self.enough_at,
+        };
         let action = match (tracking, stable, short) {
-            (_, None, None) => return None,
-            (true, stable, short) => Action::Track(Track { stable, short }),
+            (_, None, None) if enough => return Read::Enough,
+            (_, None, None) => return Read::Nothing,
+            (true, stable, short) => Action::Track(Track {
+                stable,
+                short,
+                enough_at,
+            }),
             (false, Some(n), _) => Action::To(n),
-            (false, None, Some(_)) => return None,
+            (false, None, Some(_)) => return Read::Nothing,
         };
         let mut evidence = json!({"value": self.value.unwrap_or(f64::NAN)});
         if let Some(v) = self.short_value.filter(|_| short.is_some()) {
             evidence["short_value"] = json!(v);
             evidence["short_window_secs"] = json!(window);
         }
-        Some(Proposal {
+        Read::Propose(Proposal {
             action,
             why,
             evidence,
+            enough,
         })
+    }
+}
+
+/// Per function and datacenter, when a target policy's window last found the running count
+/// enough, and that count (`Track::enough_at`), with the evaluation that last saw the pair.
+#[derive(Debug, Default)]
+pub struct Enough {
+    at: HashMap<FunctionId, HashMap<String, EnoughAt, FastHash>, FastHash>,
+    evaluation: u64,
+}
+
+type FastHash = foldhash::fast::RandomState;
+
+/// (when, the count, the evaluation that last saw the pair)
+type EnoughAt = (DateTime<Utc>, u64, u64);
+
+impl Enough {
+    /// Runs `read` with the pair's last reading, marks the pair as seen by this evaluation
+    /// and keeps the new reading `read` returns, if any.
+    fn with<T>(
+        &mut self,
+        id: &FunctionId,
+        dc: &str,
+        read: impl FnOnce(Option<(DateTime<Utc>, u64)>) -> (T, Option<(DateTime<Utc>, u64)>),
+    ) -> T {
+        let seen = self.evaluation;
+        if let Some(slot) = self.at.get_mut(id).and_then(|dcs| dcs.get_mut(dc)) {
+            let (out, found) = read(Some((slot.0, slot.1)));
+            slot.2 = seen;
+            if let Some((at, n)) = found {
+                (slot.0, slot.1) = (at, n);
+            }
+            return out;
+        }
+        let (out, found) = read(None);
+        if let Some((at, n)) = found {
+            self.at
+                .entry(id.clone())
+                .or_default()
+                .insert(dc.to_string(), (at, n, seen));
+        }
+        out
+    }
+
+    /// Forgets the pairs the last evaluation did not see (deleted, moved, or no longer matched).
+    fn sweep(&mut self) {
+        let seen = self.evaluation;
+        self.at.retain(|_, dcs| {
+            dcs.retain(|_, slot| slot.2 == seen);
+            !dcs.is_empty()
+        });
+        self.evaluation += 1;
     }
 }
 
 /// One evaluation of a policy from values already read (`stable`: its source, when read this
 /// time; `short`: its short window): each matching function's value in each of its
-/// datacenters goes through the strategy, and changes go to the executor.
+/// datacenters goes through the strategy, and changes go to the executor. `enough` is kept
+/// from one evaluation to the next.
 pub async fn apply_values(
     policy: &QueryPolicy,
     stable: Option<&Values>,
     short: Option<&Values>,
+    enough: &mut Enough,
     fleet: &Fleet,
     autoscaler: &Autoscaler,
 ) {
@@ -478,6 +563,8 @@ pub async fn apply_values(
             ..
         }
     );
+    let now = autoscaler.now();
+    let memory = std::cell::RefCell::new(enough);
     let value_in = |values: Option<&Values>, id: &FunctionId, dc: &str, share_of: usize| {
         let v = values?.get(id)?;
         match v.by_datacenter.get(dc) {
@@ -500,24 +587,49 @@ pub async fn apply_values(
             desired: current,
             ready: fleet.ready_in(id, dc),
         };
-        let read = Reading {
-            value: value_in(stable, id, dc, share_of),
-            short_value: value_in(short, id, dc, share_of),
-            short_window: policy.short_window,
-        };
-        read.action(strategy, replicas, max)
+        memory.borrow_mut().with(id, dc, |enough_at| {
+            let read = Reading {
+                value: value_in(stable, id, dc, share_of),
+                short_value: value_in(short, id, dc, share_of),
+                short_window: policy.short_window,
+                enough_at,
+                now,
+            };
+            match read.action(strategy, replicas, max) {
+                Read::Propose(p) => {
+                    let found = p.enough.then_some((now, current));
+                    (Some(p), found)
+                }
+                Read::Enough => (None, Some((now, current))),
+                Read::Nothing => (None, None),
+            }
+        })
     };
-    apply_all(policy, fleet, autoscaler, want).await;
+    let work = collect(policy, fleet, want);
+    memory.into_inner().sweep();
+    execute(policy, autoscaler, work).await;
 }
+
+/// The engine inputs of one evaluation: (function, datacenter, action, evidence).
+type Work = Vec<(FunctionId, String, Action, serde_json::Value)>;
 
 /// Feeds `want(function, datacenter, datacenters it runs in, current replicas there, its
 /// policy)` to the executor for every function the policy matches, in each of its
-/// datacenters. The functions are read in place; only the proposals are collected.
+/// datacenters.
 async fn apply_all<F>(policy: &QueryPolicy, fleet: &Fleet, autoscaler: &Autoscaler, want: F)
 where
     F: Fn(&FunctionId, &str, usize, u64, &crate::fleet::PolicyOf) -> Option<Proposal>,
 {
-    let source = source_name(policy);
+    let work = collect(policy, fleet, want);
+    execute(policy, autoscaler, work).await;
+}
+
+/// What `want` proposes for every function the policy matches, in each of its datacenters.
+/// The functions are read in place; only the proposals are collected.
+fn collect<F>(policy: &QueryPolicy, fleet: &Fleet, want: F) -> Work
+where
+    F: Fn(&FunctionId, &str, usize, u64, &crate::fleet::PolicyOf) -> Option<Proposal>,
+{
     let query = match &policy.source {
         QuerySource::Prometheus { query } => query.as_str(),
         QuerySource::Internal { .. } => "internal invocation rate",
@@ -538,6 +650,12 @@ where
         }
         None
     });
+    work
+}
+
+/// Runs an evaluation's inputs through the executor, as periodic (quiet) decisions.
+async fn execute(policy: &QueryPolicy, autoscaler: &Autoscaler, work: Work) {
+    let source = source_name(policy);
     futures::future::join_all(work.into_iter().map(|(id, dc, action, evidence)| {
         let source = source.clone();
         async move {

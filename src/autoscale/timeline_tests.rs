@@ -12,7 +12,7 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use super::policy::patch::PolicyPatch;
 use super::policy::{decide, Input, Outcome, Policy, State};
-use super::query::{Reading, SHORT_TICK};
+use super::query::{Read, Reading, SHORT_TICK};
 use super::rates::RateWindow;
 use super::strategy::Strategy;
 use crate::config::SHORT_WINDOW;
@@ -87,6 +87,8 @@ struct Sim {
     current: u64,
     state: State,
     changes: Vec<Change>,
+    /// What the query loop remembers between readings (`query::Enough`).
+    enough_at: Option<(DateTime<Utc>, u64)>,
 }
 
 fn at(ms: u64) -> DateTime<Utc> {
@@ -115,6 +117,7 @@ impl Sim {
             current,
             state: State::default(),
             changes: Vec::new(),
+            enough_at: None,
         }
     }
 
@@ -177,14 +180,24 @@ impl Sim {
             value,
             short_value: self.recent.rate(&"f"),
             short_window: Some(SHORT_WINDOW),
+            enough_at: self.enough_at,
+            now: at(t),
         };
         let replicas = ReplicaCounts {
             desired: self.current,
             ready: self.current,
         };
-        let Some(proposal) = reading.action(&self.strategy, replicas, self.policy.max) else {
-            return;
+        let proposal = match reading.action(&self.strategy, replicas, self.policy.max) {
+            Read::Nothing => return,
+            Read::Enough => {
+                self.enough_at = Some((at(t), self.current));
+                return;
+            }
+            Read::Propose(p) => p,
         };
+        if proposal.enough {
+            self.enough_at = Some((at(t), self.current));
+        }
         let input = Input::Signal {
             action: proposal.action,
             dedupe_key: None,
