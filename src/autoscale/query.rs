@@ -221,7 +221,7 @@ impl Runner {
                 }
                 Ok(out)
             }
-            QuerySource::Internal { .. } => Ok(own_rates(&self.fleet, &self.samples)),
+            QuerySource::Internal { .. } => Ok(own_rates(&self.fleet, &self.samples, false)),
         }
     }
 
@@ -233,8 +233,9 @@ impl Runner {
 
 /// Invocations per second in each datacenter over the window of `samples`, from faastastic's
 /// own counters; a function never invoked reads as 0, and every function reads NaN (no data)
-/// until two samples exist.
-fn own_rates(fleet: &Fleet, samples: &RateWindow<(String, String)>) -> Values {
+/// until two samples exist. With `loaded_only` (the short window, which only ever asks for
+/// more), only the datacenters with invocations in the window.
+fn own_rates(fleet: &Fleet, samples: &RateWindow<(String, String)>, loaded_only: bool) -> Values {
     let invoked: std::collections::HashSet<&str> = samples
         .latest_keys()
         .map(|(name, _)| name.as_str())
@@ -244,17 +245,20 @@ fn own_rates(fleet: &Fleet, samples: &RateWindow<(String, String)>) -> Values {
             let name = f.id.qualified();
             // Never invoked and at zero everywhere: it reads 0 at 0 replicas, which
             // changes nothing (not worth a value per datacenter at 10,000 functions).
-            if f.replicas.values().all(|n| *n == 0) && !invoked.contains(name.as_str()) {
+            let seen = invoked.contains(name.as_str());
+            if !seen && (loaded_only || f.replicas.values().all(|n| *n == 0)) {
                 return None;
             }
             let mut v = FunctionValues::default();
             for dc in f.replicas.keys() {
-                let rate = samples
-                    .rate(&(name.clone(), dc.clone()))
-                    .unwrap_or(f64::NAN);
-                v.set(Some(dc.clone()), rate);
+                let rate = samples.rate(&(name.clone(), dc.clone()));
+                match rate {
+                    Some(r) if r > 0.0 => v.set(Some(dc.clone()), r),
+                    _ if loaded_only => {}
+                    r => v.set(Some(dc.clone()), r.unwrap_or(f64::NAN)),
+                }
             }
-            Some((f.id.clone(), v))
+            (!v.by_datacenter.is_empty()).then(|| (f.id.clone(), v))
         })
         .into_iter()
         .collect()
@@ -275,7 +279,7 @@ impl Runner {
         let short = match (self.policy.short_window, counts.clone()) {
             (Some(_), Some(counts)) => {
                 self.recent.push(started, counts);
-                Some(own_rates(&self.fleet, &self.recent))
+                Some(own_rates(&self.fleet, &self.recent, true))
             }
             _ => None,
         };
