@@ -160,18 +160,51 @@ pub struct QueryPolicy {
 pub const SHORT_WINDOW: Duration = Duration::from_secs(2);
 
 impl QueryPolicy {
-    /// Whether the policy's value is invocations per second, the unit faastastic's own
-    /// counters read: the internal source, or a query taking `rate()` or `irate()` of
-    /// `gateway_function_invocation_total`. Only a target strategy on such a value gets a
-    /// short window by default.
+    /// Whether the policy's value is a function's whole invocation rate, what faastastic's own
+    /// counters read: the internal source, or a query that is only `sum by (...)` of `rate()`
+    /// or `irate()` of `gateway_function_invocation_total` with no label filter (an error
+    /// rate, a latency or a share of the calls is another unit). Only a target strategy on
+    /// such a value gets a short window by default.
     pub fn reads_invocation_rate(source: &QuerySource) -> bool {
-        match source {
-            QuerySource::Internal { .. } => true,
-            QuerySource::Prometheus { query } => {
-                let q: String = query.chars().filter(|c| !c.is_whitespace()).collect();
-                q.contains("gateway_function_invocation_total") && q.contains("rate(")
+        use promql_parser::parser::Expr;
+        fn unwrap(e: &Expr) -> &Expr {
+            match e {
+                Expr::Paren(p) => unwrap(&p.expr),
+                e => e,
             }
         }
+        let query = match source {
+            QuerySource::Internal { .. } => return true,
+            QuerySource::Prometheus { query } => query,
+        };
+        let Ok(expr) = promql_parser::parser::parse(query) else {
+            return false;
+        };
+        let Expr::Aggregate(sum) = unwrap(&expr) else {
+            return false;
+        };
+        if sum.op.to_string() != "sum" || sum.param.is_some() {
+            return false;
+        }
+        let Expr::Call(call) = unwrap(&sum.expr) else {
+            return false;
+        };
+        if !matches!(call.func.name, "rate" | "irate") || call.args.args.len() != 1 {
+            return false;
+        }
+        let Expr::MatrixSelector(m) = unwrap(&call.args.args[0]) else {
+            return false;
+        };
+        let only_name =
+            m.vs.matchers
+                .matchers
+                .iter()
+                .all(|matcher| matcher.name == "__name__");
+        m.vs.name.as_deref() == Some("gateway_function_invocation_total")
+            && only_name
+            && m.vs.matchers.or_matchers.is_empty()
+            && m.vs.offset.is_none()
+            && m.vs.at.is_none()
     }
 }
 
@@ -1693,6 +1726,21 @@ source = "internal"
 strategy = "threshold"
 upper = 10
 lower = 1
+[[autoscale.queries]]
+name = "errors"
+match = "errors-*"
+query = 'sum by (function_name) (rate(gateway_function_invocation_total{code=~"5.."}[1m]))'
+target = 1
+[[autoscale.queries]]
+name = "latency"
+match = "latency-*"
+query = 'sum by (function_name) (rate(gateway_functions_seconds_sum[1m])) / sum by (function_name) (rate(gateway_function_invocation_total[1m]))'
+target = 0.5
+[[autoscale.queries]]
+name = "bracketed"
+match = "bracketed-*"
+query = '(sum by (function_name, datacenter) (irate(gateway_function_invocation_total[5s])))'
+target = 5
 "#,
         )
         .unwrap();
@@ -1709,7 +1757,10 @@ lower = 1
                 None,
                 None,
                 Some(Duration::from_millis(3500)),
-                None
+                None,
+                None,
+                None,
+                Some(SHORT_WINDOW),
             ]
         );
         let errors = Config::parse(

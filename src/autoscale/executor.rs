@@ -1028,6 +1028,14 @@ impl Autoscaler {
         observed.rate(&key)
     }
 
+    /// The function's invocation rate in one datacenter over the last
+    /// `autoscale.staleness_window_secs`, from faastastic's own counters (sampled every
+    /// `tick_interval`); `None` until they cover it.
+    pub fn own_rate(&self, id: &FunctionId, datacenter: &str) -> Option<f64> {
+        let observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        observed.rate(&(id.qualified(), datacenter.to_string()))
+    }
+
     /// Steps functions that are scaling down gradually, every `tick_interval`.
     pub fn spawn_ticker(self: &Arc<Self>) {
         let this = self.clone();

@@ -253,6 +253,13 @@ pub struct Track {
     /// asks for the next whole count); `None` when the policy has none or it asks for no more
     /// than runs.
     pub short: Option<f64>,
+    /// The load faastastic's own counters show over their longer window (the staleness
+    /// window, 10 s), in replicas' worth: never scaled down below. Given with a reading that
+    /// asks for fewer replicas than run; a policy's window that lags (a long query) or that
+    /// splits a total among datacenters the calls do not split among must not undo what the
+    /// counters show.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent: Option<f64>,
     /// The last time the policy's window found the running count enough (within its
     /// tolerance), and that count. Such readings are not sent one by one (a policy over
     /// thousands of steady functions would make a decision for each, every interval); the
@@ -494,7 +501,11 @@ fn remembered(policy: &Policy, state: &State, now: DateTime<Utc>) -> State {
     if active_hold(&next, now).is_none() {
         next.hold_until = None;
     }
-    next.burst_until = next.burst_until.filter(|until| *until >= now);
+    // A clock stepped back must not stretch a burst.
+    let grace = chrono::Duration::from_std(BURST_GRACE).expect("a small duration");
+    next.burst_until = next
+        .burst_until
+        .filter(|until| *until >= now && *until <= now + grace);
     next
 }
 
@@ -692,7 +703,23 @@ impl Run<'_> {
 
     /// Which window a target-tracking reading follows, and its count; starts, continues or
     /// ends a burst.
-    fn track(&self, next: &mut State, Track { stable, short, .. }: Track) -> (Window, u64) {
+    fn track(&self, next: &mut State, track: Track) -> (Window, u64) {
+        let (window, to) = self.follow(next, track.stable, track.short);
+        // Never lower than what faastastic's own counters still show is needed.
+        match (window, track.recent.filter(|l| l.is_finite() && *l >= 0.0)) {
+            (Window::Policy, Some(load)) if to < self.current => {
+                let needs = proportional(load, 1.0).min(self.current);
+                match needs > to {
+                    true => (Window::Floor { asked: to }, needs),
+                    false => (window, to),
+                }
+            }
+            _ => (window, to),
+        }
+    }
+
+    /// [`Self::track`] before the floor.
+    fn follow(&self, next: &mut State, stable: Option<u64>, short: Option<f64>) -> (Window, u64) {
         let current = self.current;
         // The short window counts only when it asks for more than runs and than the policy's
         // window asks for; a burst starts on its load, unrounded, so that a load just over
@@ -831,7 +858,16 @@ impl Run<'_> {
                 }
             }
         }
-        remember(&mut next.recommendations, self.now, to);
+        // A floor from the short window holds this decision only: the window remembers what
+        // the policy's window asked for, or one noisy reading would hold it for a window.
+        let remembered = match rec.ask {
+            Ask::Track {
+                window: Window::Floor { asked },
+                ..
+            } => asked.clamp(min, max),
+            _ => to,
+        };
+        remember(&mut next.recommendations, self.now, remembered);
         if to == current {
             if current <= min {
                 next.stepping_down = false;
@@ -1378,6 +1414,7 @@ mod tests {
         signal(Action::Track(Track {
             stable,
             short,
+            recent: None,
             enough_at: None,
         }))
     }
@@ -1437,8 +1474,25 @@ mod tests {
         );
         // A reading that asks for no more does not end it at once, and a lower count from
         // the policy's window waits for the down cooldown.
-        let d = step(&p, &mut current, &mut state, 12, track(Some(4), Some(4.5)));
+        let d = step(&p, &mut current, &mut state, 12, track(Some(4), None));
         assert_eq!((current, d.reason.code()), (5, "down_cooldown"));
+        // Nor below what faastastic's own counters still show, whatever the policy's window
+        // says; the window remembers what that asked for, not the floor.
+        let floored = signal(Action::Track(Track {
+            stable: Some(2),
+            recent: Some(4.5),
+            ..Track::default()
+        }));
+        let d = step(&p, &mut current, &mut state, 12, floored);
+        assert_eq!(
+            (d.outcome, current, d.reason.code()),
+            (Outcome::NoChange, 5, "target")
+        );
+        assert_eq!(
+            d.reason.to_string(),
+            "the policy's window asks for 2 replicas, but faastastic's own counters still show 5 needed; already at 5 (min 1, max 10)"
+        );
+        assert!(!state.recommendations.contains(&(at(12), 5)));
         let d = step(&p, &mut current, &mut state, 13, track(None, Some(5.5)));
         assert_eq!((current, d.reason.code()), (6, "burst"));
         assert!(in_burst(&state, 15));
@@ -1814,6 +1868,7 @@ mod properties {
                 .prop_map(|(stable, short, enough)| Action::Track(Track {
                     stable,
                     short,
+                    recent: None,
                     enough_at: enough.map(|(back, n)| (
                         DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(back),
                         n
@@ -1999,7 +2054,11 @@ mod properties {
                     }
                 }
                 if action.is_some() && !hold_signal && !unread && !d.clamps.contains(&Clamp::Duplicate) && !d.clamps.contains(&Clamp::LoadGone) {
-                    recs.push((now, d.recommended.clamp(p.min, p.max.max(p.min))));
+                    let recommended = match d.reason.ask {
+                        Ask::Track { window: Window::Floor { asked }, .. } => asked,
+                        _ => d.recommended,
+                    };
+                    recs.push((now, recommended.clamp(p.min, p.max.max(p.min))));
                 }
                 state = next;
             }

@@ -61,10 +61,12 @@ struct Runner {
     samples: RateWindow<(String, String)>,
     /// Short window: samples of the same counters taken at every tick.
     recent: RateWindow<(String, String)>,
-    /// When the policy's source was last read.
-    last_read: Option<Instant>,
-    /// How often the loop runs: the interval, or the short window's tick when shorter.
-    tick: Duration,
+    /// Turns per read of the source (1 without a short window).
+    per_read: u32,
+    /// Turns taken so far.
+    turns: u64,
+    /// The short window's latest reading.
+    short: Option<Values>,
     /// When the policy's window last found each function's running count enough.
     enough: Enough,
     failures: u32,
@@ -154,12 +156,32 @@ pub fn spawn_all(
             QuerySource::Internal { window } => window,
             QuerySource::Prometheus { .. } => Duration::ZERO,
         };
-        let tick = match policy.short_window {
-            Some(_) => policy.interval.min(SHORT_TICK),
-            None => policy.interval,
+        // The short window is read at least every SHORT_TICK, in ticks that divide the
+        // interval, so that the source is read exactly every `interval`.
+        let per_read = match policy.short_window {
+            Some(_) => policy
+                .interval
+                .as_nanos()
+                .div_ceil(SHORT_TICK.as_nanos())
+                .clamp(1, u32::MAX as u128) as u32,
+            None => 1,
         };
-        if let Some(short) = policy.short_window {
-            tracing::info!(policy = %policy.name, "query policy: a burst starts when faastastic's own counters over the last {}s ask for at least {BURST_FACTOR}x the running replicas (read every {tick:?})", short.as_secs_f64());
+        let tick = policy.interval / per_read;
+        match policy.short_window {
+            Some(short) => {
+                tracing::info!(policy = %policy.name, "query policy: a burst starts when faastastic's own counters over the last {}s ask for at least {BURST_FACTOR}x the running replicas (read every {tick:?})", short.as_secs_f64())
+            }
+            None if matches!(
+                policy.strategy,
+                Strategy::Target {
+                    per_replica: false,
+                    ..
+                }
+            ) =>
+            {
+                tracing::info!(policy = %policy.name, "query policy: no short window (the query is not sum by (...) (rate(gateway_function_invocation_total[...])); set short_window_secs if its value is invocations per second)")
+            }
+            None => {}
         }
         let mut runner = Runner {
             policy: policy.clone(),
@@ -170,64 +192,78 @@ pub fn spawn_all(
             metrics: metrics.clone(),
             samples: RateWindow::new(own),
             recent: RateWindow::new(policy.short_window.unwrap_or_default()),
-            last_read: None,
-            tick,
+            per_read,
+            turns: 0,
+            short: None,
             enough: Enough::default(),
             failures: 0,
             up: true,
         };
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(runner.tick);
-            // A slow source skips ticks rather than piling evaluations up.
+            let mut interval = tokio::time::interval(tick);
+            // A slow turn skips ticks rather than piling turns up.
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            // A Prometheus read in flight: the short window goes on being read meanwhile, and
+            // a read is not started while one is in flight.
+            let mut pending: Option<tokio::task::JoinHandle<Result<Values, String>>> = None;
             loop {
-                interval.tick().await;
-                runner.evaluate().await;
+                tokio::select! {
+                    _ = interval.tick() => {
+                        if let Some(read) = runner.turn(pending.is_none()).await {
+                            pending = Some(tokio::spawn(read));
+                        }
+                    }
+                    done = async { pending.as_mut().expect("checked").await }, if pending.is_some() => {
+                        pending = None;
+                        let values = done.unwrap_or_else(|e| Err(format!("the read failed: {e}")));
+                        runner.apply_read(values).await;
+                    }
+                }
             }
         });
     }
     Ok(())
 }
 
-impl Runner {
+/// A Prometheus read, owning what it needs so that it runs beside the loop.
+struct PrometheusRead {
+    client: prometheus_http_query::Client,
+    query: String,
+    timeout: Duration,
+    function_label: String,
+    datacenter_label: String,
+    namespace: String,
+}
+
+impl PrometheusRead {
     /// Values per function and datacenter (`None`: a series for the whole function), or why
     /// there are none.
-    async fn read(&mut self) -> Result<Values, String> {
-        match &self.policy.source {
-            QuerySource::Prometheus { query } => {
-                let client = self.prometheus.as_ref().ok_or("no Prometheus configured")?;
-                let ask = client
-                    .query(query)
-                    .timeout(self.timeout.as_millis() as i64)
-                    .get();
-                let result = tokio::time::timeout(self.timeout, ask)
-                    .await
-                    .map_err(|_| format!("Prometheus did not answer within {:?}", self.timeout))?
-                    .map_err(|e| format!("Prometheus query failed: {}", error_chain(&e)))?;
-                let vector = result
-                    .data()
-                    .as_vector()
-                    .ok_or("the query must return an instant vector (one series per function)")?;
-                let mut out = Values::new();
-                for series in vector {
-                    let labels = series.metric();
-                    let Some(function) = labels.get(&self.policy.function_label) else {
-                        continue;
-                    };
-                    let dc = labels.get(&self.policy.datacenter_label).cloned();
-                    out.entry(self.function_id(function))
-                        .or_default()
-                        .set(dc, series.sample().value());
-                }
-                Ok(out)
-            }
-            QuerySource::Internal { .. } => Ok(own_rates(&self.fleet, &self.samples, false)),
+    async fn run(self) -> Result<Values, String> {
+        let ask = self
+            .client
+            .query(&self.query)
+            .timeout(self.timeout.as_millis() as i64)
+            .get();
+        let result = tokio::time::timeout(self.timeout, ask)
+            .await
+            .map_err(|_| format!("Prometheus did not answer within {:?}", self.timeout))?
+            .map_err(|e| format!("Prometheus query failed: {}", error_chain(&e)))?;
+        let vector = result
+            .data()
+            .as_vector()
+            .ok_or("the query must return an instant vector (one series per function)")?;
+        let mut out = Values::new();
+        for series in vector {
+            let labels = series.metric();
+            let Some(function) = labels.get(&self.function_label) else {
+                continue;
+            };
+            let dc = labels.get(&self.datacenter_label).cloned();
+            let (name, namespace) = split_qualified(function);
+            let id = FunctionId::new(name, namespace.unwrap_or(&self.namespace));
+            out.entry(id).or_default().set(dc, series.sample().value());
         }
-    }
-
-    fn function_id(&self, label: &str) -> FunctionId {
-        let (name, namespace) = split_qualified(label);
-        FunctionId::new(name, namespace.unwrap_or(self.fleet.default_namespace()))
+        Ok(out)
     }
 }
 
@@ -236,6 +272,17 @@ impl Runner {
 /// until two samples exist. With `loaded_only` (the short window, which only ever asks for
 /// more), only the datacenters with invocations in the window.
 fn own_rates(fleet: &Fleet, samples: &RateWindow<(String, String)>, loaded_only: bool) -> Values {
+    if loaded_only {
+        let mut out = Values::new();
+        for key in samples.changed() {
+            if let Some(rate) = samples.rate(key).filter(|r| *r > 0.0) {
+                let (name, namespace) = split_qualified(&key.0);
+                let id = FunctionId::new(name, namespace.unwrap_or(fleet.default_namespace()));
+                out.entry(id).or_default().set(Some(key.1.clone()), rate);
+            }
+        }
+        return out;
+    }
     let invoked: std::collections::HashSet<&str> = samples
         .latest_keys()
         .map(|(name, _)| name.as_str())
@@ -245,68 +292,101 @@ fn own_rates(fleet: &Fleet, samples: &RateWindow<(String, String)>, loaded_only:
             let name = f.id.qualified();
             // Never invoked and at zero everywhere: it reads 0 at 0 replicas, which
             // changes nothing (not worth a value per datacenter at 10,000 functions).
-            let seen = invoked.contains(name.as_str());
-            if !seen && (loaded_only || f.replicas.values().all(|n| *n == 0)) {
+            if f.replicas.values().all(|n| *n == 0) && !invoked.contains(name.as_str()) {
                 return None;
             }
             let mut v = FunctionValues::default();
             for dc in f.replicas.keys() {
-                let rate = samples.rate(&(name.clone(), dc.clone()));
-                match rate {
-                    Some(r) if r > 0.0 => v.set(Some(dc.clone()), r),
-                    _ if loaded_only => {}
-                    r => v.set(Some(dc.clone()), r.unwrap_or(f64::NAN)),
-                }
+                let rate = samples
+                    .rate(&(name.clone(), dc.clone()))
+                    .unwrap_or(f64::NAN);
+                v.set(Some(dc.clone()), rate);
             }
-            (!v.by_datacenter.is_empty()).then(|| (f.id.clone(), v))
+            Some((f.id.clone(), v))
         })
         .into_iter()
         .collect()
 }
 
 impl Runner {
-    /// One turn of the loop: samples the counters; every `interval`, reads the source and
-    /// evaluates it with the short window; in between, the short window alone.
-    async fn evaluate(&mut self) {
-        let started = Instant::now();
-        // Half a tick early counts as due, so that timer jitter does not skip a read.
-        let due = self
-            .last_read
-            .is_none_or(|at| started.duration_since(at) + self.tick / 2 >= self.policy.interval);
+    /// One turn of the loop: samples the counters and applies the short window; every
+    /// `per_read` turns, reads the source: the internal one at once, Prometheus through the
+    /// read this returns, to run beside the loop (not while `may_read` is false: one is in
+    /// flight).
+    async fn turn(
+        &mut self,
+        may_read: bool,
+    ) -> Option<impl std::future::Future<Output = Result<Values, String>> + Send + 'static> {
+        let now = Instant::now();
+        let due = self.turns.is_multiple_of(u64::from(self.per_read)) && may_read;
+        self.turns += 1;
         let own = matches!(self.policy.source, QuerySource::Internal { .. });
-        let counts = (self.policy.short_window.is_some() || own && due)
+        let mut counts = (self.policy.short_window.is_some() || own && due)
             .then(|| self.metrics.invocation_counts_by_datacenter());
-        let short = match (self.policy.short_window, counts.clone()) {
-            (Some(_), Some(counts)) => {
-                self.recent.push(started, counts);
-                Some(own_rates(&self.fleet, &self.recent, true))
-            }
-            _ => None,
-        };
-        if let (true, Some(counts)) = (own && due, counts) {
-            self.samples.push(started, counts);
+        if let (true, Some(c)) = (own && due, &counts) {
+            let c = match self.policy.short_window {
+                Some(_) => c.clone(),
+                None => counts.take().expect("checked"),
+            };
+            self.samples.push(now, c);
         }
-        if !due {
-            if let Some(short) = &short {
-                apply_values(
-                    &self.policy,
-                    None,
-                    Some(short),
-                    &mut self.enough,
-                    &self.fleet,
-                    &self.autoscaler,
-                )
-                .await;
-            }
-            return;
+        if let (Some(_), Some(counts)) = (self.policy.short_window, counts) {
+            self.recent.push(now, counts);
+            self.short = Some(own_rates(&self.fleet, &self.recent, true));
         }
-        self.last_read = Some(started);
-        self.read_and_apply(short.as_ref()).await;
+        match (&self.policy.source, &self.prometheus) {
+            (QuerySource::Internal { .. }, _) if due => {
+                let values = own_rates(&self.fleet, &self.samples, false);
+                self.apply_read(Ok(values)).await;
+                None
+            }
+            (QuerySource::Prometheus { query }, Some(client)) if due => {
+                let read = PrometheusRead {
+                    client: client.clone(),
+                    query: query.clone(),
+                    timeout: self.timeout,
+                    function_label: self.policy.function_label.clone(),
+                    datacenter_label: self.policy.datacenter_label.clone(),
+                    namespace: self.fleet.default_namespace().to_string(),
+                };
+                self.apply_short().await;
+                Some(read.run())
+            }
+            (QuerySource::Prometheus { .. }, None) if due => {
+                self.apply_read(Err("no Prometheus configured".into()))
+                    .await;
+                None
+            }
+            _ => {
+                self.apply_short().await;
+                None
+            }
+        }
+    }
+
+    /// The short window alone, between reads of the source.
+    async fn apply_short(&mut self) {
+        if let Some(short) = &self.short {
+            apply_values(
+                &self.policy,
+                None,
+                Some(short),
+                &mut self.enough,
+                &self.fleet,
+                &self.autoscaler,
+            )
+            .await;
+        }
+    }
+
+    /// What a read of the source gave, with the short window's latest reading.
+    async fn apply_read(&mut self, values: Result<Values, String>) {
+        let started = Instant::now();
+        self.read_and_apply(values).await;
         self.metrics.evaluated(&source_name(&self.policy), started);
     }
 
-    async fn read_and_apply(&mut self, short: Option<&Values>) {
-        let values = self.read().await;
+    async fn read_and_apply(&mut self, values: Result<Values, String>) {
         let source = source_name(&self.policy);
         let values = match values {
             Ok(v) => {
@@ -378,7 +458,7 @@ impl Runner {
         apply_values(
             &self.policy,
             Some(&values),
-            short,
+            self.short.as_ref(),
             &mut self.enough,
             &self.fleet,
             &self.autoscaler,
@@ -430,12 +510,14 @@ pub struct Proposal {
 
 impl Reading {
     /// The engine's input for this reading: a target strategy tracks (`Track`), the others
-    /// ask for a count.
+    /// ask for a count. `recent` reads faastastic's own invocation rate over its longer window,
+    /// the floor of a scale-down (asked only for one).
     pub fn action(
         &self,
         strategy: &Strategy,
         replicas: crate::platform::ReplicaCounts,
         max: u64,
+        recent: impl FnOnce() -> Option<f64>,
     ) -> Read {
         let current = replicas.desired;
         let tracking = matches!(strategy, Strategy::Target { .. });
@@ -444,19 +526,25 @@ impl Reading {
                 // Zero stays zero (the engine would say so): not worth a decision per function.
                 Some(Want::Replicas(0, why)) if current == 0 => (None, false, why),
                 Some(Want::Replicas(n, why)) => (Some(n), false, why),
-                Some(Want::Hold(why)) => (None, tracking && current > 0, why),
+                // Within the tolerance: enough. No data (NaN) says nothing.
+                Some(Want::Hold(why)) => {
+                    let finite = self.value.is_some_and(f64::is_finite);
+                    (None, tracking && current > 0 && finite, why)
+                }
                 None => (None, false, String::new()),
             };
         let window = self.short_window.unwrap_or_default().as_secs_f64();
+        // The short window's load, when it asks for more than runs.
         let short = match (strategy, self.short_value) {
-            (Strategy::Target { target, .. }, Some(v)) => {
+            (Strategy::Target { target, .. }, Some(v)) if v.is_finite() => {
+                let load = v.max(0.0) / target;
                 match desired(strategy, replicas, v, max) {
                     Want::Replicas(n, short_why) if n > current => {
                         if !why.is_empty() {
                             why.push_str("; ");
                         }
                         why.push_str(&format!("over the last {window}s: {short_why}"));
-                        Some(v.max(0.0) / target)
+                        Some(load)
                     }
                     _ => None,
                 }
@@ -473,6 +561,12 @@ impl Reading {
             (true, stable, short) => Action::Track(Track {
                 stable,
                 short,
+                recent: match (strategy, stable) {
+                    (Strategy::Target { target, .. }, Some(n)) if n < current => recent()
+                        .filter(|r| r.is_finite())
+                        .map(|r| r.max(0.0) / target),
+                    _ => None,
+                },
                 enough_at,
             }),
             (false, Some(n), _) => Action::To(n),
@@ -599,7 +693,8 @@ pub async fn apply_values(
                 enough_at,
                 now,
             };
-            match read.action(strategy, replicas, max) {
+            let recent = || autoscaler.own_rate(id, dc);
+            match read.action(strategy, replicas, max, recent) {
                 Read::Propose(p) => {
                     let found = p.enough.then_some((now, current));
                     (Some(p), found)
@@ -609,8 +704,13 @@ pub async fn apply_values(
             }
         })
     };
-    let work = collect(policy, fleet, want);
-    memory.into_inner().sweep();
+    // Between reads only the functions the short window saw are visited; a read visits
+    // every function, and forgets the steady readings of those it no longer sees.
+    let only = stable.is_none().then_some(short).flatten();
+    let work = collect(policy, fleet, want, only);
+    if stable.is_some() {
+        memory.into_inner().sweep();
+    }
     execute(policy, autoscaler, work).await;
 }
 
@@ -624,13 +724,14 @@ async fn apply_all<F>(policy: &QueryPolicy, fleet: &Fleet, autoscaler: &Autoscal
 where
     F: Fn(&FunctionId, &str, usize, u64, &crate::fleet::PolicyOf) -> Option<Proposal>,
 {
-    let work = collect(policy, fleet, want);
+    let work = collect(policy, fleet, want, None);
     execute(policy, autoscaler, work).await;
 }
 
-/// What `want` proposes for every function the policy matches, in each of its datacenters.
-/// The functions are read in place; only the proposals are collected.
-fn collect<F>(policy: &QueryPolicy, fleet: &Fleet, want: F) -> Work
+/// What `want` proposes for every function the policy matches (of those in `only`, when
+/// given), in each of its datacenters. The functions are read in place; only the proposals
+/// are collected.
+fn collect<F>(policy: &QueryPolicy, fleet: &Fleet, want: F, only: Option<&Values>) -> Work
 where
     F: Fn(&FunctionId, &str, usize, u64, &crate::fleet::PolicyOf) -> Option<Proposal>,
 {
@@ -639,7 +740,7 @@ where
         QuerySource::Internal { .. } => "internal invocation rate",
     };
     let mut work = Vec::new();
-    fleet.scan(|f, function_policy| {
+    let visit = |f: &crate::model::Function, function_policy: &crate::fleet::PolicyOf| {
         if !policy.pattern.matches(&f.id.qualified()) {
             return None::<()>;
         }
@@ -652,8 +753,12 @@ where
                 work.push((f.id.clone(), dc.clone(), p.action, evidence));
             }
         }
-        None
-    });
+        None::<()>
+    };
+    match only {
+        Some(values) => fleet.scan_ids(values.keys(), visit),
+        None => fleet.scan(visit),
+    };
     work
 }
 

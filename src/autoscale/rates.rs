@@ -5,6 +5,9 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+/// The fewest invocations a load that began inside a window is measured from on its own.
+pub const MIN_EVENTS: u64 = 5;
+
 /// Keyed by whatever identifies a counter: (`name.namespace`, datacenter) in the server.
 pub struct RateWindow<K> {
     window: Duration,
@@ -56,8 +59,10 @@ impl<K: Hash + Eq> RateWindow<K> {
     /// seconds before a step do not average it down (a step of 60/s two seconds into a 10 s
     /// window reads 60/s, not 12/s): once two samples show it, from the first of them (the
     /// interval it began in is left out, as where in it the load began is unknown); with only
-    /// one, from the last idle sample (a lower bound). A load that stops is still measured
-    /// from where it began, so its rate falls as the window empties rather than at once.
+    /// one, from the last idle sample (a lower bound). Either needs [`MIN_EVENTS`] invocations
+    /// in the part it measures; fewer (a lone call after a quiet spell, the tail of a spike)
+    /// are measured over the whole window. A load that stops is still measured from where it
+    /// began, so its rate falls as the window empties rather than at once.
     pub fn rate_over(&self, key: &K, window: Duration) -> Option<f64> {
         let (last_at, _) = self.samples.back()?;
         let skip = self
@@ -65,33 +70,51 @@ impl<K: Hash + Eq> RateWindow<K> {
             .iter()
             .rposition(|(t, _)| last_at.duration_since(*t) >= window)
             .unwrap_or(0);
-        let samples = self.samples.range(skip..);
-        if samples.len() < 2 {
-            return None;
-        }
         let count = |sample: &HashMap<K, u64>| sample.get(key).copied().unwrap_or(0);
-        let points: Vec<(Instant, u64)> = samples.map(|(t, s)| (*t, count(s))).collect();
-        let (first_at, first) = points[0];
-        let (last_at, last) = points[points.len() - 1];
-        if last_at == first_at {
+        let mut points = self.samples.range(skip..).map(|(t, s)| (*t, count(s)));
+        let (first_at, first) = points.next()?;
+        // The last sample still at the first one's count, the first one past it (where the
+        // load began, if it began after the first sample), and the last one.
+        let (mut idle, mut onset, mut last) = ((first_at, first), None, (first_at, first));
+        let mut idle_samples = 0;
+        for (at, n) in points {
+            if onset.is_none() {
+                if n == first {
+                    idle = (at, n);
+                    idle_samples += 1;
+                } else {
+                    onset = Some((at, n));
+                }
+            }
+            last = (at, n);
+        }
+        let ((last_at, last), span) = (last, last.0.duration_since(first_at));
+        if span.is_zero() {
             return None;
         }
-        // The last sample still at the first one's count, and the first one past it: where
-        // the load began, when it began after the first sample (never invoked before it, or
-        // idle between two samples).
-        let idle = points.iter().take_while(|(_, n)| *n == first).count() - 1;
-        let began_inside = idle > 0 || first == 0;
-        let (from_at, from) = match points.get(idle + 1) {
-            // Two samples or more since the load began: measured from the first of them.
-            Some(&(at, n)) if began_inside && at < last_at => (at, n),
-            // One: from the last idle sample.
-            Some(_) if began_inside => points[idle],
-            // Running before the first sample: over the whole window, once covered.
-            Some(_) if last_at.duration_since(first_at) < window.min(self.window) => return None,
-            // No invocation at all, or a load that covers the window.
-            _ => (first_at, first),
+        let per_sec = |(at, n): (Instant, u64)| {
+            last.saturating_sub(n) as f64 / last_at.duration_since(at).as_secs_f64()
         };
-        Some(last.saturating_sub(from) as f64 / last_at.duration_since(from_at).as_secs_f64())
+        let enough = |(_, n): (Instant, u64)| last.saturating_sub(n) >= MIN_EVENTS;
+        // Never invoked before the first sample, or idle between two samples.
+        let began_inside = idle_samples > 0 || first == 0;
+        Some(match onset {
+            Some(from) if began_inside && from.0 < last_at && enough(from) => per_sec(from),
+            Some(_) if began_inside && enough(idle) => per_sec(idle),
+            // Running before the first sample: over the whole window, once covered.
+            Some(_) if !began_inside && span < window.min(self.window) => return None,
+            _ => per_sec((first_at, first)),
+        })
+    }
+
+    /// The keys whose count changed over the samples: those invoked within the window.
+    pub fn changed(&self) -> impl Iterator<Item = &K> {
+        let first = self.samples.front().map(|(_, s)| s);
+        self.samples.back().into_iter().flat_map(move |(_, last)| {
+            last.iter()
+                .filter(move |(k, n)| first.and_then(|f| f.get(*k)) != Some(*n))
+                .map(|(k, _)| k)
+        })
     }
 
     /// The keys of the latest sample: everything invoked through faastastic since the start.

@@ -29,6 +29,10 @@ enum Source {
     Internal,
     /// `rate(gateway_function_invocation_total[1m])`, scraped every second.
     Prometheus,
+    /// A query without a datacenter label for a function in two datacenters: each is asked
+    /// for its half of the total (the internal window's rate), while every call lands in
+    /// this one, whose short window sees them all.
+    SharedByTwo,
 }
 
 /// Invocation times in milliseconds, sorted.
@@ -80,6 +84,8 @@ struct Sim {
     base: Instant,
     own: RateWindow<&'static str>,
     recent: RateWindow<&'static str>,
+    /// The executor's own-counter window (the staleness window), sampled every second.
+    observed: RateWindow<&'static str>,
     scrapes: VecDeque<(u64, u64)>,
     last_read: Option<u64>,
     /// The next turn's time.
@@ -111,6 +117,7 @@ impl Sim {
             base: Instant::now(),
             own: RateWindow::new(WINDOW),
             recent: RateWindow::new(SHORT_WINDOW),
+            observed: RateWindow::new(WINDOW),
             scrapes: VecDeque::new(),
             last_read: None,
             t: 0,
@@ -150,6 +157,9 @@ impl Sim {
         let t = self.t;
         self.t += SHORT_TICK.as_millis() as u64;
         if t.is_multiple_of(1000) {
+            let now = self.base + Duration::from_millis(t);
+            self.observed
+                .push(now, [("f", self.arrivals.count(t))].into());
             self.scrapes.push_back((t, self.arrivals.count(t)));
             while self.scrapes.len() > 61 {
                 self.scrapes.pop_front();
@@ -169,6 +179,10 @@ impl Sim {
                     self.own.rate(&"f")
                 }
                 Source::Prometheus => self.prometheus_rate(),
+                Source::SharedByTwo => {
+                    self.own.push(now, [("f", count)].into());
+                    self.own.rate(&"f").map(|r| r / 2.0)
+                }
             }
         } else {
             None
@@ -187,7 +201,8 @@ impl Sim {
             desired: self.current,
             ready: self.current,
         };
-        let proposal = match reading.action(&self.strategy, replicas, self.policy.max) {
+        let recent = || self.observed.rate(&"f");
+        let proposal = match reading.action(&self.strategy, replicas, self.policy.max, recent) {
             Read::Nothing => return,
             Read::Enough => {
                 self.enough_at = Some((at(t), self.current));
@@ -308,7 +323,7 @@ fn a_noisy_step_settles_without_flapping() {
     for source in [Source::Internal, Source::Prometheus] {
         // When the policy's window shows all of the load: its next read, or a minute.
         let shown = match source {
-            Source::Internal => 4_500,
+            Source::Internal | Source::SharedByTwo => 4_500,
             Source::Prometheus => 64_000,
         };
         for seed in 1..=40 {
@@ -334,8 +349,30 @@ fn a_noisy_step_settles_without_flapping() {
     assert!(late <= 8, "{late} of 80 runs took more than 2 s");
 }
 
+/// A policy's window that asks for less than the short window sees (its total shared by two
+/// datacenters while the calls land in one) does not make the count flap: the burst goes up
+/// once, and the short window is the floor of every scale-down after it.
+#[test]
+fn a_lagging_or_shared_window_does_not_undo_a_burst() {
+    for seed in 1..=10 {
+        let start = LEAD_IN_MS + 7;
+        let load = Arrivals::poisson(40.0, start, start + 300_000, seed);
+        let mut sim = Sim::new(Source::SharedByTwo, 1, load);
+        let changes = sim.run(start + 300_000, start).to_vec();
+        let ctx = format!("seed {seed}: {changes:?}");
+        // Up in the first seconds (a noisy one may overshoot by one), then never up again.
+        assert!(ups(&changes).iter().all(|c| c.0 < 5_000), "{ctx}");
+        let first_down = changes.iter().position(|c| c.2 < c.1);
+        if let Some(i) = first_down {
+            assert!(changes[i..].iter().all(|c| c.2 < c.1), "{ctx}");
+        }
+        assert!(sim.current >= 4, "{ctx}");
+    }
+}
+
 /// A spike shorter than the short window (300/s for one second) may scale up, but leaves no
-/// extra replica once the stabilization window has passed over the readings it caused.
+/// extra replica once the stabilization window has passed over the readings it caused (and
+/// one down cooldown, when a step down lands between two of them).
 #[test]
 fn a_spike_leaves_no_extra_replicas_beyond_the_stabilization_window() {
     let (p, _) = PolicyPatch::default().resolve().unwrap();
@@ -345,10 +382,16 @@ fn a_spike_leaves_no_extra_replicas_beyond_the_stabilization_window() {
             let mut sim = Sim::new(source, 1, Arrivals::even(300.0, start, start + 1_000));
             // The last reading the spike shows in: the source's window after it ends.
             let shown = match source {
-                Source::Internal => WINDOW.as_millis() as u64,
+                Source::Internal | Source::SharedByTwo => WINDOW.as_millis() as u64,
                 Source::Prometheus => 60_000,
             };
-            let settled = 1_000 + shown + p.stabilization_window.as_millis() as u64 + 2_500;
+            // The readings that show it are held for the stabilization window; a step down
+            // that lands between two of them waits one down cooldown for the next.
+            let settled = 1_000
+                + shown
+                + p.stabilization_window.as_millis() as u64
+                + p.down_cooldown.as_millis() as u64
+                + 2_500;
             let changes = sim.run(start + settled + 30_000, start).to_vec();
             let ctx = format!("{source:?}, {phase} ms: {changes:?}");
             assert!(!ups(&changes).is_empty(), "a burst answers it: {ctx}");
@@ -360,8 +403,8 @@ fn a_spike_leaves_no_extra_replicas_beyond_the_stabilization_window() {
                 "{ctx}"
             );
             assert_eq!(sim.current, 1, "{ctx}");
-            let last = changes.last().unwrap().0;
-            assert!(last <= settled as i64 + 30_000, "{ctx}");
+            let back = changes.iter().rev().find(|c| c.2 == 1).map(|c| c.0);
+            assert!(back.is_some_and(|ms| ms <= settled as i64), "{ctx}");
         }
     }
 }
@@ -384,6 +427,7 @@ fn a_load_that_stops_steps_down_as_the_window_and_cooldown_allow() {
         sim.changes.clear();
         let changes = sim.run(stop + 300_000, stop).to_vec();
         let ctx = format!("{source:?}: {changes:?}");
+        assert!(!changes.is_empty(), "{ctx}");
         assert!(changes.iter().all(|c| c.2 < c.1), "{ctx}");
         assert!(changes[0].0 >= window, "{ctx}");
         for pair in changes.windows(2) {

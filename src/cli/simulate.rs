@@ -130,6 +130,7 @@ fn parse_line(
             let track = Track {
                 stable: line.replicas,
                 short: line.short,
+                recent: None,
                 enough_at: None,
             };
             Parsed::Signal(Action::Track(track), key, None)

@@ -642,6 +642,19 @@ impl Fleet {
             .collect()
     }
 
+    /// [`Self::scan`] over the given functions only (those deployed).
+    pub fn scan_ids<'a, T>(
+        &self,
+        ids: impl IntoIterator<Item = &'a FunctionId>,
+        mut f: impl FnMut(&Function, &PolicyOf) -> Option<T>,
+    ) -> Vec<T> {
+        let functions = self.read_functions();
+        ids.into_iter()
+            .filter_map(|id| functions.get(id))
+            .filter_map(|placed| f(&placed.function, &placed.policy))
+            .collect()
+    }
+
     /// How many functions are deployed, in every namespace.
     pub fn count(&self) -> usize {
         self.read_functions().len()

@@ -112,6 +112,9 @@ pub enum Window {
     /// The short window asked for more, but less than twice the running count: no burst,
     /// and the policy's window had nothing to say this time.
     BelowBurst,
+    /// The policy's window asked for `asked`, fewer than faastastic's own counters still
+    /// show are needed.
+    Floor { asked: u64 },
 }
 
 /// The rule that settled the decision.
@@ -221,7 +224,7 @@ impl Reason {
                 Ask::StepDown { .. } => "step_down",
                 Ask::AskedFor { .. } => "asked_for",
                 Ask::Track {
-                    window: Window::Policy,
+                    window: Window::Policy | Window::Floor { .. },
                     ..
                 } => "target",
                 Ask::Track {
@@ -339,6 +342,10 @@ impl fmt::Display for Ask {
                 Window::BelowBurst => write!(
                     f,
                     "the short window asks for {replicas} replicas, under twice as many as run: no burst"
+                ),
+                Window::Floor { asked } => write!(
+                    f,
+                    "the policy's window asks for {asked} replicas, but faastastic's own counters still show {replicas} needed"
                 ),
             },
             Ask::ResolvedToMin => f.write_str("resolved: back to min (resolved_to_min)"),
