@@ -26,8 +26,8 @@ use std::time::Duration;
 use arbitrary::Arbitrary;
 use chrono::{DateTime, TimeZone, Utc};
 use faastastic::autoscale::policy::{
-    decide, proportional, target_of, Action, AlertMode, Clamp, Input, Outcome, Policy, State, Step,
-    StepCap,
+    decide, proportional, target_of, Action, AlertMode, Ask, Clamp, Input, Outcome, Policy, State,
+    Step, StepCap, Track, Window,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -207,6 +207,13 @@ enum ActionSpec {
     Resolved,
     Hold,
     Release,
+    /// A target policy's reading; `enough` is (seconds before the input, count).
+    Track {
+        stable: Option<Count>,
+        short: Option<Rate>,
+        recent: Option<Rate>,
+        enough: Option<(u8, Count)>,
+    },
 }
 
 impl ActionSpec {
@@ -222,6 +229,33 @@ impl ActionSpec {
             ActionSpec::Resolved => Action::Resolved,
             ActionSpec::Hold => Action::Hold,
             ActionSpec::Release => Action::Release,
+            ActionSpec::Track {
+                stable,
+                short,
+                recent,
+                enough,
+            } => Action::Track(Track {
+                stable: stable.map(Count::get),
+                short: short.map(Rate::get),
+                recent: recent.map(Rate::get),
+                enough_at: enough.map(|(back, n)| {
+                    let back = chrono::Duration::seconds(i64::from(back));
+                    (DateTime::<Utc>::UNIX_EPOCH + back, n.get())
+                }),
+            }),
+        }
+    }
+
+    /// The action at `now`: a reading's steady time is relative to the input.
+    fn at(self, now: DateTime<Utc>) -> Action {
+        match self.get() {
+            Action::Track(mut t) => {
+                t.enough_at = t
+                    .enough_at
+                    .map(|(back, n)| (now - (back - DateTime::<Utc>::UNIX_EPOCH), n));
+                Action::Track(t)
+            }
+            other => other,
         }
     }
 }
@@ -348,10 +382,10 @@ fuzz_target!(|scenario: Scenario| {
             } => {
                 let key_text = key.map(|k| format!("alert-{}", k % 4));
                 (
-                    Some((action.get(), rate.map(Rate::get))),
+                    Some((action.at(now), rate.map(Rate::get))),
                     *apply,
                     key_text,
-                    Some(action.get()),
+                    Some(action.at(now)),
                 )
             }
             Event::Tick(apply) => (None, *apply, None, None),
@@ -455,8 +489,22 @@ fuzz_target!(|scenario: Scenario| {
                 "scaled outside [{min}, {max}]: {d:?}\npolicy {policy:?}"
             );
             if d.to > current {
-                if let Some(t) = model.last_up {
-                    assert!(age(now, t) >= policy.up_cooldown, "up in cooldown: {d:?}");
+                match action {
+                    // A measured count is not held by the up cooldown, and goes no higher
+                    // than one of its windows asked (the short one only in a burst).
+                    Some(Action::Track(t)) => {
+                        let short = t
+                            .short
+                            .filter(|l| l.is_finite() && *l >= 0.0)
+                            .map(|l| proportional(l, 1.0));
+                        let asked = t.stable.max(short).unwrap_or(0);
+                        assert!(d.to <= asked.max(min), "above what was asked: {d:?}");
+                    }
+                    _ => {
+                        if let Some(t) = model.last_up {
+                            assert!(age(now, t) >= policy.up_cooldown, "up in cooldown: {d:?}");
+                        }
+                    }
                 }
                 if let Some(cap) = policy.max_step_up {
                     let limit = current.saturating_add(cap.size(current)).max(min);
@@ -489,7 +537,28 @@ fuzz_target!(|scenario: Scenario| {
                         "down in cooldown: {d:?}"
                     );
                 }
-                if let Some(highest) = pruned.recommendations.iter().map(|(_, r)| *r).max() {
+                // Never below what the function's own counters show it needs.
+                if let Some(Action::Track(Track {
+                    recent: Some(load), ..
+                })) = action
+                {
+                    if load.is_finite() && load >= 0.0 {
+                        let needs = proportional(load, 1.0).min(current).min(max);
+                        assert!(d.to >= needs, "below the counters' {needs}: {d:?}");
+                    }
+                }
+                // A steady reading it carries counts as a recommendation.
+                let mut recommendations = pruned.recommendations.clone();
+                if let Some(Action::Track(Track {
+                    enough_at: Some((at, n)),
+                    ..
+                })) = action
+                {
+                    if age(now, at) <= policy.stabilization_window && !duplicate {
+                        recommendations.push((at, n.clamp(min, max)));
+                    }
+                }
+                if let Some(highest) = recommendations.iter().map(|(_, r)| *r).max() {
                     assert!(
                         d.to >= highest.min(current).min(max),
                         "below the window's highest {highest}: {d:?}"
@@ -533,11 +602,31 @@ fuzz_target!(|scenario: Scenario| {
                     .iter()
                     .any(|c| matches!(c, Clamp::Duplicate | Clamp::LoadGone));
                 let left_at_zero = current == 0 && d.outcome == Outcome::NoChange;
-                let remembered = !held_early && !left_at_zero;
+                let mut remembered = !held_early && !left_at_zero;
+                let mut recommended = d.recommended;
+                if let Some(Action::Track(t)) = action {
+                    if let (Some((at, n)), false) = (t.enough_at, held_early) {
+                        if age(now, at) <= policy.stabilization_window {
+                            model.recommendations.push((at, n.clamp(min, max)));
+                        }
+                    }
+                    // Only what a window decided is remembered, a floor as what was asked.
+                    match d.reason.ask {
+                        Ask::Track {
+                            window: Window::Floor { asked },
+                            ..
+                        } => recommended = asked,
+                        Ask::Track {
+                            window: Window::Policy | Window::Burst | Window::BurstStart,
+                            ..
+                        } if t.stable.is_some() || d.reason.code() == "burst" => {}
+                        _ => remembered = false,
+                    }
+                }
                 if remembered {
                     model
                         .recommendations
-                        .push((now, d.recommended.clamp(min, max)));
+                        .push((now, recommended.clamp(min, max)));
                 }
             }
             None => {}

@@ -659,7 +659,8 @@ impl Run<'_> {
                 if let Some((at, n)) = track.enough_at {
                     let window = policy.stabilization_window;
                     if since(self.now, Some(at)).is_some_and(|age| age <= window) {
-                        remember(&mut next.recommendations, at, n);
+                        // Bounded as every recommendation the window keeps.
+                        remember(&mut next.recommendations, at, n.clamp(min, max));
                     }
                 }
                 let (window, to) = self.track(next, track);
