@@ -346,7 +346,7 @@ async fn evaluation() {
         times.push(start.elapsed());
     }
     report_times(
-        "query policy: one short-window turn between reads over the same fleet, its rates given (100 functions with invocations, half of the turns a burst)",
+        "query policy: one short-window turn between reads over the same fleet, its rates given (the 100 functions with invocations, 8× their target every other turn)",
         times,
         Duration::from_millis(10),
     );
