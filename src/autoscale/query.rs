@@ -511,7 +511,7 @@ pub struct Proposal {
 impl Reading {
     /// The engine's input for this reading: a target strategy tracks (`Track`), the others
     /// ask for a count. `recent` reads faastastic's own invocation rate over its longer window,
-    /// the floor of a scale-down (asked only for one).
+    /// the floor of a scale-down (asked only for one, by a policy with a short window).
     pub fn action(
         &self,
         strategy: &Strategy,
@@ -561,8 +561,10 @@ impl Reading {
             (true, stable, short) => Action::Track(Track {
                 stable,
                 short,
-                recent: match (strategy, stable) {
-                    (Strategy::Target { target, .. }, Some(n)) if n < current => recent()
+                // Only where the value is invocations per second: the policies with a short
+                // window (an average per replica, a CPU, is another unit).
+                recent: match (strategy, stable, self.short_window) {
+                    (Strategy::Target { target, .. }, Some(n), Some(_)) if n < current => recent()
                         .filter(|r| r.is_finite())
                         .map(|r| r.max(0.0) / target),
                     _ => None,
@@ -779,4 +781,74 @@ async fn execute(policy: &QueryPolicy, autoscaler: &Autoscaler, work: Work) {
         }
     }))
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::ReplicaCounts;
+
+    fn target(per_replica: bool) -> Strategy {
+        Strategy::Target {
+            target: 10.0,
+            per_replica,
+            tolerance: 0.1,
+        }
+    }
+
+    fn reading(value: Option<f64>, short: Option<f64>, window: bool) -> Reading {
+        Reading {
+            value,
+            short_value: short,
+            short_window: window.then_some(crate::config::SHORT_WINDOW),
+            enough_at: None,
+            now: chrono::Utc::now(),
+        }
+    }
+
+    fn track(read: Read) -> Track {
+        match read {
+            Read::Propose(Proposal {
+                action: Action::Track(t),
+                ..
+            }) => t,
+            other => panic!("not a tracking proposal: {other:?}"),
+        }
+    }
+
+    /// What a reading hands the engine: a steady reading is kept, not sent; no data is not
+    /// steady; the short window comes along only when it asks for more; the counters' floor
+    /// only with a scale-down, and only where the value is an invocation rate.
+    #[test]
+    fn a_reading_sends_only_what_the_engine_needs() {
+        let at = |n| ReplicaCounts {
+            desired: n,
+            ready: n,
+        };
+        let never = || -> Option<f64> { panic!("the floor was not needed") };
+        let strategy = target(false);
+        let steady = reading(Some(39.0), Some(41.0), true).action(&strategy, at(4), 10, never);
+        assert!(matches!(steady, Read::Enough), "{steady:?}");
+        let no_data = reading(Some(f64::NAN), None, true).action(&strategy, at(4), 10, never);
+        assert!(matches!(no_data, Read::Nothing), "{no_data:?}");
+        let burst = track(reading(None, Some(80.0), true).action(&strategy, at(2), 10, never));
+        assert_eq!((burst.stable, burst.short), (None, Some(8.0)));
+        // A scale-down carries the floor of faastastic's own counters...
+        let down =
+            reading(Some(12.0), Some(35.0), true).action(&strategy, at(4), 10, || Some(33.0));
+        let down = track(down);
+        assert_eq!(
+            (down.stable, down.short, down.recent),
+            (Some(2), None, Some(3.3))
+        );
+        // ... but not for a value in another unit (no short window: an average per replica).
+        let other = reading(Some(1.2), None, false).action(&target(true), at(4), 10, never);
+        assert_eq!(track(other).recent, None);
+        // A steady reading rides on the next one.
+        let mut later = reading(Some(12.0), None, true);
+        let then = chrono::Utc::now();
+        later.enough_at = Some((then, 4));
+        let carried = track(later.action(&strategy, at(4), 10, || None));
+        assert_eq!(carried.enough_at, Some((then, 4)));
+    }
 }
