@@ -44,6 +44,13 @@ impl FunctionId {
     pub fn qualified(&self) -> String {
         format!("{}.{}", self.name, self.namespace)
     }
+
+    /// The function a metric label names (`name.namespace`, or `name` in `default_namespace`):
+    /// the inverse of [`Self::qualified`].
+    pub fn from_qualified(raw: &str, default_namespace: &str) -> Self {
+        let (name, namespace) = split_qualified(raw);
+        Self::new(name, namespace.unwrap_or(default_namespace))
+    }
 }
 
 impl fmt::Display for FunctionId {

@@ -276,6 +276,11 @@ pub const BURST_FACTOR: u64 = 2;
 /// noisy reading under the load does not end it.
 pub const BURST_GRACE: Duration = Duration::from_secs(2);
 
+/// [`BURST_GRACE`] as the engine adds it to its clock.
+fn burst_grace() -> chrono::Duration {
+    chrono::Duration::from_std(BURST_GRACE).expect("a small duration")
+}
+
 /// One input to the engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Input<'a> {
@@ -502,10 +507,9 @@ fn remembered(policy: &Policy, state: &State, now: DateTime<Utc>) -> State {
         next.hold_until = None;
     }
     // A clock stepped back must not stretch a burst.
-    let grace = chrono::Duration::from_std(BURST_GRACE).expect("a small duration");
     next.burst_until = next
         .burst_until
-        .filter(|until| *until >= now && *until <= now + grace);
+        .filter(|until| *until >= now && *until <= now + burst_grace());
     next
 }
 
@@ -668,8 +672,10 @@ impl Run<'_> {
                     replicas: to,
                     window,
                 };
+                // Neither window acted: the short one asked for too little (or nothing) and
+                // the policy's was not read.
                 let burst = matches!(window, Window::BurstStart | Window::Burst);
-                if window == Window::BelowBurst || track.stable.is_none() && !burst {
+                if track.stable.is_none() && !burst {
                     let reason = only(ask);
                     return ControlFlow::Break(self.stay(to, Outcome::NoChange, reason));
                 }
@@ -733,9 +739,7 @@ impl Run<'_> {
         let under_way = next.burst_until.is_some();
         let burst = more.is_some() && (starts.is_some() || under_way);
         if burst {
-            next.burst_until = self.now.checked_add_signed(
-                chrono::Duration::from_std(BURST_GRACE).expect("a small duration"),
-            );
+            next.burst_until = self.now.checked_add_signed(burst_grace());
         }
         match (more, stable) {
             (Some(n), _) if burst && !under_way => (Window::BurstStart, n),

@@ -17,7 +17,7 @@ use super::strategy::{desired, Strategy, Want};
 use crate::config::{PrometheusConfig, QueryPolicy, QuerySource};
 use crate::error_chain;
 use crate::fleet::Fleet;
-use crate::model::{split_qualified, FunctionId};
+use crate::model::FunctionId;
 use crate::telemetry::Metrics;
 use chrono::{DateTime, Utc};
 
@@ -259,30 +259,30 @@ impl PrometheusRead {
                 continue;
             };
             let dc = labels.get(&self.datacenter_label).cloned();
-            let (name, namespace) = split_qualified(function);
-            let id = FunctionId::new(name, namespace.unwrap_or(&self.namespace));
+            let id = FunctionId::from_qualified(function, &self.namespace);
             out.entry(id).or_default().set(dc, series.sample().value());
         }
         Ok(out)
     }
 }
 
+/// Invocations per second in each datacenter with invocations in the window of `samples`:
+/// what the short window reads (it only ever asks for more, so the others need no value).
+fn loaded_rates(fleet: &Fleet, samples: &RateWindow<(String, String)>) -> Values {
+    let mut out = Values::new();
+    for key in samples.changed() {
+        if let Some(rate) = samples.rate(key).filter(|r| *r > 0.0) {
+            let id = FunctionId::from_qualified(&key.0, fleet.default_namespace());
+            out.entry(id).or_default().set(Some(key.1.clone()), rate);
+        }
+    }
+    out
+}
+
 /// Invocations per second in each datacenter over the window of `samples`, from faastastic's
 /// own counters; a function never invoked reads as 0, and every function reads NaN (no data)
-/// until two samples exist. With `loaded_only` (the short window, which only ever asks for
-/// more), only the datacenters with invocations in the window.
-fn own_rates(fleet: &Fleet, samples: &RateWindow<(String, String)>, loaded_only: bool) -> Values {
-    if loaded_only {
-        let mut out = Values::new();
-        for key in samples.changed() {
-            if let Some(rate) = samples.rate(key).filter(|r| *r > 0.0) {
-                let (name, namespace) = split_qualified(&key.0);
-                let id = FunctionId::new(name, namespace.unwrap_or(fleet.default_namespace()));
-                out.entry(id).or_default().set(Some(key.1.clone()), rate);
-            }
-        }
-        return out;
-    }
+/// until two samples exist.
+fn own_rates(fleet: &Fleet, samples: &RateWindow<(String, String)>) -> Values {
     let invoked: std::collections::HashSet<&str> = samples
         .latest_keys()
         .map(|(name, _)| name.as_str())
@@ -320,23 +320,27 @@ impl Runner {
         let now = Instant::now();
         let due = self.turns.is_multiple_of(u64::from(self.per_read)) && may_read;
         self.turns += 1;
-        let own = matches!(self.policy.source, QuerySource::Internal { .. });
-        let mut counts = (self.policy.short_window.is_some() || own && due)
-            .then(|| self.metrics.invocation_counts_by_datacenter());
-        if let (true, Some(c)) = (own && due, &counts) {
-            let c = match self.policy.short_window {
-                Some(_) => c.clone(),
-                None => counts.take().expect("checked"),
-            };
-            self.samples.push(now, c);
+        // The counters, sampled once, for the internal source's window when it is read and
+        // for the short window.
+        let own = matches!(self.policy.source, QuerySource::Internal { .. }) && due;
+        let short = self.policy.short_window.is_some();
+        if own || short {
+            let counts = self.metrics.invocation_counts_by_datacenter();
+            match (own, short) {
+                (true, true) => {
+                    self.samples.push(now, counts.clone());
+                    self.recent.push(now, counts);
+                }
+                (true, false) => self.samples.push(now, counts),
+                _ => self.recent.push(now, counts),
+            }
         }
-        if let (Some(_), Some(counts)) = (self.policy.short_window, counts) {
-            self.recent.push(now, counts);
-            self.short = Some(own_rates(&self.fleet, &self.recent, true));
+        if short {
+            self.short = Some(loaded_rates(&self.fleet, &self.recent));
         }
         match (&self.policy.source, &self.prometheus) {
             (QuerySource::Internal { .. }, _) if due => {
-                let values = own_rates(&self.fleet, &self.samples, false);
+                let values = own_rates(&self.fleet, &self.samples);
                 self.apply_read(Ok(values)).await;
                 None
             }
@@ -434,10 +438,9 @@ impl Runner {
                 }
                 if let Some(fallback) = self.policy.fallback_replicas {
                     if self.failures >= FALLBACK_AFTER_FAILURES {
-                        apply_all(
+                        let work = collect(
                             &self.policy,
                             &self.fleet,
-                            &self.autoscaler,
                             |_, _, _, _, _| {
                                 Some(Proposal {
                                     action: Action::To(fallback),
@@ -448,8 +451,9 @@ impl Runner {
                                     enough: false,
                                 })
                             },
-                        )
-                        .await;
+                            None,
+                        );
+                        execute(&self.policy, &self.autoscaler, work).await;
                     }
                 }
                 return;
@@ -719,19 +723,9 @@ pub async fn apply_values(
 /// The engine inputs of one evaluation: (function, datacenter, action, evidence).
 type Work = Vec<(FunctionId, String, Action, serde_json::Value)>;
 
-/// Feeds `want(function, datacenter, datacenters it runs in, current replicas there, its
-/// policy)` to the executor for every function the policy matches, in each of its
-/// datacenters.
-async fn apply_all<F>(policy: &QueryPolicy, fleet: &Fleet, autoscaler: &Autoscaler, want: F)
-where
-    F: Fn(&FunctionId, &str, usize, u64, &crate::fleet::PolicyOf) -> Option<Proposal>,
-{
-    let work = collect(policy, fleet, want, None);
-    execute(policy, autoscaler, work).await;
-}
-
-/// What `want` proposes for every function the policy matches (of those in `only`, when
-/// given), in each of its datacenters. The functions are read in place; only the proposals
+/// What `want(function, datacenter, datacenters it runs in, current replicas there, its
+/// policy)` proposes for every function the policy matches (of those in `only`, when given),
+/// in each of its datacenters. The functions are read in place; only the proposals
 /// are collected.
 fn collect<F>(policy: &QueryPolicy, fleet: &Fleet, want: F, only: Option<&Values>) -> Work
 where
