@@ -374,6 +374,37 @@ pub struct ContainerConfig {
     pub drain_timeout: Duration,
     /// Log lines kept per function for `/system/logs` (docker).
     pub log_lines: usize,
+    /// How faastastic reaches the replicas.
+    pub reach: Reach,
+}
+
+/// How faastastic reaches a container platform's replicas, which serve on port 8080 inside
+/// their containers (the OpenFaaS contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reach {
+    /// Through a port the engine assigns to each replica and publishes: on 127.0.0.1 on
+    /// docker, in host mode on the task's node on swarm.
+    #[default]
+    Published,
+    /// docker: at the container's own address on its bridge network, port 8080 (no proxy in
+    /// between; faastastic must run where that network is routed).
+    Address,
+    /// swarm: tasks on the host network, each on its slot's loopback address
+    /// (`127.0.1.SLOT`), for images that listen where `faastastic_listen` says.
+    Slot,
+}
+
+impl Reach {
+    /// `reach` of `[docker]` or `[swarm]` (`kind`).
+    fn parse(kind: &str, text: &str) -> Result<Reach, String> {
+        match (kind, text) {
+            (_, "published") => Ok(Reach::Published),
+            ("docker", "address") => Ok(Reach::Address),
+            ("swarm", "slot") => Ok(Reach::Slot),
+            ("docker", _) => Err(format!("{text:?} is not one of published, address")),
+            _ => Err(format!("{text:?} is not one of published, slot")),
+        }
+    }
 }
 
 impl Default for ContainerConfig {
@@ -384,6 +415,7 @@ impl Default for ContainerConfig {
             exec_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             log_lines: 1000,
+            reach: Reach::Published,
         }
     }
 }
@@ -787,7 +819,8 @@ impl Config {
         for (kind, keys) in [("docker", all), ("swarm", &all[2..4])] {
             let used = cfg.datacenters.iter().any(|d| d.platform.kind() == kind);
             let mut s = root.section(kind);
-            let (c, warnings) = s.containers(kind, keys, &cfg.local, &local_keys, used);
+            let (mut c, warnings) = s.containers(kind, keys, &cfg.local, &local_keys, used);
+            c.reach = s.parsed("reach", c.reach, |v: String| Reach::parse(kind, &v));
             s.finish(&mut errors);
             cfg.warnings.extend(warnings);
             match kind {
@@ -1295,6 +1328,7 @@ impl Section {
             exec_timeout,
             drain_timeout,
             log_lines,
+            reach: Reach::default(),
         };
         (c, warnings)
     }
@@ -1409,6 +1443,30 @@ log_lines = "many"
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
         }
         assert_eq!(errors.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn each_container_platform_names_the_ways_it_reaches_replicas() {
+        let cfg =
+            Config::parse("[docker]\nreach = \"address\"\n[swarm]\nreach = \"slot\"\n").unwrap();
+        assert_eq!(cfg.docker.reach, Reach::Address);
+        assert_eq!(cfg.swarm.reach, Reach::Slot);
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(
+            (cfg.docker.reach, cfg.swarm.reach),
+            (Reach::Published, Reach::Published)
+        );
+        let errors = Config::parse("[docker]\nreach = \"slot\"\n[swarm]\nreach = \"address\"\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            errors.contains("docker.reach: \"slot\" is not one of published, address"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("swarm.reach: \"address\" is not one of published, slot"),
+            "{errors}"
+        );
     }
 
     #[test]

@@ -113,6 +113,7 @@ async fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec
                         &dc.name,
                         cfg.docker.clone(),
                         cfg.data_dir.join("run").join(&dc.name),
+                        metrics.clone(),
                     )
                     .await
                     .with_context(|| format!("cannot reach the Docker engine of {}", dc.name))?,
@@ -124,6 +125,7 @@ async fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec
                     &dc.name,
                     cfg.swarm.clone(),
                     cfg.data_dir.join("run").join(&dc.name),
+                    metrics.clone(),
                 )
                 .await
                 .with_context(|| format!("cannot reach the swarm manager of {}", dc.name))?,

@@ -61,14 +61,15 @@ async fn docker_deploy_invoke_scale_logs_redeploy_remove() {
         .args([
             "inspect",
             "--format",
-            "{{.HostConfig.NetworkMode}} {{.HostConfig.Memory}}",
+            "{{.HostConfig.NetworkMode}} {{.HostConfig.Memory}} {{range $p, $b := .NetworkSettings.Ports}}{{$p}}={{range $b}}{{.HostIp}} {{end}}{{end}}",
         ])
         .arg(&ids[0])
         .output()
         .unwrap();
+    // Its own network namespace, 8080 inside published on loopback only.
     assert_eq!(
         String::from_utf8_lossy(&inspect.stdout).trim(),
-        format!("host {}", 64 << 20)
+        format!("bridge {} 8080/tcp=127.0.0.1", 64 << 20)
     );
 
     // 1 -> 4 -> 1, each count visible in the engine.

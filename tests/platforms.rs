@@ -66,6 +66,7 @@ async fn the_docker_platform_complies() {
         &dc,
         Config::default().docker,
         dir.path().join("run"),
+        Arc::new(Metrics::new()),
     )
     .await
     .unwrap();
@@ -84,9 +85,15 @@ async fn the_swarm_platform_complies() {
     let image = Image(format!("faastastic-test/swcomply:{dc}"));
     build_image(&image.0);
     let dir = tempfile::tempdir().unwrap();
-    let swarm = SwarmPlatform::connect(None, &dc, Config::default().swarm, dir.path().join("run"))
-        .await
-        .expect("a swarm manager (scripts/test.sh runs docker swarm init)");
+    let swarm = SwarmPlatform::connect(
+        None,
+        &dc,
+        Config::default().swarm,
+        dir.path().join("run"),
+        Arc::new(Metrics::new()),
+    )
+    .await
+    .expect("a swarm manager (scripts/test.sh runs docker swarm init)");
     let platform = SwarmHandle(swarm);
     let result = suite(cat(Some(&image.0)), 120)
         .run(&platform, "swarm-cat")

@@ -61,12 +61,12 @@ pub async fn status(
     let view = s.fleet.get_in(&id, datacenter.as_deref())?;
     let counts = s.metrics.invocation_counts();
     let pause = s.autoscaler.pause_of(&id);
-    let rollouts = s.fleet.rollouts(&view);
+    let conditions = s.fleet.conditions(&view);
     Ok(json_response(status_json(
         &view,
         &counts,
         pause.as_ref(),
-        &rollouts,
+        &conditions,
     )))
 }
 

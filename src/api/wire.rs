@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::error::ApiError;
 use crate::fleet::FunctionView;
 use crate::model::{Function, FunctionId, FunctionResources};
-use crate::platform::{ReplicaCounts, Rollout};
+use crate::platform::{Condition, ReplicaCounts, Rollout};
 
 /// Parses a JSON object body, answering 400 with the parser's message and the path of the
 /// offending field (`labels.a: invalid type: integer ...`).
@@ -125,19 +125,21 @@ struct StatusLive<'a> {
 }
 
 /// A view's per-datacenter counts as a JSON object (the view keeps them in name order), with
-/// each datacenter's stalled update, if any.
+/// what each datacenter says beyond them (a stalled update, a failing replica), if anything.
 #[derive(Debug)]
-struct Datacenters<'a>(&'a [(Arc<str>, ReplicaCounts)], &'a [(Arc<str>, Rollout)]);
+struct Datacenters<'a>(&'a [(Arc<str>, ReplicaCounts)], &'a [(Arc<str>, Condition)]);
 
 impl Serialize for Datacenters<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_map(self.0.iter().map(|(dc, c)| {
+            let condition = self.1.iter().find(|(d, _)| d == dc).map(|(_, c)| c);
             (
                 &**dc,
                 DatacenterReplicas {
                     replicas: c.desired,
                     available_replicas: c.ready,
-                    update: self.1.iter().find(|(d, _)| d == dc).map(|(_, r)| r),
+                    update: condition.and_then(|c| c.update.as_ref()),
+                    reason: condition.and_then(|c| c.reason.as_deref()),
                 },
             )
         }))
@@ -152,6 +154,9 @@ struct DatacenterReplicas<'a> {
     /// An update whose new version is not ready yet (the counts above are the old one's).
     #[serde(skip_serializing_if = "Option::is_none")]
     update: Option<&'a Rollout>,
+    /// Why a replica does not serve, e.g. "replica exited with status 2: ...".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
 }
 
 /// A function's spec fields as JSON: an object without its closing brace.
@@ -186,7 +191,7 @@ fn write_status(
     view: &FunctionView,
     invocations: &HashMap<String, u64>,
     pause: Option<&crate::autoscale::executor::Pause>,
-    rollouts: &[(Arc<str>, Rollout)],
+    conditions: &[(Arc<str>, Condition)],
 ) {
     let f = &view.function;
     let live = StatusLive {
@@ -197,7 +202,7 @@ fn write_status(
         },
         replicas: view.replicas.desired,
         available_replicas: view.replicas.ready,
-        datacenters: Datacenters(&view.datacenters, rollouts),
+        datacenters: Datacenters(&view.datacenters, conditions),
         autoscaling_paused: pause,
     };
     out.extend_from_slice(spec.as_bytes());
@@ -213,7 +218,7 @@ pub fn status_json(
     view: &FunctionView,
     invocations: &HashMap<String, u64>,
     pause: Option<&crate::autoscale::executor::Pause>,
-    rollouts: &[(Arc<str>, Rollout)],
+    conditions: &[(Arc<str>, Condition)],
 ) -> Vec<u8> {
     let mut out = Vec::new();
     write_status(
@@ -222,7 +227,7 @@ pub fn status_json(
         view,
         invocations,
         pause,
-        rollouts,
+        conditions,
     );
     out
 }

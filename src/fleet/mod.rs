@@ -34,7 +34,7 @@ use crate::model::{
     FunctionId, FunctionMap, Namespace, LABEL_DATACENTERS,
 };
 use crate::platform::{
-    EndpointSet, Platform, PlatformError, ReadyGauge, ReplicaCounts, Rollout, Workload,
+    Condition, EndpointSet, Platform, PlatformError, ReadyGauge, ReplicaCounts, Workload,
 };
 use crate::store::{Decision, SecretRecord, Store, StoreError};
 
@@ -686,17 +686,18 @@ impl Fleet {
         self.get_in(id, None)
     }
 
-    /// The updates of a viewed function that wait for their new version, per datacenter.
-    pub fn rollouts(&self, view: &FunctionView) -> Vec<(Arc<str>, Rollout)> {
+    /// What each datacenter says of a viewed function beyond its counts: updates that wait
+    /// for their new version, replicas that fail.
+    pub fn conditions(&self, view: &FunctionView) -> Vec<(Arc<str>, Condition)> {
         view.datacenters
             .iter()
             .filter_map(|(dc, _)| {
-                let rollout = self
+                let condition = self
                     .datacenter(dc)?
                     .platform
                     .table()
-                    .rollout(&view.function.id)?;
-                Some((dc.clone(), rollout))
+                    .condition(&view.function.id)?;
+                Some((dc.clone(), condition))
             })
             .collect()
     }

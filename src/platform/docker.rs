@@ -1,8 +1,17 @@
-//! The `docker` platform: one container per replica on a Docker engine, with host networking
-//! so every replica listens on its own loopback port (given as `port` and `faastastic_listen`,
-//! which the OpenFaaS watchdogs and faastastic's own read). Containers carry the labels
-//! `com.faastastic.function|namespace|datacenter|generation`; secrets are bind-mounted read-only
-//! at `/var/openfaas/secrets`. A new deployment starts a new generation of containers and
+//! The `docker` platform: one container per replica on a Docker engine. Each replica runs in
+//! its own network namespace on the default bridge network and serves on port 8080 inside (the
+//! OpenFaaS contract: `port=8080`, and `faastastic_listen` for faastastic's own watchdog), so
+//! any number of replicas of any images run side by side whatever ports they bind inside.
+//! faastastic reaches a replica through the port the engine publishes for it on 127.0.0.1
+//! (`reach = "published"`) or at its bridge address (`reach = "address"`), read back from the
+//! engine every time the container starts: a restarted container gets a new port.
+//!
+//! Containers carry the labels `com.faastastic.function|namespace|datacenter|generation`;
+//! secrets are bind-mounted read-only at `/var/openfaas/secrets`. The engine restarts a replica
+//! that exits (with its own backoff); the engine's events tell faastastic, which takes it out
+//! of routing, records why (exit status and last log line) for the function's status, counts it
+//! in `faastastic_replica_restarts_total`, logs it once per crash loop, and routes to it again
+//! once it answers its health check. A new deployment starts a new generation of containers and
 //! retires the old one only once a new replica is ready, so a broken update never takes a
 //! function down and a redeploy under the same name never routes to an old container.
 
@@ -13,29 +22,55 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bollard::models::{ContainerCreateBody, HostConfig, RestartPolicy, RestartPolicyNameEnum};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, EventMessage, HostConfig, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum,
+};
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions,
 };
 use bollard::Docker;
 use futures::StreamExt;
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use super::logs::LogBuffer;
-use super::{Endpoint, LogQuery, LogSubscription, Platform, PlatformError, ReadyTable, Workload};
-use crate::config::ContainerConfig;
+use super::{
+    Endpoint, LogQuery, LogSubscription, Platform, PlatformError, ReadyTable, Rollout, Workload,
+};
+use crate::config::{ContainerConfig, Reach};
 use crate::model::{FunctionDeployment, FunctionId, FunctionResources};
+use crate::telemetry::Metrics;
 
 pub(super) const LABEL_FUNCTION: &str = "com.faastastic.function";
 pub(super) const LABEL_NAMESPACE: &str = "com.faastastic.namespace";
 pub(super) const LABEL_DATACENTER: &str = "com.faastastic.datacenter";
 pub(super) const LABEL_GENERATION: &str = "com.faastastic.generation";
 pub(super) const SECRETS_PATH: &str = "/var/openfaas/secrets";
+/// Where a replica serves inside its container: the OpenFaaS contract.
+pub(super) const FUNCTION_PORT: u16 = 8080;
+pub(super) const FUNCTION_PORT_KEY: &str = "8080/tcp";
+/// The annotation OpenFaaS reads a function's health path from.
+const HEALTH_PATH_ANNOTATION: &str = "com.openfaas.health.http.path";
+/// Log lines of an exited replica shown with its first exit.
+const EXIT_LINES: usize = 10;
+/// Wait before listening to the engine's events again after the stream broke.
+const EVENTS_RETRY: Duration = Duration::from_millis(500);
 
 struct Replica {
     container: String,
-    endpoint: Arc<Endpoint>,
+    name: String,
+    /// Where it serves, read from the engine at each start; `None` when the engine gave no
+    /// address (the container exited before it could be read).
+    endpoint: Option<Arc<Endpoint>>,
     ready: bool,
+    /// Counts the replica's readiness watches: a watch that is no longer the latest stops.
+    watch: u64,
+    /// Why it does not serve, until it does: its last exit, or a health check that failed.
+    failure: Option<String>,
+    /// Exits since it last served (a crash loop is logged once).
+    exits: u64,
 }
 
 struct Generation {
@@ -51,7 +86,7 @@ impl Generation {
         self.replicas
             .iter()
             .filter(|r| r.ready)
-            .map(|r| r.endpoint.clone())
+            .filter_map(|r| r.endpoint.clone())
             .collect()
     }
 }
@@ -73,6 +108,34 @@ impl Function {
             .find(|r| !r.is_empty())
             .unwrap_or_default()
     }
+
+    /// Why a replica of the newest generation does not serve, if one does not.
+    fn reason(&self) -> Option<&str> {
+        let newest = self.generations.last()?;
+        newest.replicas.iter().find_map(|r| r.failure.as_deref())
+    }
+
+    /// An update whose newest generation has no ready replica while an older one serves.
+    fn rollout(&self) -> Option<Rollout> {
+        let newest = self.generations.last()?;
+        let stalled = self.generations.len() > 1 && newest.ready().is_empty();
+        stalled.then(|| Rollout {
+            ready: false,
+            ready_replicas: 0,
+            replicas: newest.replicas.len() as u64,
+            reason: self.reason().map(str::to_string),
+        })
+    }
+
+    fn replica(&mut self, container: &str) -> Option<(u64, &mut Replica)> {
+        self.generations.iter_mut().find_map(|g| {
+            let number = g.number;
+            g.replicas
+                .iter_mut()
+                .find(|r| r.container == container)
+                .map(|r| (number, r))
+        })
+    }
 }
 
 pub struct DockerPlatform {
@@ -88,6 +151,9 @@ pub struct DockerPlatform {
     http: reqwest::Client,
     /// Pull images the engine does not have.
     pull: bool,
+    metrics: Arc<Metrics>,
+    /// Stops listening to the engine's events (shutdown).
+    cancel: CancellationToken,
 }
 
 pub(super) fn failed(what: &str, e: impl std::fmt::Display) -> PlatformError {
@@ -259,6 +325,7 @@ impl DockerPlatform {
         datacenter: &str,
         cfg: ContainerConfig,
         run_dir: PathBuf,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<DockerPlatform>> {
         let docker = engine(socket, &run_dir).await?;
         let platform = Arc::new(DockerPlatform {
@@ -274,10 +341,13 @@ impl DockerPlatform {
                 .timeout(Duration::from_secs(2))
                 .build()?,
             pull,
+            metrics,
+            cancel: CancellationToken::new(),
         });
         for container in platform.containers(None).await? {
             platform.remove_container(&container).await;
         }
+        spawn_events(Arc::downgrade(&platform));
         Ok(platform)
     }
 
@@ -316,11 +386,14 @@ impl DockerPlatform {
         }
     }
 
-    /// Publishes the function's desired count and serving replicas into the table.
+    /// Publishes the function's desired count, serving replicas, stalled update and why a
+    /// replica does not serve into the table.
     fn publish(&self, id: &FunctionId, f: &mut Function) {
         let row = self.table.row(id);
         row.set_desired(f.desired);
         row.set_ready(f.serving());
+        row.set_rollout(f.rollout());
+        row.set_reason(f.reason());
     }
 
     fn entry(&self, id: &FunctionId) -> Option<Arc<Mutex<Function>>> {
@@ -338,7 +411,6 @@ impl DockerPlatform {
         generation: &mut Generation,
         logs: &Arc<LogBuffer>,
     ) -> Result<(), PlatformError> {
-        let port = free_port()?;
         let index = generation.started;
         generation.started += 1;
         let name = format!(
@@ -349,25 +421,39 @@ impl DockerPlatform {
         let secrets_dir = secrets_dir(&self.run_dir, id, generation.number);
         let env = replica_env(
             dep,
-            port,
-            &format!("127.0.0.1:{port}"),
+            FUNCTION_PORT,
+            &format!("0.0.0.0:{FUNCTION_PORT}"),
             self.cfg.exec_timeout,
         );
         let labels = replica_labels(id, &self.datacenter, generation.number, dep);
         let limits = dep.limits.as_ref();
+        // The engine picks a free port on loopback for each container (and at each restart).
+        let published = (self.cfg.reach == Reach::Published).then(|| {
+            HashMap::from([(
+                FUNCTION_PORT_KEY.to_string(),
+                Some(vec![PortBinding {
+                    host_ip: Some("127.0.0.1".into()),
+                    host_port: None,
+                }]),
+            )])
+        });
         let body = ContainerCreateBody {
             image: dep.image.clone(),
             env: Some(env),
             labels: Some(labels),
+            exposed_ports: Some(vec![FUNCTION_PORT_KEY.to_string()]),
             host_config: Some(HostConfig {
-                network_mode: Some("host".into()),
+                network_mode: Some("bridge".into()),
+                port_bindings: published,
                 memory: limits.and_then(|l| parse_memory(l.memory.as_deref()?)),
                 nano_cpus: limits.and_then(|l| parse_cpu(l.cpu.as_deref()?)),
                 readonly_rootfs: dep.read_only_root_filesystem,
                 binds: Some(vec![format!("{}:{SECRETS_PATH}:ro", secrets_dir.display())]),
+                // The engine restarts an exited replica with its own backoff (doubling from
+                // 100 ms, reset once it ran for 10 s).
                 restart_policy: Some(RestartPolicy {
-                    name: Some(RestartPolicyNameEnum::ON_FAILURE),
-                    maximum_retry_count: Some(5),
+                    name: Some(RestartPolicyNameEnum::ALWAYS),
+                    maximum_retry_count: None,
                 }),
                 ..Default::default()
             }),
@@ -388,70 +474,120 @@ impl DockerPlatform {
             self.remove_container(&created.id).await;
             return Err(engine_failed(&format!("cannot start {name}"), e));
         }
-        let endpoint = Arc::new(Endpoint::new(
-            name.clone(),
-            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        ));
+        let endpoint = self.endpoint(&created.id, &name).await;
         generation.replicas.push(Replica {
             container: created.id.clone(),
+            name: name.clone(),
             endpoint,
             ready: false,
+            watch: 0,
+            failure: None,
+            exits: 0,
         });
-        self.follow_logs(created.id.clone(), name.clone(), logs.clone());
-        self.watch_ready(id.clone(), generation.number, created.id, port);
+        self.follow_logs(created.id.clone(), name, logs.clone(), None);
+        self.watch_ready(id.clone(), generation.number, created.id, 0);
         Ok(())
     }
 
-    fn follow_logs(&self, container: String, instance: String, logs: Arc<LogBuffer>) {
+    /// Where a started container serves, as the engine says now.
+    async fn endpoint(&self, container: &str, name: &str) -> Option<Arc<Endpoint>> {
+        let inspected = self
+            .docker
+            .inspect_container(container, None::<InspectContainerOptions>)
+            .await;
+        let addr = match inspected {
+            Ok(c) => serving_address(&c, self.cfg.reach),
+            Err(e) => {
+                tracing::warn!(container = name, error = %e, "cannot inspect container");
+                None
+            }
+        };
+        addr.map(|a| Arc::new(Endpoint::new(name.to_string(), a)))
+    }
+
+    /// Forwards the container's output to the function's logs, from its start on; `after`
+    /// (nanoseconds since the epoch) leaves out what an earlier run of it wrote.
+    fn follow_logs(
+        &self,
+        container: String,
+        instance: String,
+        logs: Arc<LogBuffer>,
+        after: Option<i64>,
+    ) {
         let mut stream = self.docker.logs(
             &container,
             Some(LogsOptions {
                 follow: true,
                 stdout: true,
                 stderr: true,
+                timestamps: true,
+                since: after.map_or(0, |t| (t / 1_000_000_000) as i32),
+                tail: "all".into(),
                 ..Default::default()
             }),
         );
         tokio::spawn(async move {
-            while let Some(Ok(line)) = stream.next().await {
-                let text = line.to_string();
-                for l in text.lines().filter(|l| !l.is_empty()) {
-                    logs.push(&instance, l.to_string());
+            while let Some(Ok(output)) = stream.next().await {
+                let text = output.to_string();
+                for (at, line) in text.lines().filter_map(stamped) {
+                    if after.is_none_or(|after| at >= after) && !line.is_empty() {
+                        logs.push(&instance, line.to_string());
+                    }
                 }
             }
         });
     }
 
     /// Polls the replica's health endpoint until it answers 200 (then routes to it) or the
-    /// start-up timeout passes (then it is left out, and logged).
+    /// start-up timeout passes (then it is left out, and says why). `watch` is the replica's
+    /// watch count when this one began: a later start of the container begins another.
     fn watch_ready(
         self: &Arc<Self>,
         id: FunctionId,
         generation: u64,
         container: String,
-        port: u16,
+        watch: u64,
     ) {
         let this = self.clone();
         tokio::spawn(async move {
-            let url = format!("http://127.0.0.1:{port}{}", super::watchdog::HEALTH_PATH);
             let deadline = tokio::time::Instant::now() + this.cfg.startup_timeout;
             loop {
-                let ok = this
-                    .http
-                    .get(&url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
                 let Some(entry) = this.entry(&id) else { return };
-                let mut f = entry.lock().await;
-                let Some(g) = f.generations.iter_mut().find(|g| g.number == generation) else {
-                    return;
+                let target = {
+                    let mut f = entry.lock().await;
+                    let path = health_path(
+                        f.generations
+                            .iter()
+                            .find(|g| g.number == generation)
+                            .map(|g| &g.workload.deployment),
+                    );
+                    match f.replica(&container) {
+                        Some((_, r)) if r.watch == watch => {
+                            r.endpoint.as_ref().map(|e| (e.addr, path))
+                        }
+                        _ => return,
+                    }
                 };
-                let Some(r) = g.replicas.iter_mut().find(|r| r.container == container) else {
+                let ok = match &target {
+                    Some((addr, path)) => this
+                        .http
+                        .get(format!("http://{addr}{path}"))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success()),
+                    None => false,
+                };
+                let mut f = entry.lock().await;
+                let Some((_, r)) = f.replica(&container).filter(|(_, r)| r.watch == watch) else {
                     return;
                 };
                 if ok {
                     r.ready = true;
+                    r.failure = None;
+                    if r.exits > 0 {
+                        tracing::info!(function = %id, replica = r.name, "replica serves again after {} exits", r.exits);
+                        r.exits = 0;
+                    }
                     let old = this.retire_older(&mut f);
                     this.publish(&id, &mut f);
                     drop(f);
@@ -460,14 +596,112 @@ impl DockerPlatform {
                     }
                     return;
                 }
-                drop(f);
                 if tokio::time::Instant::now() > deadline {
-                    tracing::error!(function = %id, container, "replica not healthy within {:?}", this.cfg.startup_timeout);
+                    let why = match &target {
+                        Some((_, path)) => format!(
+                            "replica not healthy at {path} within {:?}",
+                            this.cfg.startup_timeout
+                        ),
+                        None => "the engine gave no address for the replica".to_string(),
+                    };
+                    tracing::error!(function = %id, replica = r.name, "{why}");
+                    r.failure = Some(why);
+                    this.publish(&id, &mut f);
                     return;
                 }
+                drop(f);
                 tokio::time::sleep(this.cfg.health_interval).await;
             }
         });
+    }
+
+    /// One of the engine's events about this datacenter's containers.
+    async fn on_event(self: &Arc<Self>, event: EventMessage) {
+        let Some(actor) = event.actor else { return };
+        let (Some(container), Some(attributes)) = (actor.id, actor.attributes) else {
+            return;
+        };
+        let (Some(name), Some(namespace)) = (
+            attributes.get(LABEL_FUNCTION),
+            attributes.get(LABEL_NAMESPACE),
+        ) else {
+            return;
+        };
+        let id = FunctionId::new(name, namespace);
+        match event.action.as_deref() {
+            Some("die") => {
+                let status = attributes.get("exitCode").map(String::as_str);
+                self.replica_exited(&id, &container, status.unwrap_or("unknown"))
+                    .await
+            }
+            Some("start") => {
+                self.replica_restarted(&id, &container, event.time_nano)
+                    .await
+            }
+            _ => {}
+        }
+    }
+
+    /// A replica faastastic still runs exited: out of routing, counted, and said why; the
+    /// engine starts it again.
+    async fn replica_exited(&self, id: &FunctionId, container: &str, status: &str) {
+        let Some(entry) = self.entry(id) else { return };
+        let lines = last_lines(&self.docker, container).await;
+        let mut f = entry.lock().await;
+        let Some((_, r)) = f.replica(container) else {
+            return; // stopped by faastastic
+        };
+        let reason = exit_reason(status, lines.last().map(String::as_str));
+        if r.exits == 0 {
+            tracing::warn!(
+                function = %id,
+                replica = r.name,
+                "{reason}; the engine restarts it. Its last lines:\n{}",
+                lines.join("\n")
+            );
+        } else {
+            tracing::debug!(function = %id, replica = r.name, exits = r.exits + 1, "{reason}");
+        }
+        r.exits += 1;
+        r.ready = false;
+        r.watch += 1;
+        r.failure = Some(reason);
+        self.metrics
+            .replica_restarts
+            .with_label_values(&[id.qualified().as_str(), self.datacenter.as_str()])
+            .inc();
+        self.publish(id, &mut f);
+    }
+
+    /// The engine started an exited replica again: read where it serves now (a new port),
+    /// follow its output and watch it become ready.
+    async fn replica_restarted(
+        self: &Arc<Self>,
+        id: &FunctionId,
+        container: &str,
+        at: Option<i64>,
+    ) {
+        let Some(entry) = self.entry(id) else { return };
+        let name = {
+            let mut f = entry.lock().await;
+            match f.replica(container) {
+                // A first start is start_replica's.
+                Some((_, r)) if r.exits > 0 => r.name.clone(),
+                _ => return,
+            }
+        };
+        let endpoint = self.endpoint(container, &name).await;
+        let mut f = entry.lock().await;
+        let logs = f.logs.clone();
+        let Some((generation, r)) = f.replica(container) else {
+            return;
+        };
+        r.endpoint = endpoint;
+        r.watch += 1;
+        let watch = r.watch;
+        drop(f);
+        self.follow_logs(container.to_string(), name, logs, at);
+        self.watch_ready(id.clone(), generation, container.to_string(), watch);
     }
 
     /// Once the newest generation has a ready replica, older generations leave service; the
@@ -486,9 +720,12 @@ impl DockerPlatform {
     async fn stop_replicas(&self, replicas: Vec<Replica>) {
         futures::future::join_all(replicas.into_iter().map(|r| async move {
             let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
-            while r.endpoint.in_flight.load(Ordering::Acquire) > 0
-                && tokio::time::Instant::now() < deadline
-            {
+            let in_flight = |r: &Replica| {
+                r.endpoint
+                    .as_ref()
+                    .map_or(0, |e| e.in_flight.load(Ordering::Acquire))
+            };
+            while in_flight(&r) > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             self.remove_container(&r.container).await;
@@ -531,6 +768,164 @@ impl DockerPlatform {
     }
 }
 
+/// Listens to the engine's container events of the platform's datacenter while the platform
+/// lives, again after the stream breaks (from where it broke: nothing is missed twice or
+/// seen twice).
+fn spawn_events(platform: std::sync::Weak<DockerPlatform>) {
+    tokio::spawn(async move {
+        let mut last: Option<i64> = None;
+        let mut broken = false;
+        loop {
+            let Some(p) = platform.upgrade() else { return };
+            let (docker, cancel) = (p.docker.clone(), p.cancel.clone());
+            let filters = HashMap::from([
+                ("type".to_string(), vec!["container".to_string()]),
+                (
+                    "event".to_string(),
+                    vec!["die".to_string(), "start".to_string()],
+                ),
+                (
+                    "label".to_string(),
+                    vec![format!("{LABEL_DATACENTER}={}", p.datacenter)],
+                ),
+            ]);
+            drop(p);
+            let since = last.map(|t| format!("{}.{:09}", t / 1_000_000_000, t % 1_000_000_000));
+            let mut events = docker.events(Some(EventsOptions {
+                since: since.or_else(|| Some(chrono::Utc::now().timestamp().to_string())),
+                filters: Some(filters),
+                ..Default::default()
+            }));
+            loop {
+                let next = tokio::select! {
+                    next = events.next() => next,
+                    _ = cancel.cancelled() => return,
+                };
+                let event = match next {
+                    Some(Ok(event)) => event,
+                    Some(Err(e)) => {
+                        if !broken {
+                            tracing::warn!(error = %e, "the engine's events stopped; listening again");
+                        }
+                        broken = true;
+                        break;
+                    }
+                    None => break,
+                };
+                broken = false;
+                if event
+                    .time_nano
+                    .is_some_and(|t| last.is_some_and(|l| t <= l))
+                {
+                    continue;
+                }
+                last = event.time_nano.or(last);
+                let Some(p) = platform.upgrade() else { return };
+                p.on_event(event).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(EVENTS_RETRY) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Where a container serves: the port the engine published for 8080 on loopback, or its
+/// address on its network.
+fn serving_address(c: &ContainerInspectResponse, reach: Reach) -> Option<std::net::SocketAddr> {
+    let settings = c.network_settings.as_ref()?;
+    match reach {
+        Reach::Address => settings
+            .networks
+            .as_ref()?
+            .values()
+            .filter_map(|n| n.ip_address.as_deref()?.parse::<std::net::IpAddr>().ok())
+            .next()
+            .map(|ip| std::net::SocketAddr::new(ip, FUNCTION_PORT)),
+        _ => settings
+            .ports
+            .as_ref()?
+            .get(FUNCTION_PORT_KEY)?
+            .as_ref()?
+            .iter()
+            .filter(|b| b.host_ip.as_deref().is_none_or(|ip| ip == "127.0.0.1"))
+            .find_map(|b| b.host_port.as_deref()?.parse::<u16>().ok())
+            .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+    }
+}
+
+/// The health path of a deployment's replicas: OpenFaaS's annotation, else the watchdogs'.
+pub(super) fn health_path(deployment: Option<&FunctionDeployment>) -> String {
+    deployment
+        .and_then(|d| d.annotations.as_ref())
+        .and_then(|a| a.get(HEALTH_PATH_ANNOTATION))
+        .filter(|p| p.starts_with('/'))
+        .cloned()
+        .unwrap_or_else(|| super::watchdog::HEALTH_PATH.to_string())
+}
+
+/// The last lines a container wrote (an exited one's, to say why).
+pub(super) async fn last_lines(docker: &Docker, container: &str) -> Vec<String> {
+    let mut stream = docker.logs(
+        container,
+        Some(LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: EXIT_LINES.to_string(),
+            ..Default::default()
+        }),
+    );
+    let mut lines = Vec::new();
+    while let Some(Ok(output)) = stream.next().await {
+        let text = output.to_string();
+        lines.extend(
+            text.lines()
+                .map(str::trim_end)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string),
+        );
+    }
+    let skip = lines.len().saturating_sub(EXIT_LINES);
+    lines.split_off(skip)
+}
+
+/// "replica exited with status 2: bind: address already in use", the status as the engine
+/// gave it, with the signal for a status above 128.
+pub(super) fn exit_reason(status: &str, last_line: Option<&str>) -> String {
+    let mut reason = format!("replica exited with status {status}");
+    if let Some(signal) = status
+        .parse::<i64>()
+        .ok()
+        .filter(|s| (129..=192).contains(s))
+    {
+        let signal = signal - 128;
+        reason.push_str(&format!(" (signal {signal}"));
+        if signal == 9 {
+            reason.push_str(", killed: out of memory?");
+        }
+        reason.push(')');
+    }
+    if let Some(line) = last_line {
+        const MAX: usize = 200;
+        let line = match line.char_indices().nth(MAX) {
+            Some((at, _)) => format!("{}...", &line[..at]),
+            None => line.to_string(),
+        };
+        reason.push_str(": ");
+        reason.push_str(&line);
+    }
+    reason
+}
+
+/// A log line with the engine's timestamp (`timestamps: true`): the time in nanoseconds and the
+/// text.
+fn stamped(line: &str) -> Option<(i64, &str)> {
+    let (at, text) = line.split_once(' ').unwrap_or((line, ""));
+    let at = chrono::DateTime::parse_from_rfc3339(at).ok()?;
+    Some((at.timestamp_nanos_opt()?, text))
+}
+
 /// The platform's handle: the trait needs `&self`, the background tasks an `Arc`.
 pub struct DockerHandle(pub Arc<DockerPlatform>);
 
@@ -549,6 +944,10 @@ impl Platform for DockerHandle {
         let id = workload.id.clone();
         p.ensure_image(workload.deployment.image.as_deref().unwrap_or_default())
             .await?;
+        // The function's restart series at zero from its deploy, for rate() and increase().
+        p.metrics
+            .replica_restarts
+            .with_label_values(&[id.qualified().as_str(), p.datacenter.as_str()]);
         let number = p.generations.fetch_add(1, Ordering::Relaxed) + 1;
         write_secrets(&secrets_dir(&p.run_dir, &id, number), &workload)?;
         let entry = {
@@ -677,6 +1076,7 @@ impl Platform for DockerHandle {
 
     async fn shutdown(&self) {
         let p = &self.0;
+        p.cancel.cancel();
         match p.containers(None).await {
             Ok(list) => {
                 futures::future::join_all(list.iter().map(|c| p.remove_container(c))).await;
@@ -689,6 +1089,63 @@ impl Platform for DockerHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exit_reads_as_its_status_signal_and_last_line() {
+        assert_eq!(
+            exit_reason("2", Some("listen tcp :8081: bind: address already in use")),
+            "replica exited with status 2: listen tcp :8081: bind: address already in use"
+        );
+        assert_eq!(
+            exit_reason("137", None),
+            "replica exited with status 137 (signal 9, killed: out of memory?)"
+        );
+        assert_eq!(
+            exit_reason("143", Some("bye")),
+            "replica exited with status 143 (signal 15): bye"
+        );
+        let long = "é".repeat(300);
+        let reason = exit_reason("1", Some(&long));
+        assert!(reason.ends_with("..."), "{reason}");
+        assert_eq!(reason.chars().filter(|c| *c == 'é').count(), 200);
+    }
+
+    #[test]
+    fn a_stamped_log_line_splits_into_time_and_text() {
+        let (at, text) = stamped("2026-12-05T08:30:00.000000123Z hello world").unwrap();
+        assert_eq!(text, "hello world");
+        assert_eq!(at % 1_000_000_000, 123);
+        assert_eq!(stamped("2026-12-05T08:30:00Z").unwrap().1, "");
+        assert_eq!(stamped("no time here"), None);
+    }
+
+    #[test]
+    fn a_replica_is_reached_where_the_engine_says() {
+        let c: ContainerInspectResponse = serde_json::from_value(serde_json::json!({
+            "NetworkSettings": {
+                "Ports": {"8080/tcp": [
+                    {"HostIp": "::1", "HostPort": "40001"},
+                    {"HostIp": "127.0.0.1", "HostPort": "40000"}
+                ]},
+                "Networks": {"bridge": {"IPAddress": "172.17.0.5"}}
+            }
+        }))
+        .unwrap();
+        assert_eq!(
+            serving_address(&c, Reach::Published),
+            Some("127.0.0.1:40000".parse().unwrap())
+        );
+        assert_eq!(
+            serving_address(&c, Reach::Address),
+            Some("172.17.0.5:8080".parse().unwrap())
+        );
+        let exited: ContainerInspectResponse = serde_json::from_value(serde_json::json!({
+            "NetworkSettings": {"Ports": {}, "Networks": {"bridge": {"IPAddress": ""}}}
+        }))
+        .unwrap();
+        assert_eq!(serving_address(&exited, Reach::Published), None);
+        assert_eq!(serving_address(&exited, Reach::Address), None);
+    }
 
     #[test]
     fn resource_units() {

@@ -111,18 +111,18 @@ impl Published {
         self.row
             .set_endpoints(serving.endpoints(), serving.ready_count());
         // An update whose new version has no ready replica yet, with its last failure.
+        let problem = current
+            .problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.row.set_reason(problem.as_deref());
         let stalled = previous.is_some() && current.ready_count() == 0;
-        self.row.set_rollout(stalled.then(|| {
-            Rollout {
-                ready: false,
-                ready_replicas: 0,
-                replicas: current.desired_count(),
-                reason: current
-                    .problem
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone(),
-            }
+        self.row.set_rollout(stalled.then(|| Rollout {
+            ready: false,
+            ready_replicas: 0,
+            replicas: current.desired_count(),
+            reason: problem,
         }));
     }
 }

@@ -163,6 +163,15 @@ pub struct Rollout {
     pub reason: Option<String>,
 }
 
+/// What a datacenter says of a function beyond its counts, when it says anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Condition {
+    /// An update whose new version is not ready yet.
+    pub update: Option<Rollout>,
+    /// Why a replica does not serve (its last exit, say), until it serves again.
+    pub reason: Option<String>,
+}
+
 /// What a platform needs to run a function: its deployment and the values of its secrets.
 #[derive(Debug, Clone)]
 pub struct Workload {

@@ -1,12 +1,19 @@
 //! The `swarm` platform: one Docker Swarm service per function, scaled by updating the
 //! service's replica count; endpoints come from the service's running tasks.
 //!
-//! Tasks use the host network. Every generation of a service gets its own port, and every task
-//! listens on the loopback address of its slot (`127.0.1.SLOT:PORT`, through the
-//! `{{.Task.Slot}}` template in `faastastic_listen`), so replicas never collide on one node and
-//! an update's new tasks start beside the old ones (`start-first`). Only tasks of the newest
+//! By default (`reach = "published"`) every task runs in its own network namespace, serves on
+//! port 8080 inside (the OpenFaaS contract), and is published in host mode on a port the node
+//! assigns to that task, which faastastic reads from the task's status; a task on faastastic's
+//! own node is reached on 127.0.0.1, one on another node at the node's address. Any number of
+//! tasks of any image share a node. With `reach = "slot"`, tasks use the host network and
+//! listen on the loopback address of their slot (`127.0.1.SLOT:PORT`, through the
+//! `{{.Task.Slot}}` template in `faastastic_listen`), for images that honour it.
+//!
+//! An update's new tasks start beside the old ones (`start-first`). Only tasks of the newest
 //! generation that answer their health check are routed to (older ones until a new one does),
-//! so a redeploy never reaches an old task. Swarm's ingress routing mesh is not used.
+//! so a redeploy never reaches an old task. Swarm's ingress routing mesh is not used. A task
+//! that fails is replaced by Swarm; faastastic counts it, logs it once per crash loop and
+//! shows why (exit status and last log line) in the function's status.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -16,9 +23,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::models::{
-    Limit, Mount, MountType, NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicated, ServiceSpecUpdateConfig, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy,
+    EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum,
+    EndpointSpec, Limit, Mount, MountType, NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode,
+    ServiceSpecModeReplicated, ServiceSpecUpdateConfig, ServiceSpecUpdateConfigOrderEnum, Task,
+    TaskSpec, TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy,
     TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
@@ -27,13 +35,14 @@ use bollard::query_parameters::{
 use bollard::Docker;
 
 use super::docker::{
-    engine, engine_failed, failed, free_port, parse_cpu, parse_memory, replica_env, replica_labels,
-    secrets_dir, validate_image_and_resources, write_secrets, LABEL_DATACENTER, LABEL_GENERATION,
-    SECRETS_PATH,
+    engine, engine_failed, exit_reason, failed, free_port, health_path, last_lines, parse_cpu,
+    parse_memory, replica_env, replica_labels, secrets_dir, validate_image_and_resources,
+    write_secrets, FUNCTION_PORT, LABEL_DATACENTER, LABEL_GENERATION, SECRETS_PATH,
 };
 use super::{Endpoint, Platform, PlatformError, ReadyTable, Workload};
-use crate::config::ContainerConfig;
+use crate::config::{ContainerConfig, Reach};
 use crate::model::{FunctionDeployment, FunctionId};
+use crate::telemetry::Metrics;
 
 /// How often tasks are listed and new ones health-checked.
 const POLL: Duration = Duration::from_millis(300);
@@ -44,12 +53,28 @@ const MAX_SLOT: i64 = 254;
 
 struct Service {
     name: String,
-    /// The newest generation and the port of every generation still running.
+    /// The newest generation, and every generation still running with its port (the port
+    /// is used with `reach = "slot"` only).
     generation: u64,
     ports: HashMap<u64, u16>,
+    /// The newest generation's health path.
+    health: String,
     /// Tasks that answered their health check, with their endpoint (kept, so in-flight
     /// counts survive a refresh).
     healthy: HashMap<String, Arc<Endpoint>>,
+    /// Failed tasks already counted (those Swarm still lists).
+    failures: HashSet<String>,
+    /// Why a task of the newest generation does not serve, until they all do.
+    reason: Option<String>,
+}
+
+/// A task that failed: its id, generation, container and what Swarm says of it.
+struct Failure {
+    task: String,
+    generation: Option<u64>,
+    container: Option<String>,
+    exit_code: Option<i64>,
+    err: Option<String>,
 }
 
 pub struct SwarmPlatform {
@@ -61,6 +86,11 @@ pub struct SwarmPlatform {
     table: ReadyTable,
     generations: AtomicU64,
     http: reqwest::Client,
+    metrics: Arc<Metrics>,
+    /// This engine's node: its tasks are reached on loopback.
+    node: String,
+    /// Other nodes' addresses, looked up once.
+    nodes: RwLock<HashMap<String, std::net::IpAddr>>,
 }
 
 fn service_name(datacenter: &str, id: &FunctionId) -> String {
@@ -75,11 +105,18 @@ impl SwarmPlatform {
         datacenter: &str,
         cfg: ContainerConfig,
         run_dir: PathBuf,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<SwarmPlatform>> {
         let docker = engine(socket, &run_dir).await?;
         docker.inspect_swarm().await.map_err(|e| {
             anyhow::anyhow!("this engine is not a swarm manager (docker swarm init): {e}")
         })?;
+        let node = docker
+            .info()
+            .await?
+            .swarm
+            .and_then(|s| s.node_id)
+            .unwrap_or_default();
         let platform = Arc::new(SwarmPlatform {
             docker,
             datacenter: datacenter.to_string(),
@@ -91,6 +128,9 @@ impl SwarmPlatform {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(1))
                 .build()?,
+            metrics,
+            node,
+            nodes: RwLock::new(HashMap::new()),
         });
         for service in platform.leftovers().await? {
             let _ = platform.docker.delete_service(&service).await;
@@ -128,6 +168,21 @@ impl SwarmPlatform {
         let dep = &workload.deployment;
         let labels = replica_labels(id, &self.datacenter, generation, dep);
         let limits = dep.limits.as_ref();
+        let slots = self.cfg.reach == Reach::Slot;
+        let (port, listen) = match slots {
+            true => (port, format!("127.0.1.{{{{.Task.Slot}}}}:{port}")),
+            false => (FUNCTION_PORT, format!("0.0.0.0:{FUNCTION_PORT}")),
+        };
+        // Each task publishes 8080 on a port its node picks.
+        let published = EndpointSpec {
+            ports: Some(vec![EndpointPortConfig {
+                protocol: Some(EndpointPortConfigProtocolEnum::TCP),
+                target_port: Some(FUNCTION_PORT.into()),
+                publish_mode: Some(EndpointPortConfigPublishModeEnum::HOST),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
         ServiceSpec {
             name: Some(service_name(&self.datacenter, id)),
             labels: Some(labels.clone()),
@@ -135,12 +190,7 @@ impl SwarmPlatform {
                 container_spec: Some(TaskSpecContainerSpec {
                     image: dep.image.clone(),
                     labels: Some(labels),
-                    env: Some(replica_env(
-                        dep,
-                        port,
-                        &format!("127.0.1.{{{{.Task.Slot}}}}:{port}"),
-                        self.cfg.exec_timeout,
-                    )),
+                    env: Some(replica_env(dep, port, &listen, self.cfg.exec_timeout)),
                     read_only: dep.read_only_root_filesystem,
                     mounts: Some(vec![Mount {
                         target: Some(SECRETS_PATH.to_string()),
@@ -164,12 +214,15 @@ impl SwarmPlatform {
                     }),
                     ..Default::default()
                 }),
-                networks: Some(vec![NetworkAttachmentConfig {
-                    target: Some("host".to_string()),
-                    ..Default::default()
-                }]),
+                networks: slots.then(|| {
+                    vec![NetworkAttachmentConfig {
+                        target: Some("host".to_string()),
+                        ..Default::default()
+                    }]
+                }),
                 // A task started in a slot whose previous task is still stopping finds its
-                // address taken for a moment: retry soon rather than after Swarm's default 5 s.
+                // address taken for a moment: retry soon rather than after Swarm's default 5 s
+                // (and a failed task is replaced as soon in either mode).
                 restart_policy: Some(TaskSpecRestartPolicy {
                     condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
                     delay: Some(RESTART_DELAY.as_nanos() as i64),
@@ -188,6 +241,7 @@ impl SwarmPlatform {
                 order: Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST),
                 ..Default::default()
             }),
+            endpoint_spec: (!slots).then_some(published),
             ..Default::default()
         }
     }
@@ -230,8 +284,8 @@ impl SwarmPlatform {
             .map_err(|e| engine_failed(&format!("cannot update service {name}"), e))
     }
 
-    /// Lists every service's running tasks, health-checks new ones, and routes to the newest
-    /// generation that has a healthy task.
+    /// Lists every service's tasks, health-checks new running ones, routes to the newest
+    /// generation that has a healthy task, and records failed ones.
     async fn refresh(&self) {
         let names: Vec<(FunctionId, String)> = self
             .services
@@ -244,10 +298,7 @@ impl SwarmPlatform {
             let tasks = match self
                 .docker
                 .list_tasks(Some(ListTasksOptions {
-                    filters: Some(HashMap::from([
-                        ("service".to_string(), vec![name.clone()]),
-                        ("desired-state".to_string(), vec!["running".to_string()]),
-                    ])),
+                    filters: Some(HashMap::from([("service".to_string(), vec![name.clone()])])),
                 }))
                 .await
             {
@@ -257,36 +308,41 @@ impl SwarmPlatform {
                     continue;
                 }
             };
-            // (task id, generation, address) of running tasks.
-            let ports = match self
+            let (ports, health) = match self
                 .services
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&id)
             {
-                Some(s) => s.ports.clone(),
+                Some(s) => (s.ports.clone(), s.health.clone()),
                 None => continue,
             };
+            let listed: HashSet<String> = tasks.iter().filter_map(|t| t.id.clone()).collect();
+            // (task id, generation, address) of running tasks; failed ones.
             let mut running = Vec::new();
+            let mut failures = Vec::new();
             for t in tasks {
                 let state = t.status.as_ref().and_then(|s| s.state);
-                let (Some(task), Some(slot)) = (t.id.clone(), t.slot) else {
-                    continue;
-                };
-                if state != Some(TaskState::RUNNING) || !(1..=MAX_SLOT).contains(&slot) {
-                    continue;
-                }
                 let generation = t
                     .spec
-                    .and_then(|s| s.container_spec)
-                    .and_then(|c| c.labels)
+                    .as_ref()
+                    .and_then(|s| s.container_spec.as_ref())
+                    .and_then(|c| c.labels.as_ref())
                     .and_then(|l| l.get(LABEL_GENERATION)?.parse::<u64>().ok());
-                let Some((generation, port)) = generation.and_then(|g| Some((g, *ports.get(&g)?)))
-                else {
-                    continue;
-                };
-                let addr = std::net::SocketAddr::from(([127, 0, 1, slot as u8], port));
-                running.push((task, generation, addr));
+                match state {
+                    Some(TaskState::FAILED | TaskState::REJECTED) => {
+                        failures.push(failure(t, generation))
+                    }
+                    Some(TaskState::RUNNING) if t.desired_state == Some(TaskState::RUNNING) => {
+                        let (Some(task), Some(generation)) = (t.id.clone(), generation) else {
+                            continue;
+                        };
+                        if let Some(addr) = self.address(&t, ports.get(&generation)).await {
+                            running.push((task, generation, addr));
+                        }
+                    }
+                    _ => {}
+                }
             }
             let known: HashSet<String> = self
                 .services
@@ -297,7 +353,7 @@ impl SwarmPlatform {
                 .unwrap_or_default();
             let mut newly = Vec::new();
             for (task, _, addr) in running.iter().filter(|(t, _, _)| !known.contains(t)) {
-                let url = format!("http://{addr}{}", super::watchdog::HEALTH_PATH);
+                let url = format!("http://{addr}{health}");
                 let ok = self
                     .http
                     .get(&url)
@@ -308,6 +364,8 @@ impl SwarmPlatform {
                     newly.push((task.clone(), Arc::new(Endpoint::new(task.clone(), *addr))));
                 }
             }
+            let reasons = self.new_failures(&id, failures).await;
+            let desired = self.table.replicas(&id).desired;
             let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
             let Some(s) = services.get_mut(&id) else {
                 continue;
@@ -322,6 +380,7 @@ impl SwarmPlatform {
                     .filter_map(|(t, _, _)| s.healthy.get(t).cloned())
                     .collect()
             };
+            let newest = by_generation(s.generation).len() as u64;
             let mut generations: Vec<u64> = s.ports.keys().copied().collect();
             generations.sort_unstable_by(|a, b| b.cmp(a));
             let serving = generations
@@ -336,8 +395,145 @@ impl SwarmPlatform {
                 }
                 None => Vec::new(),
             };
-            self.table.row(&id).set_ready(endpoints);
+            self.record_failures(&id, s, reasons, &listed, newest >= desired);
+            let row = self.table.row(&id);
+            row.set_ready(endpoints);
+            row.set_reason(s.reason.as_deref());
         }
+    }
+
+    /// Where a running task serves: its slot's address (`reach = "slot"`, with its
+    /// generation's port), else the port its node published for it on that node.
+    async fn address(&self, task: &Task, slot_port: Option<&u16>) -> Option<std::net::SocketAddr> {
+        if self.cfg.reach == Reach::Slot {
+            let slot = task.slot.filter(|s| (1..=MAX_SLOT).contains(s))?;
+            return Some(std::net::SocketAddr::from((
+                [127, 0, 1, slot as u8],
+                *slot_port?,
+            )));
+        }
+        let port = task
+            .status
+            .as_ref()?
+            .port_status
+            .as_ref()?
+            .ports
+            .as_ref()?
+            .iter()
+            .filter(|p| p.target_port == Some(FUNCTION_PORT.into()))
+            .find_map(|p| u16::try_from(p.published_port?).ok())?;
+        let node = task.node_id.as_deref()?;
+        Some(std::net::SocketAddr::new(
+            self.node_address(node).await?,
+            port,
+        ))
+    }
+
+    /// A node's address: loopback for this engine's own node.
+    async fn node_address(&self, node: &str) -> Option<std::net::IpAddr> {
+        if node == self.node {
+            return Some(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        if let Some(ip) = self
+            .nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+        {
+            return Some(*ip);
+        }
+        let inspected = self.docker.inspect_node(node).await;
+        let ip = inspected
+            .ok()?
+            .status?
+            .addr?
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .filter(|ip| !ip.is_unspecified())?;
+        self.nodes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), ip);
+        Some(ip)
+    }
+
+    /// The failures not counted yet, each with why (its exit status and last log line,
+    /// when this engine holds its container), read before the services' lock is taken.
+    async fn new_failures(
+        &self,
+        id: &FunctionId,
+        failures: Vec<Failure>,
+    ) -> Vec<(Failure, String)> {
+        let counted: HashSet<String> = self
+            .services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|s| s.failures.clone())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for f in failures.into_iter().filter(|f| !counted.contains(&f.task)) {
+            let lines = match &f.container {
+                Some(c) => last_lines(&self.docker, c).await,
+                None => Vec::new(),
+            };
+            let reason = match f.exit_code {
+                Some(code) => exit_reason(&code.to_string(), lines.last().map(String::as_str)),
+                None => format!(
+                    "task failed: {}",
+                    f.err.as_deref().unwrap_or("no reason given")
+                ),
+            };
+            if !lines.is_empty() {
+                tracing::debug!(function = %id, task = f.task, "last lines:\n{}", lines.join("\n"));
+            }
+            out.push((f, reason));
+        }
+        out
+    }
+
+    /// Counts new failures, logs the first of a crash loop, and keeps the newest generation's
+    /// last reason until all its tasks serve (`recovered`).
+    fn record_failures(
+        &self,
+        id: &FunctionId,
+        s: &mut Service,
+        new: Vec<(Failure, String)>,
+        listed: &HashSet<String>,
+        recovered: bool,
+    ) {
+        s.failures.retain(|t| listed.contains(t));
+        for (f, reason) in new {
+            self.metrics
+                .replica_restarts
+                .with_label_values(&[id.qualified().as_str(), self.datacenter.as_str()])
+                .inc();
+            if f.generation.is_some_and(|g| g != s.generation) {
+                s.failures.insert(f.task);
+                continue;
+            }
+            if s.reason.is_none() {
+                tracing::warn!(function = %id, task = f.task, "{reason}; Swarm replaces it");
+            }
+            s.failures.insert(f.task);
+            s.reason = Some(reason);
+        }
+        if recovered && s.reason.take().is_some() {
+            tracing::info!(function = %id, "every task serves again");
+        }
+    }
+}
+
+/// What a failed task says of itself.
+fn failure(t: Task, generation: Option<u64>) -> Failure {
+    let status = t.status.unwrap_or_default();
+    let container = status.container_status.as_ref();
+    Failure {
+        task: t.id.unwrap_or_default(),
+        generation,
+        container: container.and_then(|c| c.container_id.clone()),
+        exit_code: container.and_then(|c| c.exit_code),
+        err: status.err,
     }
 }
 
@@ -359,9 +555,9 @@ impl Platform for SwarmHandle {
     }
 
     fn validate_scale(&self, _: &FunctionDeployment, replicas: u64) -> Result<(), String> {
-        if replicas > MAX_SLOT as u64 {
+        if self.0.cfg.reach == Reach::Slot && replicas > MAX_SLOT as u64 {
             return Err(format!(
-                "replicas: the swarm platform runs at most {MAX_SLOT} replicas of a function"
+                "replicas: the swarm platform runs at most {MAX_SLOT} replicas of a function with reach = \"slot\""
             ));
         }
         Ok(())
@@ -375,6 +571,7 @@ impl Platform for SwarmHandle {
         let port = free_port()?;
         write_secrets(&secrets_dir(&p.run_dir, &id, generation), &workload)?;
         let spec = p.spec(&id, &workload, generation, port, replicas);
+        let workload_deployment = workload.deployment;
         let exists = p
             .services
             .read()
@@ -391,14 +588,23 @@ impl Platform for SwarmHandle {
         }
         let mut services = p.services.write().unwrap_or_else(|e| e.into_inner());
         p.table.row(&id).set_desired(replicas);
+        // The function's restart series at zero from its deploy, for rate() and increase().
+        p.metrics
+            .replica_restarts
+            .with_label_values(&[id.qualified().as_str(), p.datacenter.as_str()]);
         let s = services.entry(id).or_insert_with(|| Service {
             name,
             generation: 0,
             ports: HashMap::new(),
+            health: String::new(),
             healthy: HashMap::new(),
+            failures: HashSet::new(),
+            reason: None,
         });
         s.generation = generation;
         s.ports.insert(generation, port);
+        s.health = health_path(Some(&workload_deployment));
+        s.reason = None;
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, LazyLock, Mutex, OnceLock, RwLock};
 
 use tokio::sync::watch;
 
-use super::{Endpoint, EndpointSet, ReadyGauge, ReplicaCounts, Rollout};
+use super::{Condition, Endpoint, EndpointSet, ReadyGauge, ReplicaCounts, Rollout};
 use crate::model::{FunctionId, FunctionMap};
 
 /// The endpoints of a function with none ready, shared by every such row.
@@ -31,6 +31,8 @@ pub struct Row {
     /// publication holds while it sends: a waiter misses no change.
     ready_tx: OnceLock<watch::Sender<u64>>,
     rollout: Mutex<Option<Box<Rollout>>>,
+    /// Why a replica does not serve (its last exit, say), until it serves again.
+    reason: Mutex<Option<Box<str>>>,
 }
 
 impl Row {
@@ -43,6 +45,7 @@ impl Row {
             endpoints: RwLock::new(NO_ENDPOINTS.clone()),
             ready_tx: OnceLock::new(),
             rollout: Mutex::new(None),
+            reason: Mutex::new(None),
         }
     }
 
@@ -106,11 +109,20 @@ impl Row {
         *self.rollout.lock().unwrap_or_else(|p| p.into_inner()) = rollout.map(Box::new);
     }
 
+    /// Why a replica of the function does not serve; `None` once they all do.
+    pub fn set_reason(&self, reason: Option<&str>) {
+        let mut current = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_deref() != reason {
+            *current = reason.map(Box::from);
+        }
+    }
+
     fn close(&self) {
         self.gone.store(true, Ordering::Release);
         self.set_ready(Vec::new());
         self.set_desired(0);
         self.set_rollout(None);
+        self.set_reason(None);
     }
 }
 
@@ -231,6 +243,22 @@ impl ReadyTable {
         rollout.as_deref().cloned()
     }
 
+    /// Why a replica of `id` does not serve, if the platform knows of one.
+    pub fn reason(&self, id: &FunctionId) -> Option<String> {
+        let row = self.get(id)?;
+        let reason = row.reason.lock().unwrap_or_else(|p| p.into_inner());
+        reason.as_deref().map(str::to_string)
+    }
+
+    /// A stalled update and a failing replica's reason, when there is either.
+    pub fn condition(&self, id: &FunctionId) -> Option<Condition> {
+        let condition = Condition {
+            update: self.rollout(id),
+            reason: self.reason(id),
+        };
+        (condition != Condition::default()).then_some(condition)
+    }
+
     /// Every function the platform published, with its desired count.
     pub fn desired(&self) -> Vec<(FunctionId, u64)> {
         self.rows
@@ -285,5 +313,28 @@ mod tests {
         );
         assert!(table.endpoints(&id).is_none());
         assert!(table.desired().is_empty());
+    }
+
+    #[test]
+    fn a_reason_stays_until_cleared_or_removed() {
+        let table = ReadyTable::default();
+        let id = FunctionId::new("f", "ns");
+        assert_eq!(table.reason(&id), None);
+        let row = table.row(&id);
+        row.set_reason(Some("replica exited with status 2"));
+        assert_eq!(
+            table.reason(&id).as_deref(),
+            Some("replica exited with status 2")
+        );
+        row.set_reason(None);
+        assert_eq!(table.reason(&id), None);
+        row.set_reason(Some("again"));
+        table.remove(&id);
+        assert_eq!(table.reason(&id), None);
+        assert_eq!(
+            *row.reason.lock().unwrap(),
+            None,
+            "a row held elsewhere is cleared"
+        );
     }
 }
