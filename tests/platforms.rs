@@ -1,6 +1,7 @@
 //! The adapter compliance suite (`faastastic::platform::compliance`) against every real
-//! platform: local processes, Docker, Swarm (dockerd in a swarm, as `scripts/test.sh` sets
-//! up) and a remote datacenter's agent. The fake platform runs it in the unit tests.
+//! platform: local processes, Docker and Swarm (dockerd in a swarm, as `scripts/test.sh` sets
+//! up) in each of their ways to reach replicas, and a remote datacenter's agent. The fake
+//! platform runs it in the unit tests.
 
 mod common;
 
@@ -8,9 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::docker::{build_image, require_docker, Image};
+use common::docker::{build_image, build_stock_image, require_docker, require_swarm, Image};
 use common::{free_port, Agent, BIN};
-use faastastic::config::Config;
+use faastastic::config::{Config, Reach};
 use faastastic::model::FunctionDeployment;
 use faastastic::platform::compliance::Suite;
 use faastastic::platform::docker::{DockerHandle, DockerPlatform};
@@ -53,53 +54,78 @@ async fn the_local_platform_complies() {
     result.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_docker_platform_complies() {
+/// The docker platform with `reach`, running an image built as OpenFaaS templates build them
+/// (it serves on 8080 whatever it is told and binds 8081 too).
+async fn docker_complies(reach: Reach, name: &str) {
     require_docker();
-    let dc = format!("comply{}", std::process::id());
+    let dc = format!("{name}{}", std::process::id());
     let image = Image(format!("faastastic-test/comply:{dc}"));
-    build_image(&image.0);
+    build_stock_image(&image.0);
     let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default().docker;
+    cfg.reach = reach;
     let docker = DockerPlatform::connect(
         None,
         false,
         &dc,
-        Config::default().docker,
+        cfg,
         dir.path().join("run"),
         Arc::new(Metrics::new()),
     )
     .await
     .unwrap();
     let platform = DockerHandle(docker);
-    let result = suite(cat(Some(&image.0)), 60)
-        .run(&platform, "docker-cat")
-        .await;
+    let result = suite(cat(Some(&image.0)), 60).run(&platform, name).await;
     platform.shutdown().await;
     result.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_swarm_platform_complies() {
-    require_docker();
-    let dc = format!("swcomply{}", std::process::id());
+async fn the_docker_platform_complies() {
+    docker_complies(Reach::Published, "docker-cat").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_docker_platform_complies_reaching_container_addresses() {
+    docker_complies(Reach::Address, "docker-address").await;
+}
+
+/// The swarm platform with `reach`: published ports run the OpenFaaS-style image; slot
+/// addresses need an image that listens where `faastastic_listen` says (faastastic's own).
+async fn swarm_complies(reach: Reach, name: &str) {
+    require_swarm();
+    let dc = format!("sw{name}{}", std::process::id());
     let image = Image(format!("faastastic-test/swcomply:{dc}"));
-    build_image(&image.0);
+    match reach {
+        Reach::Slot => build_image(&image.0),
+        _ => build_stock_image(&image.0),
+    }
     let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default().swarm;
+    cfg.reach = reach;
     let swarm = SwarmPlatform::connect(
         None,
         &dc,
-        Config::default().swarm,
+        cfg,
         dir.path().join("run"),
         Arc::new(Metrics::new()),
     )
     .await
     .expect("a swarm manager (scripts/test.sh runs docker swarm init)");
     let platform = SwarmHandle(swarm);
-    let result = suite(cat(Some(&image.0)), 120)
-        .run(&platform, "swarm-cat")
-        .await;
+    let result = suite(cat(Some(&image.0)), 120).run(&platform, name).await;
     platform.shutdown().await;
     result.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_swarm_platform_complies() {
+    swarm_complies(Reach::Published, "swarm-cat").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_swarm_platform_complies_on_slot_addresses() {
+    swarm_complies(Reach::Slot, "swarm-slot").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

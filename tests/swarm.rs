@@ -7,22 +7,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::docker::{build_image, require_docker, Image};
+use common::docker::{build_image, require_swarm, Image};
 use common::{poll, Options, Server};
 use serde_json::json;
-
-fn require_swarm() {
-    require_docker();
-    let out = Command::new("docker")
-        .args(["info", "--format", "{{.Swarm.LocalNodeState}}"])
-        .output()
-        .unwrap();
-    let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert_eq!(
-        state, "active",
-        "this engine is not in a swarm (docker swarm init --advertise-addr 127.0.0.1, or run ./scripts/test.sh)"
-    );
-}
 
 /// Running tasks of a service.
 fn running_tasks(service: &str) -> usize {

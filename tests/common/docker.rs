@@ -16,6 +16,20 @@ pub fn require_docker() {
     );
 }
 
+/// Fails (never skips) when the engine is not a swarm manager.
+pub fn require_swarm() {
+    require_docker();
+    let out = Command::new("docker")
+        .args(["info", "--format", "{{.Swarm.LocalNodeState}}"])
+        .output()
+        .unwrap();
+    let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        state, "active",
+        "this engine is not in a swarm (docker swarm init --advertise-addr 127.0.0.1, or run ./scripts/test.sh)"
+    );
+}
+
 fn copy_into(root: &Path, file: &Path) {
     let target = root.join(file.strip_prefix("/").unwrap());
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
@@ -24,9 +38,39 @@ fn copy_into(root: &Path, file: &Path) {
 
 /// A minimal image: `/faastastic watchdog` as entrypoint, busybox as `sh` and `cat`.
 pub fn build_image(tag: &str) {
-    require_program("busybox", "busybox-static");
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("rootfs");
+    let root = rootfs(dir.path());
+    import(&root, tag, r#"ENTRYPOINT ["/faastastic", "watchdog"]"#);
+}
+
+/// What an image from the OpenFaaS templates does, without knowing faastastic: it serves on
+/// port 8080 whatever its environment says, binds a second fixed port (8081, as the
+/// of-watchdog's metrics do) and exits with status 2 when it cannot, and answers `/_/health`.
+/// A function deployed with env `crash` set prints it and exits with status 2 instead.
+pub const STOCK_ENTRYPOINT: &str = r#"#!/bin/sh
+if [ -n "$crash" ]; then echo "starting"; echo "$crash" >&2; exit 2; fi
+httpd -p 8081 -h /www || { echo "listen tcp :8081: bind: address already in use" >&2; exit 2; }
+exec env faastastic_listen=0.0.0.0:8080 port=8080 /faastastic watchdog
+"#;
+
+/// An image that behaves as [`STOCK_ENTRYPOINT`] says.
+pub fn build_stock_image(tag: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = rootfs(dir.path());
+    std::fs::create_dir_all(root.join("www")).unwrap();
+    std::fs::write(root.join("www/index.html"), "metrics\n").unwrap();
+    let entry = root.join("entrypoint.sh");
+    std::fs::write(&entry, STOCK_ENTRYPOINT).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755)).unwrap();
+    import(&root, tag, r#"ENTRYPOINT ["/entrypoint.sh"]"#);
+}
+
+/// `dir/rootfs` with faastastic, the libraries it links and busybox's `sh`, `cat`, `echo`,
+/// `env` and `httpd`.
+fn rootfs(dir: &Path) -> PathBuf {
+    require_program("busybox", "busybox-static");
+    let root = dir.join("rootfs");
     std::fs::create_dir_all(root.join("bin")).unwrap();
     std::fs::copy(BIN, root.join("faastastic")).unwrap();
     let ldd = Command::new("ldd").arg(BIN).output().unwrap();
@@ -41,14 +85,19 @@ pub fn build_image(tag: &str) {
     }
     let busybox = which("busybox");
     std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "echo"] {
+    for applet in ["sh", "cat", "echo", "env", "httpd"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     std::fs::create_dir_all(root.join("tmp")).unwrap();
-    let tar = dir.path().join("rootfs.tar");
+    root
+}
+
+/// `docker import` of a root file system as `tag`, with `change` (an `ENTRYPOINT`).
+fn import(root: &Path, tag: &str, change: &str) {
+    let tar = root.with_extension("tar");
     let ok = Command::new("tar")
         .arg("-C")
-        .arg(&root)
+        .arg(root)
         .arg("-cf")
         .arg(&tar)
         .arg(".")
@@ -56,11 +105,7 @@ pub fn build_image(tag: &str) {
         .unwrap();
     assert!(ok.success());
     let out = Command::new("docker")
-        .args([
-            "import",
-            "--change",
-            r#"ENTRYPOINT ["/faastastic", "watchdog"]"#,
-        ])
+        .args(["import", "--change", change])
         .arg(&tar)
         .arg(tag)
         .output()

@@ -1,0 +1,174 @@
+//! Images built the way OpenFaaS templates build them, which know nothing of faastastic
+//! (`common::docker::STOCK_ENTRYPOINT`: a server on 8080 whatever it is told, a second fixed
+//! port bound inside, `/_/health`), on the docker and swarm platforms against a real dockerd
+//! and a real single-node swarm: 1 -> 4 -> 1 with every replica answering, through the invoke
+//! lane and the general path, an update under load without a failed request, and a crashing
+//! image whose reason shows in the function's status and metrics.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::docker::{build_stock_image, require_docker, require_swarm, Image};
+use common::{poll, sample, Load, Options, Server};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Which replica answered: each prints its container's host name.
+fn hostname_function(image: &str, version: &str) -> Value {
+    json!({"service": "stock", "image": image,
+        "envProcess": format!("sh -c 'cat >/dev/null; echo {version} $HOSTNAME'")})
+}
+
+/// An invocation with a chunked body, which the invoke lane hands to the general path.
+async fn invoke_chunked(s: &Server, name: &str) -> (u16, String) {
+    let addr = s.addr();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /function/{name} HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 20 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// The replicas that answered `calls` invocations (their host names).
+async fn answering(s: &Server, calls: usize) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..calls {
+        let (code, body) = s.invoke("stock", "x").await;
+        assert_eq!(code, 200, "{body}");
+        seen.insert(body.split_whitespace().nth(1).unwrap_or("").to_string());
+    }
+    seen
+}
+
+async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
+    let dc = format!("{platform}stock{}", std::process::id());
+    let image = Image(format!("faastastic-test/stock:{dc}"));
+    build_stock_image(&image.0);
+    let extra = match platform {
+        "docker" => "pull = false\n",
+        _ => "",
+    };
+    let cfg = format!("[[datacenters]]\nname = \"{dc}\"\nplatform = \"{platform}\"\n{extra}");
+    let s = Server::with(Options {
+        config: Some(&cfg),
+        ..Default::default()
+    });
+    let r = s.deploy(hostname_function(&image.0, "v1")).await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    s.wait_available("stock", 1).await;
+
+    // 1 -> 4: four replicas of an image that binds 8080 and 8081 inside, each answering.
+    assert_eq!(s.scale("stock", 4).await, 202);
+    assert!(
+        poll(Duration::from_secs(60), || async {
+            s.available("stock").await == 4
+        })
+        .await,
+        "never 4 ready: {}",
+        s.status("stock").await.1
+    );
+    let seen = answering(&s, 80).await;
+    assert_eq!(seen.len(), 4, "every replica answers the lane: {seen:?}");
+    for _ in 0..4 {
+        let (code, text) = invoke_chunked(&s, "stock").await;
+        assert_eq!(code, 200, "{text}");
+        let host = text.lines().last().unwrap_or("").split_whitespace().nth(1);
+        assert!(
+            host.is_some_and(|h| seen.contains(h)),
+            "the general path reaches the same replicas: {text}"
+        );
+    }
+
+    // An update under load: no request fails while the new version takes over.
+    let load = Load::start(&s, "stock", 20, Duration::from_secs(120));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.update(&hostname_function(&image.0, "v2")).await, 202);
+    assert!(
+        poll(Duration::from_secs(60), || async {
+            s.available("stock").await == 4 && s.invoke("stock", "x").await.1.starts_with("v2 ")
+        })
+        .await,
+        "the update never served 4: {}",
+        s.status("stock").await.1
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failed = load.failed();
+    let sent = load.stop().await;
+    assert!(sent > 20, "the load ran: {sent}");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {sent} requests failed during the update"
+    );
+    let seen = answering(&s, 80).await;
+    assert_eq!(seen.len(), 4, "four replicas of the new version: {seen:?}");
+
+    // 4 -> 1.
+    assert_eq!(s.scale("stock", 1).await, 202);
+    s.wait_available("stock", 1).await;
+    assert_eq!(answering(&s, 10).await.len(), 1);
+
+    // A crashing image: the reason is in the status and the restarts in the metrics.
+    let crash = "listen tcp :8081: bind: address already in use";
+    let r = s
+        .deploy(json!({"service": "crasher", "image": image.0,
+            "envProcess": "cat", "envVars": {"crash": crash}}))
+        .await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let want = format!("replica exited with status 2: {crash}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (shown, last) = loop {
+        let last = s.status("crasher").await.1;
+        if last["datacenters"][&dc]["reason"].as_str() == Some(want.as_str()) {
+            break (true, last);
+        }
+        if tokio::time::Instant::now() > deadline {
+            break (false, last);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(shown, "no reason {want:?} in {last}");
+    assert_eq!(last["availableReplicas"].as_u64().unwrap_or(0), 0, "{last}");
+    let series = format!(
+        "faastastic_replica_restarts_total{{datacenter=\"{dc}\",function_name=\"crasher.openfaas-fn\"}}"
+    );
+    let restarts = poll(Duration::from_secs(30), || async {
+        sample(&s.metrics().await, &series).unwrap_or(0.0) >= 2.0
+    })
+    .await;
+    assert!(restarts, "{series} never counted two restarts");
+    // A function that serves says nothing.
+    let (_, status) = s.status("stock").await;
+    assert!(
+        status["datacenters"][&dc].get("reason").is_none(),
+        "{status}"
+    );
+
+    assert_eq!(s.remove("crasher").await, 202);
+    assert_eq!(s.remove("stock").await, 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_image_on_docker_scales_rolls_and_says_why_it_crashes() {
+    require_docker();
+    stock_image_scales_rolls_and_says_why_it_crashes("docker").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_image_on_swarm_scales_rolls_and_says_why_it_crashes() {
+    require_swarm();
+    stock_image_scales_rolls_and_says_why_it_crashes("swarm").await;
+}
