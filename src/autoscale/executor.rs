@@ -786,8 +786,8 @@ impl Autoscaler {
             .unwrap_or_else(|| Arc::new(policy_for(&id.qualified(), deployment, &self.cfg)))
     }
 
-    /// One datacenter's share of a manual scale, as an engine decision.
-    #[allow(clippy::too_many_arguments)]
+    /// One datacenter's share of a manual scale, as an engine decision, with the platform's
+    /// or store's error when it was not carried out.
     async fn manual_share(
         &self,
         id: &FunctionId,
@@ -796,17 +796,25 @@ impl Autoscaler {
         override_bounds: bool,
         evidence: &serde_json::Value,
         on_failure: OnFailure,
-        failure: &mut Option<FleetError>,
-    ) -> SignalResult {
+    ) -> (SignalResult, Option<FleetError>) {
         let input = Input::Manual {
             replicas,
             override_bounds,
         };
-        let evidence = evidence.clone();
-        self.apply_noting(
-            id, datacenter, input, "manual", evidence, false, on_failure, failure,
-        )
-        .await
+        let mut failure = None;
+        let result = self
+            .apply_noting(
+                id,
+                datacenter,
+                input,
+                "manual",
+                evidence.clone(),
+                false,
+                on_failure,
+                &mut failure,
+            )
+            .await;
+        (result, failure)
     }
 
     /// `POST /system/scale-function`: a manual scale, in one datacenter or as a total spread
@@ -858,19 +866,12 @@ impl Autoscaler {
         // A share refused as not found or invalid (the function or datacenter went meanwhile)
         // keeps that kind, as the request's own checks answer it.
         let (mut not_found, mut invalid) = (false, false);
-        for (dc, n) in &shares {
-            let mut failure = None;
-            let result = self
-                .manual_share(
-                    id,
-                    dc,
-                    *n,
-                    override_bounds,
-                    &evidence,
-                    OnFailure::Undo,
-                    &mut failure,
-                )
-                .await;
+        // The datacenters are called at once: a spread costs what its slowest datacenter costs.
+        let results = futures::future::join_all(shares.iter().map(|(dc, n)| {
+            self.manual_share(id, dc, *n, override_bounds, &evidence, OnFailure::Undo)
+        }))
+        .await;
+        for ((dc, n), (result, failure)) in shares.iter().zip(results) {
             match (result.outcome, failure) {
                 (Verdict::Scaled | Verdict::NoChange, _) => done += 1,
                 (outcome, failure) => {
@@ -891,21 +892,11 @@ impl Autoscaler {
             }
         }
         if done > 0 {
-            for (dc, n, _) in &failed {
-                if let Some(n) = n {
-                    let mut failure = None;
-                    self.manual_share(
-                        id,
-                        dc,
-                        *n,
-                        override_bounds,
-                        &evidence,
-                        OnFailure::Keep,
-                        &mut failure,
-                    )
-                    .await;
-                }
-            }
+            let kept = failed.iter().filter_map(|(dc, n, _)| {
+                let n = (*n)?;
+                Some(self.manual_share(id, dc, n, override_bounds, &evidence, OnFailure::Keep))
+            });
+            futures::future::join_all(kept).await;
         }
         let why = failed
             .iter()
@@ -1499,6 +1490,41 @@ mod tests {
         for (dc, outcome) in [("syd", "scaled"), ("lon", "failed"), ("lon", "scaled")] {
             let pair = (format!("{dc:?}"), format!("{outcome:?}"));
             assert!(manual.contains(&pair), "{manual:?}");
+        }
+    }
+
+    /// A manual scale across datacenters calls them at once: each call here waits until it is
+    /// released, and both must have started before either is.
+    #[tokio::test]
+    async fn a_manual_scale_calls_its_datacenters_at_once() {
+        let (lon, syd) = (FlakyPlatform::new(), FlakyPlatform::new());
+        let (_dir, _fleet, id, scaler) =
+            scaler_over(vec![("lon", lon.clone()), ("syd", syd.clone())]).await;
+        lon.hold.store(true, Ordering::SeqCst);
+        syd.hold.store(true, Ordering::SeqCst);
+        let pending = {
+            let (scaler, id) = (scaler.clone(), id.clone());
+            tokio::spawn(async move { scaler.manual_scale(&id, None, 6, true).await })
+        };
+        let both = async {
+            lon.started.notified().await;
+            syd.started.notified().await;
+        };
+        let started = tokio::time::timeout(Duration::from_secs(10), both).await;
+        lon.release.notify_one();
+        syd.release.notify_one();
+        assert!(
+            started.is_ok(),
+            "one datacenter was called only after the other"
+        );
+        pending.await.unwrap().unwrap();
+        for platform in [&lon, &syd] {
+            assert_eq!(
+                crate::platform::Platform::table(&**platform)
+                    .replicas(&id)
+                    .desired,
+                3
+            );
         }
     }
 

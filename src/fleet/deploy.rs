@@ -369,6 +369,7 @@ impl Fleet {
         id: &FunctionId,
         datacenter: Option<&str>,
     ) -> Result<(), FleetError> {
+        let _counts = self.hold_counts(id, None).await;
         let _guard = self.write.lock().await;
         let Some(current) = self.function(id) else {
             return Err(not_found(id));
@@ -398,6 +399,7 @@ impl Fleet {
         if keep.is_empty() {
             self.store.delete_function(id).await?;
             self.write_functions().remove(id);
+            self.forget_counts(id);
         } else {
             self.store.set_desired_replicas(id, &keep).await?;
             self.set_replicas(id, keep);

@@ -214,9 +214,17 @@ pub struct Fleet {
     /// The deployment each datacenter last accepted for each function (a hash of it), so the
     /// reconciler knows which ones missed an update.
     applied: std::sync::Mutex<HashMap<(FunctionId, String), u64>>,
-    /// Serialises mutations so that store and platforms see them in one order.
+    /// Serialises mutations so that store and platforms see them in one order; a scale holds
+    /// it only around its store writes, not across its platform calls.
     write: Mutex<()>,
+    /// One lock per function and datacenter, held by a change of that count for its whole
+    /// length (platform call included), taken before `write`: scales of different
+    /// datacenters and functions run at once, and a slow datacenter holds up only its own.
+    count_locks: std::sync::Mutex<HashMap<(FunctionId, String), CountLock>>,
 }
+
+/// The lock of one function's count in one datacenter.
+type CountLock = Arc<Mutex<()>>;
 
 /// A function in the fleet's map, with what a view of it needs per datacenter laid out next
 /// to it: the function list reads every function's counts in every datacenter, and following
@@ -412,6 +420,7 @@ impl Fleet {
             namespaces: RwLock::new(namespaces),
             applied: std::sync::Mutex::new(HashMap::new()),
             write: Mutex::new(()),
+            count_locks: std::sync::Mutex::new(HashMap::new()),
         };
         for mut function in fleet.store.load_functions(home).await? {
             // A datacenter no longer configured: its replicas move home.

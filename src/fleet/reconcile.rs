@@ -30,6 +30,10 @@ impl Fleet {
             .map(|f| f.function.clone())
             .collect();
         for f in &desired {
+            // A change of this count under way converges it itself.
+            let Some(_count) = self.try_hold_count(&f.id, &d.name) else {
+                continue;
+            };
             let _guard = self.write.lock().await;
             // Re-read under the lock: it may have changed or gone meanwhile.
             let Some(f) = self.function(&f.id) else {

@@ -131,6 +131,55 @@ impl Fleet {
             .collect()
     }
 
+    /// The lock of one function's count in one datacenter.
+    fn count_lock(&self, id: &FunctionId, datacenter: &str) -> CountLock {
+        let mut locks = self.count_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks
+            .entry((id.clone(), datacenter.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Holds a function's counts in `datacenters` (every configured one when `None`), in one
+    /// order, so that two holders never wait for each other. Taken before `write`.
+    pub(super) async fn hold_counts(
+        &self,
+        id: &FunctionId,
+        datacenters: Option<&[String]>,
+    ) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let mut names: Vec<&str> = match datacenters {
+            Some(dcs) => dcs.iter().map(String::as_str).collect(),
+            None => self.datacenters.iter().map(|d| d.name.as_str()).collect(),
+        };
+        names.sort_unstable();
+        names.dedup();
+        let mut held = Vec::with_capacity(names.len());
+        for dc in names {
+            held.push(self.count_lock(id, dc).lock_owned().await);
+        }
+        held
+    }
+
+    /// The count of `id` in `datacenter` when no change of it is under way (the reconciler
+    /// leaves one that is to the change).
+    pub(super) fn try_hold_count(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.count_lock(id, datacenter).try_lock_owned().ok()
+    }
+
+    /// Forgets a removed function's count locks.
+    pub(super) fn forget_counts(&self, id: &FunctionId) {
+        let mut locks = self.count_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|(f, _), _| f != id);
+    }
+
+    /// The change itself. The new counts are stored, and take effect in the fleet, before the
+    /// platform calls, which run without the fleet's write lock (only the changed
+    /// datacenters' count locks are held across them); when every call fails they are put
+    /// back, on top of whatever else changed meanwhile.
     pub(super) async fn scale_checked(
         &self,
         id: &FunctionId,
@@ -140,72 +189,87 @@ impl Fleet {
         decision: Option<&Decision>,
         on_failure: OnFailure,
     ) -> Result<Scaled, FleetError> {
-        let _guard = self.write.lock().await;
-        let Some((current, deployment)) = self
-            .read_functions()
-            .get(id)
-            .map(|f| (f.replicas.clone(), f.deployment.clone()))
-        else {
-            return Err(not_found(id));
-        };
-        let target = match datacenter {
-            Some(dc) => {
-                let Some(now) = current.get(dc) else {
-                    return Err(FleetError::NotFound(format!(
-                        "function {id} is not in datacenter {dc}"
-                    )));
-                };
-                if let Some(expected) = expected.filter(|e| e != now) {
-                    return Err(FleetError::Conflict(format!(
-                        "replicas changed from {expected} to {now} meanwhile"
-                    )));
+        let locked: Option<Vec<String>> = datacenter.map(|dc| vec![dc.to_string()]);
+        let _counts = self.hold_counts(id, locked.as_deref()).await;
+        let (current, target, changed, event_id) = {
+            let _guard = self.write.lock().await;
+            let Some((current, deployment)) = self
+                .read_functions()
+                .get(id)
+                .map(|f| (f.replicas.clone(), f.deployment.clone()))
+            else {
+                return Err(not_found(id));
+            };
+            let target = match datacenter {
+                Some(dc) => {
+                    let Some(now) = current.get(dc) else {
+                        return Err(FleetError::NotFound(format!(
+                            "function {id} is not in datacenter {dc}"
+                        )));
+                    };
+                    if let Some(expected) = expected.filter(|e| e != now) {
+                        return Err(FleetError::Conflict(format!(
+                            "replicas changed from {expected} to {now} meanwhile"
+                        )));
+                    }
+                    let mut t = current.clone();
+                    t.insert(dc.to_string(), replicas);
+                    t
                 }
-                let mut t = current.clone();
-                t.insert(dc.to_string(), replicas);
-                t
+                None => self.spread(replicas, &current),
+            };
+            self.check_counts(&deployment, &target)?;
+            let changed: Vec<String> = target
+                .iter()
+                .filter(|(dc, n)| current.get(*dc) != Some(*n))
+                .map(|(dc, _)| dc.clone())
+                .collect();
+            if changed.is_empty() {
+                return Ok(Scaled::Unchanged);
             }
-            None => self.spread(replicas, &current),
+            let event_id = self.store.set_desired_with(id, &target, decision).await?;
+            self.set_replicas(id, target.clone());
+            (current, target, changed, event_id)
         };
-        self.check_counts(&deployment, &target)?;
-        let changed: Vec<(String, u64)> = target
-            .iter()
-            .filter(|(dc, n)| current.get(*dc) != Some(*n))
-            .map(|(dc, n)| (dc.clone(), *n))
-            .collect();
-        if changed.is_empty() {
-            return Ok(Scaled::Unchanged);
-        }
-        let event_id = self.store.set_desired_with(id, &target, decision).await?;
-        let dcs: Vec<String> = changed.iter().map(|(dc, _)| dc.clone()).collect();
         let result = self
-            .each(&dcs, |d| {
+            .each(&changed, |d| {
                 let n = target[&d.name];
                 d.platform.scale(id, n)
             })
             .await;
-        if result.all_failed() {
-            if on_failure == OnFailure::Keep {
-                let why = result.into_result("scale").err().map(|e| e.to_string());
-                self.set_replicas(id, target);
-                let why = format!(
-                    "{}; the new count is kept and the reconciler retries it",
-                    why.unwrap_or_default()
-                );
-                return Ok(Scaled::Kept {
-                    event: event_id,
-                    why,
-                });
-            }
-            let undo = decision.zip(event_id);
-            self.store.revert_desired(id, &current, undo).await?;
+        if !result.all_failed() {
+            // Datacenters that failed keep the new desired count: the reconciler converges them.
             return result
                 .into_result("scale")
-                .map(|_| Scaled::Applied { event: None });
+                .map(|_| Scaled::Applied { event: event_id });
         }
-        // Datacenters that failed keep the new desired count: the reconciler converges them.
-        self.set_replicas(id, target);
+        if on_failure == OnFailure::Keep {
+            let why = result.into_result("scale").err().map(|e| e.to_string());
+            let why = format!(
+                "{}; the new count is kept and the reconciler retries it",
+                why.unwrap_or_default()
+            );
+            return Ok(Scaled::Kept {
+                event: event_id,
+                why,
+            });
+        }
+        let _guard = self.write.lock().await;
+        // Put back the changed datacenters' counts only: another datacenter's may have
+        // changed meanwhile. A function removed meanwhile has nothing to put back.
+        let now = self.read_functions().get(id).map(|f| f.replicas.clone());
+        if let Some(mut back) = now {
+            for dc in &changed {
+                if let (Some(n), Some(old)) = (back.get_mut(dc), current.get(dc)) {
+                    *n = *old;
+                }
+            }
+            let undo = decision.zip(event_id);
+            self.store.revert_desired(id, &back, undo).await?;
+            self.set_replicas(id, back);
+        }
         result
             .into_result("scale")
-            .map(|_| Scaled::Applied { event: event_id })
+            .map(|_| Scaled::Applied { event: None })
     }
 }

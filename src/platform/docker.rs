@@ -646,6 +646,9 @@ impl DockerPlatform {
     /// engine starts it again.
     async fn replica_exited(&self, id: &FunctionId, container: &str, status: &str) {
         let Some(entry) = self.entry(id) else { return };
+        if entry.lock().await.replica(container).is_none() {
+            return; // stopped by faastastic: no need to read why
+        }
         let lines = last_lines(&self.docker, container).await;
         let mut f = entry.lock().await;
         let Some((_, r)) = f.replica(container) else {
