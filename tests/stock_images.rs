@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::docker::{build_stock_image, require_docker, require_swarm, Image};
 use common::{poll, sample, Load, Options, Server};
+use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -63,8 +64,12 @@ async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
         _ => "",
     };
     let cfg = format!("[[datacenters]]\nname = \"{dc}\"\nplatform = \"{platform}\"\n{extra}");
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("serve.log");
     let s = Server::with(Options {
         config: Some(&cfg),
+        stderr_log: Some(&log),
+        env: &[("RUST_LOG", "warn")],
         ..Default::default()
     });
     let r = s.deploy(hostname_function(&image.0, "v1")).await;
@@ -146,10 +151,31 @@ async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
         "faastastic_replica_restarts_total{{datacenter=\"{dc}\",function_name=\"crasher.openfaas-fn\"}}"
     );
     let restarts = poll(Duration::from_secs(30), || async {
-        sample(&s.metrics().await, &series).unwrap_or(0.0) >= 2.0
+        sample(&s.metrics().await, &series).unwrap_or(0.0) >= 3.0
     })
     .await;
-    assert!(restarts, "{series} never counted two restarts");
+    assert!(restarts, "{series} never counted three restarts");
+    // The log says it once per crash loop, with the replica's last lines.
+    let said = std::fs::read_to_string(&log).unwrap();
+    let warnings: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("crasher") && l.contains(&want))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{said}");
+    if platform == "docker" {
+        // The function's logs follow each run of the container, each line once.
+        let logs = s
+            .system(Method::GET, "/system/logs?name=crasher&follow=false")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let runs = logs.matches("starting").count();
+        let crashes = logs.matches("bind: address already in use").count();
+        assert!(runs >= 2 && crashes == runs, "{logs}");
+    }
     // A function that serves says nothing.
     let (_, status) = s.status("stock").await;
     assert!(

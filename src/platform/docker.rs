@@ -55,6 +55,9 @@ pub(super) const FUNCTION_PORT_KEY: &str = "8080/tcp";
 const HEALTH_PATH_ANNOTATION: &str = "com.openfaas.health.http.path";
 /// Log lines of an exited replica shown with its first exit.
 const EXIT_LINES: usize = 10;
+/// How long a log follower waits for a stopped container's restart before it checks that the
+/// container still exists.
+const LOGS_RECHECK: Duration = Duration::from_secs(5);
 /// Wait before listening to the engine's events again after the stream broke.
 const EVENTS_RETRY: Duration = Duration::from_millis(500);
 
@@ -71,6 +74,8 @@ struct Replica {
     failure: Option<String>,
     /// Exits since it last served (a crash loop is logged once).
     exits: u64,
+    /// Told when the engine starts the container again (its log follower goes on).
+    restarted: Arc<tokio::sync::Notify>,
 }
 
 struct Generation {
@@ -475,6 +480,7 @@ impl DockerPlatform {
             return Err(engine_failed(&format!("cannot start {name}"), e));
         }
         let endpoint = self.endpoint(&created.id, &name).await;
+        let restarted = Arc::new(tokio::sync::Notify::new());
         generation.replicas.push(Replica {
             container: created.id.clone(),
             name: name.clone(),
@@ -483,8 +489,9 @@ impl DockerPlatform {
             watch: 0,
             failure: None,
             exits: 0,
+            restarted: restarted.clone(),
         });
-        self.follow_logs(created.id.clone(), name, logs.clone(), None);
+        self.follow_logs(created.id.clone(), name, logs.clone(), restarted);
         self.watch_ready(id.clone(), generation.number, created.id, 0);
         Ok(())
     }
@@ -505,34 +512,52 @@ impl DockerPlatform {
         addr.map(|a| Arc::new(Endpoint::new(name.to_string(), a)))
     }
 
-    /// Forwards the container's output to the function's logs, from its start on; `after`
-    /// (nanoseconds since the epoch) leaves out what an earlier run of it wrote.
+    /// Forwards the container's output to the function's logs, each line once, across its
+    /// restarts: when the engine's stream ends (the container stopped), it waits for the next
+    /// start (`restarted`, or a few seconds) and goes on after the last line it forwarded;
+    /// it ends once the container is gone.
     fn follow_logs(
         &self,
         container: String,
         instance: String,
         logs: Arc<LogBuffer>,
-        after: Option<i64>,
+        restarted: Arc<tokio::sync::Notify>,
     ) {
-        let mut stream = self.docker.logs(
-            &container,
-            Some(LogsOptions {
-                follow: true,
-                stdout: true,
-                stderr: true,
-                timestamps: true,
-                since: after.map_or(0, |t| (t / 1_000_000_000) as i32),
-                tail: "all".into(),
-                ..Default::default()
-            }),
-        );
+        let docker = self.docker.clone();
         tokio::spawn(async move {
-            while let Some(Ok(output)) = stream.next().await {
-                let text = output.to_string();
-                for (at, line) in text.lines().filter_map(stamped) {
-                    if after.is_none_or(|after| at >= after) && !line.is_empty() {
-                        logs.push(&instance, line.to_string());
+            let mut last: Option<i64> = None;
+            loop {
+                let mut stream = docker.logs(
+                    &container,
+                    Some(LogsOptions {
+                        follow: true,
+                        stdout: true,
+                        stderr: true,
+                        timestamps: true,
+                        since: last.map_or(0, |t| (t / 1_000_000_000) as i32),
+                        tail: "all".into(),
+                        ..Default::default()
+                    }),
+                );
+                while let Some(Ok(output)) = stream.next().await {
+                    let text = output.to_string();
+                    for (at, line) in text.lines().filter_map(stamped) {
+                        if last.is_some_and(|last| at <= last) {
+                            continue;
+                        }
+                        last = Some(at);
+                        if !line.is_empty() {
+                            logs.push(&instance, line.to_string());
+                        }
                     }
+                }
+                let _ = tokio::time::timeout(LOGS_RECHECK, restarted.notified()).await;
+                let gone = docker
+                    .inspect_container(&container, None::<InspectContainerOptions>)
+                    .await
+                    .is_err();
+                if gone {
+                    return;
                 }
             }
         });
@@ -634,10 +659,7 @@ impl DockerPlatform {
                 self.replica_exited(&id, &container, status.unwrap_or("unknown"))
                     .await
             }
-            Some("start") => {
-                self.replica_restarted(&id, &container, event.time_nano)
-                    .await
-            }
+            Some("start") => self.replica_restarted(&id, &container).await,
             _ => {}
         }
     }
@@ -654,13 +676,13 @@ impl DockerPlatform {
         let Some((_, r)) = f.replica(container) else {
             return; // stopped by faastastic
         };
-        let reason = exit_reason(status, lines.last().map(String::as_str));
+        let reason = exit_reason(status, lines.telling.as_deref());
         if r.exits == 0 {
             tracing::warn!(
                 function = %id,
                 replica = r.name,
-                "{reason}; the engine restarts it. Its last lines:\n{}",
-                lines.join("\n")
+                last_lines = ?lines.lines,
+                "{reason}; the engine restarts it"
             );
         } else {
             tracing::debug!(function = %id, replica = r.name, exits = r.exits + 1, "{reason}");
@@ -677,13 +699,8 @@ impl DockerPlatform {
     }
 
     /// The engine started an exited replica again: read where it serves now (a new port),
-    /// follow its output and watch it become ready.
-    async fn replica_restarted(
-        self: &Arc<Self>,
-        id: &FunctionId,
-        container: &str,
-        at: Option<i64>,
-    ) {
+    /// tell its log follower, and watch it become ready.
+    async fn replica_restarted(self: &Arc<Self>, id: &FunctionId, container: &str) {
         let Some(entry) = self.entry(id) else { return };
         let name = {
             let mut f = entry.lock().await;
@@ -695,15 +712,14 @@ impl DockerPlatform {
         };
         let endpoint = self.endpoint(container, &name).await;
         let mut f = entry.lock().await;
-        let logs = f.logs.clone();
         let Some((generation, r)) = f.replica(container) else {
             return;
         };
         r.endpoint = endpoint;
         r.watch += 1;
+        r.restarted.notify_one();
         let watch = r.watch;
         drop(f);
-        self.follow_logs(container.to_string(), name, logs, at);
         self.watch_ready(id.clone(), generation, container.to_string(), watch);
     }
 
@@ -869,7 +885,14 @@ pub(super) fn health_path(deployment: Option<&FunctionDeployment>) -> String {
 }
 
 /// The last lines a container wrote (an exited one's, to say why).
-pub(super) async fn last_lines(docker: &Docker, container: &str) -> Vec<String> {
+pub(super) struct LastLines {
+    /// Both streams, as the engine gives them.
+    pub lines: Vec<String>,
+    /// The last line on standard error (where a failing program says why), else the last one.
+    pub telling: Option<String>,
+}
+
+pub(super) async fn last_lines(docker: &Docker, container: &str) -> LastLines {
     let mut stream = docker.logs(
         container,
         Some(LogsOptions {
@@ -879,18 +902,25 @@ pub(super) async fn last_lines(docker: &Docker, container: &str) -> Vec<String> 
             ..Default::default()
         }),
     );
-    let mut lines = Vec::new();
+    let (mut lines, mut error) = (Vec::new(), None);
     while let Some(Ok(output)) = stream.next().await {
-        let text = output.to_string();
-        lines.extend(
-            text.lines()
-                .map(str::trim_end)
-                .filter(|l| !l.is_empty())
-                .map(str::to_string),
-        );
+        let stderr = matches!(output, bollard::container::LogOutput::StdErr { .. });
+        for line in output.to_string().lines().map(str::trim_end) {
+            if line.is_empty() {
+                continue;
+            }
+            if stderr {
+                error = Some(line.to_string());
+            }
+            lines.push(line.to_string());
+        }
     }
     let skip = lines.len().saturating_sub(EXIT_LINES);
-    lines.split_off(skip)
+    let lines = lines.split_off(skip);
+    LastLines {
+        telling: error.or_else(|| lines.last().cloned()),
+        lines,
+    }
 }
 
 /// "replica exited with status 2: bind: address already in use", the status as the engine

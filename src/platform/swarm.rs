@@ -37,7 +37,7 @@ use bollard::Docker;
 use super::docker::{
     engine, engine_failed, exit_reason, failed, free_port, health_path, last_lines, parse_cpu,
     parse_memory, replica_env, replica_labels, secrets_dir, validate_image_and_resources,
-    write_secrets, FUNCTION_PORT, LABEL_DATACENTER, LABEL_GENERATION, SECRETS_PATH,
+    write_secrets, LastLines, FUNCTION_PORT, LABEL_DATACENTER, LABEL_GENERATION, SECRETS_PATH,
 };
 use super::{Endpoint, Platform, PlatformError, ReadyTable, Workload};
 use crate::config::{ContainerConfig, Reach};
@@ -457,13 +457,14 @@ impl SwarmPlatform {
         Some(ip)
     }
 
-    /// The failures not counted yet, each with why (its exit status and last log line,
-    /// when this engine holds its container), read before the services' lock is taken.
+    /// The failures not counted yet, each with why (its exit status and last log line, when
+    /// this engine holds its container) and its last lines, read before the services' lock
+    /// is taken.
     async fn new_failures(
         &self,
         id: &FunctionId,
         failures: Vec<Failure>,
-    ) -> Vec<(Failure, String)> {
+    ) -> Vec<(Failure, String, Vec<String>)> {
         let counted: HashSet<String> = self
             .services
             .read()
@@ -475,19 +476,19 @@ impl SwarmPlatform {
         for f in failures.into_iter().filter(|f| !counted.contains(&f.task)) {
             let lines = match &f.container {
                 Some(c) => last_lines(&self.docker, c).await,
-                None => Vec::new(),
+                None => LastLines {
+                    lines: Vec::new(),
+                    telling: None,
+                },
             };
             let reason = match f.exit_code {
-                Some(code) => exit_reason(&code.to_string(), lines.last().map(String::as_str)),
+                Some(code) => exit_reason(&code.to_string(), lines.telling.as_deref()),
                 None => format!(
                     "task failed: {}",
                     f.err.as_deref().unwrap_or("no reason given")
                 ),
             };
-            if !lines.is_empty() {
-                tracing::debug!(function = %id, task = f.task, "last lines:\n{}", lines.join("\n"));
-            }
-            out.push((f, reason));
+            out.push((f, reason, lines.lines));
         }
         out
     }
@@ -498,12 +499,12 @@ impl SwarmPlatform {
         &self,
         id: &FunctionId,
         s: &mut Service,
-        new: Vec<(Failure, String)>,
+        new: Vec<(Failure, String, Vec<String>)>,
         listed: &HashSet<String>,
         recovered: bool,
     ) {
         s.failures.retain(|t| listed.contains(t));
-        for (f, reason) in new {
+        for (f, reason, lines) in new {
             self.metrics
                 .replica_restarts
                 .with_label_values(&[id.qualified().as_str(), self.datacenter.as_str()])
@@ -513,7 +514,7 @@ impl SwarmPlatform {
                 continue;
             }
             if s.reason.is_none() {
-                tracing::warn!(function = %id, task = f.task, "{reason}; Swarm replaces it");
+                tracing::warn!(function = %id, task = f.task, last_lines = ?lines, "{reason}; Swarm replaces it");
             }
             s.failures.insert(f.task);
             s.reason = Some(reason);
