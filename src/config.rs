@@ -395,6 +395,15 @@ pub enum Reach {
 }
 
 impl Reach {
+    /// As the configuration spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reach::Published => "published",
+            Reach::Address => "address",
+            Reach::Slot => "slot",
+        }
+    }
+
     /// `reach` of `[docker]` or `[swarm]` (`kind`).
     fn parse(kind: &str, text: &str) -> Result<Reach, String> {
         match (kind, text) {

@@ -44,12 +44,13 @@ async fn invoke_chunked(s: &Server, name: &str) -> (u16, String) {
     (status, text)
 }
 
-/// The replicas that answered `calls` invocations (their host names).
-async fn answering(s: &Server, calls: usize) -> BTreeSet<String> {
+/// The replicas that answered `calls` invocations (their host names), each of `version`.
+async fn answering(s: &Server, calls: usize, version: &str) -> BTreeSet<String> {
     let mut seen = BTreeSet::new();
     for _ in 0..calls {
         let (code, body) = s.invoke("stock", "x").await;
         assert_eq!(code, 200, "{body}");
+        assert!(body.starts_with(&format!("{version} ")), "{body}");
         seen.insert(body.split_whitespace().nth(1).unwrap_or("").to_string());
     }
     seen
@@ -86,7 +87,7 @@ async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
         "never 4 ready: {}",
         s.status("stock").await.1
     );
-    let seen = answering(&s, 80).await;
+    let seen = answering(&s, 80, "v1").await;
     assert_eq!(seen.len(), 4, "every replica answers the lane: {seen:?}");
     for _ in 0..4 {
         let (code, text) = invoke_chunked(&s, "stock").await;
@@ -118,13 +119,69 @@ async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
         failed, 0,
         "{failed} of {sent} requests failed during the update"
     );
-    let seen = answering(&s, 80).await;
+    let seen = answering(&s, 80, "v2").await;
     assert_eq!(seen.len(), 4, "four replicas of the new version: {seen:?}");
 
     // 4 -> 1.
     assert_eq!(s.scale("stock", 1).await, 202);
     s.wait_available("stock", 1).await;
-    assert_eq!(answering(&s, 10).await.len(), 1);
+    assert_eq!(answering(&s, 10, "v2").await.len(), 1);
+
+    // A replica that served is killed: counted once, routed to again once it answers (at the
+    // new port its restart got), and its status says nothing once it does.
+    let running = || {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--filter"])
+            .arg(format!("label=com.faastastic.datacenter={dc}"))
+            .args(["--filter", "label=com.faastastic.function=stock"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        poll(Duration::from_secs(30), || async { running().len() == 1 }).await,
+        "not one container: {:?}",
+        running()
+    );
+    let restarts = format!(
+        "faastastic_replica_restarts_total{{datacenter=\"{dc}\",function_name=\"stock.openfaas-fn\"}}"
+    );
+    let before = sample(&s.metrics().await, &restarts).unwrap_or(-1.0);
+    assert_eq!(
+        before, 0.0,
+        "the series is there from the deploy on, at zero"
+    );
+    let killed = std::process::Command::new("docker")
+        .args(["kill", &running()[0]])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            sample(&s.metrics().await, &restarts) == Some(1.0)
+        })
+        .await,
+        "the kill was not counted once: {:?}",
+        sample(&s.metrics().await, &restarts)
+    );
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            s.available("stock").await == 1 && s.invoke("stock", "x").await.0 == 200
+        })
+        .await,
+        "the killed replica never served again: {}",
+        s.status("stock").await.1
+    );
+    let (_, status) = s.status("stock").await;
+    assert!(
+        status["datacenters"][&dc].get("reason").is_none(),
+        "{status}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sample(&s.metrics().await, &restarts), Some(1.0));
 
     // A crashing image: the reason is in the status and the restarts in the metrics.
     let crash = "listen tcp :8081: bind: address already in use";
@@ -162,6 +219,12 @@ async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
         .filter(|l| l.contains("WARN") && l.contains("crasher") && l.contains(&want))
         .collect();
     assert_eq!(warnings.len(), 1, "{said}");
+    assert!(
+        said.lines().any(|l| l.contains("WARN")
+            && l.contains("stock.openfaas-fn")
+            && l.contains("status 137")),
+        "the kill is in the log: {said}"
+    );
     if platform == "docker" {
         // The function's logs follow each run of the container, each line once.
         let logs = s

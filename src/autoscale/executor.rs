@@ -1528,6 +1528,69 @@ mod tests {
         }
     }
 
+    /// A count change waiting on its datacenter holds up neither another datacenter's nor
+    /// another function's; an update of the function waits for it, and sees its count.
+    #[tokio::test]
+    async fn a_slow_datacenter_holds_up_only_its_own_counts() {
+        let (lon, syd) = (FlakyPlatform::new(), FlakyPlatform::new());
+        let (_dir, fleet, id, scaler) =
+            scaler_over(vec![("lon", lon.clone()), ("syd", syd.clone())]).await;
+        let other = FunctionDeployment {
+            service: Some("g".into()),
+            image: Some("i".into()),
+            ..Default::default()
+        };
+        let g = fleet.deploy(other).await.unwrap();
+        lon.hold.store(true, Ordering::SeqCst);
+        let held = {
+            let (scaler, id) = (scaler.clone(), id.clone());
+            tokio::spawn(async move { scaler.manual_scale(&id, Some("lon"), 3, true).await })
+        };
+        lon.started.notified().await;
+        let others = async {
+            scaler
+                .manual_scale(&id, Some("syd"), 2, true)
+                .await
+                .unwrap();
+            scaler.manual_scale(&g, Some("syd"), 4, true).await.unwrap();
+        };
+        let unblocked = tokio::time::timeout(Duration::from_secs(10), others).await;
+        let update = {
+            let fleet = fleet.clone();
+            tokio::spawn(async move {
+                fleet
+                    .update(FunctionDeployment {
+                        service: Some("f".into()),
+                        image: Some("i2".into()),
+                        ..Default::default()
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let update_waited = !update.is_finished();
+        lon.hold.store(false, Ordering::SeqCst);
+        lon.release.notify_one();
+        assert!(unblocked.is_ok(), "a held scale in lon held up syd");
+        assert!(update_waited, "an update went ahead of a scale under way");
+        held.await.unwrap().unwrap();
+        update.await.unwrap().unwrap();
+        let view = fleet.get(&id).unwrap();
+        let counts: Vec<(String, u64)> = view
+            .function
+            .replicas
+            .iter()
+            .map(|(dc, n)| (dc.clone(), *n))
+            .collect();
+        assert_eq!(counts, vec![("lon".into(), 3), ("syd".into(), 2)]);
+        assert_eq!(
+            crate::platform::Platform::table(&*lon)
+                .replicas(&id)
+                .desired,
+            3
+        );
+    }
+
     #[tokio::test]
     async fn a_policy_is_worked_out_once_per_stored_spec() {
         let lon = Arc::new(FlakyPlatform::default());

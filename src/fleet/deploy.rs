@@ -224,7 +224,11 @@ impl Fleet {
     /// Terraform does with one provider block each); anything else under an existing name is
     /// a conflict.
     pub async fn deploy(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
-        // Checked under the lock, so a namespace deleted meanwhile cannot be deployed into.
+        // Checked under the lock, so a namespace deleted meanwhile cannot be deployed into; the
+        // function's counts are held first (a scale under way finishes before).
+        let _counts = self
+            .hold_counts(&self.check_deployment(&dep)?.0, None)
+            .await;
         let _guard = self.write.lock().await;
         let (id, mut placement) = self.check_deployment(&dep)?;
         let workload = self.workload(&id, &dep).await?;
@@ -295,6 +299,9 @@ impl Fleet {
     /// (raised to the new `com.openfaas.scale.min` when that is higher). A new placement adds
     /// and removes datacenters.
     pub async fn update(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
+        let _counts = self
+            .hold_counts(&self.check_deployment(&dep)?.0, None)
+            .await;
         let _guard = self.write.lock().await;
         let (id, placement) = self.check_deployment(&dep)?;
         let Some(current) = self.function(&id) else {
@@ -399,10 +406,13 @@ impl Fleet {
         if keep.is_empty() {
             self.store.delete_function(id).await?;
             self.write_functions().remove(id);
-            self.forget_counts(id);
+            self.forget_counts(id, None);
         } else {
             self.store.set_desired_replicas(id, &keep).await?;
             self.set_replicas(id, keep);
+            if let Some(dc) = datacenter {
+                self.forget_counts(id, Some(dc));
+            }
         }
         for dc in &removed {
             self.applied_set(id, dc, None);

@@ -34,22 +34,31 @@ impl Fleet {
             let Some(_count) = self.try_hold_count(&f.id, &d.name) else {
                 continue;
             };
-            let _guard = self.write.lock().await;
-            // Re-read under the lock: it may have changed or gone meanwhile.
-            let Some(f) = self.function(&f.id) else {
-                continue;
+            // Decided under the write lock (the function may have changed or gone meanwhile),
+            // carried out without it: the count lock keeps other changes of this count out,
+            // and a slow datacenter holds up no other change.
+            let (f, want, reapply) = {
+                let _guard = self.write.lock().await;
+                let Some(f) = self.function(&f.id) else {
+                    continue;
+                };
+                let Some(want) = f.desired_in(&d.name) else {
+                    continue;
+                };
+                let applied = self
+                    .applied
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&(f.id.clone(), d.name.clone()))
+                    .copied();
+                let reapply =
+                    !actual.contains_key(&f.id) || applied != Some(spec_hash(&f.deployment));
+                if !reapply && actual.get(&f.id) == Some(&want) {
+                    continue;
+                }
+                (f, want, reapply)
             };
-            let Some(want) = f.desired_in(&d.name) else {
-                continue;
-            };
-            let applied = self
-                .applied
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&(f.id.clone(), d.name.clone()))
-                .copied();
-            let result = if !actual.contains_key(&f.id) || applied != Some(spec_hash(&f.deployment))
-            {
+            let result = if reapply {
                 match self.workload(&f.id, &f.deployment).await {
                     Ok(w) => {
                         let r = self.apply_in(&w, &[(d.name.clone(), want)]).await;
@@ -57,12 +66,10 @@ impl Fleet {
                     }
                     Err(e) => Err(e),
                 }
-            } else if actual.get(&f.id) != Some(&want) {
+            } else {
                 d.call(d.platform.scale(&f.id, want))
                     .await
                     .map_err(FleetError::from)
-            } else {
-                continue;
             };
             match result {
                 Ok(()) => {
@@ -74,12 +81,18 @@ impl Fleet {
             }
         }
         for id in actual.keys() {
-            let _guard = self.write.lock().await;
-            let placed = self
-                .read_functions()
-                .get(id)
-                .is_some_and(|f| f.replicas.contains_key(&d.name));
+            // Held, a deploy of this function waits until the leftover is gone.
+            let Some(_count) = self.try_hold_count(id, &d.name) else {
+                continue;
+            };
+            let placed = {
+                let _guard = self.write.lock().await;
+                self.read_functions()
+                    .get(id)
+                    .is_some_and(|f| f.replicas.contains_key(&d.name))
+            };
             if !placed {
+                self.forget_counts(id, Some(&d.name));
                 match d.call(d.platform.remove(id)).await {
                     Ok(()) => {
                         tracing::info!(function = %id, datacenter = %d.name, "reconciler removed a leftover function")

@@ -140,6 +140,15 @@ impl Fleet {
             .clone()
     }
 
+    /// Whether `lock` is still the count's lock (a removed function's locks are forgotten: a
+    /// holder of the old one must take the new one).
+    fn is_count_lock(&self, id: &FunctionId, datacenter: &str, lock: &CountLock) -> bool {
+        let locks = self.count_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks
+            .get(&(id.clone(), datacenter.to_string()))
+            .is_some_and(|current| Arc::ptr_eq(current, lock))
+    }
+
     /// Holds a function's counts in `datacenters` (every configured one when `None`), in one
     /// order, so that two holders never wait for each other. Taken before `write`.
     pub(super) async fn hold_counts(
@@ -155,7 +164,14 @@ impl Fleet {
         names.dedup();
         let mut held = Vec::with_capacity(names.len());
         for dc in names {
-            held.push(self.count_lock(id, dc).lock_owned().await);
+            loop {
+                let lock = self.count_lock(id, dc);
+                let guard = lock.clone().lock_owned().await;
+                if self.is_count_lock(id, dc, &lock) {
+                    held.push(guard);
+                    break;
+                }
+            }
         }
         held
     }
@@ -167,13 +183,15 @@ impl Fleet {
         id: &FunctionId,
         datacenter: &str,
     ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        self.count_lock(id, datacenter).try_lock_owned().ok()
+        let lock = self.count_lock(id, datacenter);
+        let guard = lock.clone().try_lock_owned().ok()?;
+        self.is_count_lock(id, datacenter, &lock).then_some(guard)
     }
 
-    /// Forgets a removed function's count locks.
-    pub(super) fn forget_counts(&self, id: &FunctionId) {
+    /// Forgets the count locks of a function removed (from `datacenter` only, when given).
+    pub(super) fn forget_counts(&self, id: &FunctionId, datacenter: Option<&str>) {
         let mut locks = self.count_locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.retain(|(f, _), _| f != id);
+        locks.retain(|(f, dc), _| f != id || datacenter.is_some_and(|only| only != dc));
     }
 
     /// The change itself. The new counts are stored, and take effect in the fleet, before the

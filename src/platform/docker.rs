@@ -55,6 +55,11 @@ pub(super) const FUNCTION_PORT_KEY: &str = "8080/tcp";
 const HEALTH_PATH_ANNOTATION: &str = "com.openfaas.health.http.path";
 /// Log lines of an exited replica shown with its first exit.
 const EXIT_LINES: usize = 10;
+/// A container no replica holds is removed once it is this old (younger ones may belong to a
+/// change under way).
+const ORPHAN_AGE: Duration = Duration::from_secs(120);
+/// How long after an exit a container the engine left stopped is started again.
+const RESTART_CHECK: Duration = Duration::from_secs(2);
 /// How long a log follower waits for a stopped container's restart before it checks that the
 /// container still exists.
 const LOGS_RECHECK: Duration = Duration::from_secs(5);
@@ -74,6 +79,8 @@ struct Replica {
     failure: Option<String>,
     /// Exits since it last served (a crash loop is logged once).
     exits: u64,
+    /// Starts the engine reported (the first is the one faastastic asked for).
+    starts: u64,
     /// Told when the engine starts the container again (its log follower goes on).
     restarted: Arc<tokio::sync::Notify>,
 }
@@ -84,6 +91,17 @@ struct Generation {
     replicas: Vec<Replica>,
     /// Containers started so far, for unique names.
     started: u64,
+}
+
+impl Replica {
+    /// Out of routing at `endpoint` until a new readiness watch (whose count it returns)
+    /// finds it serving.
+    fn rewatch(&mut self, endpoint: Option<Arc<Endpoint>>) -> u64 {
+        self.ready = false;
+        self.endpoint = endpoint;
+        self.watch += 1;
+        self.watch
+    }
 }
 
 impl Generation {
@@ -235,6 +253,15 @@ pub(super) fn validate_image_and_resources(
     if dep.image.as_deref().is_none_or(|i| i.trim().is_empty()) {
         return Err(format!("image: is required by the {platform} platform"));
     }
+    let health = dep
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(HEALTH_PATH_ANNOTATION));
+    if let Some(path) = health.filter(|p| !p.starts_with('/') || p.contains(char::is_whitespace)) {
+        return Err(format!(
+            "annotations.{HEALTH_PATH_ANNOTATION}: {path:?} is not a path such as /_/health"
+        ));
+    }
     check_resources("limits", &dep.limits)?;
     check_resources("requests", &dep.requests)
 }
@@ -350,7 +377,7 @@ impl DockerPlatform {
             cancel: CancellationToken::new(),
         });
         for container in platform.containers(None).await? {
-            platform.remove_container(&container).await;
+            platform.remove_container(&container).await?;
         }
         spawn_events(Arc::downgrade(&platform));
         Ok(platform)
@@ -375,7 +402,54 @@ impl DockerPlatform {
         Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
-    async fn remove_container(&self, container: &str) {
+    /// Removes this datacenter's containers that no replica holds once they are older than
+    /// [`ORPHAN_AGE`]: one an apply cut short by its timeout started, or one whose removal
+    /// failed. A function busy with a change is looked at next time.
+    async fn remove_orphans(&self) -> Result<(), PlatformError> {
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(HashMap::from([(
+                    "label".to_string(),
+                    vec![format!("{LABEL_DATACENTER}={}", self.datacenter)],
+                )])),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| engine_failed("cannot list containers", e))?;
+        let now = chrono::Utc::now().timestamp();
+        for c in list {
+            let (Some(container), Some(created)) = (c.id, c.created) else {
+                continue;
+            };
+            let labels = c.labels.unwrap_or_default();
+            let (Some(name), Some(namespace)) =
+                (labels.get(LABEL_FUNCTION), labels.get(LABEL_NAMESPACE))
+            else {
+                continue;
+            };
+            if now.saturating_sub(created) < ORPHAN_AGE.as_secs() as i64 {
+                continue;
+            }
+            let id = FunctionId::new(name, namespace);
+            let held = match self.entry(&id) {
+                None => false,
+                Some(entry) => match entry.try_lock() {
+                    Ok(mut f) => f.replica(&container).is_some(),
+                    Err(_) => true,
+                },
+            };
+            if !held {
+                tracing::warn!(function = %id, container, "removing a container no replica holds");
+                let _ = self.remove_container(&container).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a container (stopping it); one already gone is not an error.
+    async fn remove_container(&self, container: &str) -> Result<(), PlatformError> {
         let removed = self
             .docker
             .remove_container(
@@ -386,14 +460,28 @@ impl DockerPlatform {
                 }),
             )
             .await;
-        if let Err(e) = removed {
-            tracing::warn!(container, error = %e, "cannot remove container");
+        match removed {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => {
+                tracing::warn!(container, error = %e, "cannot remove container");
+                Err(engine_failed(
+                    &format!("cannot remove container {container}"),
+                    e,
+                ))
+            }
         }
     }
 
     /// Publishes the function's desired count, serving replicas, stalled update and why a
     /// replica does not serve into the table.
     fn publish(&self, id: &FunctionId, f: &mut Function) {
+        // A function removed meanwhile (its lock was waited for) has no row to come back to.
+        if self.entry(id).is_none() {
+            return;
+        }
         let row = self.table.row(id);
         row.set_desired(f.desired);
         row.set_ready(f.serving());
@@ -476,7 +564,7 @@ impl DockerPlatform {
             .await
             .map_err(|e| engine_failed(&format!("cannot create {name}"), e))?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
-            self.remove_container(&created.id).await;
+            let _ = self.remove_container(&created.id).await;
             return Err(engine_failed(&format!("cannot start {name}"), e));
         }
         let endpoint = self.endpoint(&created.id, &name).await;
@@ -489,6 +577,7 @@ impl DockerPlatform {
             watch: 0,
             failure: None,
             exits: 0,
+            starts: 0,
             restarted: restarted.clone(),
         });
         self.follow_logs(created.id.clone(), name, logs.clone(), restarted);
@@ -514,8 +603,8 @@ impl DockerPlatform {
 
     /// Forwards the container's output to the function's logs, each line once, across its
     /// restarts: when the engine's stream ends (the container stopped), it waits for the next
-    /// start (`restarted`, or a few seconds) and goes on after the last line it forwarded;
-    /// it ends once the container is gone.
+    /// start (`restarted`, or a few seconds) and goes on after the last line it forwarded; it
+    /// ends once the engine says the container is gone, or the platform shuts down.
     fn follow_logs(
         &self,
         container: String,
@@ -523,9 +612,10 @@ impl DockerPlatform {
         logs: Arc<LogBuffer>,
         restarted: Arc<tokio::sync::Notify>,
     ) {
-        let docker = self.docker.clone();
+        let (docker, cancel) = (self.docker.clone(), self.cancel.clone());
         tokio::spawn(async move {
-            let mut last: Option<i64> = None;
+            // The newest line forwarded by the streams before this one.
+            let mut resume: Option<i64> = None;
             loop {
                 let mut stream = docker.logs(
                     &container,
@@ -534,29 +624,39 @@ impl DockerPlatform {
                         stdout: true,
                         stderr: true,
                         timestamps: true,
-                        since: last.map_or(0, |t| (t / 1_000_000_000) as i32),
+                        since: resume.map_or(0, |t| (t / 1_000_000_000) as i32),
                         tail: "all".into(),
                         ..Default::default()
                     }),
                 );
+                let mut newest = resume;
                 while let Some(Ok(output)) = stream.next().await {
                     let text = output.to_string();
                     for (at, line) in text.lines().filter_map(stamped) {
-                        if last.is_some_and(|last| at <= last) {
+                        // Only an earlier stream's lines are left out: within one, stdout and
+                        // stderr lines may arrive out of their time order.
+                        if resume.is_some_and(|resume| at <= resume) {
                             continue;
                         }
-                        last = Some(at);
+                        newest = newest.max(Some(at));
                         if !line.is_empty() {
                             logs.push(&instance, line.to_string());
                         }
                     }
                 }
-                let _ = tokio::time::timeout(LOGS_RECHECK, restarted.notified()).await;
-                let gone = docker
+                resume = newest;
+                tokio::select! {
+                    _ = tokio::time::timeout(LOGS_RECHECK, restarted.notified()) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                let inspected = docker
                     .inspect_container(&container, None::<InspectContainerOptions>)
-                    .await
-                    .is_err();
-                if gone {
+                    .await;
+                if let Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404,
+                    ..
+                }) = inspected
+                {
                     return;
                 }
             }
@@ -623,11 +723,15 @@ impl DockerPlatform {
                 }
                 if tokio::time::Instant::now() > deadline {
                     let why = match &target {
-                        Some((_, path)) => format!(
-                            "replica not healthy at {path} within {:?}",
+                        Some((addr, path)) => format!(
+                            "replica not healthy within {:?}: GET http://{addr}{path} never answered 200 (the image must serve HTTP on port {FUNCTION_PORT} and answer {path}, which the annotation {HEALTH_PATH_ANNOTATION} can change; [docker] startup_timeout_secs sets the wait)",
                             this.cfg.startup_timeout
                         ),
-                        None => "the engine gave no address for the replica".to_string(),
+                        None => format!(
+                            "the engine gave no address for the replica within {:?} ([docker] reach = {:?})",
+                            this.cfg.startup_timeout,
+                            this.cfg.reach.as_str()
+                        ),
                     };
                     tracing::error!(function = %id, replica = r.name, "{why}");
                     r.failure = Some(why);
@@ -642,17 +746,13 @@ impl DockerPlatform {
 
     /// One of the engine's events about this datacenter's containers.
     async fn on_event(self: &Arc<Self>, event: EventMessage) {
+        let Some(id) = function_of(&event) else {
+            return;
+        };
         let Some(actor) = event.actor else { return };
         let (Some(container), Some(attributes)) = (actor.id, actor.attributes) else {
             return;
         };
-        let (Some(name), Some(namespace)) = (
-            attributes.get(LABEL_FUNCTION),
-            attributes.get(LABEL_NAMESPACE),
-        ) else {
-            return;
-        };
-        let id = FunctionId::new(name, namespace);
         match event.action.as_deref() {
             Some("die") => {
                 let status = attributes.get("exitCode").map(String::as_str);
@@ -666,7 +766,7 @@ impl DockerPlatform {
 
     /// A replica faastastic still runs exited: out of routing, counted, and said why; the
     /// engine starts it again.
-    async fn replica_exited(&self, id: &FunctionId, container: &str, status: &str) {
+    async fn replica_exited(self: &Arc<Self>, id: &FunctionId, container: &str, status: &str) {
         let Some(entry) = self.entry(id) else { return };
         if entry.lock().await.replica(container).is_none() {
             return; // stopped by faastastic: no need to read why
@@ -688,39 +788,115 @@ impl DockerPlatform {
             tracing::debug!(function = %id, replica = r.name, exits = r.exits + 1, "{reason}");
         }
         r.exits += 1;
-        r.ready = false;
-        r.watch += 1;
+        let endpoint = r.endpoint.take();
+        r.rewatch(endpoint);
         r.failure = Some(reason);
         self.metrics
             .replica_restarts
             .with_label_values(&[id.qualified().as_str(), self.datacenter.as_str()])
             .inc();
         self.publish(id, &mut f);
+        drop(f);
+        self.start_if_left_stopped(id.clone(), container.to_string());
     }
 
-    /// The engine started an exited replica again: read where it serves now (a new port),
-    /// tell its log follower, and watch it become ready.
+    /// The engine does not restart a container stopped from outside (`docker stop`, `docker
+    /// kill`): a replica faastastic still runs is started again once the engine has had time
+    /// to restart it itself.
+    fn start_if_left_stopped(self: &Arc<Self>, id: FunctionId, container: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RESTART_CHECK).await;
+            let Some(entry) = this.entry(&id) else { return };
+            if entry.lock().await.replica(&container).is_none() {
+                return;
+            }
+            let Ok(c) = this
+                .docker
+                .inspect_container(&container, None::<InspectContainerOptions>)
+                .await
+            else {
+                return;
+            };
+            let state = c.state.unwrap_or_default();
+            let stopped = state.running != Some(true) && state.restarting != Some(true);
+            if stopped {
+                tracing::warn!(function = %id, container, "the engine left a replica stopped; starting it again");
+                if let Err(e) = this.docker.start_container(&container, None).await {
+                    tracing::warn!(function = %id, container, error = %e, "cannot start a stopped replica");
+                }
+            }
+        });
+    }
+
+    /// The engine started a replica: the first start is the one `start_replica` asked for;
+    /// any later one is a restart (its exit may have gone unreported): out of routing until it
+    /// answers again, at the address the engine gives now (a new port), its log follower told.
     async fn replica_restarted(self: &Arc<Self>, id: &FunctionId, container: &str) {
         let Some(entry) = self.entry(id) else { return };
         let name = {
             let mut f = entry.lock().await;
-            match f.replica(container) {
-                // A first start is start_replica's.
-                Some((_, r)) if r.exits > 0 => r.name.clone(),
-                _ => return,
+            let Some((_, r)) = f.replica(container) else {
+                return;
+            };
+            r.starts += 1;
+            if r.starts == 1 {
+                return;
             }
+            r.name.clone()
         };
         let endpoint = self.endpoint(container, &name).await;
         let mut f = entry.lock().await;
         let Some((generation, r)) = f.replica(container) else {
             return;
         };
-        r.endpoint = endpoint;
-        r.watch += 1;
+        let watch = r.rewatch(endpoint);
         r.restarted.notify_one();
-        let watch = r.watch;
+        self.publish(id, &mut f);
         drop(f);
         self.watch_ready(id.clone(), generation, container.to_string(), watch);
+    }
+
+    /// After the engine's events broke off (some may be lost for good, e.g. when the engine
+    /// restarted): every replica whose container is not running, or serves at another address
+    /// now, leaves routing and is watched again.
+    async fn resync(self: &Arc<Self>) {
+        let entries: Vec<(FunctionId, Arc<Mutex<Function>>)> = self
+            .functions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, f)| (id.clone(), f.clone()))
+            .collect();
+        for (id, entry) in entries {
+            let mut f = entry.lock().await;
+            let mut watches = Vec::new();
+            for g in &mut f.generations {
+                for r in &mut g.replicas {
+                    let inspected = self
+                        .docker
+                        .inspect_container(&r.container, None::<InspectContainerOptions>)
+                        .await;
+                    let Ok(c) = inspected else { continue };
+                    let running = c.state.as_ref().and_then(|s| s.running) == Some(true);
+                    let addr = serving_address(&c, self.cfg.reach);
+                    if running && addr == r.endpoint.as_ref().map(|e| e.addr) {
+                        continue;
+                    }
+                    let endpoint = addr.map(|a| Arc::new(Endpoint::new(r.name.clone(), a)));
+                    watches.push((g.number, r.container.clone(), r.rewatch(endpoint)));
+                }
+            }
+            if watches.is_empty() {
+                continue;
+            }
+            self.publish(&id, &mut f);
+            drop(f);
+            tracing::info!(function = %id, replicas = watches.len(), "replicas changed while the engine's events were away: watched again");
+            for (generation, container, watch) in watches {
+                self.watch_ready(id.clone(), generation, container, watch);
+            }
+        }
     }
 
     /// Once the newest generation has a ready replica, older generations leave service; the
@@ -747,7 +923,8 @@ impl DockerPlatform {
             while in_flight(&r) > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            self.remove_container(&r.container).await;
+            // One that cannot be removed now is an orphan that `list` removes later.
+            let _ = self.remove_container(&r.container).await;
         }))
         .await;
     }
@@ -788,12 +965,16 @@ impl DockerPlatform {
 }
 
 /// Listens to the engine's container events of the platform's datacenter while the platform
-/// lives, again after the stream breaks (from where it broke: nothing is missed twice or
-/// seen twice).
+/// lives. Each function's events are handled in order by a task of its own, so a function
+/// busy starting replicas holds up no other's. After the stream breaks it listens again from
+/// the last event it saw, and resyncs the replicas with the engine (events an engine restart
+/// lost are not replayed).
 fn spawn_events(platform: std::sync::Weak<DockerPlatform>) {
     tokio::spawn(async move {
-        let mut last: Option<i64> = None;
+        let mut last = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
         let mut broken = false;
+        let mut workers: HashMap<FunctionId, tokio::sync::mpsc::UnboundedSender<EventMessage>> =
+            HashMap::new();
         loop {
             let Some(p) = platform.upgrade() else { return };
             let (docker, cancel) = (p.docker.clone(), p.cancel.clone());
@@ -808,10 +989,16 @@ fn spawn_events(platform: std::sync::Weak<DockerPlatform>) {
                     vec![format!("{LABEL_DATACENTER}={}", p.datacenter)],
                 ),
             ]);
+            if broken {
+                p.resync().await;
+            }
             drop(p);
-            let since = last.map(|t| format!("{}.{:09}", t / 1_000_000_000, t % 1_000_000_000));
             let mut events = docker.events(Some(EventsOptions {
-                since: since.or_else(|| Some(chrono::Utc::now().timestamp().to_string())),
+                since: Some(format!(
+                    "{}.{:09}",
+                    last / 1_000_000_000,
+                    last % 1_000_000_000
+                )),
                 filters: Some(filters),
                 ..Default::default()
             }));
@@ -829,18 +1016,27 @@ fn spawn_events(platform: std::sync::Weak<DockerPlatform>) {
                         broken = true;
                         break;
                     }
-                    None => break,
+                    None => {
+                        broken = true;
+                        break;
+                    }
                 };
-                broken = false;
-                if event
-                    .time_nano
-                    .is_some_and(|t| last.is_some_and(|l| t <= l))
-                {
-                    continue;
+                if let Some(at) = event.time_nano {
+                    if at <= last {
+                        continue; // seen before the stream broke
+                    }
+                    last = at;
                 }
-                last = event.time_nano.or(last);
+                let Some(id) = function_of(&event) else {
+                    continue;
+                };
                 let Some(p) = platform.upgrade() else { return };
-                p.on_event(event).await;
+                workers.retain(|id, tx| !tx.is_closed() && p.entry(id).is_some());
+                drop(p);
+                let worker = workers
+                    .entry(id)
+                    .or_insert_with(|| spawn_event_worker(platform.clone()));
+                let _ = worker.send(event);
             }
             tokio::select! {
                 _ = tokio::time::sleep(EVENTS_RETRY) => {}
@@ -848,6 +1044,29 @@ fn spawn_events(platform: std::sync::Weak<DockerPlatform>) {
             }
         }
     });
+}
+
+/// Handles one function's events in their order.
+fn spawn_event_worker(
+    platform: std::sync::Weak<DockerPlatform>,
+) -> tokio::sync::mpsc::UnboundedSender<EventMessage> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            let Some(p) = platform.upgrade() else { return };
+            p.on_event(event).await;
+        }
+    });
+    tx
+}
+
+/// The function an event's container belongs to, from its labels.
+fn function_of(event: &EventMessage) -> Option<FunctionId> {
+    let attributes = event.actor.as_ref()?.attributes.as_ref()?;
+    Some(FunctionId::new(
+        attributes.get(LABEL_FUNCTION)?,
+        attributes.get(LABEL_NAMESPACE)?,
+    ))
 }
 
 /// Where a container serves: the port the engine published for 8080 on loopback, or its
@@ -879,7 +1098,6 @@ pub(super) fn health_path(deployment: Option<&FunctionDeployment>) -> String {
     deployment
         .and_then(|d| d.annotations.as_ref())
         .and_then(|a| a.get(HEALTH_PATH_ANNOTATION))
-        .filter(|p| p.starts_with('/'))
         .cloned()
         .unwrap_or_else(|| super::watchdog::HEALTH_PATH.to_string())
 }
@@ -1072,21 +1290,34 @@ impl Platform for DockerHandle {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        let generations: Vec<Generation> = match entry {
+            // Whoever held the function's lock has published; later holders find it gone.
+            Some(entry) => entry.lock().await.generations.drain(..).collect(),
+            None => Vec::new(),
+        };
         p.table.remove(id);
         p.logs.write().unwrap_or_else(|e| e.into_inner()).remove(id);
-        if let Some(entry) = entry {
-            let mut f = entry.lock().await;
-            let generations: Vec<Generation> = f.generations.drain(..).collect();
-            drop(f);
-            for g in generations {
-                p.stop_replicas(g.replicas).await;
+        for g in generations {
+            p.stop_replicas(g.replicas).await;
+        }
+        // Anything left behind (a container started by an earlier run, say): the call fails,
+        // naming it, when one cannot be removed, and the reconciler removes it later.
+        let mut failed = None;
+        for container in p.containers(Some(id)).await? {
+            if let Err(e) = p.remove_container(&container).await {
+                failed.get_or_insert(e);
             }
         }
-        // Anything left behind (a container started by an earlier run, say).
-        for container in p.containers(Some(id)).await? {
-            p.remove_container(&container).await;
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// What the table holds; containers no replica holds are removed on the way (the
+    /// reconciler lists every pass).
+    async fn list(&self) -> Result<Vec<(FunctionId, u64)>, PlatformError> {
+        if let Err(e) = self.0.remove_orphans().await {
+            tracing::debug!(error = %e, "cannot look for containers no replica holds");
         }
-        Ok(())
+        Ok(self.0.table.desired())
     }
 
     async fn healthcheck(&self) -> Result<(), PlatformError> {

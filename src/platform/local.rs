@@ -275,6 +275,10 @@ impl Generation {
             slot.cancel.cancel();
         }
         self.desired.store(slots.len() as u64, Ordering::Release);
+        if slots.is_empty() {
+            // No replica left to fail.
+            *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         drop(slots);
         self.published.refresh();
     }

@@ -57,8 +57,8 @@ struct Service {
     /// is used with `reach = "slot"` only).
     generation: u64,
     ports: HashMap<u64, u16>,
-    /// The newest generation's health path.
-    health: String,
+    /// Each running generation's health path.
+    health: HashMap<u64, String>,
     /// Tasks that answered their health check, with their endpoint (kept, so in-flight
     /// counts survive a refresh).
     healthy: HashMap<String, Arc<Endpoint>>,
@@ -87,7 +87,8 @@ pub struct SwarmPlatform {
     generations: AtomicU64,
     http: reqwest::Client,
     metrics: Arc<Metrics>,
-    /// This engine's node: its tasks are reached on loopback.
+    /// This engine's node when faastastic runs beside it (its tasks are reached on loopback);
+    /// empty otherwise.
     node: String,
     /// Other nodes' addresses, looked up once.
     nodes: RwLock<HashMap<String, std::net::IpAddr>>,
@@ -111,12 +112,21 @@ impl SwarmPlatform {
         docker.inspect_swarm().await.map_err(|e| {
             anyhow::anyhow!("this engine is not a swarm manager (docker swarm init): {e}")
         })?;
-        let node = docker
-            .info()
-            .await?
-            .swarm
-            .and_then(|s| s.node_id)
-            .unwrap_or_default();
+        // Tasks on the engine's own node are reached on loopback only when faastastic runs
+        // beside it (a local socket); otherwise at their node's address like any other.
+        let local = match socket {
+            Some(s) => !s.starts_with("tcp://"),
+            None => std::env::var("DOCKER_HOST").map_or(true, |h| h.starts_with("unix://")),
+        };
+        let node = match local {
+            true => docker
+                .info()
+                .await?
+                .swarm
+                .and_then(|s| s.node_id)
+                .unwrap_or_default(),
+            false => String::new(),
+        };
         let platform = Arc::new(SwarmPlatform {
             docker,
             datacenter: datacenter.to_string(),
@@ -308,7 +318,7 @@ impl SwarmPlatform {
                     continue;
                 }
             };
-            let (ports, health) = match self
+            let (ports, health_paths) = match self
                 .services
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
@@ -330,7 +340,8 @@ impl SwarmPlatform {
                     .and_then(|c| c.labels.as_ref())
                     .and_then(|l| l.get(LABEL_GENERATION)?.parse::<u64>().ok());
                 match state {
-                    Some(TaskState::FAILED | TaskState::REJECTED) => {
+                    // With restart condition "any", a task that completed is replaced too.
+                    Some(TaskState::FAILED | TaskState::REJECTED | TaskState::COMPLETE) => {
                         failures.push(failure(t, generation))
                     }
                     Some(TaskState::RUNNING) if t.desired_state == Some(TaskState::RUNNING) => {
@@ -352,7 +363,10 @@ impl SwarmPlatform {
                 .map(|s| s.healthy.keys().cloned().collect())
                 .unwrap_or_default();
             let mut newly = Vec::new();
-            for (task, _, addr) in running.iter().filter(|(t, _, _)| !known.contains(t)) {
+            for (task, generation, addr) in running.iter().filter(|(t, _, _)| !known.contains(t)) {
+                let health = health_paths
+                    .get(generation)
+                    .map_or("/_/health", String::as_str);
                 let url = format!("http://{addr}{health}");
                 let ok = self
                     .http
@@ -391,6 +405,7 @@ impl SwarmPlatform {
                 Some((g, e)) => {
                     // Generations older than the serving one are gone for good.
                     s.ports.retain(|gen, _| *gen >= g);
+                    s.health.retain(|gen, _| *gen >= g);
                     e
                 }
                 None => Vec::new(),
@@ -431,7 +446,7 @@ impl SwarmPlatform {
 
     /// A node's address: loopback for this engine's own node.
     async fn node_address(&self, node: &str) -> Option<std::net::IpAddr> {
-        if node == self.node {
+        if !self.node.is_empty() && node == self.node {
             return Some(std::net::Ipv4Addr::LOCALHOST.into());
         }
         if let Some(ip) = self
@@ -597,14 +612,15 @@ impl Platform for SwarmHandle {
             name,
             generation: 0,
             ports: HashMap::new(),
-            health: String::new(),
+            health: HashMap::new(),
             healthy: HashMap::new(),
             failures: HashSet::new(),
             reason: None,
         });
         s.generation = generation;
         s.ports.insert(generation, port);
-        s.health = health_path(Some(&workload_deployment));
+        s.health
+            .insert(generation, health_path(Some(&workload_deployment)));
         s.reason = None;
         Ok(())
     }
