@@ -36,6 +36,9 @@ pub struct AgentConfig {
     pub token: Option<String>,
     pub data_dir: PathBuf,
     pub local: LocalConfig,
+    /// TLS on the listener; with a client CA, control planes must present a certificate it
+    /// signed (mutual TLS).
+    pub tls: Option<crate::tls::ListenerTls>,
 }
 
 struct Agent {
@@ -268,9 +271,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         )
         .context("cannot prepare the local platform")?,
     );
-    if cfg.token.is_none() {
-        tracing::warn!("agent authentication is OFF: anyone who can reach this port can deploy");
+    let mutual = cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    match (&cfg.token, mutual) {
+        (None, false) => {
+            tracing::warn!("agent authentication is OFF: anyone who can reach this port can deploy")
+        }
+        (None, true) => tracing::info!("control planes are authenticated by mutual TLS only"),
+        (Some(_), _) => {}
     }
+    let acceptor = cfg.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let agent = Arc::new(Agent {
         platform: platform.clone(),
         token: cfg.token,
@@ -281,8 +290,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     println!(
-        "faastastic agent for datacenter {} listening on http://{}",
+        "faastastic agent for datacenter {} listening on {}://{}",
         cfg.datacenter,
+        if acceptor.is_some() { "https" } else { "http" },
         listener.local_addr()?
     );
     crate::listener::serve(
@@ -290,6 +300,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         router(agent),
         (&crate::config::Config::default().limits).into(),
         crate::listener::Lanes::invocations(0, None),
+        acceptor,
         crate::listener::shutdown_signal(),
         crate::listener::DRAIN,
     )

@@ -78,6 +78,8 @@ pub enum PlatformConfig {
     Remote {
         url: String,
         token_file: Option<PathBuf>,
+        /// `ca_file`, `cert_file`, `key_file`, `server_name`: TLS to an `https://` agent.
+        tls: crate::tls::ClientTls,
     },
     /// A Docker engine: a container per replica. `socket`: the engine's Unix socket (else
     /// `DOCKER_HOST` or the default); `pull`: pull images the engine does not have.
@@ -1016,9 +1018,27 @@ impl Section {
                                 "{at}.url: is required for platform \"remote\" (the agent's address, e.g. http://127.0.0.1:8081)"
                             ));
                         }
+                        let url = url.unwrap_or_default();
+                        let tls = crate::tls::ClientTls {
+                            ca_file: s.get("ca_file", None),
+                            cert_file: s.get("cert_file", None),
+                            key_file: s.get("key_file", None),
+                            server_name: s.get("server_name", None),
+                        };
+                        if tls.cert_file.is_some() != tls.key_file.is_some() {
+                            s.errors.push(format!(
+                                "{at}.cert_file, {at}.key_file: a client certificate needs both"
+                            ));
+                        }
+                        if tls != crate::tls::ClientTls::default() && url.starts_with("http://") {
+                            s.errors.push(format!(
+                                "{at}.url: {url:?} is plain HTTP; ca_file, cert_file, key_file and server_name need an https:// URL"
+                            ));
+                        }
                         PlatformConfig::Remote {
-                            url: url.unwrap_or_default(),
+                            url,
                             token_file: s.get("token_file", None),
+                            tls,
                         }
                     }
                     "docker" => PlatformConfig::Docker {
@@ -1605,7 +1625,8 @@ timeout_ms = 500
             cfg.datacenters[1].platform,
             PlatformConfig::Remote {
                 url: "http://127.0.0.1:9001".into(),
-                token_file: Some("/run/secrets/lon".into())
+                token_file: Some("/run/secrets/lon".into()),
+                tls: Default::default(),
             }
         );
         assert_eq!(cfg.datacenters[1].timeout, Duration::from_millis(500));

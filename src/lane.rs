@@ -364,6 +364,10 @@ impl Lane {
         else {
             return Parsed::HandOff;
         };
+        // A datacenter reached over TLS: the general path speaks it.
+        if endpoint.https.is_some() {
+            return Parsed::HandOff;
+        }
 
         let contract = Contract::new(
             &facts,
@@ -1461,6 +1465,7 @@ mod tests {
                 in_flight: Default::default(),
                 path_prefix: String::new(),
                 agent_token: None,
+                https: None,
             })
         };
         let (kept, gone) = (replica("kept"), replica("gone"));

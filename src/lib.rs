@@ -18,6 +18,7 @@ pub mod queue;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// An error with its causes (`a: b: c`), so a TLS or connection problem is named.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

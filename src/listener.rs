@@ -188,6 +188,8 @@ struct Connections {
     /// Cancelled when the listener stops accepting (lane connections close when idle).
     stopping: CancellationToken,
     limits: Limits,
+    /// TLS on every connection (they go to the general server, not the lane).
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Connections {
@@ -200,6 +202,20 @@ impl Connections {
         watcher: Watcher,
     ) {
         tokio::spawn(async move {
+            if let Some(acceptor) = self.tls.clone() {
+                let handshake =
+                    tokio::time::timeout(self.limits.header_timeout, acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(tls)) => self.serve_http(tls, peer, watcher).await,
+                    // Which side and why: "invalid peer certificate: UnknownIssuer" and the like.
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "refused a client's TLS handshake")
+                    }
+                    Err(_) => tracing::debug!(%peer, "a TLS handshake took too long"),
+                }
+                drop(slot);
+                return;
+            }
             match self.lanes.lane.clone() {
                 None => self.serve_http(stream, peer, watcher).await,
                 Some(lane) => match lane.serve(stream, peer, self.stopping.clone()).await {
@@ -256,13 +272,15 @@ impl Connections {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then waits up to `drain` for open
-/// connections (a followed log stream would otherwise keep the process up forever).
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` completes, then waits up
+/// to `drain` for open connections (a followed log stream would otherwise keep the process up
+/// forever).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: Limits,
     lanes: Lanes,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
@@ -292,6 +310,7 @@ pub async fn serve(
         shared: tokio::runtime::Handle::current(),
         stopping: CancellationToken::new(),
         limits,
+        tls,
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);

@@ -139,8 +139,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
-        /// File holding the token the control plane presents.
-        #[arg(long, required_unless_present = "no_auth")]
+        /// File holding the token the control plane presents (optional with --client-ca:
+        /// a second factor beside the client certificate).
+        #[arg(long, required_unless_present_any = ["no_auth", "client_ca"])]
         token_file: Option<PathBuf>,
         /// Turn authentication off (loopback experiments only).
         #[arg(long)]
@@ -148,6 +149,15 @@ enum Command {
         /// Where replica files live.
         #[arg(long, default_value = "faastastic-agent-data")]
         data_dir: PathBuf,
+        /// Serve TLS with this PEM certificate (chain); re-read when the file changes.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Require a client certificate signed by this PEM CA (mutual TLS).
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
     },
     /// Check an OpenFaaS gateway or provider (this one or any other) against what faas-cli,
     /// Terraform and the OpenFaaS gateway send and accept. Prints a pass/fail table; exits 1
@@ -423,6 +433,9 @@ fn main() -> ExitCode {
             token_file,
             no_auth,
             data_dir,
+            tls_cert,
+            tls_key,
+            client_ca,
         } => {
             telemetry::init_tracing();
             if let Err(e) = faastastic::model::validate_dns_label("datacenter", &datacenter) {
@@ -449,6 +462,13 @@ fn main() -> ExitCode {
                 token,
                 data_dir,
                 local: Config::default().local,
+                tls: tls_cert.zip(tls_key).map(|(cert_file, key_file)| {
+                    faastastic::tls::ListenerTls {
+                        cert_file,
+                        key_file,
+                        client_ca,
+                    }
+                }),
             }))
         }
         Command::Watchdog => runtime.block_on(platform::watchdog::run()),

@@ -184,12 +184,15 @@ fn malformed_cause(e: &(dyn std::error::Error + 'static)) -> Option<&'static str
 
 /// Sends `req` to `uri` (absolute); the caller has removed its hop-by-hop headers
 /// ([`strip_hop_by_hop`]). The timeout covers the wait for the response head.
-pub async fn send(
-    client: &HttpClient,
+pub async fn send<C>(
+    client: &Client<C, Body>,
     uri: Uri,
     req: Request<Body>,
     timeout: Option<Duration>,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<Response<Incoming>, UpstreamError>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let (mut parts, body) = req.into_parts();
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
@@ -684,7 +687,10 @@ impl Invoker {
         let uri = match PathAndQuery::try_from(path_and_query) {
             Ok(path_and_query) => {
                 let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.scheme = Some(match endpoint.https {
+                    Some(_) => http::uri::Scheme::HTTPS,
+                    None => http::uri::Scheme::HTTP,
+                });
                 parts.authority = Some(endpoint.authority.clone());
                 parts.path_and_query = Some(path_and_query);
                 Uri::from_parts(parts).expect("a scheme, an authority and a path make a URI")
@@ -724,14 +730,12 @@ impl Invoker {
         contract.request_headers(|name, value| set_header(headers, name, value));
         let outgoing = std::mem::take(req);
         let guard = InFlight::start(endpoint.clone());
-        match send(
-            self.clients.get(),
-            uri,
-            outgoing,
-            Some(self.cfg.upstream_timeout),
-        )
-        .await
-        {
+        let timeout = Some(self.cfg.upstream_timeout);
+        let sent = match &endpoint.https {
+            Some(https) => send(https, uri, outgoing, timeout).await,
+            None => send(self.clients.get(), uri, outgoing, timeout).await,
+        };
+        match sent {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 // What hyper's client lets through but the invoke lane refuses: an upgrade

@@ -130,10 +130,17 @@ async fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec
                 .await
                 .with_context(|| format!("cannot reach the swarm manager of {}", dc.name))?,
             )),
-            PlatformConfig::Remote { url, token_file } => {
-                crate::platform::remote::RemotePlatform::new(url, token_file.as_deref(), dc.timeout)
-                    .with_context(|| format!("cannot prepare the remote platform of {}", dc.name))?
-            }
+            PlatformConfig::Remote {
+                url,
+                token_file,
+                tls,
+            } => crate::platform::remote::RemotePlatform::new(
+                url,
+                token_file.as_deref(),
+                tls,
+                dc.timeout,
+            )
+            .with_context(|| format!("cannot prepare the remote platform of {}", dc.name))?,
         };
         tracing::info!(datacenter = %dc.name, platform = dc.platform.kind(), home = dc.home, "datacenter");
         out.push(Arc::new(Datacenter::new(
@@ -237,6 +244,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             app,
             (&cfg.limits).into(),
             crate::listener::Lanes::SHARED,
+            None,
             std::future::pending(),
             crate::listener::DRAIN,
         ));
@@ -260,6 +268,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         app,
         (&cfg.limits).into(),
         crate::listener::Lanes::invocations(cfg.proxy.connection_threads, lane),
+        None,
         crate::listener::shutdown_signal(),
         crate::listener::DRAIN,
     )

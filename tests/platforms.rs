@@ -136,6 +136,7 @@ async fn a_remote_agent_complies() {
     let platform = RemotePlatform::new(
         &format!("http://127.0.0.1:{port}"),
         Some(&dir.path().join("token")),
+        &Default::default(),
         Duration::from_secs(10),
     )
     .unwrap();

@@ -32,6 +32,11 @@ impl From<FleetError> for ApiError {
             FleetError::NotFound(_) => StatusCode::NOT_FOUND,
             FleetError::Conflict(_) => StatusCode::CONFLICT,
             FleetError::Store(e) if e.is_full() => StatusCode::INSUFFICIENT_STORAGE,
+            // A datacenter that does not answer (or whose TLS handshake fails) is an
+            // upstream's failure; one that answers with a refusal is this server's.
+            FleetError::Platform(crate::platform::PlatformError::Unreachable(_)) => {
+                StatusCode::BAD_GATEWAY
+            }
             FleetError::Store(_) | FleetError::Platform(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // Some datacenters failed: a gateway's upstream did.
             FleetError::Partial(_) => StatusCode::BAD_GATEWAY,

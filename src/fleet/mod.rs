@@ -137,7 +137,7 @@ impl Datacenter {
         self.limiter.until_ready().await;
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(PlatformError::Failed(format!(
+            Err(_) => Err(PlatformError::Unreachable(format!(
                 "no answer within {:?}",
                 self.timeout
             ))),
@@ -172,10 +172,15 @@ impl FanOut {
         }
         let done = self.succeeded();
         if done.is_empty() {
-            return Err(FleetError::Platform(PlatformError::Failed(format!(
-                "{what} failed in {}",
-                failures.join("; ")
-            ))));
+            let text = format!("{what} failed in {}", failures.join("; "));
+            let unreachable = self
+                .0
+                .iter()
+                .all(|(_, r)| matches!(r, Err(PlatformError::Unreachable(_))));
+            return Err(FleetError::Platform(match unreachable {
+                true => PlatformError::Unreachable(text),
+                false => PlatformError::Failed(text),
+            }));
         }
         Err(FleetError::Partial(format!(
             "{what} done in {}; failed in {}; the failed datacenters are retried in the background",

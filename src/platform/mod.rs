@@ -27,6 +27,10 @@ pub enum PlatformError {
     Unsupported(String),
     #[error("platform failure: {0}")]
     Failed(String),
+    /// The datacenter did not answer, or its connection failed (TLS included): an upstream's
+    /// failure, a 502 to the API's caller.
+    #[error("datacenter unreachable: {0}")]
+    Unreachable(String),
 }
 
 /// Runs `pass` every `every` for as long as `target` lives (an adapter's poll of its engine or
@@ -66,7 +70,16 @@ pub struct Endpoint {
     pub path_prefix: String,
     /// Sent as `X-Faastastic-Agent-Token` (an agent's invoke token).
     pub agent_token: Option<http::HeaderValue>,
+    /// Set for an agent served over TLS: the client that speaks it (its CA, certificate and
+    /// server name), with its own pool. Such endpoints are reached by the general path.
+    pub https: Option<Arc<HttpsClient>>,
 }
+
+/// A pooled HTTPS client for invocations to one TLS datacenter.
+pub type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    axum::body::Body,
+>;
 
 impl Endpoint {
     pub fn new(instance: String, addr: SocketAddr) -> Self {
@@ -80,6 +93,7 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             path_prefix: String::new(),
             agent_token: None,
+            https: None,
         }
     }
 }

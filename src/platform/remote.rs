@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use anyhow::Context;
 use async_trait::async_trait;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,8 @@ pub mod wire {
 pub struct RemotePlatform {
     base: String,
     addr: SocketAddr,
+    /// For an `https://` agent: the invocations' client.
+    https: Option<Arc<super::HttpsClient>>,
     token: Option<String>,
     http: reqwest::Client,
     table: ReadyTable,
@@ -57,10 +60,12 @@ pub struct RemotePlatform {
 }
 
 impl RemotePlatform {
-    /// Starts polling the agent at `url` (`http://host:port`); `token_file` holds its token.
+    /// Starts polling the agent at `url` (`http://host:port`, or `https://` with `tls`);
+    /// `token_file` holds its token.
     pub fn new(
         url: &str,
         token_file: Option<&Path>,
+        tls: &crate::tls::ClientTls,
         timeout: Duration,
     ) -> anyhow::Result<Arc<RemotePlatform>> {
         let parsed = reqwest::Url::parse(url)?;
@@ -83,14 +88,53 @@ impl RemotePlatform {
             }
             None => None,
         };
+        let mut http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(CONNECT_TIMEOUT);
+        let mut base = url.trim_end_matches('/').to_string();
+        let https = match parsed.scheme() {
+            "https" => {
+                let config = tls
+                    .config()
+                    .with_context(|| format!("TLS to the agent at {url}"))?;
+                let name = tls.name_for(host)?;
+                // The control calls check the certificate against `server_name` too: the URL
+                // names it, and it resolves to the agent's address.
+                if let Some(server_name) = &tls.server_name {
+                    let mut named = parsed.clone();
+                    named
+                        .set_host(Some(server_name))
+                        .map_err(|e| anyhow::anyhow!("server_name {server_name:?}: {e}"))?;
+                    base = named.as_str().trim_end_matches('/').to_string();
+                    http = http.resolve(server_name, addr);
+                }
+                http = http.use_preconfigured_tls(config.clone());
+                let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+                connector.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(config)
+                    .https_only()
+                    .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+                    .enable_http1()
+                    .wrap_connector(connector);
+                Some(Arc::new(
+                    hyper_util::client::legacy::Client::builder(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .build(https),
+                ))
+            }
+            _ => None,
+        };
         let platform = Arc::new(RemotePlatform {
-            base: url.trim_end_matches('/').to_string(),
+            base,
             addr,
+            https,
             token,
-            http: reqwest::Client::builder()
-                .timeout(timeout)
-                .connect_timeout(Duration::from_secs(2))
-                .build()?,
+            http: http.build()?,
             table: ReadyTable::default(),
             down: std::sync::atomic::AtomicBool::new(false),
         });
@@ -117,10 +161,14 @@ impl RemotePlatform {
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, PlatformError> {
-        let response = r
-            .send()
-            .await
-            .map_err(|e| PlatformError::Failed(format!("agent {} unreachable: {e}", self.base)))?;
+        let response = r.send().await.map_err(|e| {
+            let chain = crate::error_chain(&e);
+            PlatformError::Unreachable(format!(
+                "agent {} unreachable: {chain}{}",
+                self.base,
+                tls_hint(&chain)
+            ))
+        })?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -170,6 +218,7 @@ impl RemotePlatform {
             .token
             .as_deref()
             .and_then(|t| http::HeaderValue::from_str(t).ok());
+        e.https = self.https.clone();
         EndpointSet::new(vec![Arc::new(e)])
     }
 
@@ -179,6 +228,22 @@ impl RemotePlatform {
         }
     }
 }
+
+/// Which side refused a TLS handshake, and what to check.
+fn tls_hint(chain: &str) -> &'static str {
+    if chain.contains("received fatal alert") {
+        " (the agent refused this control plane's TLS handshake: check cert_file and key_file against the agent's --client-ca)"
+    } else if chain.contains("invalid peer certificate") {
+        " (this control plane refused the agent's certificate: check ca_file and server_name)"
+    } else {
+        ""
+    }
+}
+
+/// How long a connection to the agent may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an idle invocation connection to a TLS agent is kept (the general path's figure).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn spawn_poller(platform: Weak<RemotePlatform>) {
     super::poll_while_alive(platform, POLL, |p| async move {

@@ -627,19 +627,33 @@ pub struct Agent(pub Child);
 
 impl Agent {
     pub fn start(datacenter: &str, port: u16, dir: &std::path::Path) -> Agent {
+        Agent::start_with(datacenter, port, dir, &[], None)
+    }
+
+    /// An agent with more arguments (`--tls-cert ...`), its log (at warn) in `log` if given.
+    pub fn start_with(
+        datacenter: &str,
+        port: u16,
+        dir: &std::path::Path,
+        args: &[&std::ffi::OsStr],
+        log: Option<&std::path::Path>,
+    ) -> Agent {
         let token_file = dir.join("token");
         std::fs::write(&token_file, TOKEN).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["agent", "--datacenter", datacenter, "--listen"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["agent", "--datacenter", datacenter, "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .arg("--token-file")
             .arg(&token_file)
             .arg("--data-dir")
             .arg(dir.join(datacenter))
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the agent");
+            .args(args)
+            .env("RUST_LOG", if log.is_some() { "warn" } else { "error" })
+            .stdout(Stdio::piped());
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).unwrap());
+        }
+        let mut child = cmd.spawn().expect("start the agent");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
