@@ -26,6 +26,8 @@ pub struct Config {
     pub default_namespace: String,
     pub auth: AuthConfig,
     pub metrics: MetricsConfig,
+    /// `[tls]`: TLS on the listeners (`listen` and `[metrics] listen`).
+    pub tls: Option<crate::tls::ListenerTls>,
     pub proxy: ProxyConfig,
     pub async_invoke: AsyncConfig,
     pub limits: LimitsConfig,
@@ -461,6 +463,7 @@ impl Default for Config {
                 password_file: None,
             },
             metrics: MetricsConfig { listen: None },
+            tls: None,
             proxy: ProxyConfig {
                 upstream_timeout: Duration::from_secs(60),
                 connect_timeout: Duration::from_secs(2),
@@ -609,6 +612,28 @@ impl Config {
                 };
                 s.finish(&mut errors);
                 MetricsConfig { listen }
+            },
+            tls: {
+                let present = root.raw("tls").is_some();
+                let mut s = root.section("tls");
+                let cert_file: Option<PathBuf> = s.get("cert_file", None);
+                let key_file: Option<PathBuf> = s.get("key_file", None);
+                let client_ca: Option<PathBuf> = s.get("client_ca", None);
+                s.finish(&mut errors);
+                match (cert_file, key_file) {
+                    (Some(cert_file), Some(key_file)) => Some(crate::tls::ListenerTls {
+                        cert_file,
+                        key_file,
+                        client_ca,
+                    }),
+                    (None, None) if !present => None,
+                    _ => {
+                        errors.push(
+                            "tls.cert_file, tls.key_file: TLS on the listeners needs both".into(),
+                        );
+                        None
+                    }
+                }
             },
             proxy: {
                 let mut s = root.section("proxy");
@@ -1472,6 +1497,30 @@ log_lines = "many"
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
         }
         assert_eq!(errors.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn tls_settings_come_in_pairs_and_need_https() {
+        let cfg = Config::parse("[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n").unwrap();
+        let tls = cfg.tls.unwrap();
+        assert_eq!(
+            (tls.cert_file.to_str(), tls.client_ca),
+            (Some("c.pem"), None)
+        );
+        let errors = Config::parse("[tls]\ncert_file = \"c.pem\"\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(errors.contains("tls.cert_file, tls.key_file"), "{errors}");
+        let errors = Config::parse(
+            "[[datacenters]]\nname = \"home\"\n[[datacenters]]\nname = \"far\"\nplatform = \"remote\"\nurl = \"http://127.0.0.1:1\"\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\n",
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(errors.contains("need an https:// URL"), "{errors}");
+        assert!(
+            errors.contains("a client certificate needs both"),
+            "{errors}"
+        );
     }
 
     #[test]

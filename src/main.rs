@@ -187,6 +187,9 @@ enum Command {
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Trust this PEM CA for an https:// gateway (instead of the public roots).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Run one function replica (started by the local platform; settings from the environment).
     #[command(hide = true)]
@@ -387,6 +390,7 @@ fn main() -> ExitCode {
             image,
             ready_timeout_secs,
             json,
+            ca_file,
         } => {
             let password = match password_file {
                 Some(file) => match std::fs::read_to_string(&file) {
@@ -405,6 +409,7 @@ fn main() -> ExitCode {
                 namespace,
                 image,
                 ready_timeout: std::time::Duration::from_secs(ready_timeout_secs),
+                ca_file,
             };
             let report = match runtime.block_on(faastastic::cli::conformance::run(opts)) {
                 Ok(r) => r,

@@ -231,20 +231,31 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         create_data_dir(&cfg.data_dir)?;
         auth(&cfg)?
     };
+    // Read before anything starts: a certificate that does not load stops the start, named.
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(crate::tls::acceptor)
+        .transpose()
+        .context("[tls]")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let App { state } = build(&cfg).await?;
 
     if let Some(addr) = cfg.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
-        println!("faastastic metrics on http://{}", listener.local_addr()?);
+        println!(
+            "faastastic metrics on {scheme}://{}",
+            listener.local_addr()?
+        );
         let app = api::monitoring_router(state.clone());
         tokio::spawn(crate::listener::serve(
             listener,
             app,
             (&cfg.limits).into(),
             crate::listener::Lanes::SHARED,
-            None,
+            tls.clone(),
             std::future::pending(),
             crate::listener::DRAIN,
         ));
@@ -253,7 +264,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
-    println!("faastastic listening on http://{}", listener.local_addr()?);
+    println!(
+        "faastastic listening on {scheme}://{}",
+        listener.local_addr()?
+    );
     let fleet = state.fleet.clone();
     let lane = cfg.proxy.lane.then(|| {
         Arc::new(crate::lane::Lane::new(
@@ -268,7 +282,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         app,
         (&cfg.limits).into(),
         crate::listener::Lanes::invocations(cfg.proxy.connection_threads, lane),
-        None,
+        tls,
         crate::listener::shutdown_signal(),
         crate::listener::DRAIN,
     )

@@ -24,6 +24,9 @@ fn conformance(s: &Server, password_file: Option<&std::path::Path>) -> (bool, Va
     if let Some(f) = password_file {
         cmd.arg("--password-file").arg(f);
     }
+    if let Some(ca) = &s.ca_file {
+        cmd.arg("--ca-file").arg(ca);
+    }
     let out = cmd.output().expect("run the conformance kit");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -47,13 +50,38 @@ fn failed(report: &Value) -> Vec<String> {
 
 #[test]
 fn faastastic_passes_its_own_conformance_kit() {
+    passes_its_own_conformance_kit(false);
+}
+
+/// The same over TLS with a private CA (`conformance --ca-file`).
+#[test]
+fn faastastic_over_tls_passes_its_own_conformance_kit() {
+    passes_its_own_conformance_kit(true);
+}
+
+fn passes_its_own_conformance_kit(tls: bool) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    let ca = common::tls::Ca::new(dir.path(), "ca");
+    let cfg = match tls {
+        true => {
+            let (cert, key) = ca.issue(dir.path(), "gateway", &["127.0.0.1"], false);
+            format!(
+                "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            )
+        }
+        false => String::new(),
+    };
     let s = Server::with(Options {
         auth: true,
         data_dir: Some(&data),
+        config: Some(&cfg),
+        ca_file: tls.then_some(ca.file.as_path()),
         ..Default::default()
     });
+    assert_eq!(s.base.starts_with("https://"), tls, "{}", s.base);
     let (ok, report) = conformance(&s, Some(&data.join("basic-auth-password")));
     let failures = failed(&report);
     assert!(ok && failures.is_empty(), "failed checks: {failures:#?}");

@@ -11,58 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::tls::Ca;
 use common::{echo_function, free_port, poll, Agent, Load, Options, Server};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A private CA that issues certificates into `dir`.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-    file: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let file = dir.join(format!("{name}.pem"));
-        std::fs::write(&file, cert.pem()).unwrap();
-        Ca { cert, key, file }
-    }
-
-    /// A certificate for `names` (DNS names, or IP addresses) as `stem.pem` and
-    /// `stem-key.pem`; `expired`: valid in 2020 only.
-    fn issue(&self, dir: &Path, stem: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf) {
-        let dns: Vec<String> = names
-            .iter()
-            .filter(|n| n.parse::<std::net::IpAddr>().is_err())
-            .map(|n| n.to_string())
-            .collect();
-        let mut params = CertificateParams::new(dns).unwrap();
-        for ip in names.iter().filter_map(|n| n.parse().ok()) {
-            params.subject_alt_names.push(SanType::IpAddress(ip));
-        }
-        params.distinguished_name.push(DnType::CommonName, stem);
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2020, 12, 31);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        let (cert_file, key_file) = (
-            dir.join(format!("{stem}.pem")),
-            dir.join(format!("{stem}-key.pem")),
-        );
-        std::fs::write(&cert_file, cert.pem()).unwrap();
-        std::fs::write(&key_file, key.serialize_pem()).unwrap();
-        (cert_file, key_file)
-    }
-}
 
 /// An agent for datacenter `far` serving TLS with `cert`, requiring client certificates
 /// signed by `client_ca`; its warnings go to `dir/agent.log`.
@@ -249,5 +201,141 @@ async fn datacenters_speak_mutual_tls_and_refuse_strangers() {
             && text.contains("invalid peer certificate")
             && text.contains("this control plane refused the agent's certificate"),
         "{code} {text}"
+    );
+}
+
+/// The ALPN protocol a TLS client offering `protocols` agrees with the server at `addr`.
+async fn negotiated(addr: &str, ca: &Path, protocols: &[&[u8]]) -> Option<Vec<u8>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in faastastic::tls::certificates(ca).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_tls_to_clients_prometheus_and_alertmanager() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new(d, "ca");
+    let (cert, key) = ca.issue(d, "gateway", &["localhost", "127.0.0.1"], false);
+    let metrics_port = free_port();
+    let cfg = format!(
+        "[autoscale]\nup_cooldown_secs = 1\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let s = Server::with(Options {
+        auth: true,
+        config: Some(&cfg),
+        ca_file: Some(&ca.file),
+        ..Default::default()
+    });
+    assert!(s.base.starts_with("https://"), "{}", s.base);
+
+    // HTTP/2 and HTTP/1.1 by ALPN; the metrics listener is TLS too; a client that does not
+    // trust the CA, or speaks plain HTTP, gets no answer.
+    assert_eq!(
+        negotiated(&s.addr(), &ca.file, &[b"h2", b"http/1.1"])
+            .await
+            .as_deref(),
+        Some(&b"h2"[..])
+    );
+    assert_eq!(
+        negotiated(&s.addr(), &ca.file, &[b"http/1.1"])
+            .await
+            .as_deref(),
+        Some(&b"http/1.1"[..])
+    );
+    let trusted = common::client_trusting(Some(&ca.file));
+    let metrics = trusted
+        .get(format!("https://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(reqwest::Client::new()
+        .get(s.url("/healthz"))
+        .send()
+        .await
+        .is_err());
+    let plain = reqwest::get(format!("http://{}/healthz", s.addr())).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+
+    // Real Prometheus scrapes it over TLS and real Alertmanager posts to its webhook over
+    // TLS: a load scales the function up.
+    let mut f = echo_function("hot");
+    f["labels"] = json!({"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("hot", 1).await;
+    let rules = d.join("rules.yml");
+    std::fs::write(
+        &rules,
+        r#"groups:
+- name: openfaas
+  rules:
+  - alert: APIHighInvocationRate
+    expr: sum(rate(gateway_function_invocation_total{code="200"}[5s])) by (function_name) > 5
+    for: 1s
+    labels:
+      service: gateway
+      severity: major
+"#,
+    )
+    .unwrap();
+    let alertmanager = format!(
+        r#"route:
+  group_by: [alertname, service]
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 2s
+  receiver: scale-up
+receivers:
+- name: scale-up
+  webhook_configs:
+  - url: {url}
+    send_resolved: true
+    http_config:
+      basic_auth:
+        username: admin
+        password_file: {pw}
+      tls_config:
+        ca_file: {ca}
+"#,
+        url = s.url("/system/alert"),
+        pw = s.data_dir.join("basic-auth-password").display(),
+        ca = ca.file.display(),
+    );
+    let _monitoring = common::Monitoring::start(&s, &[rules], Some(alertmanager), &[]).await;
+    let load = Load::start(&s, "hot", 20, Duration::from_secs(90));
+    let scaled = poll(Duration::from_secs(60), || async {
+        s.status("hot").await.1["replicas"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    let failed = load.failed();
+    load.stop().await;
+    assert!(
+        scaled,
+        "no scale-up through Prometheus and Alertmanager over TLS"
+    );
+    assert_eq!(failed, 0);
+    let events: serde_json::Value = s.get_json("/system/scale-events?name=hot").await;
+    assert!(
+        events[0]["source"] == "alert" && events[0]["evidence"]["receiver"] == "scale-up",
+        "the scale came from Alertmanager's webhook: {events}"
     );
 }

@@ -30,6 +30,8 @@ pub struct Options {
     pub image: String,
     /// How long a deployed or scaled function may take to become ready.
     pub ready_timeout: Duration,
+    /// A PEM CA to trust for an `https://` gateway (a private CA), instead of the public roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -203,8 +205,18 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             env!("CARGO_PKG_VERSION"),
             ")"
         ))
-        .timeout(Duration::from_secs(30))
-        .build()?;
+        .timeout(Duration::from_secs(30));
+    let http = match &opts.ca_file {
+        Some(ca) => {
+            let tls = crate::tls::ClientTls {
+                ca_file: Some(ca.clone()),
+                ..Default::default()
+            };
+            http.use_preconfigured_tls(tls.config()?)
+        }
+        None => http,
+    }
+    .build()?;
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let mut kit = Kit {
         http,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ pub struct Server {
     pub user: String,
     pub password: Option<String>,
     pub http: reqwest::Client,
+    /// The CA of its TLS certificate, when it serves TLS.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -36,6 +39,8 @@ pub struct Options<'a> {
     pub stderr_log: Option<&'a Path>,
     /// The server's working directory (a relative `data_dir` is taken from it).
     pub cwd: Option<&'a Path>,
+    /// The CA of a server that serves TLS (its `[tls]`): the harness's client trusts it.
+    pub ca_file: Option<&'a Path>,
 }
 
 impl Server {
@@ -131,10 +136,8 @@ impl Server {
             _tmp: tmp,
             user,
             password,
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .build()
-                .unwrap(),
+            http: client_trusting(opts.ca_file),
+            ca_file: opts.ca_file.map(Path::to_path_buf),
         }
     }
 
@@ -149,7 +152,8 @@ impl Server {
 
     /// `host:port` of the listener, for raw TCP clients.
     pub fn addr(&self) -> String {
-        self.base.trim_start_matches("http://").to_string()
+        let base = self.base.trim_start_matches("https://");
+        base.trim_start_matches("http://").to_string()
     }
 
     /// The `Authorization` header value `system` sends, when auth is on.
@@ -309,6 +313,21 @@ impl Drop for Server {
 }
 
 /// Calls `check` until it returns true or `timeout` passes; never sleeps longer than 50 ms.
+/// The harness's HTTP client, trusting `ca_file` (a TLS server's private CA) if given.
+pub fn client_trusting(ca_file: Option<&Path>) -> reqwest::Client {
+    let builder = reqwest::Client::builder().pool_max_idle_per_host(0);
+    let builder = match ca_file {
+        Some(ca) => {
+            let pem = std::fs::read(ca).unwrap();
+            builder
+                .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+                .tls_built_in_root_certs(false)
+        }
+        None => builder,
+    };
+    builder.build().unwrap()
+}
+
 pub async fn poll<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -558,10 +577,20 @@ impl Monitoring {
             .iter()
             .map(|r| format!("{:?}", r.display().to_string()))
             .collect();
+        // A TLS server is scraped over TLS, trusting its CA.
+        let (target, scheme) = match (server.base.strip_prefix("https://"), &server.ca_file) {
+            (Some(target), Some(ca)) => (
+                target,
+                format!(
+                    "  scheme: https\n  tls_config:\n    ca_file: {:?}\n",
+                    ca.display().to_string()
+                ),
+            ),
+            _ => (server.base.trim_start_matches("http://"), String::new()),
+        };
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [{}]\n{alerting}scrape_configs:\n- job_name: faastastic\n  static_configs:\n  - targets: [\"{}\"]\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [{}]\n{alerting}scrape_configs:\n- job_name: faastastic\n{scheme}  static_configs:\n  - targets: [\"{target}\"]\n",
             rule_files.join(", "),
-            server.base.trim_start_matches("http://")
         );
         let path = dir.path().join("prometheus.yml");
         std::fs::write(&path, config).unwrap();
