@@ -148,8 +148,13 @@ struct Replica {
     seen_headers: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
 
+/// Something a replica's bytes go over: a TCP stream, or TLS over one.
+trait Wire: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Wire for T {}
+
 impl Replica {
-    async fn start() -> (Arc<Replica>, u16) {
+    /// The raw replica, speaking TLS with `tls` when given (a TLS datacenter).
+    async fn start(tls: Option<tokio_rustls::TlsAcceptor>) -> (Arc<Replica>, u16) {
         let replica = Arc::new(Replica {
             cases: cases().into_iter().map(|c| (c.name, c)).collect(),
             ..Default::default()
@@ -163,13 +168,25 @@ impl Replica {
                     return;
                 };
                 let _ = conn.set_nodelay(true);
-                tokio::spawn(serving.clone().serve(conn));
+                let serving = serving.clone();
+                match tls.clone() {
+                    None => {
+                        tokio::spawn(serving.serve(conn));
+                    }
+                    Some(acceptor) => {
+                        tokio::spawn(async move {
+                            if let Ok(conn) = acceptor.accept(conn).await {
+                                serving.serve(conn).await;
+                            }
+                        });
+                    }
+                }
             }
         });
         (replica, port)
     }
 
-    async fn serve(self: Arc<Self>, mut conn: TcpStream) {
+    async fn serve(self: Arc<Self>, mut conn: impl Wire) {
         let mut buf = Vec::new();
         loop {
             let Some((method, path, headers, body_len)) = read_request(&mut conn, &mut buf).await
@@ -222,7 +239,12 @@ impl Replica {
                         tokio::time::sleep(d).await;
                         true
                     }
-                    Step::Close => false,
+                    Step::Close => {
+                        // A clean close (TLS's close_notify included), as a server ends a
+                        // close-delimited answer.
+                        let _ = conn.shutdown().await;
+                        false
+                    }
                 };
                 if !ok {
                     break;
@@ -274,7 +296,7 @@ impl Replica {
 
 /// Reads one request head: method, path, lower-cased headers, body length.
 async fn read_request(
-    conn: &mut TcpStream,
+    conn: &mut impl Wire,
     buf: &mut Vec<u8>,
 ) -> Option<(String, String, Vec<(String, String)>, usize)> {
     loop {
@@ -469,11 +491,18 @@ fn check_answer(
 }
 
 /// faastastic with `extra` config and one `remote` datacenter, `edge`, whose agent and only
-/// replica is the raw server on `port`; `evil` deployed there and answering.
-async fn serve_evil(extra: &str, port: u16) -> Server {
-    let config = format!(
-        "{extra}[[datacenters]]\nname = \"edge\"\nplatform = \"remote\"\nurl = \"http://127.0.0.1:{port}\"\n"
-    );
+/// replica is the raw server on `port` (over TLS trusting `ca`, when given); `evil` deployed
+/// there and answering.
+async fn serve_evil(extra: &str, port: u16, ca: Option<&std::path::Path>) -> Server {
+    let remote = match ca {
+        Some(ca) => format!(
+            "url = \"https://127.0.0.1:{port}\"\nca_file = {:?}\nserver_name = \"edge.test\"\n",
+            ca.display().to_string()
+        ),
+        None => format!("url = \"http://127.0.0.1:{port}\"\n"),
+    };
+    let config =
+        format!("{extra}[[datacenters]]\nname = \"edge\"\nplatform = \"remote\"\n{remote}");
     let s = Server::with(common::Options {
         config: Some(&config),
         ..Default::default()
@@ -496,13 +525,40 @@ async fn serve_evil(extra: &str, port: u16) -> Server {
     s
 }
 
-async fn hostile_replicas_never_reach_other_clients(lane: bool) {
-    let mode = if lane { "lane" } else { "general path" };
-    let (replica, port) = Replica::start().await;
+/// A TLS acceptor for a replica named `edge.test`, and the CA that signed it.
+fn tls_replica(dir: &std::path::Path) -> (tokio_rustls::TlsAcceptor, std::path::PathBuf) {
+    let ca = common::tls::Ca::new(dir, "ca");
+    let (cert, key) = ca.issue(dir, "edge", &["edge.test"], false);
+    let acceptor = faastastic::tls::acceptor(&faastastic::tls::ListenerTls {
+        cert_file: cert,
+        key_file: key,
+        client_ca: None,
+    })
+    .unwrap();
+    (acceptor, ca.file)
+}
+
+/// `tls`: the replica is a TLS datacenter (the lane hands its invocations to the general path).
+async fn hostile_replicas_never_reach_other_clients(lane: bool, tls: bool) {
+    let mode = match (lane, tls) {
+        (_, true) => "TLS datacenter",
+        (true, false) => "lane",
+        (false, false) => "general path",
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (acceptor, ca) = match tls {
+        true => {
+            let (acceptor, ca) = tls_replica(dir.path());
+            (Some(acceptor), Some(ca))
+        }
+        false => (None, None),
+    };
+    let (replica, port) = Replica::start(acceptor).await;
     // One connection thread, so that every client meets the same upstream pool.
     let s = serve_evil(
         &format!("[proxy]\nlane = {lane}\nconnection_threads = 1\nupstream_timeout_secs = 5\n"),
         port,
+        ca.as_deref(),
     )
     .await;
     let addr = s.addr();
@@ -636,19 +692,24 @@ async fn hostile_replicas_never_reach_other_clients(lane: bool) {
 
 #[tokio::test]
 async fn the_lane_refuses_hostile_answers_and_never_relays_planted_bytes() {
-    hostile_replicas_never_reach_other_clients(true).await;
+    hostile_replicas_never_reach_other_clients(true, false).await;
 }
 
 #[tokio::test]
 async fn the_general_path_refuses_hostile_answers_the_same_way() {
-    hostile_replicas_never_reach_other_clients(false).await;
+    hostile_replicas_never_reach_other_clients(false, false).await;
+}
+
+#[tokio::test]
+async fn a_tls_datacenter_s_hostile_answers_are_refused_the_same_way() {
+    hostile_replicas_never_reach_other_clients(true, true).await;
 }
 
 /// A connection-nominated request header is the client's hop's: it does not reach the
 /// replica, and a nominated `X-Forwarded-For` gives way to the real client address.
 async fn nominated_request_headers_stay_on_their_hop(lane: bool) {
-    let (replica, port) = Replica::start().await;
-    let s = serve_evil(&format!("[proxy]\nlane = {lane}\n"), port).await;
+    let (replica, port) = Replica::start(None).await;
+    let s = serve_evil(&format!("[proxy]\nlane = {lane}\n"), port, None).await;
     let addr = s.addr();
     let mut conn = TcpStream::connect(&addr).await.unwrap();
     let local = conn.local_addr().unwrap().to_string();
@@ -690,12 +751,13 @@ async fn nominated_request_headers_stay_on_their_hop_on_both_paths() {
 /// A keep-alive client that sends nothing more is closed after `limits.idle_timeout_ms`; one
 /// that starts a request keeps `header_timeout_ms` from its first byte.
 async fn idle_clients_are_closed(lane: bool) {
-    let (_replica, port) = Replica::start().await;
+    let (_replica, port) = Replica::start(None).await;
     let s = serve_evil(
         &format!(
             "[limits]\nidle_timeout_ms = 600\nheader_timeout_ms = 3000\n[proxy]\nlane = {lane}\n"
         ),
         port,
+        None,
     )
     .await;
     let addr = s.addr();
@@ -761,7 +823,7 @@ fn find<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
 /// the client's port in `X-Forwarded-For`, the date.
 #[tokio::test]
 async fn the_lane_and_the_general_path_forward_and_answer_the_same_headers() {
-    let (replica, port) = Replica::start().await;
+    let (replica, port) = Replica::start(None).await;
     let rows: &[(&str, &str, &str, &str)] = &[
         // (row, method, case, extra request headers)
         ("plain", "GET", "innocent", ""),
@@ -836,7 +898,7 @@ async fn the_lane_and_the_general_path_forward_and_answer_the_same_headers() {
     };
     let mut seen_by_mode = Vec::new();
     for lane in [true, false] {
-        let s = serve_evil(&format!("[proxy]\nlane = {lane}\n"), port).await;
+        let s = serve_evil(&format!("[proxy]\nlane = {lane}\n"), port, None).await;
         let addr = s.addr();
         let mut table = Vec::new();
         for (i, (row, method, case, extra)) in rows.iter().enumerate() {
