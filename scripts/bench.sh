@@ -43,31 +43,34 @@ part() {
     reaction) python3 scripts/bench_reaction.py "$@" ;;
     state) python3 scripts/bench_state.py "$@" ;;
     datacenters) python3 scripts/bench_datacenters.py "$@" ;;
+    tls) python3 scripts/bench_tls.py "$@" ;;
     autoscale) cargo bench --quiet --bench autoscale -- "$@" ;;
-    *) echo "usage: scripts/bench.sh [all|smoke|invoke|reaction|state|datacenters|autoscale] [ARGS]" >&2
+    *) echo "usage: scripts/bench.sh [all|smoke|invoke|reaction|state|datacenters|tls|autoscale] [ARGS]" >&2
        exit 2 ;;
   esac
 }
 
 case "$what" in
   all)
-    rm -f target/bench-{invoke,reaction,state,datacenters,autoscale}.json
+    rm -f target/bench-{invoke,reaction,state,datacenters,tls,autoscale}.json
     part invoke
     part reaction
     part state
     part datacenters
+    part tls
     part autoscale
     python3 scripts/bench_report.py
     echo "suite: $(((SECONDS - started) / 60)) min $(((SECONDS - started) % 60)) s (after the build)"
     ;;
   smoke)
-    rm -f target/bench-{invoke,reaction,state,datacenters,autoscale}.json
+    rm -f target/bench-{invoke,reaction,state,datacenters,tls,autoscale}.json
     part invoke --seconds 1 --rounds 1 --conns 1,16
     part reaction --query-only --timeout 30
     part state --functions 300 --alerts 100 --list-requests 5 --cold-rounds 2
     part datacenters --rounds 1
+    part tls --seconds 1 --rounds 1 --conns 16
     part autoscale --smoke
-    python3 scripts/bench_report.py --require invoke,reaction,state,datacenters,autoscale
+    python3 scripts/bench_report.py --require invoke,reaction,state,datacenters,tls,autoscale
     ;;
   *) part "$what" "$@" ;;
 esac
