@@ -1055,9 +1055,12 @@ impl Section {
                                 "{at}.cert_file, {at}.key_file: a client certificate needs both"
                             ));
                         }
-                        if tls != crate::tls::ClientTls::default() && url.starts_with("http://") {
+                        let scheme = reqwest::Url::parse(url.trim())
+                            .map(|u| u.scheme().to_string())
+                            .unwrap_or_default();
+                        if tls != crate::tls::ClientTls::default() && scheme != "https" {
                             s.errors.push(format!(
-                                "{at}.url: {url:?} is plain HTTP; ca_file, cert_file, key_file and server_name need an https:// URL"
+                                "{at}.url: {url:?} is not an https:// URL; ca_file, cert_file, key_file and server_name need one"
                             ));
                         }
                         PlatformConfig::Remote {
@@ -1516,11 +1519,17 @@ log_lines = "many"
         )
         .unwrap_err()
         .join("\n");
-        assert!(errors.contains("need an https:// URL"), "{errors}");
+        assert!(errors.contains("is not an https:// URL"), "{errors}");
         assert!(
             errors.contains("a client certificate needs both"),
             "{errors}"
         );
+        let errors = Config::parse(
+            "[[datacenters]]\nname = \"home\"\n[[datacenters]]\nname = \"far\"\nplatform = \"remote\"\nurl = \"HTTP://127.0.0.1:1\"\nserver_name = \"far.test\"\n",
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(errors.contains("is not an https:// URL"), "{errors}");
     }
 
     #[test]

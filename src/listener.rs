@@ -207,9 +207,16 @@ impl Connections {
                     tokio::time::timeout(self.limits.header_timeout, acceptor.accept(stream));
                 match handshake.await {
                     Ok(Ok(tls)) => self.serve_http(tls, peer, watcher).await,
-                    // Which side and why: "invalid peer certificate: UnknownIssuer" and the like.
+                    // Which side and why: "invalid peer certificate: UnknownIssuer" and the
+                    // like at warn; probes that connect and close, or speak plain HTTP, at
+                    // debug (they would flood the log).
                     Ok(Err(e)) => {
-                        tracing::warn!(%peer, error = %e, "refused a client's TLS handshake")
+                        let text = e.to_string();
+                        if text.contains("certificate") {
+                            tracing::warn!(%peer, error = %text, "refused a client's TLS handshake")
+                        } else {
+                            tracing::debug!(%peer, error = %text, "a TLS handshake failed")
+                        }
                     }
                     Err(_) => tracing::debug!(%peer, "a TLS handshake took too long"),
                 }

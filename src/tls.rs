@@ -17,6 +17,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// How often a listener's certificate files are looked at for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
+/// How often a pair that did not load is tried again though its files look the same (a
+/// permission fixed changes neither their time nor their size).
+const RETRY_REFUSED: Duration = Duration::from_secs(10);
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -84,18 +87,29 @@ struct Reloading {
     cert: PathBuf,
     key: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
-    /// The files as last loaded, and as last refused (refused once, logged once).
-    seen: Mutex<(Stamp, Stamp)>,
+    seen: Mutex<Seen>,
+}
+
+/// What a reload last saw of the files.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The files as last loaded.
+    loaded: Stamp,
+    /// The files as last refused, when, and why (logged once per reason).
+    refused: Option<(Stamp, std::time::Instant, String)>,
 }
 
 impl Reloading {
     fn load(cert: &Path, key: &Path) -> anyhow::Result<Reloading> {
-        let seen = stamp(cert, key);
+        let loaded = stamp(cert, key);
         Ok(Reloading {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             current: RwLock::new(Arc::new(certified_key(cert, key)?)),
-            seen: Mutex::new((seen, None)),
+            seen: Mutex::new(Seen {
+                loaded,
+                refused: None,
+            }),
         })
     }
 
@@ -103,18 +117,30 @@ impl Reloading {
     fn refresh(&self) {
         let now = stamp(&self.cert, &self.key);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if now.is_none() || now == seen.0 || now == seen.1 {
+        let refused_lately = seen
+            .refused
+            .as_ref()
+            .is_some_and(|(stamp, at, _)| *stamp == now && at.elapsed() < RETRY_REFUSED);
+        if now == seen.loaded || refused_lately {
             return;
         }
         match certified_key(&self.cert, &self.key) {
             Ok(key) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
-                seen.0 = now;
+                seen.loaded = now;
+                seen.refused = None;
                 tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
-                seen.1 = now;
-                tracing::warn!(error = %e, "TLS certificate files changed but do not load; the previous certificate stays in use");
+                let why = format!("{e:#}");
+                let new = seen
+                    .refused
+                    .as_ref()
+                    .is_none_or(|(_, _, last)| *last != why);
+                if new {
+                    tracing::warn!(error = %why, "TLS certificate files changed but do not load; the previous certificate stays in use");
+                }
+                seen.refused = Some((now, std::time::Instant::now(), why));
             }
         }
     }
@@ -153,8 +179,9 @@ pub struct ListenerTls {
     pub client_ca: Option<PathBuf>,
 }
 
-/// The server side of a listener: TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1 by ALPN, the
-/// certificate re-read when its files change (must run on a Tokio runtime).
+/// The server side of a listener: TLS 1.2 and 1.3, HTTP/1.1 by ALPN (HTTP/2 is not offered:
+/// the listener's idle and header timeouts cover HTTP/1 connections only), the certificate
+/// re-read when its files change (must run on a Tokio runtime).
 pub fn acceptor(tls: &ListenerTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let resolver = Arc::new(Reloading::load(&tls.cert_file, &tls.key_file)?);
     let builder = ServerConfig::builder_with_provider(provider())
@@ -171,7 +198,7 @@ pub fn acceptor(tls: &ListenerTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> 
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     spawn_reload(Arc::downgrade(&resolver));
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
@@ -216,9 +243,12 @@ impl ClientTls {
 
     /// The name the server's certificate is checked against, for a URL's `host`.
     pub fn name_for(&self, host: &str) -> anyhow::Result<ServerName<'static>> {
-        let name = self.server_name.as_deref().unwrap_or(host);
+        let (name, from) = match &self.server_name {
+            Some(name) => (name.as_str(), "server_name"),
+            None => (host, "the URL's host"),
+        };
         ServerName::try_from(name.to_string())
-            .map_err(|e| anyhow!("server_name: {name:?} is not a DNS name or an IP address: {e}"))
+            .map_err(|e| anyhow!("{from}: {name:?} is not a DNS name or an IP address: {e}"))
     }
 }
 

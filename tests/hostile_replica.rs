@@ -171,12 +171,12 @@ impl Replica {
                 let serving = serving.clone();
                 match tls.clone() {
                     None => {
-                        tokio::spawn(serving.serve(conn));
+                        tokio::spawn(serving.serve(conn, false));
                     }
                     Some(acceptor) => {
                         tokio::spawn(async move {
                             if let Ok(conn) = acceptor.accept(conn).await {
-                                serving.serve(conn).await;
+                                serving.serve(conn, true).await;
                             }
                         });
                     }
@@ -186,7 +186,9 @@ impl Replica {
         (replica, port)
     }
 
-    async fn serve(self: Arc<Self>, mut conn: impl Wire) {
+    /// Serves one connection; `clean_close`: a close sends TLS's close_notify first (a plain
+    /// connection is just dropped, as a crashing replica's is).
+    async fn serve(self: Arc<Self>, mut conn: impl Wire, clean_close: bool) {
         let mut buf = Vec::new();
         loop {
             let Some((method, path, headers, body_len)) = read_request(&mut conn, &mut buf).await
@@ -240,9 +242,9 @@ impl Replica {
                         true
                     }
                     Step::Close => {
-                        // A clean close (TLS's close_notify included), as a server ends a
-                        // close-delimited answer.
-                        let _ = conn.shutdown().await;
+                        if clean_close {
+                            let _ = conn.shutdown().await;
+                        }
                         false
                     }
                 };

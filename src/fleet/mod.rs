@@ -137,10 +137,15 @@ impl Datacenter {
         self.limiter.until_ready().await;
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(PlatformError::Unreachable(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
+            Err(_) => {
+                let why = format!("no answer within {:?}", self.timeout);
+                // A remote datacenter that does not answer is an upstream's failure; a
+                // local engine that is slow (an image pull) is this server's.
+                Err(match self.platform.kind() {
+                    "remote" => PlatformError::Unreachable(why),
+                    _ => PlatformError::Failed(why),
+                })
+            }
         }
     }
 }

@@ -92,6 +92,10 @@ impl RemotePlatform {
             .timeout(timeout)
             .connect_timeout(CONNECT_TIMEOUT);
         let mut base = url.trim_end_matches('/').to_string();
+        anyhow::ensure!(
+            parsed.scheme() == "https" || *tls == crate::tls::ClientTls::default(),
+            "{url}: ca_file, cert_file, key_file and server_name need an https:// URL"
+        );
         let https = match parsed.scheme() {
             "https" => {
                 let config = tls
@@ -124,6 +128,8 @@ impl RemotePlatform {
                         hyper_util::rt::TokioExecutor::new(),
                     )
                     .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .pool_max_idle_per_host(POOL_MAX_IDLE)
+                    .pool_timer(hyper_util::rt::TokioTimer::new())
                     .build(https),
                 ))
             }
@@ -229,21 +235,35 @@ impl RemotePlatform {
     }
 }
 
-/// Which side refused a TLS handshake, and what to check.
+/// Which side refused a TLS handshake, and what to check, from the alert the agent sent or
+/// what this side found wrong with the agent's certificate.
 fn tls_hint(chain: &str) -> &'static str {
-    if chain.contains("received fatal alert") {
-        " (the agent refused this control plane's TLS handshake: check cert_file and key_file against the agent's --client-ca)"
-    } else if chain.contains("invalid peer certificate") {
-        " (this control plane refused the agent's certificate: check ca_file and server_name)"
-    } else {
-        ""
-    }
+    const CLIENT: &str = " (the agent refused this control plane's client certificate: check cert_file and key_file against the agent's --client-ca)";
+    let hints = [
+        ("alert: UnknownCA", CLIENT),
+        ("alert: BadCertificate", CLIENT),
+        ("alert: CertificateRequired", CLIENT),
+        ("alert: AccessDenied", CLIENT),
+        ("alert: CertificateExpired", " (the agent says this control plane's client certificate has expired: renew cert_file)"),
+        ("received fatal alert", " (the agent ended the TLS handshake: see its log for why)"),
+        ("not valid for name", " (the agent's certificate does not carry the name checked: set server_name to one it carries)"),
+        ("certificate expired", " (the agent's certificate has expired: renew it on the agent)"),
+        ("UnknownIssuer", " (this control plane does not trust the agent's certificate: set ca_file to the CA that signed it)"),
+        ("invalid peer certificate", " (this control plane refused the agent's certificate: check ca_file and server_name)"),
+    ];
+    hints
+        .iter()
+        .find(|(found, _)| chain.contains(found))
+        .map_or("", |(_, hint)| hint)
 }
 
 /// How long a connection to the agent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long an idle invocation connection to a TLS agent is kept (the general path's figure).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long an idle invocation connection to a TLS agent is kept: less than the agent's own
+/// idle limit (60 s), so a pooled connection is not reused just as the agent closes it.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// Idle invocation connections kept to a TLS agent.
+const POOL_MAX_IDLE: usize = 64;
 
 fn spawn_poller(platform: Weak<RemotePlatform>) {
     super::poll_while_alive(platform, POLL, |p| async move {
