@@ -129,6 +129,25 @@ def wrk(url, conns, seconds):
     }
 
 
+def nginx_function(work, **extra):
+    """The function measured: nginx returning a fixed body, behind the watchdog in http mode
+    (its deployment, with `extra` fields)."""
+    port = free_port()
+    conf = os.path.join(work, "backend.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1; pid {work}/backend.pid; error_log {work}/backend.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello\\n"; }} }} }}
+""")
+    return {
+        "service": "bench", "image": "local/nginx",
+        "envProcess": f"/usr/sbin/nginx -c {conf} -g 'daemon off;'",
+        "envVars": {"mode": "http", "upstream_url": f"http://127.0.0.1:{port}"},
+        **extra,
+    }
+
+
 def us(v):
     return "–" if v is None else (f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs")
 
@@ -153,14 +172,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(1)))
     try:
         # The function: nginx returning a fixed body, behind the watchdog in http mode.
-        backend_port = free_port()
-        backend_conf = os.path.join(work, "backend.conf")
-        with open(backend_conf, "w") as f:
-            f.write(f"""worker_processes 1; pid {work}/backend.pid; error_log {work}/backend.err;
-events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 "hello\\n"; }} }} }}
-""")
+        backend = nginx_function(work)
         port = free_port()
         config = os.path.join(work, "faastastic.toml")
         with open(config, "w") as f:
@@ -173,11 +185,7 @@ http {{ access_log off; keepalive_requests 1000000;
         procs.append(server)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, "faastastic")
-        body = json.dumps({
-            "service": "bench", "image": "local/nginx",
-            "envProcess": f"/usr/sbin/nginx -c {backend_conf} -g 'daemon off;'",
-            "envVars": {"mode": "http", "upstream_url": f"http://127.0.0.1:{backend_port}"},
-        }).encode()
+        body = json.dumps(backend).encode()
         urllib.request.urlopen(urllib.request.Request(
             base + "/system/functions", data=body, method="POST",
             headers={"Content-Type": "application/json"}))

@@ -19,7 +19,8 @@ import sys
 import tempfile
 import urllib.request
 
-from bench import BIN, ROOT, cpu_seconds, children, free_port, stop_all, wait_for, wrk
+from bench import (BIN, ROOT, children, cpu_seconds, free_port, nginx_function, stop_all,
+                   wait_for, wrk)
 from benchrows import row as table_row, write
 
 TOKEN = "bench-token"
@@ -71,14 +72,7 @@ def main():
         if "listening on https://" not in agent.stdout.readline().decode():
             sys.exit("the agent did not start")
 
-        backend_port = free_port()
-        backend_conf = os.path.join(work, "backend.conf")
-        with open(backend_conf, "w") as f:
-            f.write(f"""worker_processes 1; pid {work}/backend.pid; error_log {work}/backend.err;
-events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 "hello\\n"; }} }} }}
-""")
+        backend = nginx_function(work, constraints=["datacenter==far"])
         port = free_port()
         config = os.path.join(work, "faastastic.toml")
         with open(config, "w") as f:
@@ -103,11 +97,7 @@ server_name = "agent.test"
         procs.append(server)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, "faastastic")
-        body = json.dumps({
-            "service": "bench", "image": "local/nginx", "constraints": ["datacenter==far"],
-            "envProcess": f"/usr/sbin/nginx -c {backend_conf} -g 'daemon off;'",
-            "envVars": {"mode": "http", "upstream_url": f"http://127.0.0.1:{backend_port}"},
-        }).encode()
+        body = json.dumps(backend).encode()
         urllib.request.urlopen(urllib.request.Request(
             base + "/system/functions", data=body, method="POST",
             headers={"Content-Type": "application/json"}))

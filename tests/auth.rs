@@ -126,14 +126,7 @@ async fn every_system_route_needs_credentials() {
     // The password never shows up in what the server exposes.
     let metrics = s.metrics().await;
     assert!(!metrics.contains(&password));
-    let list = s
-        .system(Method::GET, "/system/functions")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let list = s.system_text("/system/functions").await;
     assert!(!list.contains(&password));
 
     // Restart: the same password is reused.

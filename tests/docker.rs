@@ -90,14 +90,7 @@ async fn docker_deploy_invoke_scale_logs_redeploy_remove() {
     }
 
     // Logs come from the engine.
-    let logs = s
-        .system(Method::GET, "/system/logs?name=echo&follow=false")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let logs = s.system_text("/system/logs?name=echo&follow=false").await;
     assert!(logs.contains("called"), "{logs}");
 
     // A redeploy under the same name never reaches the old container.

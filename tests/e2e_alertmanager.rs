@@ -6,7 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{echo_function, poll, repo_file, Load, Monitoring, Options, Server};
+use common::{
+    echo_function, fast_alertmanager, poll, repo_file, Load, Monitoring, Options, Server,
+};
 use serde_json::Value;
 
 async fn replicas(s: &Server, name: &str) -> u64 {
@@ -61,30 +63,6 @@ async fn deploy_hot(s: &Server) {
         serde_json::json!({"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25"});
     assert_eq!(s.deploy(f).await.status(), 202);
     s.wait_available("hot", 1).await;
-}
-
-/// A receiver for `s` with second-long group and repeat intervals.
-fn fast_alertmanager(s: &Server) -> String {
-    format!(
-        r#"route:
-  group_by: [alertname, service]
-  group_wait: 1s
-  group_interval: 1s
-  repeat_interval: 2s
-  receiver: scale-up
-receivers:
-- name: scale-up
-  webhook_configs:
-  - url: {url}
-    send_resolved: true
-    http_config:
-      basic_auth:
-        username: admin
-        password_file: {pw}
-"#,
-        url = s.url("/system/alert"),
-        pw = s.data_dir.join("basic-auth-password").display()
-    )
 }
 
 #[tokio::test]

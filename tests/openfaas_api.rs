@@ -466,13 +466,8 @@ async fn logs_stream_ndjson_with_tail_and_follow() {
         chrono::DateTime::parse_from_rfc3339(m["timestamp"].as_str().unwrap()).unwrap();
     }
     let tail1 = s
-        .system(Method::GET, "/system/logs?follow=false&name=talker&tail=1")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .system_text("/system/logs?follow=false&name=talker&tail=1")
+        .await;
     assert_eq!(tail1.lines().count(), 1);
 
     // follow: a new line arrives on the open stream.

@@ -12,36 +12,12 @@ use std::time::Duration;
 
 use common::docker::{build_stock_image, require_docker, require_swarm, Image};
 use common::{poll, sample, Load, Options, Server};
-use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Which replica answered: each prints its container's host name.
 fn hostname_function(image: &str, version: &str) -> Value {
     json!({"service": "stock", "image": image,
         "envProcess": format!("sh -c 'cat >/dev/null; echo {version} $HOSTNAME'")})
-}
-
-/// An invocation with a chunked body, which the invoke lane hands to the general path.
-async fn invoke_chunked(s: &Server, name: &str) -> (u16, String) {
-    let addr = s.addr();
-    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST /function/{name} HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut answer))
-        .await
-        .expect("an answer within 20 s")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
 }
 
 /// The replicas that answered `calls` invocations (their host names), each of `version`.
@@ -90,7 +66,7 @@ async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
     let seen = answering(&s, 80, "v1").await;
     assert_eq!(seen.len(), 4, "every replica answers the lane: {seen:?}");
     for _ in 0..4 {
-        let (code, text) = invoke_chunked(&s, "stock").await;
+        let (code, text) = s.invoke_chunked("stock", "hi").await;
         assert_eq!(code, 200, "{text}");
         let host = text.lines().last().unwrap_or("").split_whitespace().nth(1);
         assert!(
@@ -228,13 +204,8 @@ async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
     if platform == "docker" {
         // The function's logs follow each run of the container, each line once.
         let logs = s
-            .system(Method::GET, "/system/logs?name=crasher&follow=false")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+            .system_text("/system/logs?name=crasher&follow=false")
+            .await;
         let runs = logs.matches("starting").count();
         let crashes = logs.matches("bind: address already in use").count();
         assert!(runs >= 2 && crashes == runs, "{logs}");

@@ -14,7 +14,6 @@ use std::time::Duration;
 use common::tls::Ca;
 use common::{echo_function, free_port, poll, Agent, Load, Options, Server};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An agent for datacenter `far` serving TLS with `cert`, requiring client certificates
 /// signed by `client_ca`; its warnings go to `dir/agent.log`.
@@ -70,25 +69,6 @@ fn pinned(name: &str) -> serde_json::Value {
     f
 }
 
-/// An invocation with a chunked body (the lane hands those to the general path).
-async fn invoke_chunked(s: &Server, name: &str) -> (u16, String) {
-    let addr = s.addr();
-    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST /function/{name} HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    conn.read_to_end(&mut answer).await.unwrap();
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, text)
-}
-
 /// The certificate the agent presents to a new connection now.
 async fn presented(port: u16, ca: &Path) -> Vec<u8> {
     let mut roots = rustls::RootCertStore::empty();
@@ -137,7 +117,7 @@ async fn datacenters_speak_mutual_tls_and_refuse_strangers() {
         s.invoke("far-echo", "over tls").await,
         (200, "over tls".into())
     );
-    let (code, text) = invoke_chunked(&s, "far-echo").await;
+    let (code, text) = s.invoke_chunked("far-echo", "hello").await;
     assert_eq!(code, 200, "{text}");
     assert!(text.ends_with("hello"), "{text}");
     assert_eq!(s.scale("far-echo", 2).await, 202);
@@ -324,29 +304,7 @@ async fn the_gateway_serves_tls_to_clients_prometheus_and_alertmanager() {
 "#,
     )
     .unwrap();
-    let alertmanager = format!(
-        r#"route:
-  group_by: [alertname, service]
-  group_wait: 1s
-  group_interval: 1s
-  repeat_interval: 2s
-  receiver: scale-up
-receivers:
-- name: scale-up
-  webhook_configs:
-  - url: {url}
-    send_resolved: true
-    http_config:
-      basic_auth:
-        username: admin
-        password_file: {pw}
-      tls_config:
-        ca_file: {ca}
-"#,
-        url = s.url("/system/alert"),
-        pw = s.data_dir.join("basic-auth-password").display(),
-        ca = ca.file.display(),
-    );
+    let alertmanager = common::fast_alertmanager(&s);
     let _monitoring = common::Monitoring::start(&s, &[rules], Some(alertmanager), &[]).await;
     let load = Load::start(&s, "hot", 20, Duration::from_secs(90));
     let scaled = poll(Duration::from_secs(60), || async {

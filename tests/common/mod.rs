@@ -238,6 +238,42 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// A `GET` of a `/system/*` path (with the server's credentials); the body as text.
+    pub async fn system_text(&self, path: &str) -> String {
+        self.system(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// An invocation with a chunked body (the invoke lane hands those to the general path),
+    /// on a connection of its own; the status and the whole answer.
+    pub async fn invoke_chunked(&self, name: &str, body: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.addr();
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /function/{name} HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut answer))
+            .await
+            .expect("an answer within 20 s")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let code = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, text)
+    }
+
     /// `POST /system/scale-function/NAME`; the status code.
     pub async fn scale(&self, name: &str, replicas: u64) -> u16 {
         self.system(
@@ -635,6 +671,36 @@ impl Monitoring {
         let up = poll(Duration::from_secs(30), || http_ok(&url)).await;
         assert!(up, "Alertmanager did not come back");
     }
+}
+
+/// An Alertmanager configuration whose one receiver posts to `s`'s `/system/alert` with its
+/// basic auth (trusting its CA when it serves TLS), with second-long group and repeat
+/// intervals.
+pub fn fast_alertmanager(s: &Server) -> String {
+    let tls = match &s.ca_file {
+        Some(ca) => format!("      tls_config:\n        ca_file: {}\n", ca.display()),
+        None => String::new(),
+    };
+    format!(
+        r#"route:
+  group_by: [alertname, service]
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 2s
+  receiver: scale-up
+receivers:
+- name: scale-up
+  webhook_configs:
+  - url: {url}
+    send_resolved: true
+    http_config:
+      basic_auth:
+        username: admin
+        password_file: {pw}
+{tls}"#,
+        url = s.url("/system/alert"),
+        pw = s.data_dir.join("basic-auth-password").display()
+    )
 }
 
 /// A file of the repository (e.g. `rules/faastastic.rules.yml`).
