@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::docker::{build_image, require_docker, Image};
+use common::docker::{build_image, require_docker, Image, Sweep};
 use common::{poll, Options, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -32,6 +32,7 @@ async fn docker_deploy_invoke_scale_logs_redeploy_remove() {
     require_docker();
     let dc = format!("dock{}", std::process::id());
     let image = Image(format!("faastastic-test/echo:{dc}"));
+    let _sweep = Sweep(dc.clone());
     build_image(&image.0);
     // pull = false: nothing may leave this machine.
     let cfg = format!("[[datacenters]]\nname = \"{dc}\"\nplatform = \"docker\"\npull = false\n");
@@ -140,6 +141,7 @@ async fn an_unreachable_engine_refuses_changes_and_recovers() {
     require_docker();
     let dc = format!("gone{}", std::process::id());
     let image = Image(format!("faastastic-test/echo:{dc}"));
+    let _sweep = Sweep(dc.clone());
     build_image(&image.0);
     let dir = tempfile::tempdir().unwrap();
     let mut link = common::docker::EngineLink::start(&dir.path().join("engine.sock"));

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::docker::{build_image, build_stock_image, require_docker, require_swarm, Image};
+use common::docker::{build_image, build_stock_image, require_docker, require_swarm, Image, Sweep};
 use common::{free_port, Agent, BIN};
 use faastastic::config::{Config, Reach};
 use faastastic::model::FunctionDeployment;
@@ -60,6 +60,7 @@ async fn docker_complies(reach: Reach, name: &str) {
     require_docker();
     let dc = format!("{name}{}", std::process::id());
     let image = Image(format!("faastastic-test/comply:{dc}"));
+    let _sweep = Sweep(dc.clone());
     build_stock_image(&image.0);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::default().docker;
@@ -96,6 +97,7 @@ async fn swarm_complies(reach: Reach, name: &str) {
     require_swarm();
     let dc = format!("sw{name}{}", std::process::id());
     let image = Image(format!("faastastic-test/swcomply:{dc}"));
+    let _sweep = Sweep(dc.clone());
     match reach {
         Reach::Slot => build_image(&image.0),
         _ => build_stock_image(&image.0),

@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::docker::{build_stock_image, require_docker, require_swarm, Image};
+use common::docker::{build_stock_image, require_docker, require_swarm, Image, Sweep};
 use common::{poll, sample, Load, Options, Server};
 use serde_json::{json, Value};
 
@@ -35,6 +35,7 @@ async fn answering(s: &Server, calls: usize, version: &str) -> BTreeSet<String> 
 async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
     let dc = format!("{platform}stock{}", std::process::id());
     let image = Image(format!("faastastic-test/stock:{dc}"));
+    let _sweep = Sweep(dc.clone());
     build_stock_image(&image.0);
     let extra = match platform {
         "docker" => "pull = false\n",

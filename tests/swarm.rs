@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::docker::{build_image, require_swarm, Image};
+use common::docker::{build_image, require_swarm, Image, Sweep};
 use common::{poll, Options, Server};
 use serde_json::json;
 
@@ -44,6 +44,7 @@ async fn swarm_service_scales_redeploys_and_goes() {
     require_swarm();
     let dc = format!("swarm{}", std::process::id());
     let image = Image(format!("faastastic-test/echo:{dc}"));
+    let _sweep = Sweep(dc.clone());
     build_image(&image.0);
     let cfg = format!("[[datacenters]]\nname = \"{dc}\"\nplatform = \"swarm\"\n");
     let s = Server::with(Options {

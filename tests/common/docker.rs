@@ -133,6 +133,41 @@ impl Drop for Image {
     }
 }
 
+/// Removes every container and service of a datacenter when dropped, so that a test that
+/// fails (its server killed without cleaning up) leaves no replica restarting forever.
+/// Declare it before the server: it is dropped after it.
+pub struct Sweep(pub String);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        let label = format!("label=com.faastastic.datacenter={}", self.0);
+        let listed = |args: &[&str]| -> Vec<String> {
+            let out = Command::new("docker").args(args).output();
+            out.map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+        };
+        let services = listed(&["service", "ls", "-q", "--filter", &label]);
+        if !services.is_empty() {
+            let _ = Command::new("docker")
+                .args(["service", "rm"])
+                .args(&services)
+                .output();
+        }
+        let containers = listed(&["ps", "-aq", "--filter", &label]);
+        if !containers.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&containers)
+                .output();
+        }
+    }
+}
+
 /// A Unix socket that forwards to the real engine's socket, and can be cut: while it is down,
 /// faastastic sees an engine that does not answer (connections refused, open ones closed),
 /// while the containers keep running. It forwards on the test's runtime, which needs a worker
