@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
 
 /// How often a listener's certificate files are looked at for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
@@ -79,9 +80,10 @@ fn stamp(cert: &Path, key: &Path) -> Option<(SystemTime, u64, SystemTime, u64)> 
 
 type Stamp = Option<(SystemTime, u64, SystemTime, u64)>;
 
-/// A listener's certificate, re-read when its files change: new handshakes get the new one,
+/// A certificate and key, re-read when their files change: new handshakes get the new pair,
 /// connections already open keep theirs. A pair that does not load (half written, not
-/// matching) is logged and the one in use stays.
+/// matching) is logged and the one in use stays. A listener's certificate, or the client
+/// certificate a control plane presents to its agents.
 #[derive(Debug)]
 struct Reloading {
     cert: PathBuf,
@@ -157,9 +159,28 @@ impl ResolvesServerCert for Reloading {
     }
 }
 
-/// Looks at the files every second while the listener's configuration lives.
+impl ResolvesClientCert for Reloading {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Looks at the files every second while the configuration using them lives (on the current
+/// Tokio runtime; outside one, the files are read once).
 fn spawn_reload(reloading: Weak<Reloading>) {
-    tokio::spawn(async move {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
         let mut tick = tokio::time::interval(RELOAD_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -228,12 +249,12 @@ impl ClientTls {
             .context("TLS protocol versions")?
             .with_root_certificates(roots);
         let config = match (&self.cert_file, &self.key_file) {
+            // Read now (a key that does not match is named at start), and again when the
+            // files change, as a listener's certificate is.
             (Some(cert), Some(key)) => {
-                // Checked here so that a key that does not match is named at start.
-                certified_key(cert, key)?;
-                builder
-                    .with_client_auth_cert(certificates(cert)?, private_key(key)?)
-                    .map_err(|e| anyhow!("{}: {e}", cert.display()))?
+                let resolver = Arc::new(Reloading::load(cert, key)?);
+                spawn_reload(Arc::downgrade(&resolver));
+                builder.with_client_cert_resolver(resolver)
             }
             (None, None) => builder.with_no_client_auth(),
             _ => bail!("cert_file and key_file go together"),
@@ -255,6 +276,54 @@ impl ClientTls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes a self-signed certificate for `name` and its key as `stem.pem`/`stem-key.pem`
+    /// (through a rename, as a rotation does); the certificate's DER.
+    fn write_pair(dir: &Path, stem: &str, name: &str) -> Vec<u8> {
+        let made = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        for (file, text) in [
+            (format!("{stem}.pem"), made.cert.pem()),
+            (format!("{stem}-key.pem"), made.key_pair.serialize_pem()),
+        ] {
+            let staged = dir.join(format!("{file}.new"));
+            std::fs::write(&staged, text).unwrap();
+            std::fs::rename(&staged, dir.join(file)).unwrap();
+        }
+        made.cert.der().to_vec()
+    }
+
+    fn in_use(r: &Reloading) -> Vec<u8> {
+        r.current.read().unwrap().cert[0].to_vec()
+    }
+
+    #[test]
+    fn a_rotated_pair_is_taken_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (cert, key) = (d.join("tls.pem"), d.join("tls-key.pem"));
+        let first = write_pair(d, "tls", "one.test");
+        let r = Reloading::load(&cert, &key).unwrap();
+        assert_eq!(in_use(&r), first);
+        r.refresh();
+        assert_eq!(in_use(&r), first, "nothing changed, nothing reloaded");
+        // Files a second apart in time, as the check every second sees them.
+        std::thread::sleep(Duration::from_millis(1100));
+        let second = write_pair(d, "tls", "two.test");
+        r.refresh();
+        assert_eq!(in_use(&r), second, "a rotated pair is taken");
+        // A certificate whose key has not been written yet: the pair in use stays.
+        std::thread::sleep(Duration::from_millis(1100));
+        write_pair(d, "other", "three.test");
+        std::fs::copy(d.join("other.pem"), &cert).unwrap();
+        r.refresh();
+        assert_eq!(in_use(&r), second, "a pair that does not match is refused");
+        assert!(r.seen.lock().unwrap().refused.is_some());
+        // The key arrives: the new pair is taken.
+        std::fs::copy(d.join("other-key.pem"), &key).unwrap();
+        r.refresh();
+        assert_ne!(in_use(&r), second, "the completed pair is taken");
+        assert!(r.seen.lock().unwrap().refused.is_none());
+    }
 
     #[test]
     fn files_that_are_not_there_or_not_pem_are_named() {
