@@ -324,3 +324,44 @@ async fn the_gateway_serves_tls_to_clients_prometheus_and_alertmanager() {
         "the scale came from Alertmanager's webhook: {events}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_a_client_ca_lets_in_only_the_clients_it_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new(d, "ca");
+    let (cert, key) = ca.issue(d, "gateway", &["127.0.0.1"], false);
+    let clients = Ca::new(d, "clients");
+    let (client_cert, client_key) = clients.issue(d, "operator", &["operator.test"], false);
+    let cfg = format!(
+        "[tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string(),
+        clients.file.display().to_string()
+    );
+    let s = Server::with(Options {
+        config: Some(&cfg),
+        ca_file: Some(&ca.file),
+        ..Default::default()
+    });
+    let without = common::client_trusting(Some(&ca.file))
+        .get(s.url("/healthz"))
+        .send()
+        .await;
+    assert!(without.is_err(), "a client without a certificate got in");
+    let pem = [
+        std::fs::read(&client_cert).unwrap(),
+        std::fs::read(&client_key).unwrap(),
+    ]
+    .concat();
+    let with = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&ca.file).unwrap()).unwrap(),
+        )
+        .tls_built_in_root_certs(false)
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let r = with.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
