@@ -148,6 +148,32 @@ http {{ access_log off; keepalive_requests 1000000;
     }
 
 
+def serve_with(work, config_text, function, procs):
+    """faastastic (auth off) with `config_text` on a free port, `function` deployed and its
+    replica ready; the process (also added to `procs`) and its base URL."""
+    port = free_port()
+    config = os.path.join(work, "faastastic.toml")
+    with open(config, "w") as f:
+        f.write(config_text)
+    server = subprocess.Popen(
+        [BIN, "serve", "--no-auth", "--listen", f"127.0.0.1:{port}", "--data-dir",
+         os.path.join(work, "data"), "--config", config],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "serve.log"), "w"),
+        env={**os.environ, "RUST_LOG": "warn"})
+    procs.append(server)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, "faastastic")
+    urllib.request.urlopen(urllib.request.Request(
+        base + "/system/functions", data=json.dumps(function).encode(), method="POST",
+        headers={"Content-Type": "application/json"}))
+
+    def ready():
+        with urllib.request.urlopen(f"{base}/system/function/{function['service']}") as r:
+            return json.load(r).get("availableReplicas", 0) == 1
+    wait_for(ready, 30, "the function's replica")
+    return server, base
+
+
 def us(v):
     return "–" if v is None else (f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs")
 
@@ -173,27 +199,8 @@ def main():
     try:
         # The function: nginx returning a fixed body, behind the watchdog in http mode.
         backend = nginx_function(work)
-        port = free_port()
-        config = os.path.join(work, "faastastic.toml")
-        with open(config, "w") as f:
-            f.write(f"[proxy]\nconnection_threads = {args.threads}\n")
-        server = subprocess.Popen(
-            [BIN, "serve", "--no-auth", "--listen", f"127.0.0.1:{port}", "--data-dir",
-             os.path.join(work, "data"), "--config", config],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "serve.log"), "w"),
-            env={**os.environ, "RUST_LOG": "warn"})
-        procs.append(server)
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, "faastastic")
-        body = json.dumps(backend).encode()
-        urllib.request.urlopen(urllib.request.Request(
-            base + "/system/functions", data=body, method="POST",
-            headers={"Content-Type": "application/json"}))
-
-        def ready():
-            with urllib.request.urlopen(base + "/system/function/bench") as r:
-                return json.load(r).get("availableReplicas", 0) == 1
-        wait_for(ready, 30, "the function's replica")
+        server, base = serve_with(work, f"[proxy]\nconnection_threads = {args.threads}\n",
+                                  backend, procs)
         replicas = [p for p in children(server.pid)]
         if len(replicas) != 1:
             sys.exit(f"expected one replica process, found {replicas}")

@@ -9,7 +9,6 @@ Everything runs on loopback and stops by itself. Prints a Markdown table and wri
 Usage: scripts/bench_tls.py [--seconds 4] [--rounds 5] [--conns 16,64] [--json FILE]
 """
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -19,8 +18,8 @@ import sys
 import tempfile
 import urllib.request
 
-from bench import (BIN, ROOT, children, cpu_seconds, free_port, nginx_function, stop_all,
-                   wait_for, wrk)
+from bench import (BIN, ROOT, children, cpu_seconds, free_port, nginx_function, serve_with,
+                   stop_all, wait_for, wrk)
 from benchrows import row as table_row, write
 
 TOKEN = "bench-token"
@@ -73,10 +72,7 @@ def main():
             sys.exit("the agent did not start")
 
         backend = nginx_function(work, constraints=["datacenter==far"])
-        port = free_port()
-        config = os.path.join(work, "faastastic.toml")
-        with open(config, "w") as f:
-            f.write(f"""[proxy]
+        server, base = serve_with(work, f"""[proxy]
 connection_threads = 1
 [[datacenters]]
 name = "home"
@@ -88,24 +84,7 @@ url = "https://127.0.0.1:{agent_port}"
 token_file = "{token}"
 ca_file = "{work}/ca.pem"
 server_name = "agent.test"
-""")
-        server = subprocess.Popen(
-            [BIN, "serve", "--no-auth", "--listen", f"127.0.0.1:{port}", "--data-dir",
-             os.path.join(work, "data"), "--config", config],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "serve.log"), "w"),
-            env={**os.environ, "RUST_LOG": "warn"})
-        procs.append(server)
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, "faastastic")
-        body = json.dumps(backend).encode()
-        urllib.request.urlopen(urllib.request.Request(
-            base + "/system/functions", data=body, method="POST",
-            headers={"Content-Type": "application/json"}))
-
-        def ready():
-            with urllib.request.urlopen(base + "/system/function/bench") as r:
-                return json.load(r).get("availableReplicas", 0) == 1
-        wait_for(ready, 30, "the function's replica in far")
+""", backend, procs)
 
         listen = free_port()
         conf = os.path.join(work, "nginx.conf")

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    echo_function, fast_alertmanager, poll, repo_file, Load, Monitoring, Options, Server,
+    echo_function, fast_alertmanager, poll, repo_file, step_rule, Load, Monitoring, Options, Server,
 };
 use serde_json::Value;
 
@@ -32,28 +32,6 @@ fn shipped_alertmanager_config(s: &Server) -> String {
         "the shipped receiver URL and password file were found"
     );
     rendered
-}
-
-/// The OpenFaaS rule (step mode: it carries no value), with windows short enough for a test.
-fn step_rule(dir: &std::path::Path) -> std::path::PathBuf {
-    let rules = dir.join("rules.yml");
-    std::fs::write(
-        &rules,
-        r#"groups:
-- name: openfaas
-  rules:
-  - alert: APIHighInvocationRate
-    expr: sum(rate(gateway_function_invocation_total{code="200"}[5s])) by (function_name) > 5
-    for: 1s
-    labels:
-      service: gateway
-      severity: major
-    annotations:
-      summary: "High invocation total on {{ $labels.function_name }}"
-"#,
-    )
-    .unwrap();
-    rules
 }
 
 /// Function `hot`: max 4, steps of 25 % of max (one replica), ready.

@@ -289,21 +289,7 @@ async fn the_gateway_serves_tls_to_clients_prometheus_and_alertmanager() {
     f["labels"] = json!({"com.openfaas.scale.max": "4", "com.openfaas.scale.factor": "25"});
     assert_eq!(s.deploy(f).await.status(), 202);
     s.wait_available("hot", 1).await;
-    let rules = d.join("rules.yml");
-    std::fs::write(
-        &rules,
-        r#"groups:
-- name: openfaas
-  rules:
-  - alert: APIHighInvocationRate
-    expr: sum(rate(gateway_function_invocation_total{code="200"}[5s])) by (function_name) > 5
-    for: 1s
-    labels:
-      service: gateway
-      severity: major
-"#,
-    )
-    .unwrap();
+    let rules = common::step_rule(d);
     let alertmanager = common::fast_alertmanager(&s);
     let _monitoring = common::Monitoring::start(&s, &[rules], Some(alertmanager), &[]).await;
     let load = Load::start(&s, "hot", 20, Duration::from_secs(90));

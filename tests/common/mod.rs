@@ -673,6 +673,28 @@ impl Monitoring {
     }
 }
 
+/// The OpenFaaS rule (step mode: it carries no value), with windows short enough for a test.
+pub fn step_rule(dir: &std::path::Path) -> std::path::PathBuf {
+    let rules = dir.join("rules.yml");
+    std::fs::write(
+        &rules,
+        r#"groups:
+- name: openfaas
+  rules:
+  - alert: APIHighInvocationRate
+    expr: sum(rate(gateway_function_invocation_total{code="200"}[5s])) by (function_name) > 5
+    for: 1s
+    labels:
+      service: gateway
+      severity: major
+    annotations:
+      summary: "High invocation total on {{ $labels.function_name }}"
+"#,
+    )
+    .unwrap();
+    rules
+}
+
 /// An Alertmanager configuration whose one receiver posts to `s`'s `/system/alert` with its
 /// basic auth (trusting its CA when it serves TLS), with second-long group and repeat
 /// intervals.
