@@ -174,6 +174,31 @@ def serve_with(work, config_text, function, procs):
     return server, base
 
 
+def interleaved(targets, conns_list, rounds, seconds):
+    """wrk against every target (name: (url, pids to count CPU of, or None)) at each
+    concurrency, for `rounds` rounds in alternating order after a warm-up; every run's figures
+    per concurrency and target, with the CPU per request of the pids given."""
+    for url, _ in targets.values():  # warm up pools
+        wrk(url, 16, 1)
+    results = {c: {t: [] for t in targets} for c in conns_list}
+    for rnd in range(rounds):
+        order = list(targets.items())
+        if rnd % 2:
+            order.reverse()
+        for conns in conns_list:
+            for name, (url, pids) in order:
+                before = cpu_seconds(pids) if pids else 0
+                r = wrk(url, conns, seconds)
+                if pids:
+                    r["cpu_us_per_req"] = (cpu_seconds(pids) - before) / r["requests"] * 1e6
+                results[conns][name].append(r)
+                print(f"round {rnd + 1} c={conns:<3} {name:<10} {r['rps']:>10.0f} req/s "
+                      f"p50 {r['p50_us']:>7.0f} us p99 {r['p99_us']:>7.0f} us "
+                      f"{'cpu/req %.1f us' % r['cpu_us_per_req'] if 'cpu_us_per_req' in r else ''}",
+                      flush=True)
+    return results
+
+
 def us(v):
     return "–" if v is None else (f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs")
 
@@ -233,24 +258,7 @@ http {{ access_log off; keepalive_requests 1000000;
             "faastastic": (f"{base}/function/bench", [server.pid]),
             "nginx-control": start_nginx("nginx-control"),
         }
-        for url, _ in targets.values():  # warm up pools
-            wrk(url, 16, 1)
-        results = {c: {t: [] for t in targets} for c in conns_list}
-        for rnd in range(args.rounds):
-            order = list(targets.items())
-            if rnd % 2:
-                order.reverse()
-            for conns in conns_list:
-                for name, (url, pids) in order:
-                    before = cpu_seconds(pids) if pids else 0
-                    r = wrk(url, conns, args.seconds)
-                    if pids:
-                        r["cpu_us_per_req"] = (cpu_seconds(pids) - before) / r["requests"] * 1e6
-                    results[conns][name].append(r)
-                    print(f"round {rnd + 1} c={conns:<3} {name:<10} {r['rps']:>10.0f} req/s "
-                          f"p50 {r['p50_us']:>7.0f} us p99 {r['p99_us']:>7.0f} us "
-                          f"{'cpu/req %.1f us' % r['cpu_us_per_req'] if 'cpu_us_per_req' in r else ''}",
-                          flush=True)
+        results = interleaved(targets, conns_list, args.rounds, args.seconds)
     finally:
         cleanup()
         shutil.rmtree(work, ignore_errors=True)

@@ -18,8 +18,8 @@ import sys
 import tempfile
 import urllib.request
 
-from bench import (BIN, ROOT, children, cpu_seconds, free_port, nginx_function, serve_with,
-                   stop_all, wait_for, wrk)
+from bench import (BIN, ROOT, children, free_port, interleaved, nginx_function, serve_with,
+                   stop_all, wait_for)
 from benchrows import row as table_row, write
 
 TOKEN = "bench-token"
@@ -109,22 +109,7 @@ http {{ access_log off; keepalive_requests 1000000;
             "nginx": (f"http://127.0.0.1:{listen}/", [nginx.pid] + children(nginx.pid)),
             "faastastic": (f"{base}/function/bench", [server.pid]),
         }
-        for url, _ in targets.values():  # warm up pools
-            wrk(url, 16, 1)
-        results = {c: {t: [] for t in targets} for c in conns_list}
-        for rnd in range(args.rounds):
-            order = list(targets.items())
-            if rnd % 2:
-                order.reverse()
-            for conns in conns_list:
-                for name, (url, pids) in order:
-                    before = cpu_seconds(pids)
-                    r = wrk(url, conns, args.seconds)
-                    r["cpu_us_per_req"] = (cpu_seconds(pids) - before) / r["requests"] * 1e6
-                    results[conns][name].append(r)
-                    print(f"round {rnd + 1} c={conns:<3} {name:<10} {r['rps']:>9.0f} req/s "
-                          f"p99 {r['p99_us']:>7.0f} us cpu/req {r['cpu_us_per_req']:.1f} us "
-                          f"non-2xx {r['non2xx']}", flush=True)
+        results = interleaved(targets, conns_list, args.rounds, args.seconds)
     finally:
         stop_all(procs)
         shutil.rmtree(work, ignore_errors=True)

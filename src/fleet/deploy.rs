@@ -60,6 +60,15 @@ impl Fleet {
         Ok(out)
     }
 
+    /// The function a deployment body names, unchecked (to hold its counts before it is
+    /// checked under the write lock; a body that does not check out holds them for nothing).
+    fn named(&self, dep: &FunctionDeployment) -> FunctionId {
+        let namespace = self
+            .resolve_namespace(dep.namespace.as_deref())
+            .unwrap_or_else(|_| dep.namespace.clone().unwrap_or_default());
+        FunctionId::new(dep.service.clone().unwrap_or_default(), namespace)
+    }
+
     /// Validates a deployment body and returns the function id it names and where it goes.
     pub(super) fn check_deployment(
         &self,
@@ -226,9 +235,7 @@ impl Fleet {
     pub async fn deploy(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
         // Checked under the lock, so a namespace deleted meanwhile cannot be deployed into; the
         // function's counts are held first (a scale under way finishes before).
-        let _counts = self
-            .hold_counts(&self.check_deployment(&dep)?.0, None)
-            .await;
+        let _counts = self.hold_counts(&self.named(&dep), None).await;
         let _guard = self.write.lock().await;
         let (id, mut placement) = self.check_deployment(&dep)?;
         let workload = self.workload(&id, &dep).await?;
@@ -299,9 +306,7 @@ impl Fleet {
     /// (raised to the new `com.openfaas.scale.min` when that is higher). A new placement adds
     /// and removes datacenters.
     pub async fn update(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
-        let _counts = self
-            .hold_counts(&self.check_deployment(&dep)?.0, None)
-            .await;
+        let _counts = self.hold_counts(&self.named(&dep), None).await;
         let _guard = self.write.lock().await;
         let (id, placement) = self.check_deployment(&dep)?;
         let Some(current) = self.function(&id) else {

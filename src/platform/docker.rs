@@ -94,13 +94,18 @@ struct Generation {
 }
 
 impl Replica {
-    /// Out of routing at `endpoint` until a new readiness watch (whose count it returns)
-    /// finds it serving.
-    fn rewatch(&mut self, endpoint: Option<Arc<Endpoint>>) -> u64 {
+    /// Out of routing until a new readiness watch (whose count it returns) finds it serving;
+    /// earlier watches stop.
+    fn leave_routing(&mut self) -> u64 {
         self.ready = false;
-        self.endpoint = endpoint;
         self.watch += 1;
         self.watch
+    }
+
+    /// [`Replica::leave_routing`], to be watched at `endpoint` (where it serves now).
+    fn rewatch(&mut self, endpoint: Option<Arc<Endpoint>>) -> u64 {
+        self.endpoint = endpoint;
+        self.leave_routing()
     }
 }
 
@@ -788,8 +793,7 @@ impl DockerPlatform {
             tracing::debug!(function = %id, replica = r.name, exits = r.exits + 1, "{reason}");
         }
         r.exits += 1;
-        let endpoint = r.endpoint.take();
-        r.rewatch(endpoint);
+        r.leave_routing();
         r.failure = Some(reason);
         self.metrics
             .replica_restarts

@@ -240,13 +240,7 @@ impl Server {
 
     /// A `GET` of a `/system/*` path (with the server's credentials); the body as text.
     pub async fn system_text(&self, path: &str) -> String {
-        self.system(reqwest::Method::GET, path)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        text_of(self.system(reqwest::Method::GET, path)).await
     }
 
     /// An invocation with a chunked body (the invoke lane hands those to the general path),
@@ -331,14 +325,7 @@ impl Server {
     }
 
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        text_of(self.http.get(self.url("/metrics"))).await
     }
 }
 
@@ -349,6 +336,11 @@ impl Drop for Server {
 }
 
 /// Calls `check` until it returns true or `timeout` passes; never sleeps longer than 50 ms.
+/// A request's answer body as text (the request must be answered).
+async fn text_of(request: reqwest::RequestBuilder) -> String {
+    request.send().await.unwrap().text().await.unwrap()
+}
+
 /// The harness's HTTP client, trusting `ca_file` (a TLS server's private CA) if given.
 pub fn client_trusting(ca_file: Option<&Path>) -> reqwest::Client {
     let builder = reqwest::Client::builder().pool_max_idle_per_host(0);
