@@ -68,10 +68,9 @@ struct Service {
     reason: Option<String>,
 }
 
-/// A task that failed: its id, generation, container and what Swarm says of it.
+/// A task that failed: its id, container and what Swarm says of it.
 struct Failure {
     task: String,
-    generation: Option<u64>,
     container: Option<String>,
     exit_code: Option<i64>,
     err: Option<String>,
@@ -318,13 +317,13 @@ impl SwarmPlatform {
                     continue;
                 }
             };
-            let (ports, health_paths) = match self
+            let (ports, health_paths, current) = match self
                 .services
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&id)
             {
-                Some(s) => (s.ports.clone(), s.health.clone()),
+                Some(s) => (s.ports.clone(), s.health.clone(), s.generation),
                 None => continue,
             };
             let listed: HashSet<String> = tasks.iter().filter_map(|t| t.id.clone()).collect();
@@ -339,12 +338,9 @@ impl SwarmPlatform {
                     .and_then(|s| s.container_spec.as_ref())
                     .and_then(|c| c.labels.as_ref())
                     .and_then(|l| l.get(LABEL_GENERATION)?.parse::<u64>().ok());
-                match state {
-                    // With restart condition "any", a task that completed is replaced too.
-                    Some(TaskState::FAILED | TaskState::REJECTED | TaskState::COMPLETE) => {
-                        failures.push(failure(t, generation))
-                    }
-                    Some(TaskState::RUNNING) if t.desired_state == Some(TaskState::RUNNING) => {
+                match what_task(state, t.desired_state, generation, current) {
+                    TaskIs::Crashed => failures.push(failure(t)),
+                    TaskIs::Serving => {
                         let (Some(task), Some(generation)) = (t.id.clone(), generation) else {
                             continue;
                         };
@@ -352,7 +348,7 @@ impl SwarmPlatform {
                             running.push((task, generation, addr));
                         }
                     }
-                    _ => {}
+                    TaskIs::Neither => {}
                 }
             }
             let known: HashSet<String> = self
@@ -524,10 +520,6 @@ impl SwarmPlatform {
                 .replica_restarts
                 .with_label_values(&[id.qualified().as_str(), self.datacenter.as_str()])
                 .inc();
-            if f.generation.is_some_and(|g| g != s.generation) {
-                s.failures.insert(f.task);
-                continue;
-            }
             if s.reason.is_none() {
                 tracing::warn!(function = %id, task = f.task, last_lines = ?lines, "{reason}; Swarm replaces it");
             }
@@ -541,12 +533,44 @@ impl SwarmPlatform {
 }
 
 /// What a failed task says of itself.
-fn failure(t: Task, generation: Option<u64>) -> Failure {
+/// What a listed task tells of its function.
+#[derive(Debug, PartialEq)]
+enum TaskIs {
+    /// Running and meant to: a candidate for routing once it answers its health check.
+    Serving,
+    /// Ended on its own: counted as a restart and its reason shown.
+    Crashed,
+    /// Starting, shutting down, or stopped by Swarm itself.
+    Neither,
+}
+
+fn what_task(
+    state: Option<TaskState>,
+    desired: Option<TaskState>,
+    generation: Option<u64>,
+    current: u64,
+) -> TaskIs {
+    match state {
+        // A task Swarm stopped itself (a scale-down marks it for removal, an update retires
+        // the older generation) may still end as failed or complete: its process can exit
+        // before Swarm records the shutdown. Not a crash.
+        Some(TaskState::FAILED | TaskState::REJECTED | TaskState::COMPLETE)
+            if desired == Some(TaskState::REMOVE) || generation.is_some_and(|g| g < current) =>
+        {
+            TaskIs::Neither
+        }
+        // With restart condition "any", a task that completed is replaced too.
+        Some(TaskState::FAILED | TaskState::REJECTED | TaskState::COMPLETE) => TaskIs::Crashed,
+        Some(TaskState::RUNNING) if desired == Some(TaskState::RUNNING) => TaskIs::Serving,
+        _ => TaskIs::Neither,
+    }
+}
+
+fn failure(t: Task) -> Failure {
     let status = t.status.unwrap_or_default();
     let container = status.container_status.as_ref();
     Failure {
         task: t.id.unwrap_or_default(),
-        generation,
         container: container.and_then(|c| c.container_id.clone()),
         exit_code: container.and_then(|c| c.exit_code),
         err: status.err,
@@ -678,5 +702,47 @@ impl Platform for SwarmHandle {
                 let _ = p.docker.delete_service(&name).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_task_that_ended_on_its_own_is_a_crash() {
+        use TaskState::*;
+        let ended = [FAILED, REJECTED, COMPLETE];
+        for state in ended {
+            // Ended while meant to run, or after Swarm replaced it: a crash.
+            for desired in [RUNNING, SHUTDOWN] {
+                assert_eq!(
+                    what_task(Some(state), Some(desired), Some(3), 3),
+                    TaskIs::Crashed,
+                    "{state:?} desired {desired:?}"
+                );
+            }
+            // A scale-down's task, or an older generation's during an update: Swarm's doing.
+            assert_eq!(
+                what_task(Some(state), Some(REMOVE), Some(3), 3),
+                TaskIs::Neither
+            );
+            assert_eq!(
+                what_task(Some(state), Some(SHUTDOWN), Some(2), 3),
+                TaskIs::Neither
+            );
+        }
+        assert_eq!(
+            what_task(Some(RUNNING), Some(RUNNING), Some(3), 3),
+            TaskIs::Serving
+        );
+        assert_eq!(
+            what_task(Some(RUNNING), Some(SHUTDOWN), Some(3), 3),
+            TaskIs::Neither
+        );
+        assert_eq!(
+            what_task(Some(STARTING), Some(RUNNING), Some(3), 3),
+            TaskIs::Neither
+        );
     }
 }
