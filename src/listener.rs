@@ -1,8 +1,11 @@
-//! The HTTP/1 and HTTP/2 accept loop shared by `serve` and `agent`: a bound on open
-//! connections (at the bound the loop stops accepting, so new clients wait in the kernel's
-//! backlog instead of being refused), a deadline for every request head (a client that never
-//! finishes its headers is closed instead of holding a connection forever), the peer address
-//! for `ConnectInfo`, and graceful shutdown with a bounded drain.
+//! The HTTP accept loop shared by `serve` and `agent`: a bound on open connections (at the
+//! bound the loop stops accepting, so new clients wait in the kernel's backlog instead of
+//! being refused), a deadline for every request head (a client that never finishes its
+//! headers is closed instead of holding a connection forever), an idle deadline for every
+//! connection (HTTP/2's included: one with no request open is told to go away), the peer
+//! address for `ConnectInfo`, and graceful shutdown with a bounded drain.
+//!
+//! Plain connections speak HTTP/1.1; TLS connections HTTP/2 or HTTP/1.1, as ALPN agrees.
 //!
 //! Connections can be served by connection threads: each runs a single-threaded event loop
 //! and takes accepted connections in turn, so one invocation's client connection, its
@@ -29,13 +32,16 @@ use futures::future::Either;
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 use tower::ServiceExt;
 
 /// How long open connections may take to finish after shutdown begins.
 pub const DRAIN: Duration = Duration::from_secs(10);
+
+/// How often an HTTP/2 peer is pinged, and how long its answer may take.
+const H2_PING: Duration = Duration::from_secs(20);
 
 /// How connections are limited.
 #[derive(Debug, Clone, Copy)]
@@ -185,7 +191,8 @@ struct Connections {
     lanes: Lanes,
     /// The caller's runtime, for requests not run inline (with connection threads).
     shared: tokio::runtime::Handle,
-    /// Cancelled when the listener stops accepting (lane connections close when idle).
+    /// Cancelled when the listener stops accepting (lane connections close when idle, the
+    /// general server's once their requests are answered).
     stopping: CancellationToken,
     limits: Limits,
     /// TLS on every connection (they go to the general server, not the lane).
@@ -199,14 +206,17 @@ impl Connections {
         stream: tokio::net::TcpStream,
         peer: SocketAddr,
         slot: OwnedSemaphorePermit,
-        watcher: Watcher,
+        open: TaskTrackerToken,
     ) {
         tokio::spawn(async move {
             if let Some(acceptor) = self.tls.clone() {
                 let handshake =
                     tokio::time::timeout(self.limits.header_timeout, acceptor.accept(stream));
                 match handshake.await {
-                    Ok(Ok(tls)) => self.serve_http(tls, peer, watcher).await,
+                    Ok(Ok(tls)) => {
+                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        self.serve_http(tls, peer, h2).await
+                    }
                     // Which side and why: "invalid peer certificate: UnknownIssuer" and the
                     // like at warn; probes that connect and close, or speak plain HTTP, at
                     // debug (they would flood the log).
@@ -224,33 +234,40 @@ impl Connections {
                 return;
             }
             match self.lanes.lane.clone() {
-                None => self.serve_http(stream, peer, watcher).await,
+                None => self.serve_http(stream, peer, false).await,
                 Some(lane) => match lane.serve(stream, peer, self.stopping.clone()).await {
                     Finished::Closed => {}
                     Finished::HandOff(stream, read) => {
                         tracing::debug!(%peer, "connection handed from the invoke lane to the general server");
-                        self.serve_http(Replay::new(stream, read), peer, watcher)
+                        self.serve_http(Replay::new(stream, read), peer, false)
                             .await
                     }
                 },
             }
             drop(slot);
+            drop(open);
         });
     }
 
-    /// Serves the rest of a connection with the general HTTP server.
-    async fn serve_http<I>(self, io: I, peer: SocketAddr, watcher: Watcher)
+    /// Serves the rest of a connection with the general HTTP server, in HTTP/2 with `h2`.
+    async fn serve_http<I>(self, io: I, peer: SocketAddr, h2: bool)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let Connections {
             app,
-            mut builder,
+            builder,
             lanes,
             shared,
+            stopping,
             limits,
             ..
         } = self;
+        let mut builder = if h2 {
+            builder.http2_only()
+        } else {
+            builder.http1_only()
+        };
         let reads = Arc::new(AtomicU64::new(0));
         builder.http1().timer(HeadTimer {
             limits,
@@ -263,19 +280,173 @@ impl Connections {
             first_byte: Some(Box::pin(tokio::time::sleep(limits.header_timeout))),
         };
         let handed = lanes.threads > 0;
+        // HTTP/2 has no head deadline between requests: its idle time is tracked here.
+        let activity = h2.then(Activity::new);
+        let opens = activity.clone();
         let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             let req = req.map(axum::body::Body::new);
-            if !handed || (lanes.inline)(req.uri().path()) {
+            let answer = if !handed || (lanes.inline)(req.uri().path()) {
                 Either::Left(app.clone().oneshot(req))
             } else {
                 Either::Right(Handed(shared.spawn(app.clone().oneshot(req))))
+            };
+            match &opens {
+                None => Either::Left(answer),
+                Some(activity) => Either::Right(OpenUntilAnswered {
+                    answer,
+                    open: Some(activity.begin()),
+                }),
             }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        if let Err(e) = watcher.watch(conn).await {
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let idle = async {
+            match &activity {
+                Some(a) => a.idle(limits.header_timeout, limits.idle_timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(idle);
+        // Told to go away (shutdown or idle): the connection ends once its open requests are
+        // answered; one with none left that does not end within the header timeout (a client
+        // that reads nothing) is dropped.
+        let mut closing: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let ended = loop {
+            tokio::select! {
+                ended = conn.as_mut() => break ended,
+                _ = stopping.cancelled(), if closing.is_none() => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Box::pin(tokio::time::sleep(DRAIN)));
+                }
+                _ = &mut idle, if closing.is_none() => {
+                    tracing::debug!(%peer, "closing an idle HTTP/2 connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Box::pin(tokio::time::sleep(limits.header_timeout)));
+                }
+                _ = async { closing.as_mut().expect("guarded").await }, if closing.is_some() => {
+                    if activity.as_ref().is_none_or(|a| a.open() == 0) {
+                        tracing::debug!(%peer, "a connection told to go away did not; dropped");
+                        return;
+                    }
+                    closing = Some(Box::pin(tokio::time::sleep(limits.header_timeout)));
+                }
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// The requests open on an HTTP/2 connection, and since when it has had none.
+#[derive(Clone)]
+struct Activity(Arc<watch::Sender<Open>>);
+
+#[derive(Clone, Copy)]
+struct Open {
+    requests: usize,
+    since: Instant,
+    /// A request has been answered on this connection.
+    served: bool,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity(Arc::new(watch::Sender::new(Open {
+            requests: 0,
+            since: Instant::now(),
+            served: false,
+        })))
+    }
+
+    fn open(&self) -> usize {
+        self.0.borrow().requests
+    }
+
+    /// Counts a request open until the returned guard drops (its answer's body sent).
+    fn begin(&self) -> OpenRequest {
+        self.0.send_modify(|o| o.requests += 1);
+        OpenRequest(self.0.clone())
+    }
+
+    /// Completes once the connection has had no request open for `idle` (`first` before its
+    /// first request, as an HTTP/1 connection's first head must come within the header
+    /// timeout).
+    async fn idle(&self, first: Duration, idle: Duration) {
+        let mut changes = self.0.subscribe();
+        loop {
+            let open = *changes.borrow_and_update();
+            if open.requests > 0 {
+                let _ = changes.changed().await;
+                continue;
+            }
+            let after = if open.served { idle } else { first };
+            tokio::select! {
+                _ = tokio::time::sleep_until((open.since + after).into()) => return,
+                _ = changes.changed() => {}
+            }
+        }
+    }
+}
+
+/// One open request on an HTTP/2 connection.
+struct OpenRequest(Arc<watch::Sender<Open>>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.send_modify(|o| {
+            o.requests -= 1;
+            o.since = Instant::now();
+            o.served = true;
+        });
+    }
+}
+
+/// A request's answer whose body holds the request open until it is sent (or dropped).
+struct OpenUntilAnswered<F> {
+    answer: F,
+    open: Option<OpenRequest>,
+}
+
+impl<F> Future for OpenUntilAnswered<F>
+where
+    F: Future<Output = Result<Response, Infallible>> + Unpin,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answered = std::task::ready!(Pin::new(&mut self.answer).poll(cx));
+        let open = self.open.take();
+        Poll::Ready(
+            answered.map(|r| r.map(|body| axum::body::Body::new(HeldBody { body, _open: open }))),
+        )
+    }
+}
+
+/// A response body that keeps its request counted as open until it is dropped.
+struct HeldBody {
+    body: axum::body::Body,
+    _open: Option<OpenRequest>,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -296,7 +467,14 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    let graceful = GracefulShutdown::new();
+    // A peer that stops answering pings while a request is open (a followed log, a long
+    // invocation) is dropped instead of holding the connection.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_PING))
+        .keep_alive_timeout(H2_PING);
+    let open = TaskTracker::new();
     let mut threads = match lanes.threads {
         0 => None,
         n => match ConnectionThreads::start(n, lanes.lane.clone()) {
@@ -340,9 +518,9 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let connections = connections.clone();
-        let watcher = graceful.watcher();
+        let token = open.token();
         let Some(threads) = threads.as_mut() else {
-            connections.spawn(stream, peer, slot, watcher);
+            connections.spawn(stream, peer, slot, token);
             continue;
         };
         // The stream moves to the thread's event loop (it is registered there).
@@ -355,7 +533,7 @@ pub async fn serve(
         };
         threads.hand(Box::new(move || {
             match tokio::net::TcpStream::from_std(stream) {
-                Ok(stream) => connections.spawn(stream, peer, slot, watcher),
+                Ok(stream) => connections.spawn(stream, peer, slot, token),
                 Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a connection"),
             }
         }));
@@ -364,7 +542,7 @@ pub async fn serve(
     connections.stopping.cancel();
     drop(connections);
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = async { open.close(); open.wait().await } => {}
         _ = tokio::time::sleep(drain) => {
             tracing::warn!("connections still open {drain:?} after shutdown began; closing them");
         }

@@ -200,9 +200,9 @@ pub struct ListenerTls {
     pub client_ca: Option<PathBuf>,
 }
 
-/// The server side of a listener: TLS 1.2 and 1.3, HTTP/1.1 by ALPN (HTTP/2 is not offered:
-/// the listener's idle and header timeouts cover HTTP/1 connections only), the certificate
-/// re-read when its files change (must run on a Tokio runtime).
+/// The server side of a listener: TLS 1.2 and 1.3, HTTP/2 or HTTP/1.1 by ALPN (a client that
+/// offers neither speaks HTTP/1.1), the certificate re-read when its files change (must run on
+/// a Tokio runtime).
 pub fn acceptor(tls: &ListenerTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let resolver = Arc::new(Reloading::load(&tls.cert_file, &tls.key_file)?);
     let builder = ServerConfig::builder_with_provider(provider())
@@ -219,7 +219,7 @@ pub fn acceptor(tls: &ListenerTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> 
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     spawn_reload(Arc::downgrade(&resolver));
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

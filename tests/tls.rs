@@ -2,7 +2,8 @@
 //! plane and an agent with mutual TLS (deploy, scale, invoke through the lane and the general
 //! path), client certificates from another CA or expired refused and named on both sides, a
 //! server certificate from an unknown CA refused, and the agent's certificate rotated under
-//! load without a failed invocation.
+//! load without a failed invocation; a TLS gateway (HTTP/2 and HTTP/1.1, idle HTTP/2
+//! connections closed) scraped and called by real Prometheus and Alertmanager.
 
 mod common;
 
@@ -211,8 +212,12 @@ async fn datacenters_speak_mutual_tls_and_refuse_strangers() {
     }
 }
 
-/// The ALPN protocol a TLS client offering `protocols` agrees with the server at `addr`.
-async fn negotiated(addr: &str, ca: &Path, protocols: &[&[u8]]) -> Option<Vec<u8>> {
+/// A TLS connection to `addr` (whose certificate `ca` signed) offering `protocols` by ALPN.
+async fn tls_client(
+    addr: &str,
+    ca: &Path,
+    protocols: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in faastastic::tls::certificates(ca).unwrap() {
         roots.add(cert).unwrap();
@@ -227,11 +232,65 @@ async fn negotiated(addr: &str, ca: &Path, protocols: &[&[u8]]) -> Option<Vec<u8
     config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The ALPN protocol a TLS client offering `protocols` agrees with the server at `addr`.
+async fn negotiated(addr: &str, ca: &Path, protocols: &[&[u8]]) -> Option<Vec<u8>> {
+    let tls = tls_client(addr, ca, protocols).await;
     tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// An HTTP/2 connection to `addr` over TLS, and a task that ends when the server closes it.
+async fn h2_connect(addr: &str, ca: &Path) -> (H2Sender, tokio::task::JoinHandle<()>) {
+    let tls = tls_client(addr, ca, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let ended = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (sender, ended)
+}
+
+/// Sends one request on an HTTP/2 connection: its status and body.
+async fn h2_send(
+    sender: &mut H2Sender,
+    method: &str,
+    uri: String,
+    auth: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::builder().method(method).uri(uri);
+    if let Some(auth) = auth {
+        req = req.header("authorization", auth);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    sender.ready().await.unwrap();
+    let r = sender.send_request(req).await.unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Whether `ended` finishes within `within`.
+async fn closed_within(ended: &mut tokio::task::JoinHandle<()>, within: Duration) -> bool {
+    tokio::time::timeout(within, ended).await.is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,13 +313,13 @@ async fn the_gateway_serves_tls_to_clients_prometheus_and_alertmanager() {
     });
     assert!(s.base.starts_with("https://"), "{}", s.base);
 
-    // HTTP/1.1 by ALPN (HTTP/2 is not offered); the metrics listener is TLS too; a client
-    // that does not trust the CA, or speaks plain HTTP, gets no answer.
+    // HTTP/2 or HTTP/1.1 by ALPN; the metrics listener is TLS too; a client that does not
+    // trust the CA, or speaks plain HTTP, gets no answer.
     assert_eq!(
         negotiated(&s.addr(), &ca.file, &[b"h2", b"http/1.1"])
             .await
             .as_deref(),
-        Some(&b"http/1.1"[..])
+        Some(&b"h2"[..])
     );
     assert_eq!(
         negotiated(&s.addr(), &ca.file, &[b"http/1.1"])
@@ -349,5 +408,126 @@ async fn a_gateway_with_a_client_ca_lets_in_only_the_clients_it_signed() {
         .build()
         .unwrap();
     let r = with.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// HTTP/2 over TLS serves the API and invocations (many at once on one connection, and one
+/// that outlasts the idle timeout), and an HTTP/2 connection is closed once it has had no
+/// request open for `limits.idle_timeout_ms`, or none at all for `header_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_tls_serves_and_idle_connections_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new(d, "ca");
+    let (cert, key) = ca.issue(d, "gateway", &["localhost", "127.0.0.1"], false);
+    let cfg = format!(
+        "[limits]\nidle_timeout_ms = 1000\nheader_timeout_ms = 2000\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let s = Server::with(Options {
+        auth: true,
+        config: Some(&cfg),
+        ca_file: Some(&ca.file),
+        ..Default::default()
+    });
+    let auth = s.basic_auth_header().unwrap();
+    let (mut h2, mut ended) = h2_connect(&s.addr(), &ca.file).await;
+    let base = s.url("");
+
+    // The API, with its credentials checked.
+    let (code, _) = h2_send(&mut h2, "GET", format!("{base}/system/functions"), None, "").await;
+    assert_eq!(code, 401);
+    let f = echo_function("echo2");
+    let (code, text) = h2_send(
+        &mut h2,
+        "POST",
+        format!("{base}/system/functions"),
+        Some(&auth),
+        &f.to_string(),
+    )
+    .await;
+    assert_eq!(code, 202, "{text}");
+    s.wait_available("echo2", 1).await;
+
+    // Fifty invocations at once on the one connection.
+    let calls = (0..50).map(|i| {
+        let mut sender = h2.clone();
+        let uri = format!("{base}/function/echo2");
+        async move { h2_send(&mut sender, "POST", uri, None, &format!("call {i}")).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (i, (code, body)) in answers.into_iter().enumerate() {
+        assert_eq!((code, body.as_str()), (200, format!("call {i}").as_str()));
+    }
+
+    // A request open longer than the idle timeout keeps its connection.
+    let slow = json!({"service": "slow2", "image": "local/echo",
+        "envProcess": "sh -c 'sleep 2.5; cat'"});
+    let (code, text) = h2_send(
+        &mut h2,
+        "POST",
+        format!("{base}/system/functions"),
+        Some(&auth),
+        &slow.to_string(),
+    )
+    .await;
+    assert_eq!(code, 202, "{text}");
+    s.wait_available("slow2", 1).await;
+    let (code, body) = h2_send(
+        &mut h2,
+        "POST",
+        format!("{base}/function/slow2"),
+        None,
+        "late",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "late"));
+
+    // Then idle: told to go away after a second.
+    assert!(
+        closed_within(&mut ended, Duration::from_secs(5)).await,
+        "an idle HTTP/2 connection stayed open"
+    );
+
+    // One that never sends a request: closed after the header timeout.
+    let (_quiet, mut ended) = h2_connect(&s.addr(), &ca.file).await;
+    let opened = std::time::Instant::now();
+    assert!(
+        closed_within(&mut ended, Duration::from_secs(6)).await,
+        "an HTTP/2 connection without a request stayed open"
+    );
+    assert!(
+        opened.elapsed() >= Duration::from_millis(1500),
+        "closed before its header timeout: {:?}",
+        opened.elapsed()
+    );
+}
+
+/// A plain listener speaks HTTP/1.1 only: an HTTP/2 client with prior knowledge gets no
+/// answer, an HTTP/1.1 client on the same server does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_listener_does_not_serve_http2() {
+    let s = Server::start();
+    let tcp = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(s.url("/healthz"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        h2.ready().await?;
+        h2.send_request(req).await
+    })
+    .await
+    .expect("the server neither answered nor closed");
+    assert!(answered.is_err(), "served HTTP/2 in clear: {answered:?}");
+    let r = reqwest::get(s.url("/healthz")).await.unwrap();
     assert_eq!(r.status(), 200);
 }
