@@ -258,8 +258,8 @@ fn router(agent: Arc<Agent>) -> Router {
 
 /// Runs the agent until SIGTERM or Ctrl-C, then stops its replicas.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+    // Owner-only, as the gateway's: functions run as other users and must not look in.
+    crate::server::create_data_dir(&cfg.data_dir)?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let platform = Arc::new(
         LocalPlatform::new(

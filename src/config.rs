@@ -447,6 +447,13 @@ pub struct LocalConfig {
     pub drain_timeout: Duration,
     /// Log lines kept per function for `/system/logs`.
     pub log_lines: usize,
+    /// When running as root: a user of its own for each function (else they run as root).
+    pub function_users: bool,
+    /// The users handed to functions, first and last (inclusive).
+    pub uid_range: (u32, u32),
+    /// When functions have users of their own: where their files (working directory,
+    /// secrets) live, outside the data directory.
+    pub function_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -496,6 +503,9 @@ impl Default for Config {
                 exec_timeout: Duration::from_secs(10),
                 drain_timeout: Duration::from_secs(10),
                 log_lines: 1000,
+                function_users: true,
+                uid_range: crate::platform::isolation::DEFAULT_UID_RANGE,
+                function_dir: PathBuf::from("/run/faastastic"),
             },
             autoscale: AutoscaleConfig::default(),
             prometheus: PrometheusConfig {
@@ -704,6 +714,19 @@ impl Config {
                     exec_timeout: s.secs("exec_timeout_secs", d.exec_timeout),
                     drain_timeout: s.secs("drain_timeout_secs", d.drain_timeout),
                     log_lines: s.positive("log_lines", d.log_lines),
+                    function_users: s.get("function_users", d.function_users),
+                    uid_range: s.parsed("uid_range", d.uid_range, |v: Vec<i64>| match v[..] {
+                        [first, last]
+                            if 0 < first && first <= last && last < i64::from(u32::MAX) =>
+                        {
+                            Ok((first as u32, last as u32))
+                        }
+                        _ => Err(format!(
+                            "must be [first, last] with 0 < first <= last < {}, got {v:?}",
+                            u32::MAX
+                        )),
+                    }),
+                    function_dir: s.get("function_dir", d.function_dir.clone()),
                 };
                 s.finish(&mut errors);
                 l

@@ -450,7 +450,10 @@ fn main() -> ExitCode {
             let token = match token_file.filter(|_| !no_auth) {
                 None => None,
                 Some(path) => match std::fs::read_to_string(&path) {
-                    Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                    Ok(t) if !t.trim().is_empty() => {
+                        platform::isolation::warn_if_readable_by_others(&path, "--token-file");
+                        Some(t.trim().to_string())
+                    }
                     Ok(_) => {
                         eprintln!("--token-file {}: the file is empty", path.display());
                         return ExitCode::from(2);

@@ -22,7 +22,7 @@ use crate::telemetry::Metrics;
 
 /// Creates the data directory owner-only, and makes everything created in it owner-only too
 /// (the store and its WAL files hold secret values).
-fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
@@ -75,6 +75,10 @@ fn auth(cfg: &Config) -> anyhow::Result<Arc<Auth>> {
                 !token.is_empty(),
                 "autoscale.alert_bearer_token_file {} is empty",
                 path.display()
+            );
+            crate::platform::isolation::warn_if_readable_by_others(
+                path,
+                "autoscale.alert_bearer_token_file",
             );
             Some(token)
         }

@@ -193,6 +193,7 @@ pub fn resolve_credentials(
     };
     if let Some(file) = &cfg.password_file {
         let password = read_trimmed(file, "auth.password_file")?;
+        crate::platform::isolation::warn_if_readable_by_others(file, "auth.password_file");
         return Ok((Credentials { user, password }, CredentialSource::Configured));
     }
     if stored_password.exists() {

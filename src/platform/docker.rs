@@ -35,12 +35,13 @@ use futures::StreamExt;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::limits::{check_resources, parse_cpu, parse_memory};
 use super::logs::LogBuffer;
 use super::{
     Endpoint, LogQuery, LogSubscription, Platform, PlatformError, ReadyTable, Rollout, Workload,
 };
 use crate::config::{ContainerConfig, Reach};
-use crate::model::{FunctionDeployment, FunctionId, FunctionResources};
+use crate::model::{FunctionDeployment, FunctionId};
 use crate::telemetry::Metrics;
 
 pub(super) const LABEL_FUNCTION: &str = "com.faastastic.function";
@@ -193,41 +194,6 @@ pub(super) fn engine_failed(what: &str, e: bollard::errors::Error) -> PlatformEr
     failed(what, crate::error_chain(&e))
 }
 
-/// `128Mi`, `1G`, `512k` or bytes.
-pub(super) fn parse_memory(text: &str) -> Option<i64> {
-    let t = text.trim();
-    let units = [
-        ("Ki", 1 << 10),
-        ("Mi", 1 << 20),
-        ("Gi", 1 << 30),
-        ("k", 1000),
-        ("K", 1000),
-        ("M", 1_000_000),
-        ("m", 1_000_000),
-        ("G", 1_000_000_000),
-        ("g", 1_000_000_000),
-    ];
-    for (suffix, factor) in units {
-        if let Some(n) = t.strip_suffix(suffix) {
-            return n
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .map(|v| (v * factor as f64) as i64);
-        }
-    }
-    t.parse::<i64>().ok()
-}
-
-/// `0.5` or `500m` (millicores) as nano-CPUs.
-pub(super) fn parse_cpu(text: &str) -> Option<i64> {
-    let t = text.trim();
-    match t.strip_suffix('m') {
-        Some(milli) => milli.parse::<f64>().ok().map(|m| (m * 1e6) as i64),
-        None => t.parse::<f64>().ok().map(|c| (c * 1e9) as i64),
-    }
-}
-
 /// Connects to a Docker engine (`socket`, else `DOCKER_HOST` or the default), agrees an API
 /// version with it, and empties the platform's run directory.
 pub(super) async fn engine(
@@ -269,23 +235,6 @@ pub(super) fn validate_image_and_resources(
     }
     check_resources("limits", &dep.limits)?;
     check_resources("requests", &dep.requests)
-}
-
-fn check_resources(field: &str, r: &Option<FunctionResources>) -> Result<(), String> {
-    let Some(r) = r else { return Ok(()) };
-    if let Some(m) = r.memory.as_deref().filter(|m| !m.is_empty()) {
-        if parse_memory(m).is_none_or(|v| v <= 0) {
-            return Err(format!("{field}.memory: {m:?} is not a size such as 128Mi"));
-        }
-    }
-    if let Some(c) = r.cpu.as_deref().filter(|c| !c.is_empty()) {
-        if parse_cpu(c).is_none_or(|v| v <= 0) {
-            return Err(format!(
-                "{field}.cpu: {c:?} is not a CPU count such as 0.5 or 500m"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Environment of one replica: the function's, `fprocess`, the port it listens on (`port`, as
@@ -1413,24 +1362,5 @@ mod tests {
         .unwrap();
         assert_eq!(serving_address(&exited, Reach::Published), None);
         assert_eq!(serving_address(&exited, Reach::Address), None);
-    }
-
-    #[test]
-    fn resource_units() {
-        assert_eq!(parse_memory("128Mi"), Some(128 << 20));
-        assert_eq!(parse_memory("1G"), Some(1_000_000_000));
-        assert_eq!(parse_memory("2048"), Some(2048));
-        assert_eq!(parse_memory("lots"), None);
-        assert_eq!(parse_cpu("0.5"), Some(500_000_000));
-        assert_eq!(parse_cpu("250m"), Some(250_000_000));
-        assert!(check_resources(
-            "limits",
-            &Some(FunctionResources {
-                memory: Some("12 parsecs".into()),
-                ..Default::default()
-            })
-        )
-        .unwrap_err()
-        .contains("limits.memory"));
     }
 }

@@ -21,6 +21,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::isolation::{Isolation, User};
+use super::limits::{Groups, Limits};
 use super::logs::LogBuffer;
 use super::table::Row;
 use super::watchdog::{die_with_parent, HEALTH_PATH, LISTENING_PREFIX};
@@ -31,6 +33,9 @@ use super::{
 use crate::config::LocalConfig;
 use crate::model::{FunctionDeployment, FunctionId, FunctionMap};
 use crate::telemetry::Metrics;
+
+/// How often a running replica's memory kills are looked at.
+const OOM_CHECK: Duration = Duration::from_secs(1);
 
 /// Environment variables passed from the server to replicas; everything else is cleared so a
 /// function never sees the server's own settings.
@@ -47,7 +52,11 @@ struct Inner {
     /// variables and `exec_timeout`. Kept once here rather than in every generation (at
     /// 10,000 functions in 3 datacenters the copies took about 30 MB).
     base_env: Vec<(String, String)>,
-    run_dir: PathBuf,
+    /// Where each generation's directory (working directory, secrets) is made.
+    files: PathBuf,
+    isolation: Isolation,
+    /// Where replicas with `limits` get their control groups.
+    groups: Groups,
     datacenter: String,
     metrics: Arc<Metrics>,
     functions: RwLock<FunctionMap<Entry>>,
@@ -62,7 +71,13 @@ struct Entry {
     logs: Arc<LogBuffer>,
     /// Publishes the serving generation into the table; shared by every generation.
     published: Arc<Published>,
+    user: Arc<FunctionUser>,
 }
+
+/// The user a function's replicas run as (with a user per function), taken at its first
+/// replica's start and held while any of its generations exists.
+#[derive(Default)]
+struct FunctionUser(Mutex<Option<Arc<User>>>);
 
 /// Publishes a function's serving generation into its table row: recomputed by its
 /// generations whenever theirs changes and by the platform whenever it swaps generations.
@@ -144,8 +159,44 @@ impl LocalPlatform {
             std::fs::remove_dir_all(&run_dir)?;
         }
         create_private_dir(&run_dir)?;
+        let run_dir_name = run_dir.display().to_string();
+        let isolation = Isolation::choose(
+            cfg.function_users,
+            cfg.uid_range,
+            &std::path::absolute(&cfg.function_dir)?,
+            &run_dir,
+            datacenter,
+        )?;
+        let (files, exe) = match &isolation {
+            Isolation::ServerUser => (run_dir, exe),
+            Isolation::FunctionUsers { files, .. } => {
+                // The watchdog runs as the function's user: it needs a copy of this program
+                // when the program sits where others cannot reach it (under /root).
+                let exe = if super::isolation::executable_by_others(&exe) {
+                    exe
+                } else {
+                    let copy = files.join("faastastic");
+                    std::fs::copy(&exe, &copy)?;
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+                    tracing::info!(copy = %copy.display(), "this program is not reachable by function users; they run a copy");
+                    copy
+                };
+                (files.clone(), exe)
+            }
+        };
+        let isolated = matches!(isolation, Isolation::FunctionUsers { .. });
+        let groups = Groups::prepare(
+            &format!(
+                "faastastic-{:016x}",
+                super::isolation::fnv1a(run_dir_name.as_bytes())
+            ),
+            datacenter,
+        );
         let mut base_env: Vec<(String, String)> = PASSTHROUGH_ENV
             .iter()
+            // A function's own user has no account: its home is its working directory.
+            .filter(|k| !(isolated && matches!(**k, "HOME" | "USER")))
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
             .collect();
         base_env.push((
@@ -157,7 +208,9 @@ impl LocalPlatform {
                 cfg,
                 exe,
                 base_env,
-                run_dir,
+                files,
+                isolation,
+                groups,
                 datacenter: datacenter.to_string(),
                 metrics,
                 functions: RwLock::new(FunctionMap::default()),
@@ -190,8 +243,12 @@ struct Generation {
     number: u64,
     dir: PathBuf,
     launch: Launch,
+    limits: Limits,
     logs: Arc<LogBuffer>,
     published: Arc<Published>,
+    user: Arc<FunctionUser>,
+    /// The user `dir` was handed to (0: none yet).
+    owner: std::sync::atomic::AtomicU32,
     platform: Arc<Inner>,
     slots: Mutex<Vec<Slot>>,
     /// How many slots there are, readable without their lock.
@@ -349,9 +406,27 @@ impl Generation {
 
     async fn run_replica(&self, instance: &str, cancel: &CancellationToken) -> ReplicaExit {
         let cfg = &self.platform.cfg;
+        let group = match self.platform.groups.replica(instance, self.limits) {
+            Ok(group) => group,
+            Err(e) => return ReplicaExit::Failed(format!("could not set its limits: {e}")),
+        };
         let mut child = match self.spawn() {
             Ok(child) => child,
             Err(e) => return ReplicaExit::Failed(format!("could not start: {e}")),
+        };
+        if let (Some(group), Some(pid)) = (&group, child.id()) {
+            if let Err(e) = group.add(pid) {
+                terminate(&mut child).await;
+                return ReplicaExit::Failed(format!("could not set its limits: {e}"));
+            }
+        }
+        // Why it exited: the memory limit when the kernel killed a process of it for that.
+        let exited = |status: std::io::Result<std::process::ExitStatus>| {
+            let status = describe_exit(status);
+            match &group {
+                Some(g) if g.oom_kills() > 0 => format!("{status}: {}", g.oom_reason()),
+                _ => status,
+            }
         };
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return ReplicaExit::Failed("started without output pipes".to_string());
@@ -391,25 +466,67 @@ impl Generation {
                 ));
             },
             status = child.wait() => {
-                return ReplicaExit::Failed(describe_exit(status));
+                return ReplicaExit::Failed(exited(status));
             }
             _ = cancel.cancelled() => return stop_child(child).await,
         }
 
         let endpoint = Arc::new(Endpoint::new(instance.to_string(), addr));
         self.set_ready(instance, Some(endpoint.clone()));
-        tokio::select! {
-            status = child.wait() => ReplicaExit::Failed(describe_exit(status)),
-            _ = cancel.cancelled() => {
-                self.set_ready(instance, None);
-                drain(&endpoint, cfg.drain_timeout).await;
-                stop_child(child).await
+        // A process killed for memory while the replica keeps running (a classic request's)
+        // is told in the function's log.
+        let mut kills = group.as_ref().map_or(0, |g| g.oom_kills());
+        let mut look = tokio::time::interval(OOM_CHECK);
+        loop {
+            tokio::select! {
+                status = child.wait() => return ReplicaExit::Failed(exited(status)),
+                _ = cancel.cancelled() => {
+                    self.set_ready(instance, None);
+                    drain(&endpoint, cfg.drain_timeout).await;
+                    return stop_child(child).await;
+                }
+                _ = look.tick(), if group.is_some() => {
+                    let Some(g) = &group else { continue };
+                    let now = g.oom_kills();
+                    if now > kills {
+                        let msg = format!("replica {instance}: a process was {}", g.oom_reason());
+                        tracing::warn!(function = %self.id, "{msg}");
+                        self.logs.push(instance, msg);
+                        kills = now;
+                    }
+                }
             }
         }
     }
 
+    /// The user this generation's replicas run as, its directory handed to it (with a user
+    /// per function).
+    fn run_as(&self) -> std::io::Result<Option<u32>> {
+        let Isolation::FunctionUsers { users, .. } = &self.platform.isolation else {
+            return Ok(None);
+        };
+        let uid = {
+            let mut held = self.user.0.lock().unwrap_or_else(|p| p.into_inner());
+            match &*held {
+                Some(user) => user.uid,
+                None => {
+                    let user = users.claim(&self.id.qualified())?;
+                    let uid = user.uid;
+                    *held = Some(user);
+                    uid
+                }
+            }
+        };
+        if self.owner.load(Ordering::Acquire) != uid {
+            super::isolation::hand_over(&self.dir, uid)?;
+            self.owner.store(uid, Ordering::Release);
+        }
+        Ok(Some(uid))
+    }
+
     fn spawn(&self) -> std::io::Result<Child> {
         let platform = &self.platform;
+        let run_as = self.run_as()?;
         let mut cmd = Command::new(&platform.exe);
         cmd.arg("watchdog")
             .env_clear()
@@ -427,6 +544,11 @@ impl Generation {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if let Some(uid) = run_as {
+            // The standard library drops supplementary groups when root changes user.
+            cmd.uid(uid).gid(uid).env("HOME", &self.dir);
+            super::isolation::no_new_privs(&mut cmd);
+        }
         die_with_parent(&mut cmd, libc::SIGTERM);
         cmd.spawn()
     }
@@ -574,6 +696,8 @@ impl Platform for LocalPlatform {
         if let Err(e) = shell_words::split(process) {
             return Err(format!("envProcess: cannot be split into arguments: {e}"));
         }
+        super::limits::check_resources("limits", &dep.limits)?;
+        super::limits::check_resources("requests", &dep.requests)?;
         match env_var(dep, "mode").unwrap_or("classic") {
             "classic" | "" => Ok(()),
             "http" => match env_var(dep, "upstream_url") {
@@ -606,12 +730,18 @@ impl Platform for LocalPlatform {
             .replica_restarts
             .with_label_values(&[id.qualified().as_str(), inner.datacenter.as_str()]);
         let dir = inner
-            .run_dir
+            .files
             .join(&id.namespace)
             .join(&id.name)
             .join(number.to_string());
         let secrets_dir = dir.join("secrets");
         let prepare = || -> std::io::Result<()> {
+            if let (Isolation::FunctionUsers { .. }, Some(function)) =
+                (&inner.isolation, dir.parent())
+            {
+                // Its user must get through to its generation's directory.
+                super::isolation::traversable_dir(function)?;
+            }
             create_private_dir(&secrets_dir)?;
             for (name, value) in &workload.secrets {
                 write_private_file(&secrets_dir.join(name), value)?;
@@ -632,13 +762,17 @@ impl Platform for LocalPlatform {
             env.push(("fprocess".into(), p.to_string()));
         }
 
-        let (logs, published) = inner
+        let (logs, published, user) = inner
             .read()
             .get(&id)
-            .map(|e| (e.logs.clone(), e.published.clone()))
+            .map(|e| (e.logs.clone(), e.published.clone(), e.user.clone()))
             .unwrap_or_else(|| {
                 let logs = LogBuffer::new(&id.name, &id.namespace, inner.cfg.log_lines);
-                (Arc::new(logs), Published::new(inner.table.row(&id)))
+                (
+                    Arc::new(logs),
+                    Published::new(inner.table.row(&id)),
+                    Arc::default(),
+                )
             });
         let generation = Arc::new(Generation {
             id: id.clone(),
@@ -647,8 +781,11 @@ impl Platform for LocalPlatform {
             launch: Launch {
                 env: env.into_boxed_slice(),
             },
+            limits: Limits::of(dep),
             logs: logs.clone(),
             published: published.clone(),
+            user: user.clone(),
+            owner: Default::default(),
             platform: inner.clone(),
             slots: Mutex::new(Vec::new()),
             desired: AtomicU64::new(0),
@@ -672,6 +809,7 @@ impl Platform for LocalPlatform {
                         previous: None,
                         logs,
                         published,
+                        user,
                     };
                     entry.published.track(&entry);
                     map.insert(id.clone(), entry);
@@ -773,6 +911,10 @@ impl Platform for LocalPlatform {
         for g in &generations {
             g.tasks.wait().await;
         }
+        if let Isolation::FunctionUsers { files, .. } = &self.inner.isolation {
+            let _ = tokio::fs::remove_dir_all(files).await;
+        }
+        self.inner.groups.remove();
     }
 }
 

@@ -4,6 +4,8 @@
 pub mod compliance;
 pub mod docker;
 pub mod fake;
+pub mod isolation;
+pub mod limits;
 pub mod local;
 pub mod logs;
 pub mod remote;

@@ -35,10 +35,11 @@ use bollard::query_parameters::{
 use bollard::Docker;
 
 use super::docker::{
-    engine, engine_failed, exit_reason, failed, free_port, health_path, last_lines, parse_cpu,
-    parse_memory, replica_env, replica_labels, secrets_dir, validate_image_and_resources,
-    write_secrets, LastLines, FUNCTION_PORT, LABEL_DATACENTER, LABEL_GENERATION, SECRETS_PATH,
+    engine, engine_failed, exit_reason, failed, free_port, health_path, last_lines, replica_env,
+    replica_labels, secrets_dir, validate_image_and_resources, write_secrets, LastLines,
+    FUNCTION_PORT, LABEL_DATACENTER, LABEL_GENERATION, SECRETS_PATH,
 };
+use super::limits::{parse_cpu, parse_memory};
 use super::{Endpoint, Platform, PlatformError, ReadyTable, Workload};
 use crate::config::{ContainerConfig, Reach};
 use crate::model::{FunctionDeployment, FunctionId};

@@ -397,6 +397,12 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
+/// Whether the tests run as root: functions then get users of their own.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Panics, naming the package, when a program a test needs is not installed: tests never skip
 /// silently (`scripts/test.sh` installs these).
 pub fn require_program(program: &str, package: &str) {

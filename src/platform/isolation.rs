@@ -1,0 +1,384 @@
+//! Who a local replica runs as. When faastastic runs as root, each function's processes run
+//! under a user and group of their own, taken from `local.uid_range`, with no supplementary
+//! groups and `no_new_privs` set; its files (working directory, secrets) live outside the
+//! data directory, in a tree only traversable by others, owned by that user and readable by
+//! it alone. A function then cannot read faastastic's data directory, credentials or another
+//! function's files, nor read the environment of, or signal, faastastic's processes or
+//! another function's.
+//!
+//! A user is held by an exclusive lock on `<function_dir>/users/<uid>.lock` for as long as
+//! any generation of its function exists, so two faastastic processes on one machine (or two
+//! datacenters of one process) never hand out the same user; users are handed out in order
+//! and not again by this process until the range wraps, and any process still running as a
+//! user when it is handed out (one a removed function, or a previous run, left behind) is
+//! killed first, so it never meets the next function's files.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The default range of users handed to functions: far above account and container ranges.
+pub const DEFAULT_UID_RANGE: (u32, u32) = (3_000_000, 3_099_999);
+
+/// How a platform's replicas are isolated.
+pub enum Isolation {
+    /// As faastastic's own user (not root, or `local.function_users = false`).
+    ServerUser,
+    /// A user per function, and function files under `files`.
+    FunctionUsers { users: Users, files: PathBuf },
+}
+
+impl Isolation {
+    /// Picks the isolation for a local platform whose replica files would otherwise live in
+    /// `run_dir`, and says which is in force (and why) in the log.
+    pub fn choose(
+        enabled: bool,
+        range: (u32, u32),
+        function_dir: &Path,
+        run_dir: &Path,
+        datacenter: &str,
+    ) -> io::Result<Isolation> {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 {
+            tracing::warn!(
+                datacenter,
+                uid = euid,
+                "not running as root: functions run as this server's own user and can read its data directory (state, credentials) and each other's secrets; run as root for a user per function"
+            );
+            return Ok(Isolation::ServerUser);
+        }
+        if !enabled {
+            tracing::warn!(
+                datacenter,
+                "local.function_users = false: functions run as root and can read everything this server can"
+            );
+            return Ok(Isolation::ServerUser);
+        }
+        traversable_dir(function_dir)?;
+        let files = function_dir.join(format!(
+            "{:016x}",
+            fnv1a(run_dir.as_os_str().as_encoded_bytes())
+        ));
+        if files.exists() {
+            std::fs::remove_dir_all(&files)?;
+        }
+        traversable_dir(&files)?;
+        let users = Users::new(range, &function_dir.join("users"))?;
+        tracing::info!(
+            datacenter,
+            first = range.0,
+            last = range.1,
+            files = %files.display(),
+            "functions run as a user of their own, with no supplementary groups and no_new_privs"
+        );
+        Ok(Isolation::FunctionUsers { users, files })
+    }
+}
+
+/// A stable name for a path (FNV-1a).
+pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Creates `dir` and any missing parents so that others may traverse them but not list them
+/// (0711, whatever the umask).
+pub fn traversable_dir(dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|p| !p.exists()).collect();
+    for p in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o711).create(p) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711))?,
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+}
+
+/// Hands out users from a range, one per function.
+pub struct Users {
+    first: u32,
+    last: u32,
+    locks: PathBuf,
+    state: Mutex<UsersState>,
+}
+
+struct UsersState {
+    next: u32,
+    /// The user each function holds while any of its generations exists.
+    held: HashMap<String, std::sync::Weak<User>>,
+}
+
+/// A user held for a function; released (its lock dropped) when the last holder goes.
+pub struct User {
+    pub uid: u32,
+    _lock: File,
+}
+
+impl Users {
+    fn new((first, last): (u32, u32), locks: &Path) -> io::Result<Users> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(locks)?;
+        Ok(Users {
+            first,
+            last,
+            locks: locks.to_path_buf(),
+            state: Mutex::new(UsersState {
+                next: first,
+                held: HashMap::new(),
+            }),
+        })
+    }
+
+    /// The user of function `key`, taking the next free one if it has none.
+    pub fn claim(&self, key: &str) -> io::Result<Arc<User>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(user) = state.held.get(key).and_then(std::sync::Weak::upgrade) {
+            return Ok(user);
+        }
+        state.held.retain(|_, u| u.strong_count() > 0);
+        let size = u64::from(self.last - self.first) + 1;
+        for _ in 0..size {
+            let uid = state.next;
+            state.next = if uid >= self.last {
+                self.first
+            } else {
+                uid + 1
+            };
+            if has_account(uid) {
+                continue; // a real user's: never handed out, its processes never killed
+            }
+            let path = self.locks.join(format!("{uid}.lock"));
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
+            match file.try_lock() {
+                Ok(()) => {
+                    kill_leftovers(uid);
+                    let user = Arc::new(User { uid, _lock: file });
+                    state.held.insert(key.to_string(), Arc::downgrade(&user));
+                    return Ok(user);
+                }
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            }
+        }
+        Err(io::Error::other(format!(
+            "every user of local.uid_range {}-{} is taken: widen it",
+            self.first, self.last
+        )))
+    }
+}
+
+/// Whether `uid` belongs to an account (the system's user database knows it).
+fn has_account(uid: u32) -> bool {
+    let mut pwd = std::mem::MaybeUninit::<libc::passwd>::uninit();
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; the result points into `pwd` and `buf`.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            pwd.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    rc == 0 && !found.is_null()
+}
+
+/// Kills every process running as `uid` (`/proc/PID/status`, real or effective user).
+fn kill_leftovers(uid: u32) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let runs_as = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .is_some_and(|ids| {
+                ids.split_whitespace()
+                    .take(2)
+                    .any(|id| id == uid.to_string())
+            });
+        if runs_as {
+            tracing::warn!(
+                pid,
+                uid,
+                "killing a process left running as a user being handed to a function"
+            );
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Gives a generation's directory to its function's user: the directory (0700), its secrets
+/// directory (0500) and each secret (0400), owned by `uid` and its group.
+pub fn hand_over(dir: &Path, uid: u32) -> io::Result<()> {
+    let own = |path: &Path, mode: u32| -> io::Result<()> {
+        std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    };
+    let secrets = dir.join("secrets");
+    if secrets.is_dir() {
+        for entry in std::fs::read_dir(&secrets)? {
+            own(&entry?.path(), 0o400)?;
+        }
+        own(&secrets, 0o500)?;
+    }
+    own(dir, 0o700)
+}
+
+/// Warns when a file holding a secret (a token, a password) can be read by users other than
+/// its owner: functions run as other users and could read it.
+pub fn warn_if_readable_by_others(path: &Path, what: &str) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                "{what} {} is readable by other users (mode {mode:o}), functions included: chmod 600 it",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Sets `no_new_privs` in the child before it runs: no program it starts gains privileges
+/// (set-user-ID binaries run as the function's user).
+pub fn no_new_privs(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether every directory above `path` lets others through and `path` lets them execute it.
+pub fn executable_by_others(path: &Path) -> bool {
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode());
+    if !mode(path).is_ok_and(|m| m & 0o001 != 0) {
+        return false;
+    }
+    path.ancestors()
+        .skip(1)
+        .filter(|p| !p.as_os_str().is_empty())
+        .all(|p| mode(p).is_ok_and(|m| m & 0o001 != 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_are_handed_out_in_order_once_per_function_and_held_across_holders() {
+        // Far from any account: handing a user out kills its processes.
+        const FIRST: u32 = 3_999_980;
+        let dir = tempfile::tempdir().unwrap();
+        let users = Users::new((FIRST, FIRST + 2), &dir.path().join("users")).unwrap();
+        let a = users.claim("a").unwrap();
+        assert_eq!(a.uid, FIRST);
+        assert_eq!(
+            users.claim("a").unwrap().uid,
+            FIRST,
+            "the same function, the same user"
+        );
+        let b = users.claim("b").unwrap();
+        assert_eq!(b.uid, FIRST + 1);
+        // Another holder of the range (another process, or another datacenter) skips
+        // the users this one holds.
+        let other = Users::new((FIRST, FIRST + 2), &dir.path().join("users")).unwrap();
+        let z = other.claim("z").unwrap();
+        assert_eq!(z.uid, FIRST + 2);
+        let err = users.claim("c").err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("local.uid_range {FIRST}-{}", FIRST + 2)),
+            "{err}"
+        );
+        // Released once its last holder goes; not handed out again before the range wraps.
+        drop(a);
+        assert_eq!(users.claim("c").unwrap().uid, FIRST);
+        drop(z);
+    }
+
+    #[test]
+    fn an_account_s_user_is_never_handed_out() {
+        assert!(has_account(0), "root has an account");
+        assert!(!has_account(3_999_970));
+        let dir = tempfile::tempdir().unwrap();
+        let users = Users::new((0, 0), &dir.path().join("users")).unwrap();
+        let err = users.claim("f").err().unwrap().to_string();
+        assert!(err.contains("local.uid_range 0-0"), "{err}");
+    }
+
+    #[test]
+    fn a_process_left_running_as_a_user_is_killed_before_the_user_is_handed_out() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // only root can start a process as another user
+        }
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let uid = 3_999_990;
+        let mut left = std::process::Command::new("sleep")
+            .arg("30")
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let users = Users::new((uid, uid), &dir.path().join("users")).unwrap();
+        let user = users.claim("f").unwrap();
+        assert_eq!(user.uid, uid);
+        let status = left.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    }
+
+    #[test]
+    fn a_path_inside_a_private_directory_is_not_executable_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("private");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .unwrap();
+        let exe = private.join("prog");
+        std::fs::write(&exe, "").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!executable_by_others(&exe));
+        // Open every directory from the temporary one down: whether the program is reachable
+        // now depends on the directories above the temporary one only.
+        for d in [&private, &dir.path().to_path_buf()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
+        let above = dir.path().ancestors().skip(1).all(|p| {
+            p.as_os_str().is_empty() || std::fs::metadata(p).unwrap().permissions().mode() & 1 != 0
+        });
+        assert_eq!(executable_by_others(&exe), above);
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!executable_by_others(&exe));
+    }
+}
