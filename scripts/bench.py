@@ -133,16 +133,23 @@ def nginx_function(work, **extra):
     """The function measured: nginx returning a fixed body, behind the watchdog in http mode
     (its deployment, with `extra` fields)."""
     port = free_port()
-    conf = os.path.join(work, "backend.conf")
+    # Run as root, faastastic runs the function as a user of its own: its configuration must
+    # be readable by others, and what it writes goes to its own working directory.
+    backend = os.path.join(work, "backend")
+    os.makedirs(backend, exist_ok=True)
+    os.chmod(work, 0o711)
+    os.chmod(backend, 0o755)
+    conf = os.path.join(backend, "backend.conf")
     with open(conf, "w") as f:
-        f.write(f"""worker_processes 1; pid {work}/backend.pid; error_log {work}/backend.err;
+        f.write(f"""worker_processes 1; pid backend.pid; error_log stderr;
 events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello\\n"; }} }} }}
 """)
+    os.chmod(conf, 0o644)
     return {
         "service": "bench", "image": "local/nginx",
-        "envProcess": f"/usr/sbin/nginx -c {conf} -g 'daemon off;'",
+        "envProcess": f"/usr/sbin/nginx -p . -e stderr -c {conf} -g 'daemon off;'",
         "envVars": {"mode": "http", "upstream_url": f"http://127.0.0.1:{port}"},
         **extra,
     }

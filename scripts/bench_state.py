@@ -129,38 +129,59 @@ def alert_payload(names, round_no):
         "commonAnnotations": {}, "externalURL": "", "alerts": alerts})
 
 
-def cold_start(port, base, rounds):
-    """Median and max first-byte time of an invocation at zero replicas, and of a warm one."""
+def deploy_cold(base):
+    """Deploys the function the cold start measures and waits for its replica."""
     body = json.dumps({"service": "cold", "image": "local/cat", "envProcess": "cat",
                        "constraints": ["datacenter==stage"]}).encode()
     urllib.request.urlopen(urllib.request.Request(
         base + "/system/functions", data=body, method="POST",
         headers={"Content-Type": "application/json"}))
+    wait_for(lambda: cold_available(base) == 1, 30, "the cold function's replica")
 
-    def available():
-        with urllib.request.urlopen(base + "/system/function/cold") as r:
-            return json.load(r).get("availableReplicas", 0)
-    wait_for(lambda: available() == 1, 30, "the cold function's replica")
-    cold, warm = [], []
+
+def cold_available(base):
+    with urllib.request.urlopen(base + "/system/function/cold") as r:
+        return json.load(r).get("availableReplicas", 0)
+
+
+def cold_round(port, base):
+    """One round: the function scaled to zero, then the first byte of a held invocation and
+    of a warm one."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    for _ in range(rounds):
-        status, _ = request(conn, "POST", "/system/scale-function/cold",
-                            json.dumps({"serviceName": "cold", "replicas": 0}))
-        if status not in (200, 202):
-            sys.exit(f"scale to zero: {status}")
-        wait_for(lambda: available() == 0, 30, "zero replicas")
-        time.sleep(0.2)  # let the stopped replica's process go
-        for into in (cold, warm):
-            t0 = time.perf_counter()
-            conn.request("POST", "/function/cold", body=b"x")
-            resp = conn.getresponse()  # returns once the status line and headers are in
-            first_byte = time.perf_counter() - t0
-            payload = resp.read()
-            if resp.status != 200 or payload != b"x":
-                sys.exit(f"invoke: {resp.status} {payload[:100]!r}")
-            into.append(first_byte)
+    status, _ = request(conn, "POST", "/system/scale-function/cold",
+                        json.dumps({"serviceName": "cold", "replicas": 0}))
+    if status not in (200, 202):
+        sys.exit(f"scale to zero: {status}")
+    wait_for(lambda: cold_available(base) == 0, 30, "zero replicas")
+    time.sleep(0.2)  # let the stopped replica's process go
+    out = []
+    for _ in ("cold", "warm"):
+        t0 = time.perf_counter()
+        conn.request("POST", "/function/cold", body=b"x")
+        resp = conn.getresponse()  # returns once the status line and headers are in
+        first_byte = time.perf_counter() - t0
+        payload = resp.read()
+        if resp.status != 200 or payload != b"x":
+            sys.exit(f"invoke: {resp.status} {payload[:100]!r}")
+        out.append(first_byte)
     conn.close()
-    return cold, warm
+    return out
+
+
+def start_server(work, name, config, port):
+    """A server with `config` in work/name, its log there; returns the process."""
+    home = os.path.join(work, name)
+    os.makedirs(home)
+    with open(os.path.join(home, "faastastic.toml"), "w") as f:
+        f.write(config)
+    server = subprocess.Popen(
+        [BIN, "serve", "--no-auth", "--config", os.path.join(home, "faastastic.toml"),
+         "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(home, "data")],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(home, "serve.log"), "w"),
+        env={**os.environ, "RUST_LOG": "warn"})
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, name)
+    return server
 
 
 def main():
@@ -177,8 +198,7 @@ def main():
     rows, raw = [], {}
     try:
         port = free_port()
-        with open(os.path.join(work, "faastastic.toml"), "w") as f:
-            f.write("""placement = "all"
+        server = start_server(work, "main", """placement = "all"
 """ + "".join(f"""[[datacenters]]
 name = "{dc}"
 rate_per_sec = 1000000
@@ -187,15 +207,9 @@ name = "internal"
 source = "internal"
 target = 5
 interval_ms = 1000
-""")
-        server = subprocess.Popen(
-            [BIN, "serve", "--no-auth", "--config", os.path.join(work, "faastastic.toml"),
-             "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(work, "data")],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "serve.log"), "w"),
-            env={**os.environ, "RUST_LOG": "warn"})
+""", port)
         procs.append(server)
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, "faastastic")
         idle_rss = proc_kib(server.pid, "VmRSS")
 
         def stage_rss(stage):
@@ -203,8 +217,28 @@ interval_ms = 1000
             kib = raw[f"rss_after_{stage}_kib"] = proc_kib(server.pid, "VmRSS")
             return f"(RSS {kib / 1024:.0f} MB)"
 
-        # Cold start first, while the machine is quiet.
-        cold, warm = cold_start(port, base, args.cold_rounds)
+        # Cold start first, while the machine is quiet; beside it, in interleaved rounds, the
+        # same on a server whose functions run as its own user (the cost of a user per
+        # function: the directory handed over, the user's switch; as root only).
+        shared_port = free_port()
+        isolating = os.geteuid() == 0
+        if isolating:
+            procs.append(start_server(work, "shared", """[[datacenters]]
+name = "stage"
+[local]
+function_users = false
+""", shared_port))
+        shared_base = f"http://127.0.0.1:{shared_port}"
+        deploy_cold(base)
+        if isolating:
+            deploy_cold(shared_base)
+        cold, warm, shared_cold = [], [], []
+        for _ in range(args.cold_rounds):
+            c, w = cold_round(port, base)
+            cold.append(c)
+            warm.append(w)
+            if isolating:
+                shared_cold.append(cold_round(shared_port, shared_base)[0])
         raw["cold_start_s"], raw["warm_s"] = cold, warm
         cold_med, warm_med = statistics.median(cold), statistics.median(warm)
         rows.append(row(PART, "cold start: 0 → 1 on the local platform, first byte of the held "
@@ -213,6 +247,15 @@ interval_ms = 1000
                         cold_med < 0.050))
         print(f"cold start: median {ms(cold_med)}, max {ms(max(cold))}; warm {ms(warm_med)}",
               flush=True)
+        if isolating:
+            raw["cold_start_shared_user_s"] = shared_cold
+            shared_med = statistics.median(shared_cold)
+            rows.append(row(PART, "cold start with a user per function, against the same with "
+                            "functions as the server's user (local.function_users = false), "
+                            f"interleaved rounds (median of {len(cold)})", ms(cold_med),
+                            f"server's user {ms(shared_med)}", cold_med / shared_med,
+                            "< 50 ms", cold_med < 0.050))
+            print(f"cold start as the server's user: median {ms(shared_med)}", flush=True)
         request(http.client.HTTPConnection("127.0.0.1", port), "DELETE", "/system/functions",
                 json.dumps({"functionName": "cold"}))
 

@@ -180,20 +180,23 @@ impl Users {
 
 /// Whether `uid` belongs to an account (the system's user database knows it).
 fn has_account(uid: u32) -> bool {
-    let mut pwd = std::mem::MaybeUninit::<libc::passwd>::uninit();
-    let mut buf = vec![0 as libc::c_char; 4096];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; the result points into `pwd` and `buf`.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            uid,
-            pwd.as_mut_ptr(),
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    rc == 0 && !found.is_null()
+    let mut size = 4096;
+    loop {
+        let mut pwd = std::mem::MaybeUninit::<libc::passwd>::uninit();
+        let mut buf = vec![0 as libc::c_char; size];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; the result points into `pwd` and `buf`.
+        let rc = unsafe {
+            libc::getpwuid_r(uid, pwd.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut found)
+        };
+        match rc {
+            0 => return !found.is_null(),
+            // An entry too large for the buffer is an entry.
+            libc::ERANGE if size < 1 << 20 => size *= 4,
+            libc::ERANGE => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// Kills every process running as `uid` (`/proc/PID/status`, real or effective user).
