@@ -18,6 +18,7 @@ declare -A needs=(
   [dockerd]=docker.io
   [docker]=docker.io
   [busybox]=busybox-static
+  [bwrap]=bubblewrap
   [openssl]=openssl
   [wrk]=wrk
   [nginx]=nginx-light

@@ -451,6 +451,10 @@ pub struct LocalConfig {
     pub function_users: bool,
     /// The users handed to functions, first and last (inclusive).
     pub uid_range: (u32, u32),
+    /// With a user per function: whether replicas also run in a bubblewrap sandbox.
+    pub sandbox: crate::platform::isolation::SandboxMode,
+    /// Whether `limits` use control groups where they are writable (else rlimits).
+    pub cgroups: bool,
     /// When functions have users of their own: where their files (working directory,
     /// secrets) live, outside the data directory.
     pub function_dir: PathBuf,
@@ -505,6 +509,8 @@ impl Default for Config {
                 log_lines: 1000,
                 function_users: true,
                 uid_range: crate::platform::isolation::DEFAULT_UID_RANGE,
+                sandbox: crate::platform::isolation::SandboxMode::Auto,
+                cgroups: true,
                 function_dir: PathBuf::from("/run/faastastic"),
             },
             autoscale: AutoscaleConfig::default(),
@@ -727,6 +733,8 @@ impl Config {
                         )),
                     }),
                     function_dir: s.get("function_dir", d.function_dir.clone()),
+                    sandbox: s.parsed("sandbox", d.sandbox, |v: String| v.parse()),
+                    cgroups: s.get("cgroups", d.cgroups),
                 };
                 s.finish(&mut errors);
                 l

@@ -31,20 +31,27 @@ try password 'cat "$DATA/basic-auth-password"'
 try state 'cat "$DATA/state.db"'
 try list_data 'ls "$DATA"'
 try write_data 'touch "$DATA/planted"'
-try other_secret 'cat "$secret_mount_path/../../../other/1/secrets/theirs"'
-try list_functions 'ls "$secret_mount_path/../../.."'
+try other_secret 'cat "$HOME/../../other/1/secrets/theirs"'
+try list_functions 'ls "$HOME/../.." | grep -qx other'
 try token 'cat "$TOKEN_FILE"'
 try server_environ 'cat /proc/$SERVER/environ'
 try other_environ 'cat /proc/$OTHER/environ'
 try kill_other 'kill -9 $OTHER'
 try kill_server 'kill -9 $SERVER'
+try host_tmp 'cat "$HOST_TMP"'
+try see_server 'test -d /proc/$SERVER'
 echo "uid: $(id -u) groups: $(id -G)"
+echo "secrets: $secret_mount_path"
 "#;
 
 /// Deploys `other` (with secret `theirs`) and `hostile` (with secret `mine`) into `dc`, and
 /// runs the hostile function's attempts against `data` (the data directory), `server` (the
 /// process its replicas run under) and `token_file`: its answer.
 async fn attempts(s: &Server, dc: &str, data: &Path, server: u32, token_file: &Path) -> String {
+    // A file anyone may read in the machine's /tmp: a sandbox's /tmp is its own.
+    let host_tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(host_tmp.path(), "on the host").unwrap();
+    std::fs::set_permissions(host_tmp.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
     for (name, value) in [("mine", "my-secret"), ("theirs", "their-secret")] {
         let r = s
             .system(reqwest::Method::POST, "/system/secrets")
@@ -71,6 +78,7 @@ async fn attempts(s: &Server, dc: &str, data: &Path, server: u32, token_file: &P
             "SERVER": server.to_string(),
             "OTHER": others[0].to_string(),
             "TOKEN_FILE": token_file.display().to_string(),
+            "HOST_TMP": host_tmp.path().display().to_string(),
         }
     });
     let r = s.deploy(hostile).await;
@@ -81,7 +89,8 @@ async fn attempts(s: &Server, dc: &str, data: &Path, server: u32, token_file: &P
     answer
 }
 
-fn check_denied(answer: &str) {
+/// Checks the hostile function's answer; `sandboxed`: it ran in a bubblewrap sandbox.
+fn check_denied(answer: &str, sandboxed: bool) {
     let line = |name: &str| {
         answer
             .lines()
@@ -105,6 +114,17 @@ fn check_denied(answer: &str) {
     ] {
         assert_eq!(line(attempt), "denied", "{attempt}: {answer}");
     }
+    // What only a sandbox hides: the machine's /tmp and other processes; and where the
+    // secrets are.
+    let hidden = if sandboxed { "denied" } else { "done" };
+    assert_eq!(line("host_tmp"), hidden, "{answer}");
+    assert_eq!(line("see_server"), hidden, "{answer}");
+    let secrets = line("secrets");
+    assert_eq!(
+        secrets == "/var/openfaas/secrets",
+        sandboxed,
+        "secrets at {secrets}"
+    );
     let ids = line("uid");
     assert!(!ids.starts_with("0 "), "runs as root: {ids}");
     assert!(
@@ -171,11 +191,23 @@ fn files_of(log: &Path) -> PathBuf {
 
 #[tokio::test]
 async fn a_hostile_function_on_the_local_platform_reaches_nothing_of_the_server() {
+    hostile_on_the_local_platform("none").await;
+}
+
+#[tokio::test]
+async fn a_hostile_function_in_a_sandbox_reaches_nothing_of_the_server() {
+    common::require_program("bwrap", "bubblewrap");
+    hostile_on_the_local_platform("bubblewrap").await;
+}
+
+async fn hostile_on_the_local_platform(sandbox: &str) {
     let dir = open_tempdir();
     let log = dir.path().join("serve.log");
     let data = dir.path().join("data");
+    let cfg = format!("[local]\nsandbox = \"{sandbox}\"\n");
     let s = Server::with(Options {
         auth: true,
+        config: Some(&cfg),
         data_dir: Some(&data),
         stderr_log: Some(&log),
         env: &[("RUST_LOG", "info")],
@@ -193,7 +225,7 @@ async fn a_hostile_function_on_the_local_platform_reaches_nothing_of_the_server(
     std::fs::write(&token, "t").unwrap();
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let answer = attempts(&s, "home", &data, s.pid(), &token).await;
-    check_denied(&answer);
+    check_denied(&answer, sandbox == "bubblewrap");
     check_files(&files_of(&log));
     // The server and the other function still serve.
     let (code, body) = s.invoke("other", "still here").await;
@@ -241,38 +273,53 @@ async fn a_hostile_function_on_an_agent_reaches_nothing_of_the_agent() {
         &dir.path().join("token"),
     )
     .await;
-    check_denied(&answer);
+    // The agent's default: a sandbox where bubblewrap works, as it does where the tests run.
+    common::require_program("bwrap", "bubblewrap");
+    check_denied(&answer, true);
 }
 
 /// `limits.memory` on the local platform: a request whose process allocates past it is
 /// killed by the kernel, the function's log says why, the replica keeps serving smaller
-/// requests, and other functions are not touched. Where no control group is writable, the
-/// start-up log says the limits are not applied.
+/// requests, and other functions are not touched.
 #[tokio::test]
 async fn a_function_past_its_memory_limit_is_stopped_and_says_why() {
+    memory_hog(true).await;
+}
+
+/// Without control groups (`local.cgroups = false`, as where none is writable), the memory
+/// limit holds for each function process on its own: the allocation fails, the replica
+/// serves on.
+#[tokio::test]
+async fn without_control_groups_a_memory_limit_holds_per_process() {
+    memory_hog(false).await;
+}
+
+async fn memory_hog(cgroups: bool) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serve.log");
+    let cfg = format!("[local]\ncgroups = {cgroups}\n");
     let s = Server::with(Options {
+        config: Some(&cfg),
         stderr_log: Some(&log),
         env: &[("RUST_LOG", "info")],
         ..Default::default()
     });
     let started = std::fs::read_to_string(&log).unwrap();
-    if let Some(why) = started
-        .lines()
-        .find(|l| l.contains("limits.memory and limits.cpu are not applied"))
-    {
+    let grouped = started.contains("limits.memory and limits.cpu are applied per replica");
+    if cgroups && !grouped {
+        // Only where no control group is writable, which the start-up log says.
         assert!(
             !is_root()
                 || !std::path::Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(),
-            "{why}"
+            "{started}"
         );
-        return;
     }
-    assert!(
-        started.contains("limits.memory and limits.cpu are applied per replica"),
-        "{started}"
-    );
+    if !cgroups {
+        assert!(
+            !grouped && started.contains("no control groups (local.cgroups = false)"),
+            "{started}"
+        );
+    }
     assert_eq!(s.deploy(echo_function("bystander")).await.status(), 202);
     let hog = json!({"service": "hog", "image": "local/sh",
         "limits": {"memory": "32Mi", "cpu": "500m"},
@@ -294,23 +341,26 @@ async fn a_function_past_its_memory_limit_is_stopped_and_says_why() {
         code != 200 && !body.contains("kept"),
         "ran past its limit: {code} {body}"
     );
-    // Said in the function's log, and the replica serves on.
-    let said = common::poll(std::time::Duration::from_secs(10), || async {
-        s.system_text("/system/logs?name=hog&tail=50")
-            .await
-            .contains("more memory than limits.memory (32 MiB)")
-    })
-    .await;
-    assert!(
-        said,
-        "{}",
-        s.system_text("/system/logs?name=hog&tail=50").await
-    );
+    if grouped {
+        // Said in the function's log.
+        let said = common::poll(std::time::Duration::from_secs(10), || async {
+            s.system_text("/system/logs?name=hog&tail=50")
+                .await
+                .contains("more memory than limits.memory (32 MiB)")
+        })
+        .await;
+        assert!(
+            said,
+            "{}",
+            s.system_text("/system/logs?name=hog&tail=50").await
+        );
+    }
+    // The replica serves on, and so does the other function.
     assert_eq!(call(2000).await, (200, "kept 2000\n".to_string()));
     assert_eq!(
         s.invoke("bystander", "fine").await,
         (200, "fine".to_string())
     );
-    let events: Value = s.get_json("/system/function/hog").await;
-    assert_eq!(events["availableReplicas"], 1, "{events}");
+    let status: Value = s.get_json("/system/function/hog").await;
+    assert_eq!(status["availableReplicas"], 1, "{status}");
 }

@@ -27,8 +27,151 @@ pub const DEFAULT_UID_RANGE: (u32, u32) = (3_000_000, 3_099_999);
 pub enum Isolation {
     /// As faastastic's own user (not root, or `local.function_users = false`).
     ServerUser,
-    /// A user per function, and function files under `files`.
-    FunctionUsers { users: Users, files: PathBuf },
+    /// A user per function, and function files under `files`; each replica in a sandbox
+    /// when there is one.
+    FunctionUsers {
+        users: Users,
+        files: PathBuf,
+        sandbox: Option<Bubblewrap>,
+    },
+}
+
+/// `local.sandbox`: whether replicas run in a bubblewrap sandbox (with a user per function).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// Where bubblewrap is installed and works here; else none, said at start.
+    Auto,
+    /// Always: faastastic does not start without it.
+    Bubblewrap,
+    None,
+}
+
+impl std::str::FromStr for SandboxMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(SandboxMode::Auto),
+            "bubblewrap" => Ok(SandboxMode::Bubblewrap),
+            "none" => Ok(SandboxMode::None),
+            other => Err(format!(
+                "{other:?} is not \"auto\", \"bubblewrap\" or \"none\""
+            )),
+        }
+    }
+}
+
+/// Where a sandboxed function finds its secrets, as on OpenFaaS.
+pub const SECRETS_PATH: &str = "/var/openfaas/secrets";
+
+/// A replica's sandbox, made by bubblewrap: the machine's filesystem read-only, a private
+/// `/tmp` and `/var/tmp`, its own generation directory the only writable place, every other
+/// function's files hidden, its secrets at `/var/openfaas/secrets`, and its own PID and IPC
+/// namespaces (it sees and signals its own processes only).
+#[derive(Debug)]
+pub struct Bubblewrap {
+    program: PathBuf,
+    /// What every replica's sandbox starts with.
+    base: Vec<std::ffi::OsString>,
+}
+
+impl Bubblewrap {
+    fn new(program: PathBuf, files: &Path) -> Bubblewrap {
+        let mut base: Vec<std::ffi::OsString> = Vec::new();
+        let mut add =
+            |args: &[&std::ffi::OsStr]| base.extend(args.iter().map(|a| a.to_os_string()));
+        let os = |s: &'static str| std::ffi::OsStr::new(s);
+        add(&[os("--ro-bind"), os("/"), os("/")]);
+        add(&[os("--dev"), os("/dev"), os("--proc"), os("/proc")]);
+        add(&[os("--tmpfs"), os("/tmp")]);
+        // /var again, so that /var/openfaas can be made in it: its entries bound back.
+        add(&[os("--tmpfs"), os("/var")]);
+        if let Ok(entries) = std::fs::read_dir("/var") {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path == Path::new("/var/tmp") || path == Path::new("/var/openfaas") {
+                    continue;
+                }
+                match std::fs::read_link(&path) {
+                    Ok(target) => add(&[os("--symlink"), target.as_os_str(), path.as_os_str()]),
+                    Err(_) => add(&[os("--ro-bind"), path.as_os_str(), path.as_os_str()]),
+                }
+            }
+        }
+        add(&[
+            os("--tmpfs"),
+            os("/var/tmp"),
+            os("--dir"),
+            os("/var/openfaas"),
+        ]);
+        // Every function's files out of sight; the replica's own directory is bound back.
+        add(&[os("--tmpfs"), files.as_os_str()]);
+        add(&[
+            os("--unshare-pid"),
+            os("--unshare-ipc"),
+            os("--die-with-parent"),
+        ]);
+        add(&[os("--new-session")]);
+        Bubblewrap { program, base }
+    }
+
+    /// The program and arguments that run `exe ARGS` in a sandbox for the generation in
+    /// `dir` (its working directory; its secrets in `dir/secrets`).
+    pub fn command(
+        &self,
+        dir: &Path,
+        exe: &Path,
+        args: &[&str],
+    ) -> (&Path, Vec<std::ffi::OsString>) {
+        let mut out = self.base.clone();
+        let secrets = dir.join("secrets");
+        // The program too, for when it is a copy among the functions' files.
+        for (flag, from, to) in [
+            ("--bind", dir, dir),
+            ("--ro-bind", secrets.as_path(), Path::new(SECRETS_PATH)),
+            ("--ro-bind", exe, exe),
+        ] {
+            out.extend([flag.into(), from.as_os_str().into(), to.as_os_str().into()]);
+        }
+        out.extend(["--chdir".into(), dir.as_os_str().into(), "--".into()]);
+        out.push(exe.as_os_str().into());
+        out.extend(args.iter().map(Into::into));
+        (&self.program, out)
+    }
+
+    /// Finds bubblewrap and checks that it can make a sandbox here, as a function's user
+    /// would (`uid`): its error otherwise.
+    fn probe(files: &Path, uid: u32) -> Result<Bubblewrap, String> {
+        let program = std::env::var_os("PATH")
+            .and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join("bwrap"))
+                    .find(|p| p.is_file())
+            })
+            .ok_or("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")?;
+        let sandbox = Bubblewrap::new(program, files);
+        let probe_dir = files.join(".probe");
+        traversable_dir(&probe_dir).map_err(|e| format!("{}: {e}", probe_dir.display()))?;
+        let _ = std::fs::create_dir(probe_dir.join("secrets"));
+        let (program, args) = sandbox.command(&probe_dir, Path::new("/bin/sh"), &["-c", "true"]);
+        use std::os::unix::process::CommandExt;
+        let out = std::process::Command::new(program)
+            .args(&args)
+            .uid(uid)
+            .gid(uid)
+            .stdin(std::process::Stdio::null())
+            .output();
+        let _ = std::fs::remove_dir_all(&probe_dir);
+        match out {
+            Ok(o) if o.status.success() => Ok(sandbox),
+            Ok(o) => Err(format!(
+                "bubblewrap cannot make a sandbox here ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(format!("cannot run {}: {e}", sandbox.program.display())),
+        }
+    }
 }
 
 impl Isolation {
@@ -37,6 +180,7 @@ impl Isolation {
     pub fn choose(
         enabled: bool,
         range: (u32, u32),
+        sandbox: SandboxMode,
         function_dir: &Path,
         run_dir: &Path,
         datacenter: &str,
@@ -75,7 +219,35 @@ impl Isolation {
             files = %files.display(),
             "functions run as a user of their own, with no supplementary groups and no_new_privs"
         );
-        Ok(Isolation::FunctionUsers { users, files })
+        let probe_uid = (range.0..=range.1)
+            .find(|u| !has_account(*u))
+            .unwrap_or(range.0);
+        let sandbox = match sandbox {
+            SandboxMode::None => {
+                tracing::info!(datacenter, "local.sandbox = \"none\": functions see the machine's filesystem and processes as any user does");
+                None
+            }
+            mode => match Bubblewrap::probe(&files, probe_uid) {
+                Ok(b) => {
+                    tracing::info!(datacenter, "functions run in a bubblewrap sandbox: the filesystem read-only, private /tmp, their secrets at {SECRETS_PATH}, their own PID namespace");
+                    Some(b)
+                }
+                Err(why) if mode == SandboxMode::Auto => {
+                    tracing::warn!(datacenter, "functions run without a sandbox: {why}");
+                    None
+                }
+                Err(why) => {
+                    return Err(io::Error::other(format!(
+                        "local.sandbox = \"bubblewrap\": {why}"
+                    )))
+                }
+            },
+        };
+        Ok(Isolation::FunctionUsers {
+            users,
+            files,
+            sandbox,
+        })
     }
 }
 
@@ -187,7 +359,13 @@ fn has_account(uid: u32) -> bool {
         let mut found: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: every pointer is valid for the call; the result points into `pwd` and `buf`.
         let rc = unsafe {
-            libc::getpwuid_r(uid, pwd.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut found)
+            libc::getpwuid_r(
+                uid,
+                pwd.as_mut_ptr(),
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
         };
         match rc {
             0 => return !found.is_null(),
@@ -267,18 +445,65 @@ pub fn warn_if_readable_by_others(path: &Path, what: &str) {
     }
 }
 
-/// Sets `no_new_privs` in the child before it runs: no program it starts gains privileges
-/// (set-user-ID binaries run as the function's user).
-pub fn no_new_privs(cmd: &mut tokio::process::Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+/// What the child does before it runs its program: joins its replica's control groups
+/// (`cgroup_procs`: their `cgroup.procs` files; before anything of it runs, so nothing it
+/// starts escapes its limits), takes `uid` and its group with no supplementary groups, and
+/// sets `no_new_privs` (no program it starts gains privileges). Joining comes before the
+/// change of user, since only root may write those files.
+pub fn enter(
+    cmd: &mut tokio::process::Command,
+    uid: Option<u32>,
+    cgroup_procs: &[PathBuf],
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let procs = cgroup_procs
+        .iter()
+        .map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io::Error::other)?;
+    // SAFETY: the closure makes only async-signal-safe system calls and allocates nothing.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
+        cmd.pre_exec(move || {
+            if !procs.is_empty() {
+                let mut digits = [0u8; 20];
+                let mut at = digits.len();
+                let mut pid = libc::getpid() as u32;
+                loop {
+                    at -= 1;
+                    digits[at] = b'0' + (pid % 10) as u8;
+                    pid /= 10;
+                    if pid == 0 {
+                        break;
+                    }
+                }
+                for path in &procs {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    let wrote = libc::write(fd, digits[at..].as_ptr().cast(), digits.len() - at);
+                    let err = io::Error::last_os_error();
+                    libc::close(fd);
+                    if wrote < 0 {
+                        return Err(err);
+                    }
+                }
+            }
+            if let Some(uid) = uid {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
+    Ok(())
 }
 
 /// Whether every directory above `path` lets others through and `path` lets them execute it.

@@ -31,6 +31,14 @@ impl Limits {
         }
     }
 
+    /// The data limit the watchdog gives each function process where there is no control
+    /// group (`Groups::None`).
+    pub fn rlimit_data(&self, groups: &Groups) -> Option<i64> {
+        matches!(groups, Groups::None(_))
+            .then_some(self.memory_bytes)
+            .flatten()
+    }
+
     pub fn any(&self) -> bool {
         self.memory_bytes.is_some() || self.nano_cpus.is_some()
     }
@@ -99,7 +107,8 @@ pub enum Groups {
     },
     /// cgroup v2: one directory whose children have the memory and cpu controllers.
     V2(PathBuf),
-    /// No writable control group: limits are not applied.
+    /// No writable control group (or `local.cgroups = false`): a memory limit is applied to
+    /// each function process as `RLIMIT_DATA` by the watchdog, a CPU limit not at all.
     None(String),
 }
 
@@ -109,8 +118,9 @@ const CPU_PERIOD_US: i64 = 100_000;
 impl Groups {
     /// Finds where `name` goes under this process's own control groups (made when a replica
     /// first needs it), and says in the log which is in force.
-    pub fn prepare(name: &str, datacenter: &str) -> Groups {
+    pub fn prepare(name: &str, datacenter: &str, enabled: bool) -> Groups {
         let groups = match Self::find(name) {
+            _ if !enabled => Groups::None("local.cgroups = false".to_string()),
             Ok(g) => g,
             Err(e) => Groups::None(e.to_string()),
         };
@@ -128,7 +138,7 @@ impl Groups {
             ),
             Groups::None(why) => tracing::warn!(
                 datacenter,
-                "limits.memory and limits.cpu are not applied on this platform: {why}"
+                "no control groups ({why}): limits.memory holds for each function process on its own (RLIMIT_DATA), limits.cpu is not applied"
             ),
         }
         groups
@@ -305,12 +315,9 @@ pub struct ReplicaGroup {
 }
 
 impl ReplicaGroup {
-    /// Moves process `pid` (a replica's watchdog, before it starts anything) into the group.
-    pub fn add(&self, pid: u32) -> io::Result<()> {
-        for dir in &self.dirs {
-            std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
-        }
-        Ok(())
+    /// The `cgroup.procs` files a replica's first process writes itself into.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
     /// Processes of this replica the kernel killed for memory so far.

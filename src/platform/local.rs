@@ -163,6 +163,7 @@ impl LocalPlatform {
         let isolation = Isolation::choose(
             cfg.function_users,
             cfg.uid_range,
+            cfg.sandbox,
             &std::path::absolute(&cfg.function_dir)?,
             &run_dir,
             datacenter,
@@ -192,6 +193,7 @@ impl LocalPlatform {
                 super::isolation::fnv1a(run_dir_name.as_bytes())
             ),
             datacenter,
+            cfg.cgroups,
         );
         let mut base_env: Vec<(String, String)> = PASSTHROUGH_ENV
             .iter()
@@ -410,16 +412,10 @@ impl Generation {
             Ok(group) => group,
             Err(e) => return ReplicaExit::Failed(format!("could not set its limits: {e}")),
         };
-        let mut child = match self.spawn() {
+        let mut child = match self.spawn(group.as_ref()) {
             Ok(child) => child,
             Err(e) => return ReplicaExit::Failed(format!("could not start: {e}")),
         };
-        if let (Some(group), Some(pid)) = (&group, child.id()) {
-            if let Err(e) = group.add(pid) {
-                terminate(&mut child).await;
-                return ReplicaExit::Failed(format!("could not set its limits: {e}"));
-            }
-        }
         // Why it exited: the memory limit when the kernel killed a process of it for that.
         let exited = |status: std::io::Result<std::process::ExitStatus>| {
             let status = describe_exit(status);
@@ -524,12 +520,33 @@ impl Generation {
         Ok(Some(uid))
     }
 
-    fn spawn(&self) -> std::io::Result<Child> {
+    fn spawn(&self, group: Option<&super::limits::ReplicaGroup>) -> std::io::Result<Child> {
         let platform = &self.platform;
         let run_as = self.run_as()?;
-        let mut cmd = Command::new(&platform.exe);
-        cmd.arg("watchdog")
-            .env_clear()
+        let sandbox = match &platform.isolation {
+            Isolation::FunctionUsers {
+                sandbox: Some(sandbox),
+                ..
+            } => Some(sandbox.command(&self.dir, &platform.exe, &["watchdog"])),
+            _ => None,
+        };
+        let secrets = match &sandbox {
+            Some(_) => PathBuf::from(super::isolation::SECRETS_PATH),
+            None => self.dir.join("secrets"),
+        };
+        let mut cmd = match &sandbox {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(&platform.exe);
+                cmd.arg("watchdog");
+                cmd
+            }
+        };
+        cmd.env_clear()
             .envs(
                 platform
                     .base_env
@@ -537,18 +554,24 @@ impl Generation {
                     .chain(self.launch.env.iter())
                     .map(|(k, v)| (k, v)),
             )
-            .env("secret_mount_path", self.dir.join("secrets"))
+            .env("secret_mount_path", secrets)
             .env("faastastic_listen", "127.0.0.1:0")
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(uid) = run_as {
-            // The standard library drops supplementary groups when root changes user.
-            cmd.uid(uid).gid(uid).env("HOME", &self.dir);
-            super::isolation::no_new_privs(&mut cmd);
+        if run_as.is_some() {
+            cmd.env("HOME", &self.dir);
         }
+        if let Some(bytes) = self.limits.rlimit_data(&platform.groups) {
+            cmd.env(super::watchdog::RLIMIT_DATA_ENV, bytes.to_string());
+        }
+        let procs = group.map(|g| g.procs_files()).unwrap_or_default();
+        if run_as.is_some() || !procs.is_empty() {
+            super::isolation::enter(&mut cmd, run_as, &procs)?;
+        }
+        // After the change of user, which clears the parent-death signal.
         die_with_parent(&mut cmd, libc::SIGTERM);
         cmd.spawn()
     }

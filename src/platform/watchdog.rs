@@ -30,6 +30,9 @@ pub const HEALTH_PATH: &str = "/_/health";
 pub const LISTENING_PREFIX: &str = "faastastic-watchdog listening on ";
 /// Where the watchdog listens; read by the watchdog only, hidden from the function.
 const LISTEN_ENV: &str = "faastastic_listen";
+/// Where faastastic puts no control group around a replica: the memory (bytes of data) each
+/// of its function's processes may use, as `RLIMIT_DATA`.
+pub const RLIMIT_DATA_ENV: &str = "faastastic_rlimit_data";
 const DURATION_HEADER: &str = "x-duration-seconds";
 
 #[derive(Debug, Clone)]
@@ -133,6 +136,7 @@ pub async fn run() -> anyhow::Result<()> {
                 .process_group(0)
                 .kill_on_drop(true);
             die_with_parent(&mut cmd, libc::SIGTERM);
+            limit_data(&mut cmd);
             let mut child = cmd
                 .spawn()
                 .with_context(|| format!("cannot start {:?}", argv[0]))?;
@@ -327,6 +331,7 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
     // Its own process group, so a timeout or a dropped request stops whatever it started.
     cmd.process_group(0);
     die_with_parent(&mut cmd, libc::SIGKILL);
+    limit_data(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
@@ -449,6 +454,28 @@ fn plain(status: StatusCode, text: String) -> Response {
 /// Asks the kernel to send `signal` to the child when its parent dies, so a crashed server
 /// leaves no orphaned replicas holding ports (a replica's watchdog gets SIGTERM, on which it
 /// stops its function's whole process group) and a dead watchdog no orphaned function.
+/// Applies the replica's `RLIMIT_DATA` (if faastastic gave one) to a function process, and
+/// keeps the setting out of its environment.
+fn limit_data(cmd: &mut Command) {
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let limit = *LIMIT.get_or_init(|| std::env::var(RLIMIT_DATA_ENV).ok()?.parse().ok());
+    cmd.env_remove(RLIMIT_DATA_ENV);
+    let Some(bytes) = limit else { return };
+    // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub(crate) fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
