@@ -219,7 +219,8 @@ interval_ms = 1000
 
         # Cold start first, while the machine is quiet; beside it, in interleaved rounds, the
         # same on a server whose functions run as its own user (the cost of a user per
-        # function: the directory handed over, the user's switch; as root only).
+        # function and of the sandbox: the directory handed over, the user's switch, the
+        # sandbox's namespaces and mounts; as root only).
         shared_port = free_port()
         isolating = os.geteuid() == 0
         if isolating:
@@ -250,9 +251,10 @@ function_users = false
         if isolating:
             raw["cold_start_shared_user_s"] = shared_cold
             shared_med = statistics.median(shared_cold)
-            rows.append(row(PART, "cold start with a user per function, against the same with "
-                            "functions as the server's user (local.function_users = false), "
-                            f"interleaved rounds (median of {len(cold)})", ms(cold_med),
+            rows.append(row(PART, "cold start with a user per function (in the bubblewrap "
+                            "sandbox where it works), against the same with functions as the "
+                            "server's user (local.function_users = false), interleaved rounds "
+                            f"(median of {len(cold)})", ms(cold_med),
                             f"server's user {ms(shared_med)}", cold_med / shared_med,
                             "< 50 ms", cold_med < 0.050))
             print(f"cold start as the server's user: median {ms(shared_med)}", flush=True)

@@ -293,15 +293,13 @@ async fn closed_within(ended: &mut tokio::task::JoinHandle<()>, within: Duration
     tokio::time::timeout(within, ended).await.is_ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_serves_tls_to_clients_prometheus_and_alertmanager() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A gateway (auth on) serving TLS with a certificate for localhost and 127.0.0.1 from a CA
+/// made in `d`, with `config` beside its `[tls]` table: it and the CA.
+fn tls_gateway(d: &Path, config: &str) -> (Server, Ca) {
     let ca = Ca::new(d, "ca");
     let (cert, key) = ca.issue(d, "gateway", &["localhost", "127.0.0.1"], false);
-    let metrics_port = free_port();
     let cfg = format!(
-        "[autoscale]\nup_cooldown_secs = 1\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+        "{config}[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
         cert.display().to_string(),
         key.display().to_string()
     );
@@ -311,6 +309,20 @@ async fn the_gateway_serves_tls_to_clients_prometheus_and_alertmanager() {
         ca_file: Some(&ca.file),
         ..Default::default()
     });
+    (s, ca)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_tls_to_clients_prometheus_and_alertmanager() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let metrics_port = free_port();
+    let (s, ca) = tls_gateway(
+        d,
+        &format!(
+            "[autoscale]\nup_cooldown_secs = 1\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+        ),
+    );
     assert!(s.base.starts_with("https://"), "{}", s.base);
 
     // HTTP/2 or HTTP/1.1 by ALPN; the metrics listener is TLS too; a client that does not
@@ -417,20 +429,10 @@ async fn a_gateway_with_a_client_ca_lets_in_only_the_clients_it_signed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_over_tls_serves_and_idle_connections_are_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let ca = Ca::new(d, "ca");
-    let (cert, key) = ca.issue(d, "gateway", &["localhost", "127.0.0.1"], false);
-    let cfg = format!(
-        "[limits]\nidle_timeout_ms = 1000\nheader_timeout_ms = 2000\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
-        cert.display().to_string(),
-        key.display().to_string()
+    let (s, ca) = tls_gateway(
+        dir.path(),
+        "[limits]\nidle_timeout_ms = 1000\nheader_timeout_ms = 2000\n",
     );
-    let s = Server::with(Options {
-        auth: true,
-        config: Some(&cfg),
-        ca_file: Some(&ca.file),
-        ..Default::default()
-    });
     let auth = s.basic_auth_header().unwrap();
     let (mut h2, mut ended) = h2_connect(&s.addr(), &ca.file).await;
     let base = s.url("");

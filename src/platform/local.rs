@@ -71,13 +71,7 @@ struct Entry {
     logs: Arc<LogBuffer>,
     /// Publishes the serving generation into the table; shared by every generation.
     published: Arc<Published>,
-    user: Arc<FunctionUser>,
 }
-
-/// The user a function's replicas run as (with a user per function), taken at its first
-/// replica's start and held while any of its generations exists.
-#[derive(Default)]
-struct FunctionUser(Mutex<Option<Arc<User>>>);
 
 /// Publishes a function's serving generation into its table row: recomputed by its
 /// generations whenever theirs changes and by the platform whenever it swaps generations.
@@ -245,10 +239,15 @@ struct Generation {
     number: u64,
     dir: PathBuf,
     launch: Launch,
-    limits: Limits,
+    /// Its deployment's `limits`, if any (boxed: most functions have none, and a server
+    /// holds tens of thousands of generations).
+    limits: Option<Box<Limits>>,
     logs: Arc<LogBuffer>,
     published: Arc<Published>,
-    user: Arc<FunctionUser>,
+    /// The user its replicas run as (with a user per function), taken at its first
+    /// replica's start; the function's generations share it (`Users` hands the same one out
+    /// while any holds it).
+    user: Mutex<Option<Arc<User>>>,
     /// The user `dir` was handed to (0: none yet).
     owner: std::sync::atomic::AtomicU32,
     platform: Arc<Inner>,
@@ -408,7 +407,8 @@ impl Generation {
 
     async fn run_replica(&self, instance: &str, cancel: &CancellationToken) -> ReplicaExit {
         let cfg = &self.platform.cfg;
-        let group = match self.platform.groups.replica(instance, self.limits) {
+        let limits = self.limits.as_deref().copied().unwrap_or_default();
+        let group = match self.platform.groups.replica(instance, limits) {
             Ok(group) => group,
             Err(e) => return ReplicaExit::Failed(format!("could not set its limits: {e}")),
         };
@@ -502,7 +502,7 @@ impl Generation {
             return Ok(None);
         };
         let uid = {
-            let mut held = self.user.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut held = self.user.lock().unwrap_or_else(|p| p.into_inner());
             match &*held {
                 Some(user) => user.uid,
                 None => {
@@ -564,7 +564,11 @@ impl Generation {
         if run_as.is_some() {
             cmd.env("HOME", &self.dir);
         }
-        if let Some(bytes) = self.limits.rlimit_data(&platform.groups) {
+        let rlimit = self
+            .limits
+            .as_ref()
+            .and_then(|l| l.rlimit_data(&platform.groups));
+        if let Some(bytes) = rlimit {
             cmd.env(super::watchdog::RLIMIT_DATA_ENV, bytes.to_string());
         }
         let procs = group.map(|g| g.procs_files()).unwrap_or_default();
@@ -785,17 +789,13 @@ impl Platform for LocalPlatform {
             env.push(("fprocess".into(), p.to_string()));
         }
 
-        let (logs, published, user) = inner
+        let (logs, published) = inner
             .read()
             .get(&id)
-            .map(|e| (e.logs.clone(), e.published.clone(), e.user.clone()))
+            .map(|e| (e.logs.clone(), e.published.clone()))
             .unwrap_or_else(|| {
                 let logs = LogBuffer::new(&id.name, &id.namespace, inner.cfg.log_lines);
-                (
-                    Arc::new(logs),
-                    Published::new(inner.table.row(&id)),
-                    Arc::default(),
-                )
+                (Arc::new(logs), Published::new(inner.table.row(&id)))
             });
         let generation = Arc::new(Generation {
             id: id.clone(),
@@ -804,10 +804,10 @@ impl Platform for LocalPlatform {
             launch: Launch {
                 env: env.into_boxed_slice(),
             },
-            limits: Limits::of(dep),
+            limits: Some(Limits::of(dep)).filter(Limits::any).map(Box::new),
             logs: logs.clone(),
             published: published.clone(),
-            user: user.clone(),
+            user: Mutex::new(None),
             owner: Default::default(),
             platform: inner.clone(),
             slots: Mutex::new(Vec::new()),
@@ -832,7 +832,6 @@ impl Platform for LocalPlatform {
                         previous: None,
                         logs,
                         published,
-                        user,
                     };
                     entry.published.track(&entry);
                     map.insert(id.clone(), entry);

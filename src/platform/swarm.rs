@@ -713,37 +713,28 @@ mod tests {
     #[test]
     fn only_a_task_that_ended_on_its_own_is_a_crash() {
         use TaskState::*;
-        let ended = [FAILED, REJECTED, COMPLETE];
-        for state in ended {
-            // Ended while meant to run, or after Swarm replaced it: a crash.
-            for desired in [RUNNING, SHUTDOWN] {
+        for state in [FAILED, REJECTED, COMPLETE] {
+            for (desired, generation, is) in [
+                // Ended while meant to run, or after Swarm replaced it: a crash.
+                (RUNNING, 3, TaskIs::Crashed),
+                (SHUTDOWN, 3, TaskIs::Crashed),
+                // A scale-down's task, or an older generation's during an update: Swarm's doing.
+                (REMOVE, 3, TaskIs::Neither),
+                (SHUTDOWN, 2, TaskIs::Neither),
+            ] {
                 assert_eq!(
-                    what_task(Some(state), Some(desired), Some(3), 3),
-                    TaskIs::Crashed,
-                    "{state:?} desired {desired:?}"
+                    what_task(Some(state), Some(desired), Some(generation), 3),
+                    is,
+                    "{state:?} desired {desired:?} generation {generation}"
                 );
             }
-            // A scale-down's task, or an older generation's during an update: Swarm's doing.
-            assert_eq!(
-                what_task(Some(state), Some(REMOVE), Some(3), 3),
-                TaskIs::Neither
-            );
-            assert_eq!(
-                what_task(Some(state), Some(SHUTDOWN), Some(2), 3),
-                TaskIs::Neither
-            );
         }
-        assert_eq!(
-            what_task(Some(RUNNING), Some(RUNNING), Some(3), 3),
-            TaskIs::Serving
-        );
-        assert_eq!(
-            what_task(Some(RUNNING), Some(SHUTDOWN), Some(3), 3),
-            TaskIs::Neither
-        );
-        assert_eq!(
-            what_task(Some(STARTING), Some(RUNNING), Some(3), 3),
-            TaskIs::Neither
-        );
+        for (state, desired, is) in [
+            (RUNNING, RUNNING, TaskIs::Serving),
+            (RUNNING, SHUTDOWN, TaskIs::Neither),
+            (STARTING, RUNNING, TaskIs::Neither),
+        ] {
+            assert_eq!(what_task(Some(state), Some(desired), Some(3), 3), is);
+        }
     }
 }
