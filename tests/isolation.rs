@@ -238,6 +238,35 @@ async fn hostile_on_the_local_platform(sandbox: &str) {
     }
 }
 
+/// Run as another user than root, the server says at start-up that functions share its
+/// user, and they do.
+#[tokio::test]
+async fn run_as_another_user_functions_share_its_user_and_it_says_so() {
+    if !is_root() {
+        return; // the local platform's tests above check the warning then
+    }
+    let uid = 3_999_960;
+    let dir = open_tempdir();
+    std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
+    let log = dir.path().join("serve.log");
+    let s = Server::with(Options {
+        data_dir: Some(&dir.path().join("data")),
+        stderr_log: Some(&log),
+        env: &[("RUST_LOG", "info")],
+        uid: Some(uid),
+        ..Default::default()
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("not running as root: functions run as this server's own user"),
+        "{text}"
+    );
+    let f = json!({"service": "who", "image": "local/sh", "envProcess": "id -u"});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("who", 1).await;
+    assert_eq!(s.invoke("who", "").await, (200, format!("{uid}\n")));
+}
+
 #[tokio::test]
 async fn a_hostile_function_on_an_agent_reaches_nothing_of_the_agent() {
     if !is_root() {

@@ -41,6 +41,8 @@ pub struct Options<'a> {
     pub cwd: Option<&'a Path>,
     /// The CA of a server that serves TLS (its `[tls]`): the harness's client trusts it.
     pub ca_file: Option<&'a Path>,
+    /// Run the server as this user and group (the tests run as root).
+    pub uid: Option<u32>,
 }
 
 impl Server {
@@ -80,6 +82,10 @@ impl Server {
         }
         if let Some(dir) = opts.cwd {
             cmd.current_dir(dir);
+        }
+        if let Some(uid) = opts.uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
         }
         for (key, value) in opts.env {
             cmd.env(key, value);
