@@ -42,6 +42,8 @@ pub const DRAIN: Duration = Duration::from_secs(10);
 
 /// How often an HTTP/2 peer is pinged, and how long its answer may take.
 const H2_PING: Duration = Duration::from_secs(20);
+/// Requests open at once on one HTTP/2 connection (nginx's default is 128).
+const H2_STREAMS: u32 = 100;
 
 /// How connections are limited.
 #[derive(Debug, Clone, Copy)]
@@ -325,7 +327,8 @@ impl Connections {
                     closing = Some(Box::pin(tokio::time::sleep(limits.header_timeout)));
                 }
                 _ = async { closing.as_mut().expect("guarded").await }, if closing.is_some() => {
-                    if activity.as_ref().is_none_or(|a| a.open() == 0) {
+                    // Shutting down: the drain is over. Idle: only once no request is open.
+                    if stopping.is_cancelled() || activity.as_ref().is_none_or(|a| a.open() == 0) {
                         tracing::debug!(%peer, "a connection told to go away did not; dropped");
                         return;
                     }
@@ -472,6 +475,7 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_STREAMS)
         .keep_alive_interval(Some(H2_PING))
         .keep_alive_timeout(H2_PING);
     let open = TaskTracker::new();

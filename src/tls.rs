@@ -103,6 +103,7 @@ struct Seen {
 
 impl Reloading {
     fn load(cert: &Path, key: &Path) -> anyhow::Result<Reloading> {
+        crate::platform::isolation::warn_if_readable_by_others(key, "the TLS key file");
         let loaded = stamp(cert, key);
         Ok(Reloading {
             cert: cert.to_path_buf(),

@@ -20,8 +20,9 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// The default range of users handed to functions: far above account and container ranges.
-pub const DEFAULT_UID_RANGE: (u32, u32) = (3_000_000, 3_099_999);
+/// The default range of users handed to functions: above the ranges systemd sets aside for
+/// accounts, dynamic users and containers (524288-1879048191), below 2^31.
+pub const DEFAULT_UID_RANGE: (u32, u32) = (1_900_000_000, 1_900_099_999);
 
 /// How a platform's replicas are isolated.
 pub enum Isolation {
@@ -155,12 +156,23 @@ impl Bubblewrap {
         let _ = std::fs::create_dir(probe_dir.join("secrets"));
         let (program, args) = sandbox.command(&probe_dir, Path::new("/bin/sh"), &["-c", "true"]);
         use std::os::unix::process::CommandExt;
-        let out = std::process::Command::new(program)
+        let mut probe = std::process::Command::new(program);
+        probe
             .args(&args)
             .uid(uid)
             .gid(uid)
-            .stdin(std::process::Stdio::null())
-            .output();
+            .stdin(std::process::Stdio::null());
+        // As a replica starts: no_new_privs (a setuid bubblewrap cannot work under it).
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            probe.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = probe.output();
         let _ = std::fs::remove_dir_all(&probe_dir);
         match out {
             Ok(o) if o.status.success() => Ok(sandbox),
@@ -187,22 +199,31 @@ impl Isolation {
     ) -> io::Result<Isolation> {
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
+        let needs_users = |why: &str| -> io::Result<Isolation> {
+            if sandbox == SandboxMode::Bubblewrap {
+                return Err(io::Error::other(format!(
+                    "local.sandbox = \"bubblewrap\" needs a user per function, and {why}"
+                )));
+            }
+            Ok(Isolation::ServerUser)
+        };
         if euid != 0 {
             tracing::warn!(
                 datacenter,
                 uid = euid,
                 "not running as root: functions run as this server's own user and can read its data directory (state, credentials) and each other's secrets; run as root for a user per function"
             );
-            return Ok(Isolation::ServerUser);
+            return needs_users("this server does not run as root");
         }
         if !enabled {
             tracing::warn!(
                 datacenter,
                 "local.function_users = false: functions run as root and can read everything this server can"
             );
-            return Ok(Isolation::ServerUser);
+            return needs_users("local.function_users is false");
         }
         traversable_dir(function_dir)?;
+        check_function_dir(function_dir)?;
         let files = function_dir.join(format!(
             "{:016x}",
             fnv1a(run_dir.as_os_str().as_encoded_bytes())
@@ -211,7 +232,10 @@ impl Isolation {
             std::fs::remove_dir_all(&files)?;
         }
         traversable_dir(&files)?;
-        let users = Users::new(range, &function_dir.join("users"))?;
+        // From a random place in the range: a restarted server does not hand the users of its
+        // previous run out again in the same order.
+        let start = range.0 + rand::random_range(0..=range.1 - range.0);
+        let users = Users::new(range, start, &function_dir.join("users"))?;
         tracing::info!(
             datacenter,
             first = range.0,
@@ -268,7 +292,25 @@ pub fn traversable_dir(dir: &Path) -> io::Result<()> {
             _ => std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711))?,
         }
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+    Ok(())
+}
+
+/// Checks that `dir` (which faastastic did not necessarily make) can hold functions' files:
+/// a directory (not a link) owned by root that nobody else may write to, and that others may
+/// pass through.
+fn check_function_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_dir() || meta.uid() != 0 || mode & 0o022 != 0 || mode & 0o001 == 0 {
+        return Err(io::Error::other(format!(
+            "local.function_dir {} must be a directory owned by root, writable by root only and open to others to pass through (e.g. mode 711); it is {}owned by uid {} with mode {mode:o}",
+            dir.display(),
+            if meta.is_dir() { "" } else { "not a directory, " },
+            meta.uid()
+        )));
+    }
+    Ok(())
 }
 
 /// Hands out users from a range, one per function.
@@ -292,7 +334,8 @@ pub struct User {
 }
 
 impl Users {
-    fn new((first, last): (u32, u32), locks: &Path) -> io::Result<Users> {
+    /// Users from `first` to `last`, handed out from `start` on.
+    fn new((first, last): (u32, u32), start: u32, locks: &Path) -> io::Result<Users> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -302,7 +345,7 @@ impl Users {
             last,
             locks: locks.to_path_buf(),
             state: Mutex::new(UsersState {
-                next: first,
+                next: start.clamp(first, last),
                 held: HashMap::new(),
             }),
         })
@@ -323,8 +366,8 @@ impl Users {
             } else {
                 uid + 1
             };
-            if has_account(uid) {
-                continue; // a real user's: never handed out, its processes never killed
+            if has_account(uid) || is_subordinate(uid) {
+                continue; // someone else's: never handed out, its processes never killed
             }
             let path = self.locks.join(format!("{uid}.lock"));
             let file = std::fs::OpenOptions::new()
@@ -377,6 +420,25 @@ fn has_account(uid: u32) -> bool {
     }
 }
 
+/// Whether `uid` lies in a range `/etc/subuid` or `/etc/subgid` gives to an account (for its
+/// containers).
+fn is_subordinate(uid: u32) -> bool {
+    ["/etc/subuid", "/etc/subgid"].iter().any(|file| {
+        std::fs::read_to_string(file).is_ok_and(|text| {
+            text.lines().any(|line| {
+                let mut fields = line.split(':').skip(1);
+                let (Some(Ok(start)), Some(Ok(count))) = (
+                    fields.next().map(str::parse::<u64>),
+                    fields.next().map(|c| c.trim().parse::<u64>()),
+                ) else {
+                    return false;
+                };
+                (start..start + count).contains(&u64::from(uid))
+            })
+        })
+    })
+}
+
 /// Kills every process running as `uid` (`/proc/PID/status`, real or effective user).
 fn kill_leftovers(uid: u32) {
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -415,13 +477,24 @@ fn kill_leftovers(uid: u32) {
 
 /// Gives a generation's directory to its function's user: the directory (0700), its secrets
 /// directory (0500) and each secret (0400), owned by `uid` and its group.
+///
+/// Called once per generation, before any of its replicas runs: until then the directory is
+/// root's (0700) and nothing of the function's can have changed what is in it. Links are not
+/// followed all the same.
 pub fn hand_over(dir: &Path, uid: u32) -> io::Result<()> {
     let own = |path: &Path, mode: u32| -> io::Result<()> {
-        std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.file_type().is_symlink() {
+            return Err(io::Error::other(format!(
+                "{} is a symbolic link; not handed over",
+                path.display()
+            )));
+        }
+        std::os::unix::fs::lchown(path, Some(uid), Some(uid))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
     };
     let secrets = dir.join("secrets");
-    if secrets.is_dir() {
+    if std::fs::symlink_metadata(&secrets).is_ok_and(|m| m.is_dir()) {
         for entry in std::fs::read_dir(&secrets)? {
             own(&entry?.path(), 0o400)?;
         }
@@ -527,7 +600,7 @@ mod tests {
         // Far from any account: handing a user out kills its processes.
         const FIRST: u32 = 3_999_980;
         let dir = tempfile::tempdir().unwrap();
-        let users = Users::new((FIRST, FIRST + 2), &dir.path().join("users")).unwrap();
+        let users = Users::new((FIRST, FIRST + 2), FIRST, &dir.path().join("users")).unwrap();
         let a = users.claim("a").unwrap();
         assert_eq!(a.uid, FIRST);
         assert_eq!(
@@ -539,7 +612,7 @@ mod tests {
         assert_eq!(b.uid, FIRST + 1);
         // Another holder of the range (another process, or another datacenter) skips
         // the users this one holds.
-        let other = Users::new((FIRST, FIRST + 2), &dir.path().join("users")).unwrap();
+        let other = Users::new((FIRST, FIRST + 2), FIRST, &dir.path().join("users")).unwrap();
         let z = other.claim("z").unwrap();
         assert_eq!(z.uid, FIRST + 2);
         let err = users.claim("c").err().unwrap().to_string();
@@ -558,7 +631,7 @@ mod tests {
         assert!(has_account(0), "root has an account");
         assert!(!has_account(3_999_970));
         let dir = tempfile::tempdir().unwrap();
-        let users = Users::new((0, 0), &dir.path().join("users")).unwrap();
+        let users = Users::new((0, 0), 0, &dir.path().join("users")).unwrap();
         let err = users.claim("f").err().unwrap().to_string();
         assert!(err.contains("local.uid_range 0-0"), "{err}");
     }
@@ -578,11 +651,39 @@ mod tests {
             .spawn()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let users = Users::new((uid, uid), &dir.path().join("users")).unwrap();
+        let users = Users::new((uid, uid), uid, &dir.path().join("users")).unwrap();
         let user = users.claim("f").unwrap();
         assert_eq!(user.uid, uid);
         let status = left.wait().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    }
+
+    #[test]
+    fn a_hand_over_follows_no_link_and_a_function_dir_must_be_roots_alone() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // only root can give files away
+        }
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("precious"), "x").unwrap();
+        let generation = dir.path().join("1");
+        std::fs::create_dir(&generation).unwrap();
+        std::os::unix::fs::symlink(&target, generation.join("secrets")).unwrap();
+        hand_over(&generation, 3_999_950).unwrap();
+        let precious = std::fs::metadata(target.join("precious")).unwrap();
+        assert_eq!(precious.uid(), 0, "followed the link");
+        assert_eq!(std::fs::metadata(&generation).unwrap().uid(), 3_999_950);
+
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_function_dir(&open).unwrap_err().to_string();
+        assert!(err.contains("writable by root only"), "{err}");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o711)).unwrap();
+        check_function_dir(&open).unwrap();
     }
 
     #[test]

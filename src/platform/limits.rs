@@ -34,9 +34,14 @@ impl Limits {
     /// The data limit the watchdog gives each function process where there is no control
     /// group (`Groups::None`).
     pub fn rlimit_data(&self, groups: &Groups) -> Option<i64> {
-        matches!(groups, Groups::None(_))
-            .then_some(self.memory_bytes)
-            .flatten()
+        let grouped = matches!(
+            groups,
+            Groups::V1 {
+                memory: Some(_),
+                ..
+            } | Groups::V2(_)
+        );
+        (!grouped).then_some(self.memory_bytes).flatten()
     }
 
     pub fn any(&self) -> bool {
@@ -246,7 +251,8 @@ impl Groups {
                     let _ = std::fs::write(dir.join("memory.swap.max"), "0");
                     oom = Some(OomCounter::V2(dir.join("memory.events")));
                 }
-                if let Some(nano) = limits.nano_cpus {
+                // Where the cpu controller could not be enabled, a CPU limit is not applied.
+                if let (Some(nano), true) = (limits.nano_cpus, dir.join("cpu.max").exists()) {
                     std::fs::write(
                         dir.join("cpu.max"),
                         format!("{} {CPU_PERIOD_US}", quota_us(nano)),
@@ -255,7 +261,15 @@ impl Groups {
                 dirs.push(dir);
             }
         }
-        Ok(Some(ReplicaGroup { dirs, oom, limits }))
+        // A group left by this replica's previous run (its removal still pending) keeps its
+        // count: only kills from now on are this run's.
+        let since = oom.as_ref().map_or(0, OomCounter::read);
+        Ok(Some(ReplicaGroup {
+            dirs,
+            oom,
+            since,
+            limits,
+        }))
     }
 
     /// Removes the platform's control groups (each replica's is removed when it stops).
@@ -311,6 +325,8 @@ impl OomCounter {
 pub struct ReplicaGroup {
     dirs: Vec<PathBuf>,
     oom: Option<OomCounter>,
+    /// The memory kill count when this run began.
+    since: u64,
     limits: Limits,
 }
 
@@ -322,7 +338,9 @@ impl ReplicaGroup {
 
     /// Processes of this replica the kernel killed for memory so far.
     pub fn oom_kills(&self) -> u64 {
-        self.oom.as_ref().map_or(0, OomCounter::read)
+        self.oom
+            .as_ref()
+            .map_or(0, |c| c.read().saturating_sub(self.since))
     }
 
     /// What a memory kill says, naming the limit.

@@ -245,11 +245,9 @@ struct Generation {
     logs: Arc<LogBuffer>,
     published: Arc<Published>,
     /// The user its replicas run as (with a user per function), taken at its first
-    /// replica's start; the function's generations share it (`Users` hands the same one out
-    /// while any holds it).
+    /// replica's start, which hands `dir` over to it; the function's generations share it
+    /// (`Users` hands the same one out while any holds it).
     user: Mutex<Option<Arc<User>>>,
-    /// The user `dir` was handed to (0: none yet).
-    owner: std::sync::atomic::AtomicU32,
     platform: Arc<Inner>,
     slots: Mutex<Vec<Slot>>,
     /// How many slots there are, readable without their lock.
@@ -501,22 +499,19 @@ impl Generation {
         let Isolation::FunctionUsers { users, .. } = &self.platform.isolation else {
             return Ok(None);
         };
-        let uid = {
-            let mut held = self.user.lock().unwrap_or_else(|p| p.into_inner());
-            match &*held {
-                Some(user) => user.uid,
-                None => {
-                    let user = users.claim(&self.id.qualified())?;
-                    let uid = user.uid;
-                    *held = Some(user);
-                    uid
-                }
+        // One lock over the claim and the hand-over: the directory is handed over once, by
+        // the first replica to start, and no replica runs before that is done.
+        let mut held = self.user.lock().unwrap_or_else(|p| p.into_inner());
+        let uid = match &*held {
+            Some(user) => user.uid,
+            None => {
+                let user = users.claim(&self.id.qualified())?;
+                super::isolation::hand_over(&self.dir, user.uid)?;
+                let uid = user.uid;
+                *held = Some(user);
+                uid
             }
         };
-        if self.owner.load(Ordering::Acquire) != uid {
-            super::isolation::hand_over(&self.dir, uid)?;
-            self.owner.store(uid, Ordering::Release);
-        }
         Ok(Some(uid))
     }
 
@@ -808,7 +803,6 @@ impl Platform for LocalPlatform {
             logs: logs.clone(),
             published: published.clone(),
             user: Mutex::new(None),
-            owner: Default::default(),
             platform: inner.clone(),
             slots: Mutex::new(Vec::new()),
             desired: AtomicU64::new(0),
