@@ -8,13 +8,18 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
-use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 
 /// How often a listener's certificate files are looked at for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
@@ -71,25 +76,40 @@ fn certified_key(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
         .map_err(|e| anyhow!("{} does not go with {}: {e}", key.display(), cert.display()))
 }
 
-/// When the files were last changed, as far as a reload cares.
-fn stamp(cert: &Path, key: &Path) -> Option<(SystemTime, u64, SystemTime, u64)> {
-    let c = std::fs::metadata(cert).ok()?;
-    let k = std::fs::metadata(key).ok()?;
-    Some((c.modified().ok()?, c.len(), k.modified().ok()?, k.len()))
+/// When the files were last changed, as far as a reload cares (each one's time and size).
+fn stamp(files: &[PathBuf]) -> Stamp {
+    files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
 }
 
-type Stamp = Option<(SystemTime, u64, SystemTime, u64)>;
+type Stamp = Option<Vec<(SystemTime, u64)>>;
 
-/// A certificate and key, re-read when their files change: new handshakes get the new pair,
-/// connections already open keep theirs. A pair that does not load (half written, not
-/// matching) is logged and the one in use stays. A listener's certificate, or the client
-/// certificate a control plane presents to its agents.
-#[derive(Debug)]
-struct Reloading {
-    cert: PathBuf,
-    key: PathBuf,
-    current: RwLock<Arc<CertifiedKey>>,
+/// Something made from files and made again when they change: new handshakes get the new
+/// one, connections already open keep theirs. Files that do not load (half written, a key
+/// that does not match) are logged and the one in use stays. A certificate and its key (a
+/// listener's, or the client certificate a control plane presents to its agents), or a CA
+/// that certificates are checked against.
+struct Reloading<T> {
+    /// What is reloaded, for the log ("TLS certificate", "client CA").
+    what: &'static str,
+    files: Vec<PathBuf>,
+    make: fn(&[PathBuf]) -> anyhow::Result<T>,
+    current: RwLock<Arc<T>>,
     seen: Mutex<Seen>,
+}
+
+impl<T> std::fmt::Debug for Reloading<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("what", &self.what)
+            .field("files", &self.files)
+            .finish()
+    }
 }
 
 /// What a reload last saw of the files.
@@ -101,14 +121,19 @@ struct Seen {
     refused: Option<(Stamp, std::time::Instant, String)>,
 }
 
-impl Reloading {
-    fn load(cert: &Path, key: &Path) -> anyhow::Result<Reloading> {
-        crate::platform::isolation::warn_if_readable_by_others(key, "the TLS key file");
-        let loaded = stamp(cert, key);
+impl<T> Reloading<T> {
+    fn load(
+        what: &'static str,
+        files: &[&Path],
+        make: fn(&[PathBuf]) -> anyhow::Result<T>,
+    ) -> anyhow::Result<Reloading<T>> {
+        let files: Vec<PathBuf> = files.iter().map(|f| f.to_path_buf()).collect();
+        let loaded = stamp(&files);
         Ok(Reloading {
-            cert: cert.to_path_buf(),
-            key: key.to_path_buf(),
-            current: RwLock::new(Arc::new(certified_key(cert, key)?)),
+            what,
+            current: RwLock::new(Arc::new(make(&files)?)),
+            files,
+            make,
             seen: Mutex::new(Seen {
                 loaded,
                 refused: None,
@@ -116,9 +141,16 @@ impl Reloading {
         })
     }
 
+    fn current(&self) -> Arc<T> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Loads the files again if they changed since they were last looked at.
     fn refresh(&self) {
-        let now = stamp(&self.cert, &self.key);
+        let now = stamp(&self.files);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let refused_lately = seen
             .refused
@@ -127,12 +159,12 @@ impl Reloading {
         if now == seen.loaded || refused_lately {
             return;
         }
-        match certified_key(&self.cert, &self.key) {
-            Ok(key) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+        match (self.make)(&self.files) {
+            Ok(made) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(made);
                 seen.loaded = now;
                 seen.refused = None;
-                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                tracing::info!(file = %self.files[0].display(), "{} reloaded", self.what);
             }
             Err(e) => {
                 let why = format!("{e:#}");
@@ -141,7 +173,7 @@ impl Reloading {
                     .as_ref()
                     .is_none_or(|(_, _, last)| *last != why);
                 if new {
-                    tracing::warn!(error = %why, "TLS certificate files changed but do not load; the previous certificate stays in use");
+                    tracing::warn!(error = %why, "{} files changed but do not load; the previous one stays in use", self.what);
                 }
                 seen.refused = Some((now, std::time::Instant::now(), why));
             }
@@ -149,25 +181,28 @@ impl Reloading {
     }
 }
 
-impl ResolvesServerCert for Reloading {
+/// A certificate and its key from `files` ([certificate, key]).
+fn load_pair(files: &[PathBuf]) -> anyhow::Result<CertifiedKey> {
+    certified_key(&files[0], &files[1])
+}
+
+/// A certificate and its key, re-read when their files change.
+fn reloading_pair(cert: &Path, key: &Path) -> anyhow::Result<Arc<Reloading<CertifiedKey>>> {
+    crate::platform::isolation::warn_if_readable_by_others(key, "the TLS key file");
+    let pair = Arc::new(Reloading::load("TLS certificate", &[cert, key], load_pair)?);
+    spawn_reload(Arc::downgrade(&pair));
+    Ok(pair)
+}
+
+impl ResolvesServerCert for Reloading<CertifiedKey> {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        Some(self.current())
     }
 }
 
-impl ResolvesClientCert for Reloading {
+impl ResolvesClientCert for Reloading<CertifiedKey> {
     fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        Some(self.current())
     }
 
     fn has_certs(&self) -> bool {
@@ -175,9 +210,108 @@ impl ResolvesClientCert for Reloading {
     }
 }
 
+/// The check of clients' certificates against the CA in `files` ([CA]).
+fn load_client_verifier(files: &[PathBuf]) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
+    let ca = &files[0];
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .build()
+        .map_err(|e| anyhow!("{}: cannot verify clients with it: {e}", ca.display()))
+}
+
+/// Clients' certificates checked against a CA file re-read when it changes. It names no CA
+/// to clients (the list would have to outlive a reload): a client presents its certificate
+/// all the same.
+impl ClientCertVerifier for Reloading<Arc<dyn ClientCertVerifier>> {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// The check of a server's certificate against the CA in `files` ([CA]).
+fn load_server_verifier(files: &[PathBuf]) -> anyhow::Result<Arc<WebPkiServerVerifier>> {
+    let ca = &files[0];
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .build()
+        .map_err(|e| anyhow!("{}: cannot verify servers with it: {e}", ca.display()))
+}
+
+/// A server's certificate checked against a CA file re-read when it changes.
+impl ServerCertVerifier for Reloading<Arc<WebPkiServerVerifier>> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.current().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
 /// Looks at the files every second while the configuration using them lives (on the current
 /// Tokio runtime; outside one, the files are read once).
-fn spawn_reload(reloading: Weak<Reloading>) {
+fn spawn_reload<T: Send + Sync + 'static>(reloading: Weak<Reloading<T>>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -205,23 +339,24 @@ pub struct ListenerTls {
 /// offers neither speaks HTTP/1.1), the certificate re-read when its files change (must run on
 /// a Tokio runtime).
 pub fn acceptor(tls: &ListenerTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    let resolver = Arc::new(Reloading::load(&tls.cert_file, &tls.key_file)?);
+    let resolver = reloading_pair(&tls.cert_file, &tls.key_file)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
     let builder = match &tls.client_ca {
         Some(ca) => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-                    .build()
-                    .map_err(|e| anyhow!("{}: cannot verify clients with it: {e}", ca.display()))?;
+            let verifier = Arc::new(Reloading::load(
+                "client CA",
+                &[ca.as_path()],
+                load_client_verifier,
+            )?);
+            spawn_reload(Arc::downgrade(&verifier));
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_cert_resolver(resolver.clone());
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    spawn_reload(Arc::downgrade(&resolver));
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -239,23 +374,31 @@ pub struct ClientTls {
 impl ClientTls {
     /// The rustls configuration (no ALPN: HTTP/1.1).
     pub fn config(&self) -> anyhow::Result<ClientConfig> {
-        let roots = match &self.ca_file {
-            Some(ca) => roots(ca)?,
-            None => RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            },
-        };
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_root_certificates(roots);
+            .context("TLS protocol versions")?;
+        let builder = match &self.ca_file {
+            // Re-read when it changes, as a listener's certificate is.
+            Some(ca) => {
+                let verifier = Arc::new(Reloading::load(
+                    "CA",
+                    &[ca.as_path()],
+                    load_server_verifier,
+                )?);
+                spawn_reload(Arc::downgrade(&verifier));
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(verifier)
+            }
+            None => builder.with_root_certificates(RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            }),
+        };
         let config = match (&self.cert_file, &self.key_file) {
             // Read now (a key that does not match is named at start), and again when the
             // files change, as a listener's certificate is.
             (Some(cert), Some(key)) => {
-                let resolver = Arc::new(Reloading::load(cert, key)?);
-                spawn_reload(Arc::downgrade(&resolver));
-                builder.with_client_cert_resolver(resolver)
+                builder.with_client_cert_resolver(reloading_pair(cert, key)?)
             }
             (None, None) => builder.with_no_client_auth(),
             _ => bail!("cert_file and key_file go together"),
@@ -293,8 +436,8 @@ mod tests {
         made.cert.der().to_vec()
     }
 
-    fn in_use(r: &Reloading) -> Vec<u8> {
-        r.current.read().unwrap().cert[0].to_vec()
+    fn in_use(r: &Reloading<CertifiedKey>) -> Vec<u8> {
+        r.current().cert[0].to_vec()
     }
 
     #[test]
@@ -303,7 +446,7 @@ mod tests {
         let d = dir.path();
         let (cert, key) = (d.join("tls.pem"), d.join("tls-key.pem"));
         let first = write_pair(d, "tls", "one.test");
-        let r = Reloading::load(&cert, &key).unwrap();
+        let r = Reloading::load("TLS certificate", &[&cert, &key], load_pair).unwrap();
         assert_eq!(in_use(&r), first);
         r.refresh();
         assert_eq!(in_use(&r), first, "nothing changed, nothing reloaded");
@@ -324,6 +467,57 @@ mod tests {
         r.refresh();
         assert_ne!(in_use(&r), second, "the completed pair is taken");
         assert!(r.seen.lock().unwrap().refused.is_none());
+    }
+
+    /// A CA and a certificate it signed for `name` (as a server and a client), as PEM and DER.
+    fn ca_and_leaf(name: &str) -> (String, CertificateDer<'static>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        (ca.pem(), leaf.der().clone())
+    }
+
+    #[test]
+    fn a_rotated_ca_is_taken_on_both_sides() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.pem");
+        let (old_ca, _) = ca_and_leaf("agent.test");
+        let (new_ca, leaf) = ca_and_leaf("agent.test");
+        std::fs::write(&file, &old_ca).unwrap();
+        let servers = Reloading::load("CA", &[&file], load_server_verifier).unwrap();
+        let clients = Reloading::load("client CA", &[&file], load_client_verifier).unwrap();
+        let name = ServerName::try_from("agent.test").unwrap();
+        let now = UnixTime::now();
+        let server_ok = || {
+            servers
+                .verify_server_cert(&leaf, &[], &name, &[], now)
+                .is_ok()
+        };
+        let client_ok = || clients.verify_client_cert(&leaf, &[], now).is_ok();
+        assert!(
+            !server_ok() && !client_ok(),
+            "signed by a CA not trusted yet"
+        );
+        // The new CA added beside the old one, as a rotation does, a second later.
+        std::thread::sleep(Duration::from_millis(1100));
+        let staged = dir.path().join("ca.pem.new");
+        std::fs::write(&staged, format!("{old_ca}{new_ca}")).unwrap();
+        std::fs::rename(&staged, &file).unwrap();
+        servers.refresh();
+        clients.refresh();
+        assert!(server_ok() && client_ok(), "the rotated CA is taken");
+        // A broken file leaves the CA in use.
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(&file, "half a certificate").unwrap();
+        servers.refresh();
+        assert!(server_ok(), "a file that does not load is refused");
     }
 
     #[test]

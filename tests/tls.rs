@@ -184,6 +184,24 @@ async fn datacenters_speak_mutual_tls_and_refuse_strangers() {
         );
     }
 
+    // The agent's client CA file gains the other CA beside its own (a CA rotation): a
+    // control plane with a certificate from it gets in, without a restart of the agent.
+    let newcomer_cert = other.issue(d, "newcomer", &["newcomer.test"], false);
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(&ca.file).unwrap(),
+        std::fs::read_to_string(&other.file).unwrap()
+    );
+    let staged = d.join("ca-bundle.pem");
+    std::fs::write(&staged, bundle).unwrap();
+    std::fs::rename(&staged, &ca.file).unwrap();
+    let newcomer = control_plane(d, port, &ca.file, Some(&newcomer_cert));
+    let joined = poll(Duration::from_secs(10), || async {
+        newcomer.deploy(pinned("newcomer")).await.status() == 202
+    })
+    .await;
+    assert!(joined, "the agent never took its rotated client CA");
+
     // A control plane that does not trust the agent's CA, or checks another name, refuses
     // it, and says so.
     for (ca_file, name, hint) in [
