@@ -89,6 +89,23 @@ def children(pid):
     return out
 
 
+def watchdog_under(pid):
+    """The replica watchdog started under process `pid` (directly, or in a sandbox whose
+    processes are its descendants), or None."""
+    todo = [pid]
+    while todo:
+        for child in children(todo.pop()):
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")[:-1]
+            except OSError:
+                continue
+            if len(argv) == 2 and argv[1] == b"watchdog":
+                return child
+            todo.append(child)
+    return None
+
+
 def listening_port(pid):
     """The TCP port a process listens on (from /proc/net/tcp and its socket inodes)."""
     inodes = set()
@@ -131,26 +148,22 @@ def wrk(url, conns, seconds):
 
 def nginx_function(work, **extra):
     """The function measured: nginx returning a fixed body, behind the watchdog in http mode
-    (its deployment, with `extra` fields)."""
+    (its deployment, with `extra` fields). Its configuration is a secret: a replica may run as
+    a user of its own in a sandbox with a /tmp of its own, and reads it from its secrets; what
+    it writes goes to its working directory. `serve_with` creates the secret."""
     port = free_port()
-    # Run as root, faastastic runs the function as a user of its own: its configuration must
-    # be readable by others, and what it writes goes to its own working directory.
-    backend = os.path.join(work, "backend")
-    os.makedirs(backend, exist_ok=True)
-    os.chmod(work, 0o711)
-    os.chmod(backend, 0o755)
-    conf = os.path.join(backend, "backend.conf")
-    with open(conf, "w") as f:
-        f.write(f"""worker_processes 1; pid backend.pid; error_log stderr;
+    conf = f"""worker_processes 1; pid backend.pid; error_log stderr;
 events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello\\n"; }} }} }}
-""")
-    os.chmod(conf, 0o644)
+"""
     return {
         "service": "bench", "image": "local/nginx",
-        "envProcess": f"/usr/sbin/nginx -p . -e stderr -c {conf} -g 'daemon off;'",
+        "envProcess": "sh -c 'exec /usr/sbin/nginx -p . -e stderr "
+                      "-c \"$secret_mount_path/bench-backend\" -g \"daemon off;\"'",
         "envVars": {"mode": "http", "upstream_url": f"http://127.0.0.1:{port}"},
+        "secrets": ["bench-backend"],
+        "_secret_values": {"bench-backend": conf},
         **extra,
     }
 
@@ -170,6 +183,11 @@ def serve_with(work, config_text, function, procs):
     procs.append(server)
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: urllib.request.urlopen(base + "/healthz").status == 200, 30, "faastastic")
+    function = dict(function)
+    for name, value in function.pop("_secret_values", {}).items():
+        urllib.request.urlopen(urllib.request.Request(
+            base + "/system/secrets", data=json.dumps({"name": name, "value": value}).encode(),
+            method="POST", headers={"Content-Type": "application/json"}))
     urllib.request.urlopen(urllib.request.Request(
         base + "/system/functions", data=json.dumps(function).encode(), method="POST",
         headers={"Content-Type": "application/json"}))
@@ -233,10 +251,13 @@ def main():
         backend = nginx_function(work)
         server, base = serve_with(work, f"[proxy]\nconnection_threads = {args.threads}\n",
                                   backend, procs)
-        replicas = [p for p in children(server.pid)]
+        replicas = children(server.pid)
         if len(replicas) != 1:
             sys.exit(f"expected one replica process, found {replicas}")
-        replica_port = listening_port(replicas[0])
+        watchdog = watchdog_under(server.pid)
+        if watchdog is None:
+            sys.exit("no replica watchdog found under the server")
+        replica_port = listening_port(watchdog)
 
         # nginx as a reverse proxy to the same replica (settings as in the reference baselines),
         # twice: the second, identical one is the control that shows how far two runs of the
