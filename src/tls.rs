@@ -141,6 +141,20 @@ impl<T> Reloading<T> {
         })
     }
 
+    /// [`Reloading::load`], then looked at every second while it lives.
+    fn watched(
+        what: &'static str,
+        files: &[&Path],
+        make: fn(&[PathBuf]) -> anyhow::Result<T>,
+    ) -> anyhow::Result<Arc<Reloading<T>>>
+    where
+        T: Send + Sync + 'static,
+    {
+        let reloading = Arc::new(Reloading::load(what, files, make)?);
+        spawn_reload(Arc::downgrade(&reloading));
+        Ok(reloading)
+    }
+
     fn current(&self) -> Arc<T> {
         self.current
             .read()
@@ -189,9 +203,7 @@ fn load_pair(files: &[PathBuf]) -> anyhow::Result<CertifiedKey> {
 /// A certificate and its key, re-read when their files change.
 fn reloading_pair(cert: &Path, key: &Path) -> anyhow::Result<Arc<Reloading<CertifiedKey>>> {
     crate::platform::isolation::warn_if_readable_by_others(key, "the TLS key file");
-    let pair = Arc::new(Reloading::load("TLS certificate", &[cert, key], load_pair)?);
-    spawn_reload(Arc::downgrade(&pair));
-    Ok(pair)
+    Reloading::watched("TLS certificate", &[cert, key], load_pair)
 }
 
 impl ResolvesServerCert for Reloading<CertifiedKey> {
@@ -332,15 +344,11 @@ pub fn acceptor(tls: &ListenerTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> 
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
     let builder = match &tls.client_ca {
-        Some(ca) => {
-            let verifier = Arc::new(Reloading::load(
-                "client CA",
-                &[ca.as_path()],
-                load_client_verifier,
-            )?);
-            spawn_reload(Arc::downgrade(&verifier));
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(ca) => builder.with_client_cert_verifier(Reloading::watched(
+            "client CA",
+            &[ca.as_path()],
+            load_client_verifier,
+        )?),
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver);
@@ -367,17 +375,13 @@ impl ClientTls {
             .context("TLS protocol versions")?;
         let builder = match &self.ca_file {
             // Re-read when it changes, as a listener's certificate is.
-            Some(ca) => {
-                let verifier = Arc::new(Reloading::load(
+            Some(ca) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Reloading::watched(
                     "CA",
                     &[ca.as_path()],
                     load_server_verifier,
-                )?);
-                spawn_reload(Arc::downgrade(&verifier));
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(verifier)
-            }
+                )?),
             None => builder.with_root_certificates(RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
             }),

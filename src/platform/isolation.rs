@@ -187,14 +187,14 @@ impl Bubblewrap {
 }
 
 impl Isolation {
-    /// Picks the isolation for a local platform whose replica files would otherwise live in
-    /// `run_dir`, and says which is in force (and why) in the log.
+    /// Picks the isolation for a local platform named `tag` on this machine (its functions'
+    /// files go to `function_dir/tag`), and says which is in force (and why) in the log.
     pub fn choose(
         enabled: bool,
         range: (u32, u32),
         sandbox: SandboxMode,
         function_dir: &Path,
-        run_dir: &Path,
+        tag: &str,
         datacenter: &str,
     ) -> io::Result<Isolation> {
         // SAFETY: geteuid has no preconditions.
@@ -224,10 +224,7 @@ impl Isolation {
         }
         traversable_dir(function_dir)?;
         check_function_dir(function_dir)?;
-        let files = function_dir.join(format!(
-            "{:016x}",
-            fnv1a(run_dir.as_os_str().as_encoded_bytes())
-        ));
+        let files = function_dir.join(tag);
         if files.exists() {
             std::fs::remove_dir_all(&files)?;
         }

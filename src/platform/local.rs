@@ -153,13 +153,18 @@ impl LocalPlatform {
             std::fs::remove_dir_all(&run_dir)?;
         }
         create_private_dir(&run_dir)?;
-        let run_dir_name = run_dir.display().to_string();
+        // This platform's name among others on the machine: its functions' files and its
+        // control groups are kept under it.
+        let tag = format!(
+            "{:016x}",
+            super::isolation::fnv1a(run_dir.as_os_str().as_encoded_bytes())
+        );
         let isolation = Isolation::choose(
             cfg.function_users,
             cfg.uid_range,
             cfg.sandbox,
             &std::path::absolute(&cfg.function_dir)?,
-            &run_dir,
+            &tag,
             datacenter,
         )?;
         let (files, exe) = match &isolation {
@@ -181,14 +186,7 @@ impl LocalPlatform {
             }
         };
         let isolated = matches!(isolation, Isolation::FunctionUsers { .. });
-        let groups = Groups::prepare(
-            &format!(
-                "faastastic-{:016x}",
-                super::isolation::fnv1a(run_dir_name.as_bytes())
-            ),
-            datacenter,
-            cfg.cgroups,
-        );
+        let groups = Groups::prepare(&format!("faastastic-{tag}"), datacenter, cfg.cgroups);
         let mut base_env: Vec<(String, String)> = PASSTHROUGH_ENV
             .iter()
             // A function's own user has no account: its home is its working directory.
