@@ -248,12 +248,18 @@ async fn run_as_another_user_functions_share_its_user_and_it_says_so() {
     let uid = 3_999_960;
     let dir = open_tempdir();
     std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
+    // The built program may sit where that user cannot reach it (a checkout in a private
+    // directory): it runs a copy in the open directory.
+    let program = dir.path().join("faastastic");
+    std::fs::copy(common::BIN, &program).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
     let log = dir.path().join("serve.log");
     let s = Server::with(Options {
         data_dir: Some(&dir.path().join("data")),
         stderr_log: Some(&log),
         env: &[("RUST_LOG", "info")],
         uid: Some(uid),
+        program: Some(&program),
         ..Default::default()
     });
     let text = std::fs::read_to_string(&log).unwrap();

@@ -576,6 +576,28 @@ pub fn enter(
     Ok(())
 }
 
+/// A copy of the program `exe` that functions' users can run, in `function_dir`: one per
+/// build (named by the file's device, inode, size and time), shared by every server and
+/// datacenter on the machine and made once (written aside, then renamed into place).
+pub fn reachable_copy(exe: &Path, function_dir: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(exe)?;
+    let copy = function_dir.join(format!(
+        "faastastic-{:x}-{:x}-{:x}-{:x}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime()
+    ));
+    if !copy.exists() {
+        let staged = function_dir.join(format!(".faastastic-{}", std::process::id()));
+        std::fs::copy(exe, &staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&staged, &copy)?;
+    }
+    Ok(copy)
+}
+
 /// Whether every directory above `path` lets others through and `path` lets them execute it.
 pub fn executable_by_others(path: &Path) -> bool {
     let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode());

@@ -175,10 +175,10 @@ impl LocalPlatform {
                 let exe = if super::isolation::executable_by_others(&exe) {
                     exe
                 } else {
-                    let copy = files.join("faastastic");
-                    std::fs::copy(&exe, &copy)?;
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+                    let copy = super::isolation::reachable_copy(
+                        &exe,
+                        &std::path::absolute(&cfg.function_dir)?,
+                    )?;
                     tracing::info!(copy = %copy.display(), "this program is not reachable by function users; they run a copy");
                     copy
                 };

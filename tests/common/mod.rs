@@ -43,6 +43,8 @@ pub struct Options<'a> {
     pub ca_file: Option<&'a Path>,
     /// Run the server as this user and group (the tests run as root).
     pub uid: Option<u32>,
+    /// The program to run instead of the one built (a copy another user can reach).
+    pub program: Option<&'a Path>,
 }
 
 impl Server {
@@ -65,7 +67,7 @@ impl Server {
             Some(cwd) if data_dir.is_relative() => cwd.join(&data_dir),
             _ => data_dir.clone(),
         };
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(opts.program.unwrap_or(Path::new(BIN)));
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
