@@ -399,3 +399,115 @@ async fn memory_hog(cgroups: bool) {
     let status: Value = s.get_json("/system/function/hog").await;
     assert_eq!(status["availableReplicas"], 1, "{status}");
 }
+
+/// The live processes running as a user of `users`: pid and command line.
+fn processes_of(users: std::ops::RangeInclusive<u32>) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        };
+        let zombie = field("State:").as_deref() == Some("Z");
+        let uid = field("Uid:").and_then(|u| u.parse::<u32>().ok());
+        if !zombie && uid.is_some_and(|u| users.contains(&u)) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            found.push((pid, cmdline.chars().take(120).collect()));
+        }
+    }
+    found
+}
+
+/// A server killed with SIGKILL at any moment, replicas starting in their sandboxes or
+/// running, leaves no process of its functions behind: not the function, not the watchdog,
+/// not the sandbox's own processes (which bubblewrap tells to die with their parent only once
+/// they run, so a server killed just then left them running).
+#[tokio::test]
+async fn a_killed_server_leaves_no_process_of_its_functions_behind() {
+    common::require_program("bwrap", "bubblewrap");
+    if !is_root() {
+        return; // no users of their own (the test command runs as root)
+    }
+    // Users this test alone hands out, so that what runs as them is this test's.
+    let first = 1_800_000_000 + (std::process::id() % 10_000) * 100;
+    let users = first..=first + 99;
+    let cfg = format!(
+        "[local]\nsandbox = \"bubblewrap\"\nuid_range = [{first}, {}]\n",
+        first + 99
+    );
+    for (round, delay_ms) in [0u64, 30, 60, 100, 150, 200, 300, 500, 1500]
+        .into_iter()
+        .enumerate()
+    {
+        let mut s = Server::with(Options {
+            config: Some(&cfg),
+            ..Default::default()
+        });
+        for name in ["a", "b", "c"] {
+            let mut f = echo_function(name);
+            f["labels"] = json!({"com.openfaas.scale.min": "3"});
+            assert_eq!(s.deploy(f).await.status(), 202);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        let running = processes_of(users.clone()).len();
+        s.kill();
+        let gone = common::poll(std::time::Duration::from_secs(10), || async {
+            processes_of(users.clone()).is_empty()
+        })
+        .await;
+        assert!(
+            gone,
+            "round {round}, killed {delay_ms} ms after the deploys with {running} processes \
+             of its functions running: left behind {:#?}",
+            processes_of(users.clone())
+        );
+    }
+}
+
+/// A replica stopped in its sandbox gets SIGTERM in its watchdog, which stops the function
+/// gracefully: its TERM handler runs (bubblewrap passes no signal on; signalling the sandbox
+/// killed everything in it outright).
+#[tokio::test]
+async fn a_sandboxed_replica_is_stopped_gracefully() {
+    common::require_program("bwrap", "bubblewrap");
+    common::require_program("python3", "python3");
+    let s = Server::with(Options {
+        config: Some("[local]\nsandbox = \"bubblewrap\"\n"),
+        ..Default::default()
+    });
+    let port = free_port();
+    let f = json!({"service": "graceful", "image": "local/sh",
+        "envProcess": format!(
+            "sh -c 'trap \"echo stopped gracefully >&2; exit 0\" TERM; \
+             python3 -m http.server {port} --bind 127.0.0.1 & wait'"),
+        "envVars": {"mode": "http", "upstream_url": format!("http://127.0.0.1:{port}")}});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("graceful", 1).await;
+    let scale = s
+        .system(reqwest::Method::POST, "/system/scale-function/graceful")
+        .json(&json!({"replicas": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scale.status(), 202);
+    let said = common::poll(std::time::Duration::from_secs(10), || async {
+        s.system_text("/system/logs?name=graceful&tail=50")
+            .await
+            .contains("stopped gracefully")
+    })
+    .await;
+    assert!(
+        said,
+        "the function's TERM handler did not run: {}",
+        s.system_text("/system/logs?name=graceful&tail=50").await
+    );
+}

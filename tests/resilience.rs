@@ -367,6 +367,34 @@ fn pids_running(argv: &[&str]) -> Vec<i32> {
         .collect()
 }
 
+/// A watchdog whose server is gone exits even when its parent lives on, as a sandbox's own
+/// processes can (they stand between the server and the watchdog): nothing reads its output
+/// any more, and that is what it watches.
+#[tokio::test]
+async fn a_watchdog_nobody_listens_to_exits() {
+    use std::io::BufRead;
+    let mut watchdog = std::process::Command::new(common::BIN)
+        .arg("watchdog")
+        .env("fprocess", "cat")
+        .env("faastastic_listen", "127.0.0.1:0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(watchdog.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("listening on"), "{line}");
+    let pid = watchdog.id() as i32;
+    assert!(alive(pid));
+    drop(out);
+    let gone = poll(Duration::from_secs(5), || async { !alive(pid) }).await;
+    let _ = watchdog.kill();
+    let _ = watchdog.wait();
+    assert!(gone, "the watchdog ran on with nobody reading its output");
+}
+
 #[tokio::test]
 async fn a_functions_forked_workers_stop_with_it() {
     common::require_program("python3", "python3");

@@ -579,11 +579,12 @@ async fn stop_child(mut child: Child) -> ReplicaExit {
     ReplicaExit::Cancelled
 }
 
-/// SIGTERM (the watchdog then stops its function's processes), SIGKILL after a grace period.
+/// SIGTERM to the watchdog (which then stops its function's processes), SIGKILL after a
+/// grace period.
 async fn terminate(child: &mut Child) {
     if let Some(pid) = child.id() {
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        // SAFETY: signals our own child, or the session a sandbox made inside it.
+        unsafe { libc::kill(watchdog_of(pid as libc::pid_t), libc::SIGTERM) };
         if tokio::time::timeout(Duration::from_secs(5), child.wait())
             .await
             .is_ok()
@@ -593,6 +594,31 @@ async fn terminate(child: &mut Child) {
     }
     let _ = child.start_kill();
     let _ = child.wait().await;
+}
+
+/// Whom to signal to reach the watchdog in the child `pid`: the child itself, or, when the
+/// child is a sandbox, the session of the sandbox's own init process (its first child, which
+/// leads a session of its own), where the watchdog runs. Bubblewrap passes no signal on, and
+/// its init ignores SIGTERM from outside its PID namespace, so the watchdog still gets it
+/// and stops its function gracefully; signalling the sandbox itself would kill it outright.
+fn watchdog_of(pid: libc::pid_t) -> libc::pid_t {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+    let first = children
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse::<libc::pid_t>().ok());
+    let Some(init) = first else { return pid };
+    // Field 6 of /proc/PID/stat, after the parenthesised name: the session.
+    let session = std::fs::read_to_string(format!("/proc/{init}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(3)?.parse::<libc::pid_t>().ok()
+        });
+    if session == Some(init) {
+        -init
+    } else {
+        pid
+    }
 }
 
 /// Waits until the replica has no request in flight, or the drain timeout passes.

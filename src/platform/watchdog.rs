@@ -121,6 +121,7 @@ pub async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("{LISTENING_PREFIX}{}", listener.local_addr()?);
     exit_when_orphaned();
+    exit_when_unheard();
     exit_on_sigterm();
 
     match &watchdog.mode {
@@ -218,6 +219,37 @@ fn exit_when_orphaned() {
             if std::os::unix::process::parent_id() != parent {
                 stop_and_exit().await;
             }
+        }
+    });
+}
+
+/// Exits once nothing reads the watchdog's standard output: the local platform reads it
+/// through a pipe, and the pipe's reading end closes when the server dies, however it dies.
+/// Unlike the parent-death signal this crosses a sandbox, whose own processes stand between
+/// the server and the watchdog (and can outlive it: their parent-death signal is set after
+/// they start, so a server killed at that moment leaves them running).
+fn exit_when_unheard() {
+    // SAFETY: fstat writes into the zeroed struct it is given.
+    let is_pipe = unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        libc::fstat(libc::STDOUT_FILENO, &mut stat) == 0
+            && stat.st_mode & libc::S_IFMT == libc::S_IFIFO
+    };
+    if !is_pipe {
+        return;
+    }
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::spawn(move || loop {
+        // No events asked for: poll returns only on POLLERR (no reader left) or POLLHUP.
+        let mut out = libc::pollfd {
+            fd: libc::STDOUT_FILENO,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: polls one descriptor, described by the struct it is given.
+        let ready = unsafe { libc::poll(&mut out, 1, -1) };
+        if ready > 0 {
+            runtime.block_on(stop_and_exit());
         }
     });
 }
@@ -451,9 +483,6 @@ fn plain(status: StatusCode, text: String) -> Response {
     (status, format!("{}\n", text.trim_end())).into_response()
 }
 
-/// Asks the kernel to send `signal` to the child when its parent dies, so a crashed server
-/// leaves no orphaned replicas holding ports (a replica's watchdog gets SIGTERM, on which it
-/// stops its function's whole process group) and a dead watchdog no orphaned function.
 /// Applies the replica's `RLIMIT_DATA` (if faastastic gave one) to a function process, and
 /// keeps the setting out of its environment.
 fn limit_data(cmd: &mut Command) {
@@ -476,12 +505,20 @@ fn limit_data(cmd: &mut Command) {
     }
 }
 
+/// Asks the kernel to send `signal` to the child when its parent dies, so a crashed server
+/// leaves no orphaned replicas holding ports (a replica's watchdog gets SIGTERM, on which it
+/// stops its function's whole process group) and a dead watchdog no orphaned function. A
+/// parent that died before the request was made is caught too: the child then does not run.
 pub(crate) fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the parent died while starting"));
             }
             Ok(())
         });
