@@ -125,11 +125,17 @@ async fn list(State(a): State<Arc<Agent>>, req: Request) -> Response {
     };
     let body: Vec<AgentFunction> = functions
         .into_iter()
-        .map(|(id, desired)| AgentFunction {
-            ready: a.platform.table().replicas(&id).ready,
-            namespace: id.namespace,
-            name: id.name,
-            desired,
+        .map(|(id, desired)| {
+            let table = a.platform.table();
+            let condition = table.condition(&id).unwrap_or_default();
+            AgentFunction {
+                ready: table.replicas(&id).ready,
+                reason: condition.reason,
+                update: condition.update,
+                namespace: id.namespace,
+                name: id.name,
+                desired,
+            }
         })
         .collect();
     Json(body).into_response()

@@ -418,3 +418,63 @@ async fn a_datacenter_is_added_to_a_function_deployed_without_constraints() {
     assert_eq!(r.status(), 409);
     assert!(r.text().await.unwrap().contains("PUT /system/functions"));
 }
+
+/// A function on an agent whose replica keeps exiting: the control plane's status says why
+/// in that datacenter's entry, as it does for its own platforms; a broken update there says it
+/// is not serving, and why, while the old version serves on.
+#[tokio::test]
+async fn an_agents_crashes_and_stalled_updates_show_in_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let lon_port = free_port();
+    let _lon = Agent::start("lon", lon_port, dir.path());
+    let cfg = remote_config(&[("lon", lon_port)], 3000, dir.path());
+    let s = Server::with(Options {
+        config: Some(&cfg),
+        ..Default::default()
+    });
+    let crashing = json!({"service": "crashy", "image": "x",
+        "constraints": ["datacenter==lon"],
+        "envProcess": "sh -c 'echo cannot start >&2; exit 3'",
+        "envVars": {"mode": "http", "upstream_url": format!("http://127.0.0.1:{}", free_port())}});
+    assert_eq!(s.deploy(crashing).await.status(), 202);
+    let explained = poll(Duration::from_secs(20), || async {
+        let st = s.status("crashy").await.1;
+        st["datacenters"]["lon"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restarting"))
+    })
+    .await;
+    assert!(explained, "{}", s.status("crashy").await.1);
+
+    let mut good = echo_function("rolled");
+    good["constraints"] = json!(["datacenter==lon"]);
+    assert_eq!(s.deploy(good).await.status(), 202);
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            ready_in(&s, "rolled", "lon").await == 1
+        })
+        .await
+    );
+    let broken = json!({"service": "rolled", "image": "x",
+        "constraints": ["datacenter==lon"],
+        "envProcess": "sh -c 'exit 4'",
+        "envVars": {"mode": "http", "upstream_url": format!("http://127.0.0.1:{}", free_port())}});
+    let put = s
+        .system(Method::PUT, "/system/functions")
+        .json(&broken)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 202);
+    let stalled = poll(Duration::from_secs(20), || async {
+        let st = s.status("rolled").await.1;
+        let update = &st["datacenters"]["lon"]["update"];
+        update["ready"] == false
+            && update["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("restarting"))
+    })
+    .await;
+    assert!(stalled, "{}", s.status("rolled").await.1);
+    assert_eq!(invoke_in(&s, "rolled", "lon").await.0, 200);
+}

@@ -167,7 +167,7 @@ impl ReplicaCounts {
 
 /// An update that has not taken over yet: the previous version still serves while the new
 /// one has no ready replica.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Rollout {
     /// Always false while reported: the new version is not serving.

@@ -31,6 +31,12 @@ pub mod wire {
         pub name: String,
         pub desired: u64,
         pub ready: u64,
+        /// Why a replica does not serve (its last exit), as the agent's platform says.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reason: Option<String>,
+        /// An update whose new version is not serving yet.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub update: Option<crate::platform::Rollout>,
     }
 
     #[derive(Debug, Serialize, Deserialize)]
@@ -205,6 +211,8 @@ impl RemotePlatform {
                 row.set_endpoints(Arc::new(self.endpoint_set(&id, f.ready)), f.ready);
             }
             row.set_desired(f.desired);
+            row.set_reason(f.reason.as_deref());
+            row.set_rollout(f.update.clone());
             seen.insert(id);
         }
         // A row a request waits on stays: the agent may not list the function yet.
