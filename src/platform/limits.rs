@@ -198,14 +198,17 @@ impl Groups {
         let Some(path) = v2 else {
             return Err(io::Error::other("this process is in no control group"));
         };
-        let base = Path::new("/sys/fs/cgroup").join(path);
-        let enabled = std::fs::read_to_string(base.join("cgroup.subtree_control"))?;
-        if !enabled.split_whitespace().any(|c| c == "memory") {
-            return Err(io::Error::other(format!(
-                "the memory controller is not enabled for {}'s children (delegate it, e.g. Delegate=yes in a systemd unit)",
-                base.display()
-            )));
-        }
+        // Once per process: the first call may move this process into a leaf of its group.
+        static BASE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+        let base = BASE
+            .get_or_init(|| {
+                let base = Path::new("/sys/fs/cgroup").join(path);
+                enable_v2_children(&base, std::process::id())
+                    .map(|()| base)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(io::Error::other)?;
         let dir = base.join(name);
         fresh_dir(&dir)?;
         std::fs::write(dir.join("cgroup.subtree_control"), "+memory +cpu")
@@ -291,6 +294,53 @@ fn quota_us(nano_cpus: i64) -> i64 {
 }
 
 /// Creates `dir` unless it is there.
+/// Where this process's own control group goes when it gives its children controllers.
+const V2_SERVER_LEAF: &str = "faastastic-server";
+
+/// Makes cgroup v2 group `base` (this process's, `pid`) able to give its children the memory
+/// and cpu controllers. The kernel lets a group enable controllers for its children only when
+/// it holds no process itself, so when `pid` is alone in `base` it moves into a leaf
+/// (`V2_SERVER_LEAF`) first, as a service delegated its group by systemd (`Delegate=yes`)
+/// must; a group shared with other processes is left alone, with the fix in the error.
+fn enable_v2_children(base: &Path, pid: u32) -> io::Result<()> {
+    let enabled = |file: &str| -> io::Result<bool> {
+        let text = std::fs::read_to_string(base.join(file))?;
+        Ok(text.split_whitespace().any(|c| c == "memory"))
+    };
+    if enabled("cgroup.subtree_control")? {
+        return Ok(());
+    }
+    if !enabled("cgroup.controllers")? {
+        return Err(io::Error::other(format!(
+            "the memory controller is not available in {} (delegate it, e.g. Delegate=yes in a systemd unit)",
+            base.display()
+        )));
+    }
+    let procs = std::fs::read_to_string(base.join("cgroup.procs"))?;
+    let others = procs
+        .split_whitespace()
+        .filter(|p| *p != pid.to_string())
+        .count();
+    if others > 0 {
+        return Err(io::Error::other(format!(
+            "{} holds {others} other processes, and a group with processes cannot give its children controllers: run faastastic in a group of its own (a systemd unit with Delegate=yes)",
+            base.display()
+        )));
+    }
+    let leaf = base.join(V2_SERVER_LEAF);
+    fresh_dir(&leaf)?;
+    std::fs::write(leaf.join("cgroup.procs"), pid.to_string())
+        .map_err(|e| io::Error::other(format!("moving into {}: {e}", leaf.display())))?;
+    std::fs::write(base.join("cgroup.subtree_control"), "+memory +cpu")
+        .or_else(|_| std::fs::write(base.join("cgroup.subtree_control"), "+memory"))
+        .map_err(|e| {
+            io::Error::other(format!(
+                "enabling the memory controller for {}'s children: {e}",
+                base.display()
+            ))
+        })
+}
+
 fn fresh_dir(dir: &Path) -> io::Result<()> {
     match std::fs::create_dir(dir) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
@@ -408,6 +458,50 @@ mod tests {
         assert_eq!(quota_us(500_000_000), 50_000);
         assert_eq!(quota_us(2_000_000_000), 200_000);
         assert_eq!(quota_us(1_000), 1000, "the kernel's minimum");
+    }
+
+    /// A cgroup v2 group as the kernel shows it, in a temporary directory (this machine's
+    /// control groups are v1): its controllers, enabled ones and processes.
+    fn v2_group(controllers: &str, enabled: &str, procs: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (file, text) in [
+            ("cgroup.controllers", controllers),
+            ("cgroup.subtree_control", enabled),
+            ("cgroup.procs", procs),
+        ] {
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn on_cgroup_v2_the_server_moves_into_a_leaf_to_give_replicas_controllers() {
+        // Alone in a delegated group: moved into the leaf, controllers enabled.
+        let g = v2_group("cpuset cpu io memory pids\n", "\n", "4242\n");
+        enable_v2_children(g.path(), 4242).unwrap();
+        let read = |f: &str| std::fs::read_to_string(g.path().join(f)).unwrap();
+        assert_eq!(read(&format!("{V2_SERVER_LEAF}/cgroup.procs")), "4242");
+        assert_eq!(read("cgroup.subtree_control"), "+memory +cpu");
+        // Already enabled: nothing moves.
+        let g = v2_group("cpu memory\n", "cpu memory\n", "4242\n");
+        enable_v2_children(g.path(), 4242).unwrap();
+        assert!(!g.path().join(V2_SERVER_LEAF).exists());
+        // Shared with another process: left alone, and the error says what to do.
+        let g = v2_group("cpu memory\n", "\n", "4242\n77\n");
+        let err = enable_v2_children(g.path(), 4242).unwrap_err().to_string();
+        assert!(
+            err.contains("1 other processes") && err.contains("Delegate=yes"),
+            "{err}"
+        );
+        assert!(!g.path().join(V2_SERVER_LEAF).exists());
+        assert_eq!(
+            std::fs::read_to_string(g.path().join("cgroup.subtree_control")).unwrap(),
+            "\n"
+        );
+        // No memory controller handed down: named.
+        let g = v2_group("cpu pids\n", "\n", "4242\n");
+        let err = enable_v2_children(g.path(), 4242).unwrap_err().to_string();
+        assert!(err.contains("not available"), "{err}");
     }
 
     #[test]
