@@ -125,9 +125,11 @@ def listening_port(pid):
     return None
 
 
-def wrk(url, conns, seconds):
+def wrk(url, conns, seconds, script=None):
+    """wrk's figures for `url` (with a Lua `script` file, e.g. one that makes a POST)."""
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url],
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+        + (["-s", script] if script else []) + [url],
         capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     requests = int(re.search(r"(\d+) requests in", out).group(1))

@@ -5,7 +5,8 @@
 #   scripts/bench.sh              every part (about 10 minutes on 2 cores)
 #   scripts/bench.sh smoke        every part with tiny loads (about a minute; CI runs it so the
 #                                 suite cannot rot; its figures are not results)
-#   scripts/bench.sh PART [ARGS]  one part: invoke | reaction | state | datacenters | autoscale
+#   scripts/bench.sh PART [ARGS]  one part: invoke | classic | reaction | state | datacenters | tls |
+#                                 autoscale
 #                                 (ARGS go to that part's script)
 # The datacenters part needs dockerd in a swarm, as scripts/test.sh sets up.
 set -euo pipefail
@@ -32,6 +33,7 @@ if [[ $what == all || $what == smoke || $what == autoscale ]]; then
   cargo bench --no-run --quiet --bench autoscale
 fi
 cargo build --release --quiet
+cargo build --release --quiet --example spawn_floor
 mkdir -p target
 started=$SECONDS
 
@@ -40,20 +42,22 @@ part() {
   shift
   case "$name" in
     invoke) python3 scripts/bench.py "$@" ;;
+    classic) python3 scripts/bench_classic.py "$@" ;;
     reaction) python3 scripts/bench_reaction.py "$@" ;;
     state) python3 scripts/bench_state.py "$@" ;;
     datacenters) python3 scripts/bench_datacenters.py "$@" ;;
     tls) python3 scripts/bench_tls.py "$@" ;;
     autoscale) cargo bench --quiet --bench autoscale -- "$@" ;;
-    *) echo "usage: scripts/bench.sh [all|smoke|invoke|reaction|state|datacenters|tls|autoscale] [ARGS]" >&2
+    *) echo "usage: scripts/bench.sh [all|smoke|invoke|classic|reaction|state|datacenters|tls|autoscale] [ARGS]" >&2
        exit 2 ;;
   esac
 }
 
 case "$what" in
   all)
-    rm -f target/bench-{invoke,reaction,state,datacenters,tls,autoscale}.json
+    rm -f target/bench-{invoke,classic,reaction,state,datacenters,tls,autoscale}.json
     part invoke
+    part classic
     part reaction
     part state
     part datacenters
@@ -63,14 +67,15 @@ case "$what" in
     echo "suite: $(((SECONDS - started) / 60)) min $(((SECONDS - started) % 60)) s (after the build)"
     ;;
   smoke)
-    rm -f target/bench-{invoke,reaction,state,datacenters,tls,autoscale}.json
+    rm -f target/bench-{invoke,classic,reaction,state,datacenters,tls,autoscale}.json
     part invoke --seconds 1 --rounds 1 --conns 1,16
+    part classic --seconds 1 --rounds 1
     part reaction --query-only --timeout 30
     part state --functions 300 --alerts 100 --list-requests 5 --cold-rounds 2
     part datacenters --rounds 1
     part tls --seconds 1 --rounds 1 --conns 16
     part autoscale --smoke
-    python3 scripts/bench_report.py --require invoke,reaction,state,datacenters,tls,autoscale
+    python3 scripts/bench_report.py --require invoke,classic,reaction,state,datacenters,tls,autoscale
     ;;
   *) part "$what" "$@" ;;
 esac

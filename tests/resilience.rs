@@ -367,6 +367,129 @@ fn pids_running(argv: &[&str]) -> Vec<i32> {
         .collect()
 }
 
+/// The parent of process `pid`.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Nothing a classic request starts outlives it: not when it answers, not when it times out,
+/// not when its watchdog is killed with SIGKILL halfway through (a parent-death signal reaches
+/// only the request's first process: the rest are swept from the replica's session, or go
+/// with the sandbox's PID namespace); with and without the sandbox.
+#[tokio::test]
+async fn nothing_a_classic_request_starts_outlives_it() {
+    // Sleeps of lengths only this run uses mark what the requests start; whatever a failing
+    // run leaves is killed when the test ends.
+    let first = 1_000_000 + (std::process::id() % 100_000) * 20;
+    struct KillMarked(u32);
+    impl Drop for KillMarked {
+        fn drop(&mut self) {
+            for n in self.0..self.0 + 20 {
+                for pid in pids_running(&["sleep", &n.to_string()]) {
+                    // SAFETY: kill(2) of a sleep this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+    let _cleanup = KillMarked(first);
+    let mut modes = vec![("none", first)];
+    if common::is_root() {
+        common::require_program("bwrap", "bubblewrap");
+        modes.push(("bubblewrap", first + 10));
+    }
+    for (sandbox, marker) in modes {
+        let cfg = format!("[local]\nsandbox = \"{sandbox}\"\n");
+        let s = Server::with(common::Options {
+            config: Some(&cfg),
+            ..Default::default()
+        });
+        let sleeps = |n: u32| pids_running(&["sleep", &(marker + n).to_string()]);
+        assert!(
+            (1..=5).all(|n| sleeps(n).is_empty()),
+            "marked sleeps already run"
+        );
+        let gone = |ns: &'static [u32]| {
+            let sleeps = &sleeps;
+            async move {
+                poll(Duration::from_secs(5), || async {
+                    ns.iter().all(|n| sleeps(*n).is_empty())
+                })
+                .await
+            }
+        };
+        let deploy = |name: &str, process: String, timeout: &str| {
+            json!({"service": name, "image": "local/sh", "envProcess": process,
+                   "envVars": {"exec_timeout": timeout}})
+        };
+        // It answers while something it started runs on.
+        let f = deploy(
+            "answers",
+            format!(
+                "sh -c 'sleep {} >/dev/null 2>&1 & echo started'",
+                marker + 1
+            ),
+            "60s",
+        );
+        assert_eq!(s.deploy(f).await.status(), 202);
+        s.wait_available("answers", 1).await;
+        assert_eq!(s.invoke("answers", "").await, (200, "started\n".into()));
+        assert!(gone(&[1]).await, "{sandbox}: left running after its answer");
+        // It times out.
+        let f = deploy(
+            "slow",
+            format!("sh -c 'sleep {} & sleep {}'", marker + 2, marker + 3),
+            "1s",
+        );
+        assert_eq!(s.deploy(f).await.status(), 202);
+        s.wait_available("slow", 1).await;
+        assert_eq!(s.invoke("slow", "").await.0, 504);
+        assert!(
+            gone(&[2, 3]).await,
+            "{sandbox}: left running after its timeout"
+        );
+        // Its watchdog is killed halfway through.
+        let f = deploy(
+            "killed",
+            format!("sh -c 'sleep {} & sleep {}'", marker + 4, marker + 5),
+            "60s",
+        );
+        assert_eq!(s.deploy(f).await.status(), 202);
+        s.wait_available("killed", 1).await;
+        let call = tokio::spawn({
+            let (http, url) = (s.http.clone(), s.url("/function/killed"));
+            async move { http.post(url).send().await.map(|r| r.status().as_u16()) }
+        });
+        assert!(
+            poll(Duration::from_secs(10), || async {
+                !sleeps(4).is_empty() && !sleeps(5).is_empty()
+            })
+            .await
+        );
+        let request = parent_of(sleeps(5)[0]).unwrap();
+        let watchdog = parent_of(request).unwrap();
+        let cmdline = std::fs::read(format!("/proc/{watchdog}/cmdline")).unwrap_or_default();
+        assert!(
+            watchdog > 1 && String::from_utf8_lossy(&cmdline).ends_with("watchdog\0"),
+            "{sandbox}: process {watchdog} above the request is not a watchdog: {cmdline:?}"
+        );
+        // SAFETY: kill(2) on the watchdog this test's server started.
+        unsafe { libc::kill(watchdog, libc::SIGKILL) };
+        assert!(
+            gone(&[4, 5]).await,
+            "{sandbox}: left running after its watchdog was killed"
+        );
+        let status = call.await.unwrap();
+        assert!(status.as_ref().map_or(true, |c| *c >= 500), "{status:?}");
+    }
+}
+
 /// A watchdog whose server is gone exits even when its parent lives on, as a sandbox's own
 /// processes can (they stand between the server and the watchdog): nothing reads its output
 /// any more, and that is what it watches.

@@ -412,6 +412,8 @@ impl Generation {
             Ok(child) => child,
             Err(e) => return ReplicaExit::Failed(format!("could not start: {e}")),
         };
+        // Whatever the replica leaves behind in its session goes when it ends, however it ends.
+        let _sweep = child.id().map(|pid| SessionSweep(pid as libc::pid_t));
         // Why it exited: the memory limit when the kernel killed a process of it for that.
         let exited = |status: std::io::Result<std::process::ExitStatus>| {
             let status = describe_exit(status);
@@ -557,6 +559,9 @@ impl Generation {
         if run_as.is_some() {
             cmd.env("HOME", &self.dir);
         }
+        if sandbox.is_some() {
+            cmd.env(super::watchdog::OWN_PID_NAMESPACE_ENV, "1");
+        }
         let rlimit = self
             .limits
             .as_ref()
@@ -567,6 +572,17 @@ impl Generation {
         let procs = group.map(|g| g.procs_files()).unwrap_or_default();
         if run_as.is_some() || !procs.is_empty() {
             super::isolation::enter(&mut cmd, run_as, &procs)?;
+        }
+        // A session of its own: what it starts can be found, and swept, once it is gone (see
+        // `SessionSweep`); and a terminal's signals reach the server, not its replicas.
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         // After the change of user, which clears the parent-death signal.
         die_with_parent(&mut cmd, libc::SIGTERM);
@@ -596,6 +612,36 @@ async fn terminate(child: &mut Child) {
     let _ = child.wait().await;
 }
 
+/// Kills, when dropped, every process left in the session the replica's process `0` leads:
+/// a classic request's processes when its watchdog was killed before it could stop them (a
+/// parent-death signal reaches only a request's first process). In the sandbox, the PID
+/// namespace already took them; a function that makes a session of its own escapes this.
+struct SessionSweep(libc::pid_t);
+
+impl Drop for SessionSweep {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+                continue;
+            };
+            if pid != self.0 && session_of(pid) == Some(self.0) {
+                // SAFETY: kill(2) has no memory effects; the process is in our replica's session.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// The session of process `pid`: field 6 of `/proc/PID/stat`, after the parenthesised name.
+fn session_of(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// Whom to signal to reach the watchdog in the child `pid`: the child itself, or, when the
 /// child is a sandbox, the session of the sandbox's own init process (its first child, which
 /// leads a session of its own), where the watchdog runs. Bubblewrap passes no signal on, and
@@ -607,14 +653,7 @@ fn watchdog_of(pid: libc::pid_t) -> libc::pid_t {
         .ok()
         .and_then(|c| c.split_whitespace().next()?.parse::<libc::pid_t>().ok());
     let Some(init) = first else { return pid };
-    // Field 6 of /proc/PID/stat, after the parenthesised name: the session.
-    let session = std::fs::read_to_string(format!("/proc/{init}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let (_, rest) = stat.rsplit_once(')')?;
-            rest.split_whitespace().nth(3)?.parse::<libc::pid_t>().ok()
-        });
-    if session == Some(init) {
+    if session_of(init) == Some(init) {
         -init
     } else {
         pid
