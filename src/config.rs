@@ -455,6 +455,9 @@ pub struct LocalConfig {
     pub sandbox: crate::platform::isolation::SandboxMode,
     /// Whether `limits` use control groups where they are writable (else rlimits).
     pub cgroups: bool,
+    /// Whether invocations of an http-mode function go straight to its server (the watchdog
+    /// then only supervises it), rather than through its watchdog.
+    pub http_direct: bool,
     /// When functions have users of their own: where their files (working directory,
     /// secrets) live, outside the data directory.
     pub function_dir: PathBuf,
@@ -511,6 +514,7 @@ impl Default for Config {
                 uid_range: crate::platform::isolation::DEFAULT_UID_RANGE,
                 sandbox: crate::platform::isolation::SandboxMode::Auto,
                 cgroups: true,
+                http_direct: true,
                 function_dir: PathBuf::from("/run/faastastic"),
             },
             autoscale: AutoscaleConfig::default(),
@@ -735,6 +739,7 @@ impl Config {
                     function_dir: s.get("function_dir", d.function_dir.clone()),
                     sandbox: s.parsed("sandbox", d.sandbox, |v: String| v.parse()),
                     cgroups: s.get("cgroups", d.cgroups),
+                    http_direct: s.get("http_direct", d.http_direct),
                 };
                 s.finish(&mut errors);
                 l

@@ -134,9 +134,11 @@ enum Upstream {
 }
 
 impl Plan {
-    fn answer_context(&self) -> AnswerContext<'_> {
+    /// For the answer to a request sent at `sent`.
+    fn answer_context(&self, sent: Instant) -> AnswerContext<'_> {
         AnswerContext {
             keep_alive: self.keep_alive,
+            duration_since: self.endpoint.direct.map(|_| sent),
             contract: Contract::answering(
                 self.generated_call_id,
                 self.start_time,
@@ -256,7 +258,7 @@ impl Lane {
             let read = if whole {
                 Ok(Ok(()))
             } else {
-                let due = started + self.invoker.cfg.upstream_timeout;
+                let due = started + plan.endpoint.timeout(self.invoker.cfg.upstream_timeout);
                 tokio::time::timeout_at(due.into(), body).await
             };
             match read {
@@ -267,7 +269,7 @@ impl Lane {
                     self.count_start(&plan.id, plan.start_time);
                     let status = http::StatusCode::GATEWAY_TIMEOUT;
                     self.count_answer(&plan.id, status.as_u16(), &plan.datacenter, started);
-                    let text = self.invoker.timeout_text(&plan.id);
+                    let text = self.invoker.timeout_text(&plan.id, &plan.endpoint);
                     write_internal_error(&mut client, status, &text, false).await;
                     return Finished::Closed;
                 }
@@ -446,7 +448,7 @@ impl Lane {
             Err(e) => return self.fail(plan, client, started, e).await,
         };
         answer.clear();
-        answer_head(&plan.answer_context(), &head, answer);
+        answer_head(&plan.answer_context(started), &head, answer);
         from_replica.advance(head.len);
 
         // Until the close: relayed as it comes, and the client connection closes after it.
@@ -469,7 +471,8 @@ impl Lane {
                     }
                     io::Result::Ok(())
                 };
-                match tokio::time::timeout(self.invoker.cfg.upstream_timeout, read).await {
+                let timeout = plan.endpoint.timeout(self.invoker.cfg.upstream_timeout);
+                match tokio::time::timeout(timeout, read).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => {
                         return self
@@ -531,7 +534,7 @@ impl Lane {
         let (status, text) = match e {
             Upstream::Timeout => (
                 http::StatusCode::GATEWAY_TIMEOUT,
-                self.invoker.timeout_text(&plan.id),
+                self.invoker.timeout_text(&plan.id, &plan.endpoint),
             ),
             Upstream::Failed(e) => {
                 tracing::warn!(function = %plan.id, replica = %plan.endpoint.instance, error = %e, "upstream failed");
@@ -574,7 +577,7 @@ impl Lane {
     ) -> Result<(TcpStream, ResponseHead), Upstream> {
         let cfg = &self.invoker.cfg;
         // The answer's head is due within the upstream timeout of the request's start.
-        let due = tokio::time::Instant::from(started + cfg.upstream_timeout);
+        let due = tokio::time::Instant::from(started + plan.endpoint.timeout(cfg.upstream_timeout));
         if let Some(mut pooled) = self.check_out(&plan.endpoint) {
             // A write that fails means the replica had closed: it cannot have run the request.
             if pooled.write_all(request).await.is_ok() {
@@ -908,6 +911,9 @@ impl ResponseHead {
 /// What the client's answer head is made with, besides the replica's head.
 struct AnswerContext<'a> {
     keep_alive: bool,
+    /// When the request left for a function's server reached directly: the answer says how
+    /// long it took (`X-Duration-Seconds`) unless the function said it.
+    duration_since: Option<Instant>,
     /// The answer's part of the invoke contract.
     contract: Contract<'a>,
 }
@@ -1142,6 +1148,7 @@ pub fn relay_whole(answer: &[u8], head_request: bool) -> Result<Relayed, Malform
     let mut bytes = Vec::new();
     let context = AnswerContext {
         keep_alive: true,
+        duration_since: None,
         contract: Contract::answering(None, 1, None),
     };
     answer_head(&context, &head, &mut bytes);
@@ -1183,6 +1190,7 @@ fn answer_head(context: &AnswerContext<'_>, head: &ResponseHead, out: &mut Vec<u
     out.extend_from_slice(b"\r\n");
     let mut has_content_type = false;
     let mut has_date = false;
+    let mut has_duration = false;
     for (name, value) in head.headers() {
         let replaced = context.contract.replaces_answer_header(name);
         // The lane writes the framing itself; a 204 has none at all.
@@ -1193,7 +1201,16 @@ fn answer_head(context: &AnswerContext<'_>, head: &ResponseHead, out: &mut Vec<u
         }
         has_content_type |= name.eq_ignore_ascii_case("content-type");
         has_date |= name.eq_ignore_ascii_case("date");
+        has_duration |= name.eq_ignore_ascii_case(crate::platform::DURATION_HEADER);
         header(out, name.as_bytes(), value);
+    }
+    if let (Some(since), false) = (context.duration_since, has_duration) {
+        let secs = format!("{:.6}", since.elapsed().as_secs_f64());
+        header(
+            out,
+            crate::platform::DURATION_HEADER.as_bytes(),
+            secs.as_bytes(),
+        );
     }
     context
         .contract
@@ -1457,17 +1474,7 @@ mod tests {
     async fn sweeping_closes_long_idle_connections_and_forgets_gone_replicas() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let replica = |instance: &str| {
-            Arc::new(Endpoint {
-                instance: instance.to_string(),
-                addr,
-                authority: addr.to_string().parse().unwrap(),
-                in_flight: Default::default(),
-                path_prefix: String::new(),
-                agent_token: None,
-                https: None,
-            })
-        };
+        let replica = |instance: &str| Arc::new(Endpoint::new(instance.to_string(), addr));
         let (kept, gone) = (replica("kept"), replica("gone"));
         let mut pools = Pools::default();
         for endpoint in [&kept, &gone] {

@@ -26,7 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::ProxyConfig;
 use crate::fleet::Fleet;
 use crate::model::{function_ref, FunctionId};
-use crate::platform::Endpoint;
+use crate::platform::{Endpoint, DURATION_HEADER};
 use crate::telemetry::Metrics;
 
 pub type HttpClient = Client<HttpConnector, Body>;
@@ -555,12 +555,16 @@ impl Invoker {
         format!("Can't reach service for: {id}.")
     }
 
-    /// The answer to an invocation that outlived `proxy.upstream_timeout_secs`.
-    pub(crate) fn timeout_text(&self, id: &FunctionId) -> String {
-        format!(
-            "Timed out after {:?} waiting for: {id} (proxy.upstream_timeout_secs)",
-            self.cfg.upstream_timeout
-        )
+    /// The answer to an invocation that outlived its timeout on `endpoint`
+    /// (`proxy.upstream_timeout_secs`, or the function's `exec_timeout` when it is shorter).
+    pub(crate) fn timeout_text(&self, id: &FunctionId, endpoint: &Endpoint) -> String {
+        let timeout = endpoint.timeout(self.cfg.upstream_timeout);
+        let which = if timeout < self.cfg.upstream_timeout {
+            "the function's exec_timeout"
+        } else {
+            "proxy.upstream_timeout_secs"
+        };
+        format!("Timed out after {timeout:?} waiting for: {id} ({which})")
     }
 
     /// Resolves `name` or `name.namespace` to a deployed function, or the 400/404 answer.
@@ -730,7 +734,9 @@ impl Invoker {
         contract.request_headers(|name, value| set_header(headers, name, value));
         let outgoing = std::mem::take(req);
         let guard = InFlight::start(endpoint.clone());
-        let timeout = Some(self.cfg.upstream_timeout);
+        let sent_at = Instant::now();
+        let upstream_timeout = endpoint.timeout(self.cfg.upstream_timeout);
+        let timeout = Some(upstream_timeout);
         let sent = match &endpoint.https {
             Some(https) => send(https, uri, outgoing, timeout).await,
             None => send(self.clients.get(), uri, outgoing, timeout).await,
@@ -758,13 +764,17 @@ impl Invoker {
                 contract.answer_headers(has_content_type, |name, value| {
                     set_header(&mut parts.headers, name, value)
                 });
+                if endpoint.direct.is_some() && !parts.headers.contains_key(DURATION_HEADER) {
+                    let secs = format!("{:.6}", sent_at.elapsed().as_secs_f64());
+                    set_header(&mut parts.headers, DURATION_HEADER, secs.as_bytes());
+                }
                 let small = parts
                     .headers
                     .get(header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                     .is_some_and(|len| len <= BUFFER_RESPONSE_BYTES);
                 if small {
-                    let read = tokio::time::timeout(self.cfg.upstream_timeout, body.collect());
+                    let read = tokio::time::timeout(upstream_timeout, body.collect());
                     return match read.await {
                         Ok(Ok(collected)) => {
                             drop(guard);
@@ -780,9 +790,10 @@ impl Invoker {
                             }
                             internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id))
                         }
-                        Err(_) => {
-                            internal_error(StatusCode::GATEWAY_TIMEOUT, self.timeout_text(id))
-                        }
+                        Err(_) => internal_error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            self.timeout_text(id, endpoint),
+                        ),
                     };
                 }
                 Response::from_parts(
@@ -794,7 +805,7 @@ impl Invoker {
                 )
             }
             Err(UpstreamError::Timeout) => {
-                internal_error(StatusCode::GATEWAY_TIMEOUT, self.timeout_text(id))
+                internal_error(StatusCode::GATEWAY_TIMEOUT, self.timeout_text(id, endpoint))
             }
             Err(UpstreamError::Connect(e)) => {
                 tracing::warn!(function = %id, replica = %endpoint.instance, error = %e, "upstream failed");

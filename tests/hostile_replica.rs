@@ -495,6 +495,39 @@ fn check_answer(
 /// faastastic with `extra` config and one `remote` datacenter, `edge`, whose agent and only
 /// replica is the raw server on `port` (over TLS trusting `ca`, when given); `evil` deployed
 /// there and answering.
+/// The hostile replica as a local http-mode function's own server, which invocations reach
+/// without its watchdog (`local.http_direct`): a datacenter `edge` on the local platform.
+async fn serve_evil_locally(extra: &str, port: u16) -> Server {
+    let config = format!("{extra}[[datacenters]]\nname = \"edge\"\n");
+    let s = Server::with(common::Options {
+        config: Some(&config),
+        ..Default::default()
+    });
+    let r = s
+        .deploy(
+            json!({"service": "evil", "image": "any/evil", "envProcess": "sleep 1000000",
+            "envVars": {"mode": "http", "upstream_url": format!("http://127.0.0.1:{port}")}}),
+        )
+        .await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    wait_for_evil(&s).await;
+    s
+}
+
+async fn wait_for_evil(s: &Server) {
+    assert!(
+        poll(Duration::from_secs(15), || async {
+            s.http
+                .get(s.url("/function/evil/innocent"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "the function answers"
+    );
+}
+
 async fn serve_evil(extra: &str, port: u16, ca: Option<&std::path::Path>) -> Server {
     let remote = match ca {
         Some(ca) => format!(
@@ -513,17 +546,7 @@ async fn serve_evil(extra: &str, port: u16, ca: Option<&std::path::Path>) -> Ser
         .deploy(json!({"service": "evil", "image": "any/evil"}))
         .await;
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    assert!(
-        poll(Duration::from_secs(15), || async {
-            s.http
-                .get(s.url("/function/evil/innocent"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await,
-        "the function answers"
-    );
+    wait_for_evil(&s).await;
     s
 }
 
@@ -540,12 +563,25 @@ fn tls_replica(dir: &std::path::Path) -> (tokio_rustls::TlsAcceptor, std::path::
     (acceptor, ca.file)
 }
 
-/// `tls`: the replica is a TLS datacenter (the lane hands its invocations to the general path).
-async fn hostile_replicas_never_reach_other_clients(lane: bool, tls: bool) {
-    let mode = match (lane, tls) {
-        (_, true) => "TLS datacenter",
-        (true, false) => "lane",
-        (false, false) => "general path",
+/// Where the hostile replica is.
+#[derive(Clone, Copy, PartialEq)]
+enum Behind {
+    /// A remote datacenter's agent.
+    Agent,
+    /// A TLS datacenter's agent (the lane hands its invocations to the general path).
+    TlsAgent,
+    /// A local http-mode function's server, reached without its watchdog.
+    LocalFunction,
+}
+
+async fn hostile_replicas_never_reach_other_clients(lane: bool, behind: Behind) {
+    let tls = behind == Behind::TlsAgent;
+    let mode = match (lane, behind) {
+        (_, Behind::TlsAgent) => "TLS datacenter",
+        (true, Behind::LocalFunction) => "lane to a local function",
+        (false, Behind::LocalFunction) => "general path to a local function",
+        (true, Behind::Agent) => "lane",
+        (false, Behind::Agent) => "general path",
     };
     let dir = tempfile::tempdir().unwrap();
     let (acceptor, ca) = match tls {
@@ -557,12 +593,12 @@ async fn hostile_replicas_never_reach_other_clients(lane: bool, tls: bool) {
     };
     let (replica, port) = Replica::start(acceptor).await;
     // One connection thread, so that every client meets the same upstream pool.
-    let s = serve_evil(
-        &format!("[proxy]\nlane = {lane}\nconnection_threads = 1\nupstream_timeout_secs = 5\n"),
-        port,
-        ca.as_deref(),
-    )
-    .await;
+    let extra =
+        format!("[proxy]\nlane = {lane}\nconnection_threads = 1\nupstream_timeout_secs = 5\n");
+    let s = match behind {
+        Behind::LocalFunction => serve_evil_locally(&extra, port).await,
+        _ => serve_evil(&extra, port, ca.as_deref()).await,
+    };
     let addr = s.addr();
     for case in cases() {
         let head_request = case.method == "HEAD";
@@ -694,17 +730,25 @@ async fn hostile_replicas_never_reach_other_clients(lane: bool, tls: bool) {
 
 #[tokio::test]
 async fn the_lane_refuses_hostile_answers_and_never_relays_planted_bytes() {
-    hostile_replicas_never_reach_other_clients(true, false).await;
+    hostile_replicas_never_reach_other_clients(true, Behind::Agent).await;
 }
 
 #[tokio::test]
 async fn the_general_path_refuses_hostile_answers_the_same_way() {
-    hostile_replicas_never_reach_other_clients(false, false).await;
+    hostile_replicas_never_reach_other_clients(false, Behind::Agent).await;
+}
+
+/// A local http-mode function's own server is reached without its watchdog: the same
+/// refusals hold on the way to it, on both paths.
+#[tokio::test]
+async fn a_local_function_s_hostile_answers_are_refused_the_same_way() {
+    hostile_replicas_never_reach_other_clients(true, Behind::LocalFunction).await;
+    hostile_replicas_never_reach_other_clients(false, Behind::LocalFunction).await;
 }
 
 #[tokio::test]
 async fn a_tls_datacenter_s_hostile_answers_are_refused_the_same_way() {
-    hostile_replicas_never_reach_other_clients(true, true).await;
+    hostile_replicas_never_reach_other_clients(true, Behind::TlsAgent).await;
 }
 
 /// A connection-nominated request header is the client's hop's: it does not reach the

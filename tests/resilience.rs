@@ -211,6 +211,96 @@ async fn http_mode_proxies_path_query_and_headers() {
     assert!(r.headers().get("x-openfaas-internal").is_none());
 }
 
+/// A small server for an http-mode function: every path answers "served", `/slow` after 5 s;
+/// it listens on the port given as its argument.
+const SLOW_SERVER: &str = r#"
+import http.server, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.startswith("/slow"):
+            time.sleep(5)
+        self.send_response(200)
+        self.send_header("Content-Length", "6")
+        self.end_headers()
+        self.wfile.write(b"served")
+    do_POST = do_GET
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// An http-mode function's server is reached without its watchdog, and the answer still
+/// keeps the watchdog's contract: `X-Duration-Seconds`, and a 504 once the function's
+/// `exec_timeout` passes; on the lane and on the general path. With `local.http_direct =
+/// false` the watchdog relays, and a stopped watchdog stops invocations.
+#[tokio::test]
+async fn http_mode_invocations_reach_the_function_directly_and_keep_its_contract() {
+    common::require_program("python3", "python3");
+    for (lane, direct) in [(true, true), (false, true), (true, false)] {
+        let cfg = format!("[proxy]\nlane = {lane}\n[local]\nhttp_direct = {direct}\n");
+        let s = Server::with(common::Options {
+            config: Some(&cfg),
+            ..Default::default()
+        });
+        let f = json!({"service": "web", "image": "x",
+            "envProcess": "sh -c 'exec python3 -c \"$SERVER\" $PORT'",
+            "envVars": {"mode": "http", "upstream_url": "http://127.0.0.1:0",
+                        "exec_timeout": "1s", "SERVER": SLOW_SERVER}});
+        assert_eq!(s.deploy(f).await.status(), 202);
+        s.wait_available("web", 1).await;
+        let r = s
+            .http
+            .post(s.url("/function/web/x"))
+            .body("b")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let took: f64 = r.headers()["x-duration-seconds"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((0.0..1.0).contains(&took), "{took}");
+        assert_eq!(r.text().await.unwrap(), "served");
+        // Past the function's exec_timeout (1 s), not the proxy's (60 s).
+        let asked = std::time::Instant::now();
+        let r = s
+            .http
+            .get(s.url("/function/web/slow"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504, "lane={lane} direct={direct}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            asked.elapsed()
+        );
+        if direct {
+            assert!(r.text().await.unwrap().contains("exec_timeout"));
+        }
+        // The watchdog stopped: the function answers on only when it is reached directly.
+        let watchdog = common::watchdog_pids(s.pid())[0];
+        // SAFETY: kill(2) on the watchdog this test's server started; continued below.
+        unsafe { libc::kill(watchdog, libc::SIGSTOP) };
+        let r = s
+            .http
+            .get(s.url("/function/web/x"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        unsafe { libc::kill(watchdog, libc::SIGCONT) };
+        assert_eq!(
+            r.is_ok_and(|r| r.status() == 200),
+            direct,
+            "lane={lane} direct={direct}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn classic_mode_sees_request_as_environment() {
     let s = Server::start();

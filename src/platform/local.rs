@@ -25,7 +25,7 @@ use super::isolation::{Isolation, User};
 use super::limits::{Groups, Limits};
 use super::logs::LogBuffer;
 use super::table::Row;
-use super::watchdog::{die_with_parent, HEALTH_PATH, LISTENING_PREFIX};
+use super::watchdog::{die_with_parent, HEALTH_PATH, LISTENING_PREFIX, UPSTREAM_PREFIX};
 use super::{
     Endpoint, EndpointSet, LogQuery, LogSubscription, Platform, PlatformError, ReadyTable, Rollout,
     Workload,
@@ -229,6 +229,8 @@ impl Inner {
 /// `envVars`, then `fprocess`.
 struct Launch {
     env: Box<[(String, String)]>,
+    /// For an http-mode function reached without its watchdog (`local.http_direct`).
+    direct: Option<super::Direct>,
 }
 
 /// One deployed version of a function and its replicas.
@@ -427,10 +429,16 @@ impl Generation {
         };
         forward_lines(stderr, self.logs.clone(), instance.to_string());
         let mut stdout = BufReader::new(stdout).lines();
+        // The watchdog's address, after (in http mode) its function server's.
+        let mut upstream = None;
         let announced = tokio::time::timeout(cfg.startup_timeout, async {
             while let Ok(Some(line)) = stdout.next_line().await {
                 if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
                     return addr.trim().parse::<SocketAddr>().ok();
+                }
+                if let Some(addr) = line.strip_prefix(UPSTREAM_PREFIX) {
+                    upstream = addr.trim().parse::<SocketAddr>().ok();
+                    continue;
                 }
                 self.logs.push(instance, line);
             }
@@ -465,7 +473,17 @@ impl Generation {
             _ = cancel.cancelled() => return stop_child(child).await,
         }
 
-        let endpoint = Arc::new(Endpoint::new(instance.to_string(), addr));
+        // Invocations go to the function's server itself when it may be reached directly; the
+        // watchdog, found healthy above, goes on supervising it.
+        let endpoint = match (self.launch.direct, upstream) {
+            (Some(direct), Some(server)) => {
+                let mut endpoint = Endpoint::new(instance.to_string(), server);
+                endpoint.direct = Some(direct);
+                endpoint
+            }
+            _ => Endpoint::new(instance.to_string(), addr),
+        };
+        let endpoint = Arc::new(endpoint);
         self.set_ready(instance, Some(endpoint.clone()));
         // A process killed for memory while the replica keeps running (a classic request's)
         // is told in the function's log.
@@ -640,6 +658,20 @@ fn session_of(pid: libc::pid_t) -> Option<libc::pid_t> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// How an http-mode function's server is reached directly (`local.http_direct`), with its
+/// exec timeout (its `exec_timeout` env var, else `local.exec_timeout_secs`); `None` for a
+/// classic function or with `local.http_direct = false`.
+fn direct(dep: &FunctionDeployment, cfg: &LocalConfig) -> Option<super::Direct> {
+    if !cfg.http_direct || env_var(dep, "mode") != Some("http") {
+        return None;
+    }
+    let exec_timeout = match env_var(dep, "exec_timeout") {
+        Some(text) => crate::model::parse_duration(text).ok()?,
+        None => Some(cfg.exec_timeout),
+    };
+    Some(super::Direct { exec_timeout })
 }
 
 /// Whom to signal to reach the watchdog in the child `pid`: the child itself, or, when the
@@ -860,6 +892,7 @@ impl Platform for LocalPlatform {
             number,
             dir,
             launch: Launch {
+                direct: direct(dep, &inner.cfg),
                 env: env.into_boxed_slice(),
             },
             limits: Some(Limits::of(dep)).filter(Limits::any).map(Box::new),

@@ -75,7 +75,20 @@ pub struct Endpoint {
     /// Set for an agent served over TLS: the client that speaks it (its CA, certificate and
     /// server name), with its own pool. Such endpoints are reached by the general path.
     pub https: Option<Arc<HttpsClient>>,
+    /// Set for a function's own server reached without its watchdog (a local http-mode
+    /// replica): what the watchdog would have done on the way, done by faastastic.
+    pub direct: Option<Direct>,
 }
+
+/// What faastastic does for a function's server it reaches directly, in the watchdog's stead.
+#[derive(Debug, Clone, Copy)]
+pub struct Direct {
+    /// The function's `exec_timeout`: its answer's head must come within it (else 504).
+    pub exec_timeout: Option<std::time::Duration>,
+}
+
+/// The header that carries how long a function took, added where its answer lacks it.
+pub const DURATION_HEADER: &str = "x-duration-seconds";
 
 /// A pooled HTTPS client for invocations to one TLS datacenter.
 pub type HttpsClient = hyper_util::client::legacy::Client<
@@ -96,6 +109,16 @@ impl Endpoint {
             path_prefix: String::new(),
             agent_token: None,
             https: None,
+            direct: None,
+        }
+    }
+
+    /// How long its answer's head may take: the function's exec timeout for a function's
+    /// server reached directly, when shorter than `proxy` (`proxy.upstream_timeout_secs`).
+    pub fn timeout(&self, proxy: std::time::Duration) -> std::time::Duration {
+        match self.direct.and_then(|d| d.exec_timeout) {
+            Some(exec) => exec.min(proxy),
+            None => proxy,
         }
     }
 }

@@ -28,6 +28,8 @@ use crate::proxy::{self, HttpClient};
 
 pub const HEALTH_PATH: &str = "/_/health";
 pub const LISTENING_PREFIX: &str = "faastastic-watchdog listening on ";
+/// In http mode, said before `LISTENING_PREFIX`: where the function's own server listens.
+pub const UPSTREAM_PREFIX: &str = "faastastic-watchdog function server at ";
 /// Where the watchdog listens; read by the watchdog only, hidden from the function.
 const LISTEN_ENV: &str = "faastastic_listen";
 /// Set by the local platform when the watchdog runs in a PID namespace that ends with it (the
@@ -72,6 +74,15 @@ pub fn parse_upstream(url: &str) -> Result<Uri, String> {
         return Err(format!("{url:?} must name a port"));
     }
     Ok(uri)
+}
+
+/// The socket address of a loopback upstream URL (`parse_upstream` checked it).
+fn upstream_addr(upstream: &Uri) -> Option<std::net::SocketAddr> {
+    let ip: std::net::IpAddr = match upstream.host()? {
+        "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
+        host => host.trim_matches(['[', ']']).parse().ok()?,
+    };
+    Some((ip, upstream.port_u16()?).into())
 }
 
 impl Watchdog {
@@ -127,6 +138,11 @@ pub async fn run() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    if let Mode::Http { upstream, .. } = &watchdog.mode {
+        if let Some(addr) = upstream_addr(upstream) {
+            println!("{UPSTREAM_PREFIX}{addr}");
+        }
+    }
     println!("{LISTENING_PREFIX}{}", listener.local_addr()?);
     exit_when_orphaned();
     exit_when_unheard();
@@ -586,5 +602,11 @@ mod tests {
         assert!(parse_upstream("http://10.0.0.1:5000").is_err());
         assert!(parse_upstream("https://127.0.0.1:5000").is_err());
         assert!(parse_upstream("http://127.0.0.1").is_err());
+        let addr = |url: &str| upstream_addr(&parse_upstream(url).unwrap()).map(|a| a.to_string());
+        assert_eq!(
+            addr("http://localhost:5000/"),
+            Some("127.0.0.1:5000".into())
+        );
+        assert_eq!(addr("http://[::1]:5001"), Some("[::1]:5001".into()));
     }
 }

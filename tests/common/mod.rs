@@ -483,6 +483,24 @@ pub fn replica_pids(parent: u32) -> Vec<i32> {
         .collect()
 }
 
+/// PIDs of the watchdogs themselves under `parent`: its replica processes, or the watchdogs
+/// inside them when they are sandboxes (whose own processes stand between).
+pub fn watchdog_pids(parent: u32) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut todo = vec![parent];
+    while let Some(pid) = todo.pop() {
+        for (child, cmdline) in child_pids(pid) {
+            let args: Vec<&str> = cmdline.trim_end_matches('\0').split('\0').collect();
+            if args.len() == 2 && args[1] == "watchdog" {
+                found.push(child);
+            } else {
+                todo.push(child as u32);
+            }
+        }
+    }
+    found
+}
+
 /// An Alertmanager (version 4) webhook body with one alert: `status` (`firing` or `resolved`),
 /// its fingerprint, a fixed start, and `labels` (which name the function).
 pub fn alert_payload(status: &str, fingerprint: &str, labels: Value) -> Value {
