@@ -476,7 +476,7 @@ impl Generation {
         // Invocations go to the function's server itself when it may be reached directly; the
         // watchdog, found healthy above, goes on supervising it.
         let endpoint = match (self.launch.direct, upstream) {
-            (Some(direct), Some(server)) => {
+            (Some(direct), Some(server)) if server.ip().is_loopback() => {
                 let mut endpoint = Endpoint::new(instance.to_string(), server);
                 endpoint.direct = Some(direct);
                 endpoint
