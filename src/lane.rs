@@ -258,7 +258,7 @@ impl Lane {
             let read = if whole {
                 Ok(Ok(()))
             } else {
-                let due = started + plan.endpoint.timeout(self.invoker.cfg.upstream_timeout);
+                let due = started + self.invoker.cfg.upstream_timeout;
                 tokio::time::timeout_at(due.into(), body).await
             };
             match read {
@@ -269,7 +269,7 @@ impl Lane {
                     self.count_start(&plan.id, plan.start_time);
                     let status = http::StatusCode::GATEWAY_TIMEOUT;
                     self.count_answer(&plan.id, status.as_u16(), &plan.datacenter, started);
-                    let text = self.invoker.timeout_text(&plan.id, &plan.endpoint);
+                    let text = self.invoker.timeout_text(&plan.id, None);
                     write_internal_error(&mut client, status, &text, false).await;
                     return Finished::Closed;
                 }
@@ -443,12 +443,13 @@ impl Lane {
         let _in_flight = crate::proxy::InFlight::start(plan.endpoint.clone());
         let finish = |code: u16| self.count_answer(&plan.id, code, &plan.datacenter, started);
         from_replica.clear();
+        let sent = Instant::now();
         let (mut upstream, head) = match self.send(plan, started, request, from_replica).await {
             Ok(sent) => sent,
             Err(e) => return self.fail(plan, client, started, e).await,
         };
         answer.clear();
-        answer_head(&plan.answer_context(started), &head, answer);
+        answer_head(&plan.answer_context(sent), &head, answer);
         from_replica.advance(head.len);
 
         // Until the close: relayed as it comes, and the client connection closes after it.
@@ -471,8 +472,7 @@ impl Lane {
                     }
                     io::Result::Ok(())
                 };
-                let timeout = plan.endpoint.timeout(self.invoker.cfg.upstream_timeout);
-                match tokio::time::timeout(timeout, read).await {
+                match tokio::time::timeout(self.invoker.cfg.upstream_timeout, read).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => {
                         return self
@@ -534,7 +534,7 @@ impl Lane {
         let (status, text) = match e {
             Upstream::Timeout => (
                 http::StatusCode::GATEWAY_TIMEOUT,
-                self.invoker.timeout_text(&plan.id, &plan.endpoint),
+                self.invoker.timeout_text(&plan.id, Some(&plan.endpoint)),
             ),
             Upstream::Failed(e) => {
                 tracing::warn!(function = %plan.id, replica = %plan.endpoint.instance, error = %e, "upstream failed");
@@ -576,8 +576,13 @@ impl Lane {
         from_replica: &mut BytesMut,
     ) -> Result<(TcpStream, ResponseHead), Upstream> {
         let cfg = &self.invoker.cfg;
-        // The answer's head is due within the upstream timeout of the request's start.
-        let due = tokio::time::Instant::from(started + plan.endpoint.timeout(cfg.upstream_timeout));
+        // The answer's head is due within the upstream timeout of the request's start, and,
+        // for a function's server reached directly, within its exec timeout of being sent.
+        let mut due = started + cfg.upstream_timeout;
+        if let Some(exec) = plan.endpoint.direct.and_then(|d| d.exec_timeout) {
+            due = due.min(Instant::now() + exec);
+        }
+        let due = tokio::time::Instant::from(due);
         if let Some(mut pooled) = self.check_out(&plan.endpoint) {
             // A write that fails means the replica had closed: it cannot have run the request.
             if pooled.write_all(request).await.is_ok() {

@@ -555,10 +555,13 @@ impl Invoker {
         format!("Can't reach service for: {id}.")
     }
 
-    /// The answer to an invocation that outlived its timeout on `endpoint`
-    /// (`proxy.upstream_timeout_secs`, or the function's `exec_timeout` when it is shorter).
-    pub(crate) fn timeout_text(&self, id: &FunctionId, endpoint: &Endpoint) -> String {
-        let timeout = endpoint.timeout(self.cfg.upstream_timeout);
+    /// The answer to an invocation that outlived its timeout: for an answer's head from
+    /// `endpoint`, the function's `exec_timeout` when that is the shorter; else
+    /// `proxy.upstream_timeout_secs`.
+    pub(crate) fn timeout_text(&self, id: &FunctionId, endpoint: Option<&Endpoint>) -> String {
+        let timeout = endpoint.map_or(self.cfg.upstream_timeout, |e| {
+            e.timeout(self.cfg.upstream_timeout)
+        });
         let which = if timeout < self.cfg.upstream_timeout {
             "the function's exec_timeout"
         } else {
@@ -735,8 +738,7 @@ impl Invoker {
         let outgoing = std::mem::take(req);
         let guard = InFlight::start(endpoint.clone());
         let sent_at = Instant::now();
-        let upstream_timeout = endpoint.timeout(self.cfg.upstream_timeout);
-        let timeout = Some(upstream_timeout);
+        let timeout = Some(endpoint.timeout(self.cfg.upstream_timeout));
         let sent = match &endpoint.https {
             Some(https) => send(https, uri, outgoing, timeout).await,
             None => send(self.clients.get(), uri, outgoing, timeout).await,
@@ -774,7 +776,7 @@ impl Invoker {
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                     .is_some_and(|len| len <= BUFFER_RESPONSE_BYTES);
                 if small {
-                    let read = tokio::time::timeout(upstream_timeout, body.collect());
+                    let read = tokio::time::timeout(self.cfg.upstream_timeout, body.collect());
                     return match read.await {
                         Ok(Ok(collected)) => {
                             drop(guard);
@@ -790,10 +792,9 @@ impl Invoker {
                             }
                             internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id))
                         }
-                        Err(_) => internal_error(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            self.timeout_text(id, endpoint),
-                        ),
+                        Err(_) => {
+                            internal_error(StatusCode::GATEWAY_TIMEOUT, self.timeout_text(id, None))
+                        }
                     };
                 }
                 Response::from_parts(
@@ -804,9 +805,10 @@ impl Invoker {
                     }),
                 )
             }
-            Err(UpstreamError::Timeout) => {
-                internal_error(StatusCode::GATEWAY_TIMEOUT, self.timeout_text(id, endpoint))
-            }
+            Err(UpstreamError::Timeout) => internal_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                self.timeout_text(id, Some(endpoint)),
+            ),
             Err(UpstreamError::Connect(e)) => {
                 tracing::warn!(function = %id, replica = %endpoint.instance, error = %e, "upstream failed");
                 internal_error(StatusCode::BAD_GATEWAY, Self::unreachable_text(id))

@@ -301,6 +301,37 @@ async fn http_mode_invocations_reach_the_function_directly_and_keep_its_contract
     }
 }
 
+/// A function that writes bytes that are not UTF-8 to its output keeps running: its log
+/// shows them (replaced), and the replica is not restarted (a reader that stopped at them
+/// would close the pipe, and the watchdog exits once nothing reads it).
+#[tokio::test]
+async fn output_that_is_not_utf8_is_logged_and_stops_nothing() {
+    common::require_program("python3", "python3");
+    let s = Server::start();
+    let f = json!({"service": "noisy", "image": "x",
+        "envProcess": "sh -c 'printf \"bad \\377\\376 bytes\\n\"; exec python3 -m http.server $PORT --bind 127.0.0.1'",
+        "envVars": {"mode": "http", "upstream_url": "http://127.0.0.1:0"}});
+    assert_eq!(s.deploy(f).await.status(), 202);
+    s.wait_available("noisy", 1).await;
+    let logged = poll(Duration::from_secs(5), || async {
+        s.system_text("/system/logs?name=noisy&tail=20")
+            .await
+            .contains("bad \u{fffd}\u{fffd} bytes")
+    })
+    .await;
+    assert!(
+        logged,
+        "{}",
+        s.system_text("/system/logs?name=noisy&tail=20").await
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = s.http.get(s.url("/function/noisy/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let restarts =
+        r#"faastastic_replica_restarts_total{datacenter="home",function_name="noisy.openfaas-fn"}"#;
+    assert_eq!(sample(&s.metrics().await, restarts), Some(0.0));
+}
+
 #[tokio::test]
 async fn classic_mode_sees_request_as_environment() {
     let s = Server::start();

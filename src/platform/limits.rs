@@ -124,10 +124,11 @@ impl Groups {
     /// Finds where `name` goes under this process's own control groups (made when a replica
     /// first needs it), and says in the log which is in force.
     pub fn prepare(name: &str, datacenter: &str, enabled: bool) -> Groups {
-        let groups = match Self::find(name) {
-            _ if !enabled => Groups::None("local.cgroups = false".to_string()),
-            Ok(g) => g,
-            Err(e) => Groups::None(e.to_string()),
+        // Not even looked for when switched off: finding them may move this process.
+        let groups = match enabled.then(|| Self::find(name)) {
+            None => Groups::None("local.cgroups = false".to_string()),
+            Some(Ok(g)) => g,
+            Some(Err(e)) => Groups::None(e.to_string()),
         };
         match &groups {
             Groups::V1 { memory, cpu } => tracing::info!(
@@ -334,6 +335,9 @@ fn enable_v2_children(base: &Path, pid: u32) -> io::Result<()> {
     std::fs::write(base.join("cgroup.subtree_control"), "+memory +cpu")
         .or_else(|_| std::fs::write(base.join("cgroup.subtree_control"), "+memory"))
         .map_err(|e| {
+            // Back where it was, so that nothing is left half done.
+            let _ = std::fs::write(base.join("cgroup.procs"), pid.to_string());
+            let _ = std::fs::remove_dir(&leaf);
             io::Error::other(format!(
                 "enabling the memory controller for {}'s children: {e}",
                 base.display()

@@ -577,9 +577,11 @@ impl Generation {
         if run_as.is_some() {
             cmd.env("HOME", &self.dir);
         }
-        if sandbox.is_some() {
-            cmd.env(super::watchdog::OWN_PID_NAMESPACE_ENV, "1");
-        }
+        // Set here only: a deployment's own value of it never reaches the watchdog.
+        match sandbox {
+            Some(_) => cmd.env(super::watchdog::OWN_PID_NAMESPACE_ENV, "1"),
+            None => cmd.env_remove(super::watchdog::OWN_PID_NAMESPACE_ENV),
+        };
         let rlimit = self
             .limits
             .as_ref()
@@ -638,17 +640,28 @@ struct SessionSweep(libc::pid_t);
 
 impl Drop for SessionSweep {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
-                continue;
+        let leader = self.0;
+        // A scan of /proc: off the runtime's workers. It follows the leader's exit closely, so
+        // its pid cannot have been handed to a new session in between but for a wrap-around
+        // of the pid space within that moment.
+        let sweep = move || {
+            let Ok(entries) = std::fs::read_dir("/proc") else {
+                return;
             };
-            if pid != self.0 && session_of(pid) == Some(self.0) {
-                // SAFETY: kill(2) has no memory effects; the process is in our replica's session.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            for entry in entries.flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+                    continue;
+                };
+                if pid != leader && session_of(pid) == Some(leader) {
+                    // SAFETY: kill(2) has no memory effects; the process is in our replica's
+                    // session.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
             }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(sweep)),
+            Err(_) => sweep(),
         }
     }
 }
@@ -712,10 +725,18 @@ fn forward_lines(
     logs: Arc<LogBuffer>,
     instance: String,
 ) {
+    // Read to the end whatever comes (bytes that are not UTF-8 included): a reader that
+    // stopped early would close the pipe, and the watchdog exits once nothing reads it.
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            logs.push(&instance, line);
+        let mut stream = BufReader::new(stream);
+        let mut line = Vec::new();
+        while let Ok(n) = stream.read_until(b'\n', &mut line).await {
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&line);
+            logs.push(&instance, text.trim_end_matches(['\n', '\r']).to_string());
+            line.clear();
         }
     });
 }

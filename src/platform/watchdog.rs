@@ -76,12 +76,12 @@ pub fn parse_upstream(url: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
-/// The socket address of a loopback upstream URL (`parse_upstream` checked it).
+/// The socket address of an upstream URL that names its loopback address (`parse_upstream`
+/// checked it): `localhost` names none (its server may listen on 127.0.0.1 or ::1 only, and
+/// only the watchdog's connection, which tries both, knows), so it is reached through the
+/// watchdog.
 fn upstream_addr(upstream: &Uri) -> Option<std::net::SocketAddr> {
-    let ip: std::net::IpAddr = match upstream.host()? {
-        "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
-        host => host.trim_matches(['[', ']']).parse().ok()?,
-    };
+    let ip: std::net::IpAddr = upstream.host()?.trim_matches(['[', ']']).parse().ok()?;
     Some((ip, upstream.port_u16()?).into())
 }
 
@@ -578,7 +578,8 @@ pub(crate) fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() != parent {
-                return Err(std::io::Error::other("the parent died while starting"));
+                // The parent died while this child started (no allocation here, after fork).
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
@@ -603,8 +604,9 @@ mod tests {
         assert!(parse_upstream("https://127.0.0.1:5000").is_err());
         assert!(parse_upstream("http://127.0.0.1").is_err());
         let addr = |url: &str| upstream_addr(&parse_upstream(url).unwrap()).map(|a| a.to_string());
+        assert_eq!(addr("http://localhost:5000/"), None);
         assert_eq!(
-            addr("http://localhost:5000/"),
+            addr("http://127.0.0.1:5000/"),
             Some("127.0.0.1:5000".into())
         );
         assert_eq!(addr("http://[::1]:5001"), Some("[::1]:5001".into()));
