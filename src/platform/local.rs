@@ -577,11 +577,6 @@ impl Generation {
         if run_as.is_some() {
             cmd.env("HOME", &self.dir);
         }
-        // Set here only: a deployment's own value of it never reaches the watchdog.
-        match sandbox {
-            Some(_) => cmd.env(super::watchdog::OWN_PID_NAMESPACE_ENV, "1"),
-            None => cmd.env_remove(super::watchdog::OWN_PID_NAMESPACE_ENV),
-        };
         let rlimit = self
             .limits
             .as_ref()

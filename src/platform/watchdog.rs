@@ -32,11 +32,6 @@ pub const LISTENING_PREFIX: &str = "faastastic-watchdog listening on ";
 pub const UPSTREAM_PREFIX: &str = "faastastic-watchdog function server at ";
 /// Where the watchdog listens; read by the watchdog only, hidden from the function.
 const LISTEN_ENV: &str = "faastastic_listen";
-/// Set by the local platform when the watchdog runs in a PID namespace that ends with it (the
-/// sandbox: its init exits when the watchdog does, and the kernel then kills everything left
-/// in the namespace), so a classic request's process needs no parent-death signal. Hidden
-/// from the function.
-pub const OWN_PID_NAMESPACE_ENV: &str = "faastastic_own_pid_namespace";
 /// Where faastastic puts no control group around a replica: the memory (bytes of data) each
 /// of its function's processes may use, as `RLIMIT_DATA`.
 pub const RLIMIT_DATA_ENV: &str = "faastastic_rlimit_data";
@@ -54,8 +49,6 @@ struct Watchdog {
     content_type: Option<String>,
     ready: AtomicBool,
     client: HttpClient,
-    /// Whether this watchdog's processes die with it anyway (`OWN_PID_NAMESPACE_ENV`).
-    own_pid_namespace: bool,
 }
 
 /// Parses an upstream URL; only plain HTTP on this machine's loopback is accepted.
@@ -126,7 +119,6 @@ impl Watchdog {
             content_type: std::env::var("content_type").ok().filter(|v| !v.is_empty()),
             ready: AtomicBool::new(false),
             client: proxy::http_client(Duration::from_secs(2), 64),
-            own_pid_namespace: std::env::var_os(OWN_PID_NAMESPACE_ENV).is_some(),
         })
     }
 }
@@ -157,7 +149,6 @@ pub async fn run() -> anyhow::Result<()> {
             }
             cmd.args(&argv[1..])
                 .env_remove(LISTEN_ENV)
-                .env_remove(OWN_PID_NAMESPACE_ENV)
                 .stdin(Stdio::null())
                 .process_group(0)
                 .kill_on_drop(true);
@@ -381,7 +372,6 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_remove(LISTEN_ENV)
-        .env_remove(OWN_PID_NAMESPACE_ENV)
         .envs(env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -389,13 +379,12 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
         .kill_on_drop(true);
     // Its own process group, so a timeout or a dropped request stops whatever it started.
     cmd.process_group(0);
-    // Should the watchdog die (SIGKILL), what the request runs dies too: in the sandbox with
-    // the PID namespace, else by a parent-death signal. The latter is a step run in the child
-    // before it executes the command, which makes the standard library fork the whole
-    // watchdog instead of spawning (vfork-like): about 270 µs more per request.
-    if !w.own_pid_namespace {
-        die_with_parent(&mut cmd, libc::SIGKILL);
-    }
+    // No parent-death signal: it is a step run in the child before the command, and with
+    // such a step the standard library forks the whole watchdog instead of spawning
+    // (vfork-like), about 270 µs more per request. Should the watchdog die, what the request
+    // runs dies anyway: as it exits, by `GroupKiller::kill_all`; killed outright, with the
+    // sandbox's PID namespace, or swept from the replica's session by the local platform (or
+    // with a container's PID namespace, where the watchdog is its first process).
     limit_data(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
