@@ -627,10 +627,10 @@ async fn terminate(child: &mut Child) {
     let _ = child.wait().await;
 }
 
-/// Kills, when dropped, every process left in the session the replica's process `0` leads:
-/// a classic request's processes when its watchdog was killed before it could stop them (a
-/// parent-death signal reaches only a request's first process). In the sandbox, the PID
-/// namespace already took them; a function that makes a session of its own escapes this.
+/// Kills, when dropped, every process left in the session that the replica's process (the
+/// watchdog, or the sandbox) leads: a classic request's processes when its watchdog was
+/// killed before it could stop them. In the sandbox the PID namespace already took them; a
+/// function that makes a session of its own escapes this.
 struct SessionSweep(libc::pid_t);
 
 impl Drop for SessionSweep {
