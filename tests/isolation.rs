@@ -471,6 +471,28 @@ async fn a_killed_server_leaves_no_process_of_its_functions_behind() {
             processes_of(users.clone())
         );
     }
+    // Replicas stopped while they start leave nothing either (a sandbox killed while its
+    // init was being set up left that init waiting forever).
+    let s = Server::with(Options {
+        config: Some(&cfg),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("flicker")).await.status(), 202);
+    s.wait_available("flicker", 1).await;
+    for round in 0..12u64 {
+        assert_eq!(s.scale("flicker", 4).await, 202);
+        tokio::time::sleep(std::time::Duration::from_millis(round * 3)).await;
+        assert_eq!(s.scale("flicker", 0).await, 202);
+    }
+    let gone = common::poll(std::time::Duration::from_secs(15), || async {
+        processes_of(users.clone()).is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "replicas stopped while starting left behind {:#?}",
+        processes_of(users.clone())
+    );
 }
 
 /// A replica stopped in its sandbox gets SIGTERM in its watchdog, which stops the function

@@ -416,6 +416,13 @@ impl Generation {
         };
         // Whatever the replica leaves behind in its session goes when it ends, however it ends.
         let _sweep = child.id().map(|pid| SessionSweep(pid as libc::pid_t));
+        let sandboxed = matches!(
+            self.platform.isolation,
+            Isolation::FunctionUsers {
+                sandbox: Some(_),
+                ..
+            }
+        );
         // Why it exited: the memory limit when the kernel killed a process of it for that.
         let exited = |status: std::io::Result<std::process::ExitStatus>| {
             let status = describe_exit(status);
@@ -446,10 +453,10 @@ impl Generation {
         });
         let addr = tokio::select! {
             addr = announced => addr.ok().flatten(),
-            _ = cancel.cancelled() => return stop_child(child).await,
+            _ = cancel.cancelled() => return stop_child(child, sandboxed).await,
         };
         let Some(addr) = addr else {
-            terminate(&mut child).await;
+            terminate(&mut child, sandboxed).await;
             let status = child.wait().await;
             return ReplicaExit::Failed(format!(
                 "did not announce its port within {:?} ({})",
@@ -462,7 +469,7 @@ impl Generation {
         let healthy = wait_healthy(addr, cfg.health_interval, cfg.startup_timeout);
         tokio::select! {
             ok = healthy => if !ok {
-                terminate(&mut child).await;
+                terminate(&mut child, sandboxed).await;
                 return ReplicaExit::Failed(format!(
                     "was not healthy within {:?}", cfg.startup_timeout
                 ));
@@ -470,7 +477,7 @@ impl Generation {
             status = child.wait() => {
                 return ReplicaExit::Failed(exited(status));
             }
-            _ = cancel.cancelled() => return stop_child(child).await,
+            _ = cancel.cancelled() => return stop_child(child, sandboxed).await,
         }
 
         // Invocations go to the function's server itself when it may be reached directly; the
@@ -495,7 +502,7 @@ impl Generation {
                 _ = cancel.cancelled() => {
                     self.set_ready(instance, None);
                     drain(&endpoint, cfg.drain_timeout).await;
-                    return stop_child(child).await;
+                    return stop_child(child, sandboxed).await;
                 }
                 _ = look.tick(), if group.is_some() => {
                     let Some(g) = &group else { continue };
@@ -599,24 +606,51 @@ impl Generation {
                 Ok(())
             });
         }
-        // After the change of user, which clears the parent-death signal.
-        die_with_parent(&mut cmd, libc::SIGTERM);
+        // After the change of user, which clears the parent-death signal. Not for a sandbox:
+        // killed while its init is still being set up, bubblewrap leaves that init waiting for
+        // it forever; left alive, it ends once its watchdog does, which exits when the server
+        // dies (nothing reads its output any more).
+        if sandbox.is_none() {
+            die_with_parent(&mut cmd, libc::SIGTERM);
+        }
         cmd.spawn()
     }
 }
 
-async fn stop_child(mut child: Child) -> ReplicaExit {
-    terminate(&mut child).await;
+async fn stop_child(mut child: Child, sandboxed: bool) -> ReplicaExit {
+    terminate(&mut child, sandboxed).await;
     ReplicaExit::Cancelled
 }
 
 /// SIGTERM to the watchdog (which then stops its function's processes), SIGKILL after a
-/// grace period.
-async fn terminate(child: &mut Child) {
+/// grace period. In a sandbox (`sandboxed`) the watchdog runs in the session of the sandbox's
+/// init: bubblewrap passes no signal on, and its init ignores SIGTERM from outside its PID
+/// namespace, so the session is signalled (again until it ends, in case the watchdog was not
+/// started yet); the sandbox's own process is killed only after the grace period (killed
+/// while its init is being set up, it would leave that init waiting forever).
+async fn terminate(child: &mut Child, sandboxed: bool) {
     if let Some(pid) = child.id() {
-        // SAFETY: signals our own child, or the session a sandbox made inside it.
-        unsafe { libc::kill(watchdog_of(pid as libc::pid_t), libc::SIGTERM) };
-        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        let pid = pid as libc::pid_t;
+        let stopped = async {
+            if !sandboxed {
+                // SAFETY: signals our own child; kill(2) has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                return child.wait().await;
+            }
+            let mut ask = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    status = child.wait() => return status,
+                    _ = ask.tick() => {
+                        if let Some(init) = sandbox_init(pid) {
+                            // SAFETY: signals the session a sandbox made inside our child.
+                            unsafe { libc::kill(-init, libc::SIGTERM) };
+                        }
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), stopped)
             .await
             .is_ok()
         {
@@ -682,22 +716,16 @@ fn direct(dep: &FunctionDeployment, cfg: &LocalConfig) -> Option<super::Direct> 
     Some(super::Direct { exec_timeout })
 }
 
-/// Whom to signal to reach the watchdog in the child `pid`: the child itself, or, when the
-/// child is a sandbox, the session of the sandbox's own init process (its first child, which
-/// leads a session of its own), where the watchdog runs. Bubblewrap passes no signal on, and
-/// its init ignores SIGTERM from outside its PID namespace, so the watchdog still gets it
-/// and stops its function gracefully; signalling the sandbox itself would kill it outright.
-fn watchdog_of(pid: libc::pid_t) -> libc::pid_t {
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
-    let first = children
-        .ok()
-        .and_then(|c| c.split_whitespace().next()?.parse::<libc::pid_t>().ok());
-    let Some(init) = first else { return pid };
-    if session_of(init) == Some(init) {
-        -init
-    } else {
-        pid
-    }
+/// The init process of the sandbox that is process `pid` (its first child), once it leads
+/// a session of its own, where the sandbox's watchdog runs.
+fn sandbox_init(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    let init = children
+        .split_whitespace()
+        .next()?
+        .parse::<libc::pid_t>()
+        .ok()?;
+    (session_of(init) == Some(init)).then_some(init)
 }
 
 /// Waits until the replica has no request in flight, or the drain timeout passes.
