@@ -512,19 +512,8 @@ async fn serve_evil_locally(extra: &str, port: u16) -> Server {
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
     wait_for_evil(&s).await;
     // The route is direct: the function answers with its watchdog stopped.
-    let watchdog = common::watchdog_pids(s.pid())[0];
-    // SAFETY: kill(2) on the watchdog this test's server started; continued below.
-    unsafe { libc::kill(watchdog, libc::SIGSTOP) };
-    let answered = s
-        .http
-        .get(s.url("/function/evil/innocent"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200);
-    unsafe { libc::kill(watchdog, libc::SIGCONT) };
     assert!(
-        answered,
+        common::answers_with_watchdog_stopped(&s, "/function/evil/innocent").await,
         "the local function is reached without its watchdog"
     );
     s

@@ -283,18 +283,8 @@ async fn http_mode_invocations_reach_the_function_directly_and_keep_its_contract
             assert!(r.text().await.unwrap().contains("exec_timeout"));
         }
         // The watchdog stopped: the function answers on only when it is reached directly.
-        let watchdog = common::watchdog_pids(s.pid())[0];
-        // SAFETY: kill(2) on the watchdog this test's server started; continued below.
-        unsafe { libc::kill(watchdog, libc::SIGSTOP) };
-        let r = s
-            .http
-            .get(s.url("/function/web/x"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await;
-        unsafe { libc::kill(watchdog, libc::SIGCONT) };
         assert_eq!(
-            r.is_ok_and(|r| r.status() == 200),
+            common::answers_with_watchdog_stopped(&s, "/function/web/x").await,
             direct,
             "lane={lane} direct={direct}"
         );

@@ -187,6 +187,14 @@ impl Bubblewrap {
 }
 
 impl Isolation {
+    /// The sandbox replicas run in, if any.
+    pub fn sandbox(&self) -> Option<&Bubblewrap> {
+        match self {
+            Isolation::FunctionUsers { sandbox, .. } => sandbox.as_ref(),
+            Isolation::ServerUser => None,
+        }
+    }
+
     /// Picks the isolation for a local platform named `tag` on this machine (its functions'
     /// files go to `function_dir/tag`), and says which is in force (and why) in the log.
     pub fn choose(

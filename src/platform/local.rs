@@ -416,13 +416,7 @@ impl Generation {
         };
         // Whatever the replica leaves behind in its session goes when it ends, however it ends.
         let _sweep = child.id().map(|pid| SessionSweep(pid as libc::pid_t));
-        let sandboxed = matches!(
-            self.platform.isolation,
-            Isolation::FunctionUsers {
-                sandbox: Some(_),
-                ..
-            }
-        );
+        let sandboxed = self.platform.isolation.sandbox().is_some();
         // Why it exited: the memory limit when the kernel killed a process of it for that.
         let exited = |status: std::io::Result<std::process::ExitStatus>| {
             let status = describe_exit(status);
@@ -543,13 +537,8 @@ impl Generation {
     fn spawn(&self, group: Option<&super::limits::ReplicaGroup>) -> std::io::Result<Child> {
         let platform = &self.platform;
         let run_as = self.run_as()?;
-        let sandbox = match &platform.isolation {
-            Isolation::FunctionUsers {
-                sandbox: Some(sandbox),
-                ..
-            } => Some(sandbox.command(&self.dir, &platform.exe, &["watchdog"])),
-            _ => None,
-        };
+        let sandbox = (platform.isolation.sandbox())
+            .map(|sandbox| sandbox.command(&self.dir, &platform.exe, &["watchdog"]));
         let secrets = match &sandbox {
             Some(_) => PathBuf::from(super::isolation::SECRETS_PATH),
             None => self.dir.join("secrets"),

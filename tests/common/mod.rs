@@ -501,6 +501,22 @@ pub fn watchdog_pids(parent: u32) -> Vec<i32> {
     found
 }
 
+/// Whether `GET path` answers 200 within 2 s while the server's watchdog is stopped
+/// (SIGSTOP, continued after): an invocation that reaches the function without it.
+pub async fn answers_with_watchdog_stopped(s: &Server, path: &str) -> bool {
+    let watchdog = watchdog_pids(s.pid())[0];
+    // SAFETY: kill(2) on the watchdog this test's server started; continued below.
+    unsafe { libc::kill(watchdog, libc::SIGSTOP) };
+    let r = s
+        .http
+        .get(s.url(path))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    unsafe { libc::kill(watchdog, libc::SIGCONT) };
+    r.is_ok_and(|r| r.status() == 200)
+}
+
 /// An Alertmanager (version 4) webhook body with one alert: `status` (`firing` or `resolved`),
 /// its fingerprint, a fixed start, and `labels` (which name the function).
 pub fn alert_payload(status: &str, fingerprint: &str, labels: Value) -> Value {
