@@ -1210,7 +1210,7 @@ fn answer_head(context: &AnswerContext<'_>, head: &ResponseHead, out: &mut Vec<u
         header(out, name.as_bytes(), value);
     }
     if let (Some(since), false) = (context.duration_since, has_duration) {
-        let secs = format!("{:.6}", since.elapsed().as_secs_f64());
+        let secs = crate::platform::seconds_since(since);
         header(
             out,
             crate::platform::DURATION_HEADER.as_bytes(),

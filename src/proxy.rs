@@ -767,7 +767,7 @@ impl Invoker {
                     set_header(&mut parts.headers, name, value)
                 });
                 if endpoint.direct.is_some() && !parts.headers.contains_key(DURATION_HEADER) {
-                    let secs = format!("{:.6}", sent_at.elapsed().as_secs_f64());
+                    let secs = crate::platform::seconds_since(sent_at);
                     set_header(&mut parts.headers, DURATION_HEADER, secs.as_bytes());
                 }
                 let small = parts

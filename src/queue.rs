@@ -135,8 +135,8 @@ async fn run_job(invoker: &Invoker, callbacks: &reqwest::Client, job: AsyncJob) 
     set("x-function-name", job.id.name.clone());
     set("x-call-id", job.call_id.clone());
     set(
-        "x-duration-seconds",
-        format!("{:.6}", started.elapsed().as_secs_f64()),
+        crate::platform::DURATION_HEADER,
+        crate::platform::seconds_since(started),
     );
     let result = callbacks
         .post(url.clone())

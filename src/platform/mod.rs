@@ -90,6 +90,11 @@ pub struct Direct {
 /// The header that carries how long a function took, added where its answer lacks it.
 pub const DURATION_HEADER: &str = "x-duration-seconds";
 
+/// `DURATION_HEADER`'s value for work that began at `since`: seconds, to the microsecond.
+pub fn seconds_since(since: std::time::Instant) -> String {
+    format!("{:.6}", since.elapsed().as_secs_f64())
+}
+
 /// A pooled HTTPS client for invocations to one TLS datacenter.
 pub type HttpsClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,

@@ -23,6 +23,7 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use super::DURATION_HEADER;
 use crate::model::parse_duration;
 use crate::proxy::{self, HttpClient};
 
@@ -35,7 +36,6 @@ const LISTEN_ENV: &str = "faastastic_listen";
 /// Where faastastic puts no control group around a replica: the memory (bytes of data) each
 /// of its function's processes may use, as `RLIMIT_DATA`.
 pub const RLIMIT_DATA_ENV: &str = "faastastic_rlimit_data";
-const DURATION_HEADER: &str = "x-duration-seconds";
 
 #[derive(Debug, Clone)]
 enum Mode {
@@ -286,7 +286,7 @@ async fn handle(State(w): State<Arc<Watchdog>>, req: Request) -> Response {
         Mode::Http { upstream, .. } => forward_http(&w, upstream, req).await,
     };
     if !response.headers().contains_key(DURATION_HEADER) {
-        let secs = format!("{:.6}", started.elapsed().as_secs_f64());
+        let secs = super::seconds_since(started);
         if let Ok(v) = HeaderValue::from_str(&secs) {
             response.headers_mut().insert(DURATION_HEADER, v);
         }
