@@ -120,6 +120,9 @@ enum Command {
         /// The Alertmanager program for --prometheus.
         #[arg(long, default_value = "prometheus-alertmanager")]
         alertmanager_bin: String,
+        /// Keep the server and its web UI up after the run, until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
     },
     /// Prometheus rule files for the autoscaler.
     Rules {
@@ -347,6 +350,7 @@ fn main() -> ExitCode {
             prometheus,
             prometheus_bin,
             alertmanager_bin,
+            keep,
         } => {
             telemetry::init_tracing_at("warn");
             runtime.block_on(faastastic::cli::demo::run(
@@ -358,6 +362,7 @@ fn main() -> ExitCode {
                         prometheus: prometheus_bin,
                         alertmanager: alertmanager_bin,
                     }),
+                    keep,
                 },
             ))
         }

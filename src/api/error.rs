@@ -1,6 +1,11 @@
 //! One error type for every handler, mapped to the status codes OpenFaaS clients expect, with
-//! plain-text bodies (as the reference providers send).
+//! plain-text bodies (as the reference providers send). A client that asks for JSON
+//! (`Accept: application/json`, as the web UI does) gets the same message as
+//! `{"message": ..., "errors": [{"field": ..., "message": ...}]}`, one entry per field a
+//! validation failure names, so it can show each next to its field.
 
+use axum::extract::Request;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 
@@ -10,6 +15,15 @@ use crate::fleet::FleetError;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Validation failures, each `field: message`.
+    pub fields: Vec<String>,
+}
+
+/// An error answer's parts, kept on the response for [`json_errors`].
+#[derive(Debug, Clone)]
+struct ErrorDetail {
+    message: String,
+    fields: Vec<String>,
 }
 
 impl ApiError {
@@ -17,6 +31,7 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            fields: Vec::new(),
         }
     }
 
@@ -48,7 +63,11 @@ impl From<FleetError> for ApiError {
             }
             other => other.to_string(),
         };
-        ApiError::new(status, message)
+        let mut error = ApiError::new(status, message);
+        if let FleetError::Invalid(errors) = e {
+            error.fields = errors;
+        }
+        error
     }
 }
 
@@ -58,13 +77,51 @@ impl IntoResponse for ApiError {
             tracing::error!(status = self.status.as_u16(), error = %self.message, "request failed");
         }
         let body = format!("{}\n", self.message.trim_end());
-        (
+        let mut response = (
             self.status,
             [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             body,
         )
-            .into_response()
+            .into_response();
+        response.extensions_mut().insert(ErrorDetail {
+            message: self.message,
+            fields: self.fields,
+        });
+        response
     }
+}
+
+/// Middleware: an error answer as JSON when the request asked for JSON (and only then: the
+/// stock clients read the plain-text body).
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let wants_json = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"));
+    let response = next.run(req).await;
+    if !wants_json {
+        return response;
+    }
+    let Some(detail) = response.extensions().get::<ErrorDetail>().cloned() else {
+        return response;
+    };
+    let errors: Vec<serde_json::Value> = detail
+        .fields
+        .iter()
+        .map(|f| {
+            let (field, message) = f.split_once(": ").unwrap_or(("", f.as_str()));
+            serde_json::json!({"field": field, "message": message})
+        })
+        .collect();
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::json!({"message": detail.message.trim_end(), "errors": errors});
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;

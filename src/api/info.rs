@@ -75,3 +75,77 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     )
         .into_response()
 }
+
+/// Labels and value of every series of one gauge vector.
+fn series(collector: &dyn prometheus::core::Collector) -> Vec<(Vec<(String, String)>, f64)> {
+    collector
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric().iter())
+        .map(|m| {
+            let labels = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name().to_string(), l.value().to_string()))
+                .collect();
+            (labels, m.get_gauge().value())
+        })
+        .collect()
+}
+
+fn label<'a>(labels: &'a [(String, String)], name: &str) -> &'a str {
+    labels
+        .iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// `GET /system/overview`: what the web UI's overview shows in one answer: each datacenter
+/// and its platform's last healthcheck, when each autoscaler loop last finished a pass, each
+/// query policy's source, the pauses, and how many functions are deployed.
+pub async fn overview(State(s): State<Arc<AppState>>) -> Response {
+    let datacenters: Vec<serde_json::Value> = s
+        .fleet
+        .datacenters()
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "name": d.name,
+                "platform": d.platform.kind(),
+                "home": d.name == s.fleet.home(),
+                // null until the reconciler's first healthcheck.
+                "up": match d.up() { 1 => Some(true), 0 => Some(false), _ => None },
+            })
+        })
+        .collect();
+    let now = chrono::Utc::now();
+    let mut loops: Vec<serde_json::Value> = series(&s.metrics.last_evaluation)
+        .into_iter()
+        .map(|(labels, at)| {
+            let at =
+                chrono::DateTime::from_timestamp_millis((at * 1000.0) as i64).unwrap_or_default();
+            serde_json::json!({
+                "name": label(&labels, "loop"),
+                "lastEvaluation": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "secondsAgo": (now - at).num_milliseconds().max(0) as f64 / 1000.0,
+            })
+        })
+        .collect();
+    loops.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let mut sources: Vec<serde_json::Value> = series(&s.metrics.source_up)
+        .into_iter()
+        .map(
+            |(labels, up)| serde_json::json!({"policy": label(&labels, "policy"), "up": up >= 1.0}),
+        )
+        .collect();
+    sources.sort_by(|a, b| a["policy"].as_str().cmp(&b["policy"].as_str()));
+    Json(serde_json::json!({
+        "datacenters": datacenters,
+        "loops": loops,
+        "sources": sources,
+        "paused": s.autoscaler.pauses(),
+        "functions": s.fleet.count(),
+        "version": RELEASE,
+    }))
+    .into_response()
+}

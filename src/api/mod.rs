@@ -13,7 +13,9 @@ pub mod info;
 pub mod invoke;
 pub mod logs;
 pub mod namespaces;
+pub mod origin;
 pub mod secrets;
+pub mod ui;
 pub mod wire;
 
 use std::sync::Arc;
@@ -53,7 +55,7 @@ pub struct AppState {
 /// claim a class the router does not enforce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Access {
-    /// Basic auth (every `/system/*` route but the alert webhook).
+    /// Basic auth (every `/system/*` route but the alert webhook, and the web UI at `/ui/`).
     System,
     /// Basic auth, or the `autoscale.alert_bearer_token_file` token (`/system/alert`).
     Alert,
@@ -228,6 +230,13 @@ impl Routes {
             )),
             Access::Open => router,
         };
+        if self.access != Access::Open {
+            // Outermost: a cross-site state change is refused before credentials are looked
+            // at, and errors are JSON for the clients that ask for it.
+            router = router
+                .route_layer(middleware::from_fn(origin::same_origin_only))
+                .route_layer(middleware::from_fn(error::json_errors));
+        }
         table.extend(self.table);
         router
     }
@@ -294,6 +303,15 @@ fn system_routes(limits: &LimitsConfig, timeout: Duration) -> Routes {
             "/system/autoscaling/resume",
             Methods::new().post(Json, autoscaling::resume),
         )
+        .route("/system/overview", Methods::new().get(info::overview))
+}
+
+/// The web UI: a page and its two assets, behind the same credentials as `/system/*`.
+fn ui_routes() -> Routes {
+    Routes::new(Access::System)
+        .route("/ui", Methods::new().get(ui::redirect))
+        .route("/ui/", Methods::new().get(ui::index))
+        .route("/ui/{asset}", Methods::new().get(ui::asset))
 }
 
 /// Alertmanager's webhook: basic auth or the alert bearer token.
@@ -358,7 +376,8 @@ fn assemble(
         .merge(alert_routes(limits, timeout).build(auth, &mut table))
         .merge(invoke_routes().build(auth, &mut table))
         .merge(async_routes(limits, timeout).build(auth, &mut table))
-        .merge(monitoring().build(auth, &mut table));
+        .merge(monitoring().build(auth, &mut table))
+        .merge(ui_routes().build(auth, &mut table));
     (router, table)
 }
 

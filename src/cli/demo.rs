@@ -29,6 +29,8 @@ pub struct DemoOptions {
     /// Scale through real Prometheus and Alertmanager (started from these programs, with the
     /// shipped rule and route) instead of the internal query policy.
     pub alerts: Option<AlertPath>,
+    /// Keep the server (and its web UI) up after the run, until Ctrl-C.
+    pub keep: bool,
 }
 
 /// The programs of the alert path.
@@ -239,6 +241,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .await
     });
     println!("server on {base} (data in {})", cfg.data_dir.display());
+    println!("watch it in the web UI: {base}/ui/#/function/hello/openfaas-fn");
     let http = reqwest::Client::new();
     let _alert_path = match &opts.alerts {
         Some(path) => match start_alert_path(path, &tmp.join("alerting"), &base).await {
@@ -252,17 +255,37 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     };
 
     let result = drive(&http, &base, &opts).await;
+    let verdict = match result {
+        Ok((timeline, markers, scaled_up)) => {
+            report(&timeline, &markers, scaled_up, opts.out.unwrap_or(tmp))
+        }
+        Err(e) => Err(e),
+    };
+    if opts.keep {
+        if let Err(e) = &verdict {
+            eprintln!("demo failed: {e:#}");
+        }
+        println!("--keep: the server stays up; the web UI is at {base}/ui/ (Ctrl-C ends it)");
+        let _ = tokio::signal::ctrl_c().await;
+    }
     app.state.fleet.shutdown().await;
-    let (timeline, markers, scaled_up) = result?;
+    verdict
+}
 
-    let out = opts.out.unwrap_or(tmp);
+/// Writes the timeline files and says whether the demo showed what it should.
+fn report(
+    timeline: &[Point],
+    markers: &[Marker],
+    scaled_up: bool,
+    out: PathBuf,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let json_path = out.join("timeline.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&timeline)?)?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(timeline)?)?;
     let mut csv = String::from(
         "t_secs,phase,replicas,ready,stage_ready,syd_ready,requests_per_sec,p99_ms,errors\n",
     );
-    for p in &timeline {
+    for p in timeline {
         csv.push_str(&format!(
             "{:.1},{},{},{},{},{},{:.1},{:.1},{}\n",
             p.t_secs,
@@ -279,7 +302,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let csv_path = out.join("timeline.csv");
     std::fs::write(&csv_path, csv)?;
     let svg_path = out.join("timeline.svg");
-    std::fs::write(&svg_path, svg(&timeline, &markers))?;
+    std::fs::write(&svg_path, svg(timeline, markers))?;
     println!(
         "timeline written to {}, {} and {}",
         json_path.display(),
