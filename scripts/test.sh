@@ -22,6 +22,8 @@ declare -A needs=(
   [openssl]=openssl
   [wrk]=wrk
   [nginx]=nginx-light
+  [chromium]=chromium
+  [chromedriver]=chromium-driver
 )
 missing=()
 for program in "${!needs[@]}"; do
