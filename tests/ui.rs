@@ -360,6 +360,15 @@ async fn a_person_deploys_invokes_watches_a_scale_up_pauses_and_deletes_from_the
         |t| t.contains("on"),
     )
     .await;
+    // Opened after the scale-up, the chart still shows it: the replica counts before the page
+    // opened are stepped from the decisions.
+    assert!(
+        poll(Duration::from_secs(10), || async {
+            b.js("const l = document.querySelector('#chart polyline.seeded[data-dc=stage]'); return l ? l.getAttribute('points').split(' ').length : 0").await.as_u64() >= Some(4)
+        })
+        .await,
+        "stage's scale-up drawn from its decisions"
+    );
     b.click("#pause").await;
     b.wait_text("#pause-state", "paused", Duration::from_secs(10), |t| {
         t.contains("paused")

@@ -103,14 +103,15 @@ function connection(ok, why) {
   setText(node, ok ? '' : why);
 }
 
-// Runs `fn` now and every `ms` after it finishes, until the returned stop() is called.
+// Runs `fn` now and again `ms` (a number, or a function giving one) after each run ends,
+// until the returned stop() is called.
 function every(ms, fn) {
   let stopped = false;
   let timer = null;
   const run = async () => {
     if (stopped) return;
     try { await fn(); } catch (e) { console.error(e); }
-    if (!stopped) timer = setTimeout(run, ms);
+    if (!stopped) timer = setTimeout(run, typeof ms === 'function' ? ms() : ms);
   };
   run();
   return () => { stopped = true; clearTimeout(timer); };
@@ -273,7 +274,8 @@ function functionsPage(main) {
     if (pauses.ok) paused = new Set((pauses.data.paused || []).map(p => p.scope));
     render();
   }
-  return every(POLL_MS, poll);
+  // A list of thousands is megabytes of JSON: read it every 2 s instead of every second.
+  return every(() => (functions.length > 2000 ? 2 * POLL_MS : POLL_MS), poll);
 }
 
 // ---- function page --------------------------------------------------------------------
@@ -516,9 +518,16 @@ function functionPage(main, name, namespace) {
 function drawChart(holder, legend, history, events, started) {
   const W = 720, H = 220, L = 40, R = 56, T = 10, B = 26;
   const now = Date.now();
-  const span = Math.min(HISTORY_SECONDS, Math.max(30, (now - started) / 1000)) * 1000;
+  // Applied decisions, oldest first: every replica change goes through the engine, so they
+  // give the replica counts before the page opened too.
+  const applied = events.filter(e => e.outcome === 'scaled')
+    .map(e => ({t: Date.parse(e.time), dc: e.datacenter, from: e.from, to: e.to}))
+    .filter(e => e.t > now - HISTORY_SECONDS * 1000)
+    .sort((a, b) => a.t - b.t);
+  const since = Math.min(started, applied.length ? applied[0].t - 5000 : started);
+  const span = Math.min(HISTORY_SECONDS, Math.max(30, (now - since) / 1000)) * 1000;
   const t0 = now - span;
-  const x = t => L + (W - L - R) * (t - t0) / span;
+  const x = t => L + (W - L - R) * (Math.max(t, t0) - t0) / span;
   const dcs = [...new Set(history.flatMap(s => Object.keys(s.dcs)))].sort();
   let maxReplicas = 4;
   let maxRate = 1;
@@ -526,6 +535,7 @@ function drawChart(holder, legend, history, events, started) {
     for (const [r] of Object.values(s.dcs)) maxReplicas = Math.max(maxReplicas, r);
     if (s.rate) maxRate = Math.max(maxRate, s.rate);
   }
+  for (const e of applied) maxReplicas = Math.max(maxReplicas, e.from, e.to);
   maxRate *= 1.15;
   const y = v => T + (H - T - B) * (1 - v / maxReplicas);
   const yRate = v => T + (H - T - B) * (1 - v / maxRate);
@@ -541,6 +551,20 @@ function drawChart(holder, legend, history, events, started) {
   const rate = history.filter(s => s.rate !== null).map(s => `${x(s.t).toFixed(1)},${yRate(s.rate).toFixed(1)}`);
   if (rate.length > 1) svg.append(svgEl('polyline', {points: rate.join(' '), class: 'rate'}));
   dcs.forEach((dc, i) => {
+    // Replicas before the page opened, stepped from the decisions (ready replicas and the
+    // rate are only known from then on).
+    const before = applied.filter(e => e.dc === dc && e.t < started);
+    if (before.length) {
+      let value = before[0].from;
+      const pts = [`${x(t0).toFixed(1)},${y(value).toFixed(1)}`];
+      for (const e of before) {
+        pts.push(`${x(e.t).toFixed(1)},${y(value).toFixed(1)}`);
+        value = e.to;
+        pts.push(`${x(e.t).toFixed(1)},${y(value).toFixed(1)}`);
+      }
+      pts.push(`${x(started).toFixed(1)},${y(value).toFixed(1)}`);
+      svg.append(svgEl('polyline', {points: pts.join(' '), stroke: COLORS[i % COLORS.length], class: 'series seeded', 'data-dc': dc}));
+    }
     for (const [k, dash] of [[0, null], [1, '5 4']]) {
       const pts = [];
       let last = null;
