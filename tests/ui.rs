@@ -60,10 +60,8 @@ impl Browser {
         let Value::Object(caps) = caps else {
             unreachable!()
         };
-        // The driver is reached over plain HTTP; the client still needs a TLS provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = ClientBuilder::rustls()
-            .expect("a WebDriver client")
+        // The driver is on loopback: plain HTTP, no TLS stack to build.
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(caps)
             .connect(&url)
             .await

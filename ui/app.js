@@ -103,6 +103,16 @@ function connection(ok, why) {
   setText(node, ok ? '' : why);
 }
 
+// The server's defaults (placement, namespace) and datacenters, read once per page load.
+let serverInfo = null;
+async function overview() {
+  if (!serverInfo) {
+    const r = await api('GET', '/system/overview');
+    if (r.ok) serverInfo = r.data;
+  }
+  return serverInfo || {datacenters: [], placement: 'all', defaultNamespace: 'openfaas-fn'};
+}
+
 // Runs `fn` now and again `ms` (a number, or a function giving one) after each run ends,
 // until the returned stop() is called.
 function every(ms, fn) {
@@ -167,7 +177,12 @@ function route() {
   if (current) current();
   current = null;
   const main = clear(document.getElementById('main'));
-  const parts = (location.hash || '#/').slice(1).split('/').filter(Boolean).map(decodeURIComponent);
+  let parts;
+  try {
+    parts = (location.hash || '#/').slice(1).split('/').filter(Boolean).map(decodeURIComponent);
+  } catch (_) {
+    parts = [];
+  }
   let name = 'functions';
   if (parts[0] === 'deploy') {
     name = 'deploy';
@@ -176,7 +191,7 @@ function route() {
     name = 'overview';
     current = overviewPage(main);
   } else if (parts[0] === 'function' && parts[1]) {
-    current = functionPage(main, parts[1], parts[2] || 'openfaas-fn');
+    current = functionPage(main, parts[1], parts[2] || (serverInfo && serverInfo.defaultNamespace) || 'openfaas-fn');
   } else {
     current = functionsPage(main);
   }
@@ -197,7 +212,7 @@ function functionsPage(main) {
   let paused = new Set();
   let page = 0;
   const filter = el('input', {id: 'filter', type: 'search', placeholder: 'name, image or label', autocomplete: 'off'});
-  const namespace = el('select', {id: 'namespace'}, el('option', {value: 'openfaas-fn'}, 'openfaas-fn'));
+  const namespace = el('select', {id: 'namespace'});
   const summary = el('p', {id: 'summary', 'aria-live': 'polite'});
   const head = el('thead');
   const body = el('tbody');
@@ -217,11 +232,10 @@ function functionsPage(main) {
   prev.addEventListener('click', () => { page = Math.max(0, page - 1); render(); });
   next.addEventListener('click', () => { page += 1; render(); });
 
-  api('GET', '/system/namespaces').then(r => {
-    if (!r.ok || !Array.isArray(r.data)) return;
-    const chosen = namespace.value;
-    clear(namespace);
-    for (const ns of r.data) namespace.append(el('option', {value: ns, selected: ns === chosen}, ns));
+  const namespaces = Promise.all([overview(), api('GET', '/system/namespaces')]).then(([info, r]) => {
+    const names = r.ok && Array.isArray(r.data) ? r.data : [];
+    if (!names.includes(info.defaultNamespace)) names.unshift(info.defaultNamespace);
+    for (const ns of names) namespace.append(el('option', {value: ns, selected: ns === info.defaultNamespace}, ns));
   });
 
   function matches(f, text) {
@@ -263,6 +277,7 @@ function functionsPage(main) {
   }
 
   async function poll() {
+    await namespaces;
     const [list, pauses] = await Promise.all([
       api('GET', '/system/functions?namespace=' + encodeURIComponent(namespace.value)),
       api('GET', '/system/autoscaling'),
@@ -662,7 +677,7 @@ function deployPage(main) {
     el('p', {class: 'field-error', id: id + '-error', role: 'alert', hidden: true}));
   const name = el('input', {id: 'deploy-name', required: true, autocomplete: 'off', 'aria-describedby': 'deploy-name-hint'});
   const image = el('input', {id: 'deploy-image', required: true, value: 'faastastic/local', 'aria-describedby': 'deploy-image-hint'});
-  const namespace = el('input', {id: 'deploy-namespace', value: 'openfaas-fn'});
+  const namespace = el('input', {id: 'deploy-namespace'});
   const command = el('input', {id: 'deploy-command', placeholder: 'cat', 'aria-describedby': 'deploy-command-hint'});
   const env = el('textarea', {id: 'deploy-env', rows: '3', placeholder: 'KEY=value', 'aria-describedby': 'deploy-env-hint'});
   const labels = el('textarea', {id: 'deploy-labels', rows: '3', placeholder: 'com.openfaas.scale.max=4', 'aria-describedby': 'deploy-labels-hint'});
@@ -690,10 +705,14 @@ function deployPage(main) {
     el('button', {type: 'submit'}, 'Deploy'), message);
   main.append(el('h1', {}, 'Deploy a function'), form);
 
-  api('GET', '/system/overview').then(r => {
-    if (!r.ok) return;
-    for (const d of r.data.datacenters || []) {
-      const box = el('input', {type: 'checkbox', id: 'dc-' + d.name, value: d.name, checked: true});
+  // The boxes start as the server places a deployment that names no datacenter.
+  let defaultSet = [];
+  overview().then(info => {
+    if (!namespace.value) namespace.value = info.defaultNamespace;
+    for (const d of info.datacenters || []) {
+      const chosen = info.placement === 'all' || d.home;
+      if (chosen) defaultSet.push(d.name);
+      const box = el('input', {type: 'checkbox', id: 'dc-' + d.name, value: d.name, checked: chosen});
       datacenters.append(el('label', {for: 'dc-' + d.name, class: 'check'}, box, ' ' + d.name + (d.home && d.name !== 'home' ? ' (home)' : '')));
     }
   });
@@ -740,7 +759,9 @@ function deployPage(main) {
     const boxes = [...datacenters.querySelectorAll('input[type=checkbox]')];
     const chosen = boxes.filter(b => b.checked).map(b => b.value);
     if (boxes.length && !chosen.length) local.dcs = ['choose at least one datacenter'];
-    if (chosen.length && chosen.length < boxes.length) request.constraints = chosen.map(d => 'datacenter==' + d);
+    // Constraints only when the choice differs from the server's default placement.
+    const same = chosen.length === defaultSet.length && chosen.every(d => defaultSet.includes(d));
+    if (chosen.length && !same) request.constraints = chosen.map(d => 'datacenter==' + d);
     let bad = false;
     for (const [key, id] of [['env', 'deploy-env'], ['labels', 'deploy-labels'], ['annotations', 'deploy-annotations'], ['dcs', 'deploy-datacenters']]) {
       for (const p of local[key] || []) { showError(id, p); bad = true; }
@@ -748,7 +769,7 @@ function deployPage(main) {
     if (bad) { setText(message, 'Fix the fields marked above.'); return; }
     const r = await api('POST', '/system/functions', request);
     if (r.ok) {
-      location.hash = functionHash(request.service, request.namespace || 'openfaas-fn');
+      location.hash = functionHash(request.service, request.namespace || (await overview()).defaultNamespace);
       return;
     }
     let placed = 0;

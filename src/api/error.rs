@@ -94,11 +94,13 @@ impl IntoResponse for ApiError {
 /// Middleware: an error answer as JSON when the request asked for JSON (and only then: the
 /// stock clients read the plain-text body).
 pub async fn json_errors(req: Request, next: Next) -> Response {
+    // JSON when asked for it and plain text is not also acceptable (a client that takes
+    // either gets what the stock clients get).
     let wants_json = req
         .headers()
         .get(http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/json"));
+        .is_some_and(|a| a.contains("application/json") && !a.contains("text/plain"));
     let response = next.run(req).await;
     if !wants_json {
         return response;

@@ -102,7 +102,8 @@ fn label<'a>(labels: &'a [(String, String)], name: &str) -> &'a str {
 
 /// `GET /system/overview`: what the web UI's overview shows in one answer: each datacenter
 /// and its platform's last healthcheck, when each autoscaler loop last finished a pass, each
-/// query policy's source, the pauses, and how many functions are deployed.
+/// query policy's source, the pauses, how many functions are deployed, and the defaults a
+/// deployment gets (placement, namespace).
 pub async fn overview(State(s): State<Arc<AppState>>) -> Response {
     let datacenters: Vec<serde_json::Value> = s
         .fleet
@@ -145,6 +146,12 @@ pub async fn overview(State(s): State<Arc<AppState>>) -> Response {
         "sources": sources,
         "paused": s.autoscaler.pauses(),
         "functions": s.fleet.count(),
+        // Where a deployment naming no datacenter goes, and its namespace.
+        "placement": match s.fleet.default_placement() {
+            crate::config::Placement::All => "all",
+            crate::config::Placement::Home => "home",
+        },
+        "defaultNamespace": s.fleet.default_namespace(),
         "version": RELEASE,
     }))
     .into_response()

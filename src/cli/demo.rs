@@ -230,7 +230,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         Some(_) => println!("faastastic demo: three datacenters (stage, lon, syd) on the embedded local platform, scaled by real Prometheus and Alertmanager with the shipped rule and route (5 invocations/s per replica)"),
     }
     let app = server::build(&cfg).await?;
-    let router = crate::api::router(app.state.clone(), crate::api::auth::Auth::disabled());
+    let router = crate::api::router(app.state.clone(), crate::api::auth::Auth::disabled())
+        .layer(axum::middleware::from_fn(loopback_names_only));
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move {
@@ -322,6 +323,33 @@ fn report(
         "demo passed: {LOADED} went 1 → 4 replicas under load and back down when it stopped; stage and syd stayed at 1"
     );
     Ok(())
+}
+
+/// The demo serves without credentials (and `--keep` keeps it up): a page of another site
+/// whose name it points at 127.0.0.1 (DNS rebinding) would be same-origin with it, so only
+/// requests that name the server by a loopback name are served.
+async fn loopback_names_only(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    if matches!(name, "127.0.0.1" | "localhost" | "[::1]") {
+        next.run(req).await
+    } else {
+        (
+            http::StatusCode::FORBIDDEN,
+            format!(
+                "the demo server answers only to 127.0.0.1, localhost and [::1], not {host:?}\n"
+            ),
+        )
+            .into_response()
+    }
 }
 
 /// Directories removed when dropped.

@@ -499,6 +499,11 @@ impl Fleet {
         &self.default_namespace
     }
 
+    /// Where a deployment that names no datacenter goes.
+    pub fn default_placement(&self) -> Placement {
+        self.placement
+    }
+
     /// The datacenters, in configuration order.
     pub fn datacenters(&self) -> &[Arc<Datacenter>] {
         &self.datacenters
