@@ -19,6 +19,7 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod triggers;
 
 /// An error with its causes (`a: b: c`), so a TLS or connection problem is named.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

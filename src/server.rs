@@ -201,6 +201,13 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         &cfg.async_invoke,
     ));
     autoscaler.spawn_ticker();
+    crate::triggers::cron::CronScheduler::new(
+        fleet.clone(),
+        invoker.clone(),
+        store.clone(),
+        metrics.clone(),
+    )
+    .spawn();
     crate::autoscale::query::spawn_all(
         &cfg.autoscale.queries,
         &cfg.prometheus,

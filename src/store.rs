@@ -150,6 +150,22 @@ CREATE TABLE IF NOT EXISTS autoscale_pauses (
     since  TEXT NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS trigger_state (
+    namespace TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    trigger   TEXT NOT NULL,
+    last_due  TEXT NOT NULL,
+    PRIMARY KEY (namespace, name, trigger)
+);
+CREATE TABLE IF NOT EXISTS trigger_events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         TEXT NOT NULL,
+    namespace  TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    datacenter TEXT NOT NULL,
+    event      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS trigger_events_function ON trigger_events (namespace, name, id);
 CREATE TABLE IF NOT EXISTS secrets (
     namespace TEXT NOT NULL,
     name      TEXT NOT NULL,
@@ -370,8 +386,9 @@ impl Store {
         .await
     }
 
-    /// Deletes a function and its autoscaler state (a redeploy starts with fresh cooldowns);
-    /// its scale events stay for the audit trail.
+    /// Deletes a function, its autoscaler state (a redeploy starts with fresh cooldowns) and
+    /// its triggers' state (a redeploy's schedule starts afresh); its scale and trigger events
+    /// stay for the audit trail.
     pub async fn delete_function(&self, id: &FunctionId) -> Result<bool, StoreError> {
         let id = id.clone();
         self.call(move |conn| {
@@ -382,6 +399,10 @@ impl Store {
             )?;
             tx.execute(
                 "DELETE FROM autoscale_states WHERE namespace = ?1 AND name = ?2",
+                params![id.namespace, id.name],
+            )?;
+            tx.execute(
+                "DELETE FROM trigger_state WHERE namespace = ?1 AND name = ?2",
                 params![id.namespace, id.name],
             )?;
             tx.commit()?;
@@ -572,8 +593,109 @@ impl Store {
         &self,
         filter: EventFilter,
     ) -> Result<Vec<(i64, String)>, StoreError> {
+        self.events_in("scale_events", filter).await
+    }
+
+    /// Trigger runs (and runs skipped or missed), newest first, as (id, JSON text).
+    pub async fn trigger_events(
+        &self,
+        filter: EventFilter,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        self.events_in("trigger_events", filter).await
+    }
+
+    /// When each function's `trigger` was last due (and so run, skipped or given up).
+    pub async fn trigger_due_times(
+        &self,
+        trigger: &str,
+    ) -> Result<Vec<(FunctionId, DateTime<Utc>)>, StoreError> {
+        let trigger = trigger.to_string();
         self.call(move |conn| {
-            let mut sql = String::from("SELECT id, event FROM scale_events WHERE 1 = 1");
+            let mut stmt = conn.prepare(
+                "SELECT namespace, name, last_due FROM trigger_state WHERE trigger = ?1",
+            )?;
+            let rows = stmt.query_map(params![trigger], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (namespace, name, due) = row?;
+                let due = DateTime::parse_from_rfc3339(&due)
+                    .map_err(|e| StoreError::Corrupt(format!("trigger_state.last_due: {e}")))?;
+                out.push((FunctionId::new(name, namespace), due.with_timezone(&Utc)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Records that `trigger` of `id` was due at `due`, with the event saying what became of
+    /// it, in one transaction: a restart never runs that due time again, and never loses its
+    /// record.
+    pub async fn record_trigger(
+        &self,
+        id: &FunctionId,
+        trigger: &str,
+        due: DateTime<Utc>,
+        event: EventRecord,
+    ) -> Result<i64, StoreError> {
+        let (id, trigger) = (id.clone(), trigger.to_string());
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO trigger_state (namespace, name, trigger, last_due) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (namespace, name, trigger) DO UPDATE SET last_due = excluded.last_due",
+                params![id.namespace, id.name, trigger, due.to_rfc3339()],
+            )?;
+            tx.execute(
+                "INSERT INTO trigger_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![event.at.to_rfc3339(), id.namespace, id.name, event.datacenter, event.json],
+            )?;
+            let row = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(row)
+        })
+        .await
+    }
+
+    /// Marks the runs recorded as running as interrupted: called once at start, when no run
+    /// of this process exists yet, so those are runs the previous process did not finish.
+    pub async fn interrupt_trigger_runs(&self) -> Result<usize, StoreError> {
+        self.call(|conn| {
+            Ok(conn.execute(
+                "UPDATE trigger_events SET event = json_set(event, '$.outcome', 'interrupted',
+                   '$.reason', 'faastastic stopped before the run ended')
+                 WHERE json_extract(event, '$.outcome') = 'running'",
+                [],
+            )?)
+        })
+        .await
+    }
+
+    /// Replaces the text of a trigger event (a run whose outcome is known once it ends).
+    pub async fn amend_trigger_event(&self, id: i64, json: String) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE trigger_events SET event = ?2 WHERE id = ?1",
+                params![id, json],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Rows of an events table (`scale_events`, `trigger_events`), newest first.
+    async fn events_in(
+        &self,
+        table: &'static str,
+        filter: EventFilter,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        self.call(move |conn| {
+            let mut sql = format!("SELECT id, event FROM {table} WHERE 1 = 1");
             let mut args: Vec<String> = Vec::new();
             for (column, value) in [
                 ("name", &filter.name),

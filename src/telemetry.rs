@@ -71,6 +71,12 @@ pub struct Metrics {
     pub annotations: IntCounterVec,
     /// `faastastic_grafana_annotations_queued`
     pub annotations_queued: prometheus::IntGauge,
+    /// `faastastic_trigger_runs_total{function_name,trigger,outcome}`: due times of triggers
+    /// by what became of them (`ok`, `failed`, `skipped`, `missed`).
+    pub trigger_runs: IntCounterVec,
+    /// `faastastic_trigger_last_run_timestamp_seconds{function_name,trigger}`: the due time
+    /// of each function's last run.
+    pub trigger_last_run: prometheus::GaugeVec,
     /// Invocations per function (`name.namespace`) and datacenter, all status codes: what the
     /// autoscaler and the function list read, without walking the Prometheus vectors (which
     /// allocates every series' labels: tens of milliseconds at 10,000 functions).
@@ -191,8 +197,26 @@ impl Metrics {
             "Grafana annotations waiting to be sent",
         )
         .expect("static metric definition is valid");
+        let trigger_runs = IntCounterVec::new(
+            Opts::new(
+                "faastastic_trigger_runs_total",
+                "Due times of function triggers, by outcome (ok, failed, skipped, missed)",
+            ),
+            &["function_name", "trigger", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let trigger_last_run = prometheus::GaugeVec::new(
+            Opts::new(
+                "faastastic_trigger_last_run_timestamp_seconds",
+                "Due time of each function's last triggered run",
+            ),
+            &["function_name", "trigger"],
+        )
+        .expect("static metric definition is valid");
         for collector in [
             Box::new(scale_decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(trigger_runs.clone()),
+            Box::new(trigger_last_run.clone()),
             Box::new(annotations.clone()),
             Box::new(annotations_queued.clone()),
             Box::new(source_up.clone()),
@@ -229,6 +253,8 @@ impl Metrics {
             evaluation_duration,
             annotations,
             annotations_queued,
+            trigger_runs,
+            trigger_last_run,
             totals: Default::default(),
         }
     }

@@ -1,4 +1,5 @@
-//! `GET /system/scale-events`: every autoscaler decision with its reason, newest first.
+//! `GET /system/scale-events`: every autoscaler decision with its reason, newest first; and
+//! `GET /system/trigger-events`, what became of every due time of the functions' triggers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,10 +16,9 @@ use crate::store::EventFilter;
 
 const MAX_LIMIT: u32 = 1000;
 
-pub async fn list(
-    State(s): State<Arc<AppState>>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Response> {
+/// The filter a query asks for: `function` (by the one name rule), `namespace`,
+/// `datacenter`, `since` (RFC 3339) and `limit` (1 to 1000, default 100).
+fn filter(q: &HashMap<String, String>) -> ApiResult<EventFilter> {
     let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
     // The function filter reads as every route reads a function reference.
     let (name, namespace) = match get("function") {
@@ -51,19 +51,19 @@ pub async fn list(
                 .with_timezone(&Utc),
         ),
     };
-    let filter = EventFilter {
+    Ok(EventFilter {
         name,
         namespace,
         datacenter: get("datacenter").map(str::to_string),
         since,
         limit,
-    };
-    let rows = s
-        .fleet_store
-        .scale_events(filter)
-        .await
-        .map_err(|e| ApiError::new(http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    // Stored rows are JSON objects already; add the id and join them into one array.
+    })
+}
+
+/// Stored rows are JSON objects already; adds each one's id and joins them into one array.
+fn answer(rows: Result<Vec<(i64, String)>, crate::store::StoreError>) -> ApiResult<Response> {
+    let rows =
+        rows.map_err(|e| ApiError::new(http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut body = String::from("[");
     for (i, (id, json)) in rows.iter().enumerate() {
         if i > 0 {
@@ -74,4 +74,20 @@ pub async fn list(
     }
     body.push(']');
     Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+pub async fn list(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    answer(s.fleet_store.scale_events(filter(&q)?).await)
+}
+
+/// `GET /system/trigger-events`: every due time of every function's triggers (cron runs,
+/// skipped and missed due times), newest first, with the same query as the scale events.
+pub async fn triggers(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    answer(s.fleet_store.trigger_events(filter(&q)?).await)
 }

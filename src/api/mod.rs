@@ -294,6 +294,10 @@ fn system_routes(limits: &LimitsConfig, timeout: Duration) -> Routes {
         )
         .route("/system/logs", Methods::new().get(logs::logs))
         .route("/system/scale-events", Methods::new().get(events::list))
+        .route(
+            "/system/trigger-events",
+            Methods::new().get(events::triggers),
+        )
         .route("/system/autoscaling", Methods::new().get(autoscaling::list))
         .route(
             "/system/autoscaling/pause",
@@ -432,7 +436,7 @@ mod tests {
             assert!(!r.methods.is_empty(), "{} has no method", r.path);
             let expected = if r.path == "/system/alert" {
                 Access::Alert
-            } else if r.path.starts_with("/system/") {
+            } else if r.path.starts_with("/system/") || r.path.starts_with("/ui") {
                 Access::System
             } else {
                 Access::Open

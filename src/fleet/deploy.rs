@@ -102,6 +102,7 @@ impl Fleet {
                 errors.push(e);
             }
         }
+        errors.extend(crate::triggers::spec::check_annotations(dep));
         for (label, n) in [
             (crate::model::LABEL_SCALE_MIN, dep.min_replicas()),
             (crate::model::LABEL_SCALE_INITIAL, dep.initial_replicas()),
