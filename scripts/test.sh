@@ -24,6 +24,7 @@ declare -A needs=(
   [nginx]=nginx-light
   [chromium]=chromium
   [chromedriver]=chromium-driver
+  [nats-server]=nats-server
 )
 missing=()
 for program in "${!needs[@]}"; do

@@ -39,6 +39,8 @@ pub struct Config {
     pub autoscale: AutoscaleConfig,
     pub prometheus: PrometheusConfig,
     pub grafana: GrafanaConfig,
+    /// `[triggers.nats]`: functions invoked by messages; `None` when no NATS is configured.
+    pub nats: Option<NatsConfig>,
     /// Where functions run, in order; exactly one is home.
     pub datacenters: Vec<DatacenterConfig>,
     /// Where a function that names no datacenter goes.
@@ -209,6 +211,58 @@ impl QueryPolicy {
             && m.vs.matchers.or_matchers.is_empty()
             && m.vs.offset.is_none()
             && m.vs.at.is_none()
+    }
+}
+
+/// `[triggers.nats]`: a NATS JetStream server whose messages invoke the functions whose
+/// `topic` annotation names their subjects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NatsConfig {
+    /// `nats://host:port` (or `tls://`).
+    pub url: String,
+    pub token_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// A `.creds` file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for `tls://` servers.
+    pub ca_file: Option<PathBuf>,
+    /// The stream messages are read from; created with `subjects` when missing.
+    pub stream: String,
+    pub subjects: Vec<String>,
+    /// Deliveries of a message before it goes to `dead_letter_subject`.
+    pub max_deliver: u64,
+    /// How long a failed delivery waits before the next, by attempt (the last repeats).
+    pub backoff: Vec<Duration>,
+    /// Messages of one function and subject invoking it at once.
+    pub max_in_flight: usize,
+    pub dead_letter_subject: String,
+    /// How long the server waits for an acknowledgement before it delivers again; longer
+    /// than the longest invocation.
+    pub ack_wait: Duration,
+}
+
+impl NatsConfig {
+    pub fn new(url: &str) -> NatsConfig {
+        NatsConfig {
+            url: url.to_string(),
+            token_file: None,
+            user: None,
+            password_file: None,
+            credentials_file: None,
+            ca_file: None,
+            stream: "faastastic".to_string(),
+            subjects: Vec::new(),
+            max_deliver: 5,
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            max_in_flight: 16,
+            dead_letter_subject: "faastastic.dead-letter".to_string(),
+            ack_wait: Duration::from_secs(120),
+        }
     }
 }
 
@@ -528,6 +582,7 @@ impl Default for Config {
                 insecure_skip_verify: false,
             },
             grafana: GrafanaConfig::default(),
+            nats: None,
             datacenters: vec![DatacenterConfig::local(DEFAULT_DATACENTER, true)],
             placement: Placement::All,
             reconcile_interval: Duration::from_secs(5),
@@ -841,6 +896,66 @@ impl Config {
                     };
                 s.finish(&mut errors);
                 g
+            },
+            nats: {
+                let mut triggers = root.section("triggers");
+                let mut s = triggers.section("nats");
+                let nats = match s.get::<Option<String>>("url", None) {
+                    None => None,
+                    Some(url) => {
+                        let d = NatsConfig::new(&url);
+                        let ok_url = ["nats://", "tls://", "ws://", "wss://"]
+                            .iter()
+                            .any(|p| url.starts_with(p));
+                        if !ok_url {
+                            s.errors.push(format!(
+                                "triggers.nats.url: {url:?} is not a NATS URL such as nats://127.0.0.1:4222"
+                            ));
+                        }
+                        let subjects: Vec<String> = s.get("subjects", Vec::new());
+                        for subject in &subjects {
+                            if let Err(e) = crate::triggers::spec::check_subject(subject) {
+                                s.errors.push(format!("triggers.nats.subjects: {e}"));
+                            }
+                        }
+                        let backoff: Vec<u64> = s.get("backoff_ms", Vec::new());
+                        let c = NatsConfig {
+                            token_file: s.get("token_file", None),
+                            user: s.get("user", None),
+                            password_file: s.get("password_file", None),
+                            credentials_file: s.get("credentials_file", None),
+                            ca_file: s.get("ca_file", None),
+                            stream: s.get("stream", d.stream.clone()),
+                            subjects,
+                            max_deliver: s.positive("max_deliver", d.max_deliver as usize) as u64,
+                            backoff: if backoff.is_empty() {
+                                d.backoff.clone()
+                            } else {
+                                backoff.into_iter().map(Duration::from_millis).collect()
+                            },
+                            max_in_flight: s.positive("max_in_flight", d.max_in_flight),
+                            dead_letter_subject: s
+                                .get("dead_letter_subject", d.dead_letter_subject.clone()),
+                            ack_wait: s.secs("ack_wait_secs", d.ack_wait),
+                            url,
+                        };
+                        if c.user.is_some() != c.password_file.is_some() {
+                            s.errors.push(
+                                "triggers.nats.user and triggers.nats.password_file go together"
+                                    .to_string(),
+                            );
+                        }
+                        if let Err(e) = crate::triggers::spec::check_subject(&c.dead_letter_subject)
+                        {
+                            s.errors
+                                .push(format!("triggers.nats.dead_letter_subject: {e}"));
+                        }
+                        Some(c)
+                    }
+                };
+                s.finish(&mut errors);
+                triggers.finish(&mut errors);
+                nats
             },
             datacenters: root.datacenters("datacenters"),
             placement: root.parsed("placement", defaults.placement, |v: String| {

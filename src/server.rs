@@ -208,6 +208,15 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         metrics.clone(),
     )
     .spawn();
+    if let Some(nats) = &cfg.nats {
+        crate::triggers::nats::NatsTriggers::new(
+            nats.clone(),
+            fleet.clone(),
+            invoker.clone(),
+            metrics.clone(),
+        )
+        .spawn();
+    }
     crate::autoscale::query::spawn_all(
         &cfg.autoscale.queries,
         &cfg.prometheus,

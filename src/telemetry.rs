@@ -77,6 +77,8 @@ pub struct Metrics {
     /// `faastastic_trigger_last_run_timestamp_seconds{function_name,trigger}`: the due time
     /// of each function's last run.
     pub trigger_last_run: prometheus::GaugeVec,
+    /// `faastastic_trigger_up{trigger}`: 1 while a trigger's source (NATS) is reachable.
+    pub trigger_up: IntGaugeVec,
     /// Invocations per function (`name.namespace`) and datacenter, all status codes: what the
     /// autoscaler and the function list read, without walking the Prometheus vectors (which
     /// allocates every series' labels: tens of milliseconds at 10,000 functions).
@@ -213,8 +215,17 @@ impl Metrics {
             &["function_name", "trigger"],
         )
         .expect("static metric definition is valid");
+        let trigger_up = IntGaugeVec::new(
+            Opts::new(
+                "faastastic_trigger_up",
+                "1 while a trigger's message source is reachable",
+            ),
+            &["trigger"],
+        )
+        .expect("static metric definition is valid");
         for collector in [
             Box::new(scale_decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(trigger_up.clone()),
             Box::new(trigger_runs.clone()),
             Box::new(trigger_last_run.clone()),
             Box::new(annotations.clone()),
@@ -255,6 +266,7 @@ impl Metrics {
             annotations_queued,
             trigger_runs,
             trigger_last_run,
+            trigger_up,
             totals: Default::default(),
         }
     }

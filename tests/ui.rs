@@ -605,6 +605,21 @@ async fn values_from_users_and_functions_are_text_and_cross_site_changes_are_ref
         202,
         "a client that is not a browser may"
     );
+
+    // A scheduled function's page shows its schedule and what became of its due times.
+    let cron = json!({"service": "every-second", "image": "local/cron", "envProcess": "cat",
+        "annotations": {"topic": "cron-function", "schedule": "* * * * * *"}});
+    assert_eq!(s.deploy(cron).await.status(), 202);
+    b.goto(&format!("{ui}#/function/every-second/openfaas-fn"))
+        .await;
+    b.wait_text("#schedule", "the schedule", Duration::from_secs(10), |t| {
+        t.contains("* * * * * *")
+    })
+    .await;
+    b.wait_text("#runs", "a run", Duration::from_secs(15), |t| {
+        t.contains("ok 200")
+    })
+    .await;
     b.close().await;
 }
 

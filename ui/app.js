@@ -315,6 +315,10 @@ function functionPage(main, name, namespace) {
   const pauseButton = el('button', {type: 'button', id: 'pause'}, 'Pause autoscaling');
   const resumeButton = el('button', {type: 'button', id: 'resume'}, 'Resume autoscaling');
   const details = el('dl', {class: 'details'});
+  const schedule = el('p', {id: 'schedule'});
+  const runs = el('ol', {class: 'timeline', id: 'runs'});
+  const triggers = el('section', {'aria-labelledby': 'h-triggers', hidden: true},
+    el('h2', {id: 'h-triggers'}, 'Schedule'), schedule, runs);
 
   main.append(
     el('p', {}, el('a', {href: '#/'}, '← Functions')),
@@ -332,6 +336,7 @@ function functionPage(main, name, namespace) {
     invokePanel(name, namespace),
     el('section', {'aria-labelledby': 'h-decisions'},
       el('h2', {id: 'h-decisions'}, 'Decisions'), timeline),
+    triggers,
     logPanel(),
     el('section', {'aria-labelledby': 'h-details'},
       el('h2', {id: 'h-details'}, 'Details'), details),
@@ -518,10 +523,34 @@ function functionPage(main, name, namespace) {
     drawChart(chart, legend, history, events, started);
   }
 
+  // The cron trigger, when the function has one: its schedule and what became of its last
+  // due times.
+  async function pollRuns() {
+    const annotations = (status && status.annotations) || {};
+    const cron = String(annotations.topic || '').split(',').map(t => t.trim()).includes('cron-function');
+    triggers.hidden = !cron;
+    if (!cron) return;
+    setText(schedule, `Runs on the schedule ${annotations.schedule || '(none)'}.`);
+    const r = await api('GET', `/system/trigger-events?function=${encodeURIComponent(id)}&limit=10`);
+    if (!r.ok || !Array.isArray(r.data)) return;
+    clear(runs);
+    if (!r.data.length) runs.append(el('li', {class: 'muted'}, 'No due time yet.'));
+    for (const e of r.data) {
+      runs.append(el('li', {'data-outcome': e.outcome},
+        el('time', {datetime: e.due}, fmtTime(e.due)), ' ',
+        el('span', {class: 'badge'}, e.outcome), ' ',
+        e.datacenter ? el('span', {}, e.datacenter + ' ') : null,
+        e.status ? `${e.status} in ${Number(e.durationSeconds || 0).toFixed(3)} s ` : '',
+        e.missed ? `${e.missed} due time(s) ` : '',
+        el('span', {class: 'reason'}, e.reason || '')));
+    }
+  }
+
   async function pollEvents() {
     const r = await api('GET', `/system/scale-events?function=${encodeURIComponent(id)}&limit=50`);
     if (r.ok && Array.isArray(r.data)) { events = r.data; renderEvents(); }
     await refreshPause();
+    await pollRuns();
   }
 
   stops.push(every(POLL_MS, poll), every(2 * POLL_MS, pollEvents));

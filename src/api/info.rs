@@ -140,10 +140,15 @@ pub async fn overview(State(s): State<Arc<AppState>>) -> Response {
         )
         .collect();
     sources.sort_by(|a, b| a["policy"].as_str().cmp(&b["policy"].as_str()));
+    let triggers: Vec<serde_json::Value> = series(&s.metrics.trigger_up)
+        .into_iter()
+        .map(|(labels, up)| serde_json::json!({"name": label(&labels, "trigger"), "up": up >= 1.0}))
+        .collect();
     Json(serde_json::json!({
         "datacenters": datacenters,
         "loops": loops,
         "sources": sources,
+        "triggers": triggers,
         "paused": s.autoscaler.pauses(),
         "functions": s.fleet.count(),
         // Where a deployment naming no datacenter goes, and its namespace.

@@ -184,12 +184,51 @@ pub fn cron_spec(annotations: &BTreeMap<String, String>) -> Option<Result<CronSp
     })
 }
 
+/// Whether `subject` is a NATS subject a consumer can filter on: dot-separated tokens, none
+/// empty, no whitespace, `*` a whole token and `>` only as the last one.
+pub fn check_subject(subject: &str) -> Result<(), String> {
+    if subject.len() > 256 {
+        return Err(format!(
+            "{:?} is longer than 256 bytes",
+            crate::model::truncate_for_message(subject)
+        ));
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        let bad = token.is_empty()
+            || token.chars().any(|c| c.is_whitespace() || c.is_control())
+            || (token.contains('*') && *token != "*")
+            || (token.contains('>') && (*token != ">" || i + 1 != tokens.len()));
+        if bad {
+            return Err(format!(
+                "{subject:?} is not a NATS subject (dot-separated tokens, none empty, no spaces; * a whole token, > only last)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The message subjects a function takes: its topics but the cron connector's.
+pub fn subjects(annotations: &BTreeMap<String, String>) -> Vec<String> {
+    topics(annotations)
+        .filter(|t| *t != CRON_TOPIC)
+        .map(str::to_string)
+        .collect()
+}
+
 /// The deploy-time check: every problem with the trigger annotations.
 pub fn check_annotations(dep: &FunctionDeployment) -> Vec<String> {
-    match dep.annotations.as_ref().and_then(cron_spec) {
-        Some(Err(errors)) => errors,
-        _ => Vec::new(),
+    let Some(annotations) = dep.annotations.as_ref() else {
+        return Vec::new();
+    };
+    let mut errors: Vec<String> = topics(annotations)
+        .filter_map(|t| check_subject(t).err())
+        .map(|e| format!("annotations.{TOPIC}: {e}"))
+        .collect();
+    if let Some(Err(e)) = cron_spec(annotations) {
+        errors.extend(e);
     }
+    errors
 }
 
 #[cfg(test)]
@@ -280,6 +319,36 @@ mod tests {
             let e = Schedule::parse(text).unwrap_err();
             assert!(e.contains(says), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn subjects_are_checked_as_nats_reads_them() {
+        for good in [
+            "orders",
+            "orders.created",
+            "orders.*",
+            "orders.>",
+            "a.*.c",
+            ">",
+            "cron-function",
+        ] {
+            assert_eq!(check_subject(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "orders.",
+            ".orders",
+            "a..b",
+            "orders created",
+            "a.>.b",
+            "a.b*",
+            "a.>b",
+            "tab\t",
+        ] {
+            assert!(check_subject(bad).is_err(), "{bad:?}");
+        }
+        let a = annotations(&[("topic", "cron-function, orders.created ,jobs.>")]);
+        assert_eq!(subjects(&a), ["orders.created", "jobs.>"]);
     }
 
     fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

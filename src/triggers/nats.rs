@@ -1,0 +1,483 @@
+//! The NATS JetStream trigger (`[triggers.nats]`): a function whose `topic` annotation names
+//! subjects receives their messages through a durable pull consumer per function and subject
+//! (`faastastic_NAME_NAMESPACE_HASH`), created on the configured stream with `DeliverPolicy::New`.
+//! Each message is one invocation through the gateway's routing (`POST /`, the payload as the
+//! body, the message's headers as request headers, plus `X-Topic` with the subject as the
+//! OpenFaaS connectors send it and `X-Nats-Delivered` with the delivery count):
+//!
+//! * a 2xx answer acknowledges the message; anything else (or no answer) asks for it again
+//!   after the configured backoff, and after `max_deliver` deliveries publishes it to
+//!   `dead_letter_subject` with the last error and terminates it; a message is acknowledged
+//!   only after a 2xx, so at-least-once holds across restarts of faastastic and of NATS;
+//! * at most `max_in_flight` messages of one function and subject invoke it at once (the
+//!   consumer's `max_ack_pending`, so the server holds the rest), and each consumer runs on its
+//!   own task: a slow function never holds up another's subjects;
+//! * publishers' `Nats-Msg-Id` headers are de-duplicated by the stream (its duplicate window).
+//!
+//! NATS unreachable, at start or later, stops nothing else: functions deploy and serve HTTP,
+//! `faastastic_trigger_up{trigger="nats"}` and `/system/overview` say the trigger is down, the
+//! log says so once per outage, and the client reconnects with backoff.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use axum::body::Body;
+use futures::StreamExt;
+use http::{HeaderName, HeaderValue, Method, Request};
+use http_body_util::BodyExt;
+use sha2::Digest;
+
+use super::spec;
+use crate::config::NatsConfig;
+use crate::fleet::Fleet;
+use crate::model::FunctionId;
+use crate::proxy::Invoker;
+use crate::telemetry::Metrics;
+
+/// The trigger's name in the metrics and events.
+pub const TRIGGER: &str = "nats";
+
+/// How often the consumers are brought in line with the deployed functions.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// The longest a consumer waits before it tries the server again.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Request headers a message cannot set.
+const RESERVED: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "x-faastastic-datacenter",
+];
+
+/// The durable consumer of one function and subject: its name is valid in NATS (letters,
+/// digits, `_` and `-`) and unique per function and subject.
+pub fn consumer_name(id: &FunctionId, subject: &str) -> String {
+    let hash = sha2::Sha256::digest(format!("{}\0{}\0{subject}", id.namespace, id.name));
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!(
+        "faastastic_{}_{}_{:02x}{:02x}{:02x}{:02x}",
+        clean(&id.name),
+        clean(&id.namespace),
+        hash[0],
+        hash[1],
+        hash[2],
+        hash[3]
+    )
+}
+
+/// The backoff before delivery `delivered + 1` of a message that failed `delivered` times.
+fn backoff(cfg: &NatsConfig, delivered: u64) -> Duration {
+    let i = (delivered.max(1) - 1) as usize;
+    cfg.backoff
+        .get(i)
+        .or(cfg.backoff.last())
+        .copied()
+        .unwrap_or(Duration::from_secs(1))
+}
+
+pub struct NatsTriggers {
+    cfg: NatsConfig,
+    fleet: Arc<Fleet>,
+    invoker: Arc<Invoker>,
+    metrics: Arc<Metrics>,
+    up: AtomicBool,
+}
+
+impl NatsTriggers {
+    pub fn new(
+        cfg: NatsConfig,
+        fleet: Arc<Fleet>,
+        invoker: Arc<Invoker>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<NatsTriggers> {
+        metrics.trigger_up.with_label_values(&[TRIGGER]).set(0);
+        Arc::new(NatsTriggers {
+            cfg,
+            fleet,
+            invoker,
+            metrics,
+            up: AtomicBool::new(false),
+        })
+    }
+
+    /// Connects (in the background, retrying) and runs the consumers until the process ends.
+    pub fn spawn(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                match self.clone().options().await {
+                    Ok(options) => match options.connect(self.cfg.url.as_str()).await {
+                        Ok(client) => return self.clone().run(client).await,
+                        Err(e) => {
+                            tracing::error!(url = %self.cfg.url, error = %e, "nats: cannot connect");
+                        }
+                    },
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "nats: the trigger's configuration cannot be used; it stays off");
+                        return;
+                    }
+                }
+                tokio::time::sleep(MAX_RETRY).await;
+            }
+        })
+    }
+
+    fn set_up(&self, up: bool) {
+        let was = self.up.swap(up, Ordering::AcqRel);
+        self.metrics
+            .trigger_up
+            .with_label_values(&[TRIGGER])
+            .set(i64::from(up));
+        match (was, up) {
+            (false, true) => tracing::info!(url = %self.cfg.url, "nats: connected"),
+            (true, false) => {
+                tracing::warn!(url = %self.cfg.url, "nats: the server is unreachable; messages wait in their streams until it is back")
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the client is connected to the server.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    async fn options(self: Arc<Self>) -> anyhow::Result<async_nats::ConnectOptions> {
+        let read = |path: &std::path::Path, what: &str| -> anyhow::Result<String> {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("triggers.nats.{what}: cannot read {}", path.display()))?;
+            Ok(text.trim().to_string())
+        };
+        let mut options = async_nats::ConnectOptions::new()
+            .name("faastastic")
+            .retry_on_initial_connect();
+        if let Some(file) = &self.cfg.token_file {
+            options = options.token(read(file, "token_file")?);
+        }
+        if let (Some(user), Some(file)) = (&self.cfg.user, &self.cfg.password_file) {
+            options = options.user_and_password(user.clone(), read(file, "password_file")?);
+        }
+        if let Some(file) = &self.cfg.credentials_file {
+            options = options.credentials_file(file).await.with_context(|| {
+                format!(
+                    "triggers.nats.credentials_file: cannot read {}",
+                    file.display()
+                )
+            })?;
+        }
+        if let Some(file) = &self.cfg.ca_file {
+            options = options
+                .add_root_certificates(file.clone())
+                .require_tls(true);
+        }
+        let this = self.clone();
+        Ok(options.event_callback(move |event| {
+            let this = this.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => this.set_up(true),
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        this.set_up(false)
+                    }
+                    other => tracing::debug!(event = %other, "nats: event"),
+                }
+            }
+        }))
+    }
+
+    /// Keeps one consumer task per function and subject, as the deployed functions ask.
+    async fn run(self: Arc<Self>, client: async_nats::Client) {
+        if client.connection_state() == async_nats::connection::State::Connected {
+            self.set_up(true);
+        }
+        let js = jetstream::new(client);
+        let mut workers: HashMap<(FunctionId, String), tokio::task::JoinHandle<()>> =
+            HashMap::new();
+        loop {
+            let wanted: HashSet<(FunctionId, String)> = self
+                .fleet
+                .scan(|f, _| {
+                    let subjects = spec::subjects(f.deployment.annotations.as_ref()?);
+                    Some(
+                        subjects
+                            .into_iter()
+                            .map(|s| (f.id.clone(), s))
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .into_iter()
+                .flatten()
+                .collect();
+            let gone: Vec<(FunctionId, String)> = workers
+                .keys()
+                .filter(|k| !wanted.contains(*k))
+                .cloned()
+                .collect();
+            for key in gone {
+                if let Some(task) = workers.remove(&key) {
+                    task.abort();
+                }
+                // The function is gone: so is its place in the stream.
+                let (js, stream, name) = (
+                    js.clone(),
+                    self.cfg.stream.clone(),
+                    consumer_name(&key.0, &key.1),
+                );
+                tokio::spawn(async move {
+                    if let Ok(stream) = js.get_stream(&stream).await {
+                        let _ = stream.delete_consumer(&name).await;
+                    }
+                });
+                tracing::info!(function = %key.0, subject = %key.1, "nats: stopped consuming");
+            }
+            for key in wanted {
+                if workers.get(&key).is_some_and(|t| !t.is_finished()) {
+                    continue;
+                }
+                let (this, js, id, subject) =
+                    (self.clone(), js.clone(), key.0.clone(), key.1.clone());
+                let task = tokio::spawn(async move { this.consume_forever(js, id, subject).await });
+                workers.insert(key, task);
+            }
+            tokio::time::sleep(SYNC_EVERY).await;
+        }
+    }
+
+    /// One function's subject: consumes, and after any failure (the server gone, the stream
+    /// missing) tries again with backoff, saying so once until it works again.
+    async fn consume_forever(
+        self: Arc<Self>,
+        js: jetstream::Context,
+        id: FunctionId,
+        subject: String,
+    ) {
+        let mut wait = Duration::from_millis(250);
+        let mut failing: Option<String> = None;
+        loop {
+            match self.consume(&js, &id, &subject, &mut failing).await {
+                Ok(()) => wait = Duration::from_millis(250),
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    if failing.as_deref() != Some(text.as_str()) {
+                        tracing::warn!(function = %id, subject = %subject, error = %text, "nats: cannot consume; retrying");
+                        failing = Some(text);
+                    }
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(MAX_RETRY);
+        }
+    }
+
+    async fn stream(&self, js: &jetstream::Context) -> anyhow::Result<jetstream::stream::Stream> {
+        match js.get_stream(&self.cfg.stream).await {
+            Ok(stream) => Ok(stream),
+            Err(e) if self.cfg.subjects.is_empty() => Err(anyhow::anyhow!(
+                "stream {:?}: {e} (create it, or set triggers.nats.subjects to have it created)",
+                self.cfg.stream
+            )),
+            Err(_) => js
+                .get_or_create_stream(jetstream::stream::Config {
+                    name: self.cfg.stream.clone(),
+                    subjects: self.cfg.subjects.clone(),
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("cannot create stream {:?}", self.cfg.stream)),
+        }
+    }
+
+    async fn consume(
+        self: &Arc<Self>,
+        js: &jetstream::Context,
+        id: &FunctionId,
+        subject: &str,
+        failing: &mut Option<String>,
+    ) -> anyhow::Result<()> {
+        let stream = self.stream(js).await?;
+        let name = consumer_name(id, subject);
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    description: Some(format!("faastastic: {id} on {subject}")),
+                    filter_subject: subject.to_string(),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: self.cfg.ack_wait,
+                    // Deliveries are counted here, so that a message whose dead-letter
+                    // publication failed is delivered again rather than dropped.
+                    max_deliver: -1,
+                    max_ack_pending: self.cfg.max_in_flight as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("consumer {name} on stream {:?}", self.cfg.stream))?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.cfg.max_in_flight)
+            .messages()
+            .await
+            .context("cannot pull messages")?;
+        if failing.take().is_some() {
+            tracing::info!(function = %id, subject, "nats: consuming again");
+        } else {
+            tracing::info!(function = %id, subject, consumer = %name, "nats: consuming");
+        }
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(self.cfg.max_in_flight));
+        while let Some(message) = messages.next().await {
+            let message = message.context("pulling messages")?;
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let (this, js, id) = (self.clone(), js.clone(), id.clone());
+            tokio::spawn(async move {
+                this.deliver(&js, &id, message).await;
+                drop(permit);
+            });
+        }
+        Err(anyhow::anyhow!("the message stream ended"))
+    }
+
+    /// One delivery of one message: the invocation, then its acknowledgement.
+    async fn deliver(&self, js: &jetstream::Context, id: &FunctionId, message: jetstream::Message) {
+        let delivered = message
+            .info()
+            .map(|i| i.delivered.max(1) as u64)
+            .unwrap_or(1);
+        let mut request = Request::builder().method(Method::POST).uri("/");
+        if let Some(headers) = &message.headers {
+            for (name, values) in headers.iter() {
+                let name = name.to_string();
+                let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+                    continue;
+                };
+                if RESERVED.contains(&header.as_str()) {
+                    continue;
+                }
+                for value in values {
+                    if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
+                        request = request.header(header.clone(), v);
+                    }
+                }
+            }
+        }
+        let request = request
+            .header("x-topic", message.subject.as_str())
+            .header("x-connector", "faastastic-nats")
+            .header("x-nats-delivered", delivered.to_string())
+            .body(Body::from(message.payload.clone()))
+            .expect("a valid request");
+        let response = self.invoker.invoke(id, "/", request).await;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let qualified = id.qualified();
+        let count = |outcome: &str| {
+            self.metrics
+                .trigger_runs
+                .with_label_values(&[qualified.as_str(), TRIGGER, outcome])
+                .inc();
+        };
+        if status.is_success() {
+            if let Err(e) = message.ack().await {
+                tracing::warn!(function = %id, error = %e, "nats: cannot acknowledge a message; it will be delivered again");
+            }
+            count("ok");
+            return;
+        }
+        let error = format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(512)]).trim()
+        );
+        if delivered < self.cfg.max_deliver {
+            let _ = message
+                .ack_with(AckKind::Nak(Some(backoff(&self.cfg, delivered))))
+                .await;
+            count("retried");
+            return;
+        }
+        let mut headers = message.headers.clone().unwrap_or_default();
+        headers.insert("Faastastic-Function", qualified.as_str());
+        headers.insert("Faastastic-Subject", message.subject.as_str());
+        headers.insert("Faastastic-Deliveries", delivered.to_string().as_str());
+        headers.insert("Faastastic-Error", error.as_str());
+        match js
+            .client()
+            .publish_with_headers(
+                self.cfg.dead_letter_subject.clone(),
+                headers,
+                message.payload.clone(),
+            )
+            .await
+        {
+            Ok(()) => {
+                let _ = message.ack_with(AckKind::Term).await;
+                tracing::warn!(function = %id, subject = %message.subject, deliveries = delivered, error = %error, dead_letter = %self.cfg.dead_letter_subject, "nats: a message failed every delivery and went to the dead-letter subject");
+                count("dead-lettered");
+            }
+            Err(e) => {
+                tracing::warn!(function = %id, error = %e, "nats: cannot publish to the dead-letter subject; the message will be delivered again");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(backoff(&self.cfg, delivered))))
+                    .await;
+                count("retried");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_names_are_valid_and_distinct() {
+        let id = FunctionId::new("resize-image", "openfaas-fn");
+        let a = consumer_name(&id, "images.>");
+        let b = consumer_name(&id, "images.new");
+        assert!(a.starts_with("faastastic_resize-image_openfaas-fn_"), "{a}");
+        assert_ne!(a, b);
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+    }
+
+    #[test]
+    fn the_backoff_follows_the_attempts_and_repeats_its_last() {
+        let mut cfg = NatsConfig::new("nats://127.0.0.1:4222");
+        cfg.backoff = vec![Duration::from_millis(100), Duration::from_secs(2)];
+        assert_eq!(backoff(&cfg, 1), Duration::from_millis(100));
+        assert_eq!(backoff(&cfg, 2), Duration::from_secs(2));
+        assert_eq!(backoff(&cfg, 7), Duration::from_secs(2));
+    }
+}

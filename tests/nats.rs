@@ -1,0 +1,345 @@
+//! NATS JetStream triggers against a real `nats-server` (Debian `nats-server`, JetStream on, a
+//! temporary store, a free loopback port): messages on a function's subjects invoke it once
+//! each, a failure is delivered again and, after `max_deliver`, goes to the dead-letter
+//! subject with its error; headers arrive as request headers; publishers' `Nats-Msg-Id`
+//! de-duplicates; and a server that is not there at start stops nothing else.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{free_port, poll, require_program, Options, Proc, Server};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+struct Nats {
+    _proc: Proc,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start_on(port: u16) -> Nats {
+        require_program("nats-server", "nats-server");
+        let dir = tempfile::tempdir().unwrap();
+        let proc = common::spawn_quiet(
+            "nats-server",
+            &[
+                "-js".into(),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-sd".into(),
+                dir.path().display().to_string(),
+            ],
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nats {
+            _proc: proc,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.unwrap()
+    }
+}
+
+fn config(url: &str) -> String {
+    format!(
+        r#"
+[triggers.nats]
+url = "{url}"
+stream = "jobs"
+subjects = ["jobs.>"]
+max_deliver = 3
+backoff_ms = [100]
+max_in_flight = 8
+dead_letter_subject = "dead.jobs"
+"#
+    )
+}
+
+fn subscriber(name: &str, subject: &str, command: &str) -> Value {
+    json!({"service": name, "image": "local/worker", "envProcess": command,
+        "annotations": {"topic": subject}})
+}
+
+/// Invocations of `name` counted by the gateway, all status codes.
+async fn invocations(s: &Server, name: &str) -> f64 {
+    s.metrics()
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("gateway_function_invocation_total{")
+                && l.contains(&format!("function_name=\"{name}.openfaas-fn\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the function's consumer exists (it delivers only messages published after).
+async fn wait_consuming(js: &async_nats::jetstream::Context, name: &str) {
+    assert!(
+        poll(Duration::from_secs(20), || async {
+            let Ok(mut stream) = js.get_stream("jobs").await else {
+                return false;
+            };
+            let Ok(info) = stream.info().await else {
+                return false;
+            };
+            let _ = info;
+            let mut names = stream.consumer_names();
+            while let Some(Ok(n)) = names.next().await {
+                if n.starts_with(&format!("faastastic_{name}_")) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await,
+        "no consumer for {name}"
+    );
+}
+
+#[tokio::test]
+async fn every_message_invokes_once_failures_retry_and_then_go_to_the_dead_letter_subject() {
+    let nats = Nats::start_on(free_port());
+    let s = Server::with(Options {
+        config: Some(&config(&nats.url())),
+        ..Default::default()
+    });
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut dead = client.subscribe("dead.jobs").await.unwrap();
+
+    // Logs the headers it gets; fails its first delivery when asked to.
+    let worker = "sh -c 'cat >/dev/null; echo \"topic=$Http_X_Topic id=$Http_X_Request_Id delivered=$Http_X_Nats_Delivered\" >&2; [ \"$Http_X_Fail_First\" != yes ] || [ \"$Http_X_Nats_Delivered\" -ge 2 ]'";
+    assert_eq!(
+        s.deploy(subscriber("count", "jobs.count", "cat"))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(
+        s.deploy(subscriber("flaky", "jobs.flaky", worker))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(
+        s.deploy(subscriber(
+            "broken",
+            "jobs.broken",
+            "sh -c 'cat >/dev/null; echo no >&2; exit 3'"
+        ))
+        .await
+        .status(),
+        202
+    );
+    for name in ["count", "flaky", "broken"] {
+        wait_consuming(&js, name).await;
+    }
+
+    // 1,000 messages, each invoking once.
+    for i in 0..1000 {
+        js.publish("jobs.count", format!("message {i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert!(
+        poll(Duration::from_secs(60), || async {
+            invocations(&s, "count").await >= 1000.0
+        })
+        .await,
+        "1,000 invocations: {}",
+        invocations(&s, "count").await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        invocations(&s, "count").await,
+        1000.0,
+        "a message invoked twice"
+    );
+    let mut stream = js.get_stream("jobs").await.unwrap();
+    let mut names = stream.consumer_names();
+    let mut consumer = None;
+    while let Some(Ok(n)) = names.next().await {
+        if n.starts_with("faastastic_count_") {
+            consumer = Some(n);
+        }
+    }
+    let info = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&consumer.unwrap())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (info.num_pending, info.num_ack_pending, info.num_redelivered),
+        (0, 0, 0),
+        "{info:?}"
+    );
+    let _ = stream.info().await;
+
+    // A failed first delivery is delivered again; the headers arrive.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("X-Request-Id", "req-42");
+    headers.insert("X-Fail-First", "yes");
+    js.publish_with_headers("jobs.flaky", headers, "work".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        poll(Duration::from_secs(15), || async {
+            s.system_text("/system/logs?name=flaky&tail=10")
+                .await
+                .contains("delivered=2")
+        })
+        .await,
+        "a second delivery"
+    );
+    let logs = s.system_text("/system/logs?name=flaky&tail=10").await;
+    assert!(
+        logs.contains("topic=jobs.flaky id=req-42 delivered=1"),
+        "{logs}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        invocations(&s, "flaky").await,
+        2.0,
+        "acknowledged after the 2xx"
+    );
+
+    // A message that fails every delivery goes to the dead-letter subject, with its error.
+    js.publish("jobs.broken", "poison".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let letter = tokio::time::timeout(Duration::from_secs(15), dead.next())
+        .await
+        .expect("a dead letter within 15 s")
+        .unwrap();
+    assert_eq!(&letter.payload[..], b"poison");
+    let h = letter.headers.unwrap();
+    assert_eq!(
+        h.get("Faastastic-Function").unwrap().as_str(),
+        "broken.openfaas-fn"
+    );
+    assert_eq!(h.get("Faastastic-Subject").unwrap().as_str(), "jobs.broken");
+    assert_eq!(h.get("Faastastic-Deliveries").unwrap().as_str(), "3");
+    assert!(
+        h.get("Faastastic-Error")
+            .unwrap()
+            .as_str()
+            .starts_with("500"),
+        "{h:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        invocations(&s, "broken").await,
+        3.0,
+        "max_deliver deliveries, then no more"
+    );
+    let metrics = s.metrics().await;
+    assert!(metrics.contains("faastastic_trigger_runs_total{function_name=\"broken.openfaas-fn\",outcome=\"dead-lettered\",trigger=\"nats\"} 1"), "{metrics}");
+    assert!(metrics.contains("faastastic_trigger_up{trigger=\"nats\"} 1"));
+
+    // Publishers' Nats-Msg-Id de-duplicates.
+    for _ in 0..3 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "order-7");
+        js.publish_with_headers("jobs.count", headers, "once".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert!(
+        poll(Duration::from_secs(10), || async {
+            invocations(&s, "count").await >= 1001.0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(invocations(&s, "count").await, 1001.0);
+}
+
+#[tokio::test]
+async fn without_nats_functions_deploy_and_serve_and_messages_flow_once_it_starts() {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let s = Server::with(Options {
+        config: Some(&config(&url)),
+        ..Default::default()
+    });
+    // A subject that is not one is refused at deploy, naming the annotation.
+    let r = s.deploy(subscriber("bad", "jobs..x", "cat")).await;
+    assert_eq!(r.status(), 400);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("annotations.topic: \"jobs..x\" is not a NATS subject"));
+
+    assert_eq!(
+        s.deploy(subscriber("late", "jobs.late", "cat"))
+            .await
+            .status(),
+        202
+    );
+    s.wait_available("late", 1).await;
+    assert_eq!(
+        s.invoke("late", "over http").await,
+        (200, "over http".to_string())
+    );
+    let overview: Value = s.get_json("/system/overview").await;
+    assert_eq!(overview["triggers"], json!([{"name": "nats", "up": false}]));
+    assert!(s
+        .metrics()
+        .await
+        .contains("faastastic_trigger_up{trigger=\"nats\"} 0"));
+
+    let nats = Nats::start_on(port);
+    assert!(
+        poll(Duration::from_secs(20), || async {
+            let o: Value = s.get_json("/system/overview").await;
+            o["triggers"][0]["up"] == true
+        })
+        .await,
+        "the trigger comes up once the server is there"
+    );
+    let js = async_nats::jetstream::new(nats.client().await);
+    wait_consuming(&js, "late").await;
+    js.publish("jobs.late", "by message".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        poll(Duration::from_secs(15), || async {
+            invocations(&s, "late").await >= 2.0
+        })
+        .await,
+        "the message invoked the function"
+    );
+}
