@@ -139,6 +139,9 @@ pub enum QuerySource {
     Prometheus { query: String },
     /// faastastic's own invocation counters: invocations per second over `window`.
     Internal { window: Duration },
+    /// Each function's NATS JetStream backlog: messages on its subjects not yet delivered, plus
+    /// delivered and not yet acknowledged (`[triggers.nats]`).
+    Nats,
 }
 
 /// One `[[autoscale.queries]]` entry: a metric evaluated every `interval` for the functions
@@ -181,6 +184,7 @@ impl QueryPolicy {
         }
         let query = match source {
             QuerySource::Internal { .. } => return true,
+            QuerySource::Nats => return false,
             QuerySource::Prometheus { query } => query,
         };
         let Ok(expr) = promql_parser::parser::parse(query) else {
@@ -1015,6 +1019,15 @@ impl Config {
                 _ => cfg.swarm = c,
             }
         }
+        if cfg.nats.is_none() {
+            for (i, q) in cfg.autoscale.queries.iter().enumerate() {
+                if q.source == QuerySource::Nats {
+                    errors.push(format!(
+                        "autoscale.queries[{i}].source: \"nats\" reads the backlog of [triggers.nats], which is not configured"
+                    ));
+                }
+            }
+        }
         root.finish(&mut errors);
         if errors.is_empty() {
             Ok(cfg)
@@ -1354,9 +1367,14 @@ impl Section {
                     s.errors.push(format!("{at}.query: not used with source = \"internal\" (it measures invocations per second over window_secs)"));
                     QuerySource::Internal { window }
                 }
+                ("nats", None) => QuerySource::Nats,
+                ("nats", Some(_)) => {
+                    s.errors.push(format!("{at}.query: not used with source = \"nats\" (it reads each function's backlog on its subjects)"));
+                    QuerySource::Nats
+                }
                 (other, _) => {
                     s.errors.push(format!(
-                        "{at}.source: must be \"prometheus\" or \"internal\", got {other:?}"
+                        "{at}.source: must be \"prometheus\", \"internal\" or \"nats\", got {other:?}"
                     ));
                     QuerySource::Internal { window }
                 }

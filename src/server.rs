@@ -208,18 +208,20 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         metrics.clone(),
     )
     .spawn();
-    if let Some(nats) = &cfg.nats {
-        crate::triggers::nats::NatsTriggers::new(
+    let nats = cfg.nats.as_ref().map(|nats| {
+        let triggers = crate::triggers::nats::NatsTriggers::new(
             nats.clone(),
             fleet.clone(),
             invoker.clone(),
             metrics.clone(),
-        )
-        .spawn();
-    }
+        );
+        triggers.clone().spawn();
+        triggers
+    });
     crate::autoscale::query::spawn_all(
         &cfg.autoscale.queries,
         &cfg.prometheus,
+        nats.map(|n| n as Arc<dyn crate::autoscale::query::Backlog>),
         fleet.clone(),
         autoscaler.clone(),
         metrics.clone(),

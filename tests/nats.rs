@@ -343,3 +343,69 @@ async fn without_nats_functions_deploy_and_serve_and_messages_flow_once_it_start
         "the message invoked the function"
     );
 }
+
+#[tokio::test]
+async fn a_backlog_wakes_a_dormant_function_scales_it_out_and_it_returns_to_zero() {
+    let nats = Nats::start_on(free_port());
+    let cfg = format!(
+        "{}\n[autoscale]\ntick_interval_ms = 250\n[[autoscale.queries]]\nname = \"backlog\"\nsource = \"nats\"\ntarget = 50\ninterval_ms = 500\n",
+        config(&nats.url())
+    );
+    let s = Server::with(Options {
+        config: Some(&cfg),
+        ..Default::default()
+    });
+    let mut f = subscriber("drain", "jobs.drain", "sh -c 'cat >/dev/null; sleep 0.05'");
+    f["labels"] = json!({
+        "com.faastastic.scale.initial": "0",
+        "com.openfaas.scale.max": "4",
+        "com.openfaas.scale.zero": "true",
+        "com.openfaas.scale.zero-duration": "2s",
+    });
+    assert_eq!(s.deploy(f).await.status(), 202);
+    let js = async_nats::jetstream::new(nats.client().await);
+    wait_consuming(&js, "drain").await;
+    assert_eq!(
+        s.status("drain").await.1["replicas"],
+        Value::Null,
+        "dormant"
+    );
+    for i in 0..1000 {
+        js.publish("jobs.drain", format!("{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            let events: Vec<Value> = s
+                .get_json("/system/scale-events?function=drain&limit=100")
+                .await;
+            events
+                .iter()
+                .any(|e| e["source"] == "query:backlog" && e["to"] == 4 && e["outcome"] == "scaled")
+        })
+        .await,
+        "the backlog took it to max: {:?}",
+        s.get_json::<Value>("/system/scale-events?function=drain&limit=100")
+            .await
+    );
+    assert!(
+        poll(Duration::from_secs(60), || async {
+            invocations(&s, "drain").await >= 1000.0
+        })
+        .await,
+        "every message delivered"
+    );
+    assert!(
+        poll(Duration::from_secs(30), || async {
+            s.status("drain").await.1["replicas"].is_null()
+        })
+        .await,
+        "back to zero once the backlog is gone: {:?}",
+        s.get_json::<Value>("/system/scale-events?function=drain&limit=10")
+            .await
+    );
+    assert_eq!(invocations(&s, "drain").await, 1000.0);
+}

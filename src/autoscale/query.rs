@@ -42,6 +42,16 @@ impl FunctionValues {
     }
 }
 
+/// Messages waiting for each function, from a message source (NATS JetStream): pending on its
+/// subjects plus delivered and not yet acknowledged, as one value for the whole function.
+#[async_trait::async_trait]
+pub trait Backlog: Send + Sync {
+    async fn backlog(&self) -> Result<Values, String>;
+}
+
+/// A read of the policy's source, running beside the loop.
+type SourceRead = futures::future::BoxFuture<'static, Result<Values, String>>;
+
 /// Failed reads in a row before `fallback_replicas` applies.
 const FALLBACK_AFTER_FAILURES: u32 = 3;
 
@@ -52,6 +62,7 @@ pub const SHORT_TICK: Duration = Duration::from_millis(500);
 struct Runner {
     policy: QueryPolicy,
     prometheus: Option<prometheus_http_query::Client>,
+    backlog: Option<Arc<dyn Backlog>>,
     timeout: Duration,
     fleet: Arc<Fleet>,
     autoscaler: Arc<Autoscaler>,
@@ -130,6 +141,7 @@ fn http_client(p: &PrometheusConfig) -> anyhow::Result<reqwest::Client> {
 pub fn spawn_all(
     policies: &[QueryPolicy],
     prometheus: &PrometheusConfig,
+    backlog: Option<Arc<dyn Backlog>>,
     fleet: Arc<Fleet>,
     autoscaler: Arc<Autoscaler>,
     metrics: Arc<Metrics>,
@@ -146,6 +158,7 @@ pub fn spawn_all(
             QuerySource::Internal { window } => {
                 format!("internal invocation rate over {}s", window.as_secs_f64())
             }
+            QuerySource::Nats => "NATS JetStream backlog of each function's subjects".to_string(),
         };
         tracing::info!(policy = %policy.name, "query policy: {source}, {}, every {:?}", policy.strategy, policy.interval);
         // At zero from the start, so rate() and absent() work before the first failure.
@@ -154,7 +167,7 @@ pub fn spawn_all(
             .with_label_values(&[policy.name.as_str()]);
         let own = match policy.source {
             QuerySource::Internal { window } => window,
-            QuerySource::Prometheus { .. } => Duration::ZERO,
+            QuerySource::Prometheus { .. } | QuerySource::Nats => Duration::ZERO,
         };
         // The short window is read at least every SHORT_TICK, in ticks that divide the
         // interval, so that the source is read exactly every `interval`.
@@ -186,6 +199,7 @@ pub fn spawn_all(
         let mut runner = Runner {
             policy: policy.clone(),
             prometheus: client,
+            backlog: backlog.clone(),
             timeout: prometheus.timeout,
             fleet: fleet.clone(),
             autoscaler: autoscaler.clone(),
@@ -313,10 +327,7 @@ impl Runner {
     /// `per_read` turns, reads the source: the internal one at once, Prometheus through the
     /// read this returns, to run beside the loop (not while `may_read` is false: one is in
     /// flight).
-    async fn turn(
-        &mut self,
-        may_read: bool,
-    ) -> Option<impl std::future::Future<Output = Result<Values, String>> + Send + 'static> {
+    async fn turn(&mut self, may_read: bool) -> Option<SourceRead> {
         let now = Instant::now();
         let due = self.turns.is_multiple_of(u64::from(self.per_read)) && may_read;
         self.turns += 1;
@@ -338,13 +349,17 @@ impl Runner {
         if short {
             self.short = Some(loaded_rates(&self.fleet, &self.recent));
         }
-        match (&self.policy.source, &self.prometheus) {
-            (QuerySource::Internal { .. }, _) if due => {
+        if !due {
+            self.apply_short().await;
+            return None;
+        }
+        let missing = match (&self.policy.source, &self.prometheus, &self.backlog) {
+            (QuerySource::Internal { .. }, _, _) => {
                 let values = own_rates(&self.fleet, &self.samples);
                 self.apply_read(Ok(values)).await;
-                None
+                return None;
             }
-            (QuerySource::Prometheus { query }, Some(client)) if due => {
+            (QuerySource::Prometheus { query }, Some(client), _) => {
                 let read = PrometheusRead {
                     client: client.clone(),
                     query: query.clone(),
@@ -354,18 +369,18 @@ impl Runner {
                     namespace: self.fleet.default_namespace().to_string(),
                 };
                 self.apply_short().await;
-                Some(read.run())
+                return Some(Box::pin(read.run()));
             }
-            (QuerySource::Prometheus { .. }, None) if due => {
-                self.apply_read(Err("no Prometheus configured".into()))
-                    .await;
-                None
-            }
-            _ => {
+            (QuerySource::Nats, _, Some(backlog)) => {
+                let backlog = backlog.clone();
                 self.apply_short().await;
-                None
+                return Some(Box::pin(async move { backlog.backlog().await }));
             }
-        }
+            (QuerySource::Prometheus { .. }, None, _) => "no Prometheus configured",
+            (QuerySource::Nats, _, None) => "no [triggers.nats] configured",
+        };
+        self.apply_read(Err(missing.into())).await;
+        None
     }
 
     /// The short window alone, between reads of the source.
@@ -734,6 +749,7 @@ where
     let query = match &policy.source {
         QuerySource::Prometheus { query } => query.as_str(),
         QuerySource::Internal { .. } => "internal invocation rate",
+        QuerySource::Nats => "NATS backlog",
     };
     let mut work = Vec::new();
     let visit = |f: &crate::model::Function, function_policy: &crate::fleet::PolicyOf| {

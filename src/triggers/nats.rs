@@ -32,6 +32,7 @@ use http_body_util::BodyExt;
 use sha2::Digest;
 
 use super::spec;
+use crate::autoscale::query::{Backlog, FunctionValues, Values};
 use crate::config::NatsConfig;
 use crate::fleet::Fleet;
 use crate::model::FunctionId;
@@ -103,6 +104,10 @@ pub struct NatsTriggers {
     invoker: Arc<Invoker>,
     metrics: Arc<Metrics>,
     up: AtomicBool,
+    /// Set once the client exists.
+    js: std::sync::OnceLock<jetstream::Context>,
+    /// The functions and subjects being consumed.
+    consuming: std::sync::Mutex<Vec<(FunctionId, String)>>,
 }
 
 impl NatsTriggers {
@@ -119,6 +124,8 @@ impl NatsTriggers {
             invoker,
             metrics,
             up: AtomicBool::new(false),
+            js: std::sync::OnceLock::new(),
+            consuming: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -212,6 +219,7 @@ impl NatsTriggers {
             self.set_up(true);
         }
         let js = jetstream::new(client);
+        let _ = self.js.set(js.clone());
         let mut workers: HashMap<(FunctionId, String), tokio::task::JoinHandle<()>> =
             HashMap::new();
         loop {
@@ -260,6 +268,8 @@ impl NatsTriggers {
                 let task = tokio::spawn(async move { this.consume_forever(js, id, subject).await });
                 workers.insert(key, task);
             }
+            *self.consuming.lock().unwrap_or_else(|p| p.into_inner()) =
+                workers.keys().cloned().collect();
             tokio::time::sleep(SYNC_EVERY).await;
         }
     }
@@ -453,6 +463,40 @@ impl NatsTriggers {
                 count("retried");
             }
         }
+    }
+}
+
+/// The `nats` source of query policies: each function's backlog on its subjects.
+#[async_trait::async_trait]
+impl Backlog for NatsTriggers {
+    async fn backlog(&self) -> Result<Values, String> {
+        let js = match (self.is_up(), self.js.get()) {
+            (true, Some(js)) => js,
+            _ => return Err(format!("NATS at {} is unreachable", self.cfg.url)),
+        };
+        let consuming = self
+            .consuming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let stream = js
+            .get_stream(&self.cfg.stream)
+            .await
+            .map_err(|e| format!("stream {:?}: {e}", self.cfg.stream))?;
+        let mut out = Values::new();
+        for (id, subject) in consuming {
+            let name = consumer_name(&id, &subject);
+            let info = match stream.consumer_info(&name).await {
+                Ok(info) => info,
+                // Not created yet (its task is starting): nothing waits for it.
+                Err(e) if e.to_string().contains("not found") => continue,
+                Err(e) => return Err(format!("consumer {name}: {e}")),
+            };
+            let waiting = info.num_pending as f64 + info.num_ack_pending as f64;
+            let v: &mut FunctionValues = out.entry(id).or_default();
+            v.total = Some(v.total.unwrap_or(0.0) + waiting);
+        }
+        Ok(out)
     }
 }
 
