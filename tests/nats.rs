@@ -13,15 +13,29 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 struct Nats {
-    _proc: Proc,
+    proc: Option<Proc>,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Nats {
     fn start_on(port: u16) -> Nats {
+        let mut nats = Nats {
+            proc: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        nats.start();
+        nats
+    }
+
+    /// Stops the server (SIGKILL); its store stays for `start`.
+    fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    fn start(&mut self) {
         require_program("nats-server", "nats-server");
-        let dir = tempfile::tempdir().unwrap();
         let proc = common::spawn_quiet(
             "nats-server",
             &[
@@ -29,24 +43,20 @@ impl Nats {
                 "-a".into(),
                 "127.0.0.1".into(),
                 "-p".into(),
-                port.to_string(),
+                self.port.to_string(),
                 "-sd".into(),
-                dir.path().display().to_string(),
+                self.dir.path().display().to_string(),
             ],
         );
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "nats-server did not start"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Nats {
-            _proc: proc,
-            port,
-            _dir: dir,
-        }
+        self.proc = Some(proc);
     }
 
     fn url(&self) -> String {
@@ -408,4 +418,124 @@ async fn a_backlog_wakes_a_dormant_function_scales_it_out_and_it_returns_to_zero
             .await
     );
     assert_eq!(invocations(&s, "drain").await, 1000.0);
+}
+
+/// The consumer of `name`'s subject: (pending, unacknowledged, acknowledged up to this stream
+/// sequence).
+async fn consumer_state(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Option<(u64, usize, u64)> {
+    let stream = js.get_stream("jobs").await.ok()?;
+    let mut names = stream.consumer_names();
+    while let Some(Ok(n)) = names.next().await {
+        if n.starts_with(&format!("faastastic_{name}_")) {
+            let info = stream.consumer_info(&n).await.ok()?;
+            return Some((
+                info.num_pending,
+                info.num_ack_pending,
+                info.ack_floor.stream_sequence,
+            ));
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn nothing_is_lost_when_faastastic_or_nats_dies_mid_stream() {
+    let mut nats = Nats::start_on(free_port());
+    let cfg = format!("{}ack_wait_secs = 2\n", config(&nats.url()));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let start = || {
+        Server::with(Options {
+            config: Some(&cfg),
+            data_dir: Some(&data),
+            ..Default::default()
+        })
+    };
+    let mut s = start();
+    assert_eq!(
+        s.deploy(subscriber(
+            "ledger",
+            "jobs.ledger",
+            "sh -c 'cat >/dev/null; sleep 0.02'"
+        ))
+        .await
+        .status(),
+        202
+    );
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    wait_consuming(&js, "ledger").await;
+    let publish = |from: usize| {
+        let js = js.clone();
+        async move {
+            let mut last = 0;
+            for i in from..from + 500 {
+                last = js
+                    .publish("jobs.ledger", format!("{i}").into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap()
+                    .sequence;
+            }
+            last
+        }
+    };
+
+    // faastastic killed (SIGKILL) with messages in flight, then restarted.
+    let last = publish(0).await;
+    assert!(
+        poll(Duration::from_secs(20), || async {
+            invocations(&s, "ledger").await >= 50.0
+        })
+        .await
+    );
+    s.kill();
+    let before = consumer_state(&js, "ledger").await.unwrap();
+    assert!(before.2 < last, "the kill came mid-stream: {before:?}");
+    let s = start();
+    assert!(
+        poll(Duration::from_secs(60), || async {
+            consumer_state(&js, "ledger").await == Some((0, 0, last))
+        })
+        .await,
+        "every message acknowledged after the restart: {:?}, last {last}",
+        consumer_state(&js, "ledger").await
+    );
+
+    // nats-server killed mid-stream and restarted on its store.
+    let last = publish(500).await;
+    let base = invocations(&s, "ledger").await;
+    assert!(
+        poll(Duration::from_secs(20), || async {
+            invocations(&s, "ledger").await >= base + 50.0
+        })
+        .await
+    );
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        poll(Duration::from_secs(10), || async {
+            s.metrics()
+                .await
+                .contains("faastastic_trigger_up{trigger=\"nats\"} 0")
+        })
+        .await,
+        "the outage shows"
+    );
+    assert_eq!(s.invoke("ledger", "http still works").await.0, 200);
+    nats.start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    assert!(
+        poll(Duration::from_secs(60), || async {
+            consumer_state(&js, "ledger").await == Some((0, 0, last))
+        })
+        .await,
+        "every message acknowledged after NATS came back: {:?}, last {last}",
+        consumer_state(&js, "ledger").await
+    );
+    assert!(invocations(&s, "ledger").await >= base + 1.0);
 }
