@@ -160,7 +160,13 @@ async fn every_message_invokes_once_failures_retry_and_then_go_to_the_dead_lette
         .status(),
         202
     );
-    for name in ["count", "flaky", "broken"] {
+    assert_eq!(
+        s.deploy(subscriber("echo", "jobs.echo", "cat"))
+            .await
+            .status(),
+        202
+    );
+    for name in ["count", "flaky", "broken", "echo"] {
         wait_consuming(&js, name).await;
     }
 
@@ -273,6 +279,31 @@ async fn every_message_invokes_once_failures_retry_and_then_go_to_the_dead_lette
     let metrics = s.metrics().await;
     assert!(metrics.contains("faastastic_trigger_runs_total{function_name=\"broken.openfaas-fn\",outcome=\"dead-lettered\",trigger=\"nats\"} 1"), "{metrics}");
     assert!(metrics.contains("faastastic_trigger_up{trigger=\"nats\"} 1"));
+
+    // Request/reply: the answer goes to the subject the message names.
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Faastastic-Reply-To", inbox.as_str());
+    js.publish_with_headers("jobs.echo", headers, "ping".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("a reply within 10 s")
+        .unwrap();
+    assert_eq!(&answer.payload[..], b"ping");
+    assert_eq!(
+        answer
+            .headers
+            .unwrap()
+            .get("Faastastic-Status")
+            .unwrap()
+            .as_str(),
+        "200"
+    );
 
     // Publishers' Nats-Msg-Id de-duplicates.
     for _ in 0..3 {

@@ -12,7 +12,10 @@
 //! * at most `max_in_flight` messages of one function and subject invoke it at once (the
 //!   consumer's `max_ack_pending`, so the server holds the rest), and each consumer runs on its
 //!   own task: a slow function never holds up another's subjects;
-//! * publishers' `Nats-Msg-Id` headers are de-duplicated by the stream (its duplicate window).
+//! * publishers' `Nats-Msg-Id` headers are de-duplicated by the stream (its duplicate window);
+//! * a message with a `Faastastic-Reply-To` header gets the function's answer published to that
+//!   subject (request/reply: JetStream keeps no publisher's reply subject, it answers the
+//!   publication itself), with `Faastastic-Status`, or the error once it is dead-lettered.
 //!
 //! NATS unreachable, at start or later, stops nothing else: functions deploy and serve HTTP,
 //! `faastastic_trigger_up{trigger="nats"}` and `/system/overview` say the trigger is down, the
@@ -41,6 +44,9 @@ use crate::telemetry::Metrics;
 
 /// The trigger's name in the metrics and events.
 pub const TRIGGER: &str = "nats";
+
+/// The header naming where a message's answer goes.
+pub const REPLY_TO: &str = "Faastastic-Reply-To";
 
 /// How often the consumers are brought in line with the deployed functions.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
@@ -406,11 +412,45 @@ impl NatsTriggers {
             .expect("a valid request");
         let response = self.invoker.invoke(id, "/", request).await;
         let status = response.status();
-        let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let reply_to = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(REPLY_TO))
+            .map(|v| v.to_string())
+            .filter(|r| spec::check_subject(r).is_ok());
+        // A reply carries the whole answer (up to NATS's payload limit); otherwise only the
+        // start of a failure is kept for the record.
+        let keep = if reply_to.is_some() {
+            1024 * 1024
+        } else {
+            64 * 1024
+        };
+        let body = http_body_util::Limited::new(response.into_body(), keep)
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        let reply = |status: http::StatusCode, payload: bytes::Bytes| {
+            let reply_to = reply_to.clone();
+            let content_type = content_type.clone();
+            let client = js.client();
+            async move {
+                let Some(subject) = reply_to else { return };
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Faastastic-Status", status.as_u16().to_string().as_str());
+                if let Some(ct) = &content_type {
+                    headers.insert("Content-Type", ct.as_str());
+                }
+                if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
+                    tracing::warn!(error = %e, "nats: cannot publish a reply");
+                }
+            }
+        };
         let qualified = id.qualified();
         let count = |outcome: &str| {
             self.metrics
@@ -419,6 +459,7 @@ impl NatsTriggers {
                 .inc();
         };
         if status.is_success() {
+            reply(status, body.clone()).await;
             if let Err(e) = message.ack().await {
                 tracing::warn!(function = %id, error = %e, "nats: cannot acknowledge a message; it will be delivered again");
             }
@@ -451,6 +492,7 @@ impl NatsTriggers {
             .await
         {
             Ok(()) => {
+                reply(status, bytes::Bytes::from(error.clone())).await;
                 let _ = message.ack_with(AckKind::Term).await;
                 tracing::warn!(function = %id, subject = %message.subject, deliveries = delivered, error = %error, dead_letter = %self.cfg.dead_letter_subject, "nats: a message failed every delivery and went to the dead-letter subject");
                 count("dead-lettered");
