@@ -12,7 +12,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["invoke", "classic", "reaction", "state", "datacenters", "tls", "autoscale"]
+PARTS = ["invoke", "classic", "reaction", "state", "datacenters", "tls", "nats", "autoscale"]
 
 
 def cell(v):

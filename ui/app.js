@@ -820,6 +820,7 @@ function overviewPage(main) {
   const loops = el('ul', {id: 'loops'});
   const sources = el('ul', {id: 'sources'});
   const paused = el('ul', {id: 'paused'});
+  const triggers = el('ul', {id: 'triggers'});
   const recent = el('ol', {class: 'timeline', id: 'recent'});
   const count = el('p', {id: 'function-count'});
   main.append(el('h1', {}, 'Overview'), count,
@@ -828,7 +829,7 @@ function overviewPage(main) {
         el('th', {scope: 'col'}, 'Name'), el('th', {scope: 'col'}, 'Platform'), el('th', {scope: 'col'}, 'Health'))), dcBody)),
     el('section', {'aria-labelledby': 'h-loops'}, el('h2', {id: 'h-loops'}, 'Autoscaler'),
       el('h3', {}, 'Loops (last evaluation)'), loops, el('h3', {}, 'Query sources'), sources,
-      el('h3', {}, 'Pauses'), paused),
+      el('h3', {}, 'Pauses'), paused, el('h3', {}, 'Message triggers'), triggers),
     el('section', {'aria-labelledby': 'h-recent'}, el('h2', {id: 'h-recent'}, 'Recent decisions'), recent));
 
   async function poll() {
@@ -848,6 +849,9 @@ function overviewPage(main) {
       clear(sources);
       for (const s of d.sources) sources.append(el('li', {}, el('code', {}, s.policy), s.up ? ' reading' : ' failing'));
       if (!d.sources.length) sources.append(el('li', {class: 'muted'}, 'No query policy has read its source yet.'));
+      clear(triggers);
+      for (const t of d.triggers || []) triggers.append(el('li', {}, el('code', {}, t.name), t.up ? ' connected' : ' unreachable'));
+      if (!(d.triggers || []).length) triggers.append(el('li', {class: 'muted'}, 'None configured.'));
       clear(paused);
       for (const p of d.paused) paused.append(el('li', {}, el('code', {}, p.scope), ' ' + (p.reason || '')));
       if (!d.paused.length) paused.append(el('li', {class: 'muted'}, 'Nothing is paused.'));
