@@ -51,7 +51,10 @@ async fn main() {
         last = ack.expect("stored").sequence;
     }
     loop {
-        let info = stream.consumer_info(&consumer).await.expect("consumer info");
+        let info = stream
+            .consumer_info(&consumer)
+            .await
+            .expect("consumer info");
         if info.ack_floor.stream_sequence >= last {
             break;
         }

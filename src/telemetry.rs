@@ -487,9 +487,17 @@ pub fn init_tracing() {
     init_tracing_at("info");
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides `default_level`.
+/// Logs go to stderr; `RUST_LOG` overrides `default_level`. The NATS client logs every failed
+/// reconnection attempt; the trigger says once per outage what happened instead, so the
+/// client's own lines are off unless `RUST_LOG` names `async_nats`.
 pub fn init_tracing_at(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| default_level.to_string());
+    let directives = if directives.contains("async_nats") {
+        directives
+    } else {
+        format!("{directives},async_nats=off")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -16,14 +16,21 @@ struct Nats {
     proc: Option<Proc>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Authentication and TLS flags.
+    flags: Vec<String>,
 }
 
 impl Nats {
     fn start_on(port: u16) -> Nats {
+        Nats::start_with(port, Vec::new())
+    }
+
+    fn start_with(port: u16, flags: Vec<String>) -> Nats {
         let mut nats = Nats {
             proc: None,
             port,
             dir: tempfile::tempdir().unwrap(),
+            flags,
         };
         nats.start();
         nats
@@ -36,18 +43,17 @@ impl Nats {
 
     fn start(&mut self) {
         require_program("nats-server", "nats-server");
-        let proc = common::spawn_quiet(
-            "nats-server",
-            &[
-                "-js".into(),
-                "-a".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                self.port.to_string(),
-                "-sd".into(),
-                self.dir.path().display().to_string(),
-            ],
-        );
+        let mut args: Vec<String> = vec![
+            "-js".into(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            self.port.to_string(),
+            "-sd".into(),
+            self.dir.path().display().to_string(),
+        ];
+        args.extend(self.flags.iter().cloned());
+        let proc = common::spawn_quiet("nats-server", &args);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
@@ -90,12 +96,16 @@ fn subscriber(name: &str, subject: &str, command: &str) -> Value {
 
 /// Invocations of `name` counted by the gateway, all status codes.
 async fn invocations(s: &Server, name: &str) -> f64 {
+    series_sum(s, "gateway_function_invocation_total{", name).await
+}
+
+/// The sum of a metric's series for the function `name`.
+async fn series_sum(s: &Server, metric: &str, name: &str) -> f64 {
     s.metrics()
         .await
         .lines()
         .filter(|l| {
-            l.starts_with("gateway_function_invocation_total{")
-                && l.contains(&format!("function_name=\"{name}.openfaas-fn\""))
+            l.starts_with(metric) && l.contains(&format!("function_name=\"{name}.openfaas-fn\""))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -569,4 +579,129 @@ async fn nothing_is_lost_when_faastastic_or_nats_dies_mid_stream() {
         consumer_state(&js, "ledger").await
     );
     assert!(invocations(&s, "ledger").await >= base + 1.0);
+}
+
+#[tokio::test]
+async fn a_slow_function_holds_up_only_its_own_subject_and_at_most_max_in_flight() {
+    let nats = Nats::start_on(free_port());
+    let s = Server::with(Options {
+        config: Some(&config(&nats.url())),
+        ..Default::default()
+    });
+    let slow = "sh -c 'cat >/dev/null; sleep 30'";
+    assert_eq!(
+        s.deploy(subscriber("slow", "jobs.slow", slow))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(
+        s.deploy(subscriber("fast", "jobs.fast", "cat"))
+            .await
+            .status(),
+        202
+    );
+    let js = async_nats::jetstream::new(nats.client().await);
+    wait_consuming(&js, "slow").await;
+    wait_consuming(&js, "fast").await;
+    for i in 0..20 {
+        js.publish("jobs.slow", format!("{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    for i in 0..50 {
+        js.publish("jobs.fast", format!("{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert!(
+        poll(Duration::from_secs(10), || async {
+            invocations(&s, "fast").await >= 50.0
+        })
+        .await,
+        "the fast function's messages were held up: {}",
+        invocations(&s, "fast").await
+    );
+    // max_in_flight (8) of the slow function's messages are being handled; the server holds
+    // the other 12.
+    let started = series_sum(&s, "gateway_function_invocation_started{", "slow").await;
+    assert_eq!(started, 8.0);
+    assert_eq!(
+        consumer_state(&js, "slow").await.map(|c| (c.0, c.1)),
+        Some((12, 8))
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_requires_a_token_and_tls_is_reached_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::Ca::new(dir.path(), "nats-ca");
+    let (cert, key) = ca.issue(dir.path(), "nats", &["127.0.0.1"], false);
+    let nats = Nats::start_with(
+        free_port(),
+        vec![
+            "--auth".into(),
+            "s3cret-token".into(),
+            "--tls".into(),
+            "--tlscert".into(),
+            cert.display().to_string(),
+            "--tlskey".into(),
+            key.display().to_string(),
+        ],
+    );
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let with_token = |token: &str| {
+        let file = dir.path().join(format!("token-{token}"));
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        format!(
+            "{}token_file = \"{}\"\nca_file = \"{}\"\n",
+            config(&url),
+            file.display(),
+            ca.file.display()
+        )
+    };
+    let good = with_token("s3cret-token");
+    let s = Server::with(Options {
+        config: Some(&good),
+        ..Default::default()
+    });
+    assert_eq!(
+        s.deploy(subscriber("secure", "jobs.secure", "cat"))
+            .await
+            .status(),
+        202
+    );
+    let client = async_nats::ConnectOptions::with_token("s3cret-token".into())
+        .add_root_certificates(ca.file.clone())
+        .require_tls(true)
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    wait_consuming(&js, "secure").await;
+    js.publish("jobs.secure", "over tls".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        poll(Duration::from_secs(15), || async {
+            invocations(&s, "secure").await >= 1.0
+        })
+        .await,
+        "the message arrived over TLS with the token"
+    );
+    // A wrong token: nothing connects, and the trigger says so.
+    let bad = with_token("wrong-token");
+    let s = Server::with(Options {
+        config: Some(&bad),
+        ..Default::default()
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let overview: Value = s.get_json("/system/overview").await;
+    assert_eq!(overview["triggers"], json!([{"name": "nats", "up": false}]));
 }

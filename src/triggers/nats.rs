@@ -114,6 +114,8 @@ pub struct NatsTriggers {
     js: std::sync::OnceLock<jetstream::Context>,
     /// The functions and subjects being consumed.
     consuming: std::sync::Mutex<Vec<(FunctionId, String)>>,
+    /// The last error the client reported since it was last connected (logged once).
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl NatsTriggers {
@@ -132,6 +134,7 @@ impl NatsTriggers {
             up: AtomicBool::new(false),
             js: std::sync::OnceLock::new(),
             consuming: std::sync::Mutex::new(Vec::new()),
+            last_error: std::sync::Mutex::new(None),
         })
     }
 
@@ -156,7 +159,20 @@ impl NatsTriggers {
         })
     }
 
+    /// An error of the client (a refused token, a TLS failure), logged once until the next
+    /// connection.
+    fn client_error(&self, error: String) {
+        let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_deref() != Some(error.as_str()) {
+            tracing::warn!(url = %self.cfg.url, error = %error, "nats: the server refused or failed the connection; retrying");
+            *last = Some(error);
+        }
+    }
+
     fn set_up(&self, up: bool) {
+        if up {
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         let was = self.up.swap(up, Ordering::AcqRel);
         self.metrics
             .trigger_up
@@ -213,6 +229,8 @@ impl NatsTriggers {
                     async_nats::Event::Disconnected | async_nats::Event::Closed => {
                         this.set_up(false)
                     }
+                    async_nats::Event::ServerError(e) => this.client_error(e.to_string()),
+                    async_nats::Event::ClientError(e) => this.client_error(e.to_string()),
                     other => tracing::debug!(event = %other, "nats: event"),
                 }
             }
@@ -223,6 +241,9 @@ impl NatsTriggers {
     async fn run(self: Arc<Self>, client: async_nats::Client) {
         if client.connection_state() == async_nats::connection::State::Connected {
             self.set_up(true);
+        } else {
+            // Not there at start: said once; the client keeps trying.
+            tracing::warn!(url = %self.cfg.url, "nats: the server is unreachable; functions deploy and serve HTTP meanwhile, and their messages flow once it is back");
         }
         let js = jetstream::new(client);
         let _ = self.js.set(js.clone());
