@@ -562,9 +562,14 @@ impl Store {
     /// Replaces the text of a stored event (a decision whose outcome is known only after it
     /// was stored).
     pub async fn amend_event(&self, id: i64, json: String) -> Result<(), StoreError> {
+        self.amend_in("scale_events", id, json).await
+    }
+
+    /// Replaces the text of one row of an events table.
+    async fn amend_in(&self, table: &'static str, id: i64, json: String) -> Result<(), StoreError> {
         self.call(move |conn| {
             conn.execute(
-                "UPDATE scale_events SET event = ?2 WHERE id = ?1",
+                &format!("UPDATE {table} SET event = ?2 WHERE id = ?1"),
                 params![id, json],
             )?;
             Ok(())
@@ -678,14 +683,7 @@ impl Store {
 
     /// Replaces the text of a trigger event (a run whose outcome is known once it ends).
     pub async fn amend_trigger_event(&self, id: i64, json: String) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            conn.execute(
-                "UPDATE trigger_events SET event = ?2 WHERE id = ?1",
-                params![id, json],
-            )?;
-            Ok(())
-        })
-        .await
+        self.amend_in("trigger_events", id, json).await
     }
 
     /// Rows of an events table (`scale_events`, `trigger_events`), newest first.

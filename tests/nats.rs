@@ -94,6 +94,38 @@ fn subscriber(name: &str, subject: &str, command: &str) -> Value {
         "annotations": {"topic": subject}})
 }
 
+/// Publishes `payloads` to `subject`, each stored by the stream before the next; the last
+/// one's stream sequence.
+async fn publish_all(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    payloads: impl IntoIterator<Item = String>,
+) -> u64 {
+    let mut last = 0;
+    for payload in payloads {
+        last = js
+            .publish(subject.to_string(), payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .sequence;
+    }
+    last
+}
+
+/// Waits until the gateway has counted `n` invocations of `name`.
+async fn wait_invocations(s: &Server, name: &str, n: f64, secs: u64) {
+    assert!(
+        poll(Duration::from_secs(secs), || async {
+            invocations(s, name).await >= n
+        })
+        .await,
+        "{n} invocations of {name} within {secs} s: {}",
+        invocations(s, name).await
+    );
+}
+
 /// Invocations of `name` counted by the gateway, all status codes.
 async fn invocations(s: &Server, name: &str) -> f64 {
     series_sum(s, "gateway_function_invocation_total{", name).await
@@ -181,21 +213,8 @@ async fn every_message_invokes_once_failures_retry_and_then_go_to_the_dead_lette
     }
 
     // 1,000 messages, each invoking once.
-    for i in 0..1000 {
-        js.publish("jobs.count", format!("message {i}").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-    assert!(
-        poll(Duration::from_secs(60), || async {
-            invocations(&s, "count").await >= 1000.0
-        })
-        .await,
-        "1,000 invocations: {}",
-        invocations(&s, "count").await
-    );
+    publish_all(&js, "jobs.count", (0..1000).map(|i| format!("message {i}"))).await;
+    wait_invocations(&s, "count", 1000.0, 60).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         invocations(&s, "count").await,
@@ -325,12 +344,7 @@ async fn every_message_invokes_once_failures_retry_and_then_go_to_the_dead_lette
             .await
             .unwrap();
     }
-    assert!(
-        poll(Duration::from_secs(10), || async {
-            invocations(&s, "count").await >= 1001.0
-        })
-        .await
-    );
+    wait_invocations(&s, "count", 1001.0, 10).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(invocations(&s, "count").await, 1001.0);
 }
@@ -386,13 +400,7 @@ async fn without_nats_functions_deploy_and_serve_and_messages_flow_once_it_start
         .unwrap()
         .await
         .unwrap();
-    assert!(
-        poll(Duration::from_secs(15), || async {
-            invocations(&s, "late").await >= 2.0
-        })
-        .await,
-        "the message invoked the function"
-    );
+    wait_invocations(&s, "late", 2.0, 15).await;
 }
 
 #[tokio::test]
@@ -421,13 +429,7 @@ async fn a_backlog_wakes_a_dormant_function_scales_it_out_and_it_returns_to_zero
         Value::Null,
         "dormant"
     );
-    for i in 0..1000 {
-        js.publish("jobs.drain", format!("{i}").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
+    publish_all(&js, "jobs.drain", (0..1000).map(|i| i.to_string())).await;
     assert!(
         poll(Duration::from_secs(30), || async {
             let events: Vec<Value> = s
@@ -442,13 +444,7 @@ async fn a_backlog_wakes_a_dormant_function_scales_it_out_and_it_returns_to_zero
         s.get_json::<Value>("/system/scale-events?function=drain&limit=100")
             .await
     );
-    assert!(
-        poll(Duration::from_secs(60), || async {
-            invocations(&s, "drain").await >= 1000.0
-        })
-        .await,
-        "every message delivered"
-    );
+    wait_invocations(&s, "drain", 1000.0, 60).await;
     assert!(
         poll(Duration::from_secs(30), || async {
             s.status("drain").await.1["replicas"].is_null()
@@ -512,28 +508,18 @@ async fn nothing_is_lost_when_faastastic_or_nats_dies_mid_stream() {
     let publish = |from: usize| {
         let js = js.clone();
         async move {
-            let mut last = 0;
-            for i in from..from + 500 {
-                last = js
-                    .publish("jobs.ledger", format!("{i}").into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap()
-                    .sequence;
-            }
-            last
+            publish_all(
+                &js,
+                "jobs.ledger",
+                (from..from + 500).map(|i| i.to_string()),
+            )
+            .await
         }
     };
 
     // faastastic killed (SIGKILL) with messages in flight, then restarted.
     let last = publish(0).await;
-    assert!(
-        poll(Duration::from_secs(20), || async {
-            invocations(&s, "ledger").await >= 50.0
-        })
-        .await
-    );
+    wait_invocations(&s, "ledger", 50.0, 20).await;
     s.kill();
     let before = consumer_state(&js, "ledger").await.unwrap();
     assert!(before.2 < last, "the kill came mid-stream: {before:?}");
@@ -604,28 +590,10 @@ async fn a_slow_function_holds_up_only_its_own_subject_and_at_most_max_in_flight
     let js = async_nats::jetstream::new(nats.client().await);
     wait_consuming(&js, "slow").await;
     wait_consuming(&js, "fast").await;
-    for i in 0..20 {
-        js.publish("jobs.slow", format!("{i}").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-    for i in 0..50 {
-        js.publish("jobs.fast", format!("{i}").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-    assert!(
-        poll(Duration::from_secs(10), || async {
-            invocations(&s, "fast").await >= 50.0
-        })
-        .await,
-        "the fast function's messages were held up: {}",
-        invocations(&s, "fast").await
-    );
+    publish_all(&js, "jobs.slow", (0..20).map(|i| i.to_string())).await;
+    publish_all(&js, "jobs.fast", (0..50).map(|i| i.to_string())).await;
+    // Not held up by the slow function.
+    wait_invocations(&s, "fast", 50.0, 10).await;
     // max_in_flight (8) of the slow function's messages are being handled; the server holds
     // the other 12.
     let started = series_sum(&s, "gateway_function_invocation_started{", "slow").await;
@@ -688,13 +656,7 @@ async fn a_server_that_requires_a_token_and_tls_is_reached_with_them() {
         .unwrap()
         .await
         .unwrap();
-    assert!(
-        poll(Duration::from_secs(15), || async {
-            invocations(&s, "secure").await >= 1.0
-        })
-        .await,
-        "the message arrived over TLS with the token"
-    );
+    wait_invocations(&s, "secure", 1.0, 15).await;
     // A wrong token: nothing connects, and the trigger says so.
     let bad = with_token("wrong-token");
     let s = Server::with(Options {
