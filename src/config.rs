@@ -247,6 +247,17 @@ pub struct NatsConfig {
 }
 
 impl NatsConfig {
+    /// The URL without the user and password it may carry, for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((_, host)) => format!("{scheme}://<redacted>@{host}"),
+                None => self.url.clone(),
+            },
+            None => self.url.clone(),
+        }
+    }
+
     pub fn new(url: &str) -> NatsConfig {
         NatsConfig {
             url: url.to_string(),
@@ -953,6 +964,31 @@ impl Config {
                         {
                             s.errors
                                 .push(format!("triggers.nats.dead_letter_subject: {e}"));
+                        } else if c.dead_letter_subject.starts_with('$')
+                            || c.dead_letter_subject.contains(['*', '>'])
+                        {
+                            s.errors.push(format!(
+                                "triggers.nats.dead_letter_subject: {:?} must be a literal subject outside the server's own ($...)",
+                                c.dead_letter_subject
+                            ));
+                        }
+                        let bad_name = c.stream.is_empty()
+                            || c.stream.chars().any(|ch| {
+                                matches!(ch, '.' | '*' | '>' | '/' | '\\') || ch.is_whitespace()
+                            });
+                        if bad_name {
+                            s.errors.push(format!(
+                                "triggers.nats.stream: {:?} is not a stream name (no spaces, dots, *, >, / or \\)",
+                                c.stream
+                            ));
+                        }
+                        let ways = [
+                            c.token_file.is_some(),
+                            c.user.is_some(),
+                            c.credentials_file.is_some(),
+                        ];
+                        if ways.iter().filter(|w| **w).count() > 1 {
+                            s.errors.push("triggers.nats: use one of token_file, user + password_file or credentials_file".to_string());
                         }
                         Some(c)
                     }
@@ -1598,6 +1634,47 @@ impl Source for Section {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nats_triggers_are_read_and_checked() {
+        let cfg = Config::parse(
+            "[triggers.nats]\nurl = \"nats://u:p@127.0.0.1:4222\"\nsubjects = [\"orders.>\"]\nbackoff_ms = [100, 2000]\n[[autoscale.queries]]\nname = \"backlog\"\nsource = \"nats\"\ntarget = 10\n",
+        )
+        .unwrap();
+        let nats = cfg.nats.as_ref().unwrap();
+        assert_eq!(nats.subjects, ["orders.>"]);
+        assert_eq!(
+            nats.backoff,
+            [Duration::from_millis(100), Duration::from_secs(2)]
+        );
+        assert_eq!(nats.redacted_url(), "nats://<redacted>@127.0.0.1:4222");
+        assert_eq!(cfg.autoscale.queries[0].source, QuerySource::Nats);
+        let errors = Config::parse(
+            "[triggers.nats]\nurl = \"http://x\"\nstream = \"a.b\"\nsubjects = [\"a..b\"]\ndead_letter_subject = \"$JS.API.X\"\ntoken_file = \"/t\"\ncredentials_file = \"/c\"\nuser = \"u\"\n",
+        )
+        .unwrap_err()
+        .join("\n");
+        for says in [
+            "triggers.nats.url: \"http://x\" is not a NATS URL",
+            "triggers.nats.stream: \"a.b\" is not a stream name",
+            "triggers.nats.subjects: \"a..b\" is not a NATS subject",
+            "triggers.nats.dead_letter_subject: \"$JS.API.X\" must be a literal subject",
+            "triggers.nats: use one of token_file",
+            "triggers.nats.user and triggers.nats.password_file go together",
+        ] {
+            assert!(errors.contains(says), "{says}\nin\n{errors}");
+        }
+        let errors =
+            Config::parse("[[autoscale.queries]]\nname = \"b\"\nsource = \"nats\"\ntarget = 5\n")
+                .unwrap_err()
+                .join("\n");
+        assert!(
+            errors.contains(
+                "autoscale.queries[0].source: \"nats\" reads the backlog of [triggers.nats]"
+            ),
+            "{errors}"
+        );
+    }
 
     #[test]
     fn empty_config_is_the_default() {

@@ -638,6 +638,19 @@ impl Store {
         .await
     }
 
+    /// Forgets when `trigger` of `id` was last due (the function no longer has it).
+    pub async fn clear_trigger(&self, id: &FunctionId, trigger: &str) -> Result<(), StoreError> {
+        let (id, trigger) = (id.clone(), trigger.to_string());
+        self.call(move |conn| {
+            conn.execute(
+                "DELETE FROM trigger_state WHERE namespace = ?1 AND name = ?2 AND trigger = ?3",
+                params![id.namespace, id.name, trigger],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Records that `trigger` of `id` was due at `due`, with the event saying what became of
     /// it, in one transaction: a restart never runs that due time again, and never loses its
     /// record.

@@ -59,7 +59,8 @@ pub struct Due {
     pub next: Option<DateTime<Utc>>,
 }
 
-/// The due times of `schedule` from `first` (a due time) up to `until`, as (count, last).
+/// The due times of `schedule` from `first` (a due time) up to `until`, as (count, last):
+/// counted one by one up to `COUNT_CAP` (then "at least"), the last found exactly.
 fn due_until(
     schedule: &Schedule,
     first: DateTime<Utc>,
@@ -75,12 +76,8 @@ fn due_until(
             _ => return (count, last),
         }
     }
-    // Too many to count (a per-second schedule over a long outage): the last one is the last
-    // due time before `until`, wherever the count stopped.
-    let last = schedule
-        .next_after(until - chrono::Duration::seconds(1))
-        .filter(|t| *t <= until)
-        .unwrap_or(last);
+    // Too many to count (a per-second schedule over a long outage).
+    let last = schedule.last_between(last, until).unwrap_or(last);
     (count, last)
 }
 
@@ -155,6 +152,7 @@ struct Entry {
 /// A deployed function with a cron trigger, as one scan of the fleet sees it.
 struct Found {
     id: FunctionId,
+    deployed_at: DateTime<Utc>,
     source: (Option<String>, Option<String>, Option<String>),
     annotations: std::collections::BTreeMap<String, String>,
     datacenters: Vec<String>,
@@ -247,6 +245,7 @@ impl CronScheduler {
             let get = |k: &str| annotations.get(k).cloned();
             Some(Found {
                 id: f.id.clone(),
+                deployed_at: f.created_at,
                 source: (
                     get(spec::SCHEDULE),
                     get(spec::CRON_CONCURRENCY),
@@ -257,7 +256,19 @@ impl CronScheduler {
             })
         });
         let present: std::collections::HashSet<&FunctionId> = found.iter().map(|f| &f.id).collect();
-        entries.retain(|id, _| present.contains(id));
+        // A schedule removed (or its function deleted) is forgotten: added again later, it
+        // starts afresh rather than reporting the time in between as missed.
+        let dropped: Vec<FunctionId> = entries
+            .keys()
+            .filter(|id| !present.contains(id))
+            .cloned()
+            .collect();
+        for id in dropped {
+            entries.remove(&id);
+            if let Err(e) = self.store.clear_trigger(&id, TRIGGER).await {
+                tracing::warn!(function = %id, error = %e, "cron: cannot forget a removed schedule");
+            }
+        }
         invalid.retain(|id, _| present.contains(id));
         for f in &found {
             if let Some(entry) = entries.get_mut(&f.id) {
@@ -298,7 +309,9 @@ impl CronScheduler {
                     continue;
                 }
                 None => {
-                    let due = resume(&spec.schedule, handled.remove(&f.id), now);
+                    // A due time stored before this deployment belongs to an earlier one.
+                    let last = handled.remove(&f.id).filter(|t| *t >= f.deployed_at);
+                    let due = resume(&spec.schedule, last, now);
                     if let Some(missed) = &due.missed {
                         self.missed(&f.id, &spec, missed, "faastastic was not running")
                             .await;
@@ -566,6 +579,25 @@ mod tests {
         assert_eq!(m.count, COUNT_CAP);
         assert_eq!(m.last, t("2026-12-05T00:00:00Z"));
         assert_eq!(d.next, Some(t("2026-12-05T00:00:01Z")));
+    }
+
+    #[test]
+    fn a_long_outage_of_an_interval_ends_at_its_last_due_time() {
+        // 30 hours of @every 10s: 10,800 due times, more than the cap counts.
+        let s = Schedule::parse("@every 10s").unwrap();
+        let d = resume(
+            &s,
+            Some(t("2026-12-04T10:00:00Z")),
+            t("2026-12-05T16:00:05Z"),
+        );
+        let m = d.missed.unwrap();
+        assert_eq!(m.count, COUNT_CAP);
+        assert_eq!(m.last, t("2026-12-05T16:00:00Z"));
+        assert_eq!(
+            d.next,
+            Some(t("2026-12-05T16:00:10Z")),
+            "nothing from the outage runs"
+        );
     }
 
     #[test]

@@ -68,10 +68,23 @@ const RESERVED: &[&str] = &[
     "x-faastastic-datacenter",
 ];
 
-/// The durable consumer of one function and subject: its name is valid in NATS (letters,
-/// digits, `_` and `-`) and unique per function and subject.
-pub fn consumer_name(id: &FunctionId, subject: &str) -> String {
-    let hash = sha2::Sha256::digest(format!("{}\0{}\0{subject}", id.namespace, id.name));
+/// One function's subject, and its durable consumer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Subscription {
+    id: FunctionId,
+    subject: String,
+    consumer: String,
+}
+
+/// The durable consumer of one deployment of a function and one subject: its name is valid in
+/// NATS (letters, digits, `_` and `-`) and unique per function, subject and deployment (a
+/// function deleted and deployed again starts from new messages, not from the old one's
+/// place).
+pub fn consumer_name(id: &FunctionId, subject: &str, deployed_at: i64) -> String {
+    let hash = sha2::Sha256::digest(format!(
+        "{}\0{}\0{subject}\0{deployed_at}",
+        id.namespace, id.name
+    ));
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -94,6 +107,15 @@ pub fn consumer_name(id: &FunctionId, subject: &str) -> String {
     )
 }
 
+/// Whether a message may name `subject` for its answer: a literal subject (no wildcards) and
+/// none of the server's own (`$JS.API...`, `$SYS...`), which faastastic's credentials might be
+/// allowed to publish to where the message's publisher is not.
+pub fn reply_subject_allowed(subject: &str) -> bool {
+    spec::check_subject(subject).is_ok()
+        && !subject.starts_with('$')
+        && !subject.split('.').any(|t| t == "*" || t == ">")
+}
+
 /// The backoff before delivery `delivered + 1` of a message that failed `delivered` times.
 fn backoff(cfg: &NatsConfig, delivered: u64) -> Duration {
     let i = (delivered.max(1) - 1) as usize;
@@ -113,7 +135,7 @@ pub struct NatsTriggers {
     /// Set once the client exists.
     js: std::sync::OnceLock<jetstream::Context>,
     /// The functions and subjects being consumed.
-    consuming: std::sync::Mutex<Vec<(FunctionId, String)>>,
+    consuming: std::sync::Mutex<Vec<Subscription>>,
     /// The last error the client reported since it was last connected (logged once).
     last_error: std::sync::Mutex<Option<String>>,
 }
@@ -146,7 +168,7 @@ impl NatsTriggers {
                     Ok(options) => match options.connect(self.cfg.url.as_str()).await {
                         Ok(client) => return self.clone().run(client).await,
                         Err(e) => {
-                            tracing::error!(url = %self.cfg.url, error = %e, "nats: cannot connect");
+                            tracing::error!(url = %self.cfg.redacted_url(), error = %e, "nats: cannot connect");
                         }
                     },
                     Err(e) => {
@@ -164,7 +186,7 @@ impl NatsTriggers {
     fn client_error(&self, error: String) {
         let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
         if last.as_deref() != Some(error.as_str()) {
-            tracing::warn!(url = %self.cfg.url, error = %error, "nats: the server refused or failed the connection; retrying");
+            tracing::warn!(url = %self.cfg.redacted_url(), error = %error, "nats: the server refused or failed the connection; retrying");
             *last = Some(error);
         }
     }
@@ -179,9 +201,9 @@ impl NatsTriggers {
             .with_label_values(&[TRIGGER])
             .set(i64::from(up));
         match (was, up) {
-            (false, true) => tracing::info!(url = %self.cfg.url, "nats: connected"),
+            (false, true) => tracing::info!(url = %self.cfg.redacted_url(), "nats: connected"),
             (true, false) => {
-                tracing::warn!(url = %self.cfg.url, "nats: the server is unreachable; messages wait in their streams until it is back")
+                tracing::warn!(url = %self.cfg.redacted_url(), "nats: the server is unreachable; messages wait in their streams until it is back")
             }
             _ => {}
         }
@@ -243,57 +265,66 @@ impl NatsTriggers {
             self.set_up(true);
         } else {
             // Not there at start: said once; the client keeps trying.
-            tracing::warn!(url = %self.cfg.url, "nats: the server is unreachable; functions deploy and serve HTTP meanwhile, and their messages flow once it is back");
+            tracing::warn!(url = %self.cfg.redacted_url(), "nats: the server is unreachable; functions deploy and serve HTTP meanwhile, and their messages flow once it is back");
         }
         let js = jetstream::new(client);
         let _ = self.js.set(js.clone());
-        let mut workers: HashMap<(FunctionId, String), tokio::task::JoinHandle<()>> =
-            HashMap::new();
+        let mut workers: HashMap<Subscription, tokio::task::JoinHandle<()>> = HashMap::new();
+        // Consumers of functions that are gone, deleted once the server lets us.
+        let mut to_delete: HashSet<String> = HashSet::new();
         loop {
-            let wanted: HashSet<(FunctionId, String)> = self
+            let wanted: HashSet<Subscription> = self
                 .fleet
                 .scan(|f, _| {
                     let subjects = spec::subjects(f.deployment.annotations.as_ref()?);
+                    let deployed_at = f.created_at.timestamp_micros();
                     Some(
                         subjects
                             .into_iter()
-                            .map(|s| (f.id.clone(), s))
+                            .map(|subject| Subscription {
+                                id: f.id.clone(),
+                                consumer: consumer_name(&f.id, &subject, deployed_at),
+                                subject,
+                            })
                             .collect::<Vec<_>>(),
                     )
                 })
                 .into_iter()
                 .flatten()
                 .collect();
-            let gone: Vec<(FunctionId, String)> = workers
+            let gone: Vec<Subscription> = workers
                 .keys()
                 .filter(|k| !wanted.contains(*k))
                 .cloned()
                 .collect();
-            for key in gone {
-                if let Some(task) = workers.remove(&key) {
+            for sub in gone {
+                if let Some(task) = workers.remove(&sub) {
                     task.abort();
                 }
+                tracing::info!(function = %sub.id, subject = %sub.subject, "nats: stopped consuming");
                 // The function is gone: so is its place in the stream.
-                let (js, stream, name) = (
-                    js.clone(),
-                    self.cfg.stream.clone(),
-                    consumer_name(&key.0, &key.1),
-                );
-                tokio::spawn(async move {
-                    if let Ok(stream) = js.get_stream(&stream).await {
-                        let _ = stream.delete_consumer(&name).await;
-                    }
-                });
-                tracing::info!(function = %key.0, subject = %key.1, "nats: stopped consuming");
+                to_delete.insert(sub.consumer);
             }
-            for key in wanted {
-                if workers.get(&key).is_some_and(|t| !t.is_finished()) {
+            if !to_delete.is_empty() && self.is_up() {
+                if let Ok(stream) = js.get_stream(&self.cfg.stream).await {
+                    for name in std::mem::take(&mut to_delete) {
+                        match stream.delete_consumer(&name).await {
+                            Ok(_) => {}
+                            Err(e) if e.to_string().contains("not found") => {}
+                            Err(_) => {
+                                to_delete.insert(name);
+                            }
+                        }
+                    }
+                }
+            }
+            for sub in wanted {
+                if workers.get(&sub).is_some_and(|t| !t.is_finished()) {
                     continue;
                 }
-                let (this, js, id, subject) =
-                    (self.clone(), js.clone(), key.0.clone(), key.1.clone());
-                let task = tokio::spawn(async move { this.consume_forever(js, id, subject).await });
-                workers.insert(key, task);
+                let (this, js, key) = (self.clone(), js.clone(), sub.clone());
+                let task = tokio::spawn(async move { this.consume_forever(js, key).await });
+                workers.insert(sub, task);
             }
             *self.consuming.lock().unwrap_or_else(|p| p.into_inner()) =
                 workers.keys().cloned().collect();
@@ -303,17 +334,14 @@ impl NatsTriggers {
 
     /// One function's subject: consumes, and after any failure (the server gone, the stream
     /// missing) tries again with backoff, saying so once until it works again.
-    async fn consume_forever(
-        self: Arc<Self>,
-        js: jetstream::Context,
-        id: FunctionId,
-        subject: String,
-    ) {
+    async fn consume_forever(self: Arc<Self>, js: jetstream::Context, sub: Subscription) {
+        let (id, subject) = (&sub.id, &sub.subject);
         let mut wait = Duration::from_millis(250);
         let mut failing: Option<String> = None;
         loop {
-            match self.consume(&js, &id, &subject, &mut failing).await {
-                Ok(()) => wait = Duration::from_millis(250),
+            let mut started = false;
+            match self.consume(&js, &sub, &mut failing, &mut started).await {
+                Ok(()) => {}
                 Err(e) => {
                     let text = format!("{e:#}");
                     if failing.as_deref() != Some(text.as_str()) {
@@ -321,6 +349,10 @@ impl NatsTriggers {
                         failing = Some(text);
                     }
                 }
+            }
+            // A consumer that worked before it failed starts again from the shortest wait.
+            if started {
+                wait = Duration::from_millis(250);
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(MAX_RETRY);
@@ -349,37 +381,40 @@ impl NatsTriggers {
     async fn consume(
         self: &Arc<Self>,
         js: &jetstream::Context,
-        id: &FunctionId,
-        subject: &str,
+        sub: &Subscription,
         failing: &mut Option<String>,
+        started: &mut bool,
     ) -> anyhow::Result<()> {
+        let (id, subject, name) = (&sub.id, sub.subject.as_str(), sub.consumer.clone());
         let stream = self.stream(js).await?;
-        let name = consumer_name(id, subject);
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    description: Some(format!("faastastic: {id} on {subject}")),
-                    filter_subject: subject.to_string(),
-                    deliver_policy: jetstream::consumer::DeliverPolicy::New,
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: self.cfg.ack_wait,
-                    // Deliveries are counted here, so that a message whose dead-letter
-                    // publication failed is delivered again rather than dropped.
-                    max_deliver: -1,
-                    max_ack_pending: self.cfg.max_in_flight as i64,
-                    ..Default::default()
-                },
-            )
+        // Created, or updated to the configured acknowledgement wait and in-flight bound.
+        stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(format!("faastastic: {id} on {subject}")),
+                filter_subject: subject.to_string(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: self.cfg.ack_wait,
+                // Deliveries are counted here, so that a message whose dead-letter
+                // publication failed is delivered again rather than dropped.
+                max_deliver: -1,
+                max_ack_pending: self.cfg.max_in_flight as i64,
+                ..Default::default()
+            })
             .await
             .with_context(|| format!("consumer {name} on stream {:?}", self.cfg.stream))?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(&name)
+            .await
+            .map_err(|e| anyhow::anyhow!("consumer {name} on stream {:?}: {e}", self.cfg.stream))?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(self.cfg.max_in_flight)
             .messages()
             .await
             .context("cannot pull messages")?;
+        *started = true;
         if failing.take().is_some() {
             tracing::info!(function = %id, subject, "nats: consuming again");
         } else {
@@ -425,13 +460,34 @@ impl NatsTriggers {
                 }
             }
         }
-        let request = request
-            .header("x-topic", message.subject.as_str())
-            .header("x-connector", "faastastic-nats")
-            .header("x-nats-delivered", delivered.to_string())
-            .body(Body::from(message.payload.clone()))
-            .expect("a valid request");
-        let response = self.invoker.invoke(id, "/", request).await;
+        let Ok(mut request) = request.body(Body::from(message.payload.clone())) else {
+            // Unreachable with the checks above; never a reason to lose the message.
+            let _ = message
+                .ack_with(AckKind::Nak(Some(backoff(&self.cfg, delivered))))
+                .await;
+            return;
+        };
+        // The connector's own headers, whatever the message carried under those names.
+        let headers = request.headers_mut();
+        if let Ok(topic) = HeaderValue::from_str(message.subject.as_str()) {
+            headers.insert("x-topic", topic);
+        } else {
+            headers.remove("x-topic");
+        }
+        headers.insert("x-connector", HeaderValue::from_static("faastastic-nats"));
+        headers.insert("x-nats-delivered", HeaderValue::from(delivered));
+        // A long invocation keeps the message its own: without progress the server would
+        // deliver it again at ack_wait, while it still runs.
+        let progress = async {
+            loop {
+                tokio::time::sleep(self.cfg.ack_wait / 2).await;
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        };
+        let response = tokio::select! {
+            response = self.invoker.invoke(id, "/", request) => response,
+            _ = progress => unreachable!("the progress loop never ends"),
+        };
         let status = response.status();
         let content_type = response
             .headers()
@@ -443,7 +499,7 @@ impl NatsTriggers {
             .as_ref()
             .and_then(|h| h.get(REPLY_TO))
             .map(|v| v.to_string())
-            .filter(|r| spec::check_subject(r).is_ok());
+            .filter(|r| reply_subject_allowed(r));
         // A reply carries the whole answer (up to NATS's payload limit); otherwise only the
         // start of a failure is kept for the record.
         let keep = if reply_to.is_some() {
@@ -498,13 +554,26 @@ impl NatsTriggers {
             count("retried");
             return;
         }
-        let mut headers = message.headers.clone().unwrap_or_default();
+        // The copy is a new message: the original's de-duplication id and expectations would
+        // make a stream drop or refuse it.
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(original) = &message.headers {
+            for (name, values) in original.iter() {
+                if name.to_string().to_ascii_lowercase().starts_with("nats-") {
+                    continue;
+                }
+                for value in values {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+        }
         headers.insert("Faastastic-Function", qualified.as_str());
         headers.insert("Faastastic-Subject", message.subject.as_str());
         headers.insert("Faastastic-Deliveries", delivered.to_string().as_str());
         headers.insert("Faastastic-Error", error.as_str());
-        match js
-            .client()
+        let client = js.client();
+        // Flushed: terminated only once the server has the copy.
+        let published = match client
             .publish_with_headers(
                 self.cfg.dead_letter_subject.clone(),
                 headers,
@@ -512,6 +581,10 @@ impl NatsTriggers {
             )
             .await
         {
+            Ok(()) => client.flush().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
             Ok(()) => {
                 reply(status, bytes::Bytes::from(error.clone())).await;
                 let _ = message.ack_with(AckKind::Term).await;
@@ -535,7 +608,12 @@ impl Backlog for NatsTriggers {
     async fn backlog(&self) -> Result<Values, String> {
         let js = match (self.is_up(), self.js.get()) {
             (true, Some(js)) => js,
-            _ => return Err(format!("NATS at {} is unreachable", self.cfg.url)),
+            _ => {
+                return Err(format!(
+                    "NATS at {} is unreachable",
+                    self.cfg.redacted_url()
+                ))
+            }
         };
         let consuming = self
             .consuming
@@ -546,18 +624,44 @@ impl Backlog for NatsTriggers {
             .get_stream(&self.cfg.stream)
             .await
             .map_err(|e| format!("stream {:?}: {e}", self.cfg.stream))?;
+        // Asked 16 at a time; a consumer that does not answer (or does not exist yet: its task
+        // is starting) leaves its function without a value this time, the others go on.
+        let stream = &stream;
+        let answers: Vec<(FunctionId, Option<f64>)> = futures::stream::iter(consuming)
+            .map(
+                |Subscription {
+                     id, consumer: name, ..
+                 }| async move {
+                    let waiting = match stream.consumer_info(&name).await {
+                        Ok(info) => Some(info.num_pending as f64 + info.num_ack_pending as f64),
+                        Err(e) => {
+                            tracing::debug!(consumer = %name, error = %e, "nats: no backlog read");
+                            None
+                        }
+                    };
+                    (id, waiting)
+                },
+            )
+            .buffer_unordered(16)
+            .collect()
+            .await;
         let mut out = Values::new();
-        for (id, subject) in consuming {
-            let name = consumer_name(&id, &subject);
-            let info = match stream.consumer_info(&name).await {
-                Ok(info) => info,
-                // Not created yet (its task is starting): nothing waits for it.
-                Err(e) if e.to_string().contains("not found") => continue,
-                Err(e) => return Err(format!("consumer {name}: {e}")),
-            };
-            let waiting = info.num_pending as f64 + info.num_ack_pending as f64;
-            let v: &mut FunctionValues = out.entry(id).or_default();
-            v.total = Some(v.total.unwrap_or(0.0) + waiting);
+        let mut unread = std::collections::HashSet::new();
+        for (id, waiting) in answers {
+            match waiting {
+                Some(w) => {
+                    let v: &mut FunctionValues = out.entry(id).or_default();
+                    v.total = Some(v.total.unwrap_or(0.0) + w);
+                }
+                None => {
+                    unread.insert(id);
+                }
+            }
+        }
+        // A function with one of its subjects unread has no value (a partial sum would scale
+        // it down).
+        for id in unread {
+            out.remove(&id);
         }
         Ok(out)
     }
@@ -570,13 +674,34 @@ mod tests {
     #[test]
     fn consumer_names_are_valid_and_distinct() {
         let id = FunctionId::new("resize-image", "openfaas-fn");
-        let a = consumer_name(&id, "images.>");
-        let b = consumer_name(&id, "images.new");
+        let a = consumer_name(&id, "images.>", 1);
+        let b = consumer_name(&id, "images.new", 1);
+        assert_ne!(
+            a,
+            consumer_name(&id, "images.>", 2),
+            "a new deployment, a new consumer"
+        );
         assert!(a.starts_with("faastastic_resize-image_openfaas-fn_"), "{a}");
         assert_ne!(a, b);
         assert!(a
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+    }
+
+    #[test]
+    fn a_message_cannot_aim_its_answer_at_the_server_itself() {
+        assert!(reply_subject_allowed("_INBOX.abc123"));
+        assert!(reply_subject_allowed("replies.orders.7"));
+        for refused in [
+            "$JS.API.STREAM.DELETE.faastastic",
+            "$SYS.REQ.SERVER.PING",
+            "replies.*",
+            "replies.>",
+            "a..b",
+            "",
+        ] {
+            assert!(!reply_subject_allowed(refused), "{refused}");
+        }
     }
 
     #[test]

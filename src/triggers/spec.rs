@@ -91,11 +91,53 @@ impl Schedule {
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
             Schedule::Every(d) => t.checked_add_signed(*d),
-            Schedule::Cron { cron, tz } => cron
-                .find_next_occurrence(&t.with_timezone(tz), false)
-                .ok()
-                .map(|next| next.with_timezone(&Utc)),
+            Schedule::Cron { cron, tz } => {
+                let mut from = t.with_timezone(tz);
+                // When the clocks go back, a local time happens twice and the pattern's
+                // search answers the first: from inside the repeated hour that is in the past.
+                // The same local time an hour later is the second one.
+                for _ in 0..8 {
+                    let next = cron.find_next_occurrence(&from, false).ok()?;
+                    let utc = next.with_timezone(&Utc);
+                    if utc > t {
+                        return Some(utc);
+                    }
+                    let again = utc + chrono::Duration::hours(1);
+                    if again > t && again.with_timezone(tz).naive_local() == next.naive_local() {
+                        return Some(again);
+                    }
+                    from = next;
+                }
+                None
+            }
         }
+    }
+
+    /// The last due time at or before `t`, searched from `after` (a time before it).
+    pub fn last_between(&self, after: DateTime<Utc>, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if let Schedule::Every(d) = self {
+            let step = d.num_milliseconds().max(1);
+            let n = (t - after).num_milliseconds() / step;
+            return (n > 0).then(|| after + chrono::Duration::milliseconds(n * step));
+        }
+        // Searched backwards in widening spans, forwards within each.
+        for span in [60, 3_600, 86_400, 31 * 86_400, 400 * 86_400] {
+            let mut at = (t - chrono::Duration::seconds(span)).max(after);
+            let mut last = None;
+            for _ in 0..100_000 {
+                match self.next_after(at) {
+                    Some(n) if n <= t => {
+                        last = Some(n);
+                        at = n;
+                    }
+                    _ => break,
+                }
+            }
+            if last.is_some() || at <= after {
+                return last;
+            }
+        }
+        None
     }
 }
 
@@ -293,11 +335,34 @@ mod tests {
             next("TZ=Europe/London 0 9 * * *", "2026-07-05T10:05:00Z"),
             "2026-07-06T08:00:00+00:00"
         );
+        // The clocks go back in New York on 2026-11-01 at 06:00Z (02:00 EDT -> 01:00 EST):
+        // 01:30 local happens at 05:30Z and again at 06:30Z.
+        let ny = Schedule::parse("CRON_TZ=America/New_York */15 * * * *").unwrap();
+        let after = |s: &str| ny.next_after(at(s)).unwrap().to_rfc3339();
+        assert_eq!(after("2026-11-01T05:20:00Z"), "2026-11-01T05:30:00+00:00");
+        assert_eq!(after("2026-11-01T06:20:00Z"), "2026-11-01T06:30:00+00:00");
+        assert_eq!(after("2026-11-01T06:45:00Z"), "2026-11-01T07:00:00+00:00");
         let t = Utc.with_ymd_and_hms(2026, 12, 5, 23, 59, 59).unwrap();
         let s = Schedule::parse("0 0 1 1 *").unwrap();
         assert_eq!(
             s.next_after(t).unwrap().to_rfc3339(),
             "2027-01-01T00:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn the_last_due_time_before_a_moment() {
+        let s = Schedule::parse("*/5 * * * *").unwrap();
+        let last = s.last_between(at("2026-12-01T00:00:00Z"), at("2026-12-05T10:07:00Z"));
+        assert_eq!(last, Some(at("2026-12-05T10:05:00Z")));
+        assert_eq!(
+            s.last_between(at("2026-12-05T10:06:00Z"), at("2026-12-05T10:07:00Z")),
+            None
+        );
+        let every = Schedule::parse("@every 10s").unwrap();
+        assert_eq!(
+            every.last_between(at("2026-12-05T10:00:00Z"), at("2026-12-06T16:00:05Z")),
+            Some(at("2026-12-06T16:00:00Z"))
         );
     }
 
