@@ -101,6 +101,11 @@ fn placement_json(replicas: &BTreeMap<String, u64>) -> Result<String, StoreError
     serde_json::to_string(replicas).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// A row's first three columns, as text.
+fn three_texts(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String)> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+}
+
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
@@ -462,13 +467,7 @@ impl Store {
     pub async fn load_pauses(&self) -> Result<Vec<(String, DateTime<Utc>, String)>, StoreError> {
         self.call(|conn| {
             let mut stmt = conn.prepare("SELECT scope, since, reason FROM autoscale_pauses")?;
-            let rows = stmt.query_map([], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, String>(2)?,
-                ))
-            })?;
+            let rows = stmt.query_map([], three_texts)?;
             let mut out = Vec::new();
             for row in rows {
                 let (scope, since, reason) = row?;
@@ -619,13 +618,7 @@ impl Store {
             let mut stmt = conn.prepare(
                 "SELECT namespace, name, last_due FROM trigger_state WHERE trigger = ?1",
             )?;
-            let rows = stmt.query_map(params![trigger], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, String>(2)?,
-                ))
-            })?;
+            let rows = stmt.query_map(params![trigger], three_texts)?;
             let mut out = Vec::new();
             for row in rows {
                 let (namespace, name, due) = row?;
