@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use chrono::{DateTime, Utc};
 use http::{Method, Request};
-use http_body_util::BodyExt;
 use serde_json::json;
 
 use super::spec::{self, Concurrency, CronSpec, Schedule};
@@ -372,10 +371,7 @@ impl CronScheduler {
     }
 
     fn count(&self, id: &FunctionId, outcome: &str, n: u64) {
-        self.metrics
-            .trigger_runs
-            .with_label_values(&[id.qualified().as_str(), TRIGGER, outcome])
-            .inc_by(n);
+        super::count(&self.metrics, id, TRIGGER, outcome, n);
     }
 
     async fn missed(&self, id: &FunctionId, spec: &CronSpec, missed: &Missed, why: &str) {
@@ -465,22 +461,15 @@ impl CronScheduler {
             request = request.header(crate::proxy::DATACENTER, dc.as_str());
         }
         let request = request.body(Body::empty()).expect("a valid request");
-        let response = self.invoker.invoke(id, "/", request).await;
-        let status = response.status();
-        // The answer is read (so a kept-alive connection stays usable), its start kept for
-        // the record of a failed run.
-        let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        // The answer's start is kept for the record of a failed run.
+        let answer = super::invoke(&self.invoker, id, request, 64 * 1024).await;
+        let status = answer.status;
         let outcome = if status.is_success() { "ok" } else { "failed" };
         event["outcome"] = json!(outcome);
         event["status"] = json!(status.as_u16());
         event["durationSeconds"] = json!(started.elapsed().as_secs_f64());
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
-            event["reason"] = json!(text.trim());
+            event["reason"] = json!(answer.start());
             tracing::warn!(function = %id, due = %due, status = status.as_u16(), "cron: the run failed");
         }
         self.count(id, outcome, 1);

@@ -31,7 +31,6 @@ use async_nats::jetstream::{self, consumer::pull, AckKind};
 use axum::body::Body;
 use futures::StreamExt;
 use http::{HeaderName, HeaderValue, Method, Request};
-use http_body_util::BodyExt;
 use sha2::Digest;
 
 use super::spec;
@@ -484,16 +483,6 @@ impl NatsTriggers {
                 let _ = message.ack_with(AckKind::Progress).await;
             }
         };
-        let response = tokio::select! {
-            response = self.invoker.invoke(id, "/", request) => response,
-            _ = progress => unreachable!("the progress loop never ends"),
-        };
-        let status = response.status();
-        let content_type = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
         let reply_to = message
             .headers
             .as_ref()
@@ -507,14 +496,14 @@ impl NatsTriggers {
         } else {
             64 * 1024
         };
-        let body = http_body_util::Limited::new(response.into_body(), keep)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let answer = tokio::select! {
+            answer = super::invoke(&self.invoker, id, request, keep) => answer,
+            _ = progress => unreachable!("the progress loop never ends"),
+        };
+        let status = answer.status;
         let reply = |status: http::StatusCode, payload: bytes::Bytes| {
             let reply_to = reply_to.clone();
-            let content_type = content_type.clone();
+            let content_type = answer.content_type.clone();
             let client = js.client();
             async move {
                 let Some(subject) = reply_to else { return };
@@ -528,25 +517,16 @@ impl NatsTriggers {
                 }
             }
         };
-        let qualified = id.qualified();
-        let count = |outcome: &str| {
-            self.metrics
-                .trigger_runs
-                .with_label_values(&[qualified.as_str(), TRIGGER, outcome])
-                .inc();
-        };
+        let count = |outcome: &str| super::count(&self.metrics, id, TRIGGER, outcome, 1);
         if status.is_success() {
-            reply(status, body.clone()).await;
+            reply(status, answer.body.clone()).await;
             if let Err(e) = message.ack().await {
                 tracing::warn!(function = %id, error = %e, "nats: cannot acknowledge a message; it will be delivered again");
             }
             count("ok");
             return;
         }
-        let error = format!(
-            "{status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(512)]).trim()
-        );
+        let error = answer.failure();
         if delivered < self.cfg.max_deliver {
             let _ = message
                 .ack_with(AckKind::Nak(Some(backoff(&self.cfg, delivered))))
@@ -567,7 +547,7 @@ impl NatsTriggers {
                 }
             }
         }
-        headers.insert("Faastastic-Function", qualified.as_str());
+        headers.insert("Faastastic-Function", id.qualified().as_str());
         headers.insert("Faastastic-Subject", message.subject.as_str());
         headers.insert("Faastastic-Deliveries", delivered.to_string().as_str());
         headers.insert("Faastastic-Error", error.as_str());
