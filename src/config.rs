@@ -41,6 +41,8 @@ pub struct Config {
     pub grafana: GrafanaConfig,
     /// `[triggers.nats]`: functions invoked by messages; `None` when no NATS is configured.
     pub nats: Option<NatsConfig>,
+    /// `[store]`: a shared PostgreSQL database; `None`: the embedded SQLite file in `data_dir`.
+    pub store: Option<StoreConfig>,
     /// Where functions run, in order; exactly one is home.
     pub datacenters: Vec<DatacenterConfig>,
     /// Where a function that names no datacenter goes.
@@ -215,6 +217,75 @@ impl QueryPolicy {
             && m.vs.matchers.or_matchers.is_empty()
             && m.vs.offset.is_none()
             && m.vs.at.is_none()
+    }
+}
+
+/// `[store]`: the PostgreSQL database several instances share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// `postgres://user[:password]@host[:port]/database[?options]` or `host=... dbname=...`.
+    pub url: String,
+    /// The password, read from this file (else from the URL, if it has one).
+    pub password_file: Option<PathBuf>,
+    /// TLS to the database: set when any of `ca_file`, `cert_file`, `key_file` or `tls = true`
+    /// is; configured TLS is required, never given up for a plain connection.
+    pub tls: Option<crate::tls::ClientTls>,
+    /// Connections each instance keeps at most.
+    pub pool_size: usize,
+    /// Longest wait for a connection (at start, and for each use of the database).
+    pub connect_timeout: Duration,
+}
+
+impl StoreConfig {
+    pub fn new(url: &str) -> StoreConfig {
+        StoreConfig {
+            url: url.to_string(),
+            password_file: None,
+            tls: None,
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The URL without a password it may carry, for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        redact_postgres_url(&self.url)
+    }
+}
+
+/// A PostgreSQL connection string with every password in it replaced.
+pub fn redact_postgres_url(url: &str) -> String {
+    let hide_params = |text: &str, sep: char| -> String {
+        text.split(sep)
+            .map(|part| match part.split_once('=') {
+                Some((key, _)) if key.trim().eq_ignore_ascii_case("password") => {
+                    format!("{key}=<redacted>")
+                }
+                _ => part.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(&sep.to_string())
+    };
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, tail) = match rest.find(['/', '?']) {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, hosts)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:<redacted>@{hosts}"),
+                    None => format!("{userinfo}@{hosts}"),
+                },
+                None => authority.to_string(),
+            };
+            let tail = match tail.split_once('?') {
+                Some((path, query)) => format!("{path}?{}", hide_params(query, '&')),
+                None => tail.to_string(),
+            };
+            format!("{scheme}://{authority}{tail}")
+        }
+        None => hide_params(url, ' '),
     }
 }
 
@@ -598,6 +669,7 @@ impl Default for Config {
             },
             grafana: GrafanaConfig::default(),
             nats: None,
+            store: None,
             datacenters: vec![DatacenterConfig::local(DEFAULT_DATACENTER, true)],
             placement: Placement::All,
             reconcile_interval: Duration::from_secs(5),
@@ -996,6 +1068,49 @@ impl Config {
                 s.finish(&mut errors);
                 triggers.finish(&mut errors);
                 nats
+            },
+            store: {
+                let mut s = root.section("store");
+                let store = match s.get::<Option<String>>("url", None) {
+                    None => None,
+                    Some(url) => {
+                        let d = StoreConfig::new(&url);
+                        let shown = d.redacted_url();
+                        let is_url =
+                            url.starts_with("postgres://") || url.starts_with("postgresql://");
+                        if !is_url && !url.contains('=') {
+                            s.errors.push(format!(
+                                "store.url: {shown:?} is not a PostgreSQL URL such as postgres://faastastic@127.0.0.1:5432/faastastic"
+                            ));
+                        } else if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                            s.errors.push(format!("store.url: {shown:?}: {e}"));
+                        }
+                        let tls = crate::tls::ClientTls {
+                            ca_file: s.get("ca_file", None),
+                            cert_file: s.get("cert_file", None),
+                            key_file: s.get("key_file", None),
+                            server_name: None,
+                        };
+                        if tls.cert_file.is_some() != tls.key_file.is_some() {
+                            s.errors.push(
+                                "store.cert_file, store.key_file: a client certificate needs both"
+                                    .to_string(),
+                            );
+                        }
+                        let wants_tls: bool = s.get("tls", false);
+                        let c = StoreConfig {
+                            password_file: s.get("password_file", None),
+                            tls: (wants_tls || tls != crate::tls::ClientTls::default())
+                                .then_some(tls),
+                            pool_size: s.positive("pool_size", d.pool_size),
+                            connect_timeout: s.millis("connect_timeout_ms", d.connect_timeout),
+                            url,
+                        };
+                        Some(c)
+                    }
+                };
+                s.finish(&mut errors);
+                store
             },
             datacenters: root.datacenters("datacenters"),
             placement: root.parsed("placement", defaults.placement, |v: String| {

@@ -161,8 +161,13 @@ async fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec
 pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     create_data_dir(&cfg.data_dir)?;
     let metrics = Arc::new(Metrics::new());
-    let store = Store::open(&cfg.data_dir.join("state.db"))
-        .with_context(|| format!("cannot open the store in {}", cfg.data_dir.display()))?;
+    let store = match &cfg.store {
+        Some(shared) => Store::new(Arc::new(
+            crate::store::PostgresStore::connect(shared).await?,
+        )),
+        None => Store::open(&cfg.data_dir.join("state.db"))
+            .with_context(|| format!("cannot open the store in {}", cfg.data_dir.display()))?,
+    };
     let fleet = Arc::new(
         Fleet::restore(
             store.clone(),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod postgres;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};

@@ -1,67 +1,18 @@
-//! SQLite persistence: functions' desired state, namespaces and secrets. Every mutation is one
-//! transaction, so a crash leaves either the old or the new state, never half of one.
+//! The embedded SQLite store: one file in the data directory, for one instance.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::model::{Function, FunctionDeployment, FunctionId, Namespace};
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("stored record is corrupt: {0}")]
-    Corrupt(String),
-    #[error("database task failed: {0}")]
-    Join(String),
-}
-
-impl StoreError {
-    /// The data directory's disk (or the database's size limit) is full.
-    pub fn is_full(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DiskFull
-        )
-    }
-}
-
-/// A stored secret. The value never leaves the store except to be handed to a function.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SecretRecord {
-    pub namespace: String,
-    pub name: String,
-    pub value: Vec<u8>,
-}
-
-/// A scale event to store: its time and datacenter (indexed) and the whole event as JSON.
-#[derive(Debug, Clone)]
-pub struct EventRecord {
-    pub at: DateTime<Utc>,
-    pub datacenter: String,
-    pub json: String,
-}
-
-/// A scale decision stored with the desired replicas it sets: the engine state it leaves for
-/// one datacenter, the one it replaces (for an undo) and its event.
-#[derive(Debug, Clone)]
-pub struct Decision {
-    pub datacenter: String,
-    pub state_json: String,
-    pub previous_state_json: String,
-    pub event: EventRecord,
-}
-
-/// What is written with a function's desired replicas.
-enum DesiredWith {
-    Record(Decision),
-    Undo(Decision, i64),
-}
+use super::{
+    map_json, namespace_from, placement_json, total_of, Backend, DesiredWith, EventFilter,
+    EventRecord, Events, FunctionRow, PauseRow, SecretRecord, StoreError, INTERRUPTED_REASON,
+};
+use crate::model::{Function, FunctionId, Namespace};
 
 /// Upserts a datacenter's engine state and inserts the event, inside a caller's transaction.
 fn write_decision(
@@ -77,28 +28,39 @@ fn write_decision(
         params![id.namespace, id.name, datacenter, state_json],
     )?;
     match event {
-        Some(e) => {
-            tx.execute(
-                "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![e.at.to_rfc3339(), id.namespace, id.name, e.datacenter, e.json],
-            )?;
-            Ok(Some(tx.last_insert_rowid()))
-        }
+        Some(e) => Ok(Some(insert_event(
+            tx,
+            Events::Scale,
+            &id.namespace,
+            &id.name,
+            e,
+        )?)),
         None => Ok(None),
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct EventFilter {
-    pub name: Option<String>,
-    pub namespace: Option<String>,
-    pub datacenter: Option<String>,
-    pub since: Option<DateTime<Utc>>,
-    pub limit: u32,
+/// Appends an event to its table; returns its id.
+fn insert_event(
+    conn: &Connection,
+    events: Events,
+    namespace: &str,
+    name: &str,
+    e: &EventRecord,
+) -> rusqlite::Result<i64> {
+    conn.execute(
+        &format!(
+            "INSERT INTO {} (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
+            events.table()
+        ),
+        params![e.at.to_rfc3339(), namespace, name, e.datacenter, e.json],
+    )?;
+    Ok(conn.last_insert_rowid())
 }
 
-fn placement_json(replicas: &BTreeMap<String, u64>) -> Result<String, StoreError> {
-    serde_json::to_string(replicas).map_err(|e| StoreError::Corrupt(e.to_string()))
+fn parse_time(text: &str, what: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
 /// A row's first three columns, as text.
@@ -106,8 +68,15 @@ fn three_texts(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Str
     Ok((row.get(0)?, row.get(1)?, row.get(2)?))
 }
 
-#[derive(Clone)]
-pub struct Store {
+fn secret_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SecretRecord> {
+    Ok(SecretRecord {
+        namespace: row.get(0)?,
+        name: row.get(1)?,
+        value: row.get(2)?,
+    })
+}
+
+pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// Bounds the blocking threads that wait for the connection.
     queue: Arc<tokio::sync::Semaphore>,
@@ -212,9 +181,9 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database file, owner-only readable since it holds secrets.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path)?;
         #[cfg(unix)]
         {
@@ -226,7 +195,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        Ok(Store {
+        Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             queue: Arc::new(tokio::sync::Semaphore::new(WAITING_THREADS)),
         })
@@ -253,9 +222,11 @@ impl Store {
         .await
         .map_err(|e| StoreError::Join(e.to_string()))?
     }
+}
 
-    /// Every function; one stored before datacenters existed is placed in `home`.
-    pub async fn load_functions(&self, home: &str) -> Result<Vec<Function>, StoreError> {
+#[async_trait]
+impl Backend for SqliteStore {
+    async fn load_functions(&self, home: &str) -> Result<Vec<Function>, StoreError> {
         let home = home.to_string();
         self.call(move |conn| {
             let mut stmt = conn.prepare(
@@ -273,36 +244,29 @@ impl Store {
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (namespace, name, deployment, replicas, created_at, placement) = row?;
-                let corrupt = |e: String| StoreError::Corrupt(format!("function {name}.{namespace}: {e}"));
-                let deployment: FunctionDeployment =
-                    serde_json::from_str(&deployment).map_err(|e| corrupt(e.to_string()))?;
-                let created_at = DateTime::parse_from_rfc3339(&created_at)
-                    .map_err(|e| corrupt(e.to_string()))?
-                    .with_timezone(&Utc);
-                let replicas = match placement {
-                    Some(json) => serde_json::from_str(&json).map_err(|e| corrupt(e.to_string()))?,
-                    None => [(home.clone(), replicas.max(0) as u64)].into(),
-                };
-                out.push(Function {
-                    id: FunctionId::new(name, namespace),
+                let (namespace, name, deployment, desired_replicas, created_at, placement) = row?;
+                let created_at = parse_time(&created_at, &format!("function {name}.{namespace}"))?;
+                let row = FunctionRow {
+                    namespace,
+                    name,
                     deployment,
-                    replicas,
+                    desired_replicas,
                     created_at,
-                });
+                    placement,
+                };
+                out.push(row.into_function(&home)?);
             }
             Ok(out)
         })
         .await
     }
 
-    /// Inserts or replaces a function's whole record.
-    pub async fn put_function(&self, function: &Function) -> Result<(), StoreError> {
+    async fn put_function(&self, function: &Function) -> Result<(), StoreError> {
         let deployment = serde_json::to_string(&function.deployment)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let placement = placement_json(&function.replicas)?;
         let id = function.id.clone();
-        let total = function.desired_total().min(i64::MAX as u64) as i64;
+        let total = total_of(&function.replicas);
         let created_at = function.created_at.to_rfc3339();
         self.call(move |conn| {
             conn.execute(
@@ -320,42 +284,6 @@ impl Store {
         .await
     }
 
-    /// Replaces a function's desired replicas per datacenter.
-    pub async fn set_desired_replicas(
-        &self,
-        id: &FunctionId,
-        replicas: &BTreeMap<String, u64>,
-    ) -> Result<(), StoreError> {
-        self.set_desired_with(id, replicas, None).await.map(|_| ())
-    }
-
-    /// Replaces a function's desired replicas and, in the same transaction, stores the
-    /// decision that set them (its engine state and event, written before the platform is
-    /// called). A crash after this leaves a decision that is recorded once and applied by the
-    /// reconciler on restart: never lost, never applied twice. Returns the event's id.
-    pub async fn set_desired_with(
-        &self,
-        id: &FunctionId,
-        replicas: &BTreeMap<String, u64>,
-        decision: Option<&Decision>,
-    ) -> Result<Option<i64>, StoreError> {
-        self.write_desired(id, replicas, decision.cloned().map(DesiredWith::Record))
-            .await
-    }
-
-    /// Undoes [`Store::set_desired_with`] when the platform refused the change: the old
-    /// desired replicas and engine state come back and the decision's event is removed, in
-    /// one transaction.
-    pub async fn revert_desired(
-        &self,
-        id: &FunctionId,
-        replicas: &BTreeMap<String, u64>,
-        undo: Option<(&Decision, i64)>,
-    ) -> Result<(), StoreError> {
-        let undo = undo.map(|(d, event_id)| DesiredWith::Undo(d.clone(), event_id));
-        self.write_desired(id, replicas, undo).await.map(|_| ())
-    }
-
     async fn write_desired(
         &self,
         id: &FunctionId,
@@ -364,10 +292,7 @@ impl Store {
     ) -> Result<Option<i64>, StoreError> {
         let id = id.clone();
         let placement = placement_json(replicas)?;
-        let total = replicas
-            .values()
-            .fold(0u64, |s, n| s.saturating_add(*n))
-            .min(i64::MAX as u64) as i64;
+        let total = total_of(replicas);
         self.call(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
@@ -391,34 +316,27 @@ impl Store {
         .await
     }
 
-    /// Deletes a function, its autoscaler state (a redeploy starts with fresh cooldowns) and
-    /// its triggers' state (a redeploy's schedule starts afresh); its scale and trigger events
-    /// stay for the audit trail.
-    pub async fn delete_function(&self, id: &FunctionId) -> Result<bool, StoreError> {
+    async fn delete_function(&self, id: &FunctionId) -> Result<bool, StoreError> {
         let id = id.clone();
         self.call(move |conn| {
             let tx = conn.transaction()?;
-            let n = tx.execute(
-                "DELETE FROM functions WHERE namespace = ?1 AND name = ?2",
-                params![id.namespace, id.name],
-            )?;
-            tx.execute(
-                "DELETE FROM autoscale_states WHERE namespace = ?1 AND name = ?2",
-                params![id.namespace, id.name],
-            )?;
-            tx.execute(
-                "DELETE FROM trigger_state WHERE namespace = ?1 AND name = ?2",
-                params![id.namespace, id.name],
-            )?;
+            let mut n = 0;
+            for table in ["functions", "autoscale_states", "trigger_state"] {
+                let deleted = tx.execute(
+                    &format!("DELETE FROM {table} WHERE namespace = ?1 AND name = ?2"),
+                    params![id.namespace, id.name],
+                )?;
+                if table == "functions" {
+                    n = deleted;
+                }
+            }
             tx.commit()?;
             Ok(n > 0)
         })
         .await
     }
 
-    /// Every function's autoscaler state per datacenter, as JSON text (a state stored before
-    /// datacenters existed belongs to `home`).
-    pub async fn load_autoscale_states(
+    async fn load_autoscale_states(
         &self,
         home: &str,
     ) -> Result<Vec<(FunctionId, String, String)>, StoreError> {
@@ -443,9 +361,7 @@ impl Store {
         .await
     }
 
-    /// Stores a decision's new autoscaler state for one datacenter and, when given, its event,
-    /// in one transaction.
-    pub async fn record_decision(
+    async fn record_decision(
         &self,
         id: &FunctionId,
         datacenter: &str,
@@ -463,17 +379,14 @@ impl Store {
         .await
     }
 
-    /// Paused autoscaling scopes (`*` for all, else `name.namespace`): (scope, since, reason).
-    pub async fn load_pauses(&self) -> Result<Vec<(String, DateTime<Utc>, String)>, StoreError> {
+    async fn load_pauses(&self) -> Result<Vec<PauseRow>, StoreError> {
         self.call(|conn| {
             let mut stmt = conn.prepare("SELECT scope, since, reason FROM autoscale_pauses")?;
             let rows = stmt.query_map([], three_texts)?;
             let mut out = Vec::new();
             for row in rows {
                 let (scope, since, reason) = row?;
-                let since = DateTime::parse_from_rfc3339(&since)
-                    .map_err(|e| StoreError::Corrupt(format!("pause {scope}: {e}")))?
-                    .with_timezone(&Utc);
+                let since = parse_time(&since, &format!("pause {scope}"))?;
                 out.push((scope, since, reason));
             }
             Ok(out)
@@ -481,8 +394,7 @@ impl Store {
         .await
     }
 
-    /// Pauses (`Some`) or resumes (`None`) a scope; returns whether anything changed.
-    pub async fn set_pause(
+    async fn set_pause(
         &self,
         scope: &str,
         pause: Option<(DateTime<Utc>, String)>,
@@ -504,71 +416,22 @@ impl Store {
         .await
     }
 
-    /// An event of one function that changes no autoscaler state (a manual scale).
-    pub async fn record_event(
+    async fn append_event(
         &self,
-        id: &FunctionId,
-        event: EventRecord,
-    ) -> Result<i64, StoreError> {
-        let id = id.clone();
-        self.call(move |conn| {
-            conn.execute(
-                "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![event.at.to_rfc3339(), id.namespace, id.name, event.datacenter, event.json],
-            )?;
-            Ok(conn.last_insert_rowid())
-        })
-        .await
-    }
-
-    /// Records an event that is no engine decision (see [`crate::events::ScaleEvent`]).
-    pub async fn record_change(
-        &self,
-        event: &crate::events::ScaleEvent,
-    ) -> Result<i64, StoreError> {
-        let json = serde_json::to_string(event).unwrap_or_default();
-        self.record_source_event(
-            &event.namespace,
-            &event.function,
-            &event.datacenter,
-            event.time,
-            json,
-        )
-        .await
-    }
-
-    /// An event that concerns no single function (a metric source going down or coming back).
-    pub async fn record_source_event(
-        &self,
+        events: Events,
         namespace: &str,
         name: &str,
-        datacenter: &str,
-        at: DateTime<Utc>,
-        json: String,
+        event: EventRecord,
     ) -> Result<i64, StoreError> {
         let (namespace, name) = (namespace.to_string(), name.to_string());
-        let datacenter = datacenter.to_string();
-        self.call(move |conn| {
-            conn.execute(
-                "INSERT INTO scale_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![at.to_rfc3339(), namespace, name, datacenter, json],
-            )?;
-            Ok(conn.last_insert_rowid())
-        })
-        .await
+        self.call(move |conn| Ok(insert_event(conn, events, &namespace, &name, &event)?))
+            .await
     }
 
-    /// Replaces the text of a stored event (a decision whose outcome is known only after it
-    /// was stored).
-    pub async fn amend_event(&self, id: i64, json: String) -> Result<(), StoreError> {
-        self.amend_in("scale_events", id, json).await
-    }
-
-    /// Replaces the text of one row of an events table.
-    async fn amend_in(&self, table: &'static str, id: i64, json: String) -> Result<(), StoreError> {
+    async fn amend(&self, events: Events, id: i64, json: String) -> Result<(), StoreError> {
         self.call(move |conn| {
             conn.execute(
-                &format!("UPDATE {table} SET event = ?2 WHERE id = ?1"),
+                &format!("UPDATE {} SET event = ?2 WHERE id = ?1", events.table()),
                 params![id, json],
             )?;
             Ok(())
@@ -576,130 +439,13 @@ impl Store {
         .await
     }
 
-    /// The newest `limit` events of every function, parsed (for tests).
-    #[cfg(test)]
-    pub async fn events_json(&self, limit: u32) -> Vec<serde_json::Value> {
-        let filter = EventFilter {
-            name: None,
-            namespace: None,
-            datacenter: None,
-            since: None,
-            limit,
-        };
-        let rows = self.scale_events(filter).await.unwrap();
-        rows.iter()
-            .map(|(_, json)| serde_json::from_str(json).unwrap())
-            .collect()
-    }
-
-    /// Scale events, newest first, as (id, JSON text).
-    pub async fn scale_events(
+    async fn events(
         &self,
-        filter: EventFilter,
-    ) -> Result<Vec<(i64, String)>, StoreError> {
-        self.events_in("scale_events", filter).await
-    }
-
-    /// Trigger runs (and runs skipped or missed), newest first, as (id, JSON text).
-    pub async fn trigger_events(
-        &self,
-        filter: EventFilter,
-    ) -> Result<Vec<(i64, String)>, StoreError> {
-        self.events_in("trigger_events", filter).await
-    }
-
-    /// When each function's `trigger` was last due (and so run, skipped or given up).
-    pub async fn trigger_due_times(
-        &self,
-        trigger: &str,
-    ) -> Result<Vec<(FunctionId, DateTime<Utc>)>, StoreError> {
-        let trigger = trigger.to_string();
-        self.call(move |conn| {
-            let mut stmt = conn.prepare(
-                "SELECT namespace, name, last_due FROM trigger_state WHERE trigger = ?1",
-            )?;
-            let rows = stmt.query_map(params![trigger], three_texts)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (namespace, name, due) = row?;
-                let due = DateTime::parse_from_rfc3339(&due)
-                    .map_err(|e| StoreError::Corrupt(format!("trigger_state.last_due: {e}")))?;
-                out.push((FunctionId::new(name, namespace), due.with_timezone(&Utc)));
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Forgets when `trigger` of `id` was last due (the function no longer has it).
-    pub async fn clear_trigger(&self, id: &FunctionId, trigger: &str) -> Result<(), StoreError> {
-        let (id, trigger) = (id.clone(), trigger.to_string());
-        self.call(move |conn| {
-            conn.execute(
-                "DELETE FROM trigger_state WHERE namespace = ?1 AND name = ?2 AND trigger = ?3",
-                params![id.namespace, id.name, trigger],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Records that `trigger` of `id` was due at `due`, with the event saying what became of
-    /// it, in one transaction: a restart never runs that due time again, and never loses its
-    /// record.
-    pub async fn record_trigger(
-        &self,
-        id: &FunctionId,
-        trigger: &str,
-        due: DateTime<Utc>,
-        event: EventRecord,
-    ) -> Result<i64, StoreError> {
-        let (id, trigger) = (id.clone(), trigger.to_string());
-        self.call(move |conn| {
-            let tx = conn.transaction()?;
-            tx.execute(
-                "INSERT INTO trigger_state (namespace, name, trigger, last_due) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (namespace, name, trigger) DO UPDATE SET last_due = excluded.last_due",
-                params![id.namespace, id.name, trigger, due.to_rfc3339()],
-            )?;
-            tx.execute(
-                "INSERT INTO trigger_events (at, namespace, name, datacenter, event) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![event.at.to_rfc3339(), id.namespace, id.name, event.datacenter, event.json],
-            )?;
-            let row = tx.last_insert_rowid();
-            tx.commit()?;
-            Ok(row)
-        })
-        .await
-    }
-
-    /// Marks the runs recorded as running as interrupted: called once at start, when no run
-    /// of this process exists yet, so those are runs the previous process did not finish.
-    pub async fn interrupt_trigger_runs(&self) -> Result<usize, StoreError> {
-        self.call(|conn| {
-            Ok(conn.execute(
-                "UPDATE trigger_events SET event = json_set(event, '$.outcome', 'interrupted',
-                   '$.reason', 'faastastic stopped before the run ended')
-                 WHERE json_extract(event, '$.outcome') = 'running'",
-                [],
-            )?)
-        })
-        .await
-    }
-
-    /// Replaces the text of a trigger event (a run whose outcome is known once it ends).
-    pub async fn amend_trigger_event(&self, id: i64, json: String) -> Result<(), StoreError> {
-        self.amend_in("trigger_events", id, json).await
-    }
-
-    /// Rows of an events table (`scale_events`, `trigger_events`), newest first.
-    async fn events_in(
-        &self,
-        table: &'static str,
+        events: Events,
         filter: EventFilter,
     ) -> Result<Vec<(i64, String)>, StoreError> {
         self.call(move |conn| {
-            let mut sql = format!("SELECT id, event FROM {table} WHERE 1 = 1");
+            let mut sql = format!("SELECT id, event FROM {} WHERE 1 = 1", events.table());
             let mut args: Vec<String> = Vec::new();
             for (column, value) in [
                 ("name", &filter.name),
@@ -725,7 +471,74 @@ impl Store {
         .await
     }
 
-    pub async fn load_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
+    async fn trigger_due_times(
+        &self,
+        trigger: &str,
+    ) -> Result<Vec<(FunctionId, DateTime<Utc>)>, StoreError> {
+        let trigger = trigger.to_string();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT namespace, name, last_due FROM trigger_state WHERE trigger = ?1",
+            )?;
+            let rows = stmt.query_map(params![trigger], three_texts)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (namespace, name, due) = row?;
+                let due = parse_time(&due, "trigger_state.last_due")?;
+                out.push((FunctionId::new(name, namespace), due));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn clear_trigger(&self, id: &FunctionId, trigger: &str) -> Result<(), StoreError> {
+        let (id, trigger) = (id.clone(), trigger.to_string());
+        self.call(move |conn| {
+            conn.execute(
+                "DELETE FROM trigger_state WHERE namespace = ?1 AND name = ?2 AND trigger = ?3",
+                params![id.namespace, id.name, trigger],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_trigger(
+        &self,
+        id: &FunctionId,
+        trigger: &str,
+        due: DateTime<Utc>,
+        event: EventRecord,
+    ) -> Result<i64, StoreError> {
+        let (id, trigger) = (id.clone(), trigger.to_string());
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO trigger_state (namespace, name, trigger, last_due) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (namespace, name, trigger) DO UPDATE SET last_due = excluded.last_due",
+                params![id.namespace, id.name, trigger, due.to_rfc3339()],
+            )?;
+            let row = insert_event(&tx, Events::Trigger, &id.namespace, &id.name, &event)?;
+            tx.commit()?;
+            Ok(row)
+        })
+        .await
+    }
+
+    async fn interrupt_trigger_runs(&self) -> Result<usize, StoreError> {
+        self.call(|conn| {
+            Ok(conn.execute(
+                "UPDATE trigger_events SET event = json_set(event, '$.outcome', 'interrupted',
+                   '$.reason', ?1)
+                 WHERE json_extract(event, '$.outcome') = 'running'",
+                params![INTERRUPTED_REASON],
+            )?)
+        })
+        .await
+    }
+
+    async fn load_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
         self.call(|conn| {
             let mut stmt =
                 conn.prepare("SELECT name, labels, annotations FROM namespaces ORDER BY name")?;
@@ -739,42 +552,31 @@ impl Store {
             let mut out = Vec::new();
             for row in rows {
                 let (name, labels, annotations) = row?;
-                let parse = |s: Option<String>| -> Result<_, StoreError> {
-                    s.map(|s| serde_json::from_str(&s))
-                        .transpose()
-                        .map_err(|e| StoreError::Corrupt(format!("namespace {name}: {e}")))
-                };
-                out.push(Namespace {
-                    labels: parse(labels)?,
-                    annotations: parse(annotations)?,
-                    name,
-                });
+                out.push(namespace_from(name, labels, annotations)?);
             }
             Ok(out)
         })
         .await
     }
 
-    pub async fn put_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
-        let ns = ns.clone();
+    async fn put_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        let (name, labels, annotations) = (
+            ns.name.clone(),
+            map_json(&ns.labels),
+            map_json(&ns.annotations),
+        );
         self.call(move |conn| {
-            let labels = ns.labels.as_ref().map(|m| serde_json::to_string(m).unwrap_or_default());
-            let annotations = ns
-                .annotations
-                .as_ref()
-                .map(|m| serde_json::to_string(m).unwrap_or_default());
             conn.execute(
                 "INSERT INTO namespaces (name, labels, annotations) VALUES (?1, ?2, ?3)
                  ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, annotations = excluded.annotations",
-                params![ns.name, labels, annotations],
+                params![name, labels, annotations],
             )?;
             Ok(())
         })
         .await
     }
 
-    /// Deletes a namespace and the secrets that lived in it, in one transaction.
-    pub async fn delete_namespace(&self, name: &str) -> Result<bool, StoreError> {
+    async fn delete_namespace(&self, name: &str) -> Result<bool, StoreError> {
         let name = name.to_string();
         self.call(move |conn| {
             let tx = conn.transaction()?;
@@ -786,23 +588,17 @@ impl Store {
         .await
     }
 
-    pub async fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+    async fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
         self.call(|conn| {
             let mut stmt = conn
                 .prepare("SELECT namespace, name, value FROM secrets ORDER BY namespace, name")?;
-            let rows = stmt.query_map([], |row| {
-                Ok(SecretRecord {
-                    namespace: row.get(0)?,
-                    name: row.get(1)?,
-                    value: row.get(2)?,
-                })
-            })?;
+            let rows = stmt.query_map([], secret_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
 
-    pub async fn get_secret(
+    async fn get_secret(
         &self,
         namespace: &str,
         name: &str,
@@ -813,20 +609,14 @@ impl Store {
                 .query_row(
                     "SELECT namespace, name, value FROM secrets WHERE namespace = ?1 AND name = ?2",
                     params![namespace, name],
-                    |row| {
-                        Ok(SecretRecord {
-                            namespace: row.get(0)?,
-                            name: row.get(1)?,
-                            value: row.get(2)?,
-                        })
-                    },
+                    secret_row,
                 )
                 .optional()?)
         })
         .await
     }
 
-    pub async fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError> {
+    async fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError> {
         let s = secret.clone();
         self.call(move |conn| {
             conn.execute(
@@ -839,7 +629,7 @@ impl Store {
         .await
     }
 
-    pub async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
         let (namespace, name) = (namespace.to_string(), name.to_string());
         self.call(move |conn| {
             let n = conn.execute(
@@ -855,11 +645,12 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_calls_wait_as_tasks_not_threads() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("q.db")).unwrap());
         let threads = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let calls = (0..300).map(|_| {
             let (store, threads) = (store.clone(), threads.clone());
@@ -885,39 +676,6 @@ mod tests {
             used <= WAITING_THREADS + 4,
             "{used} blocking threads ran 300 calls"
         );
-    }
-
-    #[tokio::test]
-    async fn functions_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        let f = Function {
-            id: FunctionId::new("figlet", "openfaas-fn"),
-            deployment: FunctionDeployment {
-                service: Some("figlet".into()),
-                image: Some("img".into()),
-                labels: Some(Default::default()),
-                ..Default::default()
-            },
-            replicas: [("lon".to_string(), 3), ("syd".to_string(), 1)].into(),
-            created_at: Utc::now(),
-        };
-        {
-            let store = Store::open(&path).unwrap();
-            store.put_function(&f).await.unwrap();
-            let scaled = [("lon".to_string(), 4), ("syd".to_string(), 1)].into();
-            store.set_desired_replicas(&f.id, &scaled).await.unwrap();
-        }
-        let store = Store::open(&path).unwrap();
-        let loaded = store.load_functions("home").await.unwrap();
-        assert_eq!(loaded.len(), 1);
-        assert_eq!(
-            loaded[0].replicas,
-            [("lon".to_string(), 4), ("syd".to_string(), 1)].into()
-        );
-        assert_eq!(loaded[0].deployment, f.deployment);
-        assert!(store.delete_function(&f.id).await.unwrap());
-        assert!(!store.delete_function(&f.id).await.unwrap());
     }
 
     /// A store written before datacenters existed opens with everything in the home one.
@@ -952,27 +710,5 @@ mod tests {
         // Opening again changes nothing more.
         let store = Store::open(&path).unwrap();
         assert_eq!(store.load_autoscale_states("stage").await.unwrap().len(), 1);
-    }
-
-    #[tokio::test]
-    async fn secrets_round_trip_and_namespace_delete_cascades() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
-        store
-            .put_namespace(&Namespace {
-                name: "dev".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let s = SecretRecord {
-            namespace: "dev".into(),
-            name: "api-key".into(),
-            value: vec![0, 1, 2],
-        };
-        store.put_secret(&s).await.unwrap();
-        assert_eq!(store.get_secret("dev", "api-key").await.unwrap(), Some(s));
-        assert!(store.delete_namespace("dev").await.unwrap());
-        assert!(store.list_secrets().await.unwrap().is_empty());
     }
 }

@@ -1,0 +1,431 @@
+//! Persistence: functions' desired state, the autoscaler's state and decisions, namespaces,
+//! secrets and trigger runs. One interface ([`Backend`]) with two implementations: the
+//! embedded SQLite file (the default, one instance) and a shared PostgreSQL database (several
+//! instances, `[store] url`). Every mutation is one transaction, so a crash leaves either the
+//! old or the new state, never half of one.
+
+mod postgres;
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::model::{Function, FunctionId, Namespace};
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The shared database cannot be reached (or gave no connection in time).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database task failed: {0}")]
+    Join(String),
+}
+
+impl StoreError {
+    /// The data directory's disk (or the database's size limit) is full.
+    pub fn is_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            StoreError::Postgres(e) => {
+                e.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL)
+            }
+            _ => false,
+        }
+    }
+
+    /// The database could not be reached: nothing was stored, and a retry may work.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Postgres(e) => e.is_closed() || e.code().is_none(),
+            _ => false,
+        }
+    }
+}
+
+/// A stored secret. The value never leaves the store except to be handed to a function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretRecord {
+    pub namespace: String,
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+/// A scale event to store: its time and datacenter (indexed) and the whole event as JSON.
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    pub at: DateTime<Utc>,
+    pub datacenter: String,
+    pub json: String,
+}
+
+/// A scale decision stored with the desired replicas it sets: the engine state it leaves for
+/// one datacenter, the one it replaces (for an undo) and its event.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub datacenter: String,
+    pub state_json: String,
+    pub previous_state_json: String,
+    pub event: EventRecord,
+}
+
+/// What is written with a function's desired replicas.
+#[derive(Debug, Clone)]
+pub enum DesiredWith {
+    /// A decision: its engine state and event.
+    Record(Decision),
+    /// The undo of a decision whose event has this id: its previous state comes back and the
+    /// event goes.
+    Undo(Decision, i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct EventFilter {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub datacenter: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub limit: u32,
+}
+
+/// The tables that hold events: decisions and changes, and trigger runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Events {
+    Scale,
+    Trigger,
+}
+
+impl Events {
+    fn table(self) -> &'static str {
+        match self {
+            Events::Scale => "scale_events",
+            Events::Trigger => "trigger_events",
+        }
+    }
+}
+
+/// A paused autoscaling scope: (`*` or `name.namespace`, since, reason).
+pub type PauseRow = (String, DateTime<Utc>, String);
+
+/// What a store does. Both implementations pass the same suite (`tests/store.rs`).
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Every function; one stored before datacenters existed is placed in `home`.
+    async fn load_functions(&self, home: &str) -> Result<Vec<Function>, StoreError>;
+    /// Inserts or replaces a function's whole record.
+    async fn put_function(&self, function: &Function) -> Result<(), StoreError>;
+    /// Replaces a function's desired replicas per datacenter and, in the same transaction,
+    /// writes what comes with them. Returns the id of an event it stored.
+    async fn write_desired(
+        &self,
+        id: &FunctionId,
+        replicas: &BTreeMap<String, u64>,
+        with: Option<DesiredWith>,
+    ) -> Result<Option<i64>, StoreError>;
+    /// Deletes a function, its autoscaler state (a redeploy starts with fresh cooldowns) and
+    /// its triggers' state (a redeploy's schedule starts afresh); its scale and trigger events
+    /// stay for the audit trail.
+    async fn delete_function(&self, id: &FunctionId) -> Result<bool, StoreError>;
+
+    /// Every function's autoscaler state per datacenter, as JSON text (a state stored before
+    /// datacenters existed belongs to `home`).
+    async fn load_autoscale_states(
+        &self,
+        home: &str,
+    ) -> Result<Vec<(FunctionId, String, String)>, StoreError>;
+    /// Stores a decision's new autoscaler state for one datacenter and, when given, its event,
+    /// in one transaction.
+    async fn record_decision(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+        state_json: String,
+        event: Option<EventRecord>,
+    ) -> Result<Option<i64>, StoreError>;
+
+    async fn load_pauses(&self) -> Result<Vec<PauseRow>, StoreError>;
+    /// Pauses (`Some`) or resumes (`None`) a scope; returns whether anything changed.
+    async fn set_pause(
+        &self,
+        scope: &str,
+        pause: Option<(DateTime<Utc>, String)>,
+    ) -> Result<bool, StoreError>;
+
+    /// Appends an event to `events`; returns its id.
+    async fn append_event(
+        &self,
+        events: Events,
+        namespace: &str,
+        name: &str,
+        event: EventRecord,
+    ) -> Result<i64, StoreError>;
+    /// Replaces the text of one stored event (an outcome known only after it was stored).
+    async fn amend(&self, events: Events, id: i64, json: String) -> Result<(), StoreError>;
+    /// Events, newest first, as (id, JSON text).
+    async fn events(
+        &self,
+        events: Events,
+        filter: EventFilter,
+    ) -> Result<Vec<(i64, String)>, StoreError>;
+
+    /// When each function's `trigger` was last due (and so run, skipped or given up).
+    async fn trigger_due_times(
+        &self,
+        trigger: &str,
+    ) -> Result<Vec<(FunctionId, DateTime<Utc>)>, StoreError>;
+    /// Forgets when `trigger` of `id` was last due (the function no longer has it).
+    async fn clear_trigger(&self, id: &FunctionId, trigger: &str) -> Result<(), StoreError>;
+    /// Records that `trigger` of `id` was due at `due`, with the event saying what became of
+    /// it, in one transaction: a restart never runs that due time again, and never loses its
+    /// record.
+    async fn record_trigger(
+        &self,
+        id: &FunctionId,
+        trigger: &str,
+        due: DateTime<Utc>,
+        event: EventRecord,
+    ) -> Result<i64, StoreError>;
+    /// Marks the runs recorded as running as interrupted: called when no run of this process
+    /// exists yet, so those are runs an earlier process did not finish.
+    async fn interrupt_trigger_runs(&self) -> Result<usize, StoreError>;
+
+    async fn load_namespaces(&self) -> Result<Vec<Namespace>, StoreError>;
+    async fn put_namespace(&self, ns: &Namespace) -> Result<(), StoreError>;
+    /// Deletes a namespace and the secrets that lived in it, in one transaction.
+    async fn delete_namespace(&self, name: &str) -> Result<bool, StoreError>;
+
+    async fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+    async fn get_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<SecretRecord>, StoreError>;
+    async fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError>;
+    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, StoreError>;
+}
+
+/// The store the rest of the server holds: one backend, shared.
+#[derive(Clone)]
+pub struct Store(Arc<dyn Backend>);
+
+impl std::ops::Deref for Store {
+    type Target = dyn Backend;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the embedded SQLite store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store(Arc::new(SqliteStore::open(path)?)))
+    }
+
+    pub fn new(backend: Arc<dyn Backend>) -> Store {
+        Store(backend)
+    }
+
+    /// Replaces a function's desired replicas per datacenter.
+    pub async fn set_desired_replicas(
+        &self,
+        id: &FunctionId,
+        replicas: &BTreeMap<String, u64>,
+    ) -> Result<(), StoreError> {
+        self.write_desired(id, replicas, None).await.map(|_| ())
+    }
+
+    /// Replaces a function's desired replicas and, in the same transaction, stores the
+    /// decision that set them (its engine state and event, written before the platform is
+    /// called). A crash after this leaves a decision that is recorded once and applied by the
+    /// reconciler on restart: never lost, never applied twice. Returns the event's id.
+    pub async fn set_desired_with(
+        &self,
+        id: &FunctionId,
+        replicas: &BTreeMap<String, u64>,
+        decision: Option<&Decision>,
+    ) -> Result<Option<i64>, StoreError> {
+        self.write_desired(id, replicas, decision.cloned().map(DesiredWith::Record))
+            .await
+    }
+
+    /// Undoes [`Store::set_desired_with`] when the platform refused the change: the old
+    /// desired replicas and engine state come back and the decision's event is removed, in
+    /// one transaction.
+    pub async fn revert_desired(
+        &self,
+        id: &FunctionId,
+        replicas: &BTreeMap<String, u64>,
+        undo: Option<(&Decision, i64)>,
+    ) -> Result<(), StoreError> {
+        let undo = undo.map(|(d, event_id)| DesiredWith::Undo(d.clone(), event_id));
+        self.write_desired(id, replicas, undo).await.map(|_| ())
+    }
+
+    /// An event of one function that changes no autoscaler state (a manual scale).
+    pub async fn record_event(
+        &self,
+        id: &FunctionId,
+        event: EventRecord,
+    ) -> Result<i64, StoreError> {
+        self.append_event(Events::Scale, &id.namespace, &id.name, event)
+            .await
+    }
+
+    /// Records an event that is no engine decision (see [`crate::events::ScaleEvent`]).
+    pub async fn record_change(
+        &self,
+        event: &crate::events::ScaleEvent,
+    ) -> Result<i64, StoreError> {
+        let json = serde_json::to_string(event).unwrap_or_default();
+        self.record_source_event(
+            &event.namespace,
+            &event.function,
+            &event.datacenter,
+            event.time,
+            json,
+        )
+        .await
+    }
+
+    /// An event that concerns no single function (a metric source going down or coming back).
+    pub async fn record_source_event(
+        &self,
+        namespace: &str,
+        name: &str,
+        datacenter: &str,
+        at: DateTime<Utc>,
+        json: String,
+    ) -> Result<i64, StoreError> {
+        let event = EventRecord {
+            at,
+            datacenter: datacenter.to_string(),
+            json,
+        };
+        self.append_event(Events::Scale, namespace, name, event)
+            .await
+    }
+
+    /// Replaces the text of a stored scale event.
+    pub async fn amend_event(&self, id: i64, json: String) -> Result<(), StoreError> {
+        self.amend(Events::Scale, id, json).await
+    }
+
+    /// Replaces the text of a trigger event (a run whose outcome is known once it ends).
+    pub async fn amend_trigger_event(&self, id: i64, json: String) -> Result<(), StoreError> {
+        self.amend(Events::Trigger, id, json).await
+    }
+
+    /// Scale events, newest first, as (id, JSON text).
+    pub async fn scale_events(
+        &self,
+        filter: EventFilter,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        self.events(Events::Scale, filter).await
+    }
+
+    /// Trigger runs (and runs skipped or missed), newest first, as (id, JSON text).
+    pub async fn trigger_events(
+        &self,
+        filter: EventFilter,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        self.events(Events::Trigger, filter).await
+    }
+
+    /// The newest `limit` events of every function, parsed (for tests).
+    #[cfg(test)]
+    pub async fn events_json(&self, limit: u32) -> Vec<serde_json::Value> {
+        let filter = EventFilter {
+            name: None,
+            namespace: None,
+            datacenter: None,
+            since: None,
+            limit,
+        };
+        let rows = self.scale_events(filter).await.unwrap();
+        rows.iter()
+            .map(|(_, json)| serde_json::from_str(json).unwrap())
+            .collect()
+    }
+}
+
+fn placement_json(replicas: &BTreeMap<String, u64>) -> Result<String, StoreError> {
+    serde_json::to_string(replicas).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// The sum of a placement's replicas, as a database integer.
+fn total_of(replicas: &BTreeMap<String, u64>) -> i64 {
+    replicas
+        .values()
+        .fold(0u64, |s, n| s.saturating_add(*n))
+        .min(i64::MAX as u64) as i64
+}
+
+/// A function's stored columns, turned back into a [`Function`].
+struct FunctionRow {
+    namespace: String,
+    name: String,
+    deployment: String,
+    desired_replicas: i64,
+    created_at: DateTime<Utc>,
+    placement: Option<String>,
+}
+
+impl FunctionRow {
+    fn into_function(self, home: &str) -> Result<Function, StoreError> {
+        let (name, namespace) = (self.name, self.namespace);
+        let corrupt = |e: String| StoreError::Corrupt(format!("function {name}.{namespace}: {e}"));
+        let deployment =
+            serde_json::from_str(&self.deployment).map_err(|e| corrupt(e.to_string()))?;
+        let replicas = match self.placement {
+            Some(json) => serde_json::from_str(&json).map_err(|e| corrupt(e.to_string()))?,
+            None => [(home.to_string(), self.desired_replicas.max(0) as u64)].into(),
+        };
+        Ok(Function {
+            id: FunctionId::new(name, namespace),
+            deployment,
+            replicas,
+            created_at: self.created_at,
+        })
+    }
+}
+
+/// A namespace's labels or annotations as stored (JSON text, or nothing).
+fn map_json(map: &Option<BTreeMap<String, String>>) -> Option<String> {
+    map.as_ref()
+        .map(|m| serde_json::to_string(m).unwrap_or_default())
+}
+
+fn namespace_from(
+    name: String,
+    labels: Option<String>,
+    annotations: Option<String>,
+) -> Result<Namespace, StoreError> {
+    let parse = |s: Option<String>| -> Result<_, StoreError> {
+        s.map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("namespace {name}: {e}")))
+    };
+    Ok(Namespace {
+        labels: parse(labels)?,
+        annotations: parse(annotations)?,
+        name,
+    })
+}
+
+/// What an interrupted trigger run says about itself.
+const INTERRUPTED_REASON: &str = "faastastic stopped before the run ended";

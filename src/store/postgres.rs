@@ -1,0 +1,698 @@
+//! The shared PostgreSQL store: several faastastic instances on one database. Every write
+//! that others must see sends a notification on [`CHANNEL`] in its own transaction (delivered
+//! on commit, never for a rolled-back write), and the schema is versioned: migrations run once,
+//! under an advisory lock, however many instances start together.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
+
+use super::{
+    map_json, namespace_from, placement_json, total_of, Backend, DesiredWith, EventFilter,
+    EventRecord, Events, FunctionRow, PauseRow, SecretRecord, StoreError, INTERRUPTED_REASON,
+};
+use crate::config::StoreConfig;
+use crate::model::{Function, FunctionId, Namespace};
+
+/// The channel every change is announced on: `{"kind": ..., "namespace": ..., "name": ...}`.
+pub const CHANNEL: &str = "faastastic_changes";
+
+/// Held while migrating, so that instances starting together migrate one after the other.
+const MIGRATION_LOCK: i64 = 0x6661_6173_7473_6d31; // "faastsm1"
+
+/// The schema, one entry per version, each applied once and in order.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE namespaces (
+    name        TEXT PRIMARY KEY,
+    labels      TEXT,
+    annotations TEXT
+);
+CREATE TABLE functions (
+    namespace        TEXT NOT NULL,
+    name             TEXT NOT NULL,
+    deployment       TEXT NOT NULL,
+    desired_replicas BIGINT NOT NULL,
+    -- RFC 3339 with nanoseconds: it identifies a deployment, so it reads back exactly.
+    created_at       TEXT NOT NULL,
+    placement        TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE autoscale_states (
+    namespace  TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    datacenter TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    PRIMARY KEY (namespace, name, datacenter)
+);
+CREATE TABLE scale_events (
+    id         BIGSERIAL PRIMARY KEY,
+    at         TIMESTAMPTZ NOT NULL,
+    namespace  TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    datacenter TEXT NOT NULL,
+    event      TEXT NOT NULL
+);
+CREATE INDEX scale_events_function ON scale_events (namespace, name, id);
+CREATE TABLE autoscale_pauses (
+    scope  TEXT PRIMARY KEY,
+    since  TIMESTAMPTZ NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE trigger_state (
+    namespace TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    trigger   TEXT NOT NULL,
+    last_due  TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (namespace, name, trigger)
+);
+CREATE TABLE trigger_events (
+    id         BIGSERIAL PRIMARY KEY,
+    at         TIMESTAMPTZ NOT NULL,
+    namespace  TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    datacenter TEXT NOT NULL,
+    event      TEXT NOT NULL
+);
+CREATE INDEX trigger_events_function ON trigger_events (namespace, name, id);
+CREATE TABLE secrets (
+    namespace TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    value     BYTEA NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE leases (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    token      BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+"#,
+)];
+
+/// What changed, as announced to the other instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// A function's record or desired replicas (or its removal).
+    Function,
+    /// A function's autoscaler state in one datacenter.
+    State,
+    Pause,
+    Namespace,
+    Secret,
+}
+
+pub struct PostgresStore {
+    pool: Pool,
+    /// The database's address without its password, for messages.
+    shown: String,
+}
+
+fn unavailable(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => StoreError::Postgres(e),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// Announces a change inside a transaction.
+async fn notify(
+    tx: &impl GenericClient,
+    change: Change,
+    namespace: &str,
+    name: &str,
+) -> Result<(), StoreError> {
+    let payload = serde_json::json!({"kind": change, "namespace": namespace, "name": name});
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&CHANNEL, &payload.to_string()],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn insert_event(
+    tx: &impl GenericClient,
+    events: Events,
+    namespace: &str,
+    name: &str,
+    e: &EventRecord,
+) -> Result<i64, StoreError> {
+    let sql = format!(
+        "INSERT INTO {} (at, namespace, name, datacenter, event) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        events.table()
+    );
+    let row = tx
+        .query_one(&sql, &[&e.at, &namespace, &name, &e.datacenter, &e.json])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Upserts a datacenter's engine state and inserts the event, inside a transaction.
+async fn write_decision(
+    tx: &impl GenericClient,
+    id: &FunctionId,
+    datacenter: &str,
+    state_json: &str,
+    event: Option<&EventRecord>,
+) -> Result<Option<i64>, StoreError> {
+    tx.execute(
+        "INSERT INTO autoscale_states (namespace, name, datacenter, state) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (namespace, name, datacenter) DO UPDATE SET state = excluded.state",
+        &[&id.namespace, &id.name, &datacenter, &state_json],
+    )
+    .await?;
+    notify(tx, Change::State, &id.namespace, &id.name).await?;
+    match event {
+        Some(e) => Ok(Some(
+            insert_event(tx, Events::Scale, &id.namespace, &id.name, e).await?,
+        )),
+        None => Ok(None),
+    }
+}
+
+fn secret_of(row: &tokio_postgres::Row) -> SecretRecord {
+    SecretRecord {
+        namespace: row.get(0),
+        name: row.get(1),
+        value: row.get(2),
+    }
+}
+
+/// The connection settings `[store]` describes: the URL, the password from its file and TLS.
+pub fn pg_config(cfg: &StoreConfig) -> anyhow::Result<tokio_postgres::Config> {
+    use anyhow::Context;
+    let mut pg: tokio_postgres::Config = cfg
+        .url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("store.url {}: {e}", cfg.redacted_url()))?;
+    if let Some(path) = &cfg.password_file {
+        let password = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read store.password_file {}", path.display()))?;
+        let password = password.trim_end_matches(['\n', '\r']);
+        anyhow::ensure!(
+            !password.is_empty(),
+            "store.password_file {} is empty",
+            path.display()
+        );
+        pg.password(password);
+    }
+    if pg.get_application_name().is_none() {
+        pg.application_name("faastastic");
+    }
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(cfg.connect_timeout);
+    }
+    if cfg.tls.is_some() {
+        // Configured TLS is never given up for a plain connection.
+        pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    }
+    Ok(pg)
+}
+
+impl PostgresStore {
+    /// Connects to the database and brings its schema up to date.
+    pub async fn connect(cfg: &StoreConfig) -> anyhow::Result<PostgresStore> {
+        let pg = pg_config(cfg)?;
+        let manager_cfg = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &cfg.tls {
+            Some(tls) => {
+                let client = tls
+                    .config()
+                    .map_err(|e| anyhow::anyhow!("[store.tls]: {e:#}"))?;
+                Manager::from_config(
+                    pg,
+                    tokio_postgres_rustls::MakeRustlsConnect::new(client),
+                    manager_cfg,
+                )
+            }
+            None => Manager::from_config(pg, tokio_postgres::NoTls, manager_cfg),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(cfg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(cfg.connect_timeout))
+            .create_timeout(Some(cfg.connect_timeout))
+            .recycle_timeout(Some(cfg.connect_timeout))
+            .build()
+            .map_err(|e| anyhow::anyhow!("store: {e}"))?;
+        let store = PostgresStore {
+            pool,
+            shown: cfg.redacted_url(),
+        };
+        store
+            .migrate()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot use the database {}: {e}", store.shown))?;
+        Ok(store)
+    }
+
+    /// The database's address without its password.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    /// Applies the migrations this database has not had yet, one instance at a time.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )
+        .await?;
+        let current: Option<i32> = tx
+            .query_one("SELECT max(version) FROM schema_migrations", &[])
+            .await?
+            .get(0);
+        let current = current.unwrap_or(0);
+        let newest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if current > newest {
+            return Err(StoreError::Corrupt(format!(
+                "the database's schema is version {current}, newer than this faastastic's {newest}: upgrade faastastic"
+            )));
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+            tracing::info!(version, "database schema migrated");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for PostgresStore {
+    async fn load_functions(&self, home: &str) -> Result<Vec<Function>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT namespace, name, deployment, desired_replicas, created_at, placement
+                 FROM functions ORDER BY namespace, name",
+                &[],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let (namespace, name): (String, String) = (row.get(0), row.get(1));
+                let created_at: String = row.get(4);
+                let created_at = DateTime::parse_from_rfc3339(&created_at)
+                    .map_err(|e| StoreError::Corrupt(format!("function {name}.{namespace}: {e}")))?
+                    .with_timezone(&Utc);
+                FunctionRow {
+                    namespace,
+                    name,
+                    deployment: row.get(2),
+                    desired_replicas: row.get(3),
+                    created_at,
+                    placement: Some(row.get(5)),
+                }
+                .into_function(home)
+            })
+            .collect()
+    }
+
+    async fn put_function(&self, function: &Function) -> Result<(), StoreError> {
+        let deployment = serde_json::to_string(&function.deployment)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let placement = placement_json(&function.replicas)?;
+        let (id, total) = (&function.id, total_of(&function.replicas));
+        let created_at = function.created_at.to_rfc3339();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO functions (namespace, name, deployment, desired_replicas, created_at, placement)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (namespace, name) DO UPDATE SET
+               deployment = excluded.deployment,
+               desired_replicas = excluded.desired_replicas,
+               created_at = excluded.created_at,
+               placement = excluded.placement",
+            &[&id.namespace, &id.name, &deployment, &total, &created_at, &placement],
+        )
+        .await?;
+        notify(&tx, Change::Function, &id.namespace, &id.name).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn write_desired(
+        &self,
+        id: &FunctionId,
+        replicas: &BTreeMap<String, u64>,
+        with: Option<DesiredWith>,
+    ) -> Result<Option<i64>, StoreError> {
+        let placement = placement_json(replicas)?;
+        let total = total_of(replicas);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "UPDATE functions SET desired_replicas = $3, placement = $4 WHERE namespace = $1 AND name = $2",
+            &[&id.namespace, &id.name, &total, &placement],
+        )
+        .await?;
+        notify(&tx, Change::Function, &id.namespace, &id.name).await?;
+        let event_id = match with {
+            Some(DesiredWith::Record(d)) => {
+                write_decision(&tx, id, &d.datacenter, &d.state_json, Some(&d.event)).await?
+            }
+            Some(DesiredWith::Undo(d, event_id)) => {
+                write_decision(&tx, id, &d.datacenter, &d.previous_state_json, None).await?;
+                tx.execute("DELETE FROM scale_events WHERE id = $1", &[&event_id])
+                    .await?;
+                None
+            }
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(event_id)
+    }
+
+    async fn delete_function(&self, id: &FunctionId) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut n = 0;
+        for table in ["functions", "autoscale_states", "trigger_state"] {
+            let deleted = tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE namespace = $1 AND name = $2"),
+                    &[&id.namespace, &id.name],
+                )
+                .await?;
+            if table == "functions" {
+                n = deleted;
+            }
+        }
+        notify(&tx, Change::Function, &id.namespace, &id.name).await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn load_autoscale_states(
+        &self,
+        _home: &str,
+    ) -> Result<Vec<(FunctionId, String, String)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT namespace, name, datacenter, state FROM autoscale_states",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                (
+                    FunctionId::new(row.get::<_, String>(1), row.get::<_, String>(0)),
+                    row.get(2),
+                    row.get(3),
+                )
+            })
+            .collect())
+    }
+
+    async fn record_decision(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+        state_json: String,
+        event: Option<EventRecord>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let event_id = write_decision(&tx, id, datacenter, &state_json, event.as_ref()).await?;
+        tx.commit().await?;
+        Ok(event_id)
+    }
+
+    async fn load_pauses(&self) -> Result<Vec<PauseRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT scope, since, reason FROM autoscale_pauses", &[])
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect())
+    }
+
+    async fn set_pause(
+        &self,
+        scope: &str,
+        pause: Option<(DateTime<Utc>, String)>,
+    ) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let n = match pause {
+            Some((since, reason)) => {
+                tx.execute(
+                    "INSERT INTO autoscale_pauses (scope, since, reason) VALUES ($1, $2, $3)
+                     ON CONFLICT (scope) DO NOTHING",
+                    &[&scope, &since, &reason],
+                )
+                .await?
+            }
+            None => {
+                tx.execute("DELETE FROM autoscale_pauses WHERE scope = $1", &[&scope])
+                    .await?
+            }
+        };
+        notify(&tx, Change::Pause, "", scope).await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn append_event(
+        &self,
+        events: Events,
+        namespace: &str,
+        name: &str,
+        event: EventRecord,
+    ) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        insert_event(&client, events, namespace, name, &event).await
+    }
+
+    async fn amend(&self, events: Events, id: i64, json: String) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                &format!("UPDATE {} SET event = $2 WHERE id = $1", events.table()),
+                &[&id, &json],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn events(
+        &self,
+        events: Events,
+        filter: EventFilter,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut sql = format!("SELECT id, event FROM {} WHERE true", events.table());
+        let mut args: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        for (column, value) in [
+            ("name", &filter.name),
+            ("namespace", &filter.namespace),
+            ("datacenter", &filter.datacenter),
+        ] {
+            if let Some(v) = value {
+                args.push(v);
+                sql.push_str(&format!(" AND {column} = ${}", args.len()));
+            }
+        }
+        if let Some(since) = &filter.since {
+            args.push(since);
+            sql.push_str(&format!(" AND at >= ${}", args.len()));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", filter.limit));
+        let client = self.client().await?;
+        let rows = client.query(&sql, &args).await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
+    }
+
+    async fn trigger_due_times(
+        &self,
+        trigger: &str,
+    ) -> Result<Vec<(FunctionId, DateTime<Utc>)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT namespace, name, last_due FROM trigger_state WHERE trigger = $1",
+                &[&trigger],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                (
+                    FunctionId::new(row.get::<_, String>(1), row.get::<_, String>(0)),
+                    row.get(2),
+                )
+            })
+            .collect())
+    }
+
+    async fn clear_trigger(&self, id: &FunctionId, trigger: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM trigger_state WHERE namespace = $1 AND name = $2 AND trigger = $3",
+                &[&id.namespace, &id.name, &trigger],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn record_trigger(
+        &self,
+        id: &FunctionId,
+        trigger: &str,
+        due: DateTime<Utc>,
+        event: EventRecord,
+    ) -> Result<i64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO trigger_state (namespace, name, trigger, last_due) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (namespace, name, trigger) DO UPDATE SET last_due = excluded.last_due",
+            &[&id.namespace, &id.name, &trigger, &due],
+        )
+        .await?;
+        let row = insert_event(&tx, Events::Trigger, &id.namespace, &id.name, &event).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    async fn interrupt_trigger_runs(&self) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE trigger_events
+                 SET event = (event::jsonb || jsonb_build_object('outcome', 'interrupted', 'reason', $1::text))::text
+                 WHERE event::jsonb ->> 'outcome' = 'running'",
+                &[&INTERRUPTED_REASON],
+            )
+            .await?;
+        Ok(n as usize)
+    }
+
+    async fn load_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT name, labels, annotations FROM namespaces ORDER BY name",
+                &[],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|row| namespace_from(row.get(0), row.get(1), row.get(2)))
+            .collect()
+    }
+
+    async fn put_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        let (labels, annotations) = (map_json(&ns.labels), map_json(&ns.annotations));
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO namespaces (name, labels, annotations) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET labels = excluded.labels, annotations = excluded.annotations",
+            &[&ns.name, &labels, &annotations],
+        )
+        .await?;
+        notify(&tx, Change::Namespace, &ns.name, "").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_namespace(&self, name: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let n = tx
+            .execute("DELETE FROM namespaces WHERE name = $1", &[&name])
+            .await?;
+        tx.execute("DELETE FROM secrets WHERE namespace = $1", &[&name])
+            .await?;
+        notify(&tx, Change::Namespace, name, "").await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT namespace, name, value FROM secrets ORDER BY namespace, name",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(secret_of).collect())
+    }
+
+    async fn get_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<SecretRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT namespace, name, value FROM secrets WHERE namespace = $1 AND name = $2",
+                &[&namespace, &name],
+            )
+            .await?;
+        Ok(row.as_ref().map(secret_of))
+    }
+
+    async fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO secrets (namespace, name, value) VALUES ($1, $2, $3)
+             ON CONFLICT (namespace, name) DO UPDATE SET value = excluded.value",
+            &[&secret.namespace, &secret.name, &secret.value],
+        )
+        .await?;
+        notify(&tx, Change::Secret, &secret.namespace, &secret.name).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let n = tx
+            .execute(
+                "DELETE FROM secrets WHERE namespace = $1 AND name = $2",
+                &[&namespace, &name],
+            )
+            .await?;
+        notify(&tx, Change::Secret, namespace, name).await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+}
