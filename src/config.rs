@@ -234,6 +234,9 @@ pub struct StoreConfig {
     pub pool_size: usize,
     /// Longest wait for a connection (at start, and for each use of the database).
     pub connect_timeout: Duration,
+    /// How long the leader's lease lasts unrenewed: a dead leader is replaced after at most
+    /// this (plus a quarter of it), a leader that cannot renew stops acting before it ends.
+    pub lease: Duration,
 }
 
 impl StoreConfig {
@@ -244,6 +247,7 @@ impl StoreConfig {
             tls: None,
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
+            lease: Duration::from_secs(2),
         }
     }
 
@@ -1104,8 +1108,15 @@ impl Config {
                                 .then_some(tls),
                             pool_size: s.positive("pool_size", d.pool_size),
                             connect_timeout: s.millis("connect_timeout_ms", d.connect_timeout),
+                            lease: s.millis("lease_ms", d.lease),
                             url,
                         };
+                        if c.lease < Duration::from_millis(400) {
+                            s.errors.push(format!(
+                                "store.lease_ms: {} is too short to renew over a network; use 400 or more (default 2000)",
+                                c.lease.as_millis()
+                            ));
+                        }
                         Some(c)
                     }
                 };

@@ -161,12 +161,28 @@ async fn datacenters(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Vec
 pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     create_data_dir(&cfg.data_dir)?;
     let metrics = Arc::new(Metrics::new());
+    if cfg.store.is_some() {
+        if let Some(dc) = cfg
+            .datacenters
+            .iter()
+            .find(|d| matches!(d.platform, PlatformConfig::Local))
+        {
+            anyhow::bail!(
+                "[store] url is a shared store, but datacenter {} runs functions as processes of this instance (platform \"local\"), which other instances cannot see or serve: give instances on a shared store datacenters they all reach (platform \"remote\", \"docker\" or \"swarm\")",
+                dc.name
+            );
+        }
+    }
     let store = match &cfg.store {
         Some(shared) => Store::new(Arc::new(
             crate::store::PostgresStore::connect(shared).await?,
         )),
         None => Store::open(&cfg.data_dir.join("state.db"))
             .with_context(|| format!("cannot open the store in {}", cfg.data_dir.display()))?,
+    };
+    let leader = match &cfg.store {
+        Some(shared) => crate::store::Leader::candidate(store.clone(), shared.lease),
+        None => crate::store::Leader::sole(),
     };
     let fleet = Arc::new(
         Fleet::restore(
@@ -178,8 +194,10 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
             cfg.limits.max_replicas,
             Arc::new(cfg.autoscale.clone()),
         )
-        .await?,
+        .await?
+        .with_leader(leader.clone()),
     );
+    leader.spawn(metrics.clone());
     fleet.spawn_reconciler(cfg.reconcile_interval);
     let activity = Arc::new(Activity::default());
     let autoscaler = Autoscaler::restore(
@@ -192,6 +210,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         Arc::new(SystemClock),
     )
     .await?;
+    crate::autoscale::follow::spawn(&store, fleet.clone(), autoscaler.clone());
     // Waking a function from zero is the autoscaler's decision, like every replica change.
     let invoker = Arc::new(Invoker::new(
         fleet.clone(),
@@ -314,6 +333,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         crate::listener::DRAIN,
     )
     .await;
+    // Another instance takes over now rather than when the lease runs out.
+    fleet.leader().resign().await;
     tracing::info!("stopping replicas");
     fleet.shutdown().await;
     Ok(())

@@ -79,6 +79,10 @@ pub struct Metrics {
     pub trigger_last_run: prometheus::GaugeVec,
     /// `faastastic_trigger_up{trigger}`: 1 while a trigger's source (NATS) is reachable.
     pub trigger_up: IntGaugeVec,
+    /// `faastastic_leader`: 1 while this instance runs the loops that run once.
+    pub leader: prometheus::IntGauge,
+    /// `faastastic_store_up`: 1 while the store answered its last use, 0 when it failed.
+    pub store_up: prometheus::IntGauge,
     /// Invocations per function (`name.namespace`) and datacenter, all status codes: what the
     /// autoscaler and the function list read, without walking the Prometheus vectors (which
     /// allocates every series' labels: tens of milliseconds at 10,000 functions).
@@ -223,8 +227,21 @@ impl Metrics {
             &["trigger"],
         )
         .expect("static metric definition is valid");
+        let leader = prometheus::IntGauge::new(
+            "faastastic_leader",
+            "1 while this instance leads: runs query policies, ticks, the reconciler and cron",
+        )
+        .expect("static metric definition is valid");
+        let store_up = prometheus::IntGauge::new(
+            "faastastic_store_up",
+            "1 while the store (SQLite file or shared PostgreSQL database) answers",
+        )
+        .expect("static metric definition is valid");
+        store_up.set(1);
         for collector in [
             Box::new(scale_decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(leader.clone()),
+            Box::new(store_up.clone()),
             Box::new(trigger_up.clone()),
             Box::new(trigger_runs.clone()),
             Box::new(trigger_last_run.clone()),
@@ -267,6 +284,8 @@ impl Metrics {
             trigger_runs,
             trigger_last_run,
             trigger_up,
+            leader,
+            store_up,
             totals: Default::default(),
         }
     }

@@ -151,6 +151,7 @@ async fn a_decision_is_stored_with_its_replicas_and_undone_whole(kind: Kind) {
         state_json: r#"{"n":2}"#.into(),
         previous_state_json: r#"{"n":1}"#.into(),
         event: event(at, "lon", "up 1 -> 4"),
+        fence: None,
     };
     let four: BTreeMap<String, u64> = [("lon".to_string(), 4)].into();
     let id = store
@@ -421,4 +422,212 @@ async fn namespaces_and_secrets_round_trip_and_cascade(kind: Kind) {
     assert_eq!(left[0].namespace, "prod");
     assert!(store.delete_secret("prod", "api-key").await.unwrap());
     assert!(!store.delete_secret("prod", "api-key").await.unwrap());
+}
+
+// What only the shared database does.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_together_migrate_once() {
+    let pg = Postgres::start();
+    let cfg = StoreConfig::new(&pg.url("together"));
+    let starts = (0..6).map(|_| {
+        let cfg = cfg.clone();
+        tokio::spawn(async move { PostgresStore::connect(&cfg).await.map(|_| ()) })
+    });
+    for started in futures::future::join_all(starts).await {
+        started
+            .unwrap()
+            .expect("an instance failed to start beside the others");
+    }
+    assert_eq!(
+        pg.psql(
+            "together",
+            "SELECT string_agg(version::text, ',') FROM schema_migrations"
+        ),
+        "1",
+        "each migration is recorded once"
+    );
+    // A schema newer than this build: refused, saying what to do, and left alone.
+    pg.psql(
+        "together",
+        "INSERT INTO schema_migrations (version) VALUES (99)",
+    );
+    let e = PostgresStore::connect(&cfg).await.err().expect("refused");
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("version 99") && text.contains("upgrade faastastic"),
+        "{text}"
+    );
+    assert!(!text.contains(common::postgres::PASSWORD), "{text}");
+}
+
+#[tokio::test]
+async fn every_write_is_announced_on_commit() {
+    let kind = postgres();
+    let store = kind.open().await;
+    // Listening once connected: changes from now on are all heard.
+    let mut notes = store.subscribe().expect("a shared store announces changes");
+    let f = function("api", &[("lon", 1)]);
+    store.put_function(&f).await.unwrap();
+    store
+        .set_pause("*", Some((Utc::now(), "x".into())))
+        .await
+        .unwrap();
+    let mut heard = Vec::new();
+    while heard.len() < 2 {
+        let note = tokio::time::timeout(std::time::Duration::from_secs(5), notes.recv())
+            .await
+            .expect("a change was not announced")
+            .unwrap();
+        if note != faastastic::store::Note::Resync {
+            heard.push(note);
+        }
+    }
+    use faastastic::store::{Change, Note};
+    assert_eq!(
+        heard,
+        vec![
+            Note::Changed {
+                kind: Change::Function,
+                namespace: "openfaas-fn".into(),
+                name: "api".into()
+            },
+            Note::Changed {
+                kind: Change::Pause,
+                namespace: String::new(),
+                name: "*".into()
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_lease_goes_to_one_holder_and_to_another_once_it_runs_out() {
+    let kind = postgres();
+    let store = kind.open().await;
+    let ttl = std::time::Duration::from_millis(600);
+    let a = store.acquire_lease("leader", "a", ttl).await.unwrap();
+    assert_eq!(a, Some(1));
+    assert_eq!(store.acquire_lease("leader", "b", ttl).await.unwrap(), None);
+    // Renewed in time: the same term.
+    assert_eq!(
+        store.acquire_lease("leader", "a", ttl).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store.lease_holder("leader").await.unwrap(),
+        Some(("a".to_string(), 1))
+    );
+    tokio::time::sleep(ttl + std::time::Duration::from_millis(100)).await;
+    // Run out: b's term, with a higher token; a's next renewal fails.
+    assert_eq!(
+        store.acquire_lease("leader", "b", ttl).await.unwrap(),
+        Some(2)
+    );
+    assert_eq!(store.acquire_lease("leader", "a", ttl).await.unwrap(), None);
+    // A write fenced with a's old token is refused, whole.
+    let f = function("api", &[("lon", 1)]);
+    store.put_function(&f).await.unwrap();
+    let decision = |fence| Decision {
+        datacenter: "lon".into(),
+        state_json: "{}".into(),
+        previous_state_json: "{}".into(),
+        event: event(Utc::now(), "lon", "up"),
+        fence: Some(fence),
+    };
+    let four: BTreeMap<String, u64> = [("lon".to_string(), 4)].into();
+    let e = store
+        .set_desired_with(&f.id, &four, Some(&decision(1)))
+        .await
+        .expect_err("a deposed leader's write");
+    assert!(e.to_string().contains("no longer leads"), "{e}");
+    assert_eq!(
+        store.load_functions("home").await.unwrap()[0].replicas["lon"],
+        1
+    );
+    assert!(store.scale_events(all_events(10)).await.unwrap().is_empty());
+    // b's token writes.
+    store
+        .set_desired_with(&f.id, &four, Some(&decision(2)))
+        .await
+        .unwrap();
+    // Given up at a clean stop: another takes it at once.
+    store.release_lease("leader", "b").await.unwrap();
+    assert_eq!(
+        store.acquire_lease("leader", "a", ttl).await.unwrap(),
+        Some(3)
+    );
+}
+
+/// Runs `faastastic serve` with `config` until it exits (it must, within 30 s); its exit code
+/// and what it printed.
+fn serve_until_exit(config: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("faastastic.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["serve", "--no-auth", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("faastastic did not stop");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+const REMOTE_DC: &str =
+    "[[datacenters]]\nname = \"lon\"\nplatform = \"remote\"\nurl = \"http://127.0.0.1:9\"\n";
+
+#[test]
+fn a_database_that_cannot_be_used_stops_the_start_named_without_its_password() {
+    // Nobody listens there.
+    let port = common::free_port();
+    let config = format!(
+        "[store]\nurl = \"postgres://faastastic:hunter2@127.0.0.1:{port}/faastastic\"\nconnect_timeout_ms = 1000\n{REMOTE_DC}"
+    );
+    let (code, text) = serve_until_exit(&config);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "postgres://faastastic:<redacted>@127.0.0.1:{port}/faastastic"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("refused") || text.contains("connect"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+
+    // A server that is there, with the wrong password.
+    let pg = Postgres::start();
+    let url = pg
+        .url("faastastic")
+        .replace(common::postgres::PASSWORD, "wrong-pw");
+    let (code, text) = serve_until_exit(&format!("[store]\nurl = \"{url}\"\n{REMOTE_DC}"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("password authentication failed"), "{text}");
+    assert!(!text.contains("wrong-pw"), "{text}");
+
+    // Functions as processes of one instance cannot be shared.
+    let url = pg.url("faastastic");
+    let (code, text) = serve_until_exit(&format!("[store]\nurl = \"{url}\"\n"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("platform \"local\"") && text.contains("remote"),
+        "{text}"
+    );
 }

@@ -47,6 +47,7 @@ impl From<FleetError> for ApiError {
             FleetError::NotFound(_) => StatusCode::NOT_FOUND,
             FleetError::Conflict(_) => StatusCode::CONFLICT,
             FleetError::Store(e) if e.is_full() => StatusCode::INSUFFICIENT_STORAGE,
+            FleetError::Store(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             // A datacenter that does not answer (or whose TLS handshake fails) is an
             // upstream's failure; one that answers with a refusal is this server's.
             FleetError::Platform(crate::platform::PlatformError::Unreachable(_)) => {
@@ -60,6 +61,9 @@ impl From<FleetError> for ApiError {
             FleetError::Invalid(errors) => format!("validation failed: {}", errors.join("; ")),
             FleetError::Store(e) if e.is_full() => {
                 format!("{e}: nothing was stored; free space in the data directory and retry")
+            }
+            FleetError::Store(e) if e.is_unavailable() => {
+                format!("{e}: nothing was changed; retry once the database is back")
             }
             other => other.to_string(),
         };

@@ -105,6 +105,7 @@ fn label<'a>(labels: &'a [(String, String)], name: &str) -> &'a str {
 /// query policy's source, the pauses, how many functions are deployed, and the defaults a
 /// deployment gets (placement, namespace).
 pub async fn overview(State(s): State<Arc<AppState>>) -> Response {
+    let leader = s.fleet.leader();
     let datacenters: Vec<serde_json::Value> = s
         .fleet
         .datacenters()
@@ -158,6 +159,14 @@ pub async fn overview(State(s): State<Arc<AppState>>) -> Response {
         },
         "defaultNamespace": s.fleet.default_namespace(),
         "version": RELEASE,
+        "instance": {
+            "id": leader.id,
+            "leader": leader.is_leader(),
+            // Asked of the store: which instance runs the loops now (null: none yet).
+            "leaderInstance": leader.current().await,
+            "store": if leader.elected() { "postgres" } else { "sqlite" },
+            "storeUp": s.metrics.store_up.get() == 1,
+        },
     }))
     .into_response()
 }

@@ -146,6 +146,10 @@ struct Tracked {
     /// The last shadow (dry-run) decision a periodic source recorded, as (from, to): the same
     /// one again is not recorded (nor annotated) until the recommendation changes.
     last_shadow: Option<(u64, u64)>,
+    /// The state as this instance last stored or read it: on a shared store, a different one
+    /// there means another instance decided since, and its state is taken over. (The state in
+    /// memory may be ahead of it: periodic inputs that change nothing are not stored.)
+    stored: Option<String>,
 }
 
 /// A pause of autoscaling, as `/system/autoscaling` reports it.
@@ -193,6 +197,7 @@ impl Autoscaler {
                         state,
                         deployed_at: None,
                         last_shadow: None,
+                        stored: Some(json),
                     };
                     states.insert(key, Arc::new(tokio::sync::Mutex::new(tracked)));
                 }
@@ -405,6 +410,20 @@ impl Autoscaler {
         let key: Key = (id.clone(), datacenter.to_string());
         let state_lock = self.state_of(&key);
         let mut tracked = state_lock.lock().await;
+        // Held until the decision is stored and carried out.
+        let _held = match self.follow(&key, &mut tracked).await {
+            Ok(held) => held,
+            Err(e) => {
+                let mut result = SignalResult::other(
+                    id.qualified(),
+                    Verdict::Failed,
+                    format!("cannot read the shared store: {e}"),
+                );
+                result.retryable = true;
+                *failure = Some(e);
+                return result;
+            }
+        };
         let (function, current) = match self.fleet.get(id) {
             Ok(v) => match v.function.desired_in(datacenter) {
                 Some(current) => (v.function, current),
@@ -462,10 +481,26 @@ impl Autoscaler {
                 event.reason = reason;
                 event.reason_code = "invalid_labels";
                 event.evidence = evidence;
-                return self.finish(&key, state, event, false, false).await;
+                let result = self.finish(&key, state, event, false, false).await;
+                tracked.stored = Some(state_json(&tracked.state));
+                return result;
             }
         };
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
+        // Periodic sources run on the leader: what they change carries its fencing token, so
+        // a decision still in flight when another instance took over is refused by the store.
+        let leader = self.fleet.leader();
+        let fence = if quiet && leader.elected() {
+            match leader.token() {
+                Some(token) => Some(token),
+                None => {
+                    let reason = "held: this instance no longer leads".to_string();
+                    return SignalResult::other(id.qualified(), Verdict::Held, reason);
+                }
+            }
+        } else {
+            None
+        };
         // Shadow mode is for trying scaling rules: a function at zero is still woken, or its
         // invocations would go unanswered, and an operator's manual scale is carried out.
         let manual = matches!(input, Input::Manual { .. });
@@ -543,6 +578,7 @@ impl Autoscaler {
                     state_json: state_json(&next),
                     previous_state_json: state_json(state),
                     event: event_record(&event),
+                    fence,
                 };
                 match self
                     .fleet
@@ -599,7 +635,98 @@ impl Autoscaler {
             *state = next;
         }
         self.set_stepping(&key, state.stepping_down);
-        self.finish(&key, state, event, retryable, recorded).await
+        let result = self.finish(&key, state, event, retryable, recorded).await;
+        tracked.stored = Some(state_json(&tracked.state));
+        result
+    }
+
+    /// On a shared store: holds the decision's key against the other instances and reads the
+    /// function and its state as they are there now (another instance may have decided since).
+    /// Nothing to do on a store of one's own.
+    async fn follow(
+        &self,
+        (id, datacenter): &Key,
+        tracked: &mut Tracked,
+    ) -> Result<Option<store::Guard>, FleetError> {
+        if !self.store.shared() {
+            return Ok(None);
+        }
+        let held = self
+            .store
+            .lock(&format!("decide {}@{datacenter}", id.qualified()))
+            .await?;
+        self.fleet.refresh(id).await?;
+        let stored = self.store.load_state(id, datacenter).await?;
+        self.adopt(&(id.clone(), datacenter.clone()), tracked, stored);
+        Ok(held)
+    }
+
+    /// Takes over a state another instance stored, when it differs from the one this instance
+    /// last stored or read.
+    fn adopt(&self, key: &Key, tracked: &mut Tracked, stored: Option<String>) {
+        if stored == tracked.stored {
+            return;
+        }
+        tracked.state = stored
+            .as_deref()
+            .and_then(|json| serde_json::from_str(json).ok())
+            .unwrap_or_default();
+        tracked.stored = stored;
+        tracked.last_shadow = None;
+        self.set_stepping(key, tracked.state.stepping_down);
+    }
+
+    /// Reads every function's states again from a shared store (after a gap in the change
+    /// announcements, and as a safety net), or one function's (`only`) when another instance
+    /// announced a decision about it.
+    pub async fn refresh_states(&self, only: Option<&FunctionId>) -> Result<(), StoreError> {
+        let rows = match only {
+            Some(id) => {
+                let mut rows = Vec::new();
+                for dc in self.fleet.placement_of(id).unwrap_or_default().into_keys() {
+                    let state = self.store.load_state(id, &dc).await?;
+                    rows.push((id.clone(), dc, state));
+                }
+                rows
+            }
+            None => self
+                .store
+                .load_autoscale_states(self.fleet.home())
+                .await?
+                .into_iter()
+                .map(|(id, dc, json)| (id, dc, Some(json)))
+                .collect(),
+        };
+        for (id, dc, stored) in rows {
+            let key = (id, dc);
+            let lock = self.state_of(&key);
+            // A decision in progress here reads the store itself when it next runs.
+            let Ok(mut tracked) = lock.try_lock() else {
+                continue;
+            };
+            self.adopt(&key, &mut tracked, stored);
+        }
+        Ok(())
+    }
+
+    /// Reads the pauses again from a shared store (another instance paused or resumed).
+    pub async fn reload_pauses(&self) -> Result<(), StoreError> {
+        let paused = self
+            .store
+            .load_pauses()
+            .await?
+            .into_iter()
+            .map(|(scope, since, reason)| {
+                let pause = Pause {
+                    scope: scope.clone(),
+                    since,
+                    reason,
+                };
+                (scope, pause)
+            })
+            .collect();
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = paused;
+        Ok(())
     }
 
     /// Stores the state and the event together, counts and logs it.
@@ -1041,6 +1168,10 @@ impl Autoscaler {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(std::time::Instant::now(), counts);
+                // Gradual scale-down and scale to zero are the leader's to run.
+                if !this.fleet.leader().is_leader() {
+                    continue;
+                }
                 let due: Vec<Key> = this
                     .stepping
                     .lock()

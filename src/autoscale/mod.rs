@@ -4,6 +4,7 @@
 pub mod alertmanager;
 pub mod clock;
 pub mod executor;
+pub mod follow;
 pub mod labels;
 pub mod policy;
 pub mod query;

@@ -328,6 +328,10 @@ impl Runner {
     /// read this returns, to run beside the loop (not while `may_read` is false: one is in
     /// flight).
     async fn turn(&mut self, may_read: bool) -> Option<SourceRead> {
+        // Query policies are the leader's to run (one instance of several on a shared store).
+        if !self.fleet.leader().is_leader() {
+            return None;
+        }
         let now = Instant::now();
         let due = self.turns.is_multiple_of(u64::from(self.per_read)) && may_read;
         self.turns += 1;

@@ -10,6 +10,7 @@
 //! converges each datacenter; `namespaces.rs` keeps namespaces and secrets.
 
 mod deploy;
+mod follow;
 mod namespaces;
 mod reconcile;
 mod scale;
@@ -231,6 +232,8 @@ pub struct Fleet {
     /// length (platform call included), taken before `write`: scales of different
     /// datacenters and functions run at once, and a slow datacenter holds up only its own.
     count_locks: std::sync::Mutex<HashMap<(FunctionId, String), CountLock>>,
+    /// Whether this instance runs the loops that must run once (always, on a store of its own).
+    leader: Arc<crate::store::Leader>,
 }
 
 /// The lock of one function's count in one datacenter.
@@ -431,7 +434,11 @@ impl Fleet {
             applied: std::sync::Mutex::new(HashMap::new()),
             write: Mutex::new(()),
             count_locks: std::sync::Mutex::new(HashMap::new()),
+            leader: crate::store::Leader::sole(),
         };
+        // On a shared store the platforms are the leader's to converge (its reconciler does,
+        // as soon as it leads): an instance starting beside others changes nothing there.
+        let converge = !fleet.store.shared();
         for mut function in fleet.store.load_functions(home).await? {
             // A datacenter no longer configured: its replicas move home.
             let gone: Vec<String> = function
@@ -474,6 +481,10 @@ impl Fleet {
                     tracing::error!(function = %function.id, error = %e, "cannot record the move home");
                 }
             }
+            if !converge {
+                fleet.put_function(function);
+                continue;
+            }
             match fleet.workload(&function.id, &function.deployment).await {
                 Ok(w) => {
                     let dcs: Vec<(String, u64)> = function
@@ -497,6 +508,17 @@ impl Fleet {
 
     pub fn default_namespace(&self) -> &str {
         &self.default_namespace
+    }
+
+    /// The same fleet, whose leader-only loops follow `leader`.
+    pub fn with_leader(mut self, leader: Arc<crate::store::Leader>) -> Fleet {
+        self.leader = leader;
+        self
+    }
+
+    /// Who runs the loops that must run once.
+    pub fn leader(&self) -> &Arc<crate::store::Leader> {
+        &self.leader
     }
 
     /// Where a deployment that names no datacenter goes.
@@ -821,6 +843,10 @@ impl Fleet {
 
     /// Stops every platform (on shutdown).
     pub async fn shutdown(&self) {
+        // Replicas on a shared store belong to every instance: one stopping leaves them.
+        if self.store.shared() {
+            return;
+        }
         futures::future::join_all(self.datacenters.iter().map(|d| d.platform.shutdown())).await;
     }
 }

@@ -112,9 +112,16 @@ impl Fleet {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             tick.tick().await;
+            let mut leading = fleet.leader.watch();
             loop {
-                tick.tick().await;
-                fleet.reconcile().await;
+                // Only the leader converges; one that has just become it does at once.
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    Ok(()) = leading.changed() => {}
+                }
+                if fleet.leader.is_leader() {
+                    fleet.reconcile().await;
+                }
             }
         });
     }

@@ -4,6 +4,7 @@
 //! instances, `[store] url`). Every mutation is one transaction, so a crash leaves either the
 //! old or the new state, never half of one.
 
+pub(crate) mod lease;
 mod postgres;
 mod sqlite;
 
@@ -16,14 +17,15 @@ use chrono::{DateTime, Utc};
 
 use crate::model::{Function, FunctionId, Namespace};
 
-pub use postgres::PostgresStore;
+pub use lease::Leader;
+pub use postgres::{Change, PostgresStore};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("database error: {0}")]
+    #[error("database error: {}", chain(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// The shared database cannot be reached (or gave no connection in time).
     #[error("the database is unavailable: {0}")]
@@ -32,6 +34,26 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database task failed: {0}")]
     Join(String),
+    /// A write made for the leader after this instance stopped being it.
+    #[error(
+        "this instance no longer leads (fencing token {0} is stale); another instance acts now"
+    )]
+    Deposed(i64),
+}
+
+/// An error with the causes it wraps ("error connecting to server: Connection refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl StoreError {
@@ -82,6 +104,9 @@ pub struct Decision {
     pub state_json: String,
     pub previous_state_json: String,
     pub event: EventRecord,
+    /// The leader's fencing token, for a decision only the leader may make (its loops'): the
+    /// write is refused when another instance has taken the lease since.
+    pub fence: Option<i64>,
 }
 
 /// What is written with a function's desired replicas.
@@ -217,6 +242,75 @@ pub trait Backend: Send + Sync {
     ) -> Result<Option<SecretRecord>, StoreError>;
     async fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError>;
     async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, StoreError>;
+
+    /// One function as stored now (`None`: not deployed).
+    async fn load_function(
+        &self,
+        id: &FunctionId,
+        home: &str,
+    ) -> Result<Option<Function>, StoreError>;
+
+    /// One function's autoscaler state in one datacenter, as JSON text.
+    async fn load_state(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+    ) -> Result<Option<String>, StoreError>;
+
+    /// Whether other instances share this store (and so leadership must be elected).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Holds `key` against every instance until the guard is dropped (decisions about one
+    /// function in one datacenter, made one at a time however many instances receive them).
+    /// `None` when nobody shares the store: the caller's own lock is enough.
+    async fn lock(&self, _key: &str) -> Result<Option<Guard>, StoreError> {
+        Ok(None)
+    }
+
+    /// What other instances change, as they commit it (`None`: nobody shares the store).
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<Note>> {
+        None
+    }
+
+    /// Takes or renews the lease `name` for `holder`, valid for `ttl` by the database's
+    /// clock. The fencing token while `holder` holds it (the same while it renews in time, a
+    /// higher one for each new term), `None` while another instance does. A store nobody
+    /// shares is always led by its one instance.
+    async fn acquire_lease(
+        &self,
+        _name: &str,
+        _holder: &str,
+        _ttl: std::time::Duration,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(Some(1))
+    }
+
+    /// Gives the lease up (a clean stop), so that another instance need not wait it out.
+    async fn release_lease(&self, _name: &str, _holder: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Who holds the lease `name` now, with its token: `None` when nobody does.
+    async fn lease_holder(&self, _name: &str) -> Result<Option<(String, i64)>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// A lock held on the store until dropped (see [`Backend::lock`]).
+pub struct Guard(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>);
+
+/// A change another instance (or this one) committed to a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    Changed {
+        kind: Change,
+        namespace: String,
+        name: String,
+    },
+    /// Changes may have been missed (the listening connection was down): read everything.
+    Resync,
 }
 
 /// The store the rest of the server holds: one backend, shared.

@@ -13,7 +13,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     map_json, namespace_from, placement_json, total_of, Backend, DesiredWith, EventFilter,
-    EventRecord, Events, FunctionRow, PauseRow, SecretRecord, StoreError, INTERRUPTED_REASON,
+    EventRecord, Events, FunctionRow, Note, PauseRow, SecretRecord, StoreError, INTERRUPTED_REASON,
 };
 use crate::config::StoreConfig;
 use crate::model::{Function, FunctionId, Namespace};
@@ -110,6 +110,8 @@ pub enum Change {
 
 pub struct PostgresStore {
     pool: Pool,
+    /// Changes committed by any instance, from the listening connection.
+    notes: tokio::sync::broadcast::Sender<Note>,
     /// The database's address without its password, for messages.
     shown: String,
 }
@@ -216,25 +218,191 @@ pub fn pg_config(cfg: &StoreConfig) -> anyhow::Result<tokio_postgres::Config> {
     Ok(pg)
 }
 
+/// Listens for changes on a connection of its own for as long as anyone subscribes, and
+/// connects again when it is lost; every (re)connection starts with a [`Note::Resync`], since
+/// what was committed meanwhile was not heard.
+async fn listen<T>(
+    pg: tokio_postgres::Config,
+    tls: T,
+    notes: tokio::sync::broadcast::Sender<Note>,
+    listening: tokio::sync::oneshot::Sender<()>,
+) where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + 'static,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+{
+    use futures::StreamExt;
+    let mut failing = false;
+    let mut listening = Some(listening);
+    loop {
+        match pg.connect(tls.clone()).await {
+            Ok((client, mut connection)) => {
+                let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
+                let pump = tokio::spawn(async move {
+                    let mut messages =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(message)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                            if heard.send(n.payload().to_string()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .await
+                    .is_ok()
+                {
+                    if failing {
+                        tracing::info!("store: listening for other instances' changes again");
+                        failing = false;
+                    }
+                    let _ = notes.send(Note::Resync);
+                    if let Some(listening) = listening.take() {
+                        let _ = listening.send(());
+                    }
+                    while let Some(payload) = hearing.recv().await {
+                        match serde_json::from_str::<Payload>(&payload) {
+                            Ok(p) => {
+                                let _ = notes.send(Note::Changed {
+                                    kind: p.kind,
+                                    namespace: p.namespace,
+                                    name: p.name,
+                                });
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "store: an unreadable change notification")
+                            }
+                        }
+                    }
+                }
+                pump.abort();
+                if !failing {
+                    tracing::warn!("store: the connection listening for other instances' changes was lost; connecting again");
+                    failing = true;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(error = %e, "store: cannot listen for other instances' changes; trying again every second");
+                    failing = true;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Payload {
+    kind: Change,
+    namespace: String,
+    name: String,
+}
+
+/// An advisory lock held on a pooled connection, released (and the connection returned) when
+/// dropped.
+struct Advisory {
+    client: Option<deadpool_postgres::Object>,
+    key: i64,
+}
+
+impl Drop for Advisory {
+    fn drop(&mut self) {
+        let (Some(client), key) = (self.client.take(), self.key) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to release it on: the connection closes, and the lock with it.
+            drop(deadpool_postgres::Object::take(client));
+            return;
+        };
+        runtime.spawn(async move {
+            if client
+                .execute("SELECT pg_advisory_unlock($1)", &[&key])
+                .await
+                .is_err()
+            {
+                // Not released: the connection must not go back to the pool holding it.
+                drop(deadpool_postgres::Object::take(client));
+            }
+        });
+    }
+}
+
+/// A lock key's number: the first 8 bytes of its SHA-256.
+fn lock_key(key: &str) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    i64::from_be_bytes(digest[..8].try_into().expect("a digest has 32 bytes"))
+}
+
 impl PostgresStore {
+    /// The functions a `WHERE` clause selects, in order.
+    async fn functions_where(
+        &self,
+        clause: &str,
+        args: &[&(dyn ToSql + Sync)],
+        home: &str,
+    ) -> Result<Vec<Function>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT namespace, name, deployment, desired_replicas, created_at, placement
+                     FROM functions {clause} ORDER BY namespace, name"
+                ),
+                args,
+            )
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let (namespace, name): (String, String) = (row.get(0), row.get(1));
+                let created_at: String = row.get(4);
+                let created_at = DateTime::parse_from_rfc3339(&created_at)
+                    .map_err(|e| StoreError::Corrupt(format!("function {name}.{namespace}: {e}")))?
+                    .with_timezone(&Utc);
+                FunctionRow {
+                    namespace,
+                    name,
+                    deployment: row.get(2),
+                    desired_replicas: row.get(3),
+                    created_at,
+                    placement: Some(row.get(5)),
+                }
+                .into_function(home)
+            })
+            .collect()
+    }
+
     /// Connects to the database and brings its schema up to date.
     pub async fn connect(cfg: &StoreConfig) -> anyhow::Result<PostgresStore> {
         let pg = pg_config(cfg)?;
         let manager_cfg = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
+        let (notes, _) = tokio::sync::broadcast::channel(4096);
+        let (listening, heard) = tokio::sync::oneshot::channel();
         let manager = match &cfg.tls {
             Some(tls) => {
                 let client = tls
                     .config()
                     .map_err(|e| anyhow::anyhow!("[store.tls]: {e:#}"))?;
-                Manager::from_config(
-                    pg,
-                    tokio_postgres_rustls::MakeRustlsConnect::new(client),
-                    manager_cfg,
-                )
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client);
+                tokio::spawn(listen(pg.clone(), tls.clone(), notes.clone(), listening));
+                Manager::from_config(pg, tls, manager_cfg)
             }
-            None => Manager::from_config(pg, tokio_postgres::NoTls, manager_cfg),
+            None => {
+                tokio::spawn(listen(
+                    pg.clone(),
+                    tokio_postgres::NoTls,
+                    notes.clone(),
+                    listening,
+                ));
+                Manager::from_config(pg, tokio_postgres::NoTls, manager_cfg)
+            }
         };
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
@@ -246,12 +414,20 @@ impl PostgresStore {
             .map_err(|e| anyhow::anyhow!("store: {e}"))?;
         let store = PostgresStore {
             pool,
+            notes,
             shown: cfg.redacted_url(),
         };
         store
             .migrate()
             .await
             .map_err(|e| anyhow::anyhow!("cannot use the database {}: {e}", store.shown))?;
+        // Listening before anything is read, so that no change made meanwhile goes unheard.
+        if tokio::time::timeout(cfg.connect_timeout, heard)
+            .await
+            .is_err()
+        {
+            tracing::warn!("store: not listening for other instances' changes yet; they are read every few seconds meanwhile");
+        }
         Ok(store)
     }
 
@@ -305,32 +481,53 @@ impl PostgresStore {
 #[async_trait]
 impl Backend for PostgresStore {
     async fn load_functions(&self, home: &str) -> Result<Vec<Function>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT namespace, name, deployment, desired_replicas, created_at, placement
-                 FROM functions ORDER BY namespace, name",
-                &[],
+        self.functions_where("", &[], home).await
+    }
+
+    async fn load_function(
+        &self,
+        id: &FunctionId,
+        home: &str,
+    ) -> Result<Option<Function>, StoreError> {
+        let mut found = self
+            .functions_where(
+                "WHERE namespace = $1 AND name = $2",
+                &[&id.namespace, &id.name],
+                home,
             )
             .await?;
-        rows.into_iter()
-            .map(|row| {
-                let (namespace, name): (String, String) = (row.get(0), row.get(1));
-                let created_at: String = row.get(4);
-                let created_at = DateTime::parse_from_rfc3339(&created_at)
-                    .map_err(|e| StoreError::Corrupt(format!("function {name}.{namespace}: {e}")))?
-                    .with_timezone(&Utc);
-                FunctionRow {
-                    namespace,
-                    name,
-                    deployment: row.get(2),
-                    desired_replicas: row.get(3),
-                    created_at,
-                    placement: Some(row.get(5)),
-                }
-                .into_function(home)
-            })
-            .collect()
+        Ok(found.pop())
+    }
+
+    async fn load_state(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT state FROM autoscale_states WHERE namespace = $1 AND name = $2 AND datacenter = $3",
+                &[&id.namespace, &id.name, &datacenter],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn lock(&self, key: &str) -> Result<Option<super::Guard>, StoreError> {
+        let client = self.client().await?;
+        let key = lock_key(key);
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&key])
+            .await?;
+        Ok(Some(super::Guard(Box::new(Advisory {
+            client: Some(client),
+            key,
+        }))))
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<Note>> {
+        Some(self.notes.subscribe())
     }
 
     async fn put_function(&self, function: &Function) -> Result<(), StoreError> {
@@ -375,6 +572,19 @@ impl Backend for PostgresStore {
         notify(&tx, Change::Function, &id.namespace, &id.name).await?;
         let event_id = match with {
             Some(DesiredWith::Record(d)) => {
+                if let Some(token) = d.fence {
+                    // Locks the lease row against a takeover until this commits.
+                    let held = tx
+                        .query_opt(
+                            "SELECT 1 FROM leases WHERE name = $1 AND token = $2
+                               AND expires_at > clock_timestamp() FOR SHARE",
+                            &[&super::lease::LEADER_LEASE, &token],
+                        )
+                        .await?;
+                    if held.is_none() {
+                        return Err(StoreError::Deposed(token));
+                    }
+                }
                 write_decision(&tx, id, &d.datacenter, &d.state_json, Some(&d.event)).await?
             }
             Some(DesiredWith::Undo(d, event_id)) => {
@@ -680,6 +890,56 @@ impl Backend for PostgresStore {
         notify(&tx, Change::Secret, &secret.namespace, &secret.name).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<i64>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "INSERT INTO leases (name, holder, token, expires_at)
+                 VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3))
+                 ON CONFLICT (name) DO UPDATE SET
+                   holder = excluded.holder,
+                   token = CASE WHEN leases.holder = excluded.holder AND leases.expires_at > clock_timestamp()
+                                THEN leases.token ELSE leases.token + 1 END,
+                   expires_at = excluded.expires_at
+                 WHERE leases.holder = excluded.holder OR leases.expires_at <= clock_timestamp()
+                 RETURNING token",
+                &[&name, &holder, &ttl.as_secs_f64()],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE leases SET expires_at = clock_timestamp() WHERE name = $1 AND holder = $2",
+                &[&name, &holder],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn lease_holder(&self, name: &str) -> Result<Option<(String, i64)>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT holder, token FROM leases WHERE name = $1 AND expires_at > clock_timestamp()",
+                &[&name],
+            )
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     async fn delete_secret(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {

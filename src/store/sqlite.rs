@@ -224,15 +224,20 @@ impl SqliteStore {
     }
 }
 
-#[async_trait]
-impl Backend for SqliteStore {
-    async fn load_functions(&self, home: &str) -> Result<Vec<Function>, StoreError> {
+impl SqliteStore {
+    /// The functions a `WHERE` clause selects, in order.
+    async fn functions_where(
+        &self,
+        clause: &'static str,
+        args: Vec<String>,
+        home: &str,
+    ) -> Result<Vec<Function>, StoreError> {
         let home = home.to_string();
         self.call(move |conn| {
-            let mut stmt = conn.prepare(
-                "SELECT namespace, name, deployment, desired_replicas, created_at, placement FROM functions ORDER BY namespace, name",
-            )?;
-            let rows = stmt.query_map([], |row| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT namespace, name, deployment, desired_replicas, created_at, placement FROM functions {clause} ORDER BY namespace, name"
+            ))?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |row| {
                 Ok((
                     row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
@@ -257,6 +262,43 @@ impl Backend for SqliteStore {
                 out.push(row.into_function(&home)?);
             }
             Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteStore {
+    async fn load_functions(&self, home: &str) -> Result<Vec<Function>, StoreError> {
+        self.functions_where("", Vec::new(), home).await
+    }
+
+    async fn load_function(
+        &self,
+        id: &FunctionId,
+        home: &str,
+    ) -> Result<Option<Function>, StoreError> {
+        let args = vec![id.namespace.clone(), id.name.clone()];
+        let mut found = self
+            .functions_where("WHERE namespace = ?1 AND name = ?2", args, home)
+            .await?;
+        Ok(found.pop())
+    }
+
+    async fn load_state(
+        &self,
+        id: &FunctionId,
+        datacenter: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let (id, datacenter) = (id.clone(), datacenter.to_string());
+        self.call(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT state FROM autoscale_states WHERE namespace = ?1 AND name = ?2 AND datacenter = ?3",
+                    params![id.namespace, id.name, datacenter],
+                    |row| row.get(0),
+                )
+                .optional()?)
         })
         .await
     }

@@ -184,7 +184,22 @@ impl CronScheduler {
         tokio::spawn(async move { self.run().await })
     }
 
+    /// Schedules run on the leader only (one instance of several on a shared store): each
+    /// term starts from what the store says ran last.
     async fn run(self: Arc<Self>) {
+        let leader = self.fleet.leader().clone();
+        let mut changes = leader.watch();
+        loop {
+            if leader.is_leader() {
+                self.lead(&leader).await;
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn lead(self: &Arc<Self>, leader: &crate::store::Leader) {
         match self.store.interrupt_trigger_runs().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
@@ -207,6 +222,10 @@ impl CronScheduler {
         let mut entries: HashMap<FunctionId, Entry> = HashMap::new();
         let mut invalid: HashMap<FunctionId, String> = HashMap::new();
         loop {
+            if !leader.is_leader() {
+                tracing::info!("cron: schedules stop here: this instance no longer leads");
+                return;
+            }
             let now = Utc::now();
             self.sync(&mut entries, &mut handled, &mut invalid, now)
                 .await;

@@ -1,0 +1,75 @@
+//! Keeps this instance's memory of the desired state in step with a store other instances
+//! write too: one function read again when a change to it is announced, everything read again
+//! after a gap in the announcements and every few seconds as a safety net. Nothing here calls
+//! a platform: the instance that made a change carried it out, and the leader's reconciler
+//! converges what is left.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::{Fleet, FleetError};
+use crate::model::{Function, FunctionId};
+
+impl Fleet {
+    /// Reads one function again from the store: added, replaced or forgotten to match it.
+    pub async fn refresh(&self, id: &FunctionId) -> Result<(), FleetError> {
+        let stored = self.store.load_function(id, &self.home).await?;
+        self.take(id, stored);
+        Ok(())
+    }
+
+    /// Reads every function and namespace again from the store.
+    pub async fn resync(&self) -> Result<(), FleetError> {
+        let stored = self.store.load_functions(&self.home).await?;
+        let present: HashSet<FunctionId> = stored.iter().map(|f| f.id.clone()).collect();
+        let gone: Vec<FunctionId> = self
+            .read_functions()
+            .keys()
+            .filter(|id| !present.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.take(&id, None);
+        }
+        for function in stored {
+            let id = function.id.clone();
+            self.take(&id, Some(function));
+        }
+        self.reload_namespaces().await
+    }
+
+    /// Reads the namespaces again from the store.
+    pub async fn reload_namespaces(&self) -> Result<(), FleetError> {
+        let stored: BTreeMap<String, crate::model::Namespace> = self
+            .store
+            .load_namespaces()
+            .await?
+            .into_iter()
+            .map(|ns| (ns.name.clone(), ns))
+            .collect();
+        *self.namespaces_write() = stored;
+        Ok(())
+    }
+
+    /// Makes the in-memory record of `id` the stored one; an unchanged record is kept as it
+    /// is (its views and gauges stay).
+    fn take(&self, id: &FunctionId, stored: Option<Function>) {
+        match stored {
+            None => {
+                if self.write_functions().remove(id).is_some() {
+                    tracing::debug!(function = %id, "removed by another instance");
+                }
+            }
+            Some(f) => {
+                let same = self.read_functions().get(id).is_some_and(|placed| {
+                    let mine = &placed.function;
+                    mine.created_at == f.created_at
+                        && mine.replicas == f.replicas
+                        && mine.deployment == f.deployment
+                });
+                if !same {
+                    self.put_function(f);
+                }
+            }
+        }
+    }
+}

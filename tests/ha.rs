@@ -1,0 +1,286 @@
+//! Several faastastic instances on one PostgreSQL database (Debian's, started here), with one
+//! remote datacenter (a `faastastic agent`) they all reach: every instance serves the whole
+//! API, one leads the loops that run once, and another takes over when it dies.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::postgres::Postgres;
+use common::{alert_payload, echo_function, free_port, poll, sample, Agent, Options, Server};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// A datacenter `lon` served by an agent, and what keeps both alive.
+struct Cluster {
+    pg: Postgres,
+    _agent: Agent,
+    dir: tempfile::TempDir,
+    config: String,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let pg = Postgres::start();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let agent = Agent::start("lon", port, dir.path());
+        let password = dir.path().join("pg-password");
+        std::fs::write(&password, common::postgres::PASSWORD).unwrap();
+        let config = format!(
+            "reconcile_interval_ms = 300\n\
+             [store]\nurl = \"{}\"\npassword_file = \"{}\"\n\
+             [[datacenters]]\nname = \"lon\"\nplatform = \"remote\"\nurl = \"http://127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+            pg.url_without_password("faastastic"),
+            password.display(),
+            dir.path().join("token").display()
+        );
+        Cluster {
+            pg,
+            _agent: agent,
+            dir,
+            config,
+        }
+    }
+
+    /// One more instance, with a data directory of its own.
+    fn instance(&self, name: &str) -> Server {
+        let data = self.dir.path().join(name);
+        Server::with(Options {
+            config: Some(&self.config),
+            data_dir: Some(&data),
+            ..Default::default()
+        })
+    }
+}
+
+async fn is_leader(s: &Server) -> bool {
+    sample(&s.metrics().await, "faastastic_leader") == Some(1.0)
+}
+
+async fn overview(s: &Server) -> Value {
+    s.get_json("/system/overview").await
+}
+
+/// The instances that say they lead, by index.
+async fn leaders(servers: &[&Server]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        if is_leader(s).await {
+            out.push(i);
+        }
+    }
+    out
+}
+
+async fn events(s: &Server, query: &str) -> Vec<Value> {
+    s.get_json(&format!("/system/scale-events{query}")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_instance_serves_what_another_changed() {
+    let cluster = Cluster::new();
+    let (a, b, c) = (
+        cluster.instance("a"),
+        cluster.instance("b"),
+        cluster.instance("c"),
+    );
+    assert_eq!(a.deploy(echo_function("echo")).await.status(), 202);
+    // Visible through the others within a second.
+    let started = Instant::now();
+    for s in [&b, &c] {
+        assert!(
+            poll(Duration::from_secs(1), || async {
+                s.status("echo").await.0 == 200
+            })
+            .await,
+            "a deploy through one instance is not visible through another"
+        );
+    }
+    let seen_in = started.elapsed();
+    c.wait_available("echo", 1).await;
+    let (code, body) = c.invoke("echo", "through c").await;
+    assert_eq!((code, body.as_str()), (200, "through c"));
+
+    // A scale through b, seen by a and carried out once.
+    assert_eq!(b.scale("echo", 3).await, 202);
+    assert!(
+        poll(Duration::from_secs(1), || async {
+            a.status("echo").await.1["replicas"] == 3
+        })
+        .await
+    );
+    a.wait_available("echo", 3).await;
+
+    // A secret and a pause made through one are there through another.
+    let r = a
+        .system(Method::POST, "/system/secrets")
+        .json(&json!({"name": "api-key", "value": "s3cret"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let secrets: Value = c.get_json("/system/secrets").await;
+    assert_eq!(secrets[0]["name"], "api-key", "{secrets}");
+    let r = b
+        .system(Method::POST, "/system/autoscaling/pause")
+        .json(&json!({"reason": "freeze"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert!(
+        poll(Duration::from_secs(1), || async {
+            overview(&c).await["paused"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+        })
+        .await,
+        "a pause through b is not seen by c"
+    );
+
+    // Removed through c: gone through a.
+    assert_eq!(c.remove("echo").await, 202);
+    assert!(
+        poll(Duration::from_secs(1), || async {
+            a.status("echo").await.0 == 404
+        })
+        .await
+    );
+    eprintln!("a deploy was visible through the other instances after {seen_in:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_and_another_within_three_seconds_of_its_death() {
+    let cluster = Cluster::new();
+    let mut servers = vec![
+        cluster.instance("a"),
+        cluster.instance("b"),
+        cluster.instance("c"),
+    ];
+    let refs: Vec<&Server> = servers.iter().collect();
+    assert!(
+        poll(Duration::from_secs(5), || async {
+            leaders(&refs).await.len() == 1
+        })
+        .await,
+        "no single leader"
+    );
+    let first = leaders(&refs).await[0];
+    // Every instance names the same leader, and it names itself.
+    let named = overview(refs[first]).await["instance"].clone();
+    assert_eq!(named["leader"], true);
+    for s in &refs {
+        let o = overview(s).await;
+        assert_eq!(o["instance"]["leaderInstance"], named["id"], "{o}");
+        assert_eq!(o["instance"]["store"], "postgres");
+    }
+
+    servers[first].kill();
+    let killed = Instant::now();
+    let rest: Vec<&Server> = servers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != first)
+        .map(|(_, s)| s)
+        .collect();
+    let mut took = None;
+    while killed.elapsed() < Duration::from_secs(10) {
+        if leaders(&rest).await.len() == 1 {
+            took = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = took.expect("no new leader within 10 s of the leader's death");
+    eprintln!("a new leader {took:?} after kill -9 of the old one");
+    assert!(took <= Duration::from_secs(3), "failover took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_delivered_to_two_instances_scales_once() {
+    let cluster = Cluster::new();
+    let (a, b) = (cluster.instance("a"), cluster.instance("b"));
+    let mut f = echo_function("api");
+    f["labels"] = json!({"com.openfaas.scale.max": "10"});
+    assert_eq!(a.deploy(f).await.status(), 202);
+    assert!(
+        poll(Duration::from_secs(1), || async {
+            b.status("api").await.0 == 200
+        })
+        .await
+    );
+    let payload = alert_payload(
+        "firing",
+        "fp-1",
+        json!({"alertname": "APIHighInvocationRate", "function_name": "api"}),
+    );
+    // Alertmanager retrying to another instance while the first still works on it.
+    for _ in 0..3 {
+        let (ra, rb) = tokio::join!(a.post_alert(&payload), b.post_alert(&payload));
+        assert_eq!(ra.status(), 200);
+        assert_eq!(rb.status(), 200);
+    }
+    let scaled: Vec<Value> = events(&a, "?function=api")
+        .await
+        .into_iter()
+        .filter(|e| e["outcome"] == "scaled")
+        .collect();
+    assert_eq!(scaled.len(), 1, "applied more than once: {scaled:?}");
+    assert_eq!(b.status("api").await.1["replicas"], 2, "one step up from 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_lost_and_back() {
+    let mut cluster = Cluster::new();
+    let a = cluster.instance("a");
+    let b = cluster.instance("b");
+    assert_eq!(a.deploy(echo_function("echo")).await.status(), 202);
+    b.wait_available("echo", 1).await;
+
+    cluster.pg.down();
+    // Invocations go on from what each instance knows.
+    for s in [&a, &b] {
+        let (code, body) = s.invoke("echo", "still here").await;
+        assert_eq!((code, body.as_str()), (200, "still here"));
+    }
+    // A change cannot be stored: 503, saying why, and nothing half done.
+    let r = a.deploy(echo_function("other")).await;
+    assert_eq!(r.status(), 503, "{:?}", r.text().await);
+    assert!(
+        poll(Duration::from_secs(4), || async {
+            sample(&b.metrics().await, "faastastic_store_up") == Some(0.0)
+        })
+        .await
+    );
+    assert!(
+        poll(Duration::from_secs(4), || async {
+            !is_leader(&a).await && !is_leader(&b).await
+        })
+        .await,
+        "a leader without its database goes on acting"
+    );
+
+    cluster.pg.up();
+    assert!(
+        poll(Duration::from_secs(10), || async {
+            a.deploy(echo_function("other")).await.status() == 202
+        })
+        .await,
+        "changes are not accepted once the database is back"
+    );
+    assert!(
+        poll(Duration::from_secs(2), || async {
+            b.status("other").await.0 == 200
+        })
+        .await
+    );
+    assert!(
+        poll(Duration::from_secs(5), || async {
+            leaders(&[&a, &b]).await.len() == 1
+        })
+        .await
+    );
+    // Nothing stored before was lost.
+    assert_eq!(b.status("echo").await.0, 200);
+}
