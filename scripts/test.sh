@@ -30,6 +30,8 @@ missing=()
 for program in "${!needs[@]}"; do
   command -v "$program" >/dev/null 2>&1 || missing+=("${needs[$program]}")
 done
+# PostgreSQL's server programs live off PATH, under /usr/lib/postgresql/<version>/bin.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then

@@ -257,6 +257,8 @@ impl http_body::Body for GuardedBody {
 pub struct Activity {
     /// Unix milliseconds of each function's last invocation.
     last: std::sync::Mutex<crate::model::FunctionMap<Arc<AtomicI64>>>,
+    /// The same, through the other instances on a shared store.
+    others: std::sync::Mutex<crate::model::FunctionMap<i64>>,
 }
 
 impl Activity {
@@ -278,9 +280,31 @@ impl Activity {
         last.entry(id.clone()).or_default().clone()
     }
 
-    pub fn last(&self, id: &FunctionId) -> Option<chrono::DateTime<chrono::Utc>> {
+    /// This instance's last invocation of every function it has served, Unix milliseconds.
+    pub fn own(&self) -> Vec<(FunctionId, i64)> {
         let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let millis = last.get(id)?.load(Ordering::Relaxed);
+        last.iter()
+            .map(|(id, clock)| (id.clone(), clock.load(Ordering::Relaxed)))
+            .filter(|(_, millis)| *millis != 0)
+            .collect()
+    }
+
+    /// Sets when the other instances last invoked each function.
+    pub fn set_others(&self, others: crate::model::FunctionMap<i64>) {
+        *self.others.lock().unwrap_or_else(|p| p.into_inner()) = others;
+    }
+
+    /// When the function was last invoked, through any instance.
+    pub fn last(&self, id: &FunctionId) -> Option<chrono::DateTime<chrono::Utc>> {
+        let own = {
+            let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            last.get(id).map(|c| c.load(Ordering::Relaxed)).unwrap_or(0)
+        };
+        let other = {
+            let others = self.others.lock().unwrap_or_else(|p| p.into_inner());
+            others.get(id).copied().unwrap_or(0)
+        };
+        let millis = own.max(other);
         // A clock handed out but not stamped yet has not seen an invocation.
         (millis != 0)
             .then(|| chrono::DateTime::from_timestamp_millis(millis))

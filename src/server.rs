@@ -211,6 +211,12 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     )
     .await?;
     crate::autoscale::follow::spawn(&store, fleet.clone(), autoscaler.clone());
+    crate::autoscale::follow::spawn_counters(
+        &store,
+        leader.id.clone(),
+        metrics.clone(),
+        activity.clone(),
+    );
     // Waking a function from zero is the autoscaler's decision, like every replica change.
     let invoker = Arc::new(Invoker::new(
         fleet.clone(),

@@ -87,6 +87,9 @@ pub struct Metrics {
     /// autoscaler and the function list read, without walking the Prometheus vectors (which
     /// allocates every series' labels: tens of milliseconds at 10,000 functions).
     totals: std::sync::RwLock<Totals>,
+    /// The other instances' invocations on a shared store, per (`name.namespace`, datacenter):
+    /// added to this instance's own wherever the autoscaler reads counters.
+    others: std::sync::RwLock<HashMap<(String, String), u64>>,
 }
 
 impl Metrics {
@@ -287,6 +290,7 @@ impl Metrics {
             leader,
             store_up,
             totals: Default::default(),
+            others: Default::default(),
         }
     }
 
@@ -354,6 +358,16 @@ impl Metrics {
     /// Invocations per (`function_name`, datacenter), summed over status codes. Functions
     /// never invoked through faastastic are absent (read them as 0).
     pub fn invocation_counts_by_datacenter(&self) -> HashMap<(String, String), u64> {
+        let mut out = self.own_invocation_counts();
+        let others = self.others.read().unwrap_or_else(|p| p.into_inner());
+        for (key, n) in others.iter() {
+            *out.entry(key.clone()).or_default() += n;
+        }
+        out
+    }
+
+    /// This instance's invocations only, per (`name.namespace`, datacenter).
+    pub fn own_invocation_counts(&self) -> HashMap<(String, String), u64> {
         let totals = self.totals.read().unwrap_or_else(|p| p.into_inner());
         let mut out = HashMap::new();
         for (name, dcs) in totals.iter() {
@@ -362,6 +376,11 @@ impl Metrics {
             }
         }
         out
+    }
+
+    /// Sets what the other instances have counted (only ever growing, per key).
+    pub fn set_others(&self, others: HashMap<(String, String), u64>) {
+        *self.others.write().unwrap_or_else(|p| p.into_inner()) = others;
     }
 
     /// Renders the text exposition, first refreshing the per-function gauges so that removed

@@ -21,6 +21,11 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
+        Cluster::with("")
+    }
+
+    /// With more configuration (e.g. query policies) for every instance.
+    fn with(extra: &str) -> Cluster {
         let pg = Postgres::start();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -34,7 +39,7 @@ impl Cluster {
             pg.url_without_password("faastastic"),
             password.display(),
             dir.path().join("token").display()
-        );
+        ) + extra;
         Cluster {
             pg,
             _agent: agent,
@@ -153,7 +158,7 @@ async fn every_instance_serves_what_another_changed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_and_another_within_three_seconds_of_its_death() {
     let cluster = Cluster::new();
-    let mut servers = vec![
+    let mut servers = [
         cluster.instance("a"),
         cluster.instance("b"),
         cluster.instance("c"),
@@ -283,4 +288,102 @@ async fn the_database_lost_and_back() {
     );
     // Nothing stored before was lost.
     assert_eq!(b.status("echo").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_during_a_scale_up_and_the_next_one_finishes_it() {
+    let cluster = Cluster::with(
+        "[[autoscale.queries]]\nname = \"own-rate\"\nsource = \"internal\"\nwindow_secs = 2\ntarget = 10\ninterval_ms = 200\n",
+    );
+    let mut servers = [
+        cluster.instance("a"),
+        cluster.instance("b"),
+        cluster.instance("c"),
+    ];
+    let refs: Vec<&Server> = servers.iter().collect();
+    assert!(
+        poll(Duration::from_secs(5), || async {
+            leaders(&refs).await.len() == 1
+        })
+        .await
+    );
+    let leader = leaders(&refs).await[0];
+    let other = (leader + 1) % 3;
+    let mut f = echo_function("busy");
+    // One replica a decision, a second apart: the scale-up takes a few decisions.
+    f["labels"] = json!({
+        "com.openfaas.scale.max": "4",
+        "com.faastastic.scale.max-step-up": "1",
+        "com.faastastic.scale.up-cooldown": "1s",
+    });
+    assert_eq!(refs[other].deploy(f).await.status(), 202);
+    refs[other].wait_available("busy", 1).await;
+    // The load goes through an instance that does not lead: the leader reads its counters.
+    let load = common::Load::start(refs[other], "busy", 40, Duration::from_secs(40));
+    assert!(
+        poll(Duration::from_secs(15), || async {
+            refs[other].status("busy").await.1["replicas"].as_u64() >= Some(2)
+        })
+        .await,
+        "the leader did not scale on another instance's traffic"
+    );
+    drop(refs);
+    servers[leader].kill();
+    let survivor = &servers[other];
+    assert!(
+        poll(Duration::from_secs(20), || async {
+            survivor.status("busy").await.1["replicas"] == 4
+        })
+        .await,
+        "the scale-up did not go on after the leader died"
+    );
+    load.stop().await;
+    // The audit trail: one chain of steps, none lost or applied twice.
+    let mut scaled: Vec<Value> = events(survivor, "?function=busy")
+        .await
+        .into_iter()
+        .filter(|e| e["outcome"] == "scaled" && e["direction"] == "up")
+        .collect();
+    scaled.reverse();
+    let steps: Vec<(u64, u64)> = scaled
+        .iter()
+        .map(|e| (e["from"].as_u64().unwrap(), e["to"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(steps, vec![(1, 2), (2, 3), (3, 4)], "{scaled:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_runs_once_per_due_time_among_instances() {
+    let cluster = Cluster::new();
+    let (a, b, c) = (
+        cluster.instance("a"),
+        cluster.instance("b"),
+        cluster.instance("c"),
+    );
+    let f = json!({"service": "tick", "image": "local/cron", "envProcess": "cat",
+        "annotations": {"topic": "cron-function", "schedule": "* * * * * *"}});
+    assert_eq!(b.deploy(f).await.status(), 202);
+    let ok = |events: &[Value]| {
+        events
+            .iter()
+            .filter(|e| e["outcome"] == "ok")
+            .filter_map(|e| e["due"].as_str().map(str::to_string))
+            .collect::<Vec<String>>()
+    };
+    assert!(
+        poll(Duration::from_secs(15), || async {
+            let e: Vec<Value> = c
+                .get_json("/system/trigger-events?function=tick&limit=1000")
+                .await;
+            ok(&e).len() >= 4
+        })
+        .await,
+        "the schedule does not run"
+    );
+    let e: Vec<Value> = a
+        .get_json("/system/trigger-events?function=tick&limit=1000")
+        .await;
+    let dues = ok(&e);
+    let unique: std::collections::HashSet<&String> = dues.iter().collect();
+    assert_eq!(unique.len(), dues.len(), "a due time ran twice: {dues:?}");
 }

@@ -65,3 +65,165 @@ async fn follow(note: &Note, fleet: &Fleet, autoscaler: &Autoscaler) -> anyhow::
     }
     Ok(())
 }
+
+/// How often each instance publishes its invocation counters and reads the others'.
+pub const COUNTERS: Duration = Duration::from_secs(1);
+
+/// On a shared store, every instance publishes its invocation counters and reads the others',
+/// so that what the leader's loops read (the internal rate source, the staleness guard, idle
+/// time for scale to zero) covers the traffic of every instance, not only its own.
+pub fn spawn_counters(
+    store: &Store,
+    instance: String,
+    metrics: Arc<crate::telemetry::Metrics>,
+    activity: Arc<crate::proxy::Activity>,
+) {
+    if !store.shared() {
+        return;
+    }
+    let store = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(COUNTERS);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shared = Shared::default();
+        loop {
+            tick.tick().await;
+            let rows = shared.changed(&metrics, &activity);
+            let published = store.publish_invocations(&instance, rows.clone()).await;
+            match published {
+                Ok(()) => shared.published(rows),
+                Err(e) => tracing::debug!(error = %e, "cannot publish invocation counters"),
+            }
+            match store.others_invocations(&instance).await {
+                Ok(others) => {
+                    let (counts, last) = shared.add_others(others);
+                    metrics.set_others(counts);
+                    activity.set_others(last);
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read the other instances' counters"),
+            }
+        }
+    });
+}
+
+type CounterKey = (String, String);
+
+/// What one instance knows of the shared counters.
+#[derive(Default)]
+struct Shared {
+    /// What this instance last published, per (function, datacenter): (total, last).
+    mine: std::collections::HashMap<CounterKey, (u64, i64)>,
+    /// The last total read of each other instance's counter.
+    seen: std::collections::HashMap<(String, String, String), u64>,
+    /// The other instances' invocations counted since this instance first read them: it only
+    /// grows (a counter that disappears stops adding), so rates read from it stay true.
+    others: std::collections::HashMap<CounterKey, u64>,
+    /// Whether the others' counters were read once (their totals before that are history).
+    started: bool,
+}
+
+impl Shared {
+    /// This instance's counters that changed since they were last published.
+    fn changed(
+        &self,
+        metrics: &crate::telemetry::Metrics,
+        activity: &crate::proxy::Activity,
+    ) -> Vec<crate::store::InvocationRow> {
+        let last: std::collections::HashMap<String, i64> = activity
+            .own()
+            .into_iter()
+            .map(|(id, ms)| (id.qualified(), ms))
+            .collect();
+        metrics
+            .own_invocation_counts()
+            .into_iter()
+            .filter_map(|((function, datacenter), total)| {
+                let last_ms = last.get(&function).copied().unwrap_or(0);
+                let key = (function, datacenter);
+                if self.mine.get(&key) == Some(&(total, last_ms)) {
+                    return None;
+                }
+                Some(crate::store::InvocationRow {
+                    function: key.0,
+                    datacenter: key.1,
+                    total,
+                    last_ms,
+                })
+            })
+            .collect()
+    }
+
+    fn published(&mut self, rows: Vec<crate::store::InvocationRow>) {
+        for row in rows {
+            self.mine
+                .insert((row.function, row.datacenter), (row.total, row.last_ms));
+        }
+    }
+
+    /// Adds what the other instances counted since the last read; their counters as this
+    /// instance keeps them, and when each function was last invoked through any of them.
+    fn add_others(
+        &mut self,
+        rows: Vec<(String, crate::store::InvocationRow)>,
+    ) -> (
+        std::collections::HashMap<CounterKey, u64>,
+        crate::model::FunctionMap<i64>,
+    ) {
+        let mut last = crate::model::FunctionMap::default();
+        for (instance, row) in rows {
+            if let Some((name, namespace)) = row.function.split_once('.') {
+                let id = FunctionId::new(name.to_string(), namespace.to_string());
+                let at = last.entry(id).or_insert(0);
+                *at = (*at).max(row.last_ms);
+            }
+            let seen = self
+                .seen
+                .entry((instance, row.function.clone(), row.datacenter.clone()))
+                .or_insert(if self.started { 0 } else { row.total });
+            let grew = row.total.saturating_sub(*seen);
+            *seen = row.total;
+            *self
+                .others
+                .entry((row.function, row.datacenter))
+                .or_default() += grew;
+        }
+        self.started = true;
+        (self.others.clone(), last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::InvocationRow;
+
+    fn row(instance: &str, function: &str, total: u64, last_ms: i64) -> (String, InvocationRow) {
+        let row = InvocationRow {
+            function: function.to_string(),
+            datacenter: "lon".to_string(),
+            total,
+            last_ms,
+        };
+        (instance.to_string(), row)
+    }
+
+    #[test]
+    fn others_counters_only_grow_from_what_was_there_at_start() {
+        let mut shared = Shared::default();
+        let key = ("api.openfaas-fn".to_string(), "lon".to_string());
+        // Totals from before this instance started are history, not a burst.
+        let (counts, last) = shared.add_others(vec![row("b", "api.openfaas-fn", 5000, 7)]);
+        assert_eq!(counts[&key], 0);
+        assert_eq!(last[&FunctionId::new("api", "openfaas-fn")], 7);
+        let (counts, _) = shared.add_others(vec![
+            row("b", "api.openfaas-fn", 5030, 8),
+            // An instance that started since: all of its count is new.
+            row("c", "api.openfaas-fn", 12, 9),
+        ]);
+        assert_eq!(counts[&key], 42);
+        // An instance gone (its row no longer read): the count stays where it was.
+        let (counts, last) = shared.add_others(vec![row("c", "api.openfaas-fn", 20, 10)]);
+        assert_eq!(counts[&key], 50);
+        assert_eq!(last[&FunctionId::new("api", "openfaas-fn")], 10);
+    }
+}

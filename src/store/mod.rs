@@ -144,6 +144,16 @@ impl Events {
     }
 }
 
+/// One instance's invocations of one function (`name.namespace`) in one datacenter: the total
+/// since the instance started and the last one's time (Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvocationRow {
+    pub function: String,
+    pub datacenter: String,
+    pub total: u64,
+    pub last_ms: i64,
+}
+
 /// A paused autoscaling scope: (`*` or `name.namespace`, since, reason).
 pub type PauseRow = (String, DateTime<Utc>, String);
 
@@ -267,6 +277,25 @@ pub trait Backend: Send + Sync {
     /// `None` when nobody shares the store: the caller's own lock is enough.
     async fn lock(&self, _key: &str) -> Result<Option<Guard>, StoreError> {
         Ok(None)
+    }
+
+    /// Publishes this instance's invocation counters (totals since it started, and when each
+    /// function was last invoked, Unix milliseconds), so the leader's loops see every
+    /// instance's traffic. Only rows that changed are given.
+    async fn publish_invocations(
+        &self,
+        _instance: &str,
+        _rows: Vec<InvocationRow>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The other instances' invocation counters published in the last hour, per instance.
+    async fn others_invocations(
+        &self,
+        _instance: &str,
+    ) -> Result<Vec<(String, InvocationRow)>, StoreError> {
+        Ok(Vec::new())
     }
 
     /// What other instances change, as they commit it (`None`: nobody shares the store).

@@ -13,7 +13,8 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     map_json, namespace_from, placement_json, total_of, Backend, DesiredWith, EventFilter,
-    EventRecord, Events, FunctionRow, Note, PauseRow, SecretRecord, StoreError, INTERRUPTED_REASON,
+    EventRecord, Events, FunctionRow, InvocationRow, Note, PauseRow, SecretRecord, StoreError,
+    INTERRUPTED_REASON,
 };
 use crate::config::StoreConfig;
 use crate::model::{Function, FunctionId, Namespace};
@@ -86,6 +87,16 @@ CREATE TABLE secrets (
     value     BYTEA NOT NULL,
     PRIMARY KEY (namespace, name)
 );
+CREATE TABLE invocations (
+    instance   TEXT NOT NULL,
+    function   TEXT NOT NULL,
+    datacenter TEXT NOT NULL,
+    total      BIGINT NOT NULL,
+    last_ms    BIGINT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (instance, function, datacenter)
+);
+CREATE INDEX invocations_updated ON invocations (updated_at);
 CREATE TABLE leases (
     name       TEXT PRIMARY KEY,
     holder     TEXT NOT NULL,
@@ -524,6 +535,68 @@ impl Backend for PostgresStore {
             client: Some(client),
             key,
         }))))
+    }
+
+    async fn publish_invocations(
+        &self,
+        instance: &str,
+        rows: Vec<InvocationRow>,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let functions: Vec<&str> = rows.iter().map(|r| r.function.as_str()).collect();
+        let datacenters: Vec<&str> = rows.iter().map(|r| r.datacenter.as_str()).collect();
+        let totals: Vec<i64> = rows
+            .iter()
+            .map(|r| r.total.min(i64::MAX as u64) as i64)
+            .collect();
+        let lasts: Vec<i64> = rows.iter().map(|r| r.last_ms).collect();
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO invocations (instance, function, datacenter, total, last_ms, updated_at)
+                 SELECT $1, f, d, t, l, clock_timestamp()
+                 FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS u (f, d, t, l)
+                 ON CONFLICT (instance, function, datacenter) DO UPDATE SET
+                   total = excluded.total, last_ms = excluded.last_ms, updated_at = excluded.updated_at",
+                &[&instance, &functions, &datacenters, &totals, &lasts],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn others_invocations(
+        &self,
+        instance: &str,
+    ) -> Result<Vec<(String, InvocationRow)>, StoreError> {
+        let client = self.client().await?;
+        // Rows of instances gone for a day are dropped; the rest of the last hour are read.
+        client
+            .execute(
+                "DELETE FROM invocations WHERE updated_at < clock_timestamp() - interval '1 day'",
+                &[],
+            )
+            .await?;
+        let rows = client
+            .query(
+                "SELECT instance, function, datacenter, total, last_ms FROM invocations
+                 WHERE instance <> $1 AND updated_at > clock_timestamp() - interval '1 hour'",
+                &[&instance],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let row = InvocationRow {
+                    function: r.get(1),
+                    datacenter: r.get(2),
+                    total: r.get::<_, i64>(3).max(0) as u64,
+                    last_ms: r.get(4),
+                };
+                (r.get(0), row)
+            })
+            .collect())
     }
 
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<Note>> {
