@@ -221,7 +221,7 @@ impl QueryPolicy {
 }
 
 /// `[store]`: the PostgreSQL database several instances share.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct StoreConfig {
     /// `postgres://user[:password]@host[:port]/database[?options]` or `host=... dbname=...`.
     pub url: String,
@@ -237,6 +237,20 @@ pub struct StoreConfig {
     /// How long the leader's lease lasts unrenewed: a dead leader is replaced after at most
     /// this (plus a quarter of it), a leader that cannot renew stops acting before it ends.
     pub lease: Duration,
+}
+
+/// Without the password the URL may hold.
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &self.redacted_url())
+            .field("password_file", &self.password_file)
+            .field("tls", &self.tls)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("lease", &self.lease)
+            .finish()
+    }
 }
 
 impl StoreConfig {
@@ -257,40 +271,110 @@ impl StoreConfig {
     }
 }
 
-/// A PostgreSQL connection string with every password in it replaced.
+/// A PostgreSQL connection string with every password in it replaced. In a URL, everything
+/// between the user and the last `@` is the password (an unescaped `/`, `?` or `#` in it
+/// included); in the `key=value` form, values are read as libpq reads them (spaces around
+/// `=`, single-quoted values with escapes).
 pub fn redact_postgres_url(url: &str) -> String {
-    let hide_params = |text: &str, sep: char| -> String {
-        text.split(sep)
-            .map(|part| match part.split_once('=') {
-                Some((key, _)) if key.trim().eq_ignore_ascii_case("password") => {
-                    format!("{key}=<redacted>")
-                }
-                _ => part.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(&sep.to_string())
-    };
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, tail) = match rest.find(['/', '?']) {
-                Some(i) => rest.split_at(i),
-                None => (rest, ""),
-            };
-            let authority = match authority.rsplit_once('@') {
-                Some((userinfo, hosts)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{user}:<redacted>@{hosts}"),
-                    None => format!("{userinfo}@{hosts}"),
-                },
-                None => authority.to_string(),
-            };
-            let tail = match tail.split_once('?') {
-                Some((path, query)) => format!("{path}?{}", hide_params(query, '&')),
-                None => tail.to_string(),
-            };
-            format!("{scheme}://{authority}{tail}")
-        }
-        None => hide_params(url, ' '),
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (userinfo, after) = match rest.rfind('@') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => ("", rest),
+        };
+        let userinfo = match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:<redacted>"),
+            None => userinfo.to_string(),
+        };
+        // A password may also come as a query parameter.
+        let after = match after.split_once('?') {
+            Some((path, query)) => {
+                let query: Vec<String> = query
+                    .split('&')
+                    .map(|part| match part.split_once('=') {
+                        Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                            format!("{key}=<redacted>")
+                        }
+                        _ => part.to_string(),
+                    })
+                    .collect();
+                format!("{path}?{}", query.join("&"))
+            }
+            None => after.to_string(),
+        };
+        return format!("{scheme}://{userinfo}{after}");
     }
+    // key = value pairs: the password's value, however quoted, is replaced whole.
+    let mut out = String::new();
+    let mut chars = url.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            out.push(c);
+            chars.next();
+            continue;
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        out.push_str(&key);
+        while let Some(&c) = chars.peek() {
+            if !c.is_whitespace() {
+                break;
+            }
+            out.push(c);
+            chars.next();
+        }
+        if chars.peek() != Some(&'=') {
+            continue;
+        }
+        out.push('=');
+        chars.next();
+        while let Some(&c) = chars.peek() {
+            if !c.is_whitespace() {
+                break;
+            }
+            out.push(c);
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            value.push('\'');
+            chars.next();
+            while let Some(c) = chars.next() {
+                value.push(c);
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        value.push(escaped);
+                    }
+                } else if c == '\'' {
+                    break;
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        value.push(escaped);
+                    }
+                }
+            }
+        }
+        if key.eq_ignore_ascii_case("password") {
+            out.push_str("<redacted>");
+        } else {
+            out.push_str(&value);
+        }
+    }
+    out
 }
 
 /// `[triggers.nats]`: a NATS JetStream server whose messages invoke the functions whose
@@ -1800,6 +1884,74 @@ mod tests {
             ),
             "{errors}"
         );
+    }
+
+    #[test]
+    fn a_shared_store_is_read_and_checked_and_its_passwords_never_shown() {
+        let cfg = Config::parse(
+            "[store]\nurl = \"postgres://faastastic:pw@db:5432/faastastic?sslmode=disable&password=pw2\"\npassword_file = \"/run/pg\"\nlease_ms = 3000\nca_file = \"/ca.pem\"\n",
+        )
+        .unwrap();
+        let store = cfg.store.as_ref().unwrap();
+        assert_eq!(store.lease, Duration::from_secs(3));
+        assert_eq!(store.pool_size, 16);
+        assert_eq!(
+            store.tls.as_ref().and_then(|t| t.ca_file.as_deref()),
+            Some(Path::new("/ca.pem"))
+        );
+        assert_eq!(
+            store.redacted_url(),
+            "postgres://faastastic:<redacted>@db:5432/faastastic?sslmode=disable&password=<redacted>"
+        );
+        assert_eq!(
+            redact_postgres_url("host=db user=f password=secret dbname=x"),
+            "host=db user=f password=<redacted> dbname=x"
+        );
+        assert_eq!(
+            redact_postgres_url("postgresql://f@db/x"),
+            "postgresql://f@db/x",
+            "nothing to hide"
+        );
+        for (given, shown) in [
+            // Characters a URL would escape, left raw in the password.
+            (
+                "postgres://u:pa/ss?x#y@db/x",
+                "postgres://u:<redacted>@db/x",
+            ),
+            ("postgres://u:p@ss@db/x", "postgres://u:<redacted>@db/x"),
+            (
+                "host=db password = secret user=f",
+                "host=db password = <redacted> user=f",
+            ),
+            ("password='a b\\' c' host=db", "password=<redacted> host=db"),
+            ("PASSWORD=x", "PASSWORD=<redacted>"),
+        ] {
+            assert_eq!(redact_postgres_url(given), shown, "{given}");
+        }
+        let debug = format!("{store:?}");
+        assert!(!debug.contains("pw"), "{debug}");
+        assert!(
+            Config::parse("").unwrap().store.is_none(),
+            "SQLite by default"
+        );
+        let errors = Config::parse(
+            "[store]\nurl = \"mysql://u:secretpw@db/x\"\nlease_ms = 100\ncert_file = \"/c.pem\"\n",
+        )
+        .unwrap_err()
+        .join("\n");
+        for says in [
+            "store.url: \"mysql://u:<redacted>@db/x\" is not a PostgreSQL URL",
+            "store.lease_ms: 100 is too short",
+            "store.cert_file, store.key_file: a client certificate needs both",
+        ] {
+            assert!(errors.contains(says), "{says}\nin\n{errors}");
+        }
+        assert!(!errors.contains("secretpw"), "{errors}");
+        let errors = Config::parse("[store]\nurl = \"postgres://u:secretpw@db:notaport/x\"\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(errors.contains("store.url"), "{errors}");
+        assert!(!errors.contains("secretpw"), "{errors}");
     }
 
     #[test]

@@ -387,3 +387,74 @@ async fn a_schedule_runs_once_per_due_time_among_instances() {
     let unique: std::collections::HashSet<&String> = dues.iter().collect();
     assert_eq!(unique.len(), dues.len(), "a due time ran twice: {dues:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_at_zero_wakes_through_any_instance() {
+    let cluster = Cluster::new();
+    let servers = [cluster.instance("a"), cluster.instance("b")];
+    let refs: Vec<&Server> = servers.iter().collect();
+    assert!(
+        poll(Duration::from_secs(5), || async {
+            leaders(&refs).await.len() == 1
+        })
+        .await
+    );
+    let follower = refs[(leaders(&refs).await[0] + 1) % 2];
+    let mut f = echo_function("dormant");
+    f["labels"] = json!({"com.faastastic.scale.initial": "0"});
+    assert_eq!(follower.deploy(f).await.status(), 202);
+    let replicas = follower.status("dormant").await.1["replicas"].as_u64();
+    assert_eq!(replicas.unwrap_or(0), 0, "deployed at zero");
+    let (code, body) = follower.invoke("dormant", "wake up").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "wake up"),
+        "not woken through a follower"
+    );
+    let woken: Vec<Value> = events(follower, "?function=dormant").await;
+    assert_eq!(woken[0]["source"], "wake", "{woken:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_webhook_through_one_instance_with_a_small_pool() {
+    // Four connections: decisions hold one each for their lock and need another for their
+    // reads and writes, while the lease renews on a connection of its own.
+    let cluster = Cluster::with("");
+    let config = cluster
+        .config
+        .replace("[store]\n", "[store]\npool_size = 4\n");
+    let a = Server::with(Options {
+        config: Some(&config),
+        data_dir: Some(&cluster.dir.path().join("a")),
+        ..Default::default()
+    });
+    for i in 0..20 {
+        let mut f = echo_function(&format!("f{i}"));
+        f["labels"] = json!({"com.openfaas.scale.max": "1", "com.faastastic.scale.initial": "0"});
+        assert_eq!(a.deploy(f).await.status(), 202);
+    }
+    let alerts: Vec<Value> = (0..200)
+        .map(|i| {
+            json!({"status": "firing", "fingerprint": format!("fp{i}"),
+                "startsAt": "2026-01-01T00:00:00Z",
+                "labels": {"alertname": "APIHighInvocationRate", "function_name": format!("f{}", i % 20)}})
+        })
+        .collect();
+    let payload =
+        json!({"version": "4", "status": "firing", "receiver": "faastastic", "alerts": alerts});
+    let started = Instant::now();
+    let r = a.post_alert(&payload).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["alerts"].as_array().unwrap().len(), 200);
+    assert!(
+        body["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["outcome"] != "failed"),
+        "{body}"
+    );
+    eprintln!("200 alerts decided in {:?}", started.elapsed());
+    assert!(is_leader(&a).await, "the leader lost its lease while busy");
+}

@@ -60,7 +60,16 @@ fn compose_stack_and_its_configs_are_valid() {
         "docker-compose",
         &["-f", "docker-compose.yml", "config", "-q"],
     );
-    // The faastastic config the stack mounts is one this binary accepts.
-    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/faastastic.toml");
-    faastastic::config::Config::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    run(
+        "docker-compose",
+        &["-f", "deploy/ha/docker-compose.yml", "config", "-q"],
+    );
+    // The faastastic configs the stacks mount are ones this binary accepts.
+    for file in ["deploy/faastastic.toml", "deploy/ha/faastastic.toml"] {
+        let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let cfg = faastastic::config::Config::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        if file.contains("ha/") {
+            assert!(cfg.store.is_some(), "the HA stack shares a database");
+        }
+    }
 }

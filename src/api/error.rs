@@ -63,7 +63,7 @@ impl From<FleetError> for ApiError {
                 format!("{e}: nothing was stored; free space in the data directory and retry")
             }
             FleetError::Store(e) if e.is_unavailable() => {
-                format!("{e}: nothing was changed; retry once the database is back")
+                format!("{e}: retry once the database answers again")
             }
             other => other.to_string(),
         };

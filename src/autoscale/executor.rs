@@ -489,8 +489,10 @@ impl Autoscaler {
         let quiet = quiet || matches!(input, Input::Tick | Input::Idle { .. });
         // Periodic sources run on the leader: what they change carries its fencing token, so
         // a decision still in flight when another instance took over is refused by the store.
+        // A wake from zero is quiet too, but comes from an invocation on any instance.
         let leader = self.fleet.leader();
-        let fence = if quiet && leader.elected() {
+        let periodic = quiet && !matches!(input, Input::Wake { .. });
+        let fence = if periodic && leader.elected() {
             match leader.token() {
                 Some(token) => Some(token),
                 None => {
@@ -640,22 +642,18 @@ impl Autoscaler {
         result
     }
 
-    /// On a shared store: holds the decision's key against the other instances and reads the
-    /// function and its state as they are there now (another instance may have decided since).
-    /// Nothing to do on a store of one's own.
+    /// On a shared store: holds the function against the other instances and reads it and its
+    /// state as they are there now (another instance may have decided since). Nothing to do
+    /// on a store of one's own.
     async fn follow(
         &self,
         (id, datacenter): &Key,
         tracked: &mut Tracked,
     ) -> Result<Option<store::Guard>, FleetError> {
-        if !self.store.shared() {
+        let held = self.fleet.hold_shared(id).await?;
+        if held.is_none() {
             return Ok(None);
         }
-        let held = self
-            .store
-            .lock(&format!("decide {}@{datacenter}", id.qualified()))
-            .await?;
-        self.fleet.refresh(id).await?;
         let stored = self.store.load_state(id, datacenter).await?;
         self.adopt(&(id.clone(), datacenter.clone()), tracked, stored);
         Ok(held)

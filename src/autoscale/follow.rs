@@ -85,7 +85,10 @@ pub fn spawn_counters(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(COUNTERS);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut shared = Shared::default();
+        let mut shared = Shared {
+            started_ms: chrono::Utc::now().timestamp_millis(),
+            ..Shared::default()
+        };
         loop {
             tick.tick().await;
             let rows = shared.changed(&metrics, &activity);
@@ -118,8 +121,11 @@ struct Shared {
     /// The other instances' invocations counted since this instance first read them: it only
     /// grows (a counter that disappears stops adding), so rates read from it stay true.
     others: std::collections::HashMap<CounterKey, u64>,
-    /// Whether the others' counters were read once (their totals before that are history).
-    started: bool,
+    /// When this instance started (Unix milliseconds), published with its counters.
+    started_ms: i64,
+    /// When the others' counters were first read (Unix milliseconds): what an instance that
+    /// started before then had counted by its first reading is history, not new traffic.
+    first_read_ms: Option<i64>,
 }
 
 impl Shared {
@@ -148,6 +154,7 @@ impl Shared {
                     datacenter: key.1,
                     total,
                     last_ms,
+                    started_ms: self.started_ms,
                 })
             })
             .collect()
@@ -170,16 +177,22 @@ impl Shared {
         crate::model::FunctionMap<i64>,
     ) {
         let mut last = crate::model::FunctionMap::default();
+        let first_read = *self
+            .first_read_ms
+            .get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
         for (instance, row) in rows {
             if let Some((name, namespace)) = row.function.split_once('.') {
                 let id = FunctionId::new(name.to_string(), namespace.to_string());
                 let at = last.entry(id).or_insert(0);
                 *at = (*at).max(row.last_ms);
             }
+            // A counter seen for the first time counts from zero only when its instance
+            // started after the first reading (all it counted is new); else from where it is.
+            let fresh = row.started_ms > first_read;
             let seen = self
                 .seen
                 .entry((instance, row.function.clone(), row.datacenter.clone()))
-                .or_insert(if self.started { 0 } else { row.total });
+                .or_insert(if fresh { 0 } else { row.total });
             let grew = row.total.saturating_sub(*seen);
             *seen = row.total;
             *self
@@ -187,7 +200,6 @@ impl Shared {
                 .entry((row.function, row.datacenter))
                 .or_default() += grew;
         }
-        self.started = true;
         (self.others.clone(), last)
     }
 }
@@ -197,33 +209,52 @@ mod tests {
     use super::*;
     use crate::store::InvocationRow;
 
-    fn row(instance: &str, function: &str, total: u64, last_ms: i64) -> (String, InvocationRow) {
+    /// A counter of `function` in `lon` by `instance`, which started at `started_ms`.
+    fn row(
+        instance: &str,
+        function: &str,
+        total: u64,
+        last_ms: i64,
+        started_ms: i64,
+    ) -> (String, InvocationRow) {
         let row = InvocationRow {
             function: function.to_string(),
             datacenter: "lon".to_string(),
             total,
             last_ms,
+            started_ms,
         };
         (instance.to_string(), row)
     }
 
     #[test]
     fn others_counters_only_grow_from_what_was_there_at_start() {
-        let mut shared = Shared::default();
+        let mut shared = Shared {
+            first_read_ms: Some(1_000),
+            ..Shared::default()
+        };
         let key = ("api.openfaas-fn".to_string(), "lon".to_string());
-        // Totals from before this instance started are history, not a burst.
-        let (counts, last) = shared.add_others(vec![row("b", "api.openfaas-fn", 5000, 7)]);
+        // Totals from before this instance's first reading are history, not a burst.
+        let (counts, last) = shared.add_others(vec![row("b", "api.openfaas-fn", 5000, 7, 500)]);
         assert_eq!(counts[&key], 0);
         assert_eq!(last[&FunctionId::new("api", "openfaas-fn")], 7);
         let (counts, _) = shared.add_others(vec![
-            row("b", "api.openfaas-fn", 5030, 8),
+            row("b", "api.openfaas-fn", 5030, 8, 500),
             // An instance that started since: all of its count is new.
-            row("c", "api.openfaas-fn", 12, 9),
+            row("c", "api.openfaas-fn", 12, 9, 2_000),
         ]);
         assert_eq!(counts[&key], 42);
         // An instance gone (its row no longer read): the count stays where it was.
-        let (counts, last) = shared.add_others(vec![row("c", "api.openfaas-fn", 20, 10)]);
+        let (counts, last) = shared.add_others(vec![row("c", "api.openfaas-fn", 20, 10, 2_000)]);
         assert_eq!(counts[&key], 50);
         assert_eq!(last[&FunctionId::new("api", "openfaas-fn")], 10);
+        // A counter of an old instance seen late (its function idle for long, say): it
+        // counts from where it is, not from zero.
+        let (counts, _) =
+            shared.add_others(vec![row("b", "other.openfaas-fn", 1_000_000, 11, 500)]);
+        assert_eq!(
+            counts[&("other.openfaas-fn".to_string(), "lon".to_string())],
+            0
+        );
     }
 }

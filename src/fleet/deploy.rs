@@ -236,6 +236,7 @@ impl Fleet {
     pub async fn deploy(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
         // Checked under the lock, so a namespace deleted meanwhile cannot be deployed into; the
         // function's counts are held first (a scale under way finishes before).
+        let _shared = self.hold_shared(&self.named(&dep)).await?;
         let _counts = self.hold_counts(&self.named(&dep), None).await;
         let _guard = self.write.lock().await;
         let (id, mut placement) = self.check_deployment(&dep)?;
@@ -307,6 +308,7 @@ impl Fleet {
     /// (raised to the new `com.openfaas.scale.min` when that is higher). A new placement adds
     /// and removes datacenters.
     pub async fn update(&self, dep: FunctionDeployment) -> Result<FunctionId, FleetError> {
+        let _shared = self.hold_shared(&self.named(&dep)).await?;
         let _counts = self.hold_counts(&self.named(&dep), None).await;
         let _guard = self.write.lock().await;
         let (id, placement) = self.check_deployment(&dep)?;
@@ -382,6 +384,7 @@ impl Fleet {
         id: &FunctionId,
         datacenter: Option<&str>,
     ) -> Result<(), FleetError> {
+        let _shared = self.hold_shared(id).await?;
         let _counts = self.hold_counts(id, None).await;
         let _guard = self.write.lock().await;
         let Some(current) = self.function(id) else {

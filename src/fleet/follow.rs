@@ -9,7 +9,28 @@ use std::collections::{BTreeMap, HashSet};
 use super::{Fleet, FleetError};
 use crate::model::{Function, FunctionId};
 
+/// The store lock of one function: every change of it (deploy, update, removal, each
+/// decision) holds it, whichever instance makes it.
+pub fn lock_key(id: &FunctionId) -> String {
+    format!("function {}", id.qualified())
+}
+
 impl Fleet {
+    /// On a shared store: holds `id` against every instance and reads it as stored now, so a
+    /// change starts from the latest record and no other instance's change interleaves.
+    /// Nothing on a store of one's own.
+    pub async fn hold_shared(
+        &self,
+        id: &FunctionId,
+    ) -> Result<Option<crate::store::Guard>, FleetError> {
+        if !self.store.shared() {
+            return Ok(None);
+        }
+        let held = self.store.lock(&lock_key(id)).await?;
+        self.refresh(id).await?;
+        Ok(held)
+    }
+
     /// Reads one function again from the store: added, replaced or forgotten to match it.
     pub async fn refresh(&self, id: &FunctionId) -> Result<(), FleetError> {
         let stored = self.store.load_function(id, &self.home).await?;
@@ -67,6 +88,12 @@ impl Fleet {
                         && mine.deployment == f.deployment
                 });
                 if !same {
+                    // The instance that stored it applied it (its failures it reported; the
+                    // counts the leader's reconciler converges): not applied again here.
+                    let hash = super::spec_hash(&f.deployment);
+                    for dc in f.replicas.keys() {
+                        self.applied_set(id, dc, Some(hash));
+                    }
                     self.put_function(f);
                 }
             }

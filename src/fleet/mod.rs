@@ -482,6 +482,10 @@ impl Fleet {
                 }
             }
             if !converge {
+                let hash = spec_hash(&function.deployment);
+                for dc in function.replicas.keys() {
+                    fleet.applied_set(&function.id, dc, Some(hash));
+                }
                 fleet.put_function(function);
                 continue;
             }

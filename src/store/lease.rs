@@ -29,6 +29,8 @@ pub struct Leader {
     /// While leading: the fencing token and until when this instance may act.
     term: Mutex<Option<(i64, Instant)>>,
     changed: watch::Sender<bool>,
+    /// Set at a clean stop: the lease is not renewed (or taken) again.
+    resigned: std::sync::atomic::AtomicBool,
 }
 
 impl Leader {
@@ -41,6 +43,7 @@ impl Leader {
             ttl: Duration::MAX,
             term: Mutex::new(Some((1, far_future()))),
             changed,
+            resigned: Default::default(),
         })
     }
 
@@ -53,6 +56,7 @@ impl Leader {
             ttl,
             term: Mutex::new(None),
             changed,
+            resigned: Default::default(),
         })
     }
 
@@ -93,6 +97,9 @@ impl Leader {
             let mut failing = false;
             loop {
                 tick.tick().await;
+                if this.resigned.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 let asked = Instant::now();
                 let answer = tokio::time::timeout(
                     every,
@@ -154,6 +161,8 @@ impl Leader {
     }
 
     fn record(&self, token: Option<i64>, asked: Instant, metrics: &crate::telemetry::Metrics) {
+        // An answer that arrives after a clean stop began is not a new term.
+        let token = token.filter(|_| !self.resigned.load(std::sync::atomic::Ordering::SeqCst));
         let until = asked + self.ttl.saturating_sub(margin(self.ttl));
         let (was, now) = {
             let mut term = self.term.lock().unwrap_or_else(|p| p.into_inner());
@@ -175,6 +184,8 @@ impl Leader {
     /// Gives the lease up at a clean stop.
     pub async fn resign(&self) {
         let Some(store) = &self.store else { return };
+        self.resigned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if self
             .term
             .lock()

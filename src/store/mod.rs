@@ -152,6 +152,8 @@ pub struct InvocationRow {
     pub datacenter: String,
     pub total: u64,
     pub last_ms: i64,
+    /// When the instance that counted it started (Unix milliseconds): its count began then.
+    pub started_ms: i64,
 }
 
 /// A paused autoscaling scope: (`*` or `name.namespace`, since, reason).
@@ -290,7 +292,7 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// The other instances' invocation counters published in the last hour, per instance.
+    /// The other instances' invocation counters (of the last week), per instance.
     async fn others_invocations(
         &self,
         _instance: &str,

@@ -4,6 +4,7 @@
 //! under an advisory lock, however many instances start together.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -93,6 +94,7 @@ CREATE TABLE invocations (
     datacenter TEXT NOT NULL,
     total      BIGINT NOT NULL,
     last_ms    BIGINT NOT NULL,
+    started_ms BIGINT NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (instance, function, datacenter)
 );
@@ -121,6 +123,10 @@ pub enum Change {
 
 pub struct PostgresStore {
     pool: Pool,
+    /// The leader lease's own connection.
+    lease_pool: Pool,
+    /// Bounds the decision locks held at once (see [`PostgresStore::connect`]).
+    locks: Arc<tokio::sync::Semaphore>,
     /// Changes committed by any instance, from the listening connection.
     notes: tokio::sync::broadcast::Sender<Note>,
     /// The database's address without its password, for messages.
@@ -222,6 +228,13 @@ pub fn pg_config(cfg: &StoreConfig) -> anyhow::Result<tokio_postgres::Config> {
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(cfg.connect_timeout);
     }
+    // A lock (a decision another instance is making, a lease row) is waited for this long at
+    // most; then the statement fails and the caller answers or retries.
+    let options = match pg.get_options() {
+        Some(given) => format!("{given} -c lock_timeout=10s"),
+        None => "-c lock_timeout=10s".to_string(),
+    };
+    pg.options(&options);
     if cfg.tls.is_some() {
         // Configured TLS is never given up for a plain connection.
         pg.ssl_mode(tokio_postgres::config::SslMode::Require);
@@ -318,6 +331,7 @@ struct Payload {
 struct Advisory {
     client: Option<deadpool_postgres::Object>,
     key: i64,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for Advisory {
@@ -396,14 +410,18 @@ impl PostgresStore {
         };
         let (notes, _) = tokio::sync::broadcast::channel(4096);
         let (listening, heard) = tokio::sync::oneshot::channel();
-        let manager = match &cfg.tls {
+        // Two pools: the lease's renewals never wait behind decisions holding connections.
+        let (manager, lease_manager) = match &cfg.tls {
             Some(tls) => {
                 let client = tls
                     .config()
                     .map_err(|e| anyhow::anyhow!("[store.tls]: {e:#}"))?;
                 let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client);
                 tokio::spawn(listen(pg.clone(), tls.clone(), notes.clone(), listening));
-                Manager::from_config(pg, tls, manager_cfg)
+                (
+                    Manager::from_config(pg.clone(), tls.clone(), manager_cfg.clone()),
+                    Manager::from_config(pg, tls, manager_cfg),
+                )
             }
             None => {
                 tokio::spawn(listen(
@@ -412,19 +430,30 @@ impl PostgresStore {
                     notes.clone(),
                     listening,
                 ));
-                Manager::from_config(pg, tokio_postgres::NoTls, manager_cfg)
+                (
+                    Manager::from_config(pg.clone(), tokio_postgres::NoTls, manager_cfg.clone()),
+                    Manager::from_config(pg, tokio_postgres::NoTls, manager_cfg),
+                )
             }
         };
-        let pool = Pool::builder(manager)
-            .max_size(cfg.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(cfg.connect_timeout))
-            .create_timeout(Some(cfg.connect_timeout))
-            .recycle_timeout(Some(cfg.connect_timeout))
-            .build()
-            .map_err(|e| anyhow::anyhow!("store: {e}"))?;
+        let build = |manager, size| {
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(cfg.connect_timeout))
+                .create_timeout(Some(cfg.connect_timeout))
+                .recycle_timeout(Some(cfg.connect_timeout))
+                .build()
+                .map_err(|e| anyhow::anyhow!("store: {e}"))
+        };
+        let pool = build(manager, cfg.pool_size)?;
+        let lease_pool = build(lease_manager, 1)?;
         let store = PostgresStore {
             pool,
+            lease_pool,
+            // A decision holds a connection for its lock and needs one more at a time for
+            // its reads and writes: at most half the pool is held by locks.
+            locks: Arc::new(tokio::sync::Semaphore::new((cfg.pool_size / 2).max(1))),
             notes,
             shown: cfg.redacted_url(),
         };
@@ -526,15 +555,29 @@ impl Backend for PostgresStore {
     }
 
     async fn lock(&self, key: &str) -> Result<Option<super::Guard>, StoreError> {
+        let permit = self
+            .locks
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let client = self.client().await?;
         let key = lock_key(key);
-        client
-            .execute("SELECT pg_advisory_lock($1)", &[&key])
-            .await?;
-        Ok(Some(super::Guard(Box::new(Advisory {
-            client: Some(client),
-            key,
-        }))))
+        // Taken by a task of its own: a caller that gives up waiting (a client that went
+        // away) must not leave the lock taken on a connection back in the pool.
+        let (took, taken) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let taking = client.execute("SELECT pg_advisory_lock($1)", &[&key]).await;
+            let result = taking.map(|_| Advisory {
+                client: Some(client),
+                key,
+                _permit: permit,
+            });
+            // Not wanted any more: dropped, which releases it.
+            let _ = took.send(result);
+        });
+        let held = taken.await.map_err(|e| StoreError::Join(e.to_string()))??;
+        Ok(Some(super::Guard(Box::new(held))))
     }
 
     async fn publish_invocations(
@@ -552,15 +595,16 @@ impl Backend for PostgresStore {
             .map(|r| r.total.min(i64::MAX as u64) as i64)
             .collect();
         let lasts: Vec<i64> = rows.iter().map(|r| r.last_ms).collect();
+        let started = rows[0].started_ms;
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO invocations (instance, function, datacenter, total, last_ms, updated_at)
-                 SELECT $1, f, d, t, l, clock_timestamp()
+                "INSERT INTO invocations (instance, function, datacenter, total, last_ms, started_ms, updated_at)
+                 SELECT $1, f, d, t, l, $6, clock_timestamp()
                  FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS u (f, d, t, l)
                  ON CONFLICT (instance, function, datacenter) DO UPDATE SET
                    total = excluded.total, last_ms = excluded.last_ms, updated_at = excluded.updated_at",
-                &[&instance, &functions, &datacenters, &totals, &lasts],
+                &[&instance, &functions, &datacenters, &totals, &lasts, &started],
             )
             .await?;
         Ok(())
@@ -571,17 +615,17 @@ impl Backend for PostgresStore {
         instance: &str,
     ) -> Result<Vec<(String, InvocationRow)>, StoreError> {
         let client = self.client().await?;
-        // Rows of instances gone for a day are dropped; the rest of the last hour are read.
+        // Counters not updated for a week are dropped (their instances are long gone).
         client
             .execute(
-                "DELETE FROM invocations WHERE updated_at < clock_timestamp() - interval '1 day'",
+                "DELETE FROM invocations WHERE updated_at < clock_timestamp() - interval '7 days'",
                 &[],
             )
             .await?;
         let rows = client
             .query(
-                "SELECT instance, function, datacenter, total, last_ms FROM invocations
-                 WHERE instance <> $1 AND updated_at > clock_timestamp() - interval '1 hour'",
+                "SELECT instance, function, datacenter, total, last_ms, started_ms FROM invocations
+                 WHERE instance <> $1",
                 &[&instance],
             )
             .await?;
@@ -593,6 +637,7 @@ impl Backend for PostgresStore {
                     datacenter: r.get(2),
                     total: r.get::<_, i64>(3).max(0) as u64,
                     last_ms: r.get(4),
+                    started_ms: r.get(5),
                 };
                 (r.get(0), row)
             })
@@ -975,7 +1020,7 @@ impl Backend for PostgresStore {
         holder: &str,
         ttl: std::time::Duration,
     ) -> Result<Option<i64>, StoreError> {
-        let client = self.client().await?;
+        let client = self.lease_pool.get().await.map_err(unavailable)?;
         let row = client
             .query_opt(
                 "INSERT INTO leases (name, holder, token, expires_at)
@@ -994,7 +1039,7 @@ impl Backend for PostgresStore {
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let client = self.lease_pool.get().await.map_err(unavailable)?;
         client
             .execute(
                 "UPDATE leases SET expires_at = clock_timestamp() WHERE name = $1 AND holder = $2",
@@ -1005,7 +1050,7 @@ impl Backend for PostgresStore {
     }
 
     async fn lease_holder(&self, name: &str) -> Result<Option<(String, i64)>, StoreError> {
-        let client = self.client().await?;
+        let client = self.lease_pool.get().await.map_err(unavailable)?;
         let row = client
             .query_opt(
                 "SELECT holder, token FROM leases WHERE name = $1 AND expires_at > clock_timestamp()",

@@ -189,9 +189,11 @@ impl CronScheduler {
     async fn run(self: Arc<Self>) {
         let leader = self.fleet.leader().clone();
         let mut changes = leader.watch();
+        let mut first = true;
         loop {
             if leader.is_leader() {
-                self.lead(&leader).await;
+                self.lead(&leader, first).await;
+                first = false;
             }
             if changes.changed().await.is_err() {
                 return;
@@ -199,14 +201,19 @@ impl CronScheduler {
         }
     }
 
-    async fn lead(self: &Arc<Self>, leader: &crate::store::Leader) {
-        match self.store.interrupt_trigger_runs().await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                runs = n,
-                "cron: runs the previous process did not finish are recorded as interrupted"
-            ),
-            Err(e) => tracing::error!(error = %e, "cron: cannot mark unfinished runs"),
+    /// One term of leadership. The first of this process marks the runs still recorded as
+    /// running as interrupted (on a shared store, a run of a leader that was replaced while
+    /// still alive is marked too, and amended with its outcome when it ends).
+    async fn lead(self: &Arc<Self>, leader: &crate::store::Leader, first: bool) {
+        if first {
+            match self.store.interrupt_trigger_runs().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    runs = n,
+                    "cron: runs the previous process did not finish are recorded as interrupted"
+                ),
+                Err(e) => tracing::error!(error = %e, "cron: cannot mark unfinished runs"),
+            }
         }
         let mut handled: HashMap<FunctionId, DateTime<Utc>> = match self
             .store
@@ -234,6 +241,10 @@ impl CronScheduler {
                 let due = at(&entry.spec.schedule, next, now);
                 entry.next = due.next;
                 if let Some(run) = due.run {
+                    // A term can end between two runs: none starts after it.
+                    if !leader.is_leader() {
+                        break;
+                    }
                     self.fire(id, entry, run, due.missed).await;
                 }
             }
