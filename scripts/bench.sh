@@ -6,7 +6,7 @@
 #   scripts/bench.sh smoke        every part with tiny loads (about a minute; CI runs it so the
 #                                 suite cannot rot; its figures are not results)
 #   scripts/bench.sh PART [ARGS]  one part: invoke | classic | reaction | state | datacenters | tls |
-#                                 nats | autoscale
+#                                 nats | ha | autoscale
 #                                 (ARGS go to that part's script)
 # The datacenters part needs dockerd in a swarm, as scripts/test.sh sets up.
 set -euo pipefail
@@ -20,6 +20,7 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
 command -v nats-server >/dev/null || missing+=(nats-server)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing packages: ${missing[*]} (run as root, or install them)" >&2
@@ -49,15 +50,16 @@ part() {
     datacenters) python3 scripts/bench_datacenters.py "$@" ;;
     tls) python3 scripts/bench_tls.py "$@" ;;
     nats) python3 scripts/bench_nats.py "$@" ;;
+    ha) python3 scripts/bench_ha.py "$@" ;;
     autoscale) cargo bench --quiet --bench autoscale -- "$@" ;;
-    *) echo "usage: scripts/bench.sh [all|smoke|invoke|classic|reaction|state|datacenters|tls|nats|autoscale] [ARGS]" >&2
+    *) echo "usage: scripts/bench.sh [all|smoke|invoke|classic|reaction|state|datacenters|tls|nats|ha|autoscale] [ARGS]" >&2
        exit 2 ;;
   esac
 }
 
 case "$what" in
   all)
-    rm -f target/bench-{invoke,classic,reaction,state,datacenters,tls,nats,autoscale}.json
+    rm -f target/bench-{invoke,classic,reaction,state,datacenters,tls,nats,ha,autoscale}.json
     part invoke
     part classic
     part reaction
@@ -65,12 +67,13 @@ case "$what" in
     part datacenters
     part tls
     part nats
+    part ha
     part autoscale
     python3 scripts/bench_report.py
     echo "suite: $(((SECONDS - started) / 60)) min $(((SECONDS - started) % 60)) s (after the build)"
     ;;
   smoke)
-    rm -f target/bench-{invoke,classic,reaction,state,datacenters,tls,nats,autoscale}.json
+    rm -f target/bench-{invoke,classic,reaction,state,datacenters,tls,nats,ha,autoscale}.json
     part invoke --seconds 1 --rounds 1 --conns 1,16
     part classic --seconds 1 --rounds 1
     part reaction --query-only --timeout 30
@@ -78,8 +81,9 @@ case "$what" in
     part datacenters --rounds 1
     part tls --seconds 1 --rounds 1 --conns 16
     part nats --messages 500 --seconds 1 --rounds 1 --burst 300
+    part ha --payloads 6 --deploys 15 --failovers 1
     part autoscale --smoke
-    python3 scripts/bench_report.py --require invoke,classic,reaction,state,datacenters,tls,nats,autoscale
+    python3 scripts/bench_report.py --require invoke,classic,reaction,state,datacenters,tls,nats,ha,autoscale
     ;;
   *) part "$what" "$@" ;;
 esac

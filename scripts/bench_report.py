@@ -12,7 +12,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["invoke", "classic", "reaction", "state", "datacenters", "tls", "nats", "autoscale"]
+PARTS = ["invoke", "classic", "reaction", "state", "datacenters", "tls", "nats", "ha", "autoscale"]
 
 
 def cell(v):

@@ -464,9 +464,12 @@ async fn instances_starting_together_migrate_once() {
 #[tokio::test]
 async fn every_write_is_announced_on_commit() {
     let kind = postgres();
+    // Two instances: what one writes, the other hears (and the writer does not: it knows).
     let store = kind.open().await;
+    let other = kind.open().await;
     // Listening once connected: changes from now on are all heard.
-    let mut notes = store.subscribe().expect("a shared store announces changes");
+    let mut notes = other.subscribe().expect("a shared store announces changes");
+    let mut own = store.subscribe().unwrap();
     let f = function("api", &[("lon", 1)]);
     store.put_function(&f).await.unwrap();
     store
@@ -484,6 +487,11 @@ async fn every_write_is_announced_on_commit() {
         }
     }
     use faastastic::store::{Change, Note};
+    // Delivered to every listener at once: the writer's would be here by now.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    while let Ok(note) = own.try_recv() {
+        assert_eq!(note, Note::Resync, "a store heard its own write");
+    }
     assert_eq!(
         heard,
         vec![

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::executor::Autoscaler;
 use crate::fleet::Fleet;
@@ -25,7 +25,7 @@ pub fn spawn(store: &Store, fleet: Arc<Fleet>, autoscaler: Arc<Autoscaler>) {
         let mut resync = tokio::time::interval(RESYNC);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let note = tokio::select! {
+            let first = tokio::select! {
                 note = notes.recv() => match note {
                     Ok(note) => note,
                     Err(RecvError::Lagged(_)) => Note::Resync,
@@ -33,8 +33,25 @@ pub fn spawn(store: &Store, fleet: Arc<Fleet>, autoscaler: Arc<Autoscaler>) {
                 },
                 _ = resync.tick() => Note::Resync,
             };
-            if let Err(e) = follow(&note, &fleet, &autoscaler).await {
-                tracing::warn!(error = %e, "cannot read another instance's change; reading everything again in {RESYNC:?}");
+            // What else has arrived is read with it, each thing once (a busy instance
+            // announces the same function many times a second).
+            let mut batch = vec![first];
+            while batch.len() < 1024 {
+                match notes.try_recv() {
+                    Ok(note) => batch.push(note),
+                    Err(TryRecvError::Lagged(_)) => batch.push(Note::Resync),
+                    Err(_) => break,
+                }
+            }
+            if batch.contains(&Note::Resync) {
+                batch = vec![Note::Resync];
+            }
+            let mut seen = std::collections::HashSet::new();
+            batch.retain(|note| seen.insert(note.clone()));
+            for note in &batch {
+                if let Err(e) = follow(note, &fleet, &autoscaler).await {
+                    tracing::warn!(error = %e, "cannot read another instance's change; reading everything again in {RESYNC:?}");
+                }
             }
         }
     });

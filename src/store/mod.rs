@@ -332,8 +332,8 @@ pub trait Backend: Send + Sync {
 /// A lock held on the store until dropped (see [`Backend::lock`]).
 pub struct Guard(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>);
 
-/// A change another instance (or this one) committed to a shared store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A change another instance committed to a shared store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Note {
     Changed {
         kind: Change,

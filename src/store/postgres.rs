@@ -109,7 +109,7 @@ CREATE TABLE leases (
 )];
 
 /// What changed, as announced to the other instances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Change {
     /// A function's record or desired replicas (or its removal).
@@ -129,6 +129,9 @@ pub struct PostgresStore {
     locks: Arc<tokio::sync::Semaphore>,
     /// Changes committed by any instance, from the listening connection.
     notes: tokio::sync::broadcast::Sender<Note>,
+    /// This store's own mark on its announcements: its listener skips them (this instance
+    /// already knows what it wrote).
+    origin: String,
     /// The database's address without its password, for messages.
     shown: String,
 }
@@ -143,11 +146,14 @@ fn unavailable(e: PoolError) -> StoreError {
 /// Announces a change inside a transaction.
 async fn notify(
     tx: &impl GenericClient,
+    origin: &str,
     change: Change,
     namespace: &str,
     name: &str,
 ) -> Result<(), StoreError> {
-    let payload = serde_json::json!({"kind": change, "namespace": namespace, "name": name});
+    let payload = serde_json::json!({
+        "kind": change, "namespace": namespace, "name": name, "origin": origin,
+    });
     tx.execute(
         "SELECT pg_notify($1, $2)",
         &[&CHANNEL, &payload.to_string()],
@@ -176,6 +182,7 @@ async fn insert_event(
 /// Upserts a datacenter's engine state and inserts the event, inside a transaction.
 async fn write_decision(
     tx: &impl GenericClient,
+    origin: &str,
     id: &FunctionId,
     datacenter: &str,
     state_json: &str,
@@ -187,7 +194,7 @@ async fn write_decision(
         &[&id.namespace, &id.name, &datacenter, &state_json],
     )
     .await?;
-    notify(tx, Change::State, &id.namespace, &id.name).await?;
+    notify(tx, origin, Change::State, &id.namespace, &id.name).await?;
     match event {
         Some(e) => Ok(Some(
             insert_event(tx, Events::Scale, &id.namespace, &id.name, e).await?,
@@ -250,6 +257,7 @@ async fn listen<T>(
     tls: T,
     notes: tokio::sync::broadcast::Sender<Note>,
     listening: tokio::sync::oneshot::Sender<()>,
+    origin: String,
 ) where
     T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + 'static,
     T::Stream: Send + 'static,
@@ -289,6 +297,7 @@ async fn listen<T>(
                     }
                     while let Some(payload) = hearing.recv().await {
                         match serde_json::from_str::<Payload>(&payload) {
+                            Ok(p) if p.origin == origin => {}
                             Ok(p) => {
                                 let _ = notes.send(Note::Changed {
                                     kind: p.kind,
@@ -324,6 +333,8 @@ struct Payload {
     kind: Change,
     namespace: String,
     name: String,
+    #[serde(default)]
+    origin: String,
 }
 
 /// An advisory lock held on a pooled connection, released (and the connection returned) when
@@ -410,6 +421,7 @@ impl PostgresStore {
         };
         let (notes, _) = tokio::sync::broadcast::channel(4096);
         let (listening, heard) = tokio::sync::oneshot::channel();
+        let origin = format!("{:016x}", rand::random::<u64>());
         // Two pools: the lease's renewals never wait behind decisions holding connections.
         let (manager, lease_manager) = match &cfg.tls {
             Some(tls) => {
@@ -417,7 +429,13 @@ impl PostgresStore {
                     .config()
                     .map_err(|e| anyhow::anyhow!("[store.tls]: {e:#}"))?;
                 let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client);
-                tokio::spawn(listen(pg.clone(), tls.clone(), notes.clone(), listening));
+                tokio::spawn(listen(
+                    pg.clone(),
+                    tls.clone(),
+                    notes.clone(),
+                    listening,
+                    origin.clone(),
+                ));
                 (
                     Manager::from_config(pg.clone(), tls.clone(), manager_cfg.clone()),
                     Manager::from_config(pg, tls, manager_cfg),
@@ -429,6 +447,7 @@ impl PostgresStore {
                     tokio_postgres::NoTls,
                     notes.clone(),
                     listening,
+                    origin.clone(),
                 ));
                 (
                     Manager::from_config(pg.clone(), tokio_postgres::NoTls, manager_cfg.clone()),
@@ -455,6 +474,7 @@ impl PostgresStore {
             // its reads and writes: at most half the pool is held by locks.
             locks: Arc::new(tokio::sync::Semaphore::new((cfg.pool_size / 2).max(1))),
             notes,
+            origin,
             shown: cfg.redacted_url(),
         };
         store
@@ -667,7 +687,7 @@ impl Backend for PostgresStore {
             &[&id.namespace, &id.name, &deployment, &total, &created_at, &placement],
         )
         .await?;
-        notify(&tx, Change::Function, &id.namespace, &id.name).await?;
+        notify(&tx, &self.origin, Change::Function, &id.namespace, &id.name).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -687,7 +707,7 @@ impl Backend for PostgresStore {
             &[&id.namespace, &id.name, &total, &placement],
         )
         .await?;
-        notify(&tx, Change::Function, &id.namespace, &id.name).await?;
+        notify(&tx, &self.origin, Change::Function, &id.namespace, &id.name).await?;
         let event_id = match with {
             Some(DesiredWith::Record(d)) => {
                 if let Some(token) = d.fence {
@@ -703,10 +723,26 @@ impl Backend for PostgresStore {
                         return Err(StoreError::Deposed(token));
                     }
                 }
-                write_decision(&tx, id, &d.datacenter, &d.state_json, Some(&d.event)).await?
+                write_decision(
+                    &tx,
+                    &self.origin,
+                    id,
+                    &d.datacenter,
+                    &d.state_json,
+                    Some(&d.event),
+                )
+                .await?
             }
             Some(DesiredWith::Undo(d, event_id)) => {
-                write_decision(&tx, id, &d.datacenter, &d.previous_state_json, None).await?;
+                write_decision(
+                    &tx,
+                    &self.origin,
+                    id,
+                    &d.datacenter,
+                    &d.previous_state_json,
+                    None,
+                )
+                .await?;
                 tx.execute("DELETE FROM scale_events WHERE id = $1", &[&event_id])
                     .await?;
                 None
@@ -732,7 +768,7 @@ impl Backend for PostgresStore {
                 n = deleted;
             }
         }
-        notify(&tx, Change::Function, &id.namespace, &id.name).await?;
+        notify(&tx, &self.origin, Change::Function, &id.namespace, &id.name).await?;
         tx.commit().await?;
         Ok(n > 0)
     }
@@ -769,7 +805,15 @@ impl Backend for PostgresStore {
     ) -> Result<Option<i64>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let event_id = write_decision(&tx, id, datacenter, &state_json, event.as_ref()).await?;
+        let event_id = write_decision(
+            &tx,
+            &self.origin,
+            id,
+            datacenter,
+            &state_json,
+            event.as_ref(),
+        )
+        .await?;
         tx.commit().await?;
         Ok(event_id)
     }
@@ -806,7 +850,7 @@ impl Backend for PostgresStore {
                     .await?
             }
         };
-        notify(&tx, Change::Pause, "", scope).await?;
+        notify(&tx, &self.origin, Change::Pause, "", scope).await?;
         tx.commit().await?;
         Ok(n > 0)
     }
@@ -952,7 +996,7 @@ impl Backend for PostgresStore {
             &[&ns.name, &labels, &annotations],
         )
         .await?;
-        notify(&tx, Change::Namespace, &ns.name, "").await?;
+        notify(&tx, &self.origin, Change::Namespace, &ns.name, "").await?;
         tx.commit().await?;
         Ok(())
     }
@@ -965,7 +1009,7 @@ impl Backend for PostgresStore {
             .await?;
         tx.execute("DELETE FROM secrets WHERE namespace = $1", &[&name])
             .await?;
-        notify(&tx, Change::Namespace, name, "").await?;
+        notify(&tx, &self.origin, Change::Namespace, name, "").await?;
         tx.commit().await?;
         Ok(n > 0)
     }
@@ -1005,7 +1049,14 @@ impl Backend for PostgresStore {
             &[&secret.namespace, &secret.name, &secret.value],
         )
         .await?;
-        notify(&tx, Change::Secret, &secret.namespace, &secret.name).await?;
+        notify(
+            &tx,
+            &self.origin,
+            Change::Secret,
+            &secret.namespace,
+            &secret.name,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1069,7 +1120,7 @@ impl Backend for PostgresStore {
                 &[&namespace, &name],
             )
             .await?;
-        notify(&tx, Change::Secret, namespace, name).await?;
+        notify(&tx, &self.origin, Change::Secret, namespace, name).await?;
         tx.commit().await?;
         Ok(n > 0)
     }
