@@ -476,8 +476,19 @@ async fn every_write_is_announced_on_commit() {
         .set_pause("*", Some((Utc::now(), "x".into())))
         .await
         .unwrap();
+    let recorded = store
+        .record_decision(
+            &f.id,
+            "lon",
+            "{}".into(),
+            Some(event(Utc::now(), "lon", "held")),
+        )
+        .await
+        .unwrap();
+    let newest = store.scale_events(all_events(1)).await.unwrap();
+    assert_eq!(Some(newest[0].0), recorded);
     let mut heard = Vec::new();
-    while heard.len() < 2 {
+    while heard.len() < 3 {
         let note = tokio::time::timeout(std::time::Duration::from_secs(5), notes.recv())
             .await
             .expect("a change was not announced")
@@ -504,6 +515,11 @@ async fn every_write_is_announced_on_commit() {
                 kind: Change::Pause,
                 namespace: String::new(),
                 name: "*".into()
+            },
+            Note::Changed {
+                kind: Change::State,
+                namespace: "openfaas-fn".into(),
+                name: "api".into()
             },
         ]
     );

@@ -151,15 +151,18 @@ async fn notify(
     namespace: &str,
     name: &str,
 ) -> Result<(), StoreError> {
-    let payload = serde_json::json!({
-        "kind": change, "namespace": namespace, "name": name, "origin": origin,
-    });
     tx.execute(
         "SELECT pg_notify($1, $2)",
-        &[&CHANNEL, &payload.to_string()],
+        &[&CHANNEL, &payload(origin, change, namespace, name)],
     )
     .await?;
     Ok(())
+}
+
+/// The text of an announcement.
+fn payload(origin: &str, change: Change, namespace: &str, name: &str) -> String {
+    serde_json::json!({"kind": change, "namespace": namespace, "name": name, "origin": origin})
+        .to_string()
 }
 
 async fn insert_event(
@@ -188,18 +191,53 @@ async fn write_decision(
     state_json: &str,
     event: Option<&EventRecord>,
 ) -> Result<Option<i64>, StoreError> {
-    tx.execute(
-        "INSERT INTO autoscale_states (namespace, name, datacenter, state) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (namespace, name, datacenter) DO UPDATE SET state = excluded.state",
-        &[&id.namespace, &id.name, &datacenter, &state_json],
-    )
-    .await?;
-    notify(tx, origin, Change::State, &id.namespace, &id.name).await?;
+    // One statement (one round trip, atomic on its own): the state, its announcement and the
+    // event. A data-modifying WITH runs whatever follows; the announcement runs because the
+    // final SELECT reads it.
+    let announced = payload(origin, Change::State, &id.namespace, &id.name);
+    let head = "WITH state AS (
+           INSERT INTO autoscale_states (namespace, name, datacenter, state) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (namespace, name, datacenter) DO UPDATE SET state = excluded.state
+           RETURNING 1
+         ), announced AS (SELECT pg_notify($5, $6))";
     match event {
-        Some(e) => Ok(Some(
-            insert_event(tx, Events::Scale, &id.namespace, &id.name, e).await?,
-        )),
-        None => Ok(None),
+        Some(e) => {
+            let row = tx
+                .query_one(
+                    &format!(
+                        "{head} INSERT INTO scale_events (at, namespace, name, datacenter, event)
+                         SELECT $7, $1, $2, $8, $9 FROM state, announced RETURNING id"
+                    ),
+                    &[
+                        &id.namespace,
+                        &id.name,
+                        &datacenter,
+                        &state_json,
+                        &CHANNEL,
+                        &announced,
+                        &e.at,
+                        &e.datacenter,
+                        &e.json,
+                    ],
+                )
+                .await?;
+            Ok(Some(row.get(0)))
+        }
+        None => {
+            tx.query_one(
+                &format!("{head} SELECT 1 FROM state, announced"),
+                &[
+                    &id.namespace,
+                    &id.name,
+                    &datacenter,
+                    &state_json,
+                    &CHANNEL,
+                    &announced,
+                ],
+            )
+            .await?;
+            Ok(None)
+        }
     }
 }
 
@@ -803,19 +841,16 @@ impl Backend for PostgresStore {
         state_json: String,
         event: Option<EventRecord>,
     ) -> Result<Option<i64>, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let event_id = write_decision(
-            &tx,
+        let client = self.client().await?;
+        write_decision(
+            &client,
             &self.origin,
             id,
             datacenter,
             &state_json,
             event.as_ref(),
         )
-        .await?;
-        tx.commit().await?;
-        Ok(event_id)
+        .await
     }
 
     async fn load_pauses(&self) -> Result<Vec<PauseRow>, StoreError> {
