@@ -48,6 +48,11 @@ impl Cluster {
         }
     }
 
+    /// Three instances, `a`, `b` and `c`.
+    fn three(&self) -> [Server; 3] {
+        [self.instance("a"), self.instance("b"), self.instance("c")]
+    }
+
     /// One more instance, with a data directory of its own.
     fn instance(&self, name: &str) -> Server {
         let data = self.dir.path().join(name);
@@ -85,11 +90,7 @@ async fn events(s: &Server, query: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_instance_serves_what_another_changed() {
     let cluster = Cluster::new();
-    let (a, b, c) = (
-        cluster.instance("a"),
-        cluster.instance("b"),
-        cluster.instance("c"),
-    );
+    let [a, b, c] = cluster.three();
     assert_eq!(a.deploy(echo_function("echo")).await.status(), 202);
     // Visible through the others within a second.
     let started = Instant::now();
@@ -158,11 +159,7 @@ async fn every_instance_serves_what_another_changed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_and_another_within_three_seconds_of_its_death() {
     let cluster = Cluster::new();
-    let mut servers = [
-        cluster.instance("a"),
-        cluster.instance("b"),
-        cluster.instance("c"),
-    ];
+    let mut servers = cluster.three();
     let refs: Vec<&Server> = servers.iter().collect();
     assert!(
         poll(Duration::from_secs(5), || async {
@@ -295,11 +292,7 @@ async fn the_leader_killed_during_a_scale_up_and_the_next_one_finishes_it() {
     let cluster = Cluster::with(
         "[[autoscale.queries]]\nname = \"own-rate\"\nsource = \"internal\"\nwindow_secs = 2\ntarget = 10\ninterval_ms = 200\n",
     );
-    let mut servers = [
-        cluster.instance("a"),
-        cluster.instance("b"),
-        cluster.instance("c"),
-    ];
+    let mut servers = cluster.three();
     let refs: Vec<&Server> = servers.iter().collect();
     assert!(
         poll(Duration::from_secs(5), || async {
@@ -355,11 +348,7 @@ async fn the_leader_killed_during_a_scale_up_and_the_next_one_finishes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schedule_runs_once_per_due_time_among_instances() {
     let cluster = Cluster::new();
-    let (a, b, c) = (
-        cluster.instance("a"),
-        cluster.instance("b"),
-        cluster.instance("c"),
-    );
+    let [a, b, c] = cluster.three();
     let f = json!({"service": "tick", "image": "local/cron", "envProcess": "cat",
         "annotations": {"topic": "cron-function", "schedule": "* * * * * *"}});
     assert_eq!(b.deploy(f).await.status(), 202);

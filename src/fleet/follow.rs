@@ -33,6 +33,9 @@ impl Fleet {
 
     /// Reads one function again from the store: added, replaced or forgotten to match it.
     pub async fn refresh(&self, id: &FunctionId) -> Result<(), FleetError> {
+        // Not in the middle of this instance's own change of it (read before its write,
+        // applied after it, the read would undo it here).
+        let _guard = self.write.lock().await;
         let stored = self.store.load_function(id, &self.home).await?;
         self.take(id, stored);
         Ok(())
@@ -40,6 +43,7 @@ impl Fleet {
 
     /// Reads every function and namespace again from the store.
     pub async fn resync(&self) -> Result<(), FleetError> {
+        let _guard = self.write.lock().await;
         let stored = self.store.load_functions(&self.home).await?;
         let present: HashSet<FunctionId> = stored.iter().map(|f| f.id.clone()).collect();
         let gone: Vec<FunctionId> = self
