@@ -162,14 +162,18 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
     create_data_dir(&cfg.data_dir)?;
     let metrics = Arc::new(Metrics::new());
     if cfg.store.is_some() {
+        // Replicas other instances can see and serve: an agent's, which it reports to every
+        // instance that asks. The local platform's are processes of one instance, and the
+        // docker and swarm platforms track (and at start clear) what their instance created.
         if let Some(dc) = cfg
             .datacenters
             .iter()
-            .find(|d| matches!(d.platform, PlatformConfig::Local))
+            .find(|d| !matches!(d.platform, PlatformConfig::Remote { .. }))
         {
             anyhow::bail!(
-                "[store] url is a shared store, but datacenter {} runs functions as processes of this instance (platform \"local\"), which other instances cannot see or serve: give instances on a shared store datacenters they all reach (platform \"remote\", \"docker\" or \"swarm\")",
-                dc.name
+                "[store] url is a shared store, but datacenter {} runs functions through this instance alone (platform \"{}\"): give instances on a shared store datacenters run by agents (platform \"remote\", with `faastastic agent` there)",
+                dc.name,
+                dc.platform.kind()
             );
         }
     }

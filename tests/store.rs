@@ -646,7 +646,7 @@ fn a_database_that_cannot_be_used_stops_the_start_named_without_its_password() {
     assert!(text.contains("password authentication failed"), "{text}");
     assert!(!text.contains("wrong-pw"), "{text}");
 
-    // Functions as processes of one instance cannot be shared.
+    // Datacenters one instance runs alone cannot be shared.
     let url = pg.url("faastastic");
     let (code, text) = serve_until_exit(&format!("[store]\nurl = \"{url}\"\n"));
     assert_eq!(code, Some(1), "{text}");
@@ -654,4 +654,8 @@ fn a_database_that_cannot_be_used_stops_the_start_named_without_its_password() {
         text.contains("platform \"local\"") && text.contains("remote"),
         "{text}"
     );
+    let docker = "[[datacenters]]\nname = \"lon\"\nplatform = \"docker\"\n";
+    let (code, text) = serve_until_exit(&format!("[store]\nurl = \"{url}\"\n{docker}"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("platform \"docker\""), "{text}");
 }
