@@ -271,110 +271,40 @@ impl StoreConfig {
     }
 }
 
-/// A PostgreSQL connection string with every password in it replaced. In a URL, everything
-/// between the user and the last `@` is the password (an unescaped `/`, `?` or `#` in it
-/// included); in the `key=value` form, values are read as libpq reads them (spaces around
-/// `=`, single-quoted values with escapes).
+/// A PostgreSQL connection string (URL or `key=value` form) shown without its password:
+/// rebuilt from what the client library reads in it (user, hosts, ports, database), so nothing
+/// else of it is shown; one that does not parse is not shown at all.
 pub fn redact_postgres_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let (userinfo, after) = match rest.rfind('@') {
-            Some(at) => (&rest[..at], &rest[at..]),
-            None => ("", rest),
-        };
-        let userinfo = match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:<redacted>"),
-            None => userinfo.to_string(),
-        };
-        // A password may also come as a query parameter.
-        let after = match after.split_once('?') {
-            Some((path, query)) => {
-                let query: Vec<String> = query
-                    .split('&')
-                    .map(|part| match part.split_once('=') {
-                        Some((key, _)) if key.eq_ignore_ascii_case("password") => {
-                            format!("{key}=<redacted>")
-                        }
-                        _ => part.to_string(),
-                    })
-                    .collect();
-                format!("{path}?{}", query.join("&"))
+    let Ok(c) = url.parse::<tokio_postgres::Config>() else {
+        return "<not shown: it does not parse>".to_string();
+    };
+    let ports = c.get_ports();
+    let hosts: Vec<String> = c
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            match ports.get(i).or(ports.first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
             }
-            None => after.to_string(),
-        };
-        return format!("{scheme}://{userinfo}{after}");
-    }
-    // key = value pairs: the password's value, however quoted, is replaced whole.
-    let mut out = String::new();
-    let mut chars = url.chars().peekable();
-    while let Some(&c) = chars.peek() {
-        if c.is_whitespace() {
-            out.push(c);
-            chars.next();
-            continue;
-        }
-        let mut key = String::new();
-        while let Some(&c) = chars.peek() {
-            if c == '=' || c.is_whitespace() {
-                break;
-            }
-            key.push(c);
-            chars.next();
-        }
-        out.push_str(&key);
-        while let Some(&c) = chars.peek() {
-            if !c.is_whitespace() {
-                break;
-            }
-            out.push(c);
-            chars.next();
-        }
-        if chars.peek() != Some(&'=') {
-            continue;
-        }
-        out.push('=');
-        chars.next();
-        while let Some(&c) = chars.peek() {
-            if !c.is_whitespace() {
-                break;
-            }
-            out.push(c);
-            chars.next();
-        }
-        let mut value = String::new();
-        if chars.peek() == Some(&'\'') {
-            value.push('\'');
-            chars.next();
-            while let Some(c) = chars.next() {
-                value.push(c);
-                if c == '\\' {
-                    if let Some(escaped) = chars.next() {
-                        value.push(escaped);
-                    }
-                } else if c == '\'' {
-                    break;
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c.is_whitespace() {
-                    break;
-                }
-                value.push(c);
-                chars.next();
-                if c == '\\' {
-                    if let Some(escaped) = chars.next() {
-                        value.push(escaped);
-                    }
-                }
-            }
-        }
-        if key.eq_ignore_ascii_case("password") {
-            out.push_str("<redacted>");
-        } else {
-            out.push_str(&value);
-        }
-    }
-    out
+        })
+        .collect();
+    let user = match (c.get_user(), c.get_password()) {
+        (Some(user), Some(_)) => format!("{user}:<redacted>@"),
+        (Some(user), None) => format!("{user}@"),
+        (None, Some(_)) => ":<redacted>@".to_string(),
+        (None, None) => String::new(),
+    };
+    format!(
+        "postgres://{user}{}/{}",
+        hosts.join(","),
+        c.get_dbname().unwrap_or("")
+    )
 }
 
 /// `[triggers.nats]`: a NATS JetStream server whose messages invoke the functions whose
@@ -1163,15 +1093,10 @@ impl Config {
                     None => None,
                     Some(url) => {
                         let d = StoreConfig::new(&url);
-                        let shown = d.redacted_url();
-                        let is_url =
-                            url.starts_with("postgres://") || url.starts_with("postgresql://");
-                        if !is_url && !url.contains('=') {
+                        if let Err(e) = url.parse::<tokio_postgres::Config>() {
                             s.errors.push(format!(
-                                "store.url: {shown:?} is not a PostgreSQL URL such as postgres://faastastic@127.0.0.1:5432/faastastic"
+                                "store.url: {e} (the value is not shown: it may hold a password); give a URL such as postgres://faastastic@127.0.0.1:5432/faastastic or host=... dbname=..."
                             ));
-                        } else if let Err(e) = url.parse::<tokio_postgres::Config>() {
-                            s.errors.push(format!("store.url: {shown:?}: {e}"));
                         }
                         let tls = crate::tls::ClientTls {
                             ca_file: s.get("ca_file", None),
@@ -1195,6 +1120,12 @@ impl Config {
                             lease: s.millis("lease_ms", d.lease),
                             url,
                         };
+                        if c.pool_size < 2 {
+                            s.errors.push(format!(
+                                "store.pool_size: {} is too small: a decision holds one connection for its lock and needs another; use 2 or more (default 16)",
+                                c.pool_size
+                            ));
+                        }
                         if c.lease < Duration::from_millis(400) {
                             s.errors.push(format!(
                                 "store.lease_ms: {} is too short to renew over a network; use 400 or more (default 2000)",
@@ -1901,30 +1832,33 @@ mod tests {
         );
         assert_eq!(
             store.redacted_url(),
-            "postgres://faastastic:<redacted>@db:5432/faastastic?sslmode=disable&password=<redacted>"
-        );
-        assert_eq!(
-            redact_postgres_url("host=db user=f password=secret dbname=x"),
-            "host=db user=f password=<redacted> dbname=x"
-        );
-        assert_eq!(
-            redact_postgres_url("postgresql://f@db/x"),
-            "postgresql://f@db/x",
-            "nothing to hide"
+            "postgres://faastastic:<redacted>@db:5432/faastastic"
         );
         for (given, shown) in [
+            (
+                "host=db user=f password=secret dbname=x",
+                "postgres://f:<redacted>@db/x",
+            ),
+            ("postgresql://f@db/x", "postgres://f@db:5432/x"),
             // Characters a URL would escape, left raw in the password.
             (
-                "postgres://u:pa/ss?x#y@db/x",
-                "postgres://u:<redacted>@db/x",
+                "postgres://u:pa/ss@db/x",
+                "postgres://u:<redacted>@db:5432/x",
             ),
-            ("postgres://u:p@ss@db/x", "postgres://u:<redacted>@db/x"),
             (
-                "host=db password = secret user=f",
-                "host=db password = <redacted> user=f",
+                "host=db password = 'a b\\' c' user=f port=6432",
+                "postgres://f:<redacted>@db:6432/",
             ),
-            ("password='a b\\' c' host=db", "password=<redacted> host=db"),
-            ("PASSWORD=x", "PASSWORD=<redacted>"),
+            (
+                "postgres://u@db/x?password=secret&application_name=svc@host",
+                "postgres://u:<redacted>@db:5432/x",
+            ),
+            (
+                "host=db application_name=http://svc password=secret",
+                "postgres://:<redacted>@db/",
+            ),
+            ("host=a,b port=1,2 user=u", "postgres://u@a:1,b:2/"),
+            ("not a url: secret", "<not shown: it does not parse>"),
         ] {
             assert_eq!(redact_postgres_url(given), shown, "{given}");
         }
@@ -1935,14 +1869,16 @@ mod tests {
             "SQLite by default"
         );
         let errors = Config::parse(
-            "[store]\nurl = \"mysql://u:secretpw@db/x\"\nlease_ms = 100\ncert_file = \"/c.pem\"\n",
+            "[store]\nurl = \"mysql://u:secretpw@db/x\"\nlease_ms = 100\ncert_file = \"/c.pem\"\npool_size = 1\n",
         )
         .unwrap_err()
         .join("\n");
         for says in [
-            "store.url: \"mysql://u:<redacted>@db/x\" is not a PostgreSQL URL",
+            "store.url: ",
+            "the value is not shown",
             "store.lease_ms: 100 is too short",
             "store.cert_file, store.key_file: a client certificate needs both",
+            "store.pool_size: 1 is too small",
         ] {
             assert!(errors.contains(says), "{says}\nin\n{errors}");
         }

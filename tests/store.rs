@@ -498,10 +498,21 @@ async fn every_write_is_announced_on_commit() {
         }
     }
     use faastastic::store::{Change, Note};
-    // Delivered to every listener at once: the writer's would be here by now.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    while let Ok(note) = own.try_recv() {
-        assert_eq!(note, Note::Resync, "a store heard its own write");
+    // The writer hears the other's write (a marker), and nothing of its own before it.
+    other
+        .put_function(&function("marker", &[("lon", 1)]))
+        .await
+        .unwrap();
+    loop {
+        let note = tokio::time::timeout(std::time::Duration::from_secs(5), own.recv())
+            .await
+            .expect("the other's write was not announced")
+            .unwrap();
+        match note {
+            Note::Resync => continue,
+            Note::Changed { ref name, .. } if name == "marker" => break,
+            other => panic!("a store heard its own write: {other:?}"),
+        }
     }
     assert_eq!(
         heard,

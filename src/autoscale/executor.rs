@@ -678,14 +678,20 @@ impl Autoscaler {
     /// announcements, and as a safety net), or one function's (`only`) when another instance
     /// announced a decision about it.
     pub async fn refresh_states(&self, only: Option<&FunctionId>) -> Result<(), StoreError> {
-        let rows = match only {
+        let rows: Vec<(FunctionId, String, Option<String>)> = match only {
             Some(id) => {
-                let mut rows = Vec::new();
+                // Each read while its state is held, so that no decision here lands between
+                // the read and its adoption (which would put an older state back).
                 for dc in self.fleet.placement_of(id).unwrap_or_default().into_keys() {
-                    let state = self.store.load_state(id, &dc).await?;
-                    rows.push((id.clone(), dc, state));
+                    let key = (id.clone(), dc);
+                    let lock = self.state_of(&key);
+                    let Ok(mut tracked) = lock.try_lock() else {
+                        continue;
+                    };
+                    let stored = self.store.load_state(id, &key.1).await?;
+                    self.adopt(&key, &mut tracked, stored);
                 }
-                rows
+                return Ok(());
             }
             None => self
                 .store

@@ -128,6 +128,10 @@ pub fn spawn_counters(
 
 type CounterKey = (String, String);
 
+/// How far apart two instances' clocks may be when one's start is compared with the other's
+/// first reading.
+const CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+
 /// What one instance knows of the shared counters.
 #[derive(Default)]
 struct Shared {
@@ -143,6 +147,8 @@ struct Shared {
     /// When the others' counters were first read (Unix milliseconds): what an instance that
     /// started before then had counted by its first reading is history, not new traffic.
     first_read_ms: Option<i64>,
+    /// The instances whose counters that first reading found.
+    first_instances: std::collections::HashSet<String>,
 }
 
 impl Shared {
@@ -194,18 +200,30 @@ impl Shared {
         crate::model::FunctionMap<i64>,
     ) {
         let mut last = crate::model::FunctionMap::default();
+        let first = self.first_read_ms.is_none();
         let first_read = *self
             .first_read_ms
             .get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
+        if first {
+            self.first_instances = rows.iter().map(|(i, _)| i.clone()).collect();
+        }
         for (instance, row) in rows {
             if let Some((name, namespace)) = row.function.split_once('.') {
                 let id = FunctionId::new(name.to_string(), namespace.to_string());
                 let at = last.entry(id).or_insert(0);
                 *at = (*at).max(row.last_ms);
             }
-            // A counter seen for the first time counts from zero only when its instance
-            // started after the first reading (all it counted is new); else from where it is.
-            let fresh = row.started_ms > first_read;
+            // A counter seen for the first time counts from zero when it is new traffic: a
+            // counter an instance known from the first reading starts later, or one of an
+            // instance that started after it (five minutes allowed for clocks apart). Else
+            // (a counter from before this instance read them) from where it is.
+            let fresh = if first {
+                false
+            } else if self.first_instances.contains(&instance) {
+                true
+            } else {
+                row.started_ms > first_read - CLOCK_SKEW_MS
+            };
             let seen = self
                 .seen
                 .entry((instance, row.function.clone(), row.datacenter.clone()))
@@ -246,10 +264,8 @@ mod tests {
 
     #[test]
     fn others_counters_only_grow_from_what_was_there_at_start() {
-        let mut shared = Shared {
-            first_read_ms: Some(1_000),
-            ..Shared::default()
-        };
+        let mut shared = Shared::default();
+        let later = chrono::Utc::now().timestamp_millis() + 10_000;
         let key = ("api.openfaas-fn".to_string(), "lon".to_string());
         // Totals from before this instance's first reading are history, not a burst.
         let (counts, last) = shared.add_others(vec![row("b", "api.openfaas-fn", 5000, 7, 500)]);
@@ -258,20 +274,24 @@ mod tests {
         let (counts, _) = shared.add_others(vec![
             row("b", "api.openfaas-fn", 5030, 8, 500),
             // An instance that started since: all of its count is new.
-            row("c", "api.openfaas-fn", 12, 9, 2_000),
+            row("c", "api.openfaas-fn", 12, 9, later),
         ]);
         assert_eq!(counts[&key], 42);
         // An instance gone (its row no longer read): the count stays where it was.
-        let (counts, last) = shared.add_others(vec![row("c", "api.openfaas-fn", 20, 10, 2_000)]);
+        let (counts, last) = shared.add_others(vec![row("c", "api.openfaas-fn", 20, 10, later)]);
         assert_eq!(counts[&key], 50);
         assert_eq!(last[&FunctionId::new("api", "openfaas-fn")], 10);
-        // A counter of an old instance seen late (its function idle for long, say): it
-        // counts from where it is, not from zero.
+        // A counter of an instance not seen at the first reading that started long before
+        // it: history, counted from where it is.
         let (counts, _) =
-            shared.add_others(vec![row("b", "other.openfaas-fn", 1_000_000, 11, 500)]);
+            shared.add_others(vec![row("d", "other.openfaas-fn", 1_000_000, 11, -400_000)]);
+        let other = ("other.openfaas-fn".to_string(), "lon".to_string());
+        assert_eq!(counts[&other], 0);
+        // A new counter of an instance known from the first reading: new traffic.
+        let (counts, _) = shared.add_others(vec![row("b", "new.openfaas-fn", 3, 12, 500)]);
         assert_eq!(
-            counts[&("other.openfaas-fn".to_string(), "lon".to_string())],
-            0
+            counts[&("new.openfaas-fn".to_string(), "lon".to_string())],
+            3
         );
     }
 }

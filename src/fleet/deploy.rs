@@ -414,7 +414,7 @@ impl Fleet {
             .collect();
         if keep.is_empty() {
             self.store.delete_function(id).await?;
-            self.write_functions().remove(id);
+            self.drop_function(id);
             self.forget_counts(id, None);
         } else {
             self.store.set_desired_replicas(id, &keep).await?;

@@ -27,24 +27,41 @@ impl Fleet {
             return Ok(None);
         }
         let held = self.store.lock(&lock_key(id)).await?;
-        self.refresh(id).await?;
+        // Held, no change of it can be under way anywhere: the stored record is the latest.
+        let stored = self.store.load_function(id, &self.home).await?;
+        self.take(id, stored);
         Ok(held)
     }
 
-    /// Reads one function again from the store: added, replaced or forgotten to match it.
+    /// Reads one function again from the store (another instance announced a change of it):
+    /// added, replaced or forgotten to match it, unless this instance changed it while it was
+    /// read (the read may be from before that change; it is read again).
     pub async fn refresh(&self, id: &FunctionId) -> Result<(), FleetError> {
-        // Not in the middle of this instance's own change of it (read before its write,
-        // applied after it, the read would undo it here).
-        let _guard = self.write.lock().await;
-        let stored = self.store.load_function(id, &self.home).await?;
-        self.take(id, stored);
+        for _ in 0..5 {
+            let before = self.generation(id);
+            let stored = self.store.load_function(id, &self.home).await?;
+            let _guard = self.write.lock().await;
+            if self.generation(id) == before {
+                self.take(id, stored);
+                return Ok(());
+            }
+        }
+        // Changed here all the while: the next announcement or resync reads it.
         Ok(())
     }
 
-    /// Reads every function and namespace again from the store.
+    /// Reads every function and namespace again from the store; a function this instance
+    /// changed while they were read is left to its own announcement.
     pub async fn resync(&self) -> Result<(), FleetError> {
-        let _guard = self.write.lock().await;
+        let before = self
+            .generations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let stored = self.store.load_functions(&self.home).await?;
+        let _guard = self.write.lock().await;
+        let unchanged =
+            |id: &FunctionId| before.get(id).copied().unwrap_or(0) == self.generation(id);
         let present: HashSet<FunctionId> = stored.iter().map(|f| f.id.clone()).collect();
         let gone: Vec<FunctionId> = self
             .read_functions()
@@ -52,13 +69,16 @@ impl Fleet {
             .filter(|id| !present.contains(*id))
             .cloned()
             .collect();
-        for id in gone {
+        for id in gone.into_iter().filter(|id| unchanged(id)) {
             self.take(&id, None);
         }
         for function in stored {
             let id = function.id.clone();
-            self.take(&id, Some(function));
+            if unchanged(&id) {
+                self.take(&id, Some(function));
+            }
         }
+        drop(_guard);
         self.reload_namespaces().await
     }
 
@@ -80,26 +100,28 @@ impl Fleet {
     fn take(&self, id: &FunctionId, stored: Option<Function>) {
         match stored {
             None => {
-                if self.write_functions().remove(id).is_some() {
+                if self.drop_function(id) {
                     tracing::debug!(function = %id, "removed by another instance");
                 }
             }
             Some(f) => {
-                let same = self.read_functions().get(id).is_some_and(|placed| {
-                    let mine = &placed.function;
-                    mine.created_at == f.created_at
-                        && mine.replicas == f.replicas
-                        && mine.deployment == f.deployment
-                });
-                if !same {
-                    // The instance that stored it applied it (its failures it reported; the
-                    // counts the leader's reconciler converges): not applied again here.
+                let mine = self.read_functions().get(id).map(|p| p.function.clone());
+                let same_spec = mine
+                    .as_ref()
+                    .is_some_and(|m| m.created_at == f.created_at && m.deployment == f.deployment);
+                if same_spec && mine.as_ref().is_some_and(|m| m.replicas == f.replicas) {
+                    return;
+                }
+                if !same_spec {
+                    // A spec another instance stored and applied (its failures it reported;
+                    // the counts the leader's reconciler converges): not applied again here.
+                    // A change of counts alone leaves what is known applied as it is.
                     let hash = super::spec_hash(&f.deployment);
                     for dc in f.replicas.keys() {
                         self.applied_set(id, dc, Some(hash));
                     }
-                    self.put_function(f);
                 }
+                self.put_function(f);
             }
         }
     }

@@ -234,6 +234,9 @@ pub struct Fleet {
     count_locks: std::sync::Mutex<HashMap<(FunctionId, String), CountLock>>,
     /// Whether this instance runs the loops that must run once (always, on a store of its own).
     leader: Arc<crate::store::Leader>,
+    /// How many times this instance changed each function's record in memory: a read of
+    /// another instance's change is applied only if none happened while it was read.
+    generations: std::sync::Mutex<HashMap<FunctionId, u64>>,
 }
 
 /// The lock of one function's count in one datacenter.
@@ -435,6 +438,7 @@ impl Fleet {
             write: Mutex::new(()),
             count_locks: std::sync::Mutex::new(HashMap::new()),
             leader: crate::store::Leader::sole(),
+            generations: std::sync::Mutex::new(HashMap::new()),
         };
         // On a shared store the platforms are the leader's to converge (its reconciler does,
         // as soon as it leads): an instance starting beside others changes nothing there.
@@ -599,12 +603,32 @@ impl Fleet {
             &self.autoscale,
         );
         let placed = Placed::new(Arc::new(function), &self.datacenters, Arc::new(policy));
+        self.touched(&placed.function.id);
         self.write_functions()
             .insert(placed.function.id.clone(), placed);
     }
 
+    /// Forgets a function in memory.
+    fn drop_function(&self, id: &FunctionId) -> bool {
+        self.touched(id);
+        self.write_functions().remove(id).is_some()
+    }
+
+    /// Counts a change of `id`'s record in memory.
+    fn touched(&self, id: &FunctionId) {
+        let mut generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+        *generations.entry(id.clone()).or_default() += 1;
+    }
+
+    /// How many times `id`'s record changed in memory.
+    fn generation(&self, id: &FunctionId) -> u64 {
+        let generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+        generations.get(id).copied().unwrap_or(0)
+    }
+
     /// Changes the desired replicas per datacenter of a function in memory.
     fn set_replicas(&self, id: &FunctionId, replicas: BTreeMap<String, u64>) {
+        self.touched(id);
         let mut functions = self.write_functions();
         if let Some(placed) = functions.get_mut(id) {
             *placed = placed.with_replicas(replicas, &self.datacenters);

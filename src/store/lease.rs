@@ -31,6 +31,9 @@ pub struct Leader {
     changed: watch::Sender<bool>,
     /// Set at a clean stop: the lease is not renewed (or taken) again.
     resigned: std::sync::atomic::AtomicBool,
+    /// Held while asking for the lease and while giving it up: a renewal in flight never
+    /// lands after the release.
+    asking: tokio::sync::Mutex<()>,
 }
 
 impl Leader {
@@ -44,6 +47,7 @@ impl Leader {
             term: Mutex::new(Some((1, far_future()))),
             changed,
             resigned: Default::default(),
+            asking: Default::default(),
         })
     }
 
@@ -57,6 +61,7 @@ impl Leader {
             term: Mutex::new(None),
             changed,
             resigned: Default::default(),
+            asking: Default::default(),
         })
     }
 
@@ -97,6 +102,7 @@ impl Leader {
             let mut failing = false;
             loop {
                 tick.tick().await;
+                let asking = this.asking.lock().await;
                 if this.resigned.load(std::sync::atomic::Ordering::SeqCst) {
                     return;
                 }
@@ -106,6 +112,7 @@ impl Leader {
                     store.acquire_lease(LEADER_LEASE, &this.id, this.ttl),
                 )
                 .await;
+                drop(asking);
                 let token = match answer {
                     Ok(Ok(token)) => {
                         metrics.store_up.set(1);
@@ -184,6 +191,7 @@ impl Leader {
     /// Gives the lease up at a clean stop.
     pub async fn resign(&self) {
         let Some(store) = &self.store else { return };
+        let _asking = self.asking.lock().await;
         self.resigned
             .store(true, std::sync::atomic::Ordering::SeqCst);
         if self

@@ -380,12 +380,13 @@ struct Payload {
 struct Advisory {
     client: Option<deadpool_postgres::Object>,
     key: i64,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Given back once the connection is back in the pool.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Advisory {
     fn drop(&mut self) {
-        let (Some(client), key) = (self.client.take(), self.key) else {
+        let (Some(client), key, permit) = (self.client.take(), self.key, self.permit.take()) else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -402,6 +403,7 @@ impl Drop for Advisory {
                 // Not released: the connection must not go back to the pool holding it.
                 drop(deadpool_postgres::Object::take(client));
             }
+            drop(permit);
         });
     }
 }
@@ -629,7 +631,7 @@ impl Backend for PostgresStore {
             let result = taking.map(|_| Advisory {
                 client: Some(client),
                 key,
-                _permit: permit,
+                permit: Some(permit),
             });
             // Not wanted any more: dropped, which releases it.
             let _ = took.send(result);
