@@ -161,6 +161,23 @@ pub struct Pause {
     pub reason: String,
 }
 
+/// The pauses the store holds, by scope.
+async fn stored_pauses(store: &Store) -> Result<HashMap<String, Pause>, StoreError> {
+    Ok(store
+        .load_pauses()
+        .await?
+        .into_iter()
+        .map(|(scope, since, reason)| {
+            let pause = Pause {
+                scope: scope.clone(),
+                since,
+                reason,
+            };
+            (scope, pause)
+        })
+        .collect())
+}
+
 /// The scope that pauses every function.
 pub const ALL: &str = "*";
 
@@ -206,21 +223,7 @@ impl Autoscaler {
                 }
             }
         }
-        let paused = store
-            .load_pauses()
-            .await?
-            .into_iter()
-            .map(|(scope, since, reason)| {
-                (
-                    scope.clone(),
-                    Pause {
-                        scope,
-                        since,
-                        reason,
-                    },
-                )
-            })
-            .collect();
+        let paused = stored_pauses(&store).await?;
         let per_sec = NonZeroU32::new(cfg.scale_rate_per_sec.max(1)).expect("max(1) is non-zero");
         Ok(Arc::new(Autoscaler {
             paused: Mutex::new(paused),
@@ -715,20 +718,7 @@ impl Autoscaler {
 
     /// Reads the pauses again from a shared store (another instance paused or resumed).
     pub async fn reload_pauses(&self) -> Result<(), StoreError> {
-        let paused = self
-            .store
-            .load_pauses()
-            .await?
-            .into_iter()
-            .map(|(scope, since, reason)| {
-                let pause = Pause {
-                    scope: scope.clone(),
-                    since,
-                    reason,
-                };
-                (scope, pause)
-            })
-            .collect();
+        let paused = stored_pauses(&self.store).await?;
         *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = paused;
         Ok(())
     }
