@@ -29,6 +29,7 @@ impl Fleet {
         let held = self.store.lock(&lock_key(id)).await?;
         // Held, no change of it can be under way anywhere: the stored record is the latest.
         let stored = self.store.load_function(id, &self.home).await?;
+        let _taking = self.taking.lock().unwrap_or_else(|p| p.into_inner());
         self.take(id, stored);
         Ok(held)
     }
@@ -41,6 +42,7 @@ impl Fleet {
             let before = self.generation(id);
             let stored = self.store.load_function(id, &self.home).await?;
             let _guard = self.write.lock().await;
+            let _taking = self.taking.lock().unwrap_or_else(|p| p.into_inner());
             if self.generation(id) == before {
                 self.take(id, stored);
                 return Ok(());
@@ -60,6 +62,7 @@ impl Fleet {
             .clone();
         let stored = self.store.load_functions(&self.home).await?;
         let _guard = self.write.lock().await;
+        let taking = self.taking.lock().unwrap_or_else(|p| p.into_inner());
         let unchanged =
             |id: &FunctionId| before.get(id).copied().unwrap_or(0) == self.generation(id);
         let present: HashSet<FunctionId> = stored.iter().map(|f| f.id.clone()).collect();
@@ -78,6 +81,7 @@ impl Fleet {
                 self.take(&id, Some(function));
             }
         }
+        drop(taking);
         drop(_guard);
         self.reload_namespaces().await
     }

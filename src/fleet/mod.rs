@@ -237,6 +237,9 @@ pub struct Fleet {
     /// How many times this instance changed each function's record in memory: a read of
     /// another instance's change is applied only if none happened while it was read.
     generations: std::sync::Mutex<HashMap<FunctionId, u64>>,
+    /// Held while a stored record is compared and taken into memory (a follower's check and
+    /// its take are one step, which a locked change's own take cannot come between).
+    taking: std::sync::Mutex<()>,
 }
 
 /// The lock of one function's count in one datacenter.
@@ -439,6 +442,7 @@ impl Fleet {
             count_locks: std::sync::Mutex::new(HashMap::new()),
             leader: crate::store::Leader::sole(),
             generations: std::sync::Mutex::new(HashMap::new()),
+            taking: std::sync::Mutex::new(()),
         };
         // On a shared store the platforms are the leader's to converge (its reconciler does,
         // as soon as it leads): an instance starting beside others changes nothing there.
