@@ -141,6 +141,8 @@ def nginx_function(work, **extra):
     conf = f"""worker_processes 1; pid backend.pid; error_log stderr;
 events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000;
+  client_body_temp_path body; proxy_temp_path proxy; fastcgi_temp_path fastcgi;
+  uwsgi_temp_path uwsgi; scgi_temp_path scgi;
   server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello\\n"; }} }} }}
 """
     return {
