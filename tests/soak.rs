@@ -1,9 +1,10 @@
 //! A bounded soak: invocations, alerts that scale up and down, deploys, updates and removals,
 //! secrets, event and metric reads, all at once for `SOAK_SECS` seconds (default 40; run it
-//! longer by hand). The server's resident memory and open file descriptors are sampled every
-//! second and must stay flat: after a warm-up, the median of the last third of the run may not
-//! exceed that of the first third by more than the band below. Every invocation of a function that stays
-//! deployed must succeed, and removed functions leave no process behind.
+//! longer by hand). The server's resident memory and open file descriptors (established
+//! connections aside: they follow the load) are sampled every second and must stay flat: after
+//! a warm-up, the median of the last third of the run may not exceed that of the first third by
+//! more than the band below. Every invocation of a function that stays deployed must succeed,
+//! no connection its peer closed stays open, and removed functions leave no process behind.
 
 mod common;
 
@@ -16,7 +17,9 @@ use serde_json::json;
 /// Allowed growth from the first third of the run to the last.
 const RSS_BAND: f64 = 1.25;
 const RSS_SLACK_KB: u64 = 16 * 1024;
-/// Descriptors come and go with the load's connections (each request opens its own).
+/// Descriptors other than established connections (those follow the load's peak concurrency,
+/// held open by the test client's and the lane's pools) may grow this much: replicas' pipes
+/// as `scaled` goes up and down, a connection closing at the moment of a sample.
 const FD_SLACK: usize = 24;
 
 fn rss_kb(pid: u32) -> u64 {
@@ -28,10 +31,55 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap()
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
+/// The state (`/proc/net/tcp`'s hex code) of every TCP socket in the process's network
+/// namespace, by inode.
+fn tcp_states(pid: u32) -> std::collections::HashMap<u64, u8> {
+    let mut states = std::collections::HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(state), Some(inode)) = (fields.get(3), fields.get(9)) {
+                if let (Ok(state), Ok(inode)) = (u8::from_str_radix(state, 16), inode.parse()) {
+                    states.insert(inode, state);
+                }
+            }
+        }
+    }
+    states
+}
+
+const ESTABLISHED: u8 = 0x01;
+const CLOSE_WAIT: u8 = 0x08;
+
+/// The process's open descriptors: how many are not established TCP connections, and how
+/// many are connections its peer closed and it did not (`CLOSE_WAIT`).
+fn open_fds(pid: u32) -> (usize, usize) {
+    let states = tcp_states(pid);
+    let (mut other, mut close_wait) = (0, 0);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
-        .count()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue; // closed since it was listed
+        };
+        let state = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
+            .and_then(|inode: u64| states.get(&inode).copied());
+        match state {
+            Some(ESTABLISHED) => {}
+            Some(CLOSE_WAIT) => {
+                close_wait += 1;
+                other += 1;
+            }
+            _ => other += 1,
+        }
+    }
+    (other, close_wait)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +142,7 @@ async fn memory_and_descriptors_stay_flat_under_mixed_load() {
             .unwrap();
         assert_eq!(r.status(), 202);
         if Instant::now() >= next_sample {
-            samples.push((rss_kb(pid), open_fds(pid)));
+            samples.push((rss_kb(pid), open_fds(pid).0));
             next_sample += Duration::from_secs(1);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -132,6 +180,13 @@ async fn memory_and_descriptors_stay_flat_under_mixed_load() {
     assert!(
         fds_late <= fds_early + FD_SLACK,
         "open descriptors grew from {fds_early} to {fds_late}: {samples:?}"
+    );
+    // Every connection a peer closed is closed by the server too, once the load is over.
+    let closed = common::poll(Duration::from_secs(10), || async { open_fds(pid).1 == 0 }).await;
+    assert!(
+        closed,
+        "{} connections closed by their peer stay open in the server",
+        open_fds(pid).1
     );
     // Only the kept functions' replicas remain: removed functions and scaled-in replicas
     // left no process behind.
