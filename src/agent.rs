@@ -26,7 +26,7 @@ use crate::model::{validate_dns_label, FunctionId};
 use crate::platform::local::LocalPlatform;
 use crate::platform::remote::wire::{AgentFunction, ApplyRequest, ScaleRequest};
 use crate::platform::{Platform, Workload};
-use crate::proxy::{http_client, send, HttpClient, AGENT_TOKEN};
+use crate::proxy::{http_client, send, GuardedBody, HttpClient, AGENT_TOKEN};
 use crate::telemetry::Metrics;
 
 pub struct AgentConfig {
@@ -238,8 +238,9 @@ async fn invoke(State(a): State<Arc<Agent>>, req: Request) -> Response {
     let req = Request::from_parts(parts, body);
     match send(&a.client, uri, req, Some(a.timeout)).await {
         Ok(resp) => {
+            // The claim lives until the answer's body ends: a replica being removed waits.
             let (parts, body) = resp.into_parts();
-            Response::from_parts(parts, Body::new(body))
+            Response::from_parts(parts, Body::new(GuardedBody::new(body, endpoint)))
         }
         Err(e) => error(
             StatusCode::BAD_GATEWAY,

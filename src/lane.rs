@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::FunctionId;
-use crate::platform::Endpoint;
+use crate::platform::{Claim, Endpoint};
 use crate::proxy::{plain_decimal, Contract, Invoker, RequestFacts, DATACENTER, POOL_IDLE_TIMEOUT};
 use crate::telemetry::Invocation;
 
@@ -109,7 +109,8 @@ struct Plan {
     repeatable: bool,
     id: FunctionId,
     datacenter: String,
-    endpoint: Arc<Endpoint>,
+    /// The replica, claimed from the pick on (drained if it is being removed).
+    endpoint: Claim,
     request_content_type: Option<Vec<u8>>,
     generated_call_id: Option<[u8; 36]>,
     start_time: u64,
@@ -440,7 +441,6 @@ impl Lane {
         answer: &mut Vec<u8>,
     ) -> bool {
         self.count_start(&plan.id, plan.start_time);
-        let _in_flight = crate::proxy::InFlight::start(plan.endpoint.clone());
         let finish = |code: u16| self.count_answer(&plan.id, code, &plan.datacenter, started);
         from_replica.clear();
         let sent = Instant::now();
@@ -517,7 +517,7 @@ impl Lane {
         }
         // Reused only when the answer ended exactly where its framing said.
         if head.reusable && from_replica.is_empty() {
-            self.check_in(&plan.endpoint, upstream, ended);
+            self.check_in(plan.endpoint.endpoint(), upstream, ended);
         }
         true
     }
@@ -583,7 +583,7 @@ impl Lane {
             due = due.min(Instant::now() + exec);
         }
         let due = tokio::time::Instant::from(due);
-        if let Some(mut pooled) = self.check_out(&plan.endpoint) {
+        if let Some(mut pooled) = self.check_out(plan.endpoint.endpoint()) {
             // A write that fails means the replica had closed: it cannot have run the request.
             if pooled.write_all(request).await.is_ok() {
                 match tokio::time::timeout_at(

@@ -26,7 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::ProxyConfig;
 use crate::fleet::Fleet;
 use crate::model::{function_ref, FunctionId};
-use crate::platform::{Endpoint, DURATION_HEADER};
+use crate::platform::{Claim, Endpoint, DURATION_HEADER};
 use crate::telemetry::Metrics;
 
 pub type HttpClient = Client<HttpConnector, Body>;
@@ -210,26 +210,20 @@ where
     })
 }
 
-/// Counts a request as in flight on its replica until the response body is finished (or
-/// dropped), so a replica being removed can be drained.
-pub(crate) struct InFlight(Arc<Endpoint>);
-
-impl InFlight {
-    pub(crate) fn start(endpoint: Arc<Endpoint>) -> Self {
-        endpoint.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(endpoint)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-struct GuardedBody {
+/// An answer's body that holds its request's claim on the replica until it is finished (or
+/// dropped), so a replica being removed is drained of it.
+pub(crate) struct GuardedBody {
     inner: Incoming,
-    _guard: InFlight,
+    _guard: Claim,
+}
+
+impl GuardedBody {
+    pub(crate) fn new(inner: Incoming, claim: Claim) -> GuardedBody {
+        GuardedBody {
+            inner,
+            _guard: claim,
+        }
+    }
 }
 
 impl http_body::Body for GuardedBody {
@@ -699,7 +693,7 @@ impl Invoker {
                 );
             }
         };
-        let response = self.send_to(id, &datacenter, &endpoint, suffix, req).await;
+        let response = self.send_to(id, &datacenter, endpoint, suffix, req).await;
         (response, datacenter)
     }
 
@@ -707,10 +701,11 @@ impl Invoker {
         &self,
         id: &FunctionId,
         datacenter: &str,
-        endpoint: &Arc<Endpoint>,
+        claim: Claim,
         suffix: &str,
         req: &mut Request<Body>,
     ) -> Response {
+        let endpoint = &claim.endpoint().clone();
         let path_and_query = match req.uri().query() {
             Some(q) => format!("{}{suffix}?{q}", endpoint.path_prefix),
             None => format!("{}{suffix}", endpoint.path_prefix),
@@ -760,7 +755,7 @@ impl Invoker {
         }
         contract.request_headers(|name, value| set_header(headers, name, value));
         let outgoing = std::mem::take(req);
-        let guard = InFlight::start(endpoint.clone());
+        let guard = claim;
         let sent_at = Instant::now();
         let timeout = Some(endpoint.timeout(self.cfg.upstream_timeout));
         let sent = match &endpoint.https {
@@ -875,7 +870,7 @@ impl Invoker {
         id: &FunctionId,
         pin: Option<&str>,
         req: &mut Request<Body>,
-    ) -> (String, Result<Arc<Endpoint>, Option<String>>) {
+    ) -> (String, Result<Claim, Option<String>>) {
         let Some((dc, watch)) = self.fleet.wake_target(id, pin) else {
             let dc = pin.unwrap_or(self.fleet.home()).to_string();
             return (dc, Err(None));

@@ -867,14 +867,8 @@ impl DockerPlatform {
     /// in-flight requests (bounded), then removed.
     async fn stop_replicas(&self, replicas: Vec<Replica>) {
         futures::future::join_all(replicas.into_iter().map(|r| async move {
-            let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
-            let in_flight = |r: &Replica| {
-                r.endpoint
-                    .as_ref()
-                    .map_or(0, |e| e.in_flight.load(Ordering::Acquire))
-            };
-            while in_flight(&r) > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(endpoint) = &r.endpoint {
+                endpoint.retire(self.cfg.drain_timeout).await;
             }
             // One that cannot be removed now is an orphan that `list` removes later.
             let _ = self.remove_container(&r.container).await;

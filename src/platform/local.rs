@@ -495,7 +495,7 @@ impl Generation {
                 status = child.wait() => return ReplicaExit::Failed(exited(status)),
                 _ = cancel.cancelled() => {
                     self.set_ready(instance, None);
-                    drain(&endpoint, cfg.drain_timeout).await;
+                    endpoint.retire(cfg.drain_timeout).await;
                     return stop_child(child, sandboxed).await;
                 }
                 _ = look.tick(), if group.is_some() => {
@@ -715,14 +715,6 @@ fn sandbox_init(pid: libc::pid_t) -> Option<libc::pid_t> {
         .parse::<libc::pid_t>()
         .ok()?;
     (session_of(init) == Some(init)).then_some(init)
-}
-
-/// Waits until the replica has no request in flight, or the drain timeout passes.
-async fn drain(endpoint: &Endpoint, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while endpoint.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {

@@ -14,7 +14,7 @@ pub mod table;
 pub mod watchdog;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -65,8 +65,10 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// `addr` as a URI authority, made once rather than on every request.
     pub authority: http::uri::Authority,
-    /// Requests currently being proxied to this replica.
+    /// Requests currently being proxied to this replica (claims held: see `Claim`).
     pub in_flight: AtomicUsize,
+    /// Set once the replica is being removed: no new claim succeeds (see `retire`).
+    retired: AtomicBool,
     /// Prepended to the invocation's path (a remote datacenter's agent takes
     /// `/function/NAME.NS/...`); empty for a replica.
     pub path_prefix: String,
@@ -111,6 +113,7 @@ impl Endpoint {
                 .parse()
                 .expect("a socket address is a valid authority"),
             in_flight: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
             path_prefix: String::new(),
             agent_token: None,
             https: None,
@@ -125,6 +128,59 @@ impl Endpoint {
             Some(exec) => exec.min(proxy),
             None => proxy,
         }
+    }
+
+    /// Refuses new claims and waits until the claims already held are released, or `timeout`
+    /// passes: called once the replica is out of the routing table, before it is stopped.
+    /// A request that picked it from an older snapshot either claimed it first (and is waited
+    /// for) or finds it retired and picks another.
+    pub async fn retire(&self, timeout: std::time::Duration) {
+        self.retired.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+}
+
+/// A request's hold on a replica, from its pick until its answer's last byte (or until it is
+/// dropped): counted in the replica's `in_flight`, which a replica being removed drains.
+#[derive(Debug)]
+pub struct Claim(Arc<Endpoint>);
+
+impl Claim {
+    /// The claim, unless the replica is retired. The count goes up before the retirement is
+    /// looked at, and `retire` sets it before it looks at the count (both sequentially
+    /// consistent): either this claim is seen by the drain, or the retirement by this claim.
+    pub fn new(endpoint: &Arc<Endpoint>) -> Option<Claim> {
+        endpoint.in_flight.fetch_add(1, Ordering::SeqCst);
+        if endpoint.retired.load(Ordering::SeqCst) {
+            endpoint.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Claim(endpoint.clone()))
+    }
+
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Claim {
+    type Target = Endpoint;
+
+    fn deref(&self) -> &Endpoint {
+        &self.0
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -156,25 +212,31 @@ impl EndpointSet {
         self.endpoints.iter()
     }
 
-    /// Least-outstanding-requests choice; ties go round robin from a rotating start.
-    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+    /// Least-outstanding-requests choice among the replicas not being removed, claimed; ties
+    /// go round robin from a rotating start. None when every replica of this snapshot is
+    /// retired (a newer snapshot has the replicas that replace them).
+    pub fn pick(&self) -> Option<Claim> {
         let n = self.endpoints.len();
         match n {
             0 => None,
-            1 => Some(self.endpoints[0].clone()),
+            1 => Claim::new(&self.endpoints[0]),
             _ => {
                 let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-                let mut best = &self.endpoints[start];
-                let mut best_load = best.in_flight.load(Ordering::Relaxed);
-                for i in 1..n {
+                let mut best: Option<(&Arc<Endpoint>, usize)> = None;
+                for i in 0..n {
                     let candidate = &self.endpoints[(start + i) % n];
+                    if candidate.is_retired() {
+                        continue;
+                    }
                     let load = candidate.in_flight.load(Ordering::Relaxed);
-                    if load < best_load {
-                        best = candidate;
-                        best_load = load;
+                    if best.is_none_or(|(_, l)| load < l) {
+                        best = Some((candidate, load));
                     }
                 }
-                Some(best.clone())
+                let (best, _) = best?;
+                // Retired between the look and the claim: any other that is not.
+                Claim::new(best)
+                    .or_else(|| (0..n).find_map(|i| Claim::new(&self.endpoints[(start + i) % n])))
             }
         }
     }
@@ -286,6 +348,7 @@ pub trait Platform: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn set(n: usize) -> EndpointSet {
         EndpointSet::new(
@@ -315,6 +378,83 @@ mod tests {
         s.endpoints[2].in_flight.store(1, Ordering::Relaxed);
         for _ in 0..4 {
             assert_eq!(s.pick().unwrap().instance, "r1");
+        }
+    }
+
+    #[test]
+    fn a_claim_counts_until_dropped() {
+        let s = set(2);
+        let held = s.pick().unwrap();
+        assert_eq!(held.in_flight.load(Ordering::SeqCst), 1);
+        // The other is idle, so it is picked next.
+        let other = s.pick().unwrap();
+        assert_ne!(other.instance, held.instance);
+        drop(held);
+        drop(other);
+        assert!(s.iter().all(|e| e.in_flight.load(Ordering::SeqCst) == 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_replica_is_never_claimed_and_waits_for_its_claims() {
+        let s = Arc::new(set(2));
+        let held = Claim::new(&s.endpoints[0]).unwrap();
+        let r0 = s.endpoints[0].clone();
+        let retiring = tokio::spawn(async move {
+            r0.retire(Duration::from_secs(30)).await;
+            tokio::time::Instant::now()
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!retiring.is_finished(), "the held claim is waited for");
+        // r0 is retired: every pick goes to r1, even though r0 would be its turn, and a pick
+        // from a snapshot holding only r0 finds nothing.
+        assert!(Claim::new(&s.endpoints[0]).is_none());
+        for _ in 0..4 {
+            assert_eq!(s.pick().unwrap().instance, "r1");
+        }
+        assert!(EndpointSet::new(vec![s.endpoints[0].clone()])
+            .pick()
+            .is_none());
+        let released = tokio::time::Instant::now();
+        drop(held);
+        let done = retiring.await.unwrap();
+        assert!(
+            done - released < Duration::from_millis(50),
+            "{:?}",
+            done - released
+        );
+        // A retirement with no claim ends at once; one whose claims never end, at the timeout.
+        let idle = Arc::new(Endpoint::new("idle".into(), "127.0.0.1:1".parse().unwrap()));
+        let before = tokio::time::Instant::now();
+        idle.retire(Duration::from_secs(30)).await;
+        assert_eq!(tokio::time::Instant::now(), before);
+        let stuck = Arc::new(Endpoint::new(
+            "stuck".into(),
+            "127.0.0.1:2".parse().unwrap(),
+        ));
+        let _forever = Claim::new(&stuck).unwrap();
+        stuck.retire(Duration::from_secs(30)).await;
+        assert!(tokio::time::Instant::now() - before >= Duration::from_secs(30));
+    }
+
+    /// The claim and the retirement race from two threads: whenever a claim succeeds, the
+    /// retirement that ran beside it sees it (never a claim the drain missed).
+    #[test]
+    fn a_claim_racing_a_retirement_is_seen_or_refused() {
+        for _ in 0..2000 {
+            let e = Arc::new(Endpoint::new("r".into(), "127.0.0.1:1".parse().unwrap()));
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let (e2, b2) = (e.clone(), barrier.clone());
+            let claimer = std::thread::spawn(move || {
+                b2.wait();
+                Claim::new(&e2).map(std::mem::forget).is_some()
+            });
+            barrier.wait();
+            e.retired.store(true, Ordering::SeqCst);
+            let seen = e.in_flight.load(Ordering::SeqCst);
+            let claimed = claimer.join().unwrap();
+            if claimed {
+                assert_eq!(seen, 1, "a claim the retirement did not see");
+            }
         }
     }
 }
