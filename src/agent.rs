@@ -214,7 +214,10 @@ async fn invoke(State(a): State<Arc<Agent>>, req: Request) -> Response {
         }
     };
     let id = FunctionId::new(name, namespace.unwrap_or(crate::model::DEFAULT_NAMESPACE));
-    let Some(endpoint) = a.platform.table().endpoints(&id).and_then(|set| set.pick()) else {
+    // A snapshot read just before a scale-in's can hold only replicas being removed: the
+    // table read again has those that stay.
+    let pick = || a.platform.table().endpoints(&id).and_then(|set| set.pick());
+    let Some(endpoint) = pick().or_else(pick) else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("No endpoints available for: {id}."),

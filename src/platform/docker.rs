@@ -15,7 +15,7 @@
 //! retires the old one only once a new replica is ready, so a broken update never takes a
 //! function down and a redeploy under the same name never routes to an old container.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -183,6 +183,9 @@ pub struct DockerPlatform {
     metrics: Arc<Metrics>,
     /// Stops listening to the engine's events (shutdown).
     cancel: CancellationToken,
+    /// Containers of replicas being drained and removed: no replica holds them any more, but
+    /// the orphan sweep leaves them to their drain.
+    draining: std::sync::Mutex<HashSet<String>>,
 }
 
 pub(super) fn failed(what: &str, e: impl std::fmt::Display) -> PlatformError {
@@ -329,6 +332,7 @@ impl DockerPlatform {
             pull,
             metrics,
             cancel: CancellationToken::new(),
+            draining: Default::default(),
         });
         for container in platform.containers(None).await? {
             platform.remove_container(&container).await?;
@@ -384,6 +388,14 @@ impl DockerPlatform {
                 continue;
             };
             if now.saturating_sub(created) < ORPHAN_AGE.as_secs() as i64 {
+                continue;
+            }
+            let draining = self
+                .draining
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&container);
+            if draining {
                 continue;
             }
             let id = FunctionId::new(name, namespace);
@@ -866,12 +878,21 @@ impl DockerPlatform {
     /// Takes replicas out of service: off the endpoints first (by the caller), then drained of
     /// in-flight requests (bounded), then removed.
     async fn stop_replicas(&self, replicas: Vec<Replica>) {
+        let draining = |container: &str, now: bool| {
+            let mut set = self.draining.lock().unwrap_or_else(|p| p.into_inner());
+            match now {
+                true => set.insert(container.to_string()),
+                false => set.remove(container),
+            };
+        };
         futures::future::join_all(replicas.into_iter().map(|r| async move {
+            draining(&r.container, true);
             if let Some(endpoint) = &r.endpoint {
                 endpoint.retire(self.cfg.drain_timeout).await;
             }
             // One that cannot be removed now is an orphan that `list` removes later.
             let _ = self.remove_container(&r.container).await;
+            draining(&r.container, false);
         }))
         .await;
     }

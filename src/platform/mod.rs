@@ -235,8 +235,12 @@ impl EndpointSet {
                 }
                 let (best, _) = best?;
                 // Retired between the look and the claim: any other that is not.
-                Claim::new(best)
-                    .or_else(|| (0..n).find_map(|i| Claim::new(&self.endpoints[(start + i) % n])))
+                Claim::new(best).or_else(|| {
+                    (0..n)
+                        .map(|i| &self.endpoints[(start + i) % n])
+                        .filter(|e| !Arc::ptr_eq(e, best) && !e.is_retired())
+                        .find_map(Claim::new)
+                })
             }
         }
     }
