@@ -43,6 +43,8 @@ pub struct Config {
     pub nats: Option<NatsConfig>,
     /// `[store]`: a shared PostgreSQL database; `None`: the embedded SQLite file in `data_dir`.
     pub store: Option<StoreConfig>,
+    /// `[events]`: how long the audit trail (scale and trigger events) is kept.
+    pub events: EventsConfig,
     /// Where functions run, in order; exactly one is home.
     pub datacenters: Vec<DatacenterConfig>,
     /// Where a function that names no datacenter goes.
@@ -370,6 +372,25 @@ impl NatsConfig {
     }
 }
 
+/// How much of the audit trail the store keeps (`[events]`): scale events and trigger runs
+/// alike, pruned at start and every hour (by the leader on a shared store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsConfig {
+    /// Events older than this many days go; 0 keeps them whatever their age.
+    pub retention_days: u64,
+    /// Each function's newest this many events of each kind stay, older ones go; 0: no bound.
+    pub max_per_function: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            retention_days: 30,
+            max_per_function: 10_000,
+        }
+    }
+}
+
 /// Where scale decisions are annotated (`[grafana]`).
 #[derive(Debug, Clone)]
 pub struct GrafanaConfig {
@@ -688,6 +709,7 @@ impl Default for Config {
             grafana: GrafanaConfig::default(),
             nats: None,
             store: None,
+            events: EventsConfig::default(),
             datacenters: vec![DatacenterConfig::local(DEFAULT_DATACENTER, true)],
             placement: Placement::All,
             reconcile_interval: Duration::from_secs(5),
@@ -1137,6 +1159,25 @@ impl Config {
                 };
                 s.finish(&mut errors);
                 store
+            },
+            events: {
+                let mut s = root.section("events");
+                let d = &defaults.events;
+                // Beyond this the cutoff would overflow a date: "keep for ever" is 0.
+                const MAX_DAYS: u64 = 100_000;
+                let events = EventsConfig {
+                    retention_days: s.parsed("retention_days", d.retention_days, |v: i64| {
+                        u64::try_from(v)
+                            .ok()
+                            .filter(|v| *v <= MAX_DAYS)
+                            .ok_or_else(|| {
+                                format!("must be a number of days from 0 (keep them all) to {MAX_DAYS}, got {v}")
+                            })
+                    }),
+                    max_per_function: s.count("max_per_function", d.max_per_function),
+                };
+                s.finish(&mut errors);
+                events
             },
             datacenters: root.datacenters("datacenters"),
             placement: root.parsed("placement", defaults.placement, |v: String| {
@@ -1888,6 +1929,34 @@ mod tests {
             .join("\n");
         assert!(errors.contains("store.url"), "{errors}");
         assert!(!errors.contains("secretpw"), "{errors}");
+    }
+
+    #[test]
+    fn events_bounds_are_read_and_checked() {
+        assert_eq!(Config::parse("").unwrap().events, EventsConfig::default());
+        let cfg = Config::parse("[events]\nretention_days = 0\nmax_per_function = 50\n").unwrap();
+        assert_eq!(
+            cfg.events,
+            EventsConfig {
+                retention_days: 0,
+                max_per_function: 50
+            }
+        );
+        let errors =
+            Config::parse("[events]\nretention_days = -1\nmax_per_function = \"many\"\nkeep = 3\n")
+                .unwrap_err()
+                .join("\n");
+        for says in [
+            "events.retention_days: must be a number of days from 0 (keep them all) to 100000, got -1",
+            "events.max_per_function: wrong type (string)",
+            "events.keep",
+        ] {
+            assert!(errors.contains(says), "{says}\nin\n{errors}");
+        }
+        let errors = Config::parse("[events]\nretention_days = 1000000\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(errors.contains("events.retention_days"), "{errors}");
     }
 
     #[test]

@@ -202,6 +202,12 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         .with_leader(leader.clone()),
     );
     leader.spawn(metrics.clone());
+    crate::events::spawn_pruning(
+        store.clone(),
+        leader.clone(),
+        cfg.events.clone(),
+        std::time::Duration::from_secs(3600),
+    );
     fleet.spawn_reconciler(cfg.reconcile_interval);
     let activity = Arc::new(Activity::default());
     let autoscaler = Autoscaler::restore(

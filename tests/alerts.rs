@@ -372,6 +372,48 @@ async fn cooldown_survives_a_restart() {
     assert_eq!(events(&s, "?function=cool.openfaas-fn").await.len(), 3);
 }
 
+/// `[events]` bounds the audit trail: at start (and hourly) each function keeps its newest
+/// `max_per_function` events, and the decisions they record still hold.
+#[tokio::test]
+async fn the_audit_trail_is_pruned_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = Server::with(Options {
+        data_dir: Some(&data),
+        ..Default::default()
+    });
+    assert_eq!(s.deploy(echo_function("kept")).await.status(), 202);
+    for (i, n) in [2, 3, 1, 4].into_iter().enumerate() {
+        assert_eq!(s.scale("kept", n).await, 202, "scale {i}");
+    }
+    let before = events(&s, "?function=kept.openfaas-fn").await;
+    assert!(before.len() >= 4, "{before:?}");
+    s.kill();
+    let log = dir.path().join("serve.log");
+    let s = Server::with(Options {
+        data_dir: Some(&data),
+        config: Some("[events]\nmax_per_function = 2\n"),
+        stderr_log: Some(&log),
+        env: &[("RUST_LOG", "info")],
+        ..Default::default()
+    });
+    let pruned = poll(Duration::from_secs(10), || async {
+        events(&s, "?function=kept.openfaas-fn").await.len() == 2
+    })
+    .await;
+    let after = events(&s, "?function=kept.openfaas-fn").await;
+    assert!(pruned, "{after:?}");
+    // The newest two, as they were.
+    assert_eq!(after[..], before[..2]);
+    assert_eq!(replicas(&s, "kept").await, 4);
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.lines().any(|l| l.contains("audit trail pruned")
+            && l.contains(&format!("removed={}", before.len() - 2))),
+        "{said}"
+    );
+}
+
 #[tokio::test]
 async fn alert_auth_basic_or_bearer() {
     let dir = tempfile::tempdir().unwrap();

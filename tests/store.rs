@@ -275,6 +275,107 @@ async fn events_are_filtered_ordered_limited_and_amended(kind: Kind) {
     assert_eq!(texts(&rows), ["source", "e3 amended"]);
 }
 
+both!(the_audit_trail_is_pruned_by_age_and_by_count);
+async fn the_audit_trail_is_pruned_by_age_and_by_count(kind: Kind) {
+    use faastastic::config::EventsConfig;
+    let store = kind.open().await;
+    let now = Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap();
+    let a = FunctionId::new("a", "openfaas-fn");
+    let b = FunctionId::new("b", "dev");
+    // Oldest first, as they would be written (ids follow time).
+    for (id, ago, text) in [
+        (Some(&a), Duration::days(40), "a-old1"),
+        (None, Duration::days(35), "source-old"),
+        (Some(&b), Duration::days(31), "b-old"),
+        (
+            Some(&a),
+            Duration::days(30) + Duration::seconds(1),
+            "a-old2",
+        ),
+        (Some(&a), Duration::days(29), "a-1"),
+        (Some(&b), Duration::days(2), "b-1"),
+        (Some(&a), Duration::hours(2), "a-2"),
+        (None, Duration::hours(2), "source-1"),
+        (Some(&a), Duration::hours(1), "a-3"),
+    ] {
+        let at = now - ago;
+        match id {
+            Some(id) => {
+                store
+                    .record_event(id, event(at, "lon", text))
+                    .await
+                    .unwrap();
+            }
+            None => {
+                let json = serde_json::json!({ "text": text }).to_string();
+                store
+                    .record_source_event("", "", "", at, json)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let run = |at: DateTime<Utc>, text: &str| EventRecord {
+        at,
+        datacenter: "lon".into(),
+        json: serde_json::json!({ "text": text }).to_string(),
+    };
+    for (ago, text) in [(60, "run-old"), (3, "run-1"), (2, "run-2"), (1, "run-3")] {
+        let due = now - Duration::days(ago);
+        store
+            .record_trigger(&a, "cron", due, run(due, text))
+            .await
+            .unwrap();
+    }
+    // Nothing to do with no bound.
+    let none = EventsConfig {
+        retention_days: 0,
+        max_per_function: 0,
+    };
+    assert_eq!(store.prune_events(&none, now).await.unwrap(), 0);
+    assert_eq!(store.scale_events(all_events(100)).await.unwrap().len(), 9);
+
+    // 30 days: the four older scale events and the old run go, whatever their function.
+    let age = EventsConfig {
+        retention_days: 30,
+        max_per_function: 0,
+    };
+    assert_eq!(store.prune_events(&age, now).await.unwrap(), 5);
+    assert_eq!(
+        texts(&store.scale_events(all_events(100)).await.unwrap()),
+        ["a-3", "source-1", "a-2", "b-1", "a-1"]
+    );
+    // Two a function: a's oldest goes; b and the source events are within it; the runs are
+    // counted apart from the scale events.
+    let count = EventsConfig {
+        retention_days: 30,
+        max_per_function: 2,
+    };
+    assert_eq!(store.prune_events(&count, now).await.unwrap(), 2);
+    assert_eq!(
+        texts(&store.scale_events(all_events(100)).await.unwrap()),
+        ["a-3", "source-1", "a-2", "b-1"]
+    );
+    assert_eq!(
+        texts(&store.trigger_events(all_events(100)).await.unwrap()),
+        ["run-3", "run-2"]
+    );
+    // Done: pruning again finds nothing.
+    assert_eq!(store.prune_events(&count, now).await.unwrap(), 0);
+
+    // More old events than one batch: all go, in several.
+    let c = FunctionId::new("c", "openfaas-fn");
+    for i in 0..1001 {
+        let at = now - Duration::days(90) + Duration::seconds(i);
+        store
+            .record_event(&c, event(at, "lon", &format!("c{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.prune_events(&age, now).await.unwrap(), 1001);
+    assert_eq!(store.scale_events(all_events(2000)).await.unwrap().len(), 4);
+}
+
 both!(pauses_are_set_once_and_lifted_once);
 async fn pauses_are_set_once_and_lifted_once(kind: Kind) {
     let store = kind.open().await;

@@ -219,6 +219,16 @@ pub trait Backend: Send + Sync {
         events: Events,
         filter: EventFilter,
     ) -> Result<Vec<(i64, String)>, StoreError>;
+    /// Deletes up to `batch` of the oldest events stored before `before`; returns how many.
+    async fn prune_older(
+        &self,
+        events: Events,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, StoreError>;
+    /// Deletes every function's events but its newest `keep` (events of no function, such
+    /// as a query source's, count as one); returns how many.
+    async fn prune_beyond(&self, events: Events, keep: u64) -> Result<u64, StoreError>;
 
     /// When each function's `trigger` was last due (and so run, skipped or given up).
     async fn trigger_due_times(
@@ -443,6 +453,33 @@ impl Store {
         };
         self.append_event(Events::Scale, namespace, name, event)
             .await
+    }
+
+    /// Applies the audit trail's bounds (`[events]`) to both kinds of events, the age bound
+    /// in batches so other writes go between them; returns how many events went.
+    pub async fn prune_events(
+        &self,
+        bounds: &crate::config::EventsConfig,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        const BATCH: u32 = 1000;
+        let mut removed = 0;
+        for events in [Events::Scale, Events::Trigger] {
+            if bounds.retention_days > 0 {
+                let before = now - chrono::Duration::days(bounds.retention_days as i64);
+                loop {
+                    let n = self.prune_older(events, before, BATCH).await?;
+                    removed += n;
+                    if n < u64::from(BATCH) {
+                        break;
+                    }
+                }
+            }
+            if bounds.max_per_function > 0 {
+                removed += self.prune_beyond(events, bounds.max_per_function).await?;
+            }
+        }
+        Ok(removed)
     }
 
     /// Replaces the text of a stored scale event.

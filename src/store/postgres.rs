@@ -914,6 +914,55 @@ impl Backend for PostgresStore {
         Ok(())
     }
 
+    async fn prune_older(
+        &self,
+        events: Events,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        let table = events.table();
+        let client = self.client().await?;
+        Ok(client
+            .execute(
+                &format!(
+                    "DELETE FROM {table} WHERE id IN
+                        (SELECT id FROM {table} WHERE at < $1 ORDER BY id LIMIT $2)"
+                ),
+                &[&before, &i64::from(batch)],
+            )
+            .await?)
+    }
+
+    async fn prune_beyond(&self, events: Events, keep: u64) -> Result<u64, StoreError> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let table = events.table();
+        let client = self.client().await?;
+        let over = client
+            .query(
+                &format!(
+                    "SELECT namespace, name FROM {table} GROUP BY namespace, name
+                     HAVING COUNT(*) > $1"
+                ),
+                &[&keep],
+            )
+            .await?;
+        let mut removed = 0;
+        for row in over {
+            let (namespace, name): (String, String) = (row.get(0), row.get(1));
+            removed += client
+                .execute(
+                    &format!(
+                        "DELETE FROM {table} WHERE namespace = $1 AND name = $2 AND id <=
+                            (SELECT id FROM {table} WHERE namespace = $1 AND name = $2
+                             ORDER BY id DESC LIMIT 1 OFFSET $3)"
+                    ),
+                    &[&namespace, &name, &keep],
+                )
+                .await?;
+        }
+        Ok(removed)
+    }
+
     async fn events(
         &self,
         events: Events,

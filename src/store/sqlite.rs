@@ -481,6 +481,54 @@ impl Backend for SqliteStore {
         .await
     }
 
+    async fn prune_older(
+        &self,
+        events: Events,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        self.call(move |conn| {
+            // Times are stored as RFC 3339 text in UTC, which sorts as the times do.
+            let table = events.table();
+            let n = conn.execute(
+                &format!(
+                    "DELETE FROM {table} WHERE id IN
+                        (SELECT id FROM {table} WHERE at < ?1 ORDER BY id LIMIT ?2)"
+                ),
+                params![before.to_rfc3339(), batch],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn prune_beyond(&self, events: Events, keep: u64) -> Result<u64, StoreError> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        self.call(move |conn| {
+            let table = events.table();
+            let over: Vec<(String, String)> = conn
+                .prepare(&format!(
+                    "SELECT namespace, name FROM {table} GROUP BY namespace, name
+                     HAVING COUNT(*) > ?1"
+                ))?
+                .query_map(params![keep], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut removed = 0;
+            for (namespace, name) in over {
+                removed += conn.execute(
+                    &format!(
+                        "DELETE FROM {table} WHERE namespace = ?1 AND name = ?2 AND id <=
+                            (SELECT id FROM {table} WHERE namespace = ?1 AND name = ?2
+                             ORDER BY id DESC LIMIT 1 OFFSET ?3)"
+                    ),
+                    params![namespace, name, keep],
+                )? as u64;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
     async fn events(
         &self,
         events: Events,
