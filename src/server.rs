@@ -202,7 +202,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         .with_leader(leader.clone()),
     );
     leader.spawn(metrics.clone());
-    crate::events::spawn_pruning(
+    spawn_pruning(
         store.clone(),
         leader.clone(),
         cfg.events.clone(),
@@ -354,4 +354,40 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("stopping replicas");
     fleet.shutdown().await;
     Ok(())
+}
+
+/// Keeps the audit trail within `[events]`: prunes at start and then every `every`, on the
+/// leader only (every instance would delete the same rows). A failure is logged and tried
+/// again at the next turn; nothing else waits for it.
+fn spawn_pruning(
+    store: crate::store::Store,
+    leader: std::sync::Arc<crate::store::Leader>,
+    bounds: crate::config::EventsConfig,
+    every: std::time::Duration,
+) {
+    if bounds.retention_days == 0 && bounds.max_per_function == 0 {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !leader.is_leader() {
+                continue;
+            }
+            match store.prune_events(&bounds, chrono::Utc::now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    removed = n,
+                    retention_days = bounds.retention_days,
+                    max_per_function = bounds.max_per_function,
+                    "audit trail pruned"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prune the audit trail; trying again later")
+                }
+            }
+        }
+    });
 }
