@@ -356,9 +356,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps the audit trail within `[events]`: prunes at start and then every `every`, on the
-/// leader only (every instance would delete the same rows). A failure is logged and tried
-/// again at the next turn; nothing else waits for it.
+/// Keeps the audit trail within `[events]`: prunes on the leader only (every instance would
+/// delete the same rows), as it starts leading (at start with the embedded store) and then
+/// every `every`. A failure is logged and tried again at the next turn; nothing else waits
+/// for it.
 fn spawn_pruning(
     store: crate::store::Store,
     leader: std::sync::Arc<crate::store::Leader>,
@@ -371,8 +372,21 @@ fn spawn_pruning(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = leader.watch();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if !*changes.borrow_and_update() {
+                        continue;
+                    }
+                    // A new term: pruned now, then every `every` from here.
+                    tick.reset();
+                }
+            }
             if !leader.is_leader() {
                 continue;
             }

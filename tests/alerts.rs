@@ -397,21 +397,21 @@ async fn the_audit_trail_is_pruned_at_start() {
         env: &[("RUST_LOG", "info")],
         ..Default::default()
     });
-    let pruned = poll(Duration::from_secs(10), || async {
-        events(&s, "?function=kept.openfaas-fn").await.len() == 2
-    })
-    .await;
+    // Logged once both kinds of events are done.
+    let line = format!("removed={}", before.len() - 2);
+    let logged = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("audit trail pruned") && l.contains(&line))
+    };
+    let pruned = poll(Duration::from_secs(10), || async { logged() }).await;
+    assert!(pruned, "{}", std::fs::read_to_string(&log).unwrap());
     let after = events(&s, "?function=kept.openfaas-fn").await;
-    assert!(pruned, "{after:?}");
     // The newest two, as they were.
+    assert_eq!(after.len(), 2, "{after:?}");
     assert_eq!(after[..], before[..2]);
     assert_eq!(replicas(&s, "kept").await, 4);
-    let said = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        said.lines().any(|l| l.contains("audit trail pruned")
-            && l.contains(&format!("removed={}", before.len() - 2))),
-        "{said}"
-    );
 }
 
 #[tokio::test]

@@ -176,7 +176,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<Option<i64>, StoreError>;
     /// Deletes a function, its autoscaler state (a redeploy starts with fresh cooldowns) and
     /// its triggers' state (a redeploy's schedule starts afresh); its scale and trigger events
-    /// stay for the audit trail.
+    /// stay for the audit trail (until `[events]` bounds prune them).
     async fn delete_function(&self, id: &FunctionId) -> Result<bool, StoreError>;
 
     /// Every function's autoscaler state per datacenter, as JSON text (a state stored before
@@ -219,16 +219,32 @@ pub trait Backend: Send + Sync {
         events: Events,
         filter: EventFilter,
     ) -> Result<Vec<(i64, String)>, StoreError>;
-    /// Deletes up to `batch` of the oldest events stored before `before`; returns how many.
+    /// Of the oldest `batch` events (by id, which follows time), deletes those stored before
+    /// `before`; returns how many (fewer than `batch`: the oldest are no longer all old).
+    /// Reads no more than `batch` rows, whatever the table's size.
     async fn prune_older(
         &self,
         events: Events,
         before: DateTime<Utc>,
         batch: u32,
     ) -> Result<u64, StoreError>;
-    /// Deletes every function's events but its newest `keep` (events of no function, such
-    /// as a query source's, count as one); returns how many.
-    async fn prune_beyond(&self, events: Events, keep: u64) -> Result<u64, StoreError>;
+    /// The functions with more than `keep` events (events of no function, such as a query
+    /// source's, count as one), each with the id of the newest of its events to go.
+    async fn over_bound(
+        &self,
+        events: Events,
+        keep: u64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError>;
+    /// Deletes the oldest `batch` of a function's events with ids up to `through`; returns
+    /// how many.
+    async fn prune_function(
+        &self,
+        events: Events,
+        namespace: &str,
+        name: &str,
+        through: i64,
+        batch: u32,
+    ) -> Result<u64, StoreError>;
 
     /// When each function's `trigger` was last due (and so run, skipped or given up).
     async fn trigger_due_times(
@@ -455,8 +471,8 @@ impl Store {
             .await
     }
 
-    /// Applies the audit trail's bounds (`[events]`) to both kinds of events, the age bound
-    /// in batches so other writes go between them; returns how many events went.
+    /// Applies the audit trail's bounds (`[events]`) to both kinds of events, in batches of a
+    /// thousand so other writes go between them; returns how many events went.
     pub async fn prune_events(
         &self,
         bounds: &crate::config::EventsConfig,
@@ -476,7 +492,19 @@ impl Store {
                 }
             }
             if bounds.max_per_function > 0 {
-                removed += self.prune_beyond(events, bounds.max_per_function).await?;
+                for (namespace, name, through) in
+                    self.over_bound(events, bounds.max_per_function).await?
+                {
+                    loop {
+                        let n = self
+                            .prune_function(events, &namespace, &name, through, BATCH)
+                            .await?;
+                        removed += n;
+                        if n < u64::from(BATCH) {
+                            break;
+                        }
+                    }
+                }
             }
         }
         Ok(removed)

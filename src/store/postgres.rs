@@ -925,42 +925,58 @@ impl Backend for PostgresStore {
         Ok(client
             .execute(
                 &format!(
-                    "DELETE FROM {table} WHERE id IN
-                        (SELECT id FROM {table} WHERE at < $1 ORDER BY id LIMIT $2)"
+                    "DELETE FROM {table} WHERE id IN (SELECT id FROM
+                        (SELECT id, at FROM {table} ORDER BY id LIMIT $2) AS oldest WHERE at < $1)"
                 ),
                 &[&before, &i64::from(batch)],
             )
             .await?)
     }
 
-    async fn prune_beyond(&self, events: Events, keep: u64) -> Result<u64, StoreError> {
+    async fn over_bound(
+        &self,
+        events: Events,
+        keep: u64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
         let table = events.table();
         let client = self.client().await?;
-        let over = client
+        let rows = client
             .query(
                 &format!(
-                    "SELECT namespace, name FROM {table} GROUP BY namespace, name
-                     HAVING COUNT(*) > $1"
+                    "SELECT namespace, name,
+                        (SELECT id FROM {table} AS e WHERE e.namespace = g.namespace
+                         AND e.name = g.name ORDER BY id DESC LIMIT 1 OFFSET $1)
+                     FROM {table} AS g GROUP BY namespace, name HAVING COUNT(*) > $1"
                 ),
                 &[&keep],
             )
             .await?;
-        let mut removed = 0;
-        for row in over {
-            let (namespace, name): (String, String) = (row.get(0), row.get(1));
-            removed += client
-                .execute(
-                    &format!(
-                        "DELETE FROM {table} WHERE namespace = $1 AND name = $2 AND id <=
-                            (SELECT id FROM {table} WHERE namespace = $1 AND name = $2
-                             ORDER BY id DESC LIMIT 1 OFFSET $3)"
-                    ),
-                    &[&namespace, &name, &keep],
-                )
-                .await?;
-        }
-        Ok(removed)
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| Some((row.get(0), row.get(1), row.get::<_, Option<i64>>(2)?)))
+            .collect())
+    }
+
+    async fn prune_function(
+        &self,
+        events: Events,
+        namespace: &str,
+        name: &str,
+        through: i64,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        let table = events.table();
+        let client = self.client().await?;
+        Ok(client
+            .execute(
+                &format!(
+                    "DELETE FROM {table} WHERE id IN (SELECT id FROM {table}
+                        WHERE namespace = $1 AND name = $2 AND id <= $3 ORDER BY id LIMIT $4)"
+                ),
+                &[&namespace, &name, &through, &i64::from(batch)],
+            )
+            .await?)
     }
 
     async fn events(

@@ -492,8 +492,8 @@ impl Backend for SqliteStore {
             let table = events.table();
             let n = conn.execute(
                 &format!(
-                    "DELETE FROM {table} WHERE id IN
-                        (SELECT id FROM {table} WHERE at < ?1 ORDER BY id LIMIT ?2)"
+                    "DELETE FROM {table} WHERE id IN (SELECT id FROM
+                        (SELECT id, at FROM {table} ORDER BY id LIMIT ?2) WHERE at < ?1)"
                 ),
                 params![before.to_rfc3339(), batch],
             )?;
@@ -502,7 +502,11 @@ impl Backend for SqliteStore {
         .await
     }
 
-    async fn prune_beyond(&self, events: Events, keep: u64) -> Result<u64, StoreError> {
+    async fn over_bound(
+        &self,
+        events: Events,
+        keep: u64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
         self.call(move |conn| {
             let table = events.table();
@@ -513,18 +517,46 @@ impl Backend for SqliteStore {
                 ))?
                 .query_map(params![keep], |row| Ok((row.get(0)?, row.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            let mut removed = 0;
+            let mut found = Vec::new();
             for (namespace, name) in over {
-                removed += conn.execute(
-                    &format!(
-                        "DELETE FROM {table} WHERE namespace = ?1 AND name = ?2 AND id <=
-                            (SELECT id FROM {table} WHERE namespace = ?1 AND name = ?2
-                             ORDER BY id DESC LIMIT 1 OFFSET ?3)"
-                    ),
-                    params![namespace, name, keep],
-                )? as u64;
+                let through: Option<i64> = conn
+                    .query_row(
+                        &format!(
+                            "SELECT id FROM {table} WHERE namespace = ?1 AND name = ?2
+                             ORDER BY id DESC LIMIT 1 OFFSET ?3"
+                        ),
+                        params![namespace, name, keep],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                if let Some(through) = through {
+                    found.push((namespace, name, through));
+                }
             }
-            Ok(removed)
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn prune_function(
+        &self,
+        events: Events,
+        namespace: &str,
+        name: &str,
+        through: i64,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        self.call(move |conn| {
+            let table = events.table();
+            let n = conn.execute(
+                &format!(
+                    "DELETE FROM {table} WHERE id IN (SELECT id FROM {table}
+                        WHERE namespace = ?1 AND name = ?2 AND id <= ?3 ORDER BY id LIMIT ?4)"
+                ),
+                params![namespace, name, through, batch],
+            )?;
+            Ok(n as u64)
         })
         .await
     }
