@@ -376,7 +376,11 @@ async fn the_audit_trail_is_pruned_by_age_and_by_count(kind: Kind) {
     let later = now + Duration::days(100);
     assert_eq!(store.prune_events(&age, later).await.unwrap(), 1005 + 2);
     assert!(store.scale_events(all_events(10)).await.unwrap().is_empty());
-    assert!(store.trigger_events(all_events(10)).await.unwrap().is_empty());
+    assert!(store
+        .trigger_events(all_events(10))
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 both!(pauses_are_set_once_and_lifted_once);
