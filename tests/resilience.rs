@@ -322,6 +322,58 @@ async fn output_that_is_not_utf8_is_logged_and_stops_nothing() {
     assert_eq!(sample(&s.metrics().await, restarts), Some(0.0));
 }
 
+/// A classic process gets the whole body on its standard input whatever its size (one that
+/// fits in a pipe is written at once, a larger one as the process reads), a process that
+/// reads none of it still answers, and its command line is the one deployed.
+#[tokio::test]
+async fn classic_mode_passes_bodies_of_every_size() {
+    let s = Server::start();
+    for f in [
+        common::echo_function("echo"),
+        json!({"service":"deaf","image":"x","envProcess":"echo answered"}),
+        json!({"service":"argv","image":"x","envProcess":"sh -c 'cat /proc/$$/cmdline'"}),
+    ] {
+        assert_eq!(s.deploy(f).await.status(), 202);
+    }
+    for name in ["echo", "deaf", "argv"] {
+        s.wait_available(name, 1).await;
+    }
+    for size in [0, 5, 65_535, 65_536, 65_537, 1 << 20] {
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let r = s
+            .http
+            .post(s.url("/function/echo"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{size} bytes");
+        let echoed = r.bytes().await.unwrap();
+        assert!(
+            echoed[..] == body[..],
+            "{size} bytes: {} back",
+            echoed.len()
+        );
+        let r = s
+            .http
+            .post(s.url("/function/deaf"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{size} bytes to a process that reads none");
+        assert_eq!(r.text().await.unwrap(), "answered\n");
+    }
+    let r = s.http.post(s.url("/function/argv")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let cmdline = r.bytes().await.unwrap();
+    assert!(
+        cmdline.starts_with(b"sh\0-c\0cat /proc/"),
+        "{:?}",
+        String::from_utf8_lossy(&cmdline)
+    );
+}
+
 #[tokio::test]
 async fn classic_mode_sees_request_as_environment() {
     let s = Server::start();

@@ -404,9 +404,19 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
     };
     let _group = child.id().map(GroupKiller::new);
     if let Some(mut stdin) = child.stdin.take() {
-        tokio::spawn(async move {
-            let _ = stdin.write_all(&body).await;
-        });
+        // Most bodies fit in the pipe: written at once and the pipe closed, with no task (and
+        // no other thread woken) for it. The rest of a larger body goes as the process reads.
+        let written = match futures::FutureExt::now_or_never(stdin.write(&body)) {
+            Some(Ok(n)) => Some(n),
+            // A process that does not read its input (its pipe closed) gets no more of it.
+            Some(Err(_)) => None,
+            None => Some(0),
+        };
+        if let Some(from) = written.filter(|n| *n < body.len()) {
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&body[from..]).await;
+            });
+        }
     }
     let output = match w.exec_timeout {
         Some(limit) => match tokio::time::timeout(limit, child.wait_with_output()).await {
