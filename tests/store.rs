@@ -320,12 +320,15 @@ async fn the_audit_trail_is_pruned_by_age_and_by_count(kind: Kind) {
         datacenter: "lon".into(),
         json: serde_json::json!({ "text": text }).to_string(),
     };
+    let mut rows = Vec::new();
     for (ago, text) in [(60, "run-old"), (3, "run-1"), (2, "run-2"), (1, "run-3")] {
         let due = now - Duration::days(ago);
-        store
-            .record_trigger(&a, "cron", due, run(due, text))
-            .await
-            .unwrap();
+        let mut record = run(due, text);
+        if text == "run-1" {
+            // Still going: its outcome is written when it ends.
+            record.json = serde_json::json!({ "text": text, "outcome": "running" }).to_string();
+        }
+        rows.push(store.record_trigger(&a, "cron", due, record).await.unwrap());
     }
     // Nothing to do with no bound.
     let none = EventsConfig {
@@ -351,11 +354,19 @@ async fn the_audit_trail_is_pruned_by_age_and_by_count(kind: Kind) {
         retention_days: 30,
         max_per_function: 2,
     };
-    assert_eq!(store.prune_events(&count, now).await.unwrap(), 2);
+    // A run still going is left alone: pruned, it would lose the outcome written as it ends.
+    assert_eq!(store.prune_events(&count, now).await.unwrap(), 1);
     assert_eq!(
         texts(&store.scale_events(all_events(100)).await.unwrap()),
         ["a-3", "source-1", "a-2", "b-1"]
     );
+    assert_eq!(
+        texts(&store.trigger_events(all_events(100)).await.unwrap()),
+        ["run-3", "run-2", "run-1"]
+    );
+    let ended = serde_json::json!({ "text": "run-1", "outcome": "ok" }).to_string();
+    store.amend_trigger_event(rows[1], ended).await.unwrap();
+    assert_eq!(store.prune_events(&count, now).await.unwrap(), 1);
     assert_eq!(
         texts(&store.trigger_events(all_events(100)).await.unwrap()),
         ["run-3", "run-2"]

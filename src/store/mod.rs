@@ -18,6 +18,11 @@ use chrono::{DateTime, Utc};
 use crate::model::{Function, FunctionId, Namespace};
 
 pub use lease::Leader;
+
+/// A `LIKE` pattern matching the stored text of a trigger run still going (written with
+/// `"outcome":"running"`, amended once it ends): the count bound leaves such runs alone, or a
+/// long run with more than the bound of newer runs would lose its outcome.
+pub(crate) const STILL_RUNNING: &str = r#"%"outcome":"running"%"#;
 pub use postgres::{Change, PostgresStore};
 pub use sqlite::SqliteStore;
 
@@ -235,8 +240,9 @@ pub trait Backend: Send + Sync {
         events: Events,
         keep: u64,
     ) -> Result<Vec<(String, String, i64)>, StoreError>;
-    /// Deletes the oldest `batch` of a function's events with ids up to `through`; returns
-    /// how many.
+    /// Deletes the oldest `batch` of a function's events with ids up to `through`, but for
+    /// runs still going (their outcome is written when they end: see `STILL_RUNNING`);
+    /// returns how many.
     async fn prune_function(
         &self,
         events: Events,
@@ -479,31 +485,36 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
         const BATCH: u32 = 1000;
+        /// Runs one batch after another until one finds less than a batch to remove: each is
+        /// its own store call, so other writes go between.
+        async fn in_batches<F, Fut>(mut batch: F) -> Result<u64, StoreError>
+        where
+            F: FnMut() -> Fut,
+            Fut: std::future::Future<Output = Result<u64, StoreError>>,
+        {
+            let mut removed = 0;
+            loop {
+                let n = batch().await?;
+                removed += n;
+                if n < u64::from(BATCH) {
+                    return Ok(removed);
+                }
+            }
+        }
         let mut removed = 0;
         for events in [Events::Scale, Events::Trigger] {
             if bounds.retention_days > 0 {
                 let before = now - chrono::Duration::days(bounds.retention_days as i64);
-                loop {
-                    let n = self.prune_older(events, before, BATCH).await?;
-                    removed += n;
-                    if n < u64::from(BATCH) {
-                        break;
-                    }
-                }
+                removed += in_batches(|| self.prune_older(events, before, BATCH)).await?;
             }
             if bounds.max_per_function > 0 {
                 for (namespace, name, through) in
                     self.over_bound(events, bounds.max_per_function).await?
                 {
-                    loop {
-                        let n = self
-                            .prune_function(events, &namespace, &name, through, BATCH)
-                            .await?;
-                        removed += n;
-                        if n < u64::from(BATCH) {
-                            break;
-                        }
-                    }
+                    removed += in_batches(|| {
+                        self.prune_function(events, &namespace, &name, through, BATCH)
+                    })
+                    .await?;
                 }
             }
         }

@@ -552,9 +552,10 @@ impl Backend for SqliteStore {
             let n = conn.execute(
                 &format!(
                     "DELETE FROM {table} WHERE id IN (SELECT id FROM {table}
-                        WHERE namespace = ?1 AND name = ?2 AND id <= ?3 ORDER BY id LIMIT ?4)"
+                        WHERE namespace = ?1 AND name = ?2 AND id <= ?3 AND event NOT LIKE ?5
+                        ORDER BY id LIMIT ?4)"
                 ),
-                params![namespace, name, through, batch],
+                params![namespace, name, through, batch, super::STILL_RUNNING],
             )?;
             Ok(n as u64)
         })
