@@ -39,6 +39,8 @@ pub struct Config {
     pub autoscale: AutoscaleConfig,
     pub prometheus: PrometheusConfig,
     pub grafana: GrafanaConfig,
+    /// `[triggers.cron]`: functions invoked on a schedule (`com.faastastic.cron`).
+    pub cron: CronConfig,
     /// `[triggers.nats]`: functions invoked by messages; `None` when no NATS is configured.
     pub nats: Option<NatsConfig>,
     /// `[store]`: a shared PostgreSQL database; `None`: the embedded SQLite file in `data_dir`.
@@ -307,6 +309,21 @@ pub fn redact_postgres_url(url: &str) -> String {
         hosts.join(","),
         c.get_dbname().unwrap_or("")
     )
+}
+
+/// `[triggers.cron]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CronConfig {
+    /// Whether scheduled functions are run (on the leader, with a shared store). Off, their
+    /// schedules are kept and shown but nothing runs, as with the OpenFaaS cron connector
+    /// scaled to zero.
+    pub enabled: bool,
+}
+
+impl Default for CronConfig {
+    fn default() -> Self {
+        CronConfig { enabled: true }
+    }
 }
 
 /// `[triggers.nats]`: a NATS JetStream server whose messages invoke the functions whose
@@ -707,6 +724,7 @@ impl Default for Config {
                 insecure_skip_verify: false,
             },
             grafana: GrafanaConfig::default(),
+            cron: CronConfig::default(),
             nats: None,
             store: None,
             events: EventsConfig::default(),
@@ -774,6 +792,7 @@ impl Config {
         let mut root = Section::new("", table);
         let mut errors = Vec::new();
 
+        let cron;
         let mut cfg = Config {
             listen: root.socket_addr("listen", defaults.listen),
             data_dir: root.get("data_dir", defaults.data_dir.clone()),
@@ -1026,6 +1045,11 @@ impl Config {
             },
             nats: {
                 let mut triggers = root.section("triggers");
+                let mut s = triggers.section("cron");
+                cron = CronConfig {
+                    enabled: s.get("enabled", true),
+                };
+                s.finish(&mut errors);
                 let mut s = triggers.section("nats");
                 let nats = match s.get::<Option<String>>("url", None) {
                     None => None,
@@ -1109,6 +1133,7 @@ impl Config {
                 triggers.finish(&mut errors);
                 nats
             },
+            cron,
             store: {
                 let mut s = root.section("store");
                 let store = match s.get::<Option<String>>("url", None) {
@@ -1816,6 +1841,22 @@ impl Source for Section {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cron_can_be_turned_off_beside_nats() {
+        assert!(Config::parse("").unwrap().cron.enabled);
+        let cfg = Config::parse(
+            "[triggers.cron]\nenabled = false\n[triggers.nats]\nurl = \"nats://127.0.0.1:4222\"\nsubjects = [\"a\"]\n",
+        )
+        .unwrap();
+        assert!(!cfg.cron.enabled);
+        assert_eq!(cfg.nats.unwrap().subjects, ["a"]);
+        let errors = Config::parse("[triggers.cron]\nenabled = \"no\"\nevery = 1\n").unwrap_err();
+        let text = errors.join("\n");
+        for needle in ["triggers.cron.enabled", "triggers.cron.every: unknown key"] {
+            assert!(text.contains(needle), "{needle} in {text}");
+        }
+    }
 
     #[test]
     fn nats_triggers_are_read_and_checked() {

@@ -241,13 +241,17 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         &cfg.async_invoke,
     ));
     autoscaler.spawn_ticker();
-    crate::triggers::cron::CronScheduler::new(
-        fleet.clone(),
-        invoker.clone(),
-        store.clone(),
-        metrics.clone(),
-    )
-    .spawn();
+    if cfg.cron.enabled {
+        crate::triggers::cron::CronScheduler::new(
+            fleet.clone(),
+            invoker.clone(),
+            store.clone(),
+            metrics.clone(),
+        )
+        .spawn();
+    } else {
+        tracing::info!("cron: off ([triggers.cron] enabled = false): no schedule runs here");
+    }
     let nats = cfg.nats.as_ref().map(|nats| {
         let triggers = crate::triggers::nats::NatsTriggers::new(
             nats.clone(),

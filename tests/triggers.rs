@@ -101,6 +101,35 @@ async fn schedules_are_checked_at_deploy_and_name_the_annotation() {
     );
 }
 
+/// `[triggers.cron] enabled = false`: schedules are still checked and kept at deploy, the
+/// function still answers its callers, and nothing runs on the schedule.
+#[tokio::test]
+async fn with_cron_off_nothing_runs_on_a_schedule() {
+    let s = Server::with(Options {
+        config: Some("[triggers.cron]\nenabled = false\n"),
+        ..Default::default()
+    });
+    assert_eq!(
+        s.deploy(cron_function("bad", "61 * * * *", "cat", &[]))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        s.deploy(cron_function("tick", "* * * * * *", "cat", &[]))
+            .await
+            .status(),
+        202
+    );
+    s.wait_available("tick", 1).await;
+    let (status, body) = s.invoke("tick", "called").await;
+    assert_eq!((status, body.as_str()), (200, "called"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(events(&s, "tick").await.is_empty());
+    let f: Value = s.get_json("/system/function/tick").await;
+    assert_eq!(f["annotations"]["schedule"], "* * * * * *");
+}
+
 #[tokio::test]
 async fn each_due_time_runs_once_whatever_the_datacenters_or_once_in_each_when_asked() {
     let s = Server::with(Options {
