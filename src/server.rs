@@ -241,17 +241,17 @@ pub async fn build(cfg: &Config) -> anyhow::Result<App> {
         &cfg.async_invoke,
     ));
     autoscaler.spawn_ticker();
-    if cfg.cron.enabled {
-        crate::triggers::cron::CronScheduler::new(
-            fleet.clone(),
-            invoker.clone(),
-            store.clone(),
-            metrics.clone(),
-        )
-        .spawn();
-    } else {
+    if !cfg.cron.enabled {
         tracing::info!("cron: off ([triggers.cron] enabled = false): no schedule runs here");
     }
+    crate::triggers::cron::CronScheduler::new(
+        fleet.clone(),
+        invoker.clone(),
+        store.clone(),
+        metrics.clone(),
+        cfg.cron.enabled,
+    )
+    .spawn();
     let nats = cfg.nats.as_ref().map(|nats| {
         let triggers = crate::triggers::nats::NatsTriggers::new(
             nats.clone(),

@@ -130,6 +130,46 @@ async fn with_cron_off_nothing_runs_on_a_schedule() {
     assert_eq!(f["annotations"]["schedule"], "* * * * * *");
 }
 
+/// A run a killed server left going is recorded as interrupted when the server starts again,
+/// with cron off too (else it would read `running` for as long as cron stays off).
+#[tokio::test]
+async fn with_cron_off_a_killed_servers_run_is_still_marked_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = Server::with(Options {
+        data_dir: Some(&data),
+        ..Default::default()
+    });
+    assert_eq!(
+        s.deploy(cron_function("long", "* * * * * *", "sleep 30", &[]))
+            .await
+            .status(),
+        202
+    );
+    assert!(
+        poll(Duration::from_secs(20), || async {
+            !with_outcome(&events(&s, "long").await, "running").is_empty()
+        })
+        .await,
+        "a run going before the kill"
+    );
+    s.kill();
+    let s = Server::with(Options {
+        data_dir: Some(&data),
+        config: Some("[triggers.cron]\nenabled = false\n"),
+        ..Default::default()
+    });
+    assert!(
+        poll(Duration::from_secs(10), || async {
+            let e = events(&s, "long").await;
+            with_outcome(&e, "running").is_empty() && !with_outcome(&e, "interrupted").is_empty()
+        })
+        .await,
+        "{:?}",
+        events(&s, "long").await
+    );
+}
+
 #[tokio::test]
 async fn each_due_time_runs_once_whatever_the_datacenters_or_once_in_each_when_asked() {
     let s = Server::with(Options {

@@ -406,11 +406,13 @@ async fn run_classic(w: &Watchdog, argv: &[String], req: Request) -> Response {
     if let Some(mut stdin) = child.stdin.take() {
         // Most bodies fit in the pipe: written at once and the pipe closed, with no task (and
         // no other thread woken) for it. The rest of a larger body goes as the process reads.
-        let written = match futures::FutureExt::now_or_never(stdin.write(&body)) {
-            Some(Ok(n)) => Some(n),
+        // Written straight to the descriptor: through tokio, a pipe just created is not yet
+        // known to be writable, and the write would wait for the runtime to say so.
+        let written = match write_nonblocking(&stdin, &body) {
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(0),
             // A process that does not read its input (its pipe closed) gets no more of it.
-            Some(Err(_)) => None,
-            None => Some(0),
+            Err(_) => None,
         };
         if let Some(from) = written.filter(|n| *n < body.len()) {
             tokio::spawn(async move {
@@ -498,6 +500,20 @@ async fn forward_http(w: &Watchdog, upstream: &Uri, mut req: Request) -> Respons
             StatusCode::BAD_GATEWAY,
             format!("cannot reach function: {e}"),
         ),
+    }
+}
+
+/// One `write(2)` to a descriptor tokio keeps non-blocking: what the pipe takes now.
+fn write_nonblocking(pipe: &impl std::os::fd::AsRawFd, bytes: &[u8]) -> std::io::Result<usize> {
+    if bytes.is_empty() {
+        return Ok(0);
+    }
+    // SAFETY: writes at most `bytes.len()` bytes from a live slice to a descriptor `pipe` owns.
+    let n = unsafe { libc::write(pipe.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 

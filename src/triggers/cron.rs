@@ -162,6 +162,9 @@ pub struct CronScheduler {
     invoker: Arc<Invoker>,
     store: Store,
     metrics: Arc<Metrics>,
+    /// `[triggers.cron] enabled`: off, a leader only records the runs a previous process left
+    /// unfinished as interrupted, and runs no schedule.
+    enabled: bool,
 }
 
 impl CronScheduler {
@@ -170,12 +173,14 @@ impl CronScheduler {
         invoker: Arc<Invoker>,
         store: Store,
         metrics: Arc<Metrics>,
+        enabled: bool,
     ) -> Arc<CronScheduler> {
         Arc::new(CronScheduler {
             fleet,
             invoker,
             store,
             metrics,
+            enabled,
         })
     }
 
@@ -214,6 +219,9 @@ impl CronScheduler {
                 ),
                 Err(e) => tracing::error!(error = %e, "cron: cannot mark unfinished runs"),
             }
+        }
+        if !self.enabled {
+            return;
         }
         let mut handled: HashMap<FunctionId, DateTime<Utc>> = match self
             .store
@@ -342,8 +350,13 @@ impl CronScheduler {
                     let last = handled.remove(&f.id).filter(|t| *t >= f.deployed_at);
                     let due = resume(&spec.schedule, last, now);
                     if let Some(missed) = &due.missed {
-                        self.missed(&f.id, &spec, missed, "faastastic was not running")
-                            .await;
+                        self.missed(
+                            &f.id,
+                            &spec,
+                            missed,
+                            "no scheduler ran them (faastastic was not running, or cron was off)",
+                        )
+                        .await;
                     }
                     due.next
                 }
