@@ -1,8 +1,8 @@
 //! The floor for classic-mode invocations (`scripts/bench.sh classic`): the least a program
 //! can do to run a command once per request. THREADS threads each loop for SECONDS: start
 //! COMMAND with its standard streams piped, write BODY to its stdin, read its stdout to the
-//! end and wait for it. Prints `runs seconds cpu_seconds` (the CPU of this process and of
-//! every command it ran).
+//! end and wait for it. Prints `runs seconds cpu_seconds loop_cpu_seconds` (the CPU of this
+//! process and of every command it ran, then of this process alone).
 //!
 //! Usage: spawn_floor THREADS SECONDS BODY COMMAND [ARGS...]
 
@@ -10,9 +10,15 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn cpu_seconds() -> f64 {
+/// CPU seconds of this process, and with `children` of the commands it ran too.
+fn cpu_seconds(children: bool) -> f64 {
     let mut total = 0.0;
-    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+    let whose: &[libc::c_int] = if children {
+        &[libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN]
+    } else {
+        &[libc::RUSAGE_SELF]
+    };
+    for &who in whose {
         // SAFETY: getrusage fills the zeroed struct it is given.
         let usage = unsafe {
             let mut usage: libc::rusage = std::mem::zeroed();
@@ -37,7 +43,7 @@ fn main() {
     let seconds: f64 = seconds.parse().expect("SECONDS is a number");
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
-    let cpu_before = cpu_seconds();
+    let (cpu_before, loop_before) = (cpu_seconds(true), cpu_seconds(false));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let (command, body) = (command.to_vec(), body.clone());
@@ -66,8 +72,9 @@ fn main() {
         .collect();
     let runs: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
     println!(
-        "{runs} {:.3} {:.3}",
+        "{runs} {:.3} {:.3} {:.3}",
         started.elapsed().as_secs_f64(),
-        cpu_seconds() - cpu_before
+        cpu_seconds(true) - cpu_before,
+        cpu_seconds(false) - loop_before
     );
 }

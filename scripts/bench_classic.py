@@ -6,7 +6,8 @@ connections. Interleaved rounds in one run; figures are medians over the rounds 
 is the median of the rounds' ratios.
 
 faastastic's CPU per request counts the server, the replica's watchdog and the processes the
-watchdog ran (reaped children); the floor's counts the loop and the processes it ran.
+watchdog ran (reaped children); the floor's counts the loop and the processes it ran. Both
+are also reported split, so the cost of the hop (server and watchdog) shows beside the loop's.
 Usage: scripts/bench_classic.py [--seconds 4] [--rounds 5] [--conns 1,16] [--json FILE]
 """
 import argparse
@@ -25,11 +26,17 @@ FLOOR = os.path.join(ROOT, "target", "release", "examples", "spawn_floor")
 BODY = "hello"
 
 
-def cpu_with_children(pid):
-    """A process's CPU seconds and its reaped children's."""
+def cpu_split(pid):
+    """A process's own CPU seconds, and its reaped children's."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / TICKS  # utime, stime, cutime, cstime
+    own = sum(int(v) for v in fields[11:13]) / TICKS  # utime, stime
+    return own, sum(int(v) for v in fields[13:15]) / TICKS  # cutime, cstime
+
+
+def cpu_with_children(pid):
+    """A process's CPU seconds and its reaped children's."""
+    return sum(cpu_split(pid))
 
 
 def main():
@@ -61,17 +68,24 @@ def main():
         wrk(url, 16, 1, post)  # warm up
 
         def faastastic(conns):
-            before = cpu_with_children(server.pid) + cpu_with_children(watchdog)
+            server_before = cpu_with_children(server.pid)
+            (wd_before, fn_before) = cpu_split(watchdog)
             r = wrk(url, conns, args.seconds, post)
-            cpu = cpu_with_children(server.pid) + cpu_with_children(watchdog) - before
-            return {"rps": r["rps"], "cpu_us_per_req": cpu / r["requests"] * 1e6,
+            per = lambda seconds: seconds / r["requests"] * 1e6
+            (wd_after, fn_after) = cpu_split(watchdog)
+            server_us = per(cpu_with_children(server.pid) - server_before)
+            watchdog_us, processes_us = per(wd_after - wd_before), per(fn_after - fn_before)
+            return {"rps": r["rps"], "cpu_us_per_req": server_us + watchdog_us + processes_us,
+                    "server_us": server_us, "watchdog_us": watchdog_us,
+                    "processes_us": processes_us,
                     "p99_us": r["p99_us"], "non2xx": r["non2xx"]}
 
         def floor(conns):
             out = subprocess.run([FLOOR, str(conns), str(args.seconds), BODY, "cat"],
                                  capture_output=True, text=True, check=True).stdout.split()
-            runs, secs, cpu = int(out[0]), float(out[1]), float(out[2])
-            return {"rps": runs / secs, "cpu_us_per_req": cpu / runs * 1e6}
+            runs, secs, cpu, loop = int(out[0]), float(out[1]), float(out[2]), float(out[3])
+            return {"rps": runs / secs, "cpu_us_per_req": cpu / runs * 1e6,
+                    "loop_us": loop / runs * 1e6, "processes_us": (cpu - loop) / runs * 1e6}
 
         for rnd in range(args.rounds):
             order = [("faastastic", faastastic), ("floor", floor)]
@@ -96,9 +110,12 @@ def main():
         cpu_ratio = statistics.median(a["cpu_us_per_req"] / b["cpu_us_per_req"]
                                       for a, b in zip(f, fl))
         non2xx = sum(r["non2xx"] for r in f)
-        summary.append({"conns": conns, "faastastic": {k: med(f, k) for k in
-                                                       ("rps", "cpu_us_per_req", "p99_us")},
-                        "floor": {k: med(fl, k) for k in ("rps", "cpu_us_per_req")},
+        summary.append({"conns": conns,
+                        "faastastic": {k: med(f, k) for k in
+                                       ("rps", "cpu_us_per_req", "p99_us", "server_us",
+                                        "watchdog_us", "processes_us")},
+                        "floor": {k: med(fl, k) for k in
+                                  ("rps", "cpu_us_per_req", "loop_us", "processes_us")},
                         "ratio": ratio, "cpu_ratio": cpu_ratio, "non2xx": non2xx})
         table.append(table_row(
             "classic", f"classic `cat`, {conns} connections: invocations/s (CPU per invocation "
@@ -113,6 +130,13 @@ def main():
         print(f"| {s['conns']} | {s['faastastic']['rps']:,.0f} | {s['floor']['rps']:,.0f} | "
               f"{s['ratio']:.2f} | {us(s['faastastic']['cpu_us_per_req'])} | "
               f"{us(s['floor']['cpu_us_per_req'])} | {s['cpu_ratio']:.2f} |")
+    print()
+    print("CPU per invocation, split (medians): faastastic = server + watchdog + its processes; "
+          "floor = loop + its processes")
+    for s in summary:
+        f, fl = s["faastastic"], s["floor"]
+        print(f"  {s['conns']} connections: {us(f['server_us'])} + {us(f['watchdog_us'])} + "
+              f"{us(f['processes_us'])}; floor {us(fl['loop_us'])} + {us(fl['processes_us'])}")
     write(args.json, table, summary=summary, rounds=args.rounds, seconds=args.seconds)
 
 
