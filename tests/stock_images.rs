@@ -88,13 +88,30 @@ async fn stock_image_scales_rolls_and_says_why_it_crashes(platform: &str) {
     let load = Load::start(&s, "stock", 20, Duration::from_secs(120));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.update(&hostname_function(&image.0, "v2")).await, 202);
+    // Done when four replicas of the new version answer: while Swarm rolls, an old task still
+    // stopping can count as available beside three new ones (as availableReplicas does during
+    // a Kubernetes rollout), so the count alone does not say the update is over.
+    let last_seen = std::sync::Mutex::new(Vec::new());
+    let rolled = poll(Duration::from_secs(60), || async {
+        let mut answers = Vec::new();
+        for _ in 0..16 {
+            answers.push(s.invoke("stock", "x").await);
+        }
+        let new: BTreeSet<&str> = answers
+            .iter()
+            .filter(|(code, body)| *code == 200 && body.starts_with("v2 "))
+            .filter_map(|(_, body)| body.split_whitespace().nth(1))
+            .collect();
+        let done = new.len() == 4 && answers.iter().all(|(_, b)| b.starts_with("v2 "));
+        *last_seen.lock().unwrap() = answers;
+        done && s.available("stock").await == 4
+    })
+    .await;
+    let status = s.status("stock").await.1;
     assert!(
-        poll(Duration::from_secs(60), || async {
-            s.available("stock").await == 4 && s.invoke("stock", "x").await.1.starts_with("v2 ")
-        })
-        .await,
-        "the update never served 4: {}",
-        s.status("stock").await.1
+        rolled,
+        "the update never served 4 of the new version: {:?} {status}",
+        last_seen.lock().unwrap()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let failed = load.failed();
