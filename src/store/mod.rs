@@ -19,10 +19,6 @@ use crate::model::{Function, FunctionId, Namespace};
 
 pub use lease::Leader;
 
-/// A `LIKE` pattern matching the stored text of a trigger run still going (written with
-/// `"outcome":"running"`, amended once it ends): the count bound leaves such runs alone, or a
-/// long run with more than the bound of newer runs would lose its outcome.
-pub(crate) const STILL_RUNNING: &str = r#"%"outcome":"running"%"#;
 pub use postgres::{Change, PostgresStore};
 pub use sqlite::SqliteStore;
 
@@ -241,8 +237,9 @@ pub trait Backend: Send + Sync {
         keep: u64,
     ) -> Result<Vec<(String, String, i64)>, StoreError>;
     /// Deletes the oldest `batch` of a function's events with ids up to `through`, but for
-    /// runs still going (their outcome is written when they end: see `STILL_RUNNING`);
-    /// returns how many.
+    /// runs still going (outcome `running`, as `interrupt_trigger_runs` finds them: pruned,
+    /// a long run with more than the bound of newer runs would lose the outcome written as
+    /// it ends); returns how many.
     async fn prune_function(
         &self,
         events: Events,

@@ -972,16 +972,11 @@ impl Backend for PostgresStore {
             .execute(
                 &format!(
                     "DELETE FROM {table} WHERE id IN (SELECT id FROM {table}
-                        WHERE namespace = $1 AND name = $2 AND id <= $3 AND event NOT LIKE $5
+                        WHERE namespace = $1 AND name = $2 AND id <= $3
+                            AND (event::jsonb ->> 'outcome') IS DISTINCT FROM 'running'
                         ORDER BY id LIMIT $4)"
                 ),
-                &[
-                    &namespace,
-                    &name,
-                    &through,
-                    &i64::from(batch),
-                    &super::STILL_RUNNING,
-                ],
+                &[&namespace, &name, &through, &i64::from(batch)],
             )
             .await?)
     }

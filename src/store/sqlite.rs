@@ -552,10 +552,11 @@ impl Backend for SqliteStore {
             let n = conn.execute(
                 &format!(
                     "DELETE FROM {table} WHERE id IN (SELECT id FROM {table}
-                        WHERE namespace = ?1 AND name = ?2 AND id <= ?3 AND event NOT LIKE ?5
+                        WHERE namespace = ?1 AND name = ?2 AND id <= ?3
+                            AND json_extract(event, '$.outcome') IS NOT 'running'
                         ORDER BY id LIMIT ?4)"
                 ),
-                params![namespace, name, through, batch, super::STILL_RUNNING],
+                params![namespace, name, through, batch],
             )?;
             Ok(n as u64)
         })
